@@ -1,0 +1,37 @@
+"""Shared fixtures: paths to ../shared/data (skip with a reason where absent), small helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MILCORE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def shared_path(name: str) -> Path:
+    """Path of ``../shared/data/<name>``; skips the calling test with a clear reason where absent."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"real data '{name}' not found at {path} (../shared/data is absent on this machine)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def bccd_dir() -> Path:
+    """Real BCCD smear fields with Pascal-VOC boxes."""
+    return shared_path("bccd")
+
+
+@pytest.fixture(scope="session")
+def bloodmnist_npz() -> Path:
+    """Real BloodMNIST single-cell images (npz with official splits)."""
+    return shared_path("bloodmnist") / "bloodmnist.npz"
+
+
+@pytest.fixture(scope="session")
+def openslide_fixtures() -> Path:
+    """Tiny real-format slide files read through OpenSlide."""
+    return shared_path("openslide-fixtures")
