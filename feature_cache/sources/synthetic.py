@@ -1,0 +1,249 @@
+"""The synthetic blood-smear cohort: the engine's embedded default data and ground truth.
+
+:func:`write_cohort` writes the layout real datasets use::
+
+    OUT/<patient_id>/<cell_id>.png   96 x 96 RGB single-cell crops
+    OUT/cohort.csv                   patient_id, <task> label, age, sex, site, date, fold, split, ...
+    OUT/cells.csv                    patient_id, cell_id, cell_type, is_diagnostic, x, y
+    OUT/synth.json                   the configuration, class counts and provenance
+
+The output appears atomically: it is written into a hidden sibling folder and renamed at the end,
+so an error or an interrupt never leaves a half-written cohort behind.
+
+Example:
+    >>> cfg = SynthConfig(task="aml", patients=60, seed=1)
+    >>> summary = write_cohort(cfg, "runs/cohort")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from feature_cache import __version__
+from feature_cache.errors import OutputExistsError, UserError
+from feature_cache.progress import progress
+from feature_cache.sources.synthetic_cohort import CellTable, PatientRecord, SyntheticCohort
+from feature_cache.sources.synthetic_config import Bias, SynthConfig, parse_bias
+from feature_cache.sources.synthetic_vocab import list_cell_types, list_tasks
+
+__all__ = [
+    "Bias",
+    "CohortSummary",
+    "SynthConfig",
+    "SyntheticCohort",
+    "encode_png",
+    "list_cell_types",
+    "list_tasks",
+    "parse_bias",
+    "write_cohort",
+]
+
+log = logging.getLogger(__name__)
+
+COHORT_COLUMNS = (
+    "patient_id", "{task}", "age", "sex", "site", "date", "fold", "split",
+    "n_cells", "n_diagnostic", "witness_rate", "subtlety", "biased",
+)  # fmt: skip
+CELL_COLUMNS = ("patient_id", "cell_id", "cell_type", "is_diagnostic", "x", "y")
+
+
+@dataclass(frozen=True)
+class CohortSummary:
+    """What :func:`write_cohort` wrote.
+
+    Attributes:
+        out: the cohort folder.
+        patients: number of patients.
+        cells: number of crops.
+        classes: patients per class.
+        seconds: wall time.
+    """
+
+    out: Path
+    patients: int
+    cells: int
+    classes: dict[str, int]
+    seconds: float
+
+    @property
+    def crops_per_second(self) -> float:
+        """End-to-end throughput (render + encode + write)."""
+        return self.cells / self.seconds if self.seconds > 0 else float("inf")
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+
+def encode_png(img: np.ndarray, level: int = 1) -> bytes:
+    """Encode an (H, W, 3) uint8 image as PNG (``Up`` filter, fast zlib level).
+
+    About twice as fast as Pillow's encoder for small crops, with the same file size.
+    """
+    h, w, c = img.shape
+    flat = np.ascontiguousarray(img).reshape(h, w * c)
+    raw = np.empty((h, w * c + 1), dtype=np.uint8)  # (H, 1 + W*C): filter byte + row
+    raw[:, 0] = 2
+    raw[0, 1:] = flat[0]
+    np.subtract(flat[1:], flat[:-1], out=raw[1:, 1:])
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"".join(
+        (
+            b"\x89PNG\r\n\x1a\n",
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), level)),
+            _png_chunk(b"IEND", b""),
+        )
+    )
+
+
+def _write_patient(cohort: SyntheticCohort, patient: PatientRecord, root: Path) -> tuple[CellTable, int]:
+    folder = root / patient.patient_id
+    folder.mkdir()
+    cells = cohort.cells(patient)
+    for cell_id, crop in zip(cells.cell_ids(), cohort.iter_crops(patient, cells), strict=True):
+        (folder / f"{cell_id}.png").write_bytes(encode_png(crop))
+    return cells, len(cells)
+
+
+_WORKER: dict[str, object] = {}
+
+
+def _worker_init(config: SynthConfig, root: str) -> None:
+    _WORKER["cohort"] = SyntheticCohort(config)
+    _WORKER["root"] = Path(root)
+
+
+def _worker_run(index: int) -> tuple[int, int]:
+    cohort = _WORKER["cohort"]
+    assert isinstance(cohort, SyntheticCohort)
+    _, n = _write_patient(cohort, cohort.patients[index], _WORKER["root"])  # type: ignore[arg-type]
+    return index, n
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+    parent = out.parent if out.parent != Path("") else Path(".")
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True)
+        except OSError as exc:
+            raise UserError(f"{parent}: cannot create output folder ({exc.strerror})") from exc
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{parent}: output folder is not writable")
+
+
+def _write_tables(cohort: SyntheticCohort, tables: dict[int, CellTable], root: Path) -> None:
+    task = cohort.config.task
+    header = [c.format(task=task) for c in COHORT_COLUMNS]
+    with open(root / "cohort.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for p in cohort.patients:
+            writer.writerow(
+                [p.patient_id, p.label, p.age, p.sex, p.site, p.date, p.fold, p.split, p.n_cells,
+                 p.n_diagnostic, f"{p.witness_rate:.6f}", f"{p.subtlety:.6f}", int(p.biased)]
+            )  # fmt: skip
+    with open(root / "cells.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CELL_COLUMNS)
+        for p in cohort.patients:
+            cells = tables[p.index]
+            for cid, ctype, diag, (x, y) in zip(
+                cells.cell_ids(), cells.cell_type, cells.is_diagnostic, cells.coords, strict=True
+            ):
+                writer.writerow([p.patient_id, cid, ctype, int(diag), int(x), int(y)])
+
+
+def write_cohort(
+    config: SynthConfig, out: str | os.PathLike, *, overwrite: bool = False, workers: int = 1
+) -> CohortSummary:
+    """Render and write a synthetic cohort (crops, ``cohort.csv``, ``cells.csv``, ``synth.json``).
+
+    Args:
+        config: the cohort to generate.
+        out: destination folder; must be absent or empty unless ``overwrite``.
+        overwrite: replace an existing non-empty folder (only once the new cohort is complete).
+        workers: processes rendering patients in parallel (the output does not depend on it).
+
+    Returns:
+        A :class:`CohortSummary`.
+
+    Raises:
+        OutputExistsError: ``out`` is not empty and ``overwrite`` is False.
+        UserError: ``out`` cannot be written.
+    """
+    if workers < 1:
+        raise UserError(f"workers must be >= 1, got {workers}")
+    out = Path(out)
+    _check_output(out, overwrite)
+    cohort = SyntheticCohort(config)
+    patients = cohort.patients
+    total = sum(p.n_cells for p in patients)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    start = time.perf_counter()
+    tmp.mkdir()
+    try:
+        bar = progress(total=total, desc=f"synth {config.task}", unit="cells")
+        tables: dict[int, CellTable] = {}
+        if workers == 1 or len(patients) == 1:
+            for p in patients:
+                tables[p.index], n = _write_patient(cohort, p, tmp)
+                bar.update(n)
+        else:
+            import multiprocessing as mp
+
+            with mp.get_context("fork").Pool(workers, _worker_init, (config, str(tmp))) as pool:
+                for index, n in pool.imap_unordered(_worker_run, range(len(patients))):
+                    bar.update(n)
+            tables = {p.index: cohort.cells(p) for p in patients}
+        bar.close()
+        _write_tables(cohort, tables, tmp)
+        classes = dict(Counter(p.label for p in patients))
+        seconds = time.perf_counter() - start
+        meta = {
+            "format": "milcore-synthetic-cohort",
+            "format_version": 1,
+            "generated_by": f"feature_cache {__version__}",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config": config.to_dict(),
+            "patients": len(patients),
+            "cells": total,
+            "classes": classes,
+            "cell_types": dict(Counter(str(t) for tab in tables.values() for t in tab.cell_type)),
+            "label_column": config.task,
+        }
+        (tmp / "synth.json").write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(trash)
+            tmp.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary = CohortSummary(out, len(patients), total, classes, time.perf_counter() - start)
+    log.info(
+        "wrote %d patients, %d cells to %s (%.0f cells/s)", summary.patients, summary.cells, out,
+        summary.crops_per_second,
+    )  # fmt: skip
+    return summary

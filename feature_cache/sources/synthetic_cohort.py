@@ -1,0 +1,238 @@
+"""Sampling of the synthetic cohort: patients (labels, age, sex, site, date, splits) and their cells.
+
+Every random draw comes from a generator seeded by ``(seed, stream, patient index)``, so a patient's
+cells and pixels do not depend on how many patients are generated, in which order, or by how many
+worker processes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from feature_cache.sources.synthetic_config import SynthConfig
+from feature_cache.sources.synthetic_render import CellRenderer, SiteStyle
+from feature_cache.sources.synthetic_vocab import TASKS, TaskSpec
+
+_META, _CELLS, _PIXELS, _SITES, _STYLE = 1, 2, 3, 4, 5
+EPOCH = dt.date(2024, 1, 1)
+SMEAR_EXTENT = 20_000  # virtual smear side (pixels) over which cell coordinates are spread
+
+
+@dataclass(frozen=True)
+class PatientRecord:
+    """One patient of the cohort (a row of ``cohort.csv``).
+
+    Attributes:
+        index: position in the cohort (0-based).
+        patient_id: bag id (folder name).
+        label: class name for the cohort's task.
+        age: age in years.
+        sex: ``"F"`` or ``"M"``.
+        site: acquisition site index.
+        date: acquisition date (ISO).
+        fold: stratified fold index (split hint).
+        split: ``train``/``val``/``test`` split hint.
+        n_cells: bag size.
+        n_diagnostic: number of diagnostic cells (0 for controls).
+        witness_rate: planted fraction of diagnostic cells.
+        subtlety: subtlety of this patient's abnormal cells.
+        biased: whether a planted bias applies to this patient.
+    """
+
+    index: int
+    patient_id: str
+    label: str
+    age: int
+    sex: str
+    site: int
+    date: str
+    fold: int
+    split: str
+    n_cells: int
+    n_diagnostic: int
+    witness_rate: float
+    subtlety: float
+    biased: bool
+
+
+@dataclass(frozen=True)
+class CellTable:
+    """The cells of one patient, in file order.
+
+    Attributes:
+        cell_type: (n,) cell type names.
+        is_diagnostic: (n,) bool, True for the disease's witness cells.
+        coords: (n, 2) int64 positions on a virtual smear.
+    """
+
+    cell_type: np.ndarray
+    is_diagnostic: np.ndarray
+    coords: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.cell_type)
+
+    def cell_ids(self) -> list[str]:
+        """Cell ids (file stems) in order."""
+        return [f"c{i:05d}" for i in range(len(self))]
+
+
+def _split_name(fold: int, folds: int) -> str:
+    if fold == folds - 1:
+        return "test"
+    if fold == folds - 2:
+        return "val"
+    return "train"
+
+
+class SyntheticCohort:
+    """A deterministic synthetic blood-smear cohort for one task.
+
+    Args:
+        config: the cohort's configuration.
+    """
+
+    def __init__(self, config: SynthConfig) -> None:
+        self.config = config
+        self.task: TaskSpec = TASKS[config.task]
+
+    # ------------------------------------------------------------------ patients
+    @cached_property
+    def patients(self) -> list[PatientRecord]:
+        """All patients, classes balanced, with metadata and split hints."""
+        cfg, task = self.config, self.task
+        rng = np.random.default_rng([cfg.seed, _META])
+        classes = task.classes
+        labels = np.array([classes[i % len(classes)] for i in range(cfg.patients)])
+        rng.shuffle(labels)
+        ages = np.clip(np.rint(rng.normal(58, 16, cfg.patients)), 18, 90).astype(int)
+        sexes = rng.choice(["F", "M"], size=cfg.patients)
+        sites = rng.integers(0, cfg.sites, cfg.patients)
+        days = rng.integers(0, 366, cfg.patients)
+        lo, hi = cfg.bag_range
+        sizes = np.clip(np.rint(cfg.bag_median * np.exp(rng.normal(0, cfg.bag_sigma, cfg.patients))), lo, hi)
+        wlo, whi = cfg.witness_range
+        rates = np.clip(cfg.witness_median * np.exp(rng.normal(0, cfg.witness_sigma, cfg.patients)), wlo, whi)
+        folds = np.zeros(cfg.patients, dtype=int)
+        for cls in classes:  # stratified fold hints
+            idx = np.flatnonzero(labels == cls)
+            folds[rng.permutation(idx)] = np.arange(len(idx)) % cfg.folds
+        width = max(4, len(str(cfg.patients)))
+        out = []
+        for i in range(cfg.patients):
+            label, n = str(labels[i]), int(sizes[i])
+            rate, subtle, biased = float(rates[i]), cfg.subtlety, False
+            for bias in cfg.biases:
+                if bias.matches(str(sexes[i]), int(ages[i]), int(sites[i])):
+                    biased = True
+                    if bias.kind == "rate":
+                        rate *= bias.factor
+                    else:
+                        subtle = min(1.0, subtle + bias.factor)
+            if label == task.control:
+                rate, n_diag = 0.0, 0
+            else:
+                rate = min(rate, 1.0)
+                n_diag = int(min(n, max(1, round(rate * n))))
+            out.append(
+                PatientRecord(
+                    index=i,
+                    patient_id=f"{cfg.task}-{i + 1:0{width}d}",
+                    label=label,
+                    age=int(ages[i]),
+                    sex=str(sexes[i]),
+                    site=int(sites[i]),
+                    date=(EPOCH + dt.timedelta(days=int(days[i]))).isoformat(),
+                    fold=int(folds[i]),
+                    split=_split_name(int(folds[i]), cfg.folds),
+                    n_cells=n,
+                    n_diagnostic=n_diag,
+                    witness_rate=round(rate, 6),
+                    subtlety=round(subtle, 6),
+                    biased=biased,
+                )
+            )
+        return out
+
+    def patient(self, patient_id: str) -> PatientRecord:
+        """Look up a patient by id."""
+        for p in self.patients:
+            if p.patient_id == patient_id:
+                return p
+        raise KeyError(patient_id)
+
+    # ------------------------------------------------------------------ cells
+    def cells(self, patient: PatientRecord) -> CellTable:
+        """The patient's cell types and ground truth (cheap: no rendering)."""
+        cfg, task = self.config, self.task
+        rng = np.random.default_rng([cfg.seed, _CELLS, patient.index])
+        n, n_diag = patient.n_cells, patient.n_diagnostic
+        names: list[str] = []
+        if n_diag:
+            mix = task.mixtures[patient.label]
+            p = np.array(list(mix.values()), dtype=float)
+            names += list(rng.choice(list(mix), size=n_diag, p=p / p.sum()))
+        rest = n - n_diag
+        conf_rate = rng.uniform(0, task.confounder_rate * cfg.confounder_scale) if task.confounders else 0.0
+        n_conf = int(rng.binomial(rest, min(conf_rate, 1.0))) if rest else 0
+        if n_conf:
+            cp = np.array(list(task.confounders.values()), dtype=float)
+            names += list(rng.choice(list(task.confounders), size=n_conf, p=cp / cp.sum()))
+        bg_names = list(task.background)
+        bg = np.array(list(task.background.values()), dtype=float)
+        probs = rng.dirichlet(cfg.background_concentration * bg / bg.sum()) if len(bg) > 1 else np.ones(1)
+        names += list(rng.choice(bg_names, size=rest - n_conf, p=probs))
+        diagnostic = np.zeros(n, dtype=bool)
+        diagnostic[:n_diag] = True
+        order = rng.permutation(n)
+        coords = rng.integers(0, SMEAR_EXTENT, size=(n, 2), dtype=np.int64)
+        return CellTable(np.asarray(names, dtype=object)[order], diagnostic[order], coords)
+
+    # ------------------------------------------------------------------ pixels
+    @cached_property
+    def renderer(self) -> CellRenderer:
+        """The crop renderer (texture banks seeded by the cohort seed)."""
+        return CellRenderer(self.config.crop_size, seed=self.config.seed)
+
+    def site_style(self, site: int) -> SiteStyle:
+        """The acquisition style of a site (site 0 is the reference)."""
+        if site == 0 or self.config.site_strength == 0:
+            return SiteStyle()
+        return SiteStyle.sample(np.random.default_rng([self.config.seed, _SITES, site]), self.config.site_strength)
+
+    def patient_style(self, patient: PatientRecord) -> SiteStyle:
+        """The site's style with a small per-smear stain variation."""
+        site = self.site_style(patient.site)
+        rng = np.random.default_rng([self.config.seed, _STYLE, patient.index])
+        mix = np.asarray(site.matrix) + rng.normal(0.0, 0.012, 9)
+        return SiteStyle(
+            matrix=tuple(float(v) for v in mix),
+            offset=tuple(float(v) for v in np.asarray(site.offset) + rng.normal(0.0, 0.006, 3)),
+            gamma=site.gamma,
+            illumination=site.illumination,
+            illumination_angle=site.illumination_angle,
+            blur=site.blur,
+            noise=site.noise,
+        )
+
+    def iter_crops(self, patient: PatientRecord, cells: CellTable | None = None):
+        """Yield the patient's crops one by one, (S, S, 3) uint8, in cell order."""
+        cells = cells if cells is not None else self.cells(patient)
+        rng = np.random.default_rng([self.config.seed, _PIXELS, patient.index])
+        style = self.patient_style(patient)
+        renderer = self.renderer
+        for cell_type, diag in zip(cells.cell_type, cells.is_diagnostic, strict=True):
+            yield renderer.render(str(cell_type), rng, patient.subtlety if diag else 0.0, style)
+        renderer.clear_style_cache()
+
+    def render_bag(self, patient: PatientRecord) -> np.ndarray:
+        """All crops of a patient as one (n, S, S, 3) uint8 array."""
+        size = self.config.crop_size
+        out = np.empty((patient.n_cells, size, size, 3), dtype=np.uint8)
+        for i, crop in enumerate(self.iter_crops(patient)):
+            out[i] = crop
+        return out
