@@ -87,10 +87,15 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
 
-def encode_png(img: np.ndarray, level: int = 1) -> bytes:
-    """Encode an (H, W, 3) uint8 image as PNG (``Up`` filter, fast zlib level).
+def _deflate(data: bytes, level: int) -> bytes:
+    packer = zlib.compressobj(level, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
+    return packer.compress(data) + packer.flush()
 
-    About twice as fast as Pillow's encoder for small crops, with the same file size.
+
+def encode_png(img: np.ndarray, level: int = 1) -> bytes:
+    """Encode an (H, W, 3) uint8 image as PNG (``Up`` filter, Huffman-only deflate).
+
+    About twice as fast as Pillow's encoder for small noisy crops, with files about 5% larger.
     """
     h, w, c = img.shape
     flat = np.ascontiguousarray(img).reshape(h, w * c)
@@ -103,7 +108,7 @@ def encode_png(img: np.ndarray, level: int = 1) -> bytes:
         (
             b"\x89PNG\r\n\x1a\n",
             _png_chunk(b"IHDR", header),
-            _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), level)),
+            _png_chunk(b"IDAT", _deflate(raw.tobytes(), level)),
             _png_chunk(b"IEND", b""),
         )
     )
@@ -144,6 +149,8 @@ def _check_output(out: Path, overwrite: bool) -> None:
             parent.mkdir(parents=True)
         except OSError as exc:
             raise UserError(f"{parent}: cannot create output folder ({exc.strerror})") from exc
+    if not parent.is_dir():
+        raise UserError(f"{parent}: is not a folder, cannot write {out.name} in it")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{parent}: output folder is not writable")
 
@@ -211,13 +218,12 @@ def write_cohort(
             import multiprocessing as mp
 
             with mp.get_context("fork").Pool(workers, _worker_init, (config, str(tmp))) as pool:
-                for index, n in pool.imap_unordered(_worker_run, range(len(patients))):
+                for _index, n in pool.imap_unordered(_worker_run, range(len(patients))):
                     bar.update(n)
             tables = {p.index: cohort.cells(p) for p in patients}
         bar.close()
         _write_tables(cohort, tables, tmp)
         classes = dict(Counter(p.label for p in patients))
-        seconds = time.perf_counter() - start
         meta = {
             "format": "milcore-synthetic-cohort",
             "format_version": 1,

@@ -98,6 +98,7 @@ class CellRenderer:
         self._fine = smooth_noise_bank(bank_rng, 8, side, sigma=0.9 * self.scale)
         self._coarse = smooth_noise_bank(bank_rng, 8, side, sigma=2.2 * self.scale)
         self._styles: dict[SiteStyle, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._draw_neighbours = True
         self._sprites = self._neighbour_sprites(np.random.default_rng([seed, 0x5B1E]), count=48)
 
     def clear_style_cache(self) -> None:
@@ -112,7 +113,12 @@ class CellRenderer:
 
     # ------------------------------------------------------------------ public API
     def render(
-        self, cell_type: str, rng: np.random.Generator, subtlety: float = 0.0, style: SiteStyle | None = None
+        self,
+        cell_type: str,
+        rng: np.random.Generator,
+        subtlety: float = 0.0,
+        style: SiteStyle | None = None,
+        neighbours: bool = True,
     ) -> np.ndarray:
         """Render one crop.
 
@@ -121,11 +127,13 @@ class CellRenderer:
             rng: the caller's generator (advanced by this call).
             subtlety: 0..1, how far an abnormal cell is moved toward the normal type it mimics.
             style: the site's acquisition style; ``None`` for the reference site.
+            neighbours: draw the neighbouring red cells (off only for measurements).
 
         Returns:
             (S, S, 3) uint8 RGB crop.
         """
         canvas = Canvas(self.size, np.asarray(PLASMA, dtype=np.float32) * rng.uniform(0.98, 1.01))
+        self._draw_neighbours = neighbours
         t = float(np.clip(subtlety, 0.0, 1.0)) * float(rng.uniform(0.6, 1.0)) if subtlety > 0 else 0.0
         if cell_type in WHITE_CELLS:
             spec = WHITE_CELLS[cell_type]
@@ -185,7 +193,7 @@ class CellRenderer:
             width = 0.55 * r * np.clip(1.0 - along / length, 0.0, 1.0)
             tail_field = np.minimum(np.minimum(width - across, length - along), along)
             field = np.maximum(field, tail_field)
-        color = np.broadcast_to(rgb, dx.shape + (3,)).copy()
+        color = np.broadcast_to(rgb, (*dx.shape, 3)).copy()
         color *= (1.0 - 0.06 * np.clip(rho, 0, 1))[..., None]
         if shape == "target":
             ring = soft((pallor - rho) * r, 1.5) * soft((rho - 0.24) * r, 1.2)
@@ -215,6 +223,8 @@ class CellRenderer:
 
     def _neighbours(self, canvas: Canvas, rng: np.random.Generator, inner: float, count: int) -> None:
         """Normal red cells around the centre, at least ``inner`` pixels away, cut by the frame."""
+        if not self._draw_neighbours:
+            return
         radius = RED_CELLS["discocyte"].radius[1] * self.scale
         c = self.size / 2
         picks = rng.integers(0, len(self._sprites), size=count)
@@ -456,24 +466,29 @@ class CellRenderer:
             canvas.dots(ys + 1, xs, 1, AUER, 0.45)
 
     # ------------------------------------------------------------------ site style
-    def _style_maps(self, style: SiteStyle) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _style_maps(self, style: SiteStyle) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         cached = self._styles.get(style)
         if cached is None:
-            mix = np.asarray(style.matrix, dtype=np.float32).reshape(3, 3).T / 255.0
+            mix = np.asarray(style.matrix, dtype=np.float32).reshape(3, 3).T  # rgb_out = rgb_in @ mix
             yy, xx = np.mgrid[0 : self.size, 0 : self.size].astype(np.float32) / self.size - 0.5
             ca, sa = math.cos(style.illumination_angle), math.sin(style.illumination_angle)
             illum = (1.0 + style.illumination * (xx * ca + yy * sa) * 2.0).astype(np.float32)
-            cached = (mix, np.asarray(style.offset, dtype=np.float32), illum[..., None])
+            lut = None
+            if style.gamma != 1.0:  # gamma through a 256-entry table: no per-pixel pow
+                lut = (255.0 * (np.arange(256, dtype=np.float32) / 255.0) ** style.gamma).astype(np.float32)
+            offset = np.asarray(style.offset, dtype=np.float32) * 255.0
+            cached = (mix, offset, illum[..., None], lut)
             self._styles[style] = cached
         return cached
 
     def _finish(self, img: np.ndarray, rng: np.random.Generator, style: SiteStyle) -> np.ndarray:
-        """Apply the site style and pixel noise; returns uint8."""
-        mix, offset, illum = self._style_maps(style)
-        x = img @ mix + offset  # (S, S, 3) in 0..1
-        if style.gamma != 1.0:
-            np.clip(x, 0.0, 1.0, out=x)
-            x **= style.gamma
+        """Apply the site style and pixel noise (all in 0..255 units); returns uint8."""
+        mix, offset, illum, lut = self._style_maps(style)
+        x = img @ mix  # (S, S, 3)
+        x += offset
+        if lut is not None:
+            np.clip(x, 0.0, 255.0, out=x)
+            x = lut[x.astype(np.uint8)]
         x *= illum
         if style.blur > 0:
             blurred = x.copy()
@@ -482,7 +497,8 @@ class CellRenderer:
             rows = blurred.copy()
             blurred[:, 1:] += rows[:, :-1]
             blurred[:, :-1] += rows[:, 1:]
-            x = x * (1 - style.blur) + blurred * (style.blur / 9.0)
-        x *= 255.0
+            x *= 1.0 - style.blur
+            x += blurred * (style.blur / 9.0)
         x += (style.noise * self._patch(self._fine, rng))[..., None]
-        return np.clip(x, 0, 255).astype(np.uint8)
+        np.clip(x, 0.0, 255.0, out=x)
+        return x.astype(np.uint8)

@@ -1,4 +1,4 @@
-"""``milcore extract``: pre-extract cell features from crops, smear fields, slides or the synthetic cohort into a feature bank."""
+"""``milcore extract``: pre-extract cell features into a feature bank."""
 
 from __future__ import annotations
 
