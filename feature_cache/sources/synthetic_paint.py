@@ -20,10 +20,14 @@ class Canvas:
         background: fill colour.
     """
 
-    def __init__(self, size: int, background: RGBLike) -> None:
+    def __init__(self, size: int, background: RGBLike | np.ndarray) -> None:
         self.size = size
-        self.img = np.empty((size, size, 3), dtype=np.float32)  # (S, S, 3)
-        self.img[:] = np.asarray(background, dtype=np.float32)
+        background = np.asarray(background, dtype=np.float32)
+        if background.shape == (size, size, 3):
+            self.img = background  # (S, S, 3), adopted without a copy
+        else:
+            self.img = np.empty((size, size, 3), dtype=np.float32)  # (S, S, 3)
+            self.img[:] = background
 
     def box(self, cx: float, cy: float, radius: float) -> tuple[int, int, int, int] | None:
         """Integer bbox ``(y0, y1, x0, x1)`` of a disc, clipped to the canvas; ``None`` if outside."""

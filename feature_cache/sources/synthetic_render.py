@@ -99,6 +99,7 @@ class CellRenderer:
         self._coarse = smooth_noise_bank(bank_rng, 8, side, sigma=2.2 * self.scale)
         self._styles: dict[SiteStyle, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._draw_neighbours = True
+        self._plasma = np.broadcast_to(np.asarray(PLASMA, dtype=np.float32), (size, size, 3)).copy()
         self._sprites = self._neighbour_sprites(np.random.default_rng([seed, 0x5B1E]), count=48)
 
     def clear_style_cache(self) -> None:
@@ -132,7 +133,7 @@ class CellRenderer:
         Returns:
             (S, S, 3) uint8 RGB crop.
         """
-        canvas = Canvas(self.size, np.asarray(PLASMA, dtype=np.float32) * rng.uniform(0.98, 1.01))
+        canvas = Canvas(self.size, self._plasma * np.float32(rng.uniform(0.98, 1.01)))
         self._draw_neighbours = neighbours
         t = float(np.clip(subtlety, 0.0, 1.0)) * float(rng.uniform(0.6, 1.0)) if subtlety > 0 else 0.0
         if cell_type in WHITE_CELLS:
@@ -484,7 +485,7 @@ class CellRenderer:
     def _finish(self, img: np.ndarray, rng: np.random.Generator, style: SiteStyle) -> np.ndarray:
         """Apply the site style and pixel noise (all in 0..255 units); returns uint8."""
         mix, offset, illum, lut = self._style_maps(style)
-        x = img @ mix  # (S, S, 3)
+        x = (img.reshape(-1, 3) @ mix).reshape(img.shape)  # (S, S, 3); one BLAS call
         x += offset
         if lut is not None:
             np.clip(x, 0.0, 255.0, out=x)

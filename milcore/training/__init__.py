@@ -1,0 +1,1 @@
+"""Training bag classifiers: configuration, the trainer, checkpoints, metrics and calibration."""
