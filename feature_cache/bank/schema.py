@@ -1,0 +1,265 @@
+"""The bank's on-disk schema: names, versions, the encoder fingerprint and writer settings.
+
+See ``docs/bank_schema.md`` for the written specification. This module holds no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from feature_cache.bank.errors import BankError, EncoderMismatchError
+
+FORMAT = "milcore.feature_bank"
+FORMAT_VERSION = "1.0"
+SUPPORTED_MAJOR = 1
+
+FEATURES = "instances/features"
+COORDS = "instances/coords"
+CELL_ID = "instances/cell_id"
+CELL_TYPE = "instances/cell_type"
+BAG_ID = "bags/bag_id"
+CHECKSUM = "bags/checksum"
+BAG_OFFSET = "indexes/bag_offset"
+#: Optional per-cell columns: name -> (dtype, width, missing value).
+INSTANCE_COLUMNS: dict[str, tuple[str, int, int]] = {
+    "coords": ("int32", 2, -1),
+    "cell_id": ("int64", 1, -1),
+    "cell_type": ("int16", 1, -1),
+}
+RESERVED_BAG_COLUMNS = frozenset({"bag_id", "checksum"})
+FEATURE_DTYPES = ("float16", "float32")
+COMPRESSIONS = (None, "lzf", "gzip", "blosc-zstd")
+HDF5_SUFFIXES = (".h5", ".hdf5")
+ZARR_SUFFIXES = (".zarr",)
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def backend_for(path: str | Path) -> str:
+    """``"hdf5"`` for ``.h5``/``.hdf5`` paths, ``"zarr"`` for ``.zarr``; anything else is an error."""
+    suffix = Path(path).suffix.lower()
+    if suffix in HDF5_SUFFIXES:
+        return "hdf5"
+    if suffix in ZARR_SUFFIXES:
+        return "zarr"
+    raise BankError(f"{path}: unknown bank type '{suffix or '(no suffix)'}' (use .h5, .hdf5 or .zarr)")
+
+
+def utc_now() -> str:
+    """The current time as ISO 8601 UTC, second resolution."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def generated_by() -> str:
+    """Value of the ``generated_by`` root attribute."""
+    from feature_cache import __version__
+
+    return f"feature_cache {__version__}"
+
+
+def _canonical_transform(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping | list | tuple):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    raise BankError(f"encoder transform must be a string or a JSON-like mapping, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """Fingerprint of the encoder that produced a bank's features.
+
+    Attributes:
+        name: registry name of the encoder, e.g. ``"efficientnet_lite0"``.
+        version: encoder code/weights version string.
+        weights_sha256: SHA-256 of the weights file (``""`` for weight-free encoders).
+        transform: canonical description of the pixel transform (a string; a mapping is
+            turned into canonical JSON).
+        dim: feature dimension ``D``.
+        dtype: dtype the encoder emits (informational; not part of the fingerprint).
+    """
+
+    name: str
+    version: str
+    weights_sha256: str
+    transform: str
+    dim: int
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "transform", _canonical_transform(self.transform))
+        if not isinstance(self.name, str) or not self.name:
+            raise BankError(f"encoder name must be a non-empty string, got {self.name!r}")
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int | np.integer) or int(self.dim) <= 0:
+            raise BankError(f"encoder dim must be a positive integer, got {self.dim!r}")
+        object.__setattr__(self, "dim", int(self.dim))
+        object.__setattr__(self, "version", str(self.version))
+        sha = str(self.weights_sha256).lower()
+        if sha and not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise BankError(f"encoder weights_sha256 must be 64 hex digits or empty, got {sha!r}")
+        object.__setattr__(self, "weights_sha256", sha)
+        object.__setattr__(self, "dtype", str(np.dtype(self.dtype)))
+
+    def fingerprint(self) -> str:
+        """Stable SHA-256 hex digest of (name, version, weights_sha256, transform, dim)."""
+        key = {k: getattr(self, k) for k in ("name", "version", "weights_sha256", "transform", "dim")}
+        blob = json.dumps(key, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields plus ``fingerprint`` (JSON-ready)."""
+        out = asdict(self)
+        out["fingerprint"] = self.fingerprint()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | str) -> EncoderInfo:
+        """Inverse of :meth:`to_dict`; also accepts the JSON string stored in a bank.
+
+        Raises:
+            BankError: a field is missing, or a stored fingerprint does not match the fields.
+        """
+        if isinstance(data, str | bytes):
+            try:
+                data = json.loads(data)
+            except ValueError as exc:
+                raise BankError(f"encoder fingerprint is not valid JSON: {exc}") from None
+        if not isinstance(data, Mapping):
+            raise BankError("encoder fingerprint must be a mapping")
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in data and n != "dtype"]
+        if missing:
+            raise BankError(f"encoder fingerprint lacks {', '.join(missing)}")
+        info = cls(**{n: data[n] for n in names if n in data})
+        stored = data.get("fingerprint")
+        if stored is not None and stored != info.fingerprint():
+            raise BankError("encoder fingerprint does not match its fields (edited or from another version)")
+        return info
+
+    def differences(self, other: EncoderInfo) -> list[str]:
+        """Names of the fingerprinted fields that differ from ``other``."""
+        keys = ("name", "version", "weights_sha256", "transform", "dim")
+        return [k for k in keys if getattr(self, k) != getattr(other, k)]
+
+    def check_compatible(self, other: EncoderInfo, *, where: str) -> None:
+        """Raise :class:`EncoderMismatchError` (naming ``where``) unless fingerprints are equal."""
+        diff = self.differences(other)
+        if diff:
+            raise EncoderMismatchError(
+                f"{where}: encoder mismatch: expected '{self.name}' ({self.fingerprint()[:12]}), "
+                f"got '{other.name}' ({other.fingerprint()[:12]}); differs in {', '.join(diff)}"
+            )
+
+
+@dataclass(frozen=True)
+class WriterConfig:
+    """How a new bank stores its features.
+
+    Attributes:
+        dtype: ``"float16"`` (default) or ``"float32"``.
+        compression: ``None``, ``"lzf"`` (HDF5 only), ``"gzip"`` or ``"blosc-zstd"``.
+        chunk_rows: rows per chunk (compressed HDF5, and Zarr); ``0`` chooses for whole-bag reads.
+        checksum: store a CRC-32 of every bag's feature bytes (checked by ``verify``).
+        durable: ``fsync`` after every bag and before the final rename (survives power loss,
+            not only a killed process); slower.
+    """
+
+    dtype: str = "float16"
+    compression: str | None = None
+    chunk_rows: int = 0
+    checksum: bool = True
+    durable: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            dtype = str(np.dtype(self.dtype))
+        except TypeError:
+            dtype = ""
+        if dtype not in FEATURE_DTYPES:
+            raise BankError(f"feature dtype must be float16 or float32, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", dtype)
+        comp = None if self.compression in (None, "none", "") else str(self.compression)
+        if comp not in COMPRESSIONS:
+            raise BankError(f"unknown compression {self.compression!r} (use none, lzf, gzip or blosc-zstd)")
+        object.__setattr__(self, "compression", comp)
+        if int(self.chunk_rows) < 0:
+            raise BankError(f"chunk_rows must be >= 0, got {self.chunk_rows}")
+
+    def resolved_chunk_rows(self, backend: str, dim: int) -> int:
+        """Rows per chunk: the configured value, else sized for whole-bag reads.
+
+        Compressed chunks hold 256 rows (a median bag of ~300 cells touches 2-3 chunks, so a
+        random bag read decompresses little more than itself). Uncompressed Zarr chunks hold
+        about 4 MiB (the reader reads only the rows it needs from a chunk file, so size only sets
+        the file count). Uncompressed HDF5 features are contiguous and have no chunks.
+        """
+        if self.chunk_rows:
+            return int(self.chunk_rows)
+        if self.compression is not None:
+            return 256
+        if backend == "hdf5":
+            return 0
+        row_bytes = dim * np.dtype(self.dtype).itemsize
+        return int(min(65536, max(256, 2 ** round(math.log2(max(1, (4 << 20) / row_bytes))))))
+
+
+def check_bag_id(bag_id: Any, where: str) -> str:
+    """Return ``bag_id`` if it is a non-empty string without newlines, else raise."""
+    if not isinstance(bag_id, str) or not bag_id or "\n" in bag_id or "\x00" in bag_id:
+        raise BankError(f"{where}: bag id must be a non-empty one-line string, got {bag_id!r}")
+    return bag_id
+
+
+#: Per-bag metadata column kinds: numpy dtype and the value used for bags that lack it.
+META_KINDS: dict[str, tuple[str, Any]] = {
+    "bool": ("bool", False),
+    "int": ("int64", -1),
+    "float": ("float64", float("nan")),
+    "str": ("str", ""),
+}
+
+
+def meta_kind(value: Any) -> str | None:
+    """Kind of a metadata value (``bool``, ``int``, ``float``, ``str``), or ``None`` if unsupported."""
+    if isinstance(value, bool | np.bool_):
+        return "bool"
+    if isinstance(value, int | np.integer):
+        return "int"
+    if isinstance(value, float | np.floating):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    return None
+
+
+def check_meta(meta: Mapping[str, Any] | None, kinds: Mapping[str, str], where: str) -> dict[str, Any]:
+    """Validate one bag's metadata against the known column kinds; returns JSON-ready values.
+
+    An int value is accepted for a float column; any other kind change is an error.
+    """
+    if meta is None:
+        return {}
+    if not isinstance(meta, Mapping):
+        raise BankError(f"{where}: meta must be a mapping of column -> scalar, got {type(meta).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in meta.items():
+        if not isinstance(key, str) or not _NAME.match(key) or key in RESERVED_BAG_COLUMNS:
+            raise BankError(f"{where}: invalid meta column name {key!r} (letters, digits, _ . - only)")
+        kind = meta_kind(value)
+        if kind is None:
+            raise BankError(f"{where}: meta '{key}' must be a bool, int, float or str, got {type(value).__name__}")
+        known = kinds.get(key)
+        if known is not None and known != kind and not (known == "float" and kind == "int"):
+            raise BankError(f"{where}: meta '{key}' is a {known} column, got a {kind} value {value!r}")
+        kind = known or kind
+        out[key] = {"bool": bool, "int": int, "float": float, "str": str}[kind](value)
+    return out
