@@ -1,0 +1,80 @@
+"""Max-pooling baseline: embed every instance, take the element-wise max within the bag, classify.
+
+Reference:
+    Wang, Yan, Tang, et al. "Revisiting Multiple Instance Neural Networks." Pattern Recognition 2018
+    (MI-Net with max pooling).
+
+Attention: the share of the ``E`` embedding dimensions whose max is attained by each row (a tie splits
+the dimension evenly between the tied rows), so it sums to 1 within each bag and says which cells the
+bag embedding comes from. Permutation invariant; memory linear in the bag size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from milcore.models.base import AggregatorConfig, MILAggregator, check_range
+from milcore.models.layers import autocast_input, instance_embedding, resize_linear
+from milcore.models.output import MILOutput
+from milcore.models.registry import register_aggregator
+from milcore.ops import ptr_to_index, segment_max, segment_sum
+
+__all__ = ["MaxPool", "MaxPoolConfig"]
+
+
+@dataclass(frozen=True)
+class MaxPoolConfig(AggregatorConfig):
+    """Max-pooling hyper-parameters.
+
+    Attributes:
+        embed_dim: width of the instance embedding ``Linear -> ReLU`` (0: pool the raw features).
+        dropout: dropout after the embedding.
+    """
+
+    embed_dim: int = 256
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("embed_dim", self.embed_dim, 0, integer=True)
+        check_range("dropout", self.dropout, 0.0, 0.99)
+
+
+@register_aggregator("max", config=MaxPoolConfig)
+class MaxPool(MILAggregator):
+    """Element-wise max pooling of instance embeddings (baseline)."""
+
+    has_padded_path = True
+
+    def __init__(self, config: MaxPoolConfig) -> None:
+        super().__init__(config)
+        self.embed = instance_embedding(config.in_dim, config.embed_dim, config.dropout)
+        self.head = nn.Linear(config.embed_dim or config.in_dim, config.num_classes)
+
+    def forward(
+        self, x: Tensor, ptr: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
+    ) -> MILOutput:
+        self.check_inputs(x, ptr, coords, labels)
+        index = ptr_to_index(ptr, x.shape[0])  # (N,)
+        h = self.embed(autocast_input(x))  # (N, E)
+        embedding = segment_max(h, ptr, index)  # (B, E)
+        winners = (h == embedding.index_select(0, index)).float()  # (N, E) rows attaining each max
+        counts = segment_sum(winners, ptr, index).index_select(0, index)  # (N, E)
+        attention = (winners / counts.clamp(min=1)).mean(dim=1)  # (N,)
+        return MILOutput(logits=self.head(embedding), attention=attention, embedding=embedding)
+
+    def forward_padded(
+        self, x: Tensor, mask: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
+    ) -> MILOutput:
+        self.check_padded(x, mask, labels)
+        h = self.embed(autocast_input(x)).masked_fill(~mask.unsqueeze(-1), float("-inf"))  # (B, L, E)
+        embedding = h.amax(dim=1) if h.shape[1] else h.new_zeros(h.shape[0], h.shape[2])  # (B, E)
+        embedding = embedding.masked_fill(~mask.any(dim=1, keepdim=True), 0.0)
+        winners = ((h == embedding.unsqueeze(1)) & mask.unsqueeze(-1)).float()  # (B, L, E)
+        attention = (winners / winners.sum(dim=1, keepdim=True).clamp(min=1)).mean(dim=2)  # (B, L)
+        return MILOutput(logits=self.head(embedding), attention=attention[mask], embedding=embedding)
+
+    def _resize_head(self, num_classes: int) -> None:
+        self.head = resize_linear(self.head, num_classes)

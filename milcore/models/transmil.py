@@ -1,0 +1,255 @@
+"""TransMIL: transformer-based correlated MIL with the PPEG positional encoding and a class token.
+
+Reference:
+    Shao, Bian, Chen, et al. "TransMIL: Transformer based Correlated Multiple Instance Learning for Whole
+    Slide Image Classification." NeurIPS 2021.
+    Xiong, Zeng, Chakraborty, et al. "Nystromformer: A Nystrom-Based Algorithm for Approximating
+    Self-Attention." AAAI 2021 (the approximation used beyond ``exact_max_tokens``).
+
+Pipeline (Algorithm 2 of the paper): ``h = ReLU(fc(x))``; prepend a class token; transformer layer;
+PPEG (depthwise 7x7, 5x5 and 3x3 convolutions over the instances laid out row-major on a
+``ceil(sqrt(n))`` square grid); transformer layer(s); LayerNorm; the class token feeds the classifier.
+
+Differences from the reference code, all on purpose:
+
+* attention is **exact** (``torch.nn.functional.scaled_dot_product_attention``, a fused kernel whose
+  memory is linear in the bag size) for bags of up to ``exact_max_tokens`` tokens. On smear-sized bags
+  (hundreds to a few thousand cells) this is both faster and more accurate than Nystrom; bigger bags use
+  Nystrom attention (``num_landmarks`` segment-mean landmarks, iterative pseudo-inverse), one bag at a
+  time, so the choice is per bag and a bag scores the same alone or in any batch;
+* padded batches **respect the mask**: padding keys are masked out of attention, and the square grid of
+  PPEG is filled with zeros (the reference duplicates the first instances), each bag on its own
+  ``ceil(sqrt(n_b))`` grid placed in the corner of a shared canvas, which is exactly equivalent to
+  convolving it alone (the convolution's own zero padding);
+* the three PPEG kernels (+ identity) are summed into one 7x7 depthwise kernel before convolving
+  (mathematically identical, one convolution instead of three).
+
+TransMIL is **not permutation invariant**: PPEG depends on the order of the instances.
+``attention`` is the class token's attention to the instances in the last layer (softmax over the real
+instances, averaged over heads), so it sums to 1 within each bag.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from milcore.models.base import AggregatorConfig, MILAggregator, check_range
+from milcore.models.layers import autocast_input, resize_linear
+from milcore.models.output import MILOutput
+from milcore.models.registry import register_aggregator
+from milcore.ops import ptr_to_index, ptr_to_sizes, segment_mean, to_padded
+
+__all__ = ["TransMIL", "TransMILConfig"]
+
+
+@dataclass(frozen=True)
+class TransMILConfig(AggregatorConfig):
+    """TransMIL hyper-parameters (defaults follow the paper).
+
+    Attributes:
+        dim: token width after the input projection.
+        num_heads: attention heads (``dim`` must be divisible by it).
+        num_layers: transformer layers (>= 2; PPEG sits after the first).
+        dropout: dropout on attention weights and the attention output.
+        exact_max_tokens: bags with at most this many tokens (instances + class token) use exact fused
+            attention; larger bags use Nystrom attention.
+        num_landmarks: Nystrom landmarks.
+        pinv_iterations: iterations of the Moore-Penrose pseudo-inverse in Nystrom attention.
+    """
+
+    dim: int = 512
+    num_heads: int = 8
+    num_layers: int = 2
+    dropout: float = 0.0
+    exact_max_tokens: int = 4096
+    num_landmarks: int = 256
+    pinv_iterations: int = 6
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("dim", self.dim, 1, integer=True)
+        check_range("num_heads", self.num_heads, 1, integer=True)
+        if self.dim % self.num_heads:
+            from feature_cache.errors import InvalidArgumentError
+
+            raise InvalidArgumentError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
+        check_range("num_layers", self.num_layers, 2, integer=True)
+        check_range("dropout", self.dropout, 0.0, 0.99)
+        check_range("exact_max_tokens", self.exact_max_tokens, 2, integer=True)
+        check_range("num_landmarks", self.num_landmarks, 1, integer=True)
+        check_range("pinv_iterations", self.pinv_iterations, 1, integer=True)
+
+
+class _AttentionLayer(nn.Module):
+    """Pre-norm self-attention block ``x + proj(attn(norm(x)))`` (TransMIL's TransLayer)."""
+
+    def __init__(self, config: TransMILConfig) -> None:
+        super().__init__()
+        self.heads = config.num_heads
+        self.dropout = config.dropout
+        self.norm = nn.LayerNorm(config.dim)
+        self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
+        self.proj = nn.Linear(config.dim, config.dim)
+        self.num_landmarks = config.num_landmarks
+        self.pinv_iterations = config.pinv_iterations
+
+    def forward(self, x: Tensor, mask: Tensor | None, exact: bool) -> tuple[Tensor, Tensor]:
+        """``(B, L, E)`` tokens (token 0 = class token) -> new tokens and the class token's ``(B, H, L)``
+        attention weights (float32, masked keys get 0)."""
+        b, length, dim = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, length, 3, self.heads, dim // self.heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, d)
+        key_mask = None if mask is None else mask.view(b, 1, 1, length)
+        p = self.dropout if self.training else 0.0
+        if exact:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)  # (B, H, L, d)
+        else:
+            out = _nystrom(q, k, v, self.num_landmarks, self.pinv_iterations)
+        out = out.transpose(1, 2).reshape(b, length, dim)
+        x = x + F.dropout(self.proj(out), p, self.training)
+        scores = (q[:, :, :1].float() @ k.float().transpose(-1, -2)).squeeze(2) / math.sqrt(q.shape[-1])
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask.view(b, 1, length), float("-inf"))
+        return x, scores.softmax(dim=-1)  # (B, L, E), (B, H, L)
+
+
+def _nystrom(q: Tensor, k: Tensor, v: Tensor, num_landmarks: int, iters: int) -> Tensor:
+    """Nystrom approximation of ``softmax(q k^T / sqrt(d)) v`` for one unpadded bag ``(1, H, L, d)``."""
+    length = q.shape[2]
+    m = min(num_landmarks, length)
+    q = q * q.shape[-1] ** -0.5
+    bounds = torch.linspace(0, length, m + 1, device=q.device).round().long()  # m near-equal segments
+    land_q = segment_mean(q.squeeze(0).transpose(0, 1), bounds).transpose(0, 1).unsqueeze(0)  # (1, H, m, d)
+    land_k = segment_mean(k.squeeze(0).transpose(0, 1), bounds).transpose(0, 1).unsqueeze(0)
+    kernel1 = (q @ land_k.transpose(-1, -2)).softmax(-1)  # (1, H, L, m)
+    kernel2 = (land_q @ land_k.transpose(-1, -2)).float().softmax(-1)  # (1, H, m, m)
+    kernel3 = (land_q @ k.transpose(-1, -2)).softmax(-1)  # (1, H, m, L)
+    eye = torch.eye(m, device=q.device)
+    z = kernel2.transpose(-1, -2) / (kernel2.abs().sum(-1).amax() * kernel2.abs().sum(-2).amax())
+    for _ in range(iters):  # Moore-Penrose iterations (Razavi et al. 2014), as in the paper
+        kz = kernel2 @ z
+        z = 0.25 * z @ (13 * eye - kz @ (15 * eye - kz @ (7 * eye - kz)))
+    return (kernel1 @ z.to(kernel1.dtype)) @ (kernel3 @ v)  # (1, H, L, d)
+
+
+class _PPEG(nn.Module):
+    """Pyramid position encoding generator: ``x + dw7(x) + dw5(x) + dw3(x)`` on the square grid."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj7 = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.proj5 = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
+        self.proj3 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, tokens: Tensor, mask: Tensor, sizes: Tensor) -> Tensor:
+        """``(B, L, E)`` instance tokens (no class token), ``(B, L)`` mask, ``(B,)`` sizes -> same shape."""
+        b, length, dim = tokens.shape
+        sides = torch.ceil(torch.sqrt(sizes.double())).long()  # (B,)
+        side = int(sides.max()) if b else 0
+        if side == 0:
+            return tokens
+        j = torch.arange(length, device=tokens.device).unsqueeze(0)  # (1, L)
+        s = sides.clamp(min=1).unsqueeze(1)  # (B, 1)
+        flat = torch.where(mask, (j // s) * side + j % s, 0)  # (B, L) position on the canvas
+        bag = torch.arange(b, device=tokens.device).unsqueeze(1).expand(b, length)
+        canvas = tokens.new_zeros(b, side * side, dim).index_put((bag[mask], flat[mask]), tokens[mask])
+        weight = self.proj7.weight + F.pad(self.proj5.weight, (1, 1, 1, 1)) + F.pad(self.proj3.weight, (2,) * 4)
+        weight = weight + F.pad(weight.new_ones(dim, 1, 1, 1), (3,) * 4)  # identity at the centre
+        bias = self.proj7.bias + self.proj5.bias + self.proj3.bias
+        grid = canvas.view(b, side, side, dim).permute(0, 3, 1, 2)  # (B, E, S, S), channels-last memory
+        with torch.autocast(tokens.device.type, enabled=False):  # bf16 depthwise backward is slow on CPU
+            out = F.conv2d(grid.float(), weight.float(), bias.float(), padding=3, groups=dim)
+        out = out.permute(0, 2, 3, 1).reshape(b, side * side, dim).to(tokens.dtype)
+        return out.gather(1, flat.unsqueeze(-1).expand(b, length, dim)) * mask.unsqueeze(-1)  # (B, L, E)
+
+
+@register_aggregator("transmil", config=TransMILConfig)
+class TransMIL(MILAggregator):
+    """TransMIL (Shao et al. 2021) with exact fused attention up to ``exact_max_tokens``, Nystrom beyond."""
+
+    permutation_invariant = False
+    has_padded_path = True
+
+    def __init__(self, config: TransMILConfig) -> None:
+        super().__init__(config)
+        self.fc = nn.Sequential(nn.Linear(config.in_dim, config.dim), nn.ReLU())
+        self.cls_token = nn.Parameter(torch.randn(1, 1, config.dim) * 0.02)
+        self.layers = nn.ModuleList([_AttentionLayer(config) for _ in range(config.num_layers)])
+        self.ppeg = _PPEG(config.dim)
+        self.norm = nn.LayerNorm(config.dim)
+        self.head = nn.Linear(config.dim, config.num_classes)
+
+    def forward(
+        self, x: Tensor, ptr: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
+    ) -> MILOutput:
+        self.check_inputs(x, ptr, coords, labels)
+        index = ptr_to_index(ptr, x.shape[0])
+        h = self.fc(autocast_input(x))  # (N, E)
+        sizes = ptr_to_sizes(ptr)
+        large = (sizes + 1 > self.config.exact_max_tokens).tolist()
+        if not any(large):
+            tokens, mask = to_padded(h, ptr, index)  # (B, L, E), (B, L)
+            embedding, att = self._encode(tokens, mask, sizes, exact=True)
+            return self._output(embedding, att[mask])
+        # mixed batch: small bags together (exact), each large bag alone (Nystrom)
+        offsets, parts, order = ptr.tolist(), [], []
+        small = [b for b, big in enumerate(large) if not big]
+        if small:
+            rows = torch.cat([torch.arange(offsets[b], offsets[b + 1]) for b in small]).to(x.device)
+            sub_ptr = F.pad(sizes[small].cumsum(0), (1, 0))
+            tokens, mask = to_padded(h[rows], sub_ptr)
+            emb, att = self._encode(tokens, mask, sizes[small], exact=True)
+            parts.append((emb, att[mask]))
+            order.extend(small)
+        for b in (b for b, big in enumerate(large) if big):
+            tokens = h[offsets[b] : offsets[b + 1]].unsqueeze(0)  # (1, n, E)
+            emb, att = self._encode(tokens, None, sizes[b : b + 1], exact=False)
+            parts.append((emb, att[0]))
+            order.append(b)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        embedding = torch.cat([p[0] for p in parts])[inverse.to(x.device)]
+        row_order = torch.cat([torch.arange(offsets[b], offsets[b + 1]) for b in order]).to(x.device)
+        att_cat = torch.cat([p[1] for p in parts])
+        attention = torch.empty_like(att_cat).index_copy(0, row_order, att_cat)
+        return self._output(embedding, attention)
+
+    def forward_padded(
+        self, x: Tensor, mask: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
+    ) -> MILOutput:
+        ptr = self.check_padded(x, mask, labels)
+        sizes = ptr_to_sizes(ptr)
+        if bool((sizes + 1 > self.config.exact_max_tokens).any()):
+            return self.forward(x[mask], ptr)
+        tokens = self.fc(autocast_input(x)) * mask.unsqueeze(-1)  # (B, L, E)
+        embedding, att = self._encode(tokens, mask, sizes, exact=True)
+        return self._output(embedding, att[mask])
+
+    def _encode(self, tokens: Tensor, mask: Tensor | None, sizes: Tensor, exact: bool) -> tuple[Tensor, Tensor]:
+        """Instance tokens ``(B, L, E)`` -> class embedding ``(B, E)`` and instance attention ``(B, L)``."""
+        b, length, _ = tokens.shape
+        full_mask = None
+        if mask is not None and not bool(mask.all()):
+            full_mask = F.pad(mask, (1, 0), value=True)  # (B, 1 + L)
+        if mask is None:
+            mask = torch.ones(b, length, dtype=torch.bool, device=tokens.device)
+        x = torch.cat([self.cls_token.expand(b, 1, -1).to(tokens.dtype), tokens], dim=1)  # (B, 1+L, E)
+        x, cls_att = self.layers[0](x, full_mask, exact)
+        x = torch.cat([x[:, :1], self.ppeg(x[:, 1:], mask, sizes)], dim=1)
+        for layer in self.layers[1:]:
+            x, cls_att = layer(x, full_mask, exact)
+        embedding = self.norm(x[:, 0])  # (B, E)
+        att = cls_att[:, :, 1:]  # (B, H, L): drop the class token's attention to itself
+        att = att / att.sum(-1, keepdim=True).clamp_min(1e-30)
+        return embedding, att.mean(dim=1)
+
+    def _output(self, embedding: Tensor, attention: Tensor) -> MILOutput:
+        return MILOutput(logits=self.head(embedding), attention=attention, embedding=embedding)
+
+    def _resize_head(self, num_classes: int) -> None:
+        self.head = resize_linear(self.head, num_classes)

@@ -1,0 +1,31 @@
+"""Segment operations over ``ptr`` offsets (bags as row ranges of one matrix), in pure torch."""
+
+from milcore.ops.knn import knn_graph
+from milcore.ops.segment import (
+    from_padded,
+    ptr_to_index,
+    ptr_to_sizes,
+    segment_argmax,
+    segment_max,
+    segment_mean,
+    segment_softmax,
+    segment_sum,
+    segment_topk,
+    to_padded,
+    weighted_segment_sum,
+)
+
+__all__ = [
+    "from_padded",
+    "knn_graph",
+    "ptr_to_index",
+    "ptr_to_sizes",
+    "segment_argmax",
+    "segment_max",
+    "segment_mean",
+    "segment_softmax",
+    "segment_sum",
+    "segment_topk",
+    "to_padded",
+    "weighted_segment_sum",
+]
