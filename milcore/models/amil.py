@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from feature_cache.errors import InvalidArgumentError
+from milcore.losses import instance_cross_entropy
 from milcore.models.base import AggregatorConfig, EpochContext, MILAggregator, check_range
 from milcore.models.layers import GatedAttention, autocast_input, instance_embedding, resize_linear
 from milcore.models.output import MILOutput
@@ -198,13 +199,10 @@ class AMiL(MILAggregator):
 
     def _instance_loss(self, logits: Tensor, att: Tensor, ptr: Tensor, index: Tensor, labels: Tensor) -> Tensor:
         """Single-instance CE with the bag label; attention-weighted in disease bags, uniform in control."""
-        if logits.shape[0] == 0:
-            return logits.sum() * 0.0
-        row_labels = labels.index_select(0, index)  # (N,)
+        control = (labels == self.config.normal_class).index_select(0, index)  # (N,)
         sizes = ptr_to_sizes(ptr).float().index_select(0, index)  # (N,)
-        weight = torch.where(row_labels == self.config.normal_class, torch.ones_like(sizes), att.detach() * sizes)
-        ce = F.cross_entropy(logits.float(), row_labels, reduction="none")  # (N,)
-        return (weight * ce).sum() / weight.sum().clamp_min(1e-6)
+        weight = torch.where(control, torch.ones_like(sizes), att.detach() * sizes)  # (N,)
+        return instance_cross_entropy(logits, ptr, labels, weight)
 
     def _resize_head(self, num_classes: int) -> None:
         if self.config.normal_class >= num_classes:
