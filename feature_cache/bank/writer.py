@@ -219,11 +219,13 @@ class BankWriter:
             raise BankError(f"{where}: features have shape {x.shape}, expected (n, {self.info.dim})")
         if x.dtype.kind not in "fiu":
             raise BankError(f"{where}: features must be numeric, got {x.dtype}")
-        x = np.ascontiguousarray(x, dtype=self.dtype)
+        with np.errstate(over="ignore"):  # overflow becomes Inf, reported just below
+            x = np.ascontiguousarray(x, dtype=self.dtype)
         bad = count_nonfinite(x)
         if bad:
             raise BankError(f"{where}: {bad} NaN/Inf feature values (after conversion to {self.dtype})")
         n = len(x)
+        self._copy_base()  # first, so the existing bags keep their cell-type codes
         columns = {
             "coords": _coords(coords, n, where),
             "cell_id": _cell_ids(cell_id, n, where),
@@ -231,7 +233,6 @@ class BankWriter:
         codes, new_types = self._cell_types(cell_type, n, where)
         columns["cell_type"] = codes
         clean = check_meta(meta, self._kinds, where)
-        self._copy_base()
         crc = zlib.crc32(x) if self.config.checksum else None
         self._journal.append(bag_id, x, columns, clean, crc, new_types)
         self._note_kinds(clean)

@@ -134,11 +134,13 @@ def _verify(args: argparse.Namespace) -> int:
         lines.append(f"note: unfinished write in {u['journal']} ({u['committed_bags']} committed bags; "
                      + ("its writer is running)" if u["writer_running"] else "rerun with --recover to add them)"))
     _emit(args, report.to_dict(), lines)
-    for problem in report.problems:
-        log.error("%s", problem)
-    if not report.ok:
-        count = len(report.problems)
-        raise UserError(f"{args.bank}: verification failed with {count} problem(s): {report.problems[0]}")
+    if len(report.problems) == 1:
+        raise UserError(report.problems[0])
+    if report.problems:
+        for problem in report.problems:
+            log.error("%s", problem)
+        first = report.problems[0].removeprefix(f"{args.bank}: ")
+        raise UserError(f"{args.bank}: verification failed with {len(report.problems)} problems; first: {first}")
     checked = f", {report.checksums_checked} checksums" if report.checksums_checked else ""
     log.info("%s: OK (%d bags, %d cells%s)", args.bank, report.bags, report.instances, checked)
     return 0
