@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import argparse
-
-from milcore.cli._pending import add_pending_parser
+import logging
 
 HELP = "per-patient galleries of the cells that drove each decision"
+
+log = logging.getLogger("milcore")
 
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     """Register the ``explain`` subcommand."""
-    add_pending_parser(subparsers, parents, "explain", HELP)
+    from milcore.cli._types import int_at_least
+
+    p = subparsers.add_parser("explain", help=HELP, description=HELP + ".", parents=parents)
+    p.add_argument("--run", required=True, help="training run (or 'milcore predict' output) folder")
+    p.add_argument("--crops", default=None, help="root of <bag_id>/<cell_id>.png crops (default: beside the cohort)")
+    p.add_argument("--out", default=None, help="output folder (default RUN/explain)")
+    p.add_argument("--top", type=int_at_least(1), default=8, help="cells per gallery row (default 8)")
+    p.add_argument("--patients", type=int_at_least(1), default=12, help="patients shown (default 12)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the explanations; returns the exit code."""
+    from pathlib import Path
+
+    from milcore.explain import explain_run
+
+    out = Path(args.out) if args.out else Path(args.run) / "explain"
+    summary = explain_run(args.run, args.crops, out, top_k=args.top, max_patients=args.patients)
+    log.info("explained %d patients: %s/explain.html (JSON: explain.json)", len(summary["patients"]), out)
+    return 0

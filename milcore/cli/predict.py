@@ -1,14 +1,51 @@
-"""``milcore predict``: apply a trained checkpoint to a feature bank."""
+"""``milcore predict``: apply a checkpoint (or a run's fold ensemble) to a feature bank."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+from pathlib import Path
 
-from milcore.cli._pending import add_pending_parser
+HELP = "apply a trained checkpoint (or a run's fold ensemble) to a feature bank"
 
-HELP = "apply a trained checkpoint to a feature bank"
+log = logging.getLogger("milcore")
 
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     """Register the ``predict`` subcommand."""
-    add_pending_parser(subparsers, parents, "predict", HELP)
+    p = subparsers.add_parser("predict", help=HELP, description=HELP + ". Writes predictions.csv (per-patient "
+                              "probabilities) and attention.h5 (per-cell attention aligned with the bank rows).",
+                              parents=parents)  # fmt: skip
+    p.add_argument("--checkpoint", required=True, action="append",
+                   help="a fold folder (with checkpoint.json), or a run folder to average all its folds; "
+                   "repeatable")  # fmt: skip
+    p.add_argument("--bank", required=True, help="feature bank to predict")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=run)
+
+
+def _expand(paths: list[str]) -> list[Path]:
+    from feature_cache.errors import UserError
+
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "checkpoint.json").exists():
+            out.append(p)
+        elif p.is_dir() and sorted(p.glob("fold_*/checkpoint.json")):
+            out += [c.parent for c in sorted(p.glob("fold_*/checkpoint.json"))]
+        else:
+            raise UserError(f"{p}: not a checkpoint folder nor a run folder with fold checkpoints")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Predict; returns the exit code."""
+    from milcore.predict import predict_bank
+
+    checkpoints = _expand(args.checkpoint)
+    table = predict_bank(checkpoints, args.bank, args.out, device=args.device)
+    counts = ", ".join(f"{c}: {int((table.predicted == i).sum())}" for i, c in enumerate(table.classes))
+    log.info("predicted %d bags with %d checkpoint(s) (%s)", len(table.bag_ids), len(checkpoints), counts)
+    log.info("wrote %s/predictions.csv and %s/attention.h5", args.out, args.out)
+    return 0

@@ -1,14 +1,67 @@
-"""``milcore train``: train a MIL bag classifier with patient-level cross-validation."""
+"""``milcore train``: patient-level cross-validation of a MIL bag classifier from a bank and a cohort table."""
 
 from __future__ import annotations
 
 import argparse
-
-from milcore.cli._pending import add_pending_parser
+import logging
 
 HELP = "train a MIL bag classifier with patient-level cross-validation"
+
+log = logging.getLogger("milcore")
 
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     """Register the ``train`` subcommand."""
-    add_pending_parser(subparsers, parents, "train", HELP)
+    from milcore.cli._types import int_at_least, positive_float
+
+    p = subparsers.add_parser("train", help=HELP, description=HELP + ".", parents=parents)
+    p.add_argument("--bank", required=True, help="feature bank (.h5 or .zarr)")
+    p.add_argument("--cohort", required=True, help="cohort table (CSV/Parquet) with a bag-id and a label column")
+    p.add_argument("--task", required=True, metavar="COLUMN", help="label column of the cohort table")
+    p.add_argument("--model", default="abmil", help="aggregator name (see 'milcore train --list-models')")
+    p.add_argument("--folds", type=int_at_least(3), default=5, help="cross-validation folds (default 5)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of splits, weights and batching")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--epochs", type=int_at_least(1), default=40, help="maximum epochs per fold (default 40)")
+    p.add_argument("--lr", type=positive_float, default=5e-4, help="learning rate (default 5e-4)")
+    p.add_argument("--patience", type=int_at_least(1), default=10, help="early-stopping patience (default 10)")
+    p.add_argument("--batch-instances", type=int_at_least(1), default=2048, help="cells per optimisation step")
+    p.add_argument("--bel", type=float, default=0.0, metavar="WEIGHT", help="Bag Embedding Loss weight (0 = off)")
+    p.add_argument("--sampler", choices=("shuffle", "balanced"), default="shuffle")
+    p.add_argument("--model-arg", action="append", default=None, metavar="KEY=VALUE",
+                   help="aggregator config override, e.g. hidden_dim=256 (repeatable)")  # fmt: skip
+    p.add_argument("--cells", default=None, help="instance ground truth (default: cells.csv beside the cohort)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--config", default=None, help="YAML file with training options (command-line flags win)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train and report; returns the exit code."""
+    from milcore.cli._types import parse_overrides, read_yaml
+    from milcore.training.config import TrainConfig
+    from milcore.training.run import RunSpec, train_cv
+
+    options = read_yaml(args.config).get("train", {}) if args.config else {}
+    options.update({"model": args.model, "epochs": args.epochs, "lr": args.lr, "patience": args.patience,
+                    "batch_instances": args.batch_instances, "bel_weight": args.bel, "sampler": args.sampler,
+                    "device": args.device, "seed": args.seed})  # fmt: skip
+    if args.model_arg:
+        options["model_args"] = {**options.get("model_args", {}), **parse_overrides(args.model_arg)}
+    config = TrainConfig.from_dict(options)
+    from milcore.models import get_aggregator_entry
+
+    get_aggregator_entry(config.model)  # unknown names fail before any work, with close matches
+    spec = RunSpec(bank=args.bank, cohort=args.cohort, task=args.task, folds=args.folds, seed=args.seed,
+                   cells=args.cells)  # fmt: skip
+    metrics = train_cv(spec, config, args.out, overwrite=args.overwrite, resume=args.resume)
+    mean = metrics["mean"]
+    log.info("%s on %s: balanced accuracy %.3f ± %.3f, macro-F1 %.3f, AUROC %.3f, ECE %.3f", config.model, args.task,
+             mean["balanced_accuracy"]["mean"], mean["balanced_accuracy"]["sd"], mean["macro_f1"]["mean"],
+             mean["auroc"]["mean"], mean["ece"]["mean"])  # fmt: skip
+    if "instance" in metrics:
+        log.info("attention instance-AUROC %.3f", metrics["instance"]["instance_auroc"])
+    log.info("report: %s/report.html  metrics: %s/metrics.json", args.out, args.out)
+    return 0

@@ -1,0 +1,107 @@
+"""Training configuration: one frozen dataclass, resolved and saved with every run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from feature_cache.errors import InvalidArgumentError
+
+OPTIMIZERS = ("adamw", "sgd")
+WEIGHTINGS = ("balanced", "none")
+SAMPLERS = ("shuffle", "balanced")
+MONITORS = ("val_loss", "val_balanced_accuracy")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one bag classifier is trained.
+
+    Attributes:
+        model: registered aggregator name (``milcore.models.list_aggregators()``).
+        model_args: overrides of the aggregator's config (e.g. ``{"hidden_dim": 256}``).
+        epochs: maximum epochs.
+        lr: learning rate.
+        weight_decay: decoupled weight decay (AdamW) or L2 (SGD).
+        optimizer: ``adamw`` or ``sgd`` (momentum 0.9).
+        batch_instances: instance budget of one optimisation step: many small bags or a few large
+            ones are packed until their cells reach this number (a bag larger than it is a batch alone).
+        max_bag_instances: training-time random sub-sampling of huge bags (0 = never); evaluation
+            always sees every cell.
+        class_weighting: ``balanced`` (inverse class frequency in the loss) or ``none``.
+        sampler: ``shuffle`` (every bag once per epoch) or ``balanced`` (classes drawn equally often).
+        bel_weight: weight of the Bag Embedding Loss (0 = off).
+        grad_clip: max gradient norm (0 = off).
+        patience: epochs without validation improvement before stopping.
+        min_epochs: never stop before this epoch.
+        monitor: validation quantity for early stopping and best-epoch selection.
+        amp: ``auto`` (bfloat16 autocast on CUDA, off on CPU), ``bf16``, ``fp16`` or ``off``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        seed: random seed (weights, batching, sub-sampling).
+        memory_budget_gb: bags whose features fit this budget are held in memory; otherwise they are
+            streamed from the bank by DataLoader workers collating whole batches.
+        num_workers: DataLoader workers when streaming.
+        deterministic: request deterministic algorithms (slower on CUDA).
+    """
+
+    model: str = "abmil"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 40
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    batch_instances: int = 2048
+    max_bag_instances: int = 4096
+    class_weighting: str = "balanced"
+    sampler: str = "shuffle"
+    bel_weight: float = 0.0
+    grad_clip: float = 5.0
+    patience: int = 10
+    min_epochs: int = 5
+    monitor: str = "val_loss"
+    amp: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    memory_budget_gb: float = 4.0
+    num_workers: int = 2
+    deterministic: bool = True
+
+    def __post_init__(self) -> None:
+        """Validate every field; raises :class:`InvalidArgumentError` naming the bad one."""
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
+            (self.batch_instances >= 1, f"batch_instances must be >= 1, got {self.batch_instances}"),
+            (self.max_bag_instances >= 0, f"max_bag_instances must be >= 0, got {self.max_bag_instances}"),
+            (self.class_weighting in WEIGHTINGS, f"class_weighting must be one of {WEIGHTINGS}"),
+            (self.sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}, got {self.sampler!r}"),
+            (self.bel_weight >= 0, f"bel_weight must be >= 0, got {self.bel_weight}"),
+            (self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}"),
+            (self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
+            (self.monitor in MONITORS, f"monitor must be one of {MONITORS}, got {self.monitor!r}"),
+            (self.amp in ("auto", "bf16", "fp16", "off"), f"amp must be auto, bf16, fp16 or off, got {self.amp!r}"),
+            (self.memory_budget_gb >= 0, "memory_budget_gb must be >= 0"),
+            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+            (isinstance(self.model_args, dict), "model_args must be a mapping"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidArgumentError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dictionary (for YAML/JSON)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a mapping, rejecting unknown keys with the list of valid ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise InvalidArgumentError(
+                f"unknown training option(s) {', '.join(unknown)} (valid: {', '.join(sorted(names))})"
+            )
+        return cls(**data)

@@ -1,0 +1,85 @@
+"""The training run's report: metric tables with CIs, confusion, ROC, reliability, learning curves, galleries."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from milcore.report import Report, fmt, fmt_ci, plots
+
+log = logging.getLogger(__name__)
+
+_NAMES = {"balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1", "auroc": "AUROC (one vs rest)",
+          "ece": "ECE (after temperature scaling)", "accuracy": "accuracy", "ece_uncalibrated": "ECE (raw)",
+          "instance_auroc": "attention instance-AUROC"}  # fmt: skip
+
+
+def write_run_report(out: Path, metrics: dict[str, Any], table, history_of: dict[int, Path],
+                     crops: str | Path | None = None) -> tuple[Path, Path]:  # fmt: skip
+    """Render ``report.html`` and ``report.md`` for a finished run folder."""
+    classes = metrics["classes"]
+    rep = Report(f"{metrics['model']} on {metrics['task']} — {metrics['folds']}-fold cross-validation")
+    mean, pooled = metrics["mean"], metrics["pooled"]["metrics"]
+    rep.paragraph(
+        f"{len(table.bag_ids)} patients, classes: {', '.join(classes)}. Each patient is predicted once, by the "
+        f"fold that held it out; validation folds were used only for early stopping and temperature scaling."
+    )
+    rows = []
+    for k in ("balanced_accuracy", "macro_f1", "auroc", "ece", "accuracy", "ece_uncalibrated", "instance_auroc"):
+        if k not in mean:
+            continue
+        m = mean[k]
+        pooled_cell = fmt_ci(pooled[k]["value"], pooled[k]["ci95"]) if k in pooled else (
+            fmt(metrics["instance"]["instance_auroc"]) if k == "instance_auroc" and "instance" in metrics else "–")
+        rows.append([_NAMES.get(k, k), f"{fmt(m['mean'])} ± {fmt(m['sd'])}", pooled_cell])
+    rep.heading("Headline")
+    rep.table(["metric", "mean ± sd over folds", "pooled out-of-fold [95% bootstrap CI]"], rows)
+    if "instance" in metrics:
+        inst = metrics["instance"]
+        rep.paragraph(f"Attention vs the ground-truth diagnostic cells: mean per-patient AUROC "
+                      f"{fmt(inst['instance_auroc'])} over {inst['bags_with_ground_truth']} patients with both kinds "
+                      f"of cells (pooled: {fmt(inst['instance_auroc_pooled'])}).")  # fmt: skip
+    rep.heading("Per fold")
+    cols = ["fold", "n test", "best epoch", "T", "balanced acc.", "macro-F1", "AUROC", "ECE"]
+    has_inst = any("instance_auroc" in r for r in metrics["per_fold"])
+    if has_inst:
+        cols.append("inst. AUROC")
+    rep.table(cols, [[r["fold"], r["n_test"], r["best_epoch"], r["temperature"], r["balanced_accuracy"],
+                      r["macro_f1"], r["auroc"], r["ece"]]
+                     + ([r.get("instance_auroc", float("nan"))] if has_inst else [])
+                     for r in metrics["per_fold"]])  # fmt: skip
+    rep.heading("Per class (pooled)")
+    rep.table(["class", "support", "recall", "F1", "AUROC"],
+              [[c, v["support"], v["recall"], v["f1"], v["auroc"]] for c, v in metrics["pooled"]["per_class"].items()])
+    rep.heading("Plots")
+    labelled = table.labels >= 0
+    rep.figure(plots.confusion_figure(np.asarray(metrics["pooled"]["confusion_matrix"]), classes),
+               "Out-of-fold confusion matrix (rows: true class).")  # fmt: skip
+    rep.figure(plots.roc_figure(table.labels[labelled], table.proba[labelled], classes), "One-vs-rest ROC curves.")
+    rep.figure(plots.reliability_figure(metrics["pooled"]["reliability"]),
+               "Reliability of the calibrated probabilities (numbers: patients per bin).")  # fmt: skip
+    curves = {}
+    for fold, folder in sorted(history_of.items()):
+        path = folder / "history.json"
+        if path.exists():
+            hist = json.loads(path.read_text())
+            curves[f"fold {fold}"] = [h["val_loss"] for h in hist]
+    if curves:
+        longest = max(len(v) for v in curves.values())
+        padded = {k: v + [float("nan")] * (longest - len(v)) for k, v in curves.items()}
+        rep.figure(plots.lines_figure(list(range(longest)), padded, "epoch", "validation loss",
+                                      "Learning curves"), "Validation loss per epoch and fold.")  # fmt: skip
+    try:
+        from milcore.explain import build_explanations
+
+        ex_rep, _ = build_explanations(out, crops, top_k=8, max_patients=6)
+        rep.heading("Cells that drove the decisions")
+        rep.blocks.extend(ex_rep.blocks)
+    except Exception as exc:  # the report must not fail because a gallery cannot be drawn
+        log.warning("cell galleries skipped: %s", exc)
+    html, md = rep.write(out, "report")
+    return html, md
