@@ -112,10 +112,11 @@ class _AttentionLayer(nn.Module):
             out = _nystrom(q, k, v, self.num_landmarks, self.pinv_iterations)
         out = out.transpose(1, 2).reshape(b, length, dim)
         x = x + F.dropout(self.proj(out), p, self.training)
-        scores = (q[:, :, :1].float() @ k.float().transpose(-1, -2)).squeeze(2) / math.sqrt(q.shape[-1])
-        if key_mask is not None:
-            scores = scores.masked_fill(~key_mask.view(b, 1, length), float("-inf"))
-        return x, scores.softmax(dim=-1)  # (B, L, E), (B, H, L)
+        with torch.autocast(x.device.type, enabled=False):  # attention weights reported in float32
+            scores = (q[:, :, :1].float() @ k.float().transpose(-1, -2)).squeeze(2) / math.sqrt(q.shape[-1])
+            if key_mask is not None:
+                scores = scores.masked_fill(~key_mask.view(b, 1, length), float("-inf"))
+            return x, scores.softmax(dim=-1)  # (B, L, E), (B, H, L)
 
 
 def _nystrom(q: Tensor, k: Tensor, v: Tensor, num_landmarks: int, iters: int) -> Tensor:

@@ -1,0 +1,232 @@
+"""The aggregator contract, checked for every registered aggregator (timm style: register -> tested).
+
+Known exception, declared by the model itself: TransMIL is not permutation invariant (PPEG depends on
+the order of the cells); the test checks the declaration is true.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from feature_cache.errors import InvalidArgumentError
+from milcore.models import MILAggregator, MILOutput, create_aggregator, list_aggregators
+from milcore.ops import segment_sum, to_padded
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+NAMES = list_aggregators()
+D, C = 12, 3
+SIZES = [3, 1, 17, 8]
+# small widths keep the whole file fast; every code path stays the same
+SMALL = {"transmil": {"dim": 32, "num_heads": 4}, "graphmil": {"k": 4}}
+
+
+def build(name: str, seed: int = 0, **overrides) -> MILAggregator:
+    torch.manual_seed(seed)
+    return create_aggregator(name, in_dim=D, num_classes=C, **{**SMALL.get(name, {}), **overrides})
+
+
+def make_batch(sizes: list[int], seed: int = 1, dim: int = D) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ptr = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
+    return torch.randn(int(ptr[-1]), dim, generator=g), ptr
+
+
+def assert_sums_to_one(att: torch.Tensor, ptr: torch.Tensor, skip_empty: bool = False) -> None:
+    """Every attention column sums to 1 within every bag (float64 sums of the float32 weights)."""
+    sums = segment_sum(att.detach().double(), ptr)  # (B,) or (B, H)
+    if skip_empty:
+        sums = sums[ptr[1:] > ptr[:-1]]
+    torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-5, rtol=0.0)
+
+
+def fitted(model: MILAggregator, x: torch.Tensor) -> MILAggregator:
+    """AMiL needs a control Gaussian for its anomaly path to be exercised; other models are returned as is."""
+    if hasattr(model, "fit_normal"):
+        model.fit_normal(x)
+    return model
+
+
+def test_every_aggregator_is_listed() -> None:
+    assert {"mean", "max", "abmil", "amil", "transmil", "graphmil", "dsmil"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_output_shapes_and_attention_sums_to_one(name: str) -> None:
+    x, ptr = make_batch(SIZES)
+    model = fitted(build(name), x).eval()
+    out = model(x, ptr)
+    assert isinstance(out, MILOutput)
+    assert out.logits.shape == (len(SIZES), C)
+    assert out.attention.shape[0] == x.shape[0] and out.attention.dim() in (1, 2)
+    assert out.attention.dtype == torch.float32
+    assert out.embedding.dim() == 2 and out.embedding.shape[0] == len(SIZES)
+    assert isinstance(out.aux_losses, dict) and isinstance(out.instance_scores, dict)
+    assert (out.attention >= 0).all()
+    assert_sums_to_one(out.attention, ptr)
+    for value in out.instance_scores.values():
+        assert value.shape[0] == x.shape[0]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batch_invariance_ptr_correctness(name: str) -> None:
+    """A bag scores the same alone and inside a batch of other bags."""
+    x, ptr = make_batch(SIZES)
+    model = fitted(build(name), x).eval()
+    with torch.no_grad():
+        out = model(x, ptr)
+        for b, n in enumerate(SIZES):
+            rows = slice(int(ptr[b]), int(ptr[b + 1]))
+            alone = model(x[rows], torch.tensor([0, n]))
+            torch.testing.assert_close(alone.logits[0], out.logits[b], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(alone.embedding[0], out.embedding[b], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(alone.attention, out.attention[rows], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_permutation_invariance_where_declared(name: str) -> None:
+    x, ptr = make_batch(SIZES)
+    model = fitted(build(name), x).eval()
+    g = torch.Generator().manual_seed(3)
+    perm = torch.cat([torch.randperm(n, generator=g) + int(ptr[b]) for b, n in enumerate(SIZES)])
+    with torch.no_grad():
+        out, shuffled = model(x, ptr), model(x[perm], ptr)
+    if model.permutation_invariant:
+        torch.testing.assert_close(shuffled.logits, out.logits, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(shuffled.attention, out.attention[perm], atol=1e-6, rtol=1e-4)
+    else:  # the declaration must be true: order matters (TransMIL's PPEG)
+        assert not torch.allclose(shuffled.logits, out.logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ptr_path_equals_padded_path(name: str) -> None:
+    model = build(name).eval()
+    if not model.has_padded_path:
+        pytest.skip(f"{name} has no padded path (ptr only)")
+    x, ptr = make_batch([*SIZES, 0])
+    dense, mask = to_padded(x, ptr)
+    with torch.no_grad():
+        packed, padded = model(x, ptr), model.forward_padded(dense, mask)
+    torch.testing.assert_close(padded.logits, packed.logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(padded.embedding, packed.embedding, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(padded.attention, packed.attention, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_parameter_gets_a_gradient(name: str) -> None:
+    x, ptr = make_batch(SIZES)
+    model = fitted(build(name), x).train()
+    labels = torch.tensor([0, 1, 2, 1])
+    out = model(x, ptr, labels=labels)
+    loss = F.cross_entropy(out.logits.float(), labels) + sum(out.aux_losses.values())
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{name}.{pname} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name}.{pname} has a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{name}.{pname} has an all-zero gradient"
+
+
+@pytest.mark.parametrize("name", [*NAMES, "abmil-multi"])
+def test_reset_head_keeps_old_rows(name: str) -> None:
+    model = build("abmil", multi_branch=True) if name == "abmil-multi" else build(name)
+    x, ptr = make_batch(SIZES)
+    model = fitted(model, x).eval()
+    with torch.no_grad():
+        before = model(x, ptr).logits
+        model.reset_head(C + 2)
+        grown = model(x, ptr)
+        assert grown.logits.shape == (len(SIZES), C + 2) and model.config.num_classes == C + 2
+        torch.testing.assert_close(grown.logits[:, :C], before, atol=1e-5, rtol=1e-4)
+        assert_sums_to_one(grown.attention, ptr)
+        model.reset_head(2)  # shrinking keeps the first rows (DSMIL's bag head mixes classes, so only shapes)
+        assert model(x, ptr).logits.shape == (len(SIZES), 2)
+    with pytest.raises(InvalidArgumentError):
+        model.reset_head(1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bags_of_one_and_of_5000_instances(name: str) -> None:
+    model = build(name, **({"dim": 64, "num_heads": 4} if name == "transmil" else {}))
+    x, ptr = make_batch([1, 5000, 1], dim=D)
+    out = fitted(model, x[:2000]).train()(x, ptr, labels=torch.tensor([0, 1, 2]))
+    assert torch.isfinite(out.logits).all()
+    att = out.attention if out.attention.dim() == 2 else out.attention.unsqueeze(1)
+    torch.testing.assert_close(att[0], torch.ones_like(att[0]))
+    assert_sums_to_one(out.attention, ptr)
+    (out.logits.sum() + sum(out.aux_losses.values(), torch.tensor(0.0))).backward()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_empty_bags_are_defined(name: str) -> None:
+    """Empty bags own no rows, get finite logits and never disturb the other bags."""
+    x, ptr = make_batch([0, 4, 0, 6, 0])
+    model = fitted(build(name), x).eval()
+    with torch.no_grad():
+        out = model(x, ptr)
+        rest = model(x, torch.tensor([0, 4, 10]))
+        only_empty = model(x[:0], torch.tensor([0, 0]))
+    assert torch.isfinite(out.logits).all() and torch.isfinite(only_empty.logits).all()
+    torch.testing.assert_close(out.logits[[1, 3]], rest.logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.logits[0], only_empty.logits[0], atol=1e-5, rtol=1e-4)
+    assert only_empty.attention.shape[0] == 0 and out.attention.shape[0] == x.shape[0]
+    assert_sums_to_one(out.attention, ptr, skip_empty=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_inputs_raise_clear_errors(name: str) -> None:
+    model = build(name).eval()
+    x, ptr = make_batch(SIZES)
+    with pytest.raises(InvalidArgumentError, match=rf"in_dim={D}.*dim {D + 1}"):
+        model(torch.randn(x.shape[0], D + 1), ptr)
+    bad = x.clone()
+    bad[5, 2] = float("nan")
+    with pytest.raises(InvalidArgumentError, match=r"NaN.*row 5, bag 2"):
+        model(bad, ptr)
+    with pytest.raises(InvalidArgumentError, match="ptr"):
+        model(x, torch.tensor([0, 5, 3, x.shape[0]]))
+    with pytest.raises(InvalidArgumentError, match="labels"):
+        model(x, ptr, labels=torch.tensor([0, 1, 2, C]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_round_trip(name: str) -> None:
+    x, ptr = make_batch(SIZES)
+    model = fitted(build(name, seed=0), x).eval()
+    clone = build(name, seed=1).eval()
+    clone.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x, ptr).logits, model(x, ptr).logits)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_autocast_keeps_the_contract(name: str) -> None:
+    x, ptr = make_batch(SIZES)
+    model = fitted(build(name), x).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, ptr)
+    with torch.no_grad():
+        ref = model(x, ptr)
+    assert out.attention.dtype == torch.float32
+    assert_sums_to_one(out.attention, ptr)
+    torch.testing.assert_close(out.logits.float(), ref.logits, atol=0.15, rtol=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_matches_cpu(name: str) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    x, ptr = make_batch(SIZES)
+    model = fitted(build(name), x).eval()
+    with torch.no_grad():
+        ref = model(x, ptr)
+        gpu = model.cuda()(x.cuda(), ptr.cuda())
+    torch.testing.assert_close(gpu.logits.cpu(), ref.logits, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(gpu.attention.cpu(), ref.attention, atol=1e-5, rtol=1e-3)
+    model.train()
+    labels = torch.tensor([0, 1, 2, 1], device="cuda")
+    out = model(x.cuda(), ptr.cuda(), labels=labels)
+    (F.cross_entropy(out.logits.float(), labels) + sum(out.aux_losses.values())).backward()
+    assert all(p.grad is not None for p in model.parameters())
