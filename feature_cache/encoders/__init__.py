@@ -1,0 +1,27 @@
+"""Cell encoders: crops -> (n, D) features, each owning its transform, dtype and fingerprint.
+
+``create_encoder(name, weights=None, device=None, **options)`` returns an
+:class:`~feature_cache.encoders.base.Encoder` (``module``, ``transform``, ``dtype``, ``info``);
+``list_encoders("vit_*")`` lists names. Built in: ``efficientnet_lite0`` (ImageNet weights from an
+installed package), ``vit_{small,base,large}_patch14_dinov2`` (DINOv2/DinoBloom checkpoints on
+disk), ``morphology`` (hand-made cell features) and ``toy`` (tests). torch is imported only when an
+encoder is created.
+"""
+
+from feature_cache.encoders.registry import (
+    BUILTIN_ENCODERS,
+    EncoderSpec,
+    create_encoder,
+    encoder_spec,
+    list_encoders,
+    register_encoder,
+)
+
+__all__ = [
+    "BUILTIN_ENCODERS",
+    "EncoderSpec",
+    "create_encoder",
+    "encoder_spec",
+    "list_encoders",
+    "register_encoder",
+]
