@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from feature_cache.errors import InvalidArgumentError
@@ -48,7 +49,7 @@ class GraphMILConfig(AggregatorConfig):
     """
 
     embed_dim: int = 128
-    conv: str = "gcn"
+    conv: str = "gin"
     num_layers: int = 2
     k: int = 8
     graph_space: str = "auto"
@@ -89,8 +90,9 @@ class GraphMIL(MILAggregator):
         super().__init__(config)
         self.embed = instance_embedding(config.in_dim, config.embed_dim, config.dropout)
         self.convs = nn.ModuleList([_make_conv(config) for _ in range(config.num_layers)])
-        self.attention = GatedAttention(config.embed_dim, config.attention_dim, 1, gated=True)
-        self.head = nn.Linear(config.embed_dim, config.num_classes)
+        width = config.embed_dim * (config.num_layers + 1)
+        self.attention = GatedAttention(width, config.attention_dim, 1, gated=True)
+        self.head = nn.Linear(width, config.num_classes)
 
     def forward(
         self, x: Tensor, ptr: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
@@ -103,8 +105,11 @@ class GraphMIL(MILAggregator):
         edge_index = knn_graph(pos, ptr, self.config.k)  # (2, E)
         index = ptr_to_index(ptr, x.shape[0])  # (N,)
         h = self.embed(autocast_input(x))  # (N, E)
+        layers = [h]
         for conv in self.convs:
             h = h + conv(h, edge_index).relu()  # (N, E)
+            layers.append(h)
+        h = torch.cat(layers, dim=1)  # (N, E * (L + 1)) jumping knowledge
         scores = self.attention(h)  # (N, 1)
         att = segment_softmax(scores, ptr, index)  # (N, 1)
         embedding = weighted_segment_sum(h, att, ptr, index)[:, 0]  # (B, E)

@@ -25,8 +25,11 @@ Differences from the reference code, all on purpose:
   (mathematically identical, one convolution instead of three).
 
 TransMIL is **not permutation invariant**: PPEG depends on the order of the instances.
-``attention`` is the class token's attention to the instances in the last layer (softmax over the real
-instances, averaged over heads), so it sums to 1 within each bag.
+``attention`` is the class token's attention to the instances (softmax over the real instances; the
+class token's weight on itself dropped and the rest renormalised), averaged over heads **and layers**,
+so it sums to 1 within each bag. Averaging over layers is a linear-memory stand-in for attention rollout
+(Abnar & Zuidema 2020): the last layer alone is less instance-specific because its tokens are already
+mixed (on the synthetic learning check its instance AUROC was 0.73-0.81 against 0.97 for the first).
 """
 
 from __future__ import annotations
@@ -241,11 +244,13 @@ class TransMIL(MILAggregator):
             mask = torch.ones(b, length, dtype=torch.bool, device=tokens.device)
         x = torch.cat([self.cls_token.expand(b, 1, -1).to(tokens.dtype), tokens], dim=1)  # (B, 1+L, E)
         x, cls_att = self.layers[0](x, full_mask, exact)
+        total = cls_att
         x = torch.cat([x[:, :1], self.ppeg(x[:, 1:], mask, sizes)], dim=1)
         for layer in self.layers[1:]:
             x, cls_att = layer(x, full_mask, exact)
+            total = total + cls_att
         embedding = self.norm(x[:, 0])  # (B, E)
-        att = cls_att[:, :, 1:]  # (B, H, L): drop the class token's attention to itself
+        att = total[:, :, 1:]  # (B, H, L): drop the class token's attention to itself
         att = att / att.sum(-1, keepdim=True).clamp_min(1e-30)
         return embedding, att.mean(dim=1)
 
