@@ -253,3 +253,13 @@ def write_cohort(
         summary.crops_per_second,
     )  # fmt: skip
     return summary
+
+
+def _register() -> None:
+    from feature_cache.sources.registry import register_source
+    from feature_cache.sources.synthetic_source import SyntheticSource
+
+    register_source("synthetic", SyntheticSource)
+
+
+_register()
