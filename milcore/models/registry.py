@@ -53,7 +53,8 @@ def register_aggregator(name: str, config: type[AggregatorConfig]) -> Callable[[
     """Class decorator registering an aggregator module under ``name`` with its config dataclass.
 
     Raises:
-        ValueError: if ``name`` is already registered or the config is not a frozen dataclass.
+        ValueError: if ``name`` is already registered, the config is not a frozen
+            :class:`~milcore.models.base.AggregatorConfig` dataclass, or the class not a ``MILAggregator``.
     """
 
     def decorator(cls: M) -> M:
@@ -61,9 +62,13 @@ def register_aggregator(name: str, config: type[AggregatorConfig]) -> Callable[[
             raise ValueError(
                 f"aggregator '{name}' is already registered (by {_REGISTRY[name].model_class.__qualname__})"
             )
+        from milcore.models.base import AggregatorConfig, MILAggregator
+
         params = getattr(config, "__dataclass_params__", None)
-        if params is None or not params.frozen:
-            raise ValueError(f"config of aggregator '{name}' must be a @dataclass(frozen=True)")
+        if params is None or not params.frozen or not issubclass(config, AggregatorConfig):
+            raise ValueError(f"config of aggregator '{name}' must be a @dataclass(frozen=True) AggregatorConfig")
+        if not issubclass(cls, MILAggregator):
+            raise ValueError(f"aggregator '{name}' must subclass MILAggregator")
         cls.aggregator_name = name
         cls.config_class = config
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""

@@ -79,11 +79,12 @@ def segment_max(src: Tensor, ptr: Tensor, index: Tensor | None = None) -> Tensor
 def segment_softmax(src: Tensor, ptr: Tensor, index: Tensor | None = None) -> Tensor:
     """Softmax over the rows of each bag, independently per trailing column: ``(N, *F) -> (N, *F)``.
 
-    Computed in float32 (the input may be bf16/fp16 under autocast) and returned in float32, so
+    Computed and returned in at least float32 (a bf16/fp16 input under autocast is upcast), so
     attention always sums to 1 within each bag up to float32 rounding.
     """
     index = _index(src, ptr, index)
-    src = src.float()
+    if src.dtype in (torch.float16, torch.bfloat16):
+        src = src.float()
     with torch.no_grad():
         bag_max = segment_max(src, ptr, index)  # (B, *F), a constant shift for stability
     shifted = (src - bag_max.index_select(0, index)).exp()  # (N, *F)

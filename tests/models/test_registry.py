@@ -1,0 +1,158 @@
+"""Registry, config validation and the trainer hook."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from feature_cache.errors import InvalidArgumentError
+from milcore.models import (
+    AggregatorConfig,
+    EpochContext,
+    MILAggregator,
+    create_aggregator,
+    get_aggregator_entry,
+    list_aggregators,
+    register_aggregator,
+)
+from milcore.models.registry import _REGISTRY
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+
+def test_list_with_wildcards_is_sorted() -> None:
+    assert list_aggregators("*mil") == ["abmil", "amil", "dsmil", "graphmil", "transmil"]
+    assert list_aggregators("m*") == ["max", "mean"]
+    assert list_aggregators("nothing*") == []
+    assert list_aggregators() == sorted(list_aggregators())
+
+
+def test_unknown_name_lists_close_matches() -> None:
+    with pytest.raises(InvalidArgumentError, match=r"unknown aggregator 'abmill'; did you mean 'abmil'"):
+        create_aggregator("abmill", in_dim=8, num_classes=2)
+    with pytest.raises(InvalidArgumentError, match="registered: abmil, amil"):
+        get_aggregator_entry("zzz")
+
+
+def test_duplicate_name_is_an_error() -> None:
+    @dataclass(frozen=True)
+    class Cfg(AggregatorConfig):
+        pass
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_aggregator("abmil", config=Cfg)(type("Dup", (MILAggregator,), {}))
+
+
+def test_register_requires_a_frozen_dataclass_and_new_models_are_created() -> None:
+    @dataclass
+    class Mutable:
+        in_dim: int
+        num_classes: int
+
+    with pytest.raises(ValueError, match="frozen"):
+        register_aggregator("_mutable_test", config=Mutable)(type("M", (MILAggregator,), {}))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="MILAggregator"):
+        register_aggregator("_not_a_module", config=AggregatorConfig)(type("N", (), {}))
+
+    @dataclass(frozen=True)
+    class Cfg(AggregatorConfig):
+        width: int = 3
+
+    try:
+
+        @register_aggregator("_tiny_test", config=Cfg)
+        class Tiny(MILAggregator):
+            """A test aggregator."""
+
+        model = create_aggregator("_tiny_test", in_dim=4, num_classes=2, width=5)
+        assert isinstance(model, Tiny) and model.config.width == 5 and "_tiny_test" in list_aggregators("_*")
+        assert get_aggregator_entry("_tiny_test").summary == "A test aggregator."
+    finally:
+        _REGISTRY.pop("_tiny_test", None)
+
+
+def test_unknown_config_field_is_named_with_a_hint() -> None:
+    with pytest.raises(InvalidArgumentError, match=r"'atention_dim' \(did you mean 'attention_dim'\?\)"):
+        create_aggregator("abmil", in_dim=8, num_classes=2, atention_dim=4)
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "message"),
+    [
+        ("abmil", {"in_dim": 0}, "in_dim must be >= 1"),
+        ("abmil", {"num_classes": 1}, "num_classes must be >= 2"),
+        ("abmil", {"in_dim": 8.0}, "in_dim must be an integer"),
+        ("abmil", {"gated": True, "dropout": 1.5}, r"dropout must be in \[0.0, 0.99\]"),
+        ("mean", {"embed_dim": True}, "embed_dim must be an integer"),
+        ("graphmil", {"conv": "sage"}, "conv must be one of 'gcn', 'gat', 'gin'"),
+        ("graphmil", {"conv": "gat", "embed_dim": 10, "heads": 4}, "divisible by heads"),
+        ("transmil", {"dim": 30, "num_heads": 4}, "divisible by num_heads"),
+        ("transmil", {"num_layers": 1}, "num_layers must be >= 2"),
+        ("amil", {"normal_class": 2}, r"normal_class must be in \[0, 1\]"),
+        ("dsmil", {"max_loss_weight": -1.0}, "max_loss_weight must be >= 0"),
+    ],
+)
+def test_invalid_config_values(name: str, overrides: dict, message: str) -> None:
+    kwargs = {"in_dim": 8, "num_classes": 2, **overrides}
+    with pytest.raises(InvalidArgumentError, match=message):
+        create_aggregator(name, **kwargs)
+
+
+def test_configs_are_frozen_and_carry_in_dim_and_num_classes() -> None:
+    for name in list_aggregators():
+        model = create_aggregator(name, in_dim=8, num_classes=3)
+        assert model.config.in_dim == 8 and model.config.num_classes == 3 and model.aggregator_name == name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            model.config.in_dim = 4  # type: ignore[misc]
+        rebuilt = create_aggregator(name, **dataclasses.asdict(model.config))  # checkpoint-style rebuild
+        assert rebuilt.config == model.config
+
+
+def test_importing_milcore_registers_nothing() -> None:
+    code = "import sys, milcore, milcore.ops, milcore.data; print('milcore.models' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_epoch_hook_is_generic_and_lazy() -> None:
+    """A trainer calls ``on_epoch_start`` on any model; the control sampler runs only if required."""
+    calls = []
+
+    def control() -> torch.Tensor:
+        calls.append(1)
+        return torch.randn(50, 8)
+
+    for name in list_aggregators():
+        model = create_aggregator(name, in_dim=8, num_classes=2)
+        needs = "control_instances" in model.hook_requirements
+        model.on_epoch_start(EpochContext(0, control_instances=control if needs else None))
+    assert len(calls) == 1  # only AMiL asked for control cells
+    amil = create_aggregator("amil", in_dim=8, num_classes=2, refit_every=2)
+    amil.on_epoch_start(EpochContext(1, control_instances=control))
+    assert not bool(amil.fitted) and len(calls) == 1  # not an epoch to refit on
+    amil.on_epoch_start(EpochContext(2, control_instances=control))
+    assert bool(amil.fitted) and len(calls) == 2
+
+
+def test_amil_refreshes_its_gaussian_online_from_control_bags() -> None:
+    torch.manual_seed(0)
+    model = create_aggregator("amil", in_dim=8, num_classes=2, embed_dim=16).train()
+    x, ptr = torch.randn(30, 8), torch.tensor([0, 10, 20, 30])
+    model(x, ptr)  # no labels: nothing to learn the normal cells from
+    assert not bool(model.fitted)
+    model(x, ptr, labels=torch.tensor([1, 0, 1]))
+    assert bool(model.fitted)
+    mean = model.normal_mean.clone()
+    model(x + 1.0, ptr, labels=torch.tensor([0, 0, 1]))
+    assert not torch.allclose(model.normal_mean, mean)  # moved toward the new control cells
+    model.eval()
+    frozen = model.normal_mean.clone()
+    model(x + 5.0, ptr, labels=torch.tensor([0, 0, 1]))
+    assert torch.equal(model.normal_mean, frozen)  # eval mode never updates statistics
+    with pytest.raises(InvalidArgumentError, match=r"expected \(M, 8\)"):
+        model.fit_normal(torch.randn(5, 7))

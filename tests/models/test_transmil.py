@@ -1,0 +1,76 @@
+"""TransMIL specifics: PPEG equivalence, exact vs Nystrom choice per bag, mask respect."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from milcore.models import create_aggregator
+from milcore.models.transmil import _PPEG, _nystrom
+from milcore.ops import to_padded
+
+
+def test_merged_ppeg_kernel_equals_the_three_convolutions() -> None:
+    torch.manual_seed(0)
+    ppeg = _PPEG(8)
+    side, dim = 5, 8
+    tokens = torch.randn(2, side * side, dim)
+    mask = torch.ones(2, side * side, dtype=torch.bool)
+    out = ppeg(tokens, mask, torch.tensor([side * side, side * side]))
+    grid = tokens.transpose(1, 2).reshape(2, dim, side, side)
+    ref = grid + ppeg.proj7(grid) + ppeg.proj5(grid) + ppeg.proj3(grid)  # the paper's PPEG
+    torch.testing.assert_close(out, ref.flatten(2).transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_ppeg_of_a_small_bag_in_a_big_canvas_equals_its_own_grid() -> None:
+    torch.manual_seed(0)
+    ppeg = _PPEG(4)
+    tokens = torch.randn(2, 20, 4)
+    mask = torch.zeros(2, 20, dtype=torch.bool)
+    mask[0, :7], mask[1, :20] = True, True  # sides 3 and 5
+    both = ppeg(tokens * mask.unsqueeze(-1), mask, torch.tensor([7, 20]))
+    alone = ppeg(tokens[:1, :7], mask[:1, :7], torch.tensor([7]))
+    torch.testing.assert_close(both[0, :7], alone[0], atol=1e-6, rtol=1e-5)
+    assert torch.all(both[0, 7:] == 0)
+
+
+def test_large_bags_use_nystrom_alone_and_small_bags_exact_together() -> None:
+    torch.manual_seed(0)
+    model = create_aggregator("transmil", in_dim=6, num_classes=2, dim=16, num_heads=2,
+                              exact_max_tokens=40, num_landmarks=8).eval()  # fmt: skip
+    sizes = [20, 90, 3, 60]
+    ptr = F.pad(torch.tensor(sizes).cumsum(0), (1, 0))
+    x = torch.randn(int(ptr[-1]), 6)
+    with torch.no_grad():
+        out = model(x, ptr)
+        for b, n in enumerate(sizes):
+            rows = slice(int(ptr[b]), int(ptr[b + 1]))
+            alone = model(x[rows], torch.tensor([0, n]))
+            torch.testing.assert_close(alone.logits[0], out.logits[b], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(alone.attention, out.attention[rows], atol=1e-6, rtol=1e-4)
+        padded = model.forward_padded(*to_padded(x, ptr))
+    torch.testing.assert_close(padded.logits, out.logits, atol=1e-5, rtol=1e-4)
+
+
+def test_nystrom_with_one_landmark_per_token_is_close_to_exact_attention() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 12, 4) for _ in range(3))
+    exact = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(_nystrom(q, k, v, num_landmarks=12, iters=20), exact, atol=1e-3, rtol=1e-3)
+    coarse = _nystrom(q, k, v, num_landmarks=4, iters=6)
+    assert coarse.shape == exact.shape and torch.isfinite(coarse).all()
+
+
+def test_padding_never_leaks_into_a_bag() -> None:
+    """Whatever sits in the padded slots, the outputs of the real rows do not change."""
+    torch.manual_seed(0)
+    model = create_aggregator("transmil", in_dim=6, num_classes=3, dim=16, num_heads=2).eval()
+    dense = torch.randn(2, 9, 6)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, 4:] = False
+    noisy = dense.clone()
+    noisy[0, 4:] = 100.0
+    with torch.no_grad():
+        a, b = model.forward_padded(dense, mask), model.forward_padded(noisy, mask)
+    torch.testing.assert_close(a.logits, b.logits)
+    torch.testing.assert_close(a.attention, b.attention)

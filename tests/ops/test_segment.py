@@ -1,0 +1,111 @@
+"""Segment ops over ptr against per-bag loops, with empty bags, trailing dims and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from milcore.ops import (
+    from_padded,
+    knn_graph,
+    ptr_to_index,
+    segment_argmax,
+    segment_max,
+    segment_mean,
+    segment_softmax,
+    segment_sum,
+    segment_topk,
+    to_padded,
+    weighted_segment_sum,
+)
+
+SIZES = [3, 0, 5, 1, 0, 4]
+PTR = torch.tensor([0, 3, 3, 8, 9, 9, 13])
+
+
+def bags(src: torch.Tensor) -> list[torch.Tensor]:
+    return [src[int(PTR[b]) : int(PTR[b + 1])] for b in range(len(SIZES))]
+
+
+@pytest.mark.parametrize("shape", [(13,), (13, 3), (13, 2, 4)])
+def test_sum_mean_max_match_per_bag_loops(shape: tuple[int, ...]) -> None:
+    src = torch.randn(shape)
+    zeros = torch.zeros(shape[1:])
+    ref_sum = torch.stack([b.sum(0) if len(b) else zeros for b in bags(src)])
+    ref_mean = torch.stack([b.mean(0) if len(b) else zeros for b in bags(src)])
+    ref_max = torch.stack([b.amax(0) if len(b) else zeros for b in bags(src)])
+    torch.testing.assert_close(segment_sum(src, PTR), ref_sum)
+    torch.testing.assert_close(segment_mean(src, PTR), ref_mean)
+    torch.testing.assert_close(segment_max(src, PTR), ref_max)
+
+
+def test_index_and_softmax() -> None:
+    assert ptr_to_index(PTR).tolist() == [0, 0, 0, 2, 2, 2, 2, 2, 3, 5, 5, 5, 5]
+    src = torch.randn(13, 2) * 30  # large values: the max shift keeps it stable
+    out = segment_softmax(src, PTR)
+    ref = torch.cat([b.softmax(0) for b in bags(src) if len(b)])
+    torch.testing.assert_close(out, ref)
+    assert segment_softmax(src.bfloat16(), PTR).dtype == torch.float32
+
+
+def test_weighted_segment_sum_matches_the_naive_product_in_groups() -> None:
+    torch.manual_seed(0)
+    sizes = torch.randint(0, 7, (150,))  # many bags: several groups of the block GEMM
+    ptr = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+    src, weight = torch.randn(int(ptr[-1]), 5), torch.rand(int(ptr[-1]), 3)
+    ref = segment_sum(weight.unsqueeze(-1) * src.unsqueeze(1), ptr)  # (B, K, D)
+    torch.testing.assert_close(weighted_segment_sum(src, weight, ptr), ref)
+    torch.testing.assert_close(weighted_segment_sum(src, weight[:, 0], ptr), ref[:, :1])
+    assert weighted_segment_sum(src[:0], weight[:0], torch.tensor([0])).shape == (0, 3, 5)
+
+
+def test_gradients_match_finite_differences() -> None:
+    src = torch.randn(13, 2, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(13, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s: segment_softmax(s, PTR).double(), (src,))
+    assert torch.autograd.gradcheck(lambda s: segment_max(s, PTR), (src,))
+    assert torch.autograd.gradcheck(lambda s, w: weighted_segment_sum(s, w, PTR), (src, weight))
+    assert torch.autograd.gradcheck(lambda s: to_padded(s, PTR)[0], (src,))
+
+
+def test_padded_round_trip_and_mask() -> None:
+    src = torch.randn(13, 3)
+    dense, mask = to_padded(src, PTR, fill_value=-1.0)
+    assert dense.shape == (6, 5, 3) and mask.sum(1).tolist() == SIZES
+    assert torch.all(dense[~mask] == -1.0)
+    torch.testing.assert_close(from_padded(dense, mask), src)
+
+
+def test_argmax_and_topk() -> None:
+    src = torch.tensor([1.0, 3.0, 2.0, 5.0, 4.0, 0.0, 9.0, 8.0, 7.0, 6.0, 1.0, 2.0, 3.0])
+    assert segment_argmax(src, PTR).tolist() == [1, -1, 6, 8, -1, 9]
+    values, rows = segment_topk(src, PTR, k=2)
+    assert rows.tolist() == [[1, 2], [-1, -1], [6, 7], [8, -1], [-1, -1], [9, 12]]
+    assert values[0].tolist() == [3.0, 2.0] and values[3, 1] == float("-inf")
+    with pytest.raises(ValueError):
+        segment_topk(src.unsqueeze(1), PTR, k=2)
+
+
+def _brute_knn(pos: torch.Tensor, ptr: torch.Tensor, k: int) -> set[tuple[int, int]]:
+    edges = set()
+    for b in range(ptr.numel() - 1):
+        start, end = int(ptr[b]), int(ptr[b + 1])
+        d = torch.cdist(pos[start:end], pos[start:end])
+        d.fill_diagonal_(float("inf"))
+        kk = min(k, end - start - 1)
+        if kk > 0:
+            for i, nbrs in enumerate(d.topk(kk, largest=False).indices.tolist()):
+                edges |= {(start + j, start + i) for j in nbrs}
+    return edges
+
+
+@pytest.mark.parametrize(("sizes", "block_rows"), [([5, 1, 0, 12, 3], 1024), ([2100, 4], 256)])
+def test_knn_graph_matches_brute_force(sizes: list[int], block_rows: int) -> None:
+    """Small batches go through the dense path, a bag of 2,100 through the blockwise path."""
+    torch.manual_seed(0)
+    ptr = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
+    pos = torch.randn(int(ptr[-1]), 3)
+    edge_index = knn_graph(pos, ptr, k=4, block_rows=block_rows)
+    assert edge_index.shape[1] == sum(min(4, max(n - 1, 0)) * n for n in sizes)
+    assert set(map(tuple, edge_index.T.tolist())) == _brute_knn(pos, ptr, 4)
+    assert knn_graph(pos[:0], torch.tensor([0]), k=3).shape == (2, 0)
