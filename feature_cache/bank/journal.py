@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -244,10 +244,14 @@ class Journal:
         features: np.ndarray,
         columns: Mapping[str, np.ndarray | None],
         meta: dict[str, Any],
-        crc: int | None,
+        crc: int | Callable[[], int] | None,
         new_types: list[str],
     ) -> None:
-        """Write one bag's rows, then its commit line (the bag exists once the line is complete)."""
+        """Write one bag's rows, then its commit line (the bag exists once the line is complete).
+
+        ``crc`` may be a callable (e.g. a future's ``result``), resolved after the rows are written
+        so that hashing can overlap the writes.
+        """
         n, start = len(features), self.rows
         assert self.sink is not None
         self.sink.append(features)
@@ -262,6 +266,8 @@ class Journal:
                 self.columns[name] = col
             col.append(np.full((n, width), missing, dtype) if values is None else values)
         entry: dict[str, Any] = {"id": bag_id, "n": n}
+        if callable(crc):
+            crc = crc()
         if crc is not None:
             entry["crc"] = crc
         if meta:
@@ -332,3 +338,22 @@ class Journal:
         """Close and delete the journal folder."""
         self.close_files()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def finish_commit(journal: Journal, bank: Path) -> None:
+    """Move a committed journal's finished store into place, then delete the journal (idempotent)."""
+    src = journal.committed_file
+    assert src is not None
+    if journal.header.backend == "zarr":
+        old = journal.root / "old.zarr"
+        if src.exists():
+            if bank.exists() and not old.exists():
+                os.rename(bank, old)
+            os.rename(src, bank)
+    elif src.exists():
+        os.replace(src, bank)
+    if journal.header.config.durable and hasattr(os, "O_DIRECTORY"):
+        fd = os.open(bank.parent, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(fd)
+        os.close(fd)
+    journal.remove()

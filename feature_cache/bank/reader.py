@@ -12,141 +12,17 @@ import logging
 import os
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from feature_cache.bank.errors import BankError, BankFormatError, UnknownBagError
+from feature_cache.bank.layout import check_structure, open_store
 from feature_cache.bank.rowio import IO_MODES, RowSource
-from feature_cache.bank.schema import (
-    BAG_ID,
-    BAG_OFFSET,
-    CHECKSUM,
-    COORDS,
-    FEATURE_DTYPES,
-    FEATURES,
-    FORMAT,
-    INSTANCE_COLUMNS,
-    RESERVED_BAG_COLUMNS,
-    SUPPORTED_MAJOR,
-    EncoderInfo,
-    backend_for,
-)
+from feature_cache.bank.schema import COORDS, FEATURES, INSTANCE_COLUMNS, EncoderInfo, backend_for
 
 log = logging.getLogger("feature_cache.bank")
-
-
-def open_store(path: str | Path) -> Any:
-    """The backend's read-only store view for ``path`` (``Hdf5Store`` or ``ZarrStore``)."""
-    if backend_for(path) == "hdf5":
-        from feature_cache.bank.hdf5 import Hdf5Store
-
-        return Hdf5Store(Path(path))
-    from feature_cache.bank.zarr_store import ZarrStore
-
-    return ZarrStore(Path(path))
-
-
-@dataclass
-class BankIndex:
-    """The small, always-loaded part of a bank."""
-
-    info: EncoderInfo
-    ids: list[str]
-    offsets: np.ndarray  # (B+1,) int64
-    dtype: np.dtype
-    attrs: dict[str, Any]
-    columns: tuple[str, ...]
-    bag_meta: dict[str, np.ndarray] = field(default_factory=dict)
-    checksums: np.ndarray | None = None
-    cell_type_names: list[str] = field(default_factory=list)
-
-
-def check_structure(store: Any) -> tuple[list[str], BankIndex | None]:
-    """Check a store against the schema; returns (problems, index or ``None`` if any problem)."""
-    attrs = store.attrs
-    fmt = attrs.get("format")
-    if fmt != FORMAT:
-        what = "no 'format' attribute" if fmt is None else f"format {fmt!r}, expected {FORMAT!r}"
-        return [f"not a feature bank ({what})"], None
-    version = str(attrs.get("format_version", ""))
-    try:
-        major = int(version.split(".")[0])
-    except ValueError:
-        major = -1
-    if major != SUPPORTED_MAJOR:
-        return [f"format_version {version!r} is not supported (this version reads {SUPPORTED_MAJOR}.x)"], None
-    problems: list[str] = []
-    info = None
-    try:
-        info = EncoderInfo.from_dict(attrs["encoder"])
-    except (KeyError, BankError) as exc:
-        problems.append(f"bad 'encoder' attribute ({exc})")
-    problems += [f"missing dataset '{n}'" for n in (FEATURES, COORDS, BAG_ID, BAG_OFFSET) if not store.exists(n)]
-    if problems:
-        return problems, None
-    assert info is not None
-    shape, dtype = store.shape(FEATURES), store.dtype(FEATURES)
-    if len(shape) != 2 or shape[1] != info.dim:
-        problems.append(f"'{FEATURES}' has shape {shape}, expected (N, {info.dim}) from the encoder fingerprint")
-    if str(dtype) not in FEATURE_DTYPES:
-        problems.append(f"'{FEATURES}' has dtype {dtype}, expected float16 or float32")
-    N = shape[0]
-    ids = [str(i) for i in store.read(BAG_ID)]
-    B = len(ids)
-    offsets = np.asarray(store.read(BAG_OFFSET))
-    problems += _offset_problems(offsets, ids, N)
-    seen: set[str] = set()
-    for bag_id in ids:
-        if not bag_id or bag_id in seen:
-            problems.append(f"{'empty' if not bag_id else 'duplicate'} bag id {bag_id!r} in '{BAG_ID}'")
-            break
-        seen.add(bag_id)
-    columns = []
-    for name, (_, width, _) in INSTANCE_COLUMNS.items():
-        path = f"instances/{name}"
-        if store.exists(path):
-            columns.append(name)
-            want = (N, width) if width > 1 else (N,)
-            if store.shape(path) != want:
-                problems.append(f"'{path}' has shape {store.shape(path)}, expected {want}")
-    meta: dict[str, np.ndarray] = {}
-    for name in store.children("bags"):
-        if store.shape(f"bags/{name}") != (B,):
-            problems.append(f"'bags/{name}' has shape {store.shape(f'bags/{name}')}, expected ({B},)")
-        elif name not in RESERVED_BAG_COLUMNS:
-            meta[name] = store.read(f"bags/{name}")
-    if problems:
-        return problems, None
-    checksums = store.read(CHECKSUM).astype(np.uint32) if store.exists(CHECKSUM) else None
-    names = []
-    if "cell_type" in columns:
-        import json
-
-        names = list(json.loads(store.array_attrs("instances/cell_type").get("names", "[]")))
-    index = BankIndex(info, ids, offsets.astype(np.int64), np.dtype(dtype), dict(attrs), tuple(columns),
-                      meta, checksums, names)
-    return problems, index
-
-
-def _offset_problems(offsets: np.ndarray, ids: list[str], n_rows: int) -> list[str]:
-    B = len(ids)
-    if offsets.ndim != 1 or offsets.dtype.kind not in "iu":
-        return [f"'{BAG_OFFSET}' must be a 1-D integer array, got {offsets.dtype} {offsets.shape}"]
-    if len(offsets) != B + 1:
-        return [f"'{BAG_OFFSET}' has {len(offsets)} entries for {B} bags (expected {B + 1})"]
-    out = []
-    if offsets[0] != 0:
-        out.append(f"'{BAG_OFFSET}' starts at {offsets[0]}, expected 0")
-    bad = np.flatnonzero(np.diff(offsets) < 0)
-    if bad.size:
-        i = int(bad[0])
-        out.append(f"'{BAG_OFFSET}' decreases at bag {i} ({ids[i]!r}): {offsets[i]} -> {offsets[i + 1]}")
-    if offsets[-1] != n_rows:
-        out.append(f"'{BAG_OFFSET}' ends at {offsets[-1]} but '{FEATURES}' has {n_rows} rows")
-    return out
 
 
 class BankReader:
@@ -165,8 +41,15 @@ class BankReader:
             more = f" (+{len(problems) - 1} more; run `milcore bank verify`)" if len(problems) > 1 else ""
             raise BankFormatError(f"{self._path}: {problems[0]}{more}")
         self._index = index
-        self._pos = {bag_id: i for i, bag_id in enumerate(index.ids)}
+        self._hot()
         self._warn_unfinished()
+
+    def _hot(self) -> None:
+        """Plain-Python copies of what every read needs (numpy scalar indexing is slow)."""
+        self._pos = {bag_id: i for i, bag_id in enumerate(self._index.ids)}
+        self._off = self._index.offsets.tolist()
+        self._dim, self._dtype = self._index.info.dim, self._index.dtype
+        self._feat: tuple[int, RowSource] | None = None
 
     # -- pickling and per-process handles --------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -175,7 +58,7 @@ class BankReader:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._path, self._io, self._index = state["path"], state["io"], state["index"]
         self._lock, self._state, self._stale = threading.Lock(), None, []
-        self._pos = {bag_id: i for i, bag_id in enumerate(self._index.ids)}
+        self._hot()
 
     def _store(self) -> Any:
         state = self._state
@@ -212,7 +95,7 @@ class BankReader:
 
     def close(self) -> None:
         """Close this process's file handles (the reader reopens them on next use)."""
-        state, self._state = self._state, None
+        state, self._state, self._feat = self._state, None, None
         if state is not None and state[0] == os.getpid():
             for source in state[2].values():
                 source.close()
@@ -318,12 +201,20 @@ class BankReader:
         }
 
     # -- reading ---------------------------------------------------------------------------------
+    def _features(self) -> RowSource:
+        feat = self._feat
+        if feat is None or feat[0] != os.getpid():
+            feat = self._feat = (os.getpid(), self._rows(FEATURES))
+        return feat[1]
+
     def read(self, bag_id: str) -> np.ndarray:
         """Features of one bag, ``(n, D)`` in the stored dtype (one contiguous row range)."""
-        i = self.index_of(bag_id)
-        a, b = int(self._index.offsets[i]), int(self._index.offsets[i + 1])
-        out = np.empty((b - a, self.dim), self.dtype)
-        self._rows(FEATURES).read_into(a, b, out)
+        i = self._pos.get(bag_id)
+        if i is None:
+            i = self.index_of(bag_id)  # raises UnknownBagError
+        a, b = self._off[i], self._off[i + 1]
+        out = np.empty((b - a, self._dim), self._dtype)
+        self._features().read_into(a, b, out)
         return out
 
     def read_many(self, bag_ids: Iterable[str]) -> list[np.ndarray]:
@@ -342,15 +233,15 @@ class BankReader:
         self, name: str, ids: list[str], tail: tuple[int, ...], dtype: np.dtype
     ) -> tuple[np.ndarray, np.ndarray]:
         pos = [self.index_of(bag_id) for bag_id in ids]
-        offsets = self._index.offsets
-        ptr = np.zeros(len(ids) + 1, np.int64)
+        off = self._off
+        bounds = [0]
+        for i in pos:
+            bounds.append(bounds[-1] + off[i + 1] - off[i])
+        out = np.empty((bounds[-1], *tail), dtype)
+        rows = self._features() if name == FEATURES else self._rows(name)
         for j, i in enumerate(pos):
-            ptr[j + 1] = ptr[j] + offsets[i + 1] - offsets[i]
-        out = np.empty((int(ptr[-1]), *tail), dtype)
-        rows = self._rows(name)
-        for j, i in enumerate(pos):
-            rows.read_into(int(offsets[i]), int(offsets[i + 1]), out[ptr[j] : ptr[j + 1]])
-        return out, ptr
+            rows.read_into(off[i], off[i + 1], out[bounds[j] : bounds[j + 1]])
+        return out, np.asarray(bounds, np.int64)
 
     def read_coords(self, bag_id: str) -> np.ndarray:
         """Cell coordinates of one bag, ``(n, 2)`` int32 (``-1`` where unknown)."""

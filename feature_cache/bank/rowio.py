@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,7 +53,9 @@ class FileRows:
         if self._mm is not None:
             out[...] = self._mm[start:stop]
         elif stop > start:
-            pread_into(self._fd, out, self.offset + start * self.row_bytes, self.path)
+            offset = self.offset + start * self.row_bytes
+            if os.preadv(self._fd, [out], offset) != out.nbytes:  # short read: finish or fail clearly
+                pread_into(self._fd, out, offset, self.path)
 
     def close(self) -> None:
         """Close the file and drop the map."""
@@ -115,25 +116,23 @@ class ChunkFileRows:
         parts = ["c", str(k)] + ["0"] * (len(self.shape) - 1)
         return self.dir / self.sep.join(parts) if self.sep != "/" else self.dir.joinpath(*parts)
 
-    def _fds(self) -> OrderedDict[int, int]:
-        fds = getattr(self._local, "fds", None)
-        if fds is None:
-            fds = self._local.fds = OrderedDict()
-        return fds
+    def _fds(self) -> dict[int, int]:
+        try:
+            return self._local.fds
+        except AttributeError:
+            self._local.fds = {}
+            return self._local.fds
 
     def _fd(self, k: int) -> int:
         fds = self._fds()
         fd = fds.get(k)
         if fd is None:
+            if len(fds) >= 256:  # bound the open files of this thread
+                self.close()
             try:
-                fd = os.open(self._key(k), os.O_RDONLY)
+                fd = fds[k] = os.open(self._key(k), os.O_RDONLY)
             except FileNotFoundError:
                 return -1
-            fds[k] = fd
-            if len(fds) > 64:
-                os.close(fds.popitem(last=False)[1])
-        else:
-            fds.move_to_end(k)
         return fd
 
     def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
@@ -141,6 +140,14 @@ class ChunkFileRows:
         if stop <= start:
             return
         R = self.rows_per_chunk
+        k = start // R
+        if self.codec is None and (stop - 1) // R == k:  # the common case: one chunk, one pread
+            fd = self._fd(k)
+            if fd >= 0:
+                offset = (start - k * R) * self.row_bytes
+                if os.preadv(fd, [out], offset) != out.nbytes:
+                    pread_into(fd, out, offset, self._key(k))
+                return
         for k in range(start // R, (stop - 1) // R + 1):
             lo, hi = max(start, k * R), min(stop, (k + 1) * R)
             dst = out[lo - start : hi - start]

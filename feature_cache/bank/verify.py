@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from feature_cache.bank.errors import BankError
+from feature_cache.bank.inputs import count_nonfinite
 from feature_cache.bank.journal import journal_dir, pending_bags
+from feature_cache.bank.layout import check_structure, open_store
 from feature_cache.bank.lock import is_locked
-from feature_cache.bank.reader import BankReader, check_structure, open_store
-from feature_cache.bank.writer import count_nonfinite
+from feature_cache.bank.reader import BankReader
 
 _LIST = 10  # bags named per kind of data problem
 _GROUP_BYTES = 64 << 20

@@ -10,17 +10,18 @@ the unfinished write, keeping every bag committed before the crash).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import zlib
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from feature_cache.bank.errors import BankError
-from feature_cache.bank.journal import Journal, JournalHeader, journal_dir
+from feature_cache.bank.inputs import check_cell_ids, check_compression, check_coords, count_nonfinite
+from feature_cache.bank.journal import Journal, JournalHeader, finish_commit, journal_dir
 from feature_cache.bank.lock import WriterLock
 from feature_cache.bank.reader import BankReader, open_reader
 from feature_cache.bank.schema import (
@@ -34,35 +35,8 @@ from feature_cache.bank.schema import (
 )
 
 log = logging.getLogger("feature_cache.bank")
-_EXPONENT = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}
-
-
-def count_nonfinite(x: np.ndarray) -> int:
-    """Number of NaN/Inf values of a float16/float32 array (fast: exponent bits only)."""
-    utype, mask = _EXPONENT[x.dtype]
-    bits = np.bitwise_and(x.view(utype), mask)
-    if not x.size or bits.max() != mask:
-        return 0
-    return int(np.count_nonzero(bits == mask))
-
-
-def finish_commit(journal: Journal, bank: Path) -> None:
-    """Move a committed journal's finished store into place, then delete the journal (idempotent)."""
-    src = journal.committed_file
-    assert src is not None
-    if journal.header.backend == "zarr":
-        old = journal.root / "old.zarr"
-        if src.exists():
-            if bank.exists() and not old.exists():
-                os.rename(bank, old)
-            os.rename(src, bank)
-    elif src.exists():
-        os.replace(src, bank)
-    if journal.header.config.durable and hasattr(os, "O_DIRECTORY"):
-        fd = os.open(bank.parent, os.O_RDONLY | os.O_DIRECTORY)
-        os.fsync(fd)
-        os.close(fd)
-    journal.remove()
+#: Bags at least this large are hashed on a helper thread while their rows are written.
+_ASYNC_HASH_BYTES = 256 << 10
 
 
 def _finalize(journal: Journal, bank: Path) -> Path:
@@ -101,6 +75,7 @@ class BankWriter:
                 self._kinds[name] = meta_kind(values[0]) if len(values) else "str"
         self._type_codes = {name: i for i, name in enumerate(self._journal.cell_type_names)}
         self._appended = 0
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="bank-crc") if self.config.checksum else None
 
     # -- opening ---------------------------------------------------------------------------------
     def _open_journal(self, info: EncoderInfo | None, requested: dict[str, Any]) -> Journal:
@@ -144,7 +119,7 @@ class BankWriter:
                 raise BankError(f"{self.path}: an EncoderInfo is needed to create a bank")
             config = WriterConfig(**{k: v for k, v in requested.items() if v is not None})
             created = utc_now()
-        _check_compression(self.backend, config.compression, self.path)
+        check_compression(self.backend, config.compression, self.path)
         header = JournalHeader(
             backend=self.backend, info=info, config=config,
             chunk_rows=config.resolved_chunk_rows(self.backend, info.dim), created=created,
@@ -227,13 +202,15 @@ class BankWriter:
         n = len(x)
         self._copy_base()  # first, so the existing bags keep their cell-type codes
         columns = {
-            "coords": _coords(coords, n, where),
-            "cell_id": _cell_ids(cell_id, n, where),
+            "coords": check_coords(coords, n, where),
+            "cell_id": check_cell_ids(cell_id, n, where),
         }
         codes, new_types = self._cell_types(cell_type, n, where)
         columns["cell_type"] = codes
         clean = check_meta(meta, self._kinds, where)
-        crc = zlib.crc32(x) if self.config.checksum else None
+        crc: Any = None
+        if self._hasher is not None:  # zlib releases the GIL: hash while the rows are written
+            crc = self._hasher.submit(zlib.crc32, x).result if x.nbytes >= _ASYNC_HASH_BYTES else zlib.crc32(x)
         self._journal.append(bag_id, x, columns, clean, crc, new_types)
         self._note_kinds(clean)
         for name in new_types:
@@ -316,6 +293,8 @@ class BankWriter:
 
     def _release(self) -> None:
         self._closed = True
+        if self._hasher is not None:
+            self._hasher.shutdown()
         if self._base is not None:
             self._base.close()
         self._lock.release()
@@ -338,37 +317,6 @@ def _base_compression(reader: BankReader) -> str | None:
         return None
     text = str(comp).lower()
     return "lzf" if "lzf" in text else "gzip" if "gzip" in text else "blosc-zstd"
-
-
-def _check_compression(backend: str, compression: str | None, path: Path) -> None:
-    if backend == "zarr" and compression == "lzf":
-        raise BankError(f"{path}: lzf is an HDF5 filter; use blosc-zstd or gzip for Zarr banks")
-
-
-def _coords(coords: Any, n: int, where: str) -> np.ndarray | None:
-    if coords is None:
-        return None
-    c = np.asarray(coords)
-    if c.size == 0 and n == 0:
-        return np.empty((0, 2), np.int32)
-    if c.shape != (n, 2) or c.dtype.kind not in "fiu":
-        raise BankError(f"{where}: coords have shape {c.shape} ({c.dtype}), expected ({n}, 2) numbers")
-    if c.dtype.kind == "f":
-        if not np.isfinite(c).all():
-            raise BankError(f"{where}: coords contain NaN/Inf")
-        c = np.rint(c)
-    if c.size and (c.min() < np.iinfo(np.int32).min or c.max() > np.iinfo(np.int32).max):
-        raise BankError(f"{where}: coords exceed the int32 range")
-    return c.astype(np.int32)
-
-
-def _cell_ids(cell_id: Any, n: int, where: str) -> np.ndarray | None:
-    if cell_id is None:
-        return None
-    c = np.asarray(cell_id).reshape(-1) if np.ndim(cell_id) else np.asarray([cell_id])
-    if len(c) != n or (c.size and c.dtype.kind not in "iu"):
-        raise BankError(f"{where}: cell_id must be {n} integers, got {c.dtype} {c.shape}")
-    return c.astype(np.int64)
 
 
 def open_writer(

@@ -31,7 +31,7 @@ CHILD = textwrap.dedent(
     """
     import sys, time, numpy as np
     from feature_cache.bank import EncoderInfo, open_writer
-    from feature_cache.bank import sinks, hdf5, writer as W
+    from feature_cache.bank import sinks, hdf5
 
     path, mode, first, last, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     info = EncoderInfo("crash", "1", "", "none", 8)
@@ -66,7 +66,7 @@ CHILD = textwrap.dedent(
             original_rename(src, dst)
             if str(dst).endswith("old.zarr"):
                 hold()
-        W.os.rename = rename
+        os.rename = rename
 
     def bag(i):
         rng = np.random.default_rng(i)

@@ -1,0 +1,28 @@
+"""The bank I/O benchmark runs end to end (tiny sizes, in-process) and writes its JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_bank_io.py"
+
+
+def test_quick_benchmark_writes_table_and_json(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_bank_io", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--quick", "--out", str(tmp_path), "--layouts", "memmap,hdf5,hdf5-mmap,zarr,clam-h5"]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    rows = {r["layout"]: r for r in result["rows"]}
+    assert set(rows) == {"memmap", "hdf5", "hdf5-mmap", "zarr", "clam-h5"}
+    for row in rows.values():
+        assert row["read_bags_s"] > 0 and row["pipe2_bags_s"] > 0 and row["read_ratio"] > 0
+    assert rows["hdf5"]["write_s"] > 0 and rows["hdf5"]["size_mb"] > 0
+    names = {t["target"] for t in result["targets"]}
+    assert "hdf5 random whole-bag reads / memmap" in names and "zarr reads / CLAM per-slide h5 reads" in names
+    assert "| hdf5 |" in capsys.readouterr().out.replace("| 32 | hdf5 |", "| hdf5 |")
