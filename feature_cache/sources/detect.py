@@ -53,6 +53,8 @@ class DetectorConfig:
         min_stain: smallest mean nucleus-stain concentration of a nucleus (drops pale smudges).
         split_area_frac: blobs larger than this (in red-cell areas) are watershed-split.
         split_distance_frac: minimum distance between two white-cell centres.
+        split_dip_frac: two touching nuclei are split only where the neck between them is at
+            least this much thinner than both (keeps the lobes of one nucleus together).
         rbc_min_votes: a red-cell centre needs this fraction of an ideal red cell's Hough votes.
         rbc_min_distance_frac: two red-cell centres are at least this many diameters apart.
     """
@@ -66,8 +68,9 @@ class DetectorConfig:
     min_nucleus_frac: float = 0.35
     min_inscribed_frac: float = 0.26
     min_stain: float = 0.29
-    split_area_frac: float = 2.2
-    split_distance_frac: float = 1.0
+    split_area_frac: float = 0.6
+    split_distance_frac: float = 0.5
+    split_dip_frac: float = 0.25
     rbc_min_votes: float = 0.3
     rbc_min_distance_frac: float = 0.4
 
@@ -201,7 +204,9 @@ def detect_wbc(rgb: np.ndarray, config: DetectorConfig | None = None) -> Detecti
     big = np.nonzero(area > cfg.split_area_frac * np.pi / 4 * d * d)[0]
     big = big[big > 0]
     if len(big):  # touching white cells: split the big blobs, renumber everything
-        split = ops.watershed_split(np.isin(labels, big), cfg.split_distance_frac * d, 0.3 * d)
+        split = ops.watershed_split(
+            np.isin(labels, big), cfg.split_distance_frac * d, cfg.min_inscribed_frac * d, cfg.split_dip_frac * d
+        )
         small_blobs = np.where(np.isin(labels, big), 0, labels)
         relabel = np.zeros(n + 1, dtype=np.int32)
         kept = np.setdiff1d(np.arange(1, n + 1), big)

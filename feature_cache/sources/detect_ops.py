@@ -137,20 +137,25 @@ def local_maxima(values: np.ndarray, min_distance: float, threshold: float) -> n
     return np.stack([rows[kept], cols[kept]], axis=1).astype(np.int64) if kept else np.zeros((0, 2), np.int64)
 
 
-def watershed_split(mask: np.ndarray, min_distance: float, min_height: float) -> np.ndarray:
-    """Split touching blobs along the valleys of their distance transform (marker watershed).
+def watershed_split(mask: np.ndarray, min_distance: float, min_height: float, min_dip: float = 0.0) -> np.ndarray:
+    """Split touching blobs along the necks of their distance transform (marker watershed).
+
+    Markers are distance-transform maxima at least ``min_distance`` apart and ``min_height`` deep.
+    Two neighbouring regions are merged back when the neck between them is shallow: when the
+    lower of their two peaks exceeds the deepest point of their common border by less than
+    ``min_dip`` (an h-maxima criterion that keeps the lobes of one nucleus together).
 
     Args:
         mask: (H, W) bool foreground.
         min_distance: minimum distance in pixels between two object centres.
-        min_height: a centre must lie at least this far from the background.
+        min_height: a centre must lie at least this far (pixels) from the background.
+        min_dip: minimum depth (pixels) of the neck between two kept objects.
 
     Returns:
         (H, W) int32 labels, 0 = background; blobs without a marker keep one label.
     """
     dist = ndi.distance_transform_edt(mask).astype(np.float32)
-    dist = ndi.gaussian_filter(dist, sigma=max(1.0, min_distance / 8))
-    peaks = local_maxima(np.where(mask, dist, 0), min_distance, min_height)
+    peaks = local_maxima(dist, min_distance, min_height)
     markers = np.zeros(mask.shape, dtype=np.int32)
     markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1, dtype=np.int32)
     # blobs without any marker get one at their deepest point so that they are not lost
@@ -163,9 +168,75 @@ def watershed_split(mask: np.ndarray, min_distance: float, min_height: float) ->
             pos = ndi.maximum_position(dist, blobs, missing)
             for k, (r, c) in enumerate(pos):
                 markers[r, c] = len(peaks) + 1 + k
-    depth = dist.max() if dist.size else 0.0
-    relief = np.round((depth - dist) / max(depth, 1e-6) * 254).astype(np.uint8)  # ridges between cells are high
-    relief[~mask] = 255  # flooding never crosses the background
-    labels = ndi.watershed_ift(relief, markers, structure=np.ones((3, 3), dtype=bool))
-    labels[~mask] = 0
-    return labels.astype(np.int32)
+    labels = flood(dist, markers, mask)
+    return _merge_shallow(labels, dist, min_dip) if min_dip > 0 else labels
+
+
+def flood(height: np.ndarray, markers: np.ndarray, mask: np.ndarray, levels: int = 64) -> np.ndarray:
+    """Marker watershed by immersion: labels grow from the highest ``height`` downwards.
+
+    At each of ``levels`` descending thresholds, every label spreads (8-connected, geodesically)
+    into the unlabelled ``mask`` pixels whose height reaches the threshold, so two basins meet on
+    the ridge of lowest height between their markers. (``scipy.ndimage.watershed_ift`` lets one
+    marker flood its neighbour's basin on such inputs, so it is not used.)
+
+    Args:
+        height: (H, W) float relief; markers sit on its peaks.
+        markers: (H, W) int labels (> 0) of the seeds, 0 elsewhere.
+        mask: (H, W) bool pixels to label.
+        levels: number of immersion steps.
+
+    Returns:
+        (H, W) int32 labels, 0 outside ``mask`` and where no marker can reach.
+    """
+    labels = np.where(mask, markers, 0).astype(np.int32)
+    box = ndi.find_objects(mask.astype(np.int8))
+    if not box or box[0] is None or not labels.any():
+        return labels
+    sl = box[0]
+    lab, hgt, msk = labels[sl], height[sl], mask[sl]
+    top = float(hgt[msk].max())
+    for t in np.linspace(top, float(hgt[msk].min()), levels):
+        allowed = msk & (hgt >= t)
+        while True:
+            grown = ndi.grey_dilation(lab, size=(3, 3))
+            new = allowed & (lab == 0) & (grown > 0)
+            if not new.any():
+                break
+            lab[new] = grown[new]
+    labels[sl] = lab
+    return labels
+
+
+def _merge_shallow(labels: np.ndarray, dist: np.ndarray, min_dip: float) -> np.ndarray:
+    """Merge neighbouring labels whose separating neck is less than ``min_dip`` below both peaks."""
+    n = int(labels.max())
+    if n < 2:
+        return labels
+    peak = np.zeros(n + 1, dtype=np.float64)
+    peak[1:] = ndi.maximum(dist, labels, np.arange(1, n + 1))
+    saddle: dict[tuple[int, int], float] = {}
+    for a, b, da, db in (
+        (labels[:, :-1], labels[:, 1:], dist[:, :-1], dist[:, 1:]),
+        (labels[:-1, :], labels[1:, :], dist[:-1, :], dist[1:, :]),
+    ):
+        edge = (a != b) & (a > 0) & (b > 0)
+        for la, lb, v in zip(a[edge], b[edge], np.minimum(da[edge], db[edge]), strict=True):
+            key = (int(min(la, lb)), int(max(la, lb)))
+            saddle[key] = max(saddle.get(key, 0.0), float(v))
+    parent = list(range(n + 1))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for (la, lb), s in sorted(saddle.items(), key=lambda kv: -kv[1]):  # deepest necks first
+        ra, rb = find(la), find(lb)
+        if ra != rb and min(peak[ra], peak[rb]) - s < min_dip:
+            parent[rb] = ra
+            peak[ra] = max(peak[ra], peak[rb])
+    roots = np.array([find(i) for i in range(n + 1)])
+    _, dense = np.unique(roots, return_inverse=True)
+    return dense.astype(np.int32)[labels]
