@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# a few BCCD fields: one WBC each, and one with two WBC boxes (BloodImage_00262)
-FIELD_IDS = ("BloodImage_00000", "BloodImage_00100", "BloodImage_00200", "BloodImage_00262")
+# a few BCCD fields: one WBC box each, BloodImage_00010 has two (a neutrophil and an eosinophil)
+FIELD_IDS = ("BloodImage_00000", "BloodImage_00010", "BloodImage_00100", "BloodImage_00200")
 
 
 @pytest.fixture(scope="session")
