@@ -11,42 +11,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from milcore.data.bag import BagBatch
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PackedBatch:
-    """A packed batch of bags: rows ``ptr[b]:ptr[b+1]`` of ``x`` belong to bag ``b``.
-
-    Attributes:
-        x: (N, D) float32 features.
-        ptr: (B+1,) int64 offsets.
-        coords: (N, 2) float32 coordinates or ``None``.
-        positions: (B,) positions of the bags in the store's id list.
-        rows: (N,) int64 row of each instance within its bag (differs from 0..n-1 when sub-sampled).
-    """
-
-    x: torch.Tensor
-    ptr: torch.Tensor
-    coords: torch.Tensor | None
-    positions: np.ndarray
-    rows: torch.Tensor
-
-    def to(self, device: torch.device) -> PackedBatch:
-        """Move tensors to ``device`` (non-blocking from pinned memory on CUDA)."""
-        nb = device.type == "cuda"
-        return PackedBatch(
-            self.x.to(device, non_blocking=nb),
-            self.ptr.to(device, non_blocking=nb),
-            None if self.coords is None else self.coords.to(device, non_blocking=nb),
-            self.positions,
-            self.rows,
-        )
 
 
 def budget_batches(
@@ -132,8 +103,13 @@ class FeatureStore:
 
     def gather(
         self, positions: np.ndarray, cap: int = 0, rng: np.random.Generator | None = None
-    ) -> PackedBatch:
-        """Collate the bags at ``positions`` (optionally sub-sampling each to ``cap`` random rows)."""
+    ) -> BagBatch:
+        """Collate the bags at ``positions`` (optionally sub-sampling each to ``cap`` random rows).
+
+        Returns:
+            A :class:`BagBatch` (float32 ``x``, ``ptr``, ``coords`` when kept, ``bag_ids``) whose
+            per-bag ``metadata`` holds the bag's ``position`` in this store.
+        """
         rows_per_bag = []
         for pos in positions:
             n = int(self.sizes[pos])
@@ -159,7 +135,8 @@ class FeatureStore:
             if self.with_coords:
                 c, _ = self.bank.read_packed_coords(ids)
                 coords = torch.from_numpy(np.ascontiguousarray(c[sel], dtype=np.float32))
-        return PackedBatch(x, ptr, coords, np.asarray(positions, dtype=np.int64), torch.from_numpy(local))
+        ids = [self.bag_ids[int(p)] for p in positions]
+        return BagBatch(x, ptr, bag_ids=ids, coords=coords, metadata=[{"position": int(p)} for p in positions])
 
     def batches(
         self,
@@ -169,7 +146,7 @@ class FeatureStore:
         seed: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
-    ) -> Iterator[PackedBatch]:
+    ) -> Iterator[BagBatch]:
         """Yield packed batches over the bags in ``order`` within an instance ``budget``.
 
         In memory, batches are sliced in-process; when streaming and ``num_workers > 0``, a DataLoader
@@ -180,7 +157,7 @@ class FeatureStore:
             rng = np.random.default_rng(seed) if seed is not None else None
             for g in groups:
                 batch = self.gather(g, cap, rng)
-                yield _pin(batch) if pin_memory else batch
+                yield batch.pin_memory() if pin_memory else batch
             return
         from torch.utils.data import DataLoader
 
@@ -198,15 +175,10 @@ class _BatchDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.groups)
 
-    def __getitem__(self, i: int) -> PackedBatch:
+    def __getitem__(self, i: int) -> BagBatch:
         rng = np.random.default_rng(None if self.seed is None else [self.seed, i]) if self.cap else None
         return self.store.gather(self.groups[i], self.cap, rng)
 
 
-def _identity(item: PackedBatch) -> PackedBatch:
+def _identity(item: BagBatch) -> BagBatch:
     return item
-
-
-def _pin(batch: PackedBatch) -> PackedBatch:
-    coords = None if batch.coords is None else batch.coords.pin_memory()
-    return PackedBatch(batch.x.pin_memory(), batch.ptr.pin_memory(), coords, batch.positions, batch.rows)

@@ -79,6 +79,11 @@ class FitResult:
     stopped_early: bool
 
 
+def positions(batch) -> np.ndarray:
+    """Store positions of a batch's bags (kept in their metadata by :class:`FeatureStore`)."""
+    return np.asarray([m["position"] for m in batch.metadata], dtype=np.int64)
+
+
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     """Inverse-frequency weights normalised to mean 1 (absent classes get weight 0)."""
     counts = np.bincount(labels, minlength=num_classes).astype(float)
@@ -196,8 +201,8 @@ class Trainer:
             for batch in train.batches(self._order(y_train, epoch), cfg.batch_instances, cfg.max_bag_instances,
                                        seed=cfg.seed * 100_003 + epoch, num_workers=0 if train.in_memory
                                        else cfg.num_workers, pin_memory=self.device.type == "cuda"):  # fmt: skip
-                b = batch.to(self.device)
-                y = y_train_t[batch.positions].to(self.device)
+                b = batch.to(self.device, non_blocking=True)
+                y = y_train_t[positions(batch)].to(self.device)
                 with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
                     out = model(b.x, b.ptr, b.coords, labels=y)
                 nonempty = (b.ptr[1:] > b.ptr[:-1])
@@ -211,8 +216,8 @@ class Trainer:
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
-                total += float(loss.detach()) * len(batch.positions)
-                count += len(batch.positions)
+                total += float(loss.detach()) * batch.num_bags
+                count += batch.num_bags
             preds = self.predict(model, val, with_attention=False)
             val_loss = float(F.cross_entropy(torch.from_numpy(preds.logits).float(), torch.from_numpy(y_val)))
             val_ba = balanced_accuracy(y_val, preds.logits.argmax(1), self.num_classes)
@@ -296,7 +301,7 @@ class Trainer:
         order = np.arange(n)
         for batch in store.batches(order, self.config.batch_instances, 0, num_workers=0 if store.in_memory
                                    else self.config.num_workers):  # fmt: skip
-            b = batch.to(self.device)
+            b = batch.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
                 out = model(b.x, b.ptr, b.coords)
             lg = out.logits.float().cpu().numpy().astype(np.float64)
@@ -304,7 +309,7 @@ class Trainer:
             ptr = batch.ptr.numpy()
             a = out.attention.float().cpu().numpy() if with_attention else None
             extra = {k: v.float().cpu().numpy() for k, v in out.instance_scores.items()} if with_attention else {}
-            for j, pos in enumerate(batch.positions):
+            for j, pos in enumerate(positions(batch)):
                 logits[pos], emb[pos] = lg[j], em[j]
                 if a is not None:
                     att[pos] = a[ptr[j] : ptr[j + 1]]
