@@ -37,8 +37,11 @@ def check_sha256(path: Path, expected: str | None) -> str:
         The file's SHA-256.
 
     Raises:
-        UserError: the hashes differ.
+        UserError: the file is missing, or the hashes differ.
     """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: weights file not found")
     actual = sha256_file(path)
     if expected and actual != expected.lower():
         raise UserError(
