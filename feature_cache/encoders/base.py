@@ -7,7 +7,7 @@ normalisation runs on the device inside the module (:class:`InputNorm`). The mod
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -132,6 +132,10 @@ class Encoder:
     dtype: torch.dtype
     info: EncoderInfo
     device: torch.device
+
+    def __iter__(self) -> Iterator[object]:
+        """Unpack as ``module, transform, dtype, info`` (the form DESIGN.md uses)."""
+        return iter((self.module, self.transform, self.dtype, self.info))
 
     @property
     def dim(self) -> int:

@@ -32,6 +32,8 @@ def test_encoder_contract(name: str, crops: list[np.ndarray], vit_checkpoint: Ca
     assert isinstance(enc.info, EncoderInfo) and enc.info.name == name and enc.info.dim == enc.dim
     assert len(enc.info.to_dict()["fingerprint"]) == 64 and enc.info.transform
     assert not any(p.requires_grad for p in enc.module.parameters())
+    module, transform, dtype, info = enc
+    assert (module, transform, dtype, info) == (enc.module, enc.transform, enc.dtype, enc.info)
     x = enc.transform(crops[3])  # a non-square crop
     assert tuple(x.shape) == (3, enc.input_size, enc.input_size) and str(x.dtype) == "torch.uint8"
 
