@@ -78,7 +78,7 @@ class ABMIL(MILAggregator):
         scores = self.attention(h)  # (N, K)
         att = segment_softmax(scores, ptr, index)  # (N, K) float32
         z = weighted_segment_sum(h, att, ptr, index)  # (B, K, E)
-        return self._output(z, att)
+        return self.check_output(self._output(z, att), x, ptr)
 
     def forward_padded(
         self, x: Tensor, mask: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
@@ -89,7 +89,7 @@ class ABMIL(MILAggregator):
         scores = scores.masked_fill(~mask.unsqueeze(-1), float("-inf"))
         att = torch.softmax(scores, dim=1).nan_to_num(0.0)  # (B, L, K); an empty bag gives zeros
         z = torch.einsum("blk,ble->bke", att.to(h.dtype), h)  # (B, K, E)
-        return self._output(z, att[mask])
+        return self.check_output(self._output(z, att[mask]), x, mask)
 
     def _output(self, z: Tensor, att: Tensor) -> MILOutput:
         if self.config.multi_branch:

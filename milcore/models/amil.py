@@ -182,19 +182,22 @@ class AMiL(MILAggregator):
         if labels is not None:
             inst_loss = self._instance_loss(inst_logits, att, ptr, index, labels)
             aux["instance"] = self.config.instance_loss_weight * inst_loss
-        return MILOutput(
+        out = MILOutput(
             logits=self.head(embedding),
             attention=att,
             embedding=embedding,
             aux_losses=aux,
             instance_scores={"anomaly": anomaly, "logits": inst_logits},
         )
+        return self.check_output(out, x, ptr)
 
     def _online_refresh(self, h: Tensor, labels: Tensor, index: Tensor) -> None:
         control = (labels == self.config.normal_class).index_select(0, index)  # (N,)
         if int(control.sum()) < 2:
             return
         hc = h.detach()[control].float()  # (M, E)
+        if not bool(torch.isfinite(hc).all()):  # NaN features: leave the statistics alone, forward reports it
+            return
         self._set_stats(hc.mean(0), hc.T @ hc / hc.shape[0], hc, momentum=self.config.momentum)
 
     def _instance_loss(self, logits: Tensor, att: Tensor, ptr: Tensor, index: Tensor, labels: Tensor) -> Tensor:

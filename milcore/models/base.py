@@ -8,7 +8,8 @@ Contract (see ``DESIGN.md``): an aggregator is a ``@dataclass(frozen=True)`` con
 Input checks made by every ``forward`` (:meth:`MILAggregator.check_inputs`):
 
 * ``x`` must be ``(N, in_dim)`` floating point; another width raises an error naming both dims;
-* NaN or infinite features raise an error giving the first bad row and its bag;
+* NaN or infinite features raise an error giving the first bad row and its bag (detected from the
+  ``(B, C)`` logits, which they always reach, so good batches pay no extra pass over ``x``);
 * ``ptr`` must be 1-D integer offsets with ``ptr[0] == 0``, ``ptr[-1] == N``, non-decreasing.
 
 **Empty bags** (``ptr[b] == ptr[b + 1]``) are allowed and well defined: they own no attention rows,
@@ -177,21 +178,37 @@ class MILAggregator(nn.Module):
                 ptr[0] != 0,
                 ptr[-1] != n,
                 (ptr[1:] < ptr[:-1]).any(),
-                ~torch.isfinite(x.sum(dtype=torch.float32)),  # NaN/inf propagate; overflow rechecked below
             ]
         ).tolist()  # one device sync for all checks
         if flags[0] or flags[1] or flags[2]:
             raise InvalidArgumentError(
                 f"{name}: ptr must start at 0, end at N={n} and be non-decreasing, got {_short(ptr)}"
             )
-        if flags[3] and not bool(torch.isfinite(x).all()):
-            row = int((~torch.isfinite(x)).any(dim=1).nonzero()[0])
-            bag = int(torch.searchsorted(ptr, torch.tensor(row, device=ptr.device), right=True)) - 1
-            raise InvalidArgumentError(f"{name}: features contain NaN or inf (first at row {row}, bag {bag})")
         if coords is not None and (coords.dim() != 2 or coords.shape[0] != n):
             raise InvalidArgumentError(f"{name}: coords must be (N={n}, k), got {tuple(coords.shape)}")
         if labels is not None:
             self._check_labels(labels, ptr.numel() - 1)
+
+    def check_output(self, out: MILOutput, x: Tensor, ptr: Tensor) -> MILOutput:  # ptr: or the padded mask
+        """Return ``out``, or raise a clear error if its logits are not finite because ``x`` is not.
+
+        NaN/inf features always reach the logits (through the embedding, the attention softmax or the
+        pooling), so checking the ``(B, C)`` logits -- and scanning ``x`` only when they are not finite --
+        costs nothing on good batches. Non-finite logits from finite features (a diverged model) are
+        returned as they are, for the trainer to handle.
+        """
+        if bool(torch.isfinite(out.logits).all()):
+            return out
+        bad = ~torch.isfinite(x).all(dim=-1)  # (N,) or (B, L)
+        if bool(bad.any()):
+            name = self.aggregator_name or type(self).__name__
+            if x.dim() == 3:
+                bag, pos = (int(v) for v in bad.nonzero()[0])
+                raise InvalidArgumentError(f"{name}: features contain NaN or inf (first in bag {bag}, slot {pos})")
+            row = int(bad.nonzero()[0])
+            bag = int(torch.searchsorted(ptr, torch.tensor(row, device=ptr.device), right=True)) - 1
+            raise InvalidArgumentError(f"{name}: features contain NaN or inf (first at row {row}, bag {bag})")
+        return out
 
     def _check_labels(self, labels: Tensor, num_bags: int) -> None:
         name = self.aggregator_name or type(self).__name__
@@ -208,8 +225,6 @@ class MILAggregator(nn.Module):
         sizes = mask.sum(dim=1)
         ptr = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
         self.check_inputs(x[:, :0].reshape(0, x.shape[2]), ptr[:1], None, None)  # dims and dtype
-        if not bool(torch.isfinite(x).all()):
-            raise InvalidArgumentError(f"{name}: features contain NaN or inf")
         if labels is not None:
             self._check_labels(labels, x.shape[0])
         return ptr

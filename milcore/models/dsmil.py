@@ -30,7 +30,14 @@ from milcore.models.base import AggregatorConfig, MILAggregator, check_range
 from milcore.models.layers import autocast_input, instance_embedding, resize_linear
 from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
-from milcore.ops import ptr_to_index, segment_argmax, segment_max, segment_softmax, weighted_segment_sum
+from milcore.ops import (
+    ptr_to_index,
+    segment_argmax,
+    segment_inner,
+    segment_max,
+    segment_softmax,
+    weighted_segment_sum,
+)
 
 __all__ = ["DSMIL", "DSMILConfig"]
 
@@ -82,7 +89,8 @@ class DSMIL(MILAggregator):
         if config.value_dim:
             value += [nn.Linear(dim, config.value_dim), nn.ReLU()]
         self.value = nn.Sequential(*value) if value else nn.Identity()
-        self.bag_head = nn.Conv1d(config.num_classes, config.num_classes, kernel_size=self.value_dim)
+        # the reference's Conv1d(C, C, kernel=V) over the (C, V) bag matrix, as the equivalent Linear(C*V, C)
+        self.bag_head = nn.Linear(config.num_classes * self.value_dim, config.num_classes)
 
     def forward(
         self, x: Tensor, ptr: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
@@ -98,29 +106,30 @@ class DSMIL(MILAggregator):
             q_crit = q.index_select(0, critical.clamp(min=0).view(-1)).view(*critical.shape, -1)  # (B, C, Q)
         else:  # no rows at all: every bag is empty, the attention stream pools nothing
             q_crit = q.new_zeros(*critical.shape, q.shape[1])
-        scores = torch.einsum("nq,ncq->nc", q, q_crit.index_select(0, index)) / math.sqrt(q.shape[1])
+        scores = segment_inner(q, q_crit, ptr, index) / math.sqrt(q.shape[1])  # (N, C)
         att = segment_softmax(scores, ptr, index)  # (N, C)
         v = self.value(h)  # (N, V)
         bag_repr = weighted_segment_sum(v, att, ptr, index)  # (B, C, V)
-        bag_logits = self.bag_head(bag_repr.to(self.bag_head.weight.dtype)).squeeze(-1)  # (B, C)
+        bag_logits = self.bag_head(bag_repr.flatten(1))  # (B, C)
         aux = {}
         if labels is not None:
             aux["max_instance"] = self.config.max_loss_weight * F.cross_entropy(max_logits.float(), labels)
-        return MILOutput(
+        out = MILOutput(
             logits=0.5 * (max_logits + bag_logits),
             attention=att,
             embedding=bag_repr.mean(dim=1),
             aux_losses=aux,
             instance_scores={"logits": inst_logits},
         )
+        return self.check_output(out, x, ptr)
 
     @torch.no_grad()
     def _resize_head(self, num_classes: int) -> None:
         self.instance_head = resize_linear(self.instance_head, num_classes)
-        old = self.bag_head
-        new = nn.Conv1d(num_classes, num_classes, kernel_size=self.value_dim).to(old.weight.device, old.weight.dtype)
-        keep = min(old.out_channels, num_classes)
-        new.weight[:keep].zero_()  # old classes ignore the new classes' channels: their logits are unchanged
-        new.weight[:keep, :keep].copy_(old.weight[:keep, :keep])
+        old, v = self.bag_head, self.value_dim
+        keep = min(old.out_features, num_classes)
+        new = nn.Linear(num_classes * v, num_classes).to(old.weight.device, old.weight.dtype)
+        new.weight[:keep].zero_()  # old classes ignore the new classes' blocks: their logits are unchanged
+        new.weight[:keep, : keep * v].copy_(old.weight[:keep, : keep * v])
         new.bias[:keep].copy_(old.bias[:keep])
         self.bag_head = new

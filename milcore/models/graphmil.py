@@ -113,7 +113,7 @@ class GraphMIL(MILAggregator):
         scores = self.attention(h)  # (N, 1)
         att = segment_softmax(scores, ptr, index)  # (N, 1)
         embedding = weighted_segment_sum(h, att, ptr, index)[:, 0]  # (B, E)
-        return MILOutput(logits=self.head(embedding), attention=att[:, 0], embedding=embedding)
+        return self.check_output(MILOutput(self.head(embedding), att[:, 0], embedding), x, ptr)
 
     def _resize_head(self, num_classes: int) -> None:
         self.head = resize_linear(self.head, num_classes)

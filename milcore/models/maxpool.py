@@ -63,7 +63,7 @@ class MaxPool(MILAggregator):
         winners = (h == embedding.index_select(0, index)).float()  # (N, E) rows attaining each max
         counts = segment_sum(winners, ptr, index).index_select(0, index)  # (N, E)
         attention = (winners / counts.clamp(min=1)).mean(dim=1)  # (N,)
-        return MILOutput(logits=self.head(embedding), attention=attention, embedding=embedding)
+        return self.check_output(MILOutput(self.head(embedding), attention, embedding), x, ptr)
 
     def forward_padded(
         self, x: Tensor, mask: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
@@ -74,7 +74,7 @@ class MaxPool(MILAggregator):
         embedding = embedding.masked_fill(~mask.any(dim=1, keepdim=True), 0.0)
         winners = ((h == embedding.unsqueeze(1)) & mask.unsqueeze(-1)).float()  # (B, L, E)
         attention = (winners / winners.sum(dim=1, keepdim=True).clamp(min=1)).mean(dim=2)  # (B, L)
-        return MILOutput(logits=self.head(embedding), attention=attention[mask], embedding=embedding)
+        return self.check_output(MILOutput(self.head(embedding), attention[mask], embedding), x, mask)
 
     def _resize_head(self, num_classes: int) -> None:
         self.head = resize_linear(self.head, num_classes)

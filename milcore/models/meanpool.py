@@ -62,7 +62,7 @@ class MeanPool(MILAggregator):
         sizes = ptr_to_sizes(ptr).clamp(min=1)  # (B,)
         embedding = h.new_zeros(sizes.numel(), h.shape[1]).index_add(0, index, h) / sizes.unsqueeze(1)
         attention = 1.0 / sizes.float().index_select(0, index)  # (N,)
-        return MILOutput(logits=self.head(embedding), attention=attention, embedding=embedding)
+        return self.check_output(MILOutput(self.head(embedding), attention, embedding), x, ptr)
 
     def forward_padded(
         self, x: Tensor, mask: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
@@ -72,7 +72,7 @@ class MeanPool(MILAggregator):
         sizes = ptr_to_sizes(ptr).clamp(min=1)
         embedding = h.sum(dim=1) / sizes.unsqueeze(1)  # (B, E)
         attention = (mask.float() / sizes.float().unsqueeze(1))[mask]  # (N,)
-        return MILOutput(logits=self.head(embedding), attention=attention, embedding=embedding)
+        return self.check_output(MILOutput(self.head(embedding), attention, embedding), x, mask)
 
     def _resize_head(self, num_classes: int) -> None:
         self.head = resize_linear(self.head, num_classes)

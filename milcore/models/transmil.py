@@ -199,7 +199,7 @@ class TransMIL(MILAggregator):
         if not any(large):
             tokens, mask = to_padded(h, ptr, index)  # (B, L, E), (B, L)
             embedding, att = self._encode(tokens, mask, sizes, exact=True)
-            return self._output(embedding, att[mask])
+            return self.check_output(self._output(embedding, att[mask]), x, ptr)
         # mixed batch: small bags together (exact), each large bag alone (Nystrom)
         offsets, parts, order = ptr.tolist(), [], []
         small = [b for b, big in enumerate(large) if not big]
@@ -221,7 +221,7 @@ class TransMIL(MILAggregator):
         row_order = torch.cat([torch.arange(offsets[b], offsets[b + 1]) for b in order]).to(x.device)
         att_cat = torch.cat([p[1] for p in parts])
         attention = torch.empty_like(att_cat).index_copy(0, row_order, att_cat)
-        return self._output(embedding, attention)
+        return self.check_output(self._output(embedding, attention), x, ptr)
 
     def forward_padded(
         self, x: Tensor, mask: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
@@ -232,7 +232,7 @@ class TransMIL(MILAggregator):
             return self.forward(x[mask], ptr)
         tokens = self.fc(autocast_input(x)) * mask.unsqueeze(-1)  # (B, L, E)
         embedding, att = self._encode(tokens, mask, sizes, exact=True)
-        return self._output(embedding, att[mask])
+        return self.check_output(self._output(embedding, att[mask]), x, mask)
 
     def _encode(self, tokens: Tensor, mask: Tensor | None, sizes: Tensor, exact: bool) -> tuple[Tensor, Tensor]:
         """Instance tokens ``(B, L, E)`` -> class embedding ``(B, E)`` and instance attention ``(B, L)``."""

@@ -18,6 +18,7 @@ __all__ = [
     "ptr_to_index",
     "ptr_to_sizes",
     "segment_argmax",
+    "segment_inner",
     "segment_max",
     "segment_mean",
     "segment_softmax",
@@ -92,38 +93,69 @@ def segment_softmax(src: Tensor, ptr: Tensor, index: Tensor | None = None) -> Te
     return shifted / denom
 
 
+def _bag_groups(offsets: list[int], num_rows: int) -> list[tuple[int, int, int, int]]:
+    """Consecutive groups of bags ``(g0, g1, r0, r1)`` for the block GEMMs below.
+
+    Group size ``g`` is 8..64 bags (about 2,048 rows), so a block GEMM costs ``g`` times a per-bag GEMV:
+    a few percent of an attention MLP, and linear in the number of bags.
+    """
+    num_bags = len(offsets) - 1
+    group = int(min(64, max(8, 2048 // max(1, num_rows // max(1, num_bags)))))
+    return [
+        (g0, min(num_bags, g0 + group), offsets[g0], offsets[min(num_bags, g0 + group)])
+        for g0 in range(0, num_bags, group)
+    ]
+
+
 def weighted_segment_sum(src: Tensor, weight: Tensor, ptr: Tensor, index: Tensor | None = None) -> Tensor:
     """Attention pooling: ``(N, D)`` rows and ``(N, K)`` weights -> ``(B, K, D)`` weighted sums per bag.
 
     Equal to ``segment_sum(weight[:, :, None] * src[:, None, :], ptr)``, computed as one small dense
     GEMM per group of consecutive bags (``(g*K, n_rows) @ (n_rows, D)`` with a block-structured left
     matrix), which keeps the work on BLAS (and bf16 under autocast) and never materialises ``(N, K, D)``.
-    The extra flops are ``g`` times those of a per-bag GEMV; ``g`` is capped so that this stays a few
-    percent of a typical attention MLP. An empty bag pools to zeros. Needs ``ptr`` on the host (one sync).
+    An empty bag pools to zeros. Needs ``ptr`` on the host (one sync).
     """
     if weight.dim() == 1:
         weight = weight.unsqueeze(-1)
     num_rows, k = weight.shape
     index = _index(src, ptr, index)
     offsets = ptr.tolist()
-    num_bags = len(offsets) - 1
-    if num_bags == 0:
+    if len(offsets) == 1:
         return src.new_zeros((0, k, src.shape[1]))
-    mean_size = max(1, num_rows // num_bags)
-    group = int(min(64, max(8, 2048 // mean_size)))
     if weight.dtype != src.dtype and not torch.is_autocast_enabled(src.device.type):
         weight = weight.to(src.dtype)
     branches = torch.arange(k, device=src.device).unsqueeze(0)  # (1, K)
     outs = []
-    for g0 in range(0, num_bags, group):
-        g1 = min(num_bags, g0 + group)
-        r0, r1 = offsets[g0], offsets[g1]
+    for g0, g1, r0, r1 in _bag_groups(offsets, num_rows):
         rows = torch.arange(r1 - r0, device=src.device).unsqueeze(1)  # (n, 1)
         local = (index[r0:r1] - g0).unsqueeze(1)  # (n, 1)
         block = weight.new_zeros((g1 - g0, k, r1 - r0))
         block = block.index_put((local, branches, rows), weight[r0:r1])  # (g, K, n)
         pooled = block.view((g1 - g0) * k, r1 - r0) @ src[r0:r1]  # (g*K, D)
         outs.append(pooled.view(g1 - g0, k, src.shape[1]))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def segment_inner(src: Tensor, per_bag: Tensor, ptr: Tensor, index: Tensor | None = None) -> Tensor:
+    """Inner products of every row with vectors of its own bag: ``out[i, k] = <src[i], per_bag[bag(i), k]>``.
+
+    Args:
+        src: ``(N, Q)`` rows.
+        per_bag: ``(B, K, Q)`` vectors per bag (e.g. DSMIL's critical-instance queries).
+
+    Returns:
+        ``(N, K)``, via one GEMM per group of bags (no ``(N, K, Q)`` gather).
+    """
+    index = _index(src, ptr, index)
+    offsets = ptr.tolist()
+    k = per_bag.shape[1]
+    outs = []
+    for g0, g1, r0, r1 in _bag_groups(offsets, src.shape[0]):
+        full = src[r0:r1] @ per_bag[g0:g1].reshape((g1 - g0) * k, -1).T  # (n, g*K)
+        local = (index[r0:r1] - g0).unsqueeze(1) * k + torch.arange(k, device=src.device)  # (n, K)
+        outs.append(full.gather(1, local))
+    if not outs:
+        return src.new_zeros((src.shape[0], k))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 

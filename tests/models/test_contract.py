@@ -188,6 +188,12 @@ def test_bad_inputs_raise_clear_errors(name: str) -> None:
         model(x, torch.tensor([0, 5, 3, x.shape[0]]))
     with pytest.raises(InvalidArgumentError, match="labels"):
         model(x, ptr, labels=torch.tensor([0, 1, 2, C]))
+    if model.has_padded_path:
+        dense, mask = to_padded(bad, ptr)
+        with pytest.raises(InvalidArgumentError, match=r"NaN.*bag 2, slot 1"):
+            model.forward_padded(dense, mask)
+        with pytest.raises(InvalidArgumentError, match=rf"in_dim={D}"):
+            model.forward_padded(dense[..., :-1], mask)
 
 
 @pytest.mark.parametrize("name", NAMES)

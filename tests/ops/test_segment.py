@@ -10,6 +10,7 @@ from milcore.ops import (
     knn_graph,
     ptr_to_index,
     segment_argmax,
+    segment_inner,
     segment_max,
     segment_mean,
     segment_softmax,
@@ -59,6 +60,16 @@ def test_weighted_segment_sum_matches_the_naive_product_in_groups() -> None:
     assert weighted_segment_sum(src[:0], weight[:0], torch.tensor([0])).shape == (0, 3, 5)
 
 
+def test_segment_inner_dots_rows_with_their_own_bag() -> None:
+    torch.manual_seed(0)
+    sizes = torch.randint(0, 6, (90,))
+    ptr = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+    src, per_bag = torch.randn(int(ptr[-1]), 4), torch.randn(90, 3, 4)
+    ref = torch.einsum("nq,nkq->nk", src, per_bag[ptr_to_index(ptr, src.shape[0])])
+    torch.testing.assert_close(segment_inner(src, per_bag, ptr), ref)
+    assert segment_inner(src[:0], per_bag[:1], torch.tensor([0, 0])).shape == (0, 3)
+
+
 def test_gradients_match_finite_differences() -> None:
     src = torch.randn(13, 2, dtype=torch.float64, requires_grad=True)
     weight = torch.rand(13, 2, dtype=torch.float64, requires_grad=True)
@@ -66,6 +77,8 @@ def test_gradients_match_finite_differences() -> None:
     assert torch.autograd.gradcheck(lambda s: segment_max(s, PTR), (src,))
     assert torch.autograd.gradcheck(lambda s, w: weighted_segment_sum(s, w, PTR), (src, weight))
     assert torch.autograd.gradcheck(lambda s: to_padded(s, PTR)[0], (src,))
+    per_bag = torch.randn(6, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s, p: segment_inner(s, p, PTR), (src, per_bag))
 
 
 def test_padded_round_trip_and_mask() -> None:

@@ -1,0 +1,409 @@
+"""Aggregator benchmark: training throughput, peak memory and memory scaling, side by side with torchmil.
+
+One run measures, on the same in-memory bags (default 300 cells x 512 features, 2 threads):
+
+* forward + backward + optimizer step throughput (bags/s) of every registered aggregator, packed
+  (``x`` + ``ptr``) and padded (``(B, N_max, D)`` + mask) where a model has both paths, float32 and
+  bfloat16 autocast, batch sizes 1/8/32 where relevant;
+* torchmil's ABMIL, TransMIL and DSMIL (same architectures, binary heads, their own ``compute_loss``) on
+  the same bags, or ``not installed`` rows when torchmil is absent;
+* a second bag set with variable sizes (uniform in [n/3, 5n/3]) where padding costs;
+* peak memory of one training step (resident-set high-water mark on Linux, after ``malloc_trim``) and
+  its growth with bag size (log-log slope over bags of 500..8,000 cells; >= 1.5 means quadratic).
+
+Timings are interleaved round-robin (every case gets a slice in every round) so that load from other
+processes hits all cases alike; a ratio is the median over rounds of the per-round ratio.
+
+Usage::
+
+    python benchmarks/bench_aggregators.py [--quick] [--out DIR] [--threads 2] [--rounds 3]
+
+Writes ``DIR/bench.json`` and ``DIR/table.md`` (default ``benchmarks/results/aggregators``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import logging
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from milcore.models import create_aggregator, list_aggregators
+from milcore.ops import to_padded
+
+DEFAULT_OUT = Path("benchmarks/results/aggregators")
+log = logging.getLogger("bench_aggregators")
+# our models as configured for the side-by-side rows: the peers' architectures where a peer exists
+PEER_MATCHED = {"abmil": {"embed_dim": 0}, "dsmil": {"embed_dim": 0}, "transmil": {"num_heads": 4}}
+
+
+@dataclass
+class Case:
+    """One benchmark row: an implementation, a batch layout, a batch size, a precision."""
+
+    model: str
+    impl: str  # "milcore" | "torchmil"
+    layout: str  # "packed" | "padded"
+    batch: int
+    dtype: str  # "fp32" | "bf16"
+    bags: str  # "fixed" | "variable"
+    step: Callable[[], None] | None = None
+    status: str = "ok"
+    rates: list[float] = field(default_factory=list)
+    peak_mb: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.impl}:{self.model}:{self.layout}:b{self.batch}:{self.dtype}:{self.bags}"
+
+    def summary(self) -> dict[str, Any]:
+        med = statistics.median(self.rates) if self.rates else None
+        return {"key": self.key, "model": self.model, "impl": self.impl, "layout": self.layout,
+                "batch": self.batch, "dtype": self.dtype, "bags": self.bags, "status": self.status,
+                "bags_per_s": med, "rounds": self.rates, "peak_mb": self.peak_mb}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- memory
+_LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+
+
+def _status_kb(field_name: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise KeyError(field_name)
+
+
+def peak_memory_mb(fn: Callable[[], None]) -> float | None:
+    """Peak resident-memory growth (MB) while ``fn`` runs; ``None`` where it cannot be measured."""
+    if _LIBC is None:
+        return None
+    try:
+        gc.collect()
+        _LIBC.malloc_trim(0)
+        before = _status_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset the high-water mark
+        fn()
+        return max(0.0, (_status_kb("VmHWM") - before) / 1024)
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------- data
+def make_pool(num_bags: int, n: int, dim: int, variable: bool, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(max(1, n // 3), 5 * n // 3 + 1, (num_bags,), generator=g) if variable else [n] * num_bags
+    return [torch.randn(int(s), dim, generator=g) for s in sizes]
+
+
+class Batches:
+    """Fixed batches cut from a pool of bags, in packed and padded form, cycled through by the steps."""
+
+    def __init__(self, pool: list[torch.Tensor], batch: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for start in range(0, len(pool) - batch + 1, batch):
+            bags = pool[start : start + batch]
+            ptr = F.pad(torch.tensor([len(b) for b in bags]).cumsum(0), (1, 0))
+            x = torch.cat(bags)
+            dense, mask = to_padded(x, ptr)
+            self.items.append({"x": x, "ptr": ptr, "dense": dense, "mask": mask,
+                               "y": torch.randint(0, 2, (batch,), generator=g)})  # fmt: skip
+        self.i = 0
+
+    def next(self) -> dict[str, torch.Tensor]:
+        item = self.items[self.i % len(self.items)]
+        self.i += 1
+        return item
+
+
+def import_torchmil() -> Any | None:
+    """``torchmil.models`` or ``None`` when torchmil is not installed (or fails to import)."""
+    try:
+        import torchmil.models as tm
+    except Exception:  # ImportError, or a broken install: the rows say 'not installed'
+        return None
+    return tm
+
+
+# --------------------------------------------------------------------------- steps
+def milcore_step(name: str, batches: Batches, layout: str, bf16: bool, dim: int, overrides: dict) -> Callable:
+    torch.manual_seed(0)
+    model = create_aggregator(name, in_dim=dim, num_classes=2, **overrides).train()
+    if hasattr(model, "fit_normal"):
+        model.fit_normal(batches.items[0]["x"])
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        b = batches.next()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if layout == "packed":
+                out = model(b["x"], b["ptr"], labels=b["y"])
+            else:
+                out = model.forward_padded(b["dense"], b["mask"], labels=b["y"])
+            loss = F.cross_entropy(out.logits.float(), b["y"]) + sum(out.aux_losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def torchmil_step(tm: Any, name: str, batches: Batches, bf16: bool, dim: int) -> Callable:
+    torch.manual_seed(0)
+    if name == "abmil":
+        model = tm.ABMIL(in_shape=(dim,), att_dim=128, gated=True)
+    elif name == "transmil":
+        model = tm.TransMIL(in_shape=(dim,))  # Nystrom, 256 landmarks, 4 heads, att_dim 512
+    else:
+        model = tm.DSMIL(in_shape=(dim,), att_dim=128, nonlinear_q=True)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        b = batches.next()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if name == "transmil":  # torchmil's TransMIL takes no mask
+                _, losses = model.compute_loss(b["y"].float(), b["dense"])
+            else:
+                _, losses = model.compute_loss(b["y"].float(), b["dense"], b["mask"])
+            loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+# --------------------------------------------------------------------------- cases
+def build_cases(args: argparse.Namespace) -> list[Case]:
+    n, dim = args.cells, args.dim
+    pools = {"fixed": make_pool(args.pool, n, dim, False, 0), "variable": make_pool(args.pool, n, dim, True, 1)}
+    batches: dict[tuple[str, int], Batches] = {}
+    tm = import_torchmil()
+    cases: list[Case] = []
+
+    def get(bags: str, b: int) -> Batches:
+        if (bags, b) not in batches:
+            batches[(bags, b)] = Batches(pools[bags], b, seed=b)
+        return batches[(bags, b)]
+
+    def ours(model: str, layout: str, b: int, dtype: str, bags: str = "fixed") -> None:
+        case = Case(model, "milcore", layout, b, dtype, bags)
+        case.step = milcore_step(model, get(bags, b), layout, dtype == "bf16", dim, PEER_MATCHED.get(model, {}))
+        cases.append(case)
+
+    def peer(model: str, b: int, dtype: str, bags: str = "fixed") -> None:
+        case = Case(model, "torchmil", "padded", b, dtype, bags)
+        if tm is None:
+            case.status = "not installed"
+        else:
+            case.step = torchmil_step(tm, model, get(bags, b), dtype == "bf16", dim)
+        cases.append(case)
+
+    big = args.batch
+    for name in list_aggregators():
+        has_padded = create_aggregator(name, in_dim=dim, num_classes=2).has_padded_path
+        for dtype in ("fp32", "bf16"):
+            ours(name, "packed", big, dtype)
+        if has_padded:
+            ours(name, "padded", big, "fp32")
+            ours(name, "packed", big, "fp32", "variable")
+            ours(name, "padded", big, "fp32", "variable")
+    for b in (1, args.large_batch):
+        ours("abmil", "packed", b, "fp32")
+    ours("abmil", "packed", args.large_batch, "bf16")
+    ours("transmil", "packed", 1, "fp32")
+    ours("transmil", "packed", 1, "bf16")
+    ours("dsmil", "packed", 1, "fp32")
+    for b in (1, big, args.large_batch):
+        peer("abmil", b, "fp32")
+    for b in (big, args.large_batch):
+        peer("abmil", b, "bf16")
+    peer("abmil", big, "fp32", "variable")
+    for b, dtype in ((1, "fp32"), (big, "fp32"), (1, "bf16"), (big, "bf16")):
+        peer("transmil", b, dtype)
+    for b, dtype in ((1, "fp32"), (big, "fp32"), (big, "bf16")):
+        peer("dsmil", b, dtype)
+    return cases
+
+
+def run_rounds(cases: list[Case], rounds: int, slice_s: float, min_steps: int) -> None:
+    live = [c for c in cases if c.step is not None]
+    for c in live:  # warm-up: allocator, oneDNN kernels, lazy init
+        c.step(), c.step()
+    for r in range(rounds):
+        for c in live:
+            t0, steps = time.perf_counter(), 0
+            while steps < min_steps or time.perf_counter() - t0 < slice_s:
+                c.step()
+                steps += 1
+            c.rates.append(steps * c.batch / (time.perf_counter() - t0))
+        log.info("round %d/%d done", r + 1, rounds)
+    for c in live:
+        c.peak_mb = peak_memory_mb(c.step)
+
+
+# --------------------------------------------------------------------------- scaling
+def memory_scaling(sizes: list[int], dim: int) -> dict[str, Any]:
+    """Peak memory and step time of one bag of ``n`` cells, per aggregator; log-log slope of memory."""
+    out: dict[str, Any] = {}
+    for name in list_aggregators():
+        rows = []
+        for n in sizes:
+            batches = Batches([torch.randn(n, dim, generator=torch.Generator().manual_seed(n))], 1, seed=0)
+            step = milcore_step(name, batches, "packed", False, dim, {})
+            step()
+            t0 = time.perf_counter()
+            peak = peak_memory_mb(step)
+            rows.append({"cells": n, "peak_mb": peak, "step_s": time.perf_counter() - t0})
+        pts = [(math.log(r["cells"]), math.log(r["peak_mb"])) for r in rows if r["peak_mb"] and r["peak_mb"] > 0]
+        slope = None
+        if len(pts) >= 2:
+            mx, my = statistics.fmean(p[0] for p in pts), statistics.fmean(p[1] for p in pts)
+            den = sum((p[0] - mx) ** 2 for p in pts)
+            slope = sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else None
+        out[name] = {"rows": rows, "slope": slope, "quadratic": slope is not None and slope >= 1.5}
+        log.info("scaling %s: slope %s", name, slope)
+    return out
+
+
+# --------------------------------------------------------------------------- ratios
+def best(cases: list[Case], **match: Any) -> Case | None:
+    pool = [c for c in cases if c.rates and all(getattr(c, k) in (v if isinstance(v, tuple) else (v,))
+                                                for k, v in match.items())]  # fmt: skip
+    return max(pool, key=lambda c: statistics.median(c.rates), default=None)
+
+
+def paired_ratio(a: Case | None, b: Case | None) -> float | None:
+    if a is None or b is None:
+        return None
+    return statistics.median(x / y for x, y in zip(a.rates, b.rates, strict=True))
+
+
+def ratios(cases: list[Case]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    specs = {
+        "abmil": ("packed ABMIL (best mode) vs torchmil ABMIL (best mode as shipped, float32)", 1.5),
+        "transmil": ("our TransMIL (best mode) vs torchmil TransMIL (best mode as shipped, float32)", 5.0),
+        "dsmil": ("our DSMIL (best mode) vs torchmil DSMIL (best mode as shipped, float32)", None),
+    }
+    for model, (label, target) in specs.items():
+        layout = "packed"
+        ours_any = best(cases, impl="milcore", model=model, layout=layout, bags="fixed")
+        ours32 = best(cases, impl="milcore", model=model, layout=layout, bags="fixed", dtype="fp32")
+        ours16 = best(cases, impl="milcore", model=model, layout=layout, bags="fixed", dtype="bf16")
+        peer32 = best(cases, impl="torchmil", model=model, bags="fixed", dtype="fp32")
+        peer16 = best(cases, impl="torchmil", model=model, bags="fixed", dtype="bf16")
+        peer_any = best(cases, impl="torchmil", model=model, bags="fixed")
+        headline = paired_ratio(ours_any, peer32)
+        out[model] = {
+            "label": label, "target": target, "ratio": headline,
+            "met": None if headline is None or target is None else headline >= target,
+            "ours_best": ours_any.key if ours_any else None, "peer_best_fp32": peer32.key if peer32 else None,
+            "fp32_vs_fp32": paired_ratio(ours32, peer32), "bf16_vs_bf16": paired_ratio(ours16, peer16),
+            "best_vs_peer_best_any_precision": paired_ratio(ours_any, peer_any),
+        }  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------- report
+def fmt(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def table(cases: list[Case]) -> str:
+    head = "| model | impl | layout | batch | dtype | bags | bags/s (median) | min-max | peak MB |"
+    lines = [head, "|" + "---|" * 9]
+    for c in cases:
+        s = c.summary()
+        rng = f"{min(c.rates):,.0f}-{max(c.rates):,.0f}" if c.rates else c.status
+        lines.append(f"| {c.model} | {c.impl} | {c.layout} | {c.batch} | {c.dtype} | {c.bags} | "
+                     f"{fmt(s['bags_per_s']) if c.rates else c.status} | {rng} | {fmt(c.peak_mb)} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def report(cases: list[Case], rat: dict[str, Any], scaling: dict[str, Any]) -> str:
+    parts = [table(cases), "", "Ratios (median of per-round ratios):"]
+    for model, r in rat.items():
+        verdict = "" if r["met"] is None else (" -> target MET" if r["met"] else " -> target NOT MET")
+        target = f" (target >= {r['target']}x)" if r["target"] else ""
+        parts.append(f"- {r['label']}: {fmt(r['ratio'], 2)}x{target}{verdict}; float32 vs float32 "
+                     f"{fmt(r['fp32_vs_fp32'], 2)}x, bf16 vs bf16 {fmt(r['bf16_vs_bf16'], 2)}x")  # fmt: skip
+    parts += ["", "| aggregator | " + " | ".join(f"{r['cells']} cells MB" for r in next(iter(scaling.values()))["rows"])
+              + " | slope | quadratic |", "|" + "---|" * (3 + len(next(iter(scaling.values()))["rows"]))]  # fmt: skip
+    for name, s in scaling.items():
+        cells = " | ".join(fmt(r["peak_mb"]) for r in s["rows"])
+        parts.append(f"| {name} | {cells} | {fmt(s['slope'], 2)} | {'yes' if s['quadratic'] else 'no'} |")
+    return "\n".join(parts)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (bench.json, table.md)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cells", type=int, default=300, help="cells per bag")
+    p.add_argument("--dim", type=int, default=512, help="feature dim")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--large-batch", type=int, default=32)
+    p.add_argument("--pool", type=int, default=64, help="bags in the pool cycled through")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--slice", type=float, default=0.6, help="seconds per case per round")
+    p.add_argument("--min-steps", type=int, default=2)
+    p.add_argument("--scaling", type=int, nargs="*", default=[500, 1000, 2000, 4000, 8000])
+    args = p.parse_args(argv)
+    if args.quick:
+        args.cells, args.dim, args.batch, args.large_batch, args.pool = 24, 32, 4, 8, 16
+        args.rounds, args.slice, args.min_steps, args.scaling = 2, 0.01, 1, [64, 128]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        t0 = time.perf_counter()
+        cases = build_cases(args)
+        run_rounds(cases, args.rounds, args.slice, args.min_steps)
+        rat = ratios(cases)
+        scaling = memory_scaling(args.scaling, args.dim)
+        text = report(cases, rat, scaling)
+    finally:
+        torch.set_num_threads(threads_before)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "benchmark": "aggregators",
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+                    "cpu_count": __import__("os").cpu_count(), "threads": args.threads},
+        "cases": [c.summary() for c in cases], "ratios": rat, "memory_scaling": scaling,
+        "quadratic_memory": [k for k, v in scaling.items() if v["quadratic"]],
+        "seconds": time.perf_counter() - t0,
+    }  # fmt: skip
+    (args.out / "bench.json").write_text(json.dumps(payload, indent=2))
+    (args.out / "table.md").write_text(text + "\n")
+    print(f"wrote {args.out / 'bench.json'} and {args.out / 'table.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
