@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -66,6 +67,7 @@ def detect_tiled(
     mask: np.ndarray | None = None,
     mask_down: float = 1.0,
     min_smear_fraction: float = 0.0,
+    on_failure: Callable[[str, str], object] | None = None,
 ) -> Detections:
     """Run the detector tile by tile over the working image.
 
@@ -79,6 +81,8 @@ def detect_tiled(
         mask: smear-area mask; tiles below ``min_smear_fraction`` of it are skipped.
         mask_down: level-0 pixels per mask pixel.
         min_smear_fraction: see ``mask``.
+        on_failure: called with (``"tile x=..,y=.."``, reason) for a tile OpenSlide cannot read; the
+            tile is skipped. Without it the error propagates.
 
     Returns:
         De-duplicated detections in working pixels, raster order.
@@ -92,7 +96,13 @@ def detect_tiled(
         w, h = min(tile, scale.width - x0), min(tile, scale.height - y0)
         if mask is not None and _mask_fraction(mask, mask_down, scale, x0, y0, w, h) < min_smear_fraction:
             continue
-        rgb = read_rgb_region(slide, scale, x0, y0, w, h)  # (h, w, 3)
+        try:
+            rgb = read_rgb_region(slide, scale, x0, y0, w, h)  # (h, w, 3)
+        except Exception as exc:  # OpenSlide raises its own error types for corrupt tiles
+            if on_failure is None:
+                raise
+            on_failure(f"tile x={x0},y={y0}", f"cannot read tile ({exc})")
+            continue
         det = detect_cells(rgb, cells, config)
         if not len(det):
             continue

@@ -151,7 +151,14 @@ class SlideSource(BagSource):
         if tile != self.tile_size:
             log.info("%s: tile size raised from %d to %d (3 x overlap)", bag_id, self.tile_size, tile)
         mask, mask_down = smear_mask(slide)
-        det = detect_tiled(slide, scale, self.cells, config, tile, overlap, mask, mask_down, self.min_smear_fraction)
+        path = self.slide_path(bag_id)
+
+        def tile_failed(where: str, reason: str) -> None:
+            self.record_failure(f"{path}#{where}", reason, bag_id)
+
+        det = detect_tiled(
+            slide, scale, self.cells, config, tile, overlap, mask, mask_down, self.min_smear_fraction, tile_failed
+        )
         return det, scale
 
     def iter_cells(self, bag_id: str) -> Iterator[Cell]:

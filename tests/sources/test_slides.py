@@ -178,3 +178,24 @@ def test_tile_cores_partition_the_axis_and_merge_close() -> None:
     det = Detections(centres, np.zeros((3, 4), np.int64), np.ones(3), np.array([1.0, 2, 1]))
     kept = merge_close(det, 5.0)
     assert kept.centres.tolist() == [[3.0, 0.0], [50.0, 0.0]]
+
+
+def test_unreadable_tiles_are_recorded_and_skipped(
+    mosaic_tiff: tuple[Path, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import feature_cache.sources.slide_tiles as tiles
+
+    real = tiles.read_rgb_region
+    calls = {"n": 0}
+
+    def flaky(*args: object) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("corrupt JPEG tile")
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tiles, "read_rgb_region", flaky)
+    batch = create_source("slides", mosaic_tiff[0], level=1, tile_size=400).read_bag("mosaic")
+    assert [f.reason for f in batch.failures] == ["cannot read tile (corrupt JPEG tile)"]
+    assert batch.failures[0].path.endswith("mosaic.tif#tile x=0,y=0")
+    assert 1 <= len(batch) < 5  # the first tile's cells are lost, the others are found
