@@ -87,8 +87,9 @@ def test_resume_continues_an_interrupted_run(planted: dict, tmp_path: Path) -> N
         [r["balanced_accuracy"] for r in full["per_fold"]])  # fmt: skip
 
 
-def test_predict_applies_the_fold_ensemble_and_refuses_other_encoders(run_dir: Path, planted: dict,
-                                                                      planted_factory, tmp_path: Path) -> None:  # fmt: skip
+def test_predict_applies_the_fold_ensemble_and_refuses_other_encoders(
+    run_dir: Path, planted: dict, planted_factory, tmp_path: Path
+) -> None:
     assert main(["predict", "--checkpoint", str(run_dir), "--bank", str(planted["bank"]), "--out",
                  str(tmp_path / "pred"), "-q"]) == 0  # fmt: skip
     from milcore.predict import read_attention, read_predictions
