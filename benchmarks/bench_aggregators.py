@@ -1,26 +1,19 @@
 """Aggregator benchmark: training throughput, peak memory and memory scaling, side by side with torchmil.
 
-One run measures, on the same in-memory bags (default 300 cells x 512 features, 2 threads):
+On the same in-memory bags (default 300 cells x 512 features, 2 threads) one run measures: the
+forward + backward + SGD-step throughput (bags/s) of every registered aggregator, packed (``x`` + ``ptr``)
+and padded (dense + mask) where a model has both paths, float32 and bf16 autocast; torchmil's ABMIL,
+TransMIL and DSMIL (same architectures, their own ``compute_loss``), or ``not installed`` rows; a second
+bag set of variable sizes (uniform in [n/3, 5n/3]) where padding costs; the peak memory of one step
+(resident high-water mark on Linux, after ``malloc_trim``) and its log-log slope against bag size
+(500..8,000 cells; >= 1.5 means quadratic).
 
-* forward + backward + optimizer step throughput (bags/s) of every registered aggregator, packed
-  (``x`` + ``ptr``) and padded (``(B, N_max, D)`` + mask) where a model has both paths, float32 and
-  bfloat16 autocast, batch sizes 1/8/32 where relevant;
-* torchmil's ABMIL, TransMIL and DSMIL (same architectures, binary heads, their own ``compute_loss``) on
-  the same bags, or ``not installed`` rows when torchmil is absent;
-* a second bag set with variable sizes (uniform in [n/3, 5n/3]) where padding costs;
-* peak memory of one training step (resident-set high-water mark on Linux, after ``malloc_trim``) and
-  its growth with bag size (log-log slope over bags of 500..8,000 cells; >= 1.5 means quadratic).
+Timings are interleaved round-robin (every case gets a short slice in every round) so that load from
+other processes hits all cases alike. A case's headline bags/s is its best round (as ``timeit`` does);
+the median is reported too. Ratios are best vs best, with the median of per-round ratios in brackets.
 
-Timings are interleaved round-robin: every case gets a short slice in every round, so that load from
-other processes (the reference machine is shared) hits all cases alike. The headline bags/s of a case is
-its best round (like ``timeit``: the least disturbed one); the median is reported too. A ratio is
-best-vs-best; the median of the per-round ratios is given next to it.
-
-Usage::
-
-    python benchmarks/bench_aggregators.py [--quick] [--out DIR] [--threads 2] [--rounds 3]
-
-Writes ``DIR/bench.json`` and ``DIR/table.md`` (default ``benchmarks/results/aggregators``).
+Usage: ``python benchmarks/bench_aggregators.py [--quick] [--out DIR] [--threads 2] [--rounds 5]``;
+writes ``DIR/bench.json`` and ``DIR/table.md`` (default ``benchmarks/results/aggregators``).
 """
 
 from __future__ import annotations
@@ -28,9 +21,11 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import itertools
 import json
 import logging
 import math
+import os
 import platform
 import statistics
 import sys
@@ -76,23 +71,17 @@ class Case:
         return max(self.rates) if self.rates else 0.0
 
     def summary(self) -> dict[str, Any]:
-        med = statistics.median(self.rates) if self.rates else None
-        return {"key": self.key, "model": self.model, "impl": self.impl, "layout": self.layout,
-                "batch": self.batch, "dtype": self.dtype, "bags": self.bags, "status": self.status,
-                "bags_per_s": self.best if self.rates else None, "bags_per_s_median": med,
-                "rounds": self.rates, "peak_mb": self.peak_mb}  # fmt: skip
+        keep = ("model", "impl", "layout", "batch", "dtype", "bags", "status", "peak_mb")
+        return {"key": self.key, **{k: getattr(self, k) for k in keep}, "rounds": self.rates,
+                "bags_per_s": self.best if self.rates else None,
+                "bags_per_s_median": statistics.median(self.rates) if self.rates else None}  # fmt: skip
 
 
-# --------------------------------------------------------------------------- memory
 _LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
 
 
-def _status_kb(field_name: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise KeyError(field_name)
+def _status_kb(key: str) -> int:
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
 
 
 def peak_memory_mb(fn: Callable[[], None]) -> float | None:
@@ -102,15 +91,13 @@ def peak_memory_mb(fn: Callable[[], None]) -> float | None:
     try:
         _LIBC.malloc_trim(0)
         before = _status_kb("VmRSS")
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # reset the high-water mark
+        Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
         fn()
         return max(0.0, (_status_kb("VmHWM") - before) / 1024)
     except OSError:
         return None
 
 
-# --------------------------------------------------------------------------- data
 def make_pool(num_bags: int, n: int, dim: int, variable: bool, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     sizes = torch.randint(max(1, n // 3), 5 * n // 3 + 1, (num_bags,), generator=g) if variable else [n] * num_bags
@@ -130,12 +117,10 @@ class Batches:
             dense, mask = to_padded(x, ptr)
             self.items.append({"x": x, "ptr": ptr, "dense": dense, "mask": mask,
                                "y": torch.randint(0, 2, (batch,), generator=g)})  # fmt: skip
-        self.i = 0
+        self._cycle = itertools.cycle(self.items)
 
     def next(self) -> dict[str, torch.Tensor]:
-        item = self.items[self.i % len(self.items)]
-        self.i += 1
-        return item
+        return next(self._cycle)
 
 
 def import_torchmil() -> Any | None:
@@ -147,27 +132,35 @@ def import_torchmil() -> Any | None:
     return tm
 
 
-# --------------------------------------------------------------------------- steps
-def milcore_step(name: str, batches: Batches, layout: str, bf16: bool, dim: int, overrides: dict) -> Callable:
-    torch.manual_seed(0)
-    model = create_aggregator(name, in_dim=dim, num_classes=2, **overrides).train()
-    if hasattr(model, "fit_normal"):
-        model.fit_normal(batches.items[0]["x"])
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+def _train_step(model: torch.nn.Module, batches: Batches, bf16: bool, loss_fn: Callable) -> Callable[[], None]:
+    """One SGD step (forward, loss, backward, update) on the next batch, optionally under bf16 autocast."""
+    opt = torch.optim.SGD(model.train().parameters(), lr=1e-4)
 
     def step() -> None:
         b = batches.next()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            if layout == "packed":
-                out = model(b["x"], b["ptr"], labels=b["y"])
-            else:
-                out = model.forward_padded(b["dense"], b["mask"], labels=b["y"])
-            loss = F.cross_entropy(out.logits.float(), b["y"]) + sum(out.aux_losses.values())
+            loss = loss_fn(b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     return step
+
+
+def milcore_step(name: str, batches: Batches, layout: str, bf16: bool, dim: int, overrides: dict) -> Callable:
+    torch.manual_seed(0)
+    model = create_aggregator(name, in_dim=dim, num_classes=2, **overrides)
+    if hasattr(model, "fit_normal"):
+        model.fit_normal(batches.items[0]["x"])
+
+    def loss(b: dict) -> torch.Tensor:
+        if layout == "packed":
+            out = model(b["x"], b["ptr"], labels=b["y"])
+        else:
+            out = model.forward_padded(b["dense"], b["mask"], labels=b["y"])
+        return F.cross_entropy(out.logits.float(), b["y"]) + sum(out.aux_losses.values())
+
+    return _train_step(model, batches, bf16, loss)
 
 
 def torchmil_step(tm: Any, name: str, batches: Batches, bf16: bool, dim: int) -> Callable:
@@ -178,25 +171,14 @@ def torchmil_step(tm: Any, name: str, batches: Batches, bf16: bool, dim: int) ->
         model = tm.TransMIL(in_shape=(dim,))  # Nystrom, 256 landmarks, 4 heads, att_dim 512
     else:
         model = tm.DSMIL(in_shape=(dim,), att_dim=128, nonlinear_q=True)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
 
-    def step() -> None:
-        b = batches.next()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            if name == "transmil":  # torchmil's TransMIL takes no mask
-                _, losses = model.compute_loss(b["y"].float(), b["dense"])
-            else:
-                _, losses = model.compute_loss(b["y"].float(), b["dense"], b["mask"])
-            loss = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def loss(b: dict) -> torch.Tensor:  # their own training loss; torchmil's TransMIL takes no mask
+        mask = () if name == "transmil" else (b["mask"],)
+        return sum(model.compute_loss(b["y"].float(), b["dense"], *mask)[1].values())
 
-    return step
+    return _train_step(model, batches, bf16, loss)
 
 
-# --------------------------------------------------------------------------- cases
 def build_cases(args: argparse.Namespace) -> list[Case]:
     n, dim = args.cells, args.dim
     pools = {"fixed": make_pool(args.pool, n, dim, False, 0), "variable": make_pool(args.pool, n, dim, True, 1)}
@@ -232,21 +214,16 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
             ours(name, "padded", b, "fp32")
             ours(name, "packed", b, "fp32", "variable")
             ours(name, "padded", b, "fp32", "variable")
-    ours("abmil", "packed", 1, "fp32")
-    ours("abmil", "packed", args.large_batch, "fp32")
-    ours("abmil", "packed", args.large_batch, "bf16")
-    ours("transmil", "packed", 1, "fp32")
-    ours("transmil", "packed", 1, "bf16")
-    ours("dsmil", "packed", 1, "fp32")
-    for b in (1, big, args.large_batch):
-        peer("abmil", b, "fp32")
-    for b in (big, args.large_batch):
-        peer("abmil", b, "bf16")
+    large = args.large_batch
+    for model, b, dtype in [("abmil", 1, "fp32"), ("abmil", large, "fp32"), ("abmil", large, "bf16"),
+                            ("transmil", 1, "fp32"), ("transmil", 1, "bf16"), ("dsmil", 1, "fp32")]:  # fmt: skip
+        ours(model, "packed", b, dtype)
+    for model, b, dtype in [("abmil", 1, "fp32"), ("abmil", big, "fp32"), ("abmil", large, "fp32"),
+                            ("abmil", big, "bf16"), ("abmil", large, "bf16"), ("transmil", 1, "fp32"),
+                            ("transmil", small_t, "fp32"), ("transmil", 1, "bf16"), ("transmil", small_t, "bf16"),
+                            ("dsmil", 1, "fp32"), ("dsmil", big, "fp32"), ("dsmil", big, "bf16")]:  # fmt: skip
+        peer(model, b, dtype)
     peer("abmil", big, "fp32", "variable")
-    for b, dtype in ((1, "fp32"), (small_t, "fp32"), (1, "bf16"), (small_t, "bf16")):
-        peer("transmil", b, dtype)
-    for b, dtype in ((1, "fp32"), (big, "fp32"), (big, "bf16")):
-        peer("dsmil", b, dtype)
     return cases
 
 
@@ -267,7 +244,6 @@ def run_rounds(cases: list[Case], rounds: int, slice_s: float, min_steps: int) -
         c.peak_mb = peak_memory_mb(c.step)
 
 
-# --------------------------------------------------------------------------- scaling
 def memory_scaling(sizes: list[int], dim: int) -> dict[str, Any]:
     """Peak memory and step time of one bag of ``n`` cells, per aggregator; log-log slope of memory."""
     out: dict[str, Any] = {}
@@ -281,18 +257,14 @@ def memory_scaling(sizes: list[int], dim: int) -> dict[str, Any]:
             t0 = time.perf_counter()
             peak = peak_memory_mb(step)
             rows.append({"cells": n, "peak_mb": peak, "step_s": time.perf_counter() - t0})
-        pts = [(math.log(r["cells"]), math.log(r["peak_mb"])) for r in rows if r["peak_mb"] and r["peak_mb"] > 0]
-        slope = None
-        if len(pts) >= 2:
-            mx, my = statistics.fmean(p[0] for p in pts), statistics.fmean(p[1] for p in pts)
-            den = sum((p[0] - mx) ** 2 for p in pts)
-            slope = sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else None
+        pts = [(math.log(r["cells"]), math.log(r["peak_mb"])) for r in rows if r["peak_mb"]]
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        slope = statistics.linear_regression(xs, ys).slope if len(set(xs)) >= 2 else None
         out[name] = {"rows": rows, "slope": slope, "quadratic": slope is not None and slope >= 1.5}
         log.info("scaling %s: slope %s", name, slope)
     return out
 
 
-# --------------------------------------------------------------------------- ratios
 def best(cases: list[Case], **match: Any) -> Case | None:
     pool = [c for c in cases if c.rates and all(getattr(c, k) == v for k, v in match.items())]
     return max(pool, key=lambda c: c.best, default=None)
@@ -308,34 +280,32 @@ def paired_ratio(a: Case | None, b: Case | None) -> float | None:
     return statistics.median(x / y for x, y in zip(a.rates, b.rates, strict=True))
 
 
+TARGETS = {"abmil": 1.5, "transmil": 5.0, "dsmil": None}  # ours / torchmil bags/s, from the issue
+
+
 def ratios(cases: list[Case]) -> dict[str, Any]:
+    """Ours (packed, best mode) vs torchmil (best mode as shipped, float32), plus like-for-like ratios."""
     out: dict[str, Any] = {}
-    specs = {
-        "abmil": ("packed ABMIL (best mode) vs torchmil ABMIL (best mode as shipped, float32)", 1.5),
-        "transmil": ("our TransMIL (best mode) vs torchmil TransMIL (best mode as shipped, float32)", 5.0),
-        "dsmil": ("our DSMIL (best mode) vs torchmil DSMIL (best mode as shipped, float32)", None),
-    }
-    for model, (label, target) in specs.items():
-        layout = "packed"
-        ours_any = best(cases, impl="milcore", model=model, layout=layout, bags="fixed")
-        ours32 = best(cases, impl="milcore", model=model, layout=layout, bags="fixed", dtype="fp32")
-        ours16 = best(cases, impl="milcore", model=model, layout=layout, bags="fixed", dtype="bf16")
-        peer32 = best(cases, impl="torchmil", model=model, bags="fixed", dtype="fp32")
-        peer16 = best(cases, impl="torchmil", model=model, bags="fixed", dtype="bf16")
-        peer_any = best(cases, impl="torchmil", model=model, bags="fixed")
-        headline = ratio(ours_any, peer32)
+    for model, target in TARGETS.items():
+
+        def pick(impl: str, model: str = model, **kw: Any) -> Case | None:
+            layout = {"layout": "packed"} if impl == "milcore" else {}
+            return best(cases, impl=impl, model=model, bags="fixed", **layout, **kw)
+
+        ours, peer32 = pick("milcore"), pick("torchmil", dtype="fp32")
+        headline = ratio(ours, peer32)
         out[model] = {
-            "label": label, "target": target, "ratio": headline,
-            "ratio_median_of_rounds": paired_ratio(ours_any, peer32),
+            "label": f"our {model} (best mode) vs torchmil {model} (best mode as shipped, float32)",
+            "target": target, "ratio": headline, "ratio_median_of_rounds": paired_ratio(ours, peer32),
             "met": None if headline is None or target is None else headline >= target,
-            "ours_best": ours_any.key if ours_any else None, "peer_best_fp32": peer32.key if peer32 else None,
-            "fp32_vs_fp32": ratio(ours32, peer32), "bf16_vs_bf16": ratio(ours16, peer16),
-            "best_vs_peer_best_any_precision": ratio(ours_any, peer_any),
+            "ours_best": ours.key if ours else None, "peer_best_fp32": peer32.key if peer32 else None,
+            "fp32_vs_fp32": ratio(pick("milcore", dtype="fp32"), peer32),
+            "bf16_vs_bf16": ratio(pick("milcore", dtype="bf16"), pick("torchmil", dtype="bf16")),
+            "best_vs_peer_best_any_precision": ratio(ours, pick("torchmil")),
         }  # fmt: skip
     return out
 
 
-# --------------------------------------------------------------------------- report
 def fmt(v: float | None, digits: int = 1) -> str:
     return "-" if v is None else f"{v:,.{digits}f}"
 
@@ -359,8 +329,9 @@ def report(cases: list[Case], rat: dict[str, Any], scaling: dict[str, Any]) -> s
         parts.append(f"- {r['label']}: {fmt(r['ratio'], 2)}x [{fmt(r['ratio_median_of_rounds'], 2)}x]"
                      f"{target}{verdict}; float32 vs float32 "
                      f"{fmt(r['fp32_vs_fp32'], 2)}x, bf16 vs bf16 {fmt(r['bf16_vs_bf16'], 2)}x")  # fmt: skip
-    parts += ["", "| aggregator | " + " | ".join(f"{r['cells']} cells MB" for r in next(iter(scaling.values()))["rows"])
-              + " | slope | quadratic |", "|" + "---|" * (3 + len(next(iter(scaling.values()))["rows"]))]  # fmt: skip
+    sizes = [r["cells"] for r in next(iter(scaling.values()))["rows"]]
+    parts += ["", "| aggregator | " + " | ".join(f"{n} cells MB" for n in sizes) + " | slope | quadratic |",
+              "|" + "---|" * (3 + len(sizes))]  # fmt: skip
     for name, s in scaling.items():
         cells = " | ".join(fmt(r["peak_mb"]) for r in s["rows"])
         parts.append(f"| {name} | {cells} | {fmt(s['slope'], 2)} | {'yes' if s['quadratic'] else 'no'} |")
@@ -409,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "aggregators",
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-                    "cpu_count": __import__("os").cpu_count(), "threads": args.threads},
+                    "cpu_count": os.cpu_count(), "threads": args.threads},
         "cases": [c.summary() for c in cases], "ratios": rat, "memory_scaling": scaling,
         "quadratic_memory": [k for k, v in scaling.items() if v["quadratic"]],
         "seconds": time.perf_counter() - t0,
