@@ -2,26 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-# a few BCCD fields: one WBC box each, BloodImage_00010 has two (a neutrophil and an eosinophil)
-FIELD_IDS = ("BloodImage_00000", "BloodImage_00010", "BloodImage_00100", "BloodImage_00200")
-
-
-@pytest.fixture(scope="session")
-def bccd_small(bccd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A VOC-layout folder holding four real BCCD fields and their annotations."""
-    root = tmp_path_factory.mktemp("bccd_small")
-    (root / "JPEGImages").mkdir()
-    (root / "Annotations").mkdir()
-    for stem in FIELD_IDS:
-        shutil.copy(bccd_dir / "JPEGImages" / f"{stem}.jpg", root / "JPEGImages")
-        shutil.copy(bccd_dir / "Annotations" / f"{stem}.xml", root / "Annotations")
-    return root
 
 
 @pytest.fixture(scope="session")
