@@ -111,6 +111,7 @@ def import_clam(
     overwrite: bool = False,
     dtype: str | None = None,
     compression: str | None = None,
+    checksum: bool = False,
 ) -> dict[str, Any]:
     """Build a bank from a CLAM/TRIDENT folder of per-slide ``.h5`` files (empty files allowed).
 
@@ -123,6 +124,7 @@ def import_clam(
         overwrite: replace an existing bank.
         dtype: stored dtype (default float16; float32 keeps CLAM's precision).
         compression: as in :func:`~feature_cache.bank.open_writer`.
+        checksum: store per-bag CRC-32s.
 
     Returns:
         Summary with ``bags``, ``instances``, ``empty_bags`` and ``dim``.
@@ -138,7 +140,8 @@ def import_clam(
         else:
             name = encoder or Path(folder).name.removeprefix("features_") or "imported"
             info = EncoderInfo(name, "unknown", "", "unknown (imported CLAM/TRIDENT features)", first[0].shape[1])
-    writer = open_writer(output, info, "w" if overwrite else "x", dtype=dtype, compression=compression)
+    writer = open_writer(output, info, "w" if overwrite else "x", dtype=dtype, compression=compression,
+                         checksum=checksum)
     kinds: dict[str, str] = {}
     empty = 0
     try:

@@ -16,17 +16,20 @@ def convert_bank(
     dtype: str | None = None,
     compression: str | None = None,
     chunk_rows: int = 0,
+    checksum: bool | None = None,
 ) -> dict[str, Any]:
     """Copy every bag, column and attribute of ``source`` into a new bank at ``output``.
 
     The output's suffix picks the backend; ``dtype`` defaults to the source's, ``compression``
-    to none. Float32 -> float16 conversion fails (naming the bag) if a value overflows.
+    to none, ``checksum`` to whether the source has checksums. Float32 -> float16 conversion fails
+    (naming the bag) if a value overflows.
 
     Returns:
         Summary with ``bags`` and ``instances``.
     """
     summary = merge_banks(
-        [source], output, overwrite=overwrite, dtype=dtype, compression=compression, chunk_rows=chunk_rows
+        [source], output, overwrite=overwrite, dtype=dtype, compression=compression, chunk_rows=chunk_rows,
+        checksum=checksum,
     )
     summary["source"] = summary.pop("inputs")[0]
     summary.pop("skipped")

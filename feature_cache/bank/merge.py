@@ -58,6 +58,7 @@ def merge_banks(
     dtype: str | None = None,
     compression: str | None = None,
     chunk_rows: int = 0,
+    checksum: bool | None = None,
 ) -> dict[str, Any]:
     """Merge banks with one encoder fingerprint into ``output``.
 
@@ -69,6 +70,7 @@ def merge_banks(
         dtype: output feature dtype (default: the first shard's).
         compression: output compression (default: none).
         chunk_rows: output chunk rows (0 = automatic).
+        checksum: store per-bag CRC-32s (default: when every input has them).
 
     Returns:
         Summary with ``bags``, ``instances``, ``skipped`` and ``inputs``.
@@ -105,6 +107,7 @@ def merge_banks(
     writer = open_writer(
         output, first.info, "w" if overwrite else "x",
         dtype=dtype or str(first.dtype), compression=compression, chunk_rows=chunk_rows,
+        checksum=all(r.checksums is not None for r in readers) if checksum is None else checksum,
     )
     try:
         for reader, keep in zip(readers, plan, strict=True):

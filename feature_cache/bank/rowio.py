@@ -111,6 +111,8 @@ class ChunkFileRows:
         self.codec = _decoder(meta.get("codecs", []))
         self.layout = f"zarr chunks of {self.rows_per_chunk} rows ({'raw' if self.codec is None else 'decoded'})"
         self._local = threading.local()
+        self._all_fds: list[dict[int, int]] = []  # every thread's open chunk files, for close()
+        self._fds_lock = threading.Lock()
 
     def _key(self, k: int) -> Path:
         parts = ["c", str(k)] + ["0"] * (len(self.shape) - 1)
@@ -120,15 +122,18 @@ class ChunkFileRows:
         try:
             return self._local.fds
         except AttributeError:
-            self._local.fds = {}
-            return self._local.fds
+            fds = self._local.fds = {}
+            with self._fds_lock:
+                self._all_fds.append(fds)
+            return fds
 
     def _fd(self, k: int) -> int:
         fds = self._fds()
         fd = fds.get(k)
         if fd is None:
             if len(fds) >= 256:  # bound the open files of this thread
-                self.close()
+                while fds:
+                    os.close(fds.popitem()[1])
             try:
                 fd = fds[k] = os.open(self._key(k), os.O_RDONLY)
             except FileNotFoundError:
@@ -169,10 +174,11 @@ class ChunkFileRows:
             dst[...] = chunk.reshape((R, *self.shape[1:]))[lo - k * R : hi - k * R]
 
     def close(self) -> None:
-        """Close this thread's open chunk files."""
-        fds = self._fds()
-        while fds:
-            os.close(fds.popitem()[1])
+        """Close the chunk files every thread opened (call when no thread is reading)."""
+        with self._fds_lock:
+            for fds in self._all_fds:
+                while fds:
+                    os.close(fds.popitem()[1])
 
 
 class LibraryRows:

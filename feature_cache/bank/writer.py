@@ -219,7 +219,9 @@ class BankWriter:
 
     def _note_kinds(self, meta: Mapping[str, Any]) -> None:
         for key, value in meta.items():
-            self._kinds.setdefault(key, meta_kind(value) or "str")
+            kind = meta_kind(value) or "str"
+            if key not in self._kinds or (self._kinds[key] == "int" and kind == "float"):
+                self._kinds[key] = kind
 
     def _cell_types(self, cell_type: Sequence[str] | None, n: int, where: str) -> tuple[np.ndarray | None, list[str]]:
         if cell_type is None:
@@ -227,10 +229,10 @@ class BankWriter:
         names = [str(t) for t in np.asarray(cell_type, dtype=object).reshape(-1)]
         if len(names) != n:
             raise BankError(f"{where}: {len(names)} cell types for {n} cells")
-        new = [t for t in dict.fromkeys(names) if t not in self._type_codes]
+        new = [t for t in dict.fromkeys(names) if t and t not in self._type_codes]
         if len(self._type_codes) + len(new) > np.iinfo(np.int16).max:
             raise BankError(f"{where}: too many distinct cell types (max {np.iinfo(np.int16).max})")
-        lookup = {**self._type_codes, **{t: len(self._type_codes) + i for i, t in enumerate(new)}}
+        lookup = {"": -1, **self._type_codes, **{t: len(self._type_codes) + i for i, t in enumerate(new)}}
         return np.array([lookup[t] for t in names], np.int16), new
 
     def _copy_base(self) -> None:
@@ -327,7 +329,7 @@ def open_writer(
     dtype: str | None = None,
     compression: str | None = None,
     chunk_rows: int = 0,
-    checksum: bool = True,
+    checksum: bool = False,
     durable: bool = False,
 ) -> BankWriter:
     """Open a bank for writing (see the module docstring for modes).
@@ -339,7 +341,7 @@ def open_writer(
         dtype: ``"float16"`` (default for new banks) or ``"float32"``; appends keep the bank's.
         compression: ``None``/``"none"``, ``"lzf"`` (HDF5), ``"gzip"`` or ``"blosc-zstd"``.
         chunk_rows: rows per chunk where chunked (0 = sized for whole-bag reads).
-        checksum: store a per-bag CRC-32 for ``verify``.
+        checksum: store a per-bag CRC-32 for ``verify`` (appends keep the bank's choice).
         durable: fsync every bag (power-loss safe); a killed process is safe without it.
 
     Raises:

@@ -4,9 +4,9 @@ Forms::
 
     milcore bank info    BANK [--json]
     milcore bank verify  BANK [--structure-only] [--no-checksums] [--recover] [--json]
-    milcore bank merge   SHARD [SHARD ...] --out BANK [--skip-duplicates] [--dtype D] [--compression C]
-    milcore bank convert BANK --out BANK2 [--dtype D] [--compression C] [--chunk-rows R]
-    milcore bank import  FOLDER --out BANK [--encoder NAME] [--dtype D] [--compression C]
+    milcore bank merge   SHARD [SHARD ...] --out BANK [--skip-duplicates] [--dtype D] [--compression C] [--checksum]
+    milcore bank convert BANK --out BANK2 [--dtype D] [--compression C] [--chunk-rows R] [--checksum]
+    milcore bank import  FOLDER --out BANK [--encoder NAME] [--dtype D] [--compression C] [--checksum]
     milcore bank export  BANK --out FOLDER [--pt] [--dtype D]
 
 Writing commands take ``--overwrite``; ``--json`` prints the result as JSON on stdout.
@@ -28,6 +28,8 @@ log = logging.getLogger("milcore")
 def _storage_options(parser: argparse.ArgumentParser, chunk_rows: bool = False) -> None:
     parser.add_argument("--dtype", choices=("float16", "float32"), help="stored feature dtype")
     parser.add_argument("--compression", choices=COMPRESSIONS, help="feature compression (default: none)")
+    parser.add_argument("--checksum", action=argparse.BooleanOptionalAction, default=None,
+                        help="store per-bag CRC-32s (default: keep the input's; off for import)")
     if chunk_rows:
         parser.add_argument("--chunk-rows", type=int, default=0, help="rows per chunk (0: automatic)")
 
@@ -150,7 +152,8 @@ def _merge(args: argparse.Namespace) -> int:
     from feature_cache.bank.merge import merge_banks
 
     s = merge_banks(args.inputs, args.out, overwrite=args.overwrite, skip_duplicates=args.skip_duplicates,
-                    dtype=args.dtype, compression=_compression(args), chunk_rows=args.chunk_rows)
+                    dtype=args.dtype, compression=_compression(args), chunk_rows=args.chunk_rows,
+                    checksum=args.checksum)
     _emit(args, s, [f"wrote {s['output']}: {s['bags']} bags, {s['instances']} cells from {len(s['inputs'])} banks"])
     return 0
 
@@ -159,7 +162,7 @@ def _convert(args: argparse.Namespace) -> int:
     from feature_cache.bank.convert import convert_bank
 
     s = convert_bank(args.source, args.out, overwrite=args.overwrite, dtype=args.dtype,
-                     compression=_compression(args), chunk_rows=args.chunk_rows)
+                     compression=_compression(args), chunk_rows=args.chunk_rows, checksum=args.checksum)
     _emit(args, s, [f"wrote {s['output']}: {s['bags']} bags, {s['instances']} cells"])
     return 0
 
@@ -168,7 +171,7 @@ def _import(args: argparse.Namespace) -> int:
     from feature_cache.bank.clam import import_clam
 
     s = import_clam(args.folder, args.out, encoder=args.encoder, overwrite=args.overwrite,
-                    dtype=args.dtype, compression=_compression(args))
+                    dtype=args.dtype, compression=_compression(args), checksum=bool(args.checksum))
     _emit(args, s, [f"wrote {s['output']}: {s['bags']} bags ({s['empty_bags']} empty), {s['instances']} cells"])
     return 0
 

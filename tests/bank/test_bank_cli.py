@@ -14,7 +14,7 @@ from milcore.cli import main
 
 
 def test_info_and_verify(tmp_path, info, capsys, make_bags, write_bank):
-    path = write_bank(tmp_path / "bank.h5", make_bags(5), info)
+    path = write_bank(tmp_path / "bank.h5", make_bags(5), info, checksum=True)
     capsys.readouterr()
     assert main(["bank", "info", str(path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -26,7 +26,7 @@ def test_info_and_verify(tmp_path, info, capsys, make_bags, write_bank):
 
 
 def test_verify_failure_is_one_line_exit_2(tmp_path, info, capsys, make_bags, write_bank):
-    path = write_bank(tmp_path / "bank.h5", make_bags(4), info)
+    path = write_bank(tmp_path / "bank.h5", make_bags(4), info, checksum=True)
     with h5py.File(path, "r+") as f:
         f["instances/features"][0, 0] = np.inf
     capsys.readouterr()

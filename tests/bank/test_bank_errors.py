@@ -143,7 +143,7 @@ def test_append_with_other_encoder(tmp_path, info, make_bags, write_bank):
 
 def test_verify_reports_precise_problems(tmp_path, info, make_bags, write_bank):
     bags = make_bags(6)
-    path = write_bank(tmp_path / "bank.h5", bags, info)
+    path = write_bank(tmp_path / "bank.h5", bags, info, checksum=True)
     assert verify_bank(path).ok
     with h5py.File(path, "r+") as f:
         x = f["instances/features"]

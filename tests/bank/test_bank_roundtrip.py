@@ -182,3 +182,34 @@ def test_encoder_info_fingerprint_is_stable():
         EncoderInfo("toy", "1", "", "t", 0)
     with pytest.raises(EncoderMismatchError, match="version"):
         info.check_compatible(EncoderInfo("toy", "2", "", info.transform, 8), where="model.ckpt")
+
+
+def test_metadata_kinds_and_unknown_cell_types(tmp_path, info, suffix):
+    path = tmp_path / f"bank{suffix}"
+    with open_writer(path, info) as writer:
+        writer.append("a", np.zeros((2, 16)), meta={"score": 1, "tag": "x"}, cell_type=["blast", ""])
+        writer.append("b", np.zeros((1, 16)), meta={"score": 0.5})  # int column becomes float
+        writer.append("c", np.zeros((1, 16)), meta={"flag": True})
+    with open_reader(path) as reader:
+        meta = reader.bag_meta
+        assert meta["score"].dtype == np.float64 and meta["score"][:2].tolist() == [1.0, 0.5]
+        assert np.isnan(meta["score"][2])
+        assert meta["tag"].tolist() == ["x", "", ""] and meta["flag"].tolist() == [False, False, True]
+        assert reader.read_column("a", "cell_type").tolist() == ["blast", ""]
+        assert reader.read_column("b", "cell_type").tolist() == [""]
+    with open_writer(path, mode="a") as writer:  # kinds and codes survive an append session
+        writer.append("d", np.zeros((1, 16)), meta={"score": 2}, cell_type=["myelocyte"])
+    with open_reader(path) as reader:
+        assert reader.bag_meta["score"].tolist()[-1] == 2.0
+        assert reader.read_column("a", "cell_type").tolist() == ["blast", ""]
+        assert reader.read_column("d", "cell_type").tolist() == ["myelocyte"]
+
+
+def test_empty_bank(tmp_path, info, suffix):
+    path = tmp_path / f"bank{suffix}"
+    with open_writer(path, info):
+        pass
+    with open_reader(path) as reader:
+        assert len(reader) == 0 and reader.num_instances == 0 and reader.offsets().tolist() == [0]
+        x, ptr = reader.read_packed([])
+        assert x.shape == (0, 16) and ptr.tolist() == [0]

@@ -67,19 +67,23 @@ def test_merge_refuses_duplicates_mismatches_and_existing_output(tmp_path, info,
 
 
 def test_convert_roundtrip_and_dtype(tmp_path, info, make_bags, write_bank):
-    src = write_bank(tmp_path / "src.h5", make_bags(6, seed=2), info, dtype="float32")
+    src = write_bank(tmp_path / "src.h5", make_bags(6, seed=2), info, dtype="float32", checksum=True)
     z = tmp_path / "copy.zarr"
     assert convert_bank(src, z, compression="blosc-zstd")["bags"] == 6
     back = tmp_path / "back.h5"
     convert_bank(z, back)
     with open_reader(src) as a, open_reader(z) as b, open_reader(back) as c:
         assert b.dtype == np.float32 and c.dtype == np.float32
+        assert b.checksums is not None and np.array_equal(a.checksums, c.checksums)  # kept by default
         _same_bags(a, b)
         _same_bags(a, c)
     half = tmp_path / "half.h5"
     convert_bank(src, half, dtype="float16")
     with open_reader(half) as h:
         assert h.dtype == np.float16
+    assert verify_bank(half).checksums_checked == 6  # recomputed for the float16 bytes
+    convert_bank(src, tmp_path / "plain.h5", checksum=False)
+    assert verify_bank(tmp_path / "plain.h5").checksums_checked == 0
 
 
 def test_import_clam_and_trident_folders(tmp_path):
