@@ -49,6 +49,7 @@ class ExtractConfig:
         dtype: stored feature dtype.
         compression: bank compression.
         source_options: extra options for the source.
+        encoder_options: extra options for the encoder (e.g. ``{"image_size": 96}``).
     """
 
     source: str
@@ -64,6 +65,7 @@ class ExtractConfig:
     dtype: str = "float16"
     compression: str | None = None
     source_options: dict[str, Any] = field(default_factory=dict)
+    encoder_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -192,7 +194,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     source = create_source(config.source, config.input, **_source_options(config))
     all_bags = source.bag_ids()
     bags = all_bags[index::count]
-    encoder = create_encoder(config.encoder, weights=config.weights, device=config.device)
+    encoder = create_encoder(config.encoder, weights=config.weights, device=config.device, **config.encoder_options)
     cuda = encoder.device.type == "cuda"
     batch_size = config.batch_size or (256 if cuda else 64)
     workers = config.num_workers if config.num_workers >= 0 else min(4, max(0, (os.cpu_count() or 1) - 1))

@@ -25,6 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     p.add_argument("--out", required=True, help="bank to write or extend (.h5 or .zarr)")
     p.add_argument("--cells", choices=("wbc", "rbc"), default=None, help="cells to detect in fields/slides")
     p.add_argument("--weights", default=None, help="local weights file for the encoder")
+    p.add_argument("--encoder-arg", action="append", default=None, metavar="KEY=VALUE",
+                   help="encoder option, e.g. image_size=96 (repeatable)")  # fmt: skip
     p.add_argument("--batch-size", type=int_at_least(1), default=None, help="crops per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int_at_least(0), default=None, help="bag-reading worker processes")
@@ -37,12 +39,14 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
 def run(args: argparse.Namespace) -> int:
     """Extract; returns the exit code."""
     from feature_cache.extract import ExtractConfig, extract, parse_shard
+    from milcore.cli._types import parse_overrides
 
     config = ExtractConfig(
         source=args.source, input=args.input, encoder=args.encoder, out=args.out, weights=args.weights,
         cells=args.cells, batch_size=args.batch_size or 0, device=args.device,
         num_workers=-1 if args.workers is None else args.workers,
         shard=parse_shard(args.shard) if args.shard else None, dtype=args.dtype, compression=args.compression,
+        encoder_options=parse_overrides(args.encoder_arg or []),
     )  # fmt: skip
     summary = extract(config)
     log.info("bank: %s (%d bags written, %d already there, %d cells, %.0f cells/s)", summary.bank,
