@@ -12,7 +12,7 @@ Timings are interleaved round-robin (every case gets a short slice in every roun
 other processes hits all cases alike. A case's headline bags/s is its best round (as ``timeit`` does);
 the median is reported too. Ratios are best vs best, with the median of per-round ratios in brackets.
 
-Usage: ``python benchmarks/bench_aggregators.py [--quick] [--out DIR] [--threads 2] [--rounds 5]``;
+Usage: ``python benchmarks/bench_aggregators.py [--quick] [--out DIR] [--threads 2] [--rounds 10]``;
 writes ``DIR/bench.json`` and ``DIR/table.md`` (default ``benchmarks/results/aggregators``).
 """
 
@@ -349,8 +349,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--large-batch", type=int, default=32)
     p.add_argument("--transmil-batch", type=int, default=4, help="batch size of the TransMIL rows")
     p.add_argument("--pool", type=int, default=64, help="bags in the pool cycled through")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--slice", type=float, default=0.4, help="seconds per case per round")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--slice", type=float, default=0.25, help="seconds per case per round")
     p.add_argument("--min-steps", type=int, default=2)
     p.add_argument("--scaling", type=int, nargs="*", default=[500, 1000, 2000, 4000, 8000])
     args = p.parse_args(argv)
