@@ -60,7 +60,9 @@ class TransMILConfig(AggregatorConfig):
         num_layers: transformer layers (>= 2; PPEG sits after the first).
         dropout: dropout on attention weights and the attention output.
         exact_max_tokens: bags with at most this many tokens (instances + class token) use exact fused
-            attention; larger bags use Nystrom attention.
+            attention; larger bags use Nystrom attention. On a 1-thread CPU a 512-wide TransMIL step costs
+            the same either way at ~2,500 cells (exact: 0.84 s vs 0.97 s at 2,000; 3.0 s vs 1.6 s at
+            4,000); the default keeps exactness up to 4,096 (on GPU the fused kernel is far cheaper).
         num_landmarks: Nystrom landmarks.
         pinv_iterations: iterations of the Moore-Penrose pseudo-inverse in Nystrom attention.
     """
