@@ -231,6 +231,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
                 failures += len(item["failures"])
                 run_log.write(json.dumps({"bag": bag, "cells": n, "failures": item["failures"],
                                           "read_seconds": round(item["seconds"], 4)}) + "\n")  # fmt: skip
+                run_log.flush()  # one line per finished bag, readable while the run goes on
                 bar.update(1)
                 bar.set_postfix(cells_per_s=f"{cells / max(time.perf_counter() - t_start, 1e-9):.0f}")
             bar.close()

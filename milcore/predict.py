@@ -128,7 +128,8 @@ def predict_bank(checkpoints: Sequence[str | Path], bank_path: str | Path, out: 
                  batch_instances: int = 16384, device: str = "auto") -> PredictionTable:  # fmt: skip
     """Apply one checkpoint, or the mean of several (a fold ensemble), to every bag of a bank.
 
-    Refuses a bank whose encoder fingerprint differs from the checkpoints' training bank.
+    Refuses a bank whose encoder fingerprint differs from the checkpoints' training bank. Writes
+    ``predictions.csv``, ``attention.h5`` and ``predictions.json`` into ``out``.
     """
     from feature_cache.bank import EncoderInfo, open_reader
     from milcore.training.calibration import softmax
@@ -171,3 +172,36 @@ def predict_bank(checkpoints: Sequence[str | Path], bank_path: str | Path, out: 
         "bags": len(ids), "predicted_counts": {c: int((table.predicted == i).sum()) for i, c in enumerate(classes)},
     }, indent=2))  # fmt: skip
     return table
+
+
+def evaluate_predictions(folder: str | Path, cohort_path: str | Path, task: str, bank_path: str | Path,
+                         cells: str | Path | None = None, n_boot: int = 1000) -> dict:  # fmt: skip
+    """Score a prediction folder against a labelled cohort (external test set): ``metrics.json``.
+
+    Bags without a label are ignored (reported); labels must be among the checkpoint's classes.
+    Instance AUROC is added when a ``cells.csv`` ground truth is given or found beside the cohort.
+    """
+    from feature_cache.bank import open_reader
+    from milcore.data.cohort import read_cohort
+    from milcore.training.metrics import evaluate
+
+    table = read_predictions(folder)
+    cohort = read_cohort(cohort_path, task, classes=table.classes)
+    label_of = dict(zip(cohort.bag_ids, cohort.labels, strict=True))
+    keep = [i for i, b in enumerate(table.bag_ids) if b in label_of]
+    if not keep:
+        raise UserError(f"{cohort_path}: no predicted bag has a {task!r} label")
+    ids = [table.bag_ids[i] for i in keep]
+    y = np.asarray([label_of[b] for b in ids])
+    report = evaluate(y, table.proba[keep], table.classes, n_boot=n_boot)
+    metrics = {"task": task, "classes": table.classes, "n": len(ids),
+               "unlabelled": len(table.bag_ids) - len(ids), **report}  # fmt: skip
+    cells = Path(cells) if cells else Path(cohort_path).with_name("cells.csv")
+    bank = open_reader(bank_path)
+    if cells.exists() and "cell_id" in bank.columns:
+        from milcore.data.ground_truth import instance_auroc, load_cell_truth
+
+        attention = read_attention(folder)
+        metrics["instance"] = instance_auroc(attention, load_cell_truth(cells, bank, ids))
+    (Path(folder) / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    return metrics

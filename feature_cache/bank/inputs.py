@@ -47,10 +47,29 @@ def check_coords(coords: Any, n: int, where: str) -> np.ndarray | None:
 
 
 def check_cell_ids(cell_id: Any, n: int, where: str) -> np.ndarray | None:
-    """``(n,)`` int64 cell ids, or ``None``."""
+    """Cell ids (strings or integers) as an ``(n, CELL_ID_BYTES)`` uint8 matrix of zero-padded UTF-8, or ``None``."""
+    from feature_cache.bank.schema import CELL_ID_BYTES
+
     if cell_id is None:
         return None
-    c = np.asarray(cell_id).reshape(-1) if np.ndim(cell_id) else np.asarray([cell_id])
-    if len(c) != n or (c.size and c.dtype.kind not in "iu"):
-        raise BankError(f"{where}: cell_id must be {n} integers, got {c.dtype} {c.shape}")
-    return c.astype(np.int64)
+    values = list(np.asarray(cell_id, dtype=object).reshape(-1)) if np.ndim(cell_id) else [cell_id]
+    if len(values) != n:
+        raise BankError(f"{where}: {len(values)} cell ids for {n} cells")
+    if any(isinstance(v, float | np.floating) for v in values):
+        raise BankError(f"{where}: cell ids must be strings or integers, not floats")
+    encoded = [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in values]
+    longest = max((len(b) for b in encoded), default=0)
+    if longest > CELL_ID_BYTES:
+        bad = next(b for b in encoded if len(b) == longest)
+        raise BankError(f"{where}: cell id {bad.decode('utf-8', 'replace')!r} is longer than {CELL_ID_BYTES} bytes")
+    if n == 0:
+        return np.zeros((0, CELL_ID_BYTES), np.uint8)
+    packed = np.array(encoded, dtype=f"S{CELL_ID_BYTES}")
+    return np.frombuffer(packed.tobytes(), dtype=np.uint8).reshape(n, CELL_ID_BYTES).copy()
+
+
+def decode_cell_ids(rows: np.ndarray) -> np.ndarray:
+    """``(n, CELL_ID_BYTES)`` uint8 rows -> ``(n,)`` object array of str ('' where unknown)."""
+    raw = np.ascontiguousarray(rows, dtype=np.uint8)
+    flat = raw.view(f"S{raw.shape[1]}").reshape(-1) if raw.size else np.zeros(0, dtype="S1")
+    return np.array([b.decode("utf-8", "replace") for b in flat], dtype=object)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from feature_cache.bank.errors import BankError, BankFormatError, UnknownBagError
+from feature_cache.bank.inputs import decode_cell_ids
 from feature_cache.bank.layout import check_structure, open_store
 from feature_cache.bank.rowio import IO_MODES, RowSource
 from feature_cache.bank.schema import COORDS, FEATURES, INSTANCE_COLUMNS, EncoderInfo, backend_for
@@ -248,7 +249,7 @@ class BankReader:
         return self.read_column(bag_id, "coords")
 
     def read_column(self, bag_id: str, name: str) -> np.ndarray:
-        """A per-cell column of one bag: ``coords`` (n, 2), ``cell_id`` (n,) or ``cell_type`` (n,) str."""
+        """A per-cell column of one bag: ``coords`` (n, 2) int32, ``cell_id`` (n,) str or ``cell_type`` (n,) str."""
         if name not in self._index.columns:
             raise BankError(f"{self._path}: has no per-cell column '{name}' (has {', '.join(self.columns)})")
         i = self.index_of(bag_id)
@@ -256,6 +257,8 @@ class BankReader:
         dtype, width, _ = INSTANCE_COLUMNS[name]
         out = np.empty((b - a, width) if width > 1 else (b - a,), dtype)
         self._rows(f"instances/{name}").read_into(a, b, out)
+        if name == "cell_id":
+            return decode_cell_ids(out)
         if name != "cell_type":
             return out
         names = np.array([*self._index.cell_type_names, ""], dtype=object)

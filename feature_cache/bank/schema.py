@@ -20,7 +20,7 @@ import numpy as np
 from feature_cache.bank.errors import BankError, EncoderMismatchError
 
 FORMAT = "milcore.feature_bank"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 SUPPORTED_MAJOR = 1
 
 FEATURES = "instances/features"
@@ -30,10 +30,13 @@ CELL_TYPE = "instances/cell_type"
 BAG_ID = "bags/bag_id"
 CHECKSUM = "bags/checksum"
 BAG_OFFSET = "indexes/bag_offset"
-#: Optional per-cell columns: name -> (dtype, width, missing value).
+#: Longest cell id (UTF-8 bytes); ids are file stems ("c00012", "BloodImage_00010_wbc0003") or numbers.
+CELL_ID_BYTES = 48
+#: Optional per-cell columns: name -> (dtype, width, missing value). ``cell_id`` holds UTF-8 bytes
+#: zero-padded to CELL_ID_BYTES (a plain uint8 matrix, so HDF5, Zarr and raw reads treat it like coords).
 INSTANCE_COLUMNS: dict[str, tuple[str, int, int]] = {
     "coords": ("int32", 2, -1),
-    "cell_id": ("int64", 1, -1),
+    "cell_id": ("uint8", CELL_ID_BYTES, 0),
     "cell_type": ("int16", 1, -1),
 }
 RESERVED_BAG_COLUMNS = frozenset({"bag_id", "checksum"})

@@ -174,7 +174,7 @@ class BankWriter:
             bag_id: unique, non-empty id (patient folder, image stem or slide stem).
             features: ``(n, D)`` array (``n`` may be 0); converted to the bank's dtype.
             coords: ``(n, 2)`` pixel coordinates (rounded to int32), or ``None`` (stored as -1).
-            cell_id: ``(n,)`` integer ids, or ``None``.
+            cell_id: ``n`` ids (strings such as file stems, or integers; at most 48 UTF-8 bytes), or ``None``.
             cell_type: ``n`` cell-type names, or ``None``.
             meta: per-bag metadata, column -> bool/int/float/str.
 
@@ -246,8 +246,9 @@ class BankWriter:
         meta = base.bag_meta
         for i, bag_id in enumerate(progress(base.bag_ids(), desc="staging existing bags", unit="bag")):
             x = base.read(bag_id)
-            cols = {name: base.read_column(bag_id, name) if name in has and name != "cell_type" else None
-                    for name in ("coords", "cell_id")}
+            cols = {"coords": base.read_column(bag_id, "coords") if "coords" in has else None,
+                    "cell_id": check_cell_ids(base.read_column(bag_id, "cell_id"), len(x), bag_id)
+                    if "cell_id" in has else None}
             codes, new = self._cell_types(base.read_column(bag_id, "cell_type"), len(x), bag_id) \
                 if "cell_type" in has else (None, [])
             cols["cell_type"] = codes

@@ -25,6 +25,7 @@ BUILTIN_SOURCES: dict[str, str] = {
     "fields": "feature_cache.sources.fields",
     "slides": "feature_cache.sources.slides",
     "synthetic": "feature_cache.sources.synthetic",
+    "bloodmnist": "feature_cache.sources.bloodmnist",
 }
 
 

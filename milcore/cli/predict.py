@@ -22,6 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     p.add_argument("--bank", required=True, help="feature bank to predict")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--cohort", default=None, help="labelled cohort table: also score the predictions (metrics.json)")
+    p.add_argument("--task", default=None, metavar="COLUMN", help="label column of --cohort")
+    p.add_argument("--cells", default=None, help="instance ground truth (default: cells.csv beside --cohort)")
     p.set_defaults(func=run)
 
 
@@ -41,11 +44,22 @@ def _expand(paths: list[str]) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     """Predict; returns the exit code."""
+    from feature_cache.errors import UserError
     from milcore.predict import predict_bank
 
+    if (args.cohort is None) != (args.task is None):
+        raise UserError("--cohort and --task go together")
     checkpoints = _expand(args.checkpoint)
     table = predict_bank(checkpoints, args.bank, args.out, device=args.device)
     counts = ", ".join(f"{c}: {int((table.predicted == i).sum())}" for i, c in enumerate(table.classes))
     log.info("predicted %d bags with %d checkpoint(s) (%s)", len(table.bag_ids), len(checkpoints), counts)
     log.info("wrote %s/predictions.csv and %s/attention.h5", args.out, args.out)
+    if args.cohort:
+        from milcore.predict import evaluate_predictions
+
+        m = evaluate_predictions(args.out, args.cohort, args.task, args.bank, args.cells)
+        v = m["metrics"]
+        inst = f", instance-AUROC {m['instance']['instance_auroc']:.3f}" if "instance" in m else ""
+        log.info("on %d labelled bags: balanced accuracy %.3f, AUROC %.3f, ECE %.3f%s (%s/metrics.json)", m["n"],
+                 v["balanced_accuracy"]["value"], v["auroc"]["value"], v["ece"]["value"], inst, args.out)  # fmt: skip
     return 0

@@ -22,7 +22,7 @@ class Bag:
     coords: np.ndarray  # (n, 2)
     meta: dict = field(default_factory=dict)
     cell_type: list[str] | None = None
-    cell_id: np.ndarray | None = None
+    cell_id: np.ndarray | None = None  # (n,) str
 
 
 def make_bags(count: int, seed: int = 0, dim: int = DIM, empty: tuple[int, ...] = (3,)) -> list[Bag]:
@@ -35,8 +35,9 @@ def make_bags(count: int, seed: int = 0, dim: int = DIM, empty: tuple[int, ...] 
         coords = rng.integers(0, 10_000, (n, 2))
         meta = {"site": f"s{i % 3}", "n_detected": n + i, "score": float(i) / 7, "ok": bool(i % 2)}
         kinds = np.array(["blast", "lymphocyte", "neutrophil"])
-        bags.append(Bag(f"patient_{seed}_{i:03d}", x, coords, meta, list(kinds[rng.integers(0, 3, n)]),
-                        np.arange(n) + 1000 * i))
+        # string ids as crop folders give them (file stems), with a non-ASCII one to check UTF-8
+        ids = np.array([f"img_{1000 * i + j:05d}" if j % 7 else f"zelle-ä{j}" for j in range(n)], dtype=object)
+        bags.append(Bag(f"patient_{seed}_{i:03d}", x, coords, meta, list(kinds[rng.integers(0, 3, n)]), ids))
     return bags
 
 

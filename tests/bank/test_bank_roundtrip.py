@@ -213,3 +213,16 @@ def test_empty_bank(tmp_path, info, suffix):
         assert len(reader) == 0 and reader.num_instances == 0 and reader.offsets().tolist() == [0]
         x, ptr = reader.read_packed([])
         assert x.shape == (0, 16) and ptr.tolist() == [0]
+
+
+def test_cell_ids_accept_integers_and_reject_long_or_float_ids(tmp_path, info) -> None:
+    from feature_cache.bank import BankError, open_reader, open_writer
+
+    x = np.zeros((3, info.dim), np.float32)
+    with open_writer(tmp_path / "ids.h5", info, "x") as writer:
+        writer.append("a", x, cell_id=np.array([7, 8, 9]))
+        with pytest.raises(BankError, match="longer than 48 bytes"):
+            writer.append("b", x, cell_id=["x" * 49, "y", "z"])
+        with pytest.raises(BankError, match="not floats"):
+            writer.append("c", x, cell_id=[1.5, 2.0, 3.0])
+    assert list(open_reader(tmp_path / "ids.h5").read_column("a", "cell_id")) == ["7", "8", "9"]
