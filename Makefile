@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/milcore synth --task aml --patients 60 --seed 0 --overwrite $(DEMO_OUT)/cohort
+	$(BIN)/milcore run experiments/demo.yaml --set out=$(DEMO_OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

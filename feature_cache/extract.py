@@ -50,6 +50,7 @@ class ExtractConfig:
         compression: bank compression.
         source_options: extra options for the source.
         encoder_options: extra options for the encoder (e.g. ``{"image_size": 96}``).
+        overwrite: replace an existing bank (only once the new one is complete) instead of resuming it.
     """
 
     source: str
@@ -66,6 +67,7 @@ class ExtractConfig:
     compression: str | None = None
     source_options: dict[str, Any] = field(default_factory=dict)
     encoder_options: dict[str, Any] = field(default_factory=dict)
+    overwrite: bool = False
 
 
 @dataclass
@@ -198,8 +200,10 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     cuda = encoder.device.type == "cuda"
     batch_size = config.batch_size or (256 if cuda else 64)
     workers = config.num_workers if config.num_workers >= 0 else min(4, max(0, (os.cpu_count() or 1) - 1))
-    # "a": creates the bank, appends to it, or resumes an interrupted write; refuses another encoder
-    writer = open_writer(out, encoder.info, mode="a", dtype=config.dtype, compression=config.compression)
+    # "a": creates the bank, appends to it, or resumes an interrupted write; refuses another encoder.
+    # "w": replaces the bank; the old one stays readable until the new one is complete.
+    mode = "w" if config.overwrite else "a"
+    writer = open_writer(out, encoder.info, mode=mode, dtype=config.dtype, compression=config.compression)
     log_path = out.with_name(out.name + ".extract.jsonl")
     todo = [b for b in bags if not writer.has(b)]
     skipped = len(bags) - len(todo)

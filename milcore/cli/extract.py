@@ -33,6 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     p.add_argument("--shard", default=None, metavar="I/N", help="take every N-th bag starting at I (own output file)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored feature dtype")
     p.add_argument("--compression", choices=("none", "lzf", "gzip", "blosc-zstd"), default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bank instead of resuming it")
     p.set_defaults(func=run)
 
 
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         cells=args.cells, batch_size=args.batch_size or 0, device=args.device,
         num_workers=-1 if args.workers is None else args.workers,
         shard=parse_shard(args.shard) if args.shard else None, dtype=args.dtype, compression=args.compression,
-        encoder_options=parse_overrides(args.encoder_arg or []),
+        encoder_options=parse_overrides(args.encoder_arg or []), overwrite=args.overwrite,
     )  # fmt: skip
     summary = extract(config)
     log.info("bank: %s (%d bags written, %d already there, %d cells, %.0f cells/s)", summary.bank,

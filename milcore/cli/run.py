@@ -1,14 +1,27 @@
-"""``milcore run``: run an experiment described by a YAML file."""
+"""``milcore run``: run an experiment described by a YAML file (a list of milcore steps)."""
 
 from __future__ import annotations
 
 import argparse
 
-from milcore.cli._pending import add_pending_parser
-
-HELP = "run an experiment described by a YAML file"
+HELP = "run an experiment described by a YAML file (e.g. experiments/demo.yaml)"
 
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     """Register the ``run`` subcommand."""
-    add_pending_parser(subparsers, parents, "run", HELP)
+    p = subparsers.add_parser("run", help=HELP, description=HELP + ". See milcore/experiment.py for the format.",
+                              parents=parents)  # fmt: skip
+    p.add_argument("config", metavar="EXPERIMENT.yaml", help="experiment file")
+    p.add_argument("--set", action="append", default=None, metavar="NAME=VALUE", help="override a variable")
+    p.add_argument("--dry-run", action="store_true", help="print the steps without running them")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the experiment; returns the first failing step's exit code, else 0."""
+    from milcore.cli._types import parse_overrides
+    from milcore.experiment import run_experiment
+
+    overrides = {k: str(v) for k, v in parse_overrides(args.set or []).items()}
+    passthrough = ["-q"] if getattr(args, "quiet", False) else []
+    return run_experiment(args.config, overrides, dry_run=args.dry_run, passthrough=passthrough)

@@ -103,8 +103,7 @@ class Report:
 
     def png(self, data: bytes, caption: str = "", name: str | None = None) -> Report:
         """Add an already-encoded PNG."""
-        n = sum(b.kind == "png" for b in self.blocks)
-        self.blocks.append(_Block("png", {"data": data, "caption": caption, "name": name or f"figure_{n + 1:02d}"}))
+        self.blocks.append(_Block("png", {"data": data, "caption": caption, "name": name}))
         return self
 
     # ------------------------------------------------------------------ rendering
@@ -130,7 +129,8 @@ class Report:
                 out.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
             elif b.kind == "png":
                 src = base64.b64encode(p["data"]).decode("ascii")
-                out.append(f"<figure><img alt='{html.escape(p['name'])}' src='data:image/png;base64,{src}'>"
+                alt = html.escape(p["caption"] or "figure")
+                out.append(f"<figure><img alt='{alt}' src='data:image/png;base64,{src}'>"
                            f"<figcaption>{html.escape(p['caption'])}</figcaption></figure>")  # fmt: skip
         out.append("</body></html>")
         return "\n".join(out)
@@ -139,6 +139,7 @@ class Report:
         """Markdown text and the figures it links to (``{relative path: PNG bytes}``)."""
         lines = [f"# {self.title}", ""]
         files: dict[str, bytes] = {}
+        figure = 0
         for b in self.blocks:
             p = b.payload
             if b.kind == "heading":
@@ -155,9 +156,10 @@ class Report:
                 lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in p["rows"]]
                 lines.append("")
             elif b.kind == "png" and figure_dir is not None:
-                rel = f"{figure_dir}/{p['name']}.png"
+                figure += 1  # numbered at render time, so blocks merged from other reports never collide
+                rel = f"{figure_dir}/{p['name'] or 'figure'}_{figure:02d}.png"
                 files[rel] = p["data"]
-                lines += [f"![{p['caption'] or p['name']}]({rel})", ""]
+                lines += [f"![{p['caption'] or 'figure'}]({rel})", ""]
                 if p["caption"]:
                     lines += [f"*{p['caption']}*", ""]
         return "\n".join(lines), files
