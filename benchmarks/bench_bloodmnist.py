@@ -54,8 +54,8 @@ def run(npz: Path, models: list[str], train_bags: int, test_bags: int, image_siz
     for model in models:
         t1 = time.perf_counter()
         folder, bank = sets["train"]
-        cv = train_cv(RunSpec(str(bank), str(folder / "cohort.csv"), "left_shift", folds=5, seed=seed, n_boot=200),
-                      TrainConfig(model=model, epochs=epochs, seed=seed), work / f"run_{model}", overwrite=True)  # fmt: skip
+        spec = RunSpec(str(bank), str(folder / "cohort.csv"), "left_shift", folds=5, seed=seed, n_boot=200)
+        cv = train_cv(spec, TrainConfig(model=model, epochs=epochs, seed=seed), work / f"run_{model}", overwrite=True)
         test_folder, test_bank = sets["test"]
         checkpoints = sorted(p.parent for p in (work / f"run_{model}").glob("fold_*/checkpoint.json"))
         predict_bank(checkpoints, test_bank, work / f"test_{model}")
@@ -84,8 +84,8 @@ def run(npz: Path, models: list[str], train_bags: int, test_bags: int, image_siz
 
 def format_table(result: dict) -> str:
     """Markdown table."""
-    lines = ["| model | CV AUROC | CV bal. acc. | test AUROC [95% CI] | test bal. acc. [95% CI] | test instance-AUROC |",
-             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| model | CV AUROC | CV bal. acc. | test AUROC [95% CI] | test bal. acc. [95% CI] | "
+             "test instance-AUROC |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in result["rows"]:
         lo, hi = r["test_auroc_ci95"]
         blo, bhi = r["test_balanced_accuracy_ci95"]
