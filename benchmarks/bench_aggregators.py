@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        t0 = time.perf_counter()
+        t0, load_before = time.perf_counter(), os.getloadavg()
         cases = build_cases(args)
         run_rounds(cases, args.rounds, args.slice, args.min_steps)
         rat = ratios(cases)
@@ -378,13 +378,14 @@ def main(argv: list[str] | None = None) -> int:
         text = report(cases, rat, scaling)
     finally:
         torch.set_num_threads(threads_before)
-    print(text)
+    load = {"before": load_before, "after": os.getloadavg()}  # 1/5/15-min load averages of the machine
+    print(f"{text}\nmachine load average (1/5/15 min) before {load['before']}, after {load['after']}")
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": "aggregators",
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-                    "cpu_count": os.cpu_count(), "threads": args.threads},
+                    "cpu_count": os.cpu_count(), "threads": args.threads, "load_average": load},
         "cases": [c.summary() for c in cases], "ratios": rat, "memory_scaling": scaling,
         "quadratic_memory": [k for k, v in scaling.items() if v["quadratic"]],
         "seconds": time.perf_counter() - t0,
