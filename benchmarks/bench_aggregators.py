@@ -247,7 +247,7 @@ def run_rounds(cases: list[Case], rounds: int, slice_s: float, min_steps: int) -
         log.info("round %d/%d done", r + 1, rounds)
     gc.collect()
     for c in live:
-        c.peak_mb = peak_memory_mb(c.step)
+        c.peak_mb = peak_memory_mb(c.step)  # one step; after warm-up, so the optimizer state already exists
 
 
 def memory_scaling(sizes: list[int], dim: int) -> dict[str, Any]:
@@ -314,19 +314,15 @@ def fmt(v: float | None, digits: int = 1) -> str:
     return "-" if v is None else f"{v:,.{digits}f}"
 
 
-def table(cases: list[Case]) -> str:
-    head = "| model | impl | layout | batch | dtype | bags | bags/s (fastest step) | median | peak MB |"
-    lines = [head, "|" + "---|" * 9]
+def report(cases: list[Case], rat: dict[str, Any], scaling: dict[str, Any]) -> str:
+    parts = ["| model | impl | layout | batch | dtype | bags | bags/s (fastest step) | median | peak MB |",
+             "|" + "---|" * 9]  # fmt: skip
     for c in cases:
         s = c.summary()
-        lines.append(f"| {c.model} | {c.impl} | {c.layout} | {c.batch} | {c.dtype} | {c.bags} | "
+        parts.append(f"| {c.model} | {c.impl} | {c.layout} | {c.batch} | {c.dtype} | {c.bags} | "
                      f"{fmt(s['bags_per_s']) if c.rates else c.status} | {fmt(s['bags_per_s_median'])} | "
                      f"{fmt(c.peak_mb)} |")  # fmt: skip
-    return "\n".join(lines)
-
-
-def report(cases: list[Case], rat: dict[str, Any], scaling: dict[str, Any]) -> str:
-    parts = [table(cases), "", "Ratios (fastest step vs fastest step; median of per-round ratios in brackets):"]
+    parts += ["", "Ratios (fastest step vs fastest step; median of per-round ratios in brackets):"]
     for r in rat.values():
         verdict = "" if r["met"] is None else (" -> target MET" if r["met"] else " -> target NOT MET")
         target = f" (target >= {r['target']}x)" if r["target"] else ""
