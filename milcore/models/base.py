@@ -200,6 +200,8 @@ class MILAggregator(nn.Module):
         if bool(torch.isfinite(out.logits).all()):
             return out
         bad = ~torch.isfinite(x).all(dim=-1)  # (N,) or (B, L)
+        if x.dim() == 3:
+            bad &= ptr  # padded input: only the real slots count
         if bool(bad.any()):
             name = self.aggregator_name or type(self).__name__
             if x.dim() == 3:
