@@ -69,6 +69,27 @@ class SiteStyle:
         )
 
 
+@dataclass
+class _Drawn:
+    """A white cell being drawn: its specs, subtlety, geometry and masks (for granules, vacuoles, rods)."""
+
+    spec: WhiteCellSpec
+    mimic: WhiteCellSpec
+    t: float
+    cx: float
+    cy: float
+    R: float
+    rx: float
+    ry: float
+    angle: float
+    inside: np.ndarray  # (S, S) cell-body alpha
+    nucleus: np.ndarray  # (S, S) nucleus alpha
+
+    def lerp(self, name: str, rng: np.random.Generator) -> float:
+        """Sample attribute ``name`` from the spec and its mimic and blend them by the subtlety."""
+        return _lerp(_u(rng, getattr(self.spec, name)), _u(rng, getattr(self.mimic, name)), self.t)
+
+
 def _u(rng: np.random.Generator, rng_range: tuple[float, float]) -> float:
     lo, hi = rng_range
     return lo if hi <= lo else float(rng.uniform(lo, hi))
@@ -268,9 +289,10 @@ class CellRenderer:
         nucleus = self._nucleus(canvas, spec, mimic, t, rng, cx, cy, R)  # (S, S) alpha
         inside = np.zeros((self.size, self.size), dtype=np.float32)
         inside[y0:y1, x0:x1] = body
-        self._granules(canvas, spec, mimic, t, rng, cx, cy, rx, ry, angle, inside, nucleus, R)
-        self._vacuoles(canvas, spec, mimic, t, rng, cx, cy, R, inside, nucleus)
-        self._auer(canvas, spec, mimic, t, rng, cx, cy, R, inside, nucleus)
+        cell = _Drawn(spec, mimic, t, cx, cy, R, rx, ry, angle, inside, nucleus)
+        self._granules(canvas, cell, rng)
+        self._vacuoles(canvas, cell, rng)
+        self._auer(canvas, cell, rng)
 
     def _nucleus(
         self,
@@ -381,48 +403,22 @@ class CellRenderer:
             keep &= nucleus[ys, xs] < 0.3
         return ys[keep], xs[keep]
 
-    def _granules(
-        self,
-        canvas: Canvas,
-        spec: WhiteCellSpec,
-        mimic: WhiteCellSpec,
-        t: float,
-        rng: np.random.Generator,
-        cx: float,
-        cy: float,
-        rx: float,
-        ry: float,
-        angle: float,
-        inside: np.ndarray,
-        nucleus: np.ndarray,
-        R: float,
-    ) -> None:
-        density = _lerp(_u(rng, spec.granule_density), _u(rng, mimic.granule_density), t)
+    def _granules(self, canvas: Canvas, cell: _Drawn, rng: np.random.Generator) -> None:
+        spec, mimic, t = cell.spec, cell.mimic, cell.t
+        density = cell.lerp("granule_density", rng)
         if density <= 0:
             return
         over = spec.granules_over_nucleus and not (t > 0.5 and rng.random() < t)
-        area = math.pi * R * R
-        n = int(density * area / 100.0)
-        ys, xs = self._points_in_cell(rng, n, cx, cy, rx, ry, angle, inside, None if over else nucleus)
-        size = max(1, round(_lerp(_u(rng, spec.granule_size), _u(rng, mimic.granule_size), t) * self.scale))
-        rgb = _lerp_rgb(spec.granule_rgb, mimic.granule_rgb, t)
-        canvas.dots(ys, xs, size, rgb, 0.7)
+        n = int(density * math.pi * cell.R * cell.R / 100.0)
+        ys, xs = self._points_in_cell(rng, n, cell.cx, cell.cy, cell.rx, cell.ry, cell.angle, cell.inside,
+                                      None if over else cell.nucleus)  # fmt: skip
+        size = max(1, round(cell.lerp("granule_size", rng) * self.scale))
+        canvas.dots(ys, xs, size, _lerp_rgb(spec.granule_rgb, mimic.granule_rgb, t), 0.7)
 
-    def _vacuoles(
-        self,
-        canvas: Canvas,
-        spec: WhiteCellSpec,
-        mimic: WhiteCellSpec,
-        t: float,
-        rng: np.random.Generator,
-        cx: float,
-        cy: float,
-        R: float,
-        inside: np.ndarray,
-        nucleus: np.ndarray,
-    ) -> None:
-        n = round(_lerp(_u(rng, spec.vacuoles), _u(rng, mimic.vacuoles), t))
-        ys, xs = self._points_in_cell(rng, n, cx, cy, R * 0.85, R * 0.85, 0.0, inside, nucleus)
+    def _vacuoles(self, canvas: Canvas, cell: _Drawn, rng: np.random.Generator) -> None:
+        n = round(cell.lerp("vacuoles", rng))
+        r = cell.R * 0.85
+        ys, xs = self._points_in_cell(rng, n, cell.cx, cell.cy, r, r, 0.0, cell.inside, cell.nucleus)
         for y, x in zip(ys, xs, strict=True):
             rr = float(rng.uniform(1.5, 3.2)) * self.scale
             bbox = canvas.box(float(x), float(y), rr)
@@ -432,27 +428,17 @@ class CellRenderer:
             f, _ = ellipse_field(dx, dy, rr, rr, 0.0)
             canvas.blend(bbox, soft(f, 0.8) * 0.75, VACUOLE)
 
-    def _auer(
-        self,
-        canvas: Canvas,
-        spec: WhiteCellSpec,
-        mimic: WhiteCellSpec,
-        t: float,
-        rng: np.random.Generator,
-        cx: float,
-        cy: float,
-        R: float,
-        inside: np.ndarray,
-        nucleus: np.ndarray,
-    ) -> None:
+    def _auer(self, canvas: Canvas, cell: _Drawn, rng: np.random.Generator) -> None:
+        spec = cell.spec
         if spec.auer_rods[1] <= 0 or rng.random() > spec.auer_probability:
             return
-        n = round(_lerp(_u(rng, spec.auer_rods), _u(rng, mimic.auer_rods), t))
+        n = round(cell.lerp("auer_rods", rng))
         if n <= 0:
             return
-        anchors_y, anchors_x = self._points_in_cell(rng, 8, cx, cy, R * 0.8, R * 0.8, 0.0, inside, nucleus)
+        r = cell.R * 0.8
+        anchors_y, anchors_x = self._points_in_cell(rng, 8, cell.cx, cell.cy, r, r, 0.0, cell.inside, cell.nucleus)
         if len(anchors_y) == 0:
-            anchors_y, anchors_x = np.array([int(cy)]), np.array([int(cx + 0.7 * R)])
+            anchors_y, anchors_x = np.array([int(cell.cy)]), np.array([int(cell.cx + 0.7 * cell.R)])
         base_angle = float(rng.uniform(0, np.pi))
         for k in range(n):
             i = 0 if spec.auer_bundle else k % len(anchors_y)

@@ -11,48 +11,19 @@ TASKS = ("aml", "all", "anemia")
 log = logging.getLogger("milcore")
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    return parse
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
-
-
 def _rate(text: str) -> float:
-    value = _fraction(text)
+    from milcore.cli._types import fraction
+
+    value = fraction(text)
     if value == 0:
         raise argparse.ArgumentTypeError("must be > 0 (a diseased patient needs diagnostic cells)")
     return value
 
 
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     """Register the ``synth`` subcommand."""
+    from milcore.cli._types import fraction, int_at_least, non_negative
+
     p = subparsers.add_parser(
         "synth",
         help=HELP,
@@ -61,8 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     )
     p.add_argument("out", metavar="OUT", help="output folder (must be absent or empty unless --overwrite)")
     p.add_argument("--task", required=True, choices=TASKS, help="diagnostic task")
-    p.add_argument("--patients", type=_int_at_least(1), default=60, help="number of patients (default 60)")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed (default 0)")
+    p.add_argument("--patients", type=int_at_least(1), default=60, help="number of patients (default 60)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (default 0)")
     p.add_argument(
         "--bias",
         action="append",
@@ -70,17 +41,17 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
         metavar="COLUMN=VALUE:FACTOR",
         help="planted subgroup effect, e.g. sex=F:0.5 (rate x0.5), age=72-86:0.3, site=1:subtle=0.5; repeatable",
     )
-    p.add_argument("--sites", type=_int_at_least(1), default=1, help="acquisition sites (default 1)")
-    p.add_argument("--site-strength", type=_non_negative, default=1.0, help="how much sites differ (default 1)")
-    p.add_argument("--crop-size", type=_int_at_least(32), default=96, help="crop side in pixels (default 96)")
-    p.add_argument("--bag-median", type=_int_at_least(1), default=300, help="median cells per patient")
-    p.add_argument("--bag-min", type=_int_at_least(1), default=10, help="smallest bag (default 10)")
-    p.add_argument("--bag-max", type=_int_at_least(1), default=2000, help="largest bag (default 2000)")
+    p.add_argument("--sites", type=int_at_least(1), default=1, help="acquisition sites (default 1)")
+    p.add_argument("--site-strength", type=non_negative, default=1.0, help="how much sites differ (default 1)")
+    p.add_argument("--crop-size", type=int_at_least(32), default=96, help="crop side in pixels (default 96)")
+    p.add_argument("--bag-median", type=int_at_least(1), default=300, help="median cells per patient")
+    p.add_argument("--bag-min", type=int_at_least(1), default=10, help="smallest bag (default 10)")
+    p.add_argument("--bag-max", type=int_at_least(1), default=2000, help="largest bag (default 2000)")
     p.add_argument(
         "--witness-median", type=_rate, default=0.06, help="median fraction of diagnostic cells (default 0.06)"
     )
-    p.add_argument("--subtlety", type=_fraction, default=0.0, help="0 textbook .. 1 indistinguishable abnormal cells")
-    p.add_argument("--workers", type=_int_at_least(1), default=1, help="render processes (output is identical)")
+    p.add_argument("--subtlety", type=fraction, default=0.0, help="0 textbook .. 1 indistinguishable abnormal cells")
+    p.add_argument("--workers", type=int_at_least(1), default=1, help="render processes (output is identical)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT once the new cohort is complete")
     p.set_defaults(func=run)
 
