@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from feature_cache.progress import progress
+from milcore.losses import bag_cross_entropy, class_weights
 from milcore.training.config import TrainConfig
 from milcore.training.features import FeatureStore
 from milcore.training.metrics import balanced_accuracy
@@ -82,13 +83,6 @@ class FitResult:
 def positions(batch) -> np.ndarray:
     """Store positions of a batch's bags (kept in their metadata by :class:`FeatureStore`)."""
     return np.asarray([m["position"] for m in batch.metadata], dtype=np.int64)
-
-
-def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights normalised to mean 1 (absent classes get weight 0)."""
-    counts = np.bincount(labels, minlength=num_classes).astype(float)
-    w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max((counts > 0).sum(), 1), 0.0)
-    return torch.tensor(w, dtype=torch.float32)
 
 
 class Trainer:
@@ -176,7 +170,7 @@ class Trainer:
         model = self.build_model()
         y_train = np.asarray(y_train, dtype=np.int64)
         y_val = np.asarray(y_val, dtype=np.int64)
-        weights = (class_weights(y_train, self.num_classes) if cfg.class_weighting == "balanced"
+        weights = (class_weights(torch.from_numpy(y_train), self.num_classes) if cfg.class_weighting == "balanced"
                    else torch.ones(self.num_classes)).to(self.device)  # fmt: skip
         bel = self._bel(model)
         optimizer = self._optimizer(model, list(bel.parameters()) if bel is not None else [])
@@ -206,7 +200,7 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
                     out = model(b.x, b.ptr, b.coords, labels=y)
                 nonempty = (b.ptr[1:] > b.ptr[:-1])
-                loss = F.cross_entropy(out.logits.float()[nonempty], y[nonempty], weight=weights)
+                loss = bag_cross_entropy(out.logits[nonempty], y[nonempty], weights)
                 for aux in out.aux_losses.values():
                     loss = loss + aux.float()
                 if bel is not None:
