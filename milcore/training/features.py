@@ -154,8 +154,8 @@ class FeatureStore:
         """
         groups = budget_batches(self.sizes, order, budget, cap)
         if self._x is not None or num_workers == 0:
-            rng = np.random.default_rng(seed) if seed is not None else None
-            for g in groups:
+            for i, g in enumerate(groups):  # one generator per batch, as in the workers: same sub-samples
+                rng = np.random.default_rng(None if seed is None else [seed, i]) if cap else None
                 batch = self.gather(g, cap, rng)
                 yield batch.pin_memory() if pin_memory else batch
             return

@@ -140,3 +140,24 @@ def test_cli_train_bad_input(planted: dict, tmp_path: Path, capsys: pytest.Captu
     argv = ["train", *[x for kv in base.items() for x in kv]]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_streaming_from_the_bank_gives_the_same_batches_as_memory(planted: dict) -> None:
+    from feature_cache.bank import open_reader
+    from milcore.training.features import FeatureStore
+
+    bank = open_reader(planted["bank"])
+    ids = bank.bag_ids()
+    memory = FeatureStore(bank, ids, memory_budget_bytes=1 << 30)
+    stream = FeatureStore(bank, ids, memory_budget_bytes=0)
+    assert memory.in_memory and not stream.in_memory
+    order = np.random.default_rng(0).permutation(len(ids))
+    a = list(memory.batches(order, budget=200, cap=20, seed=3))
+    b = list(stream.batches(order, budget=200, cap=20, seed=3, num_workers=2))
+    assert len(a) == len(b) and len(a) > 1
+    for x, y in zip(a, b, strict=True):
+        assert x.bag_ids == y.bag_ids and torch.equal(x.ptr, y.ptr)
+        assert torch.equal(x.x, y.x), "sub-sampling is seeded per batch in both modes"
+    c = list(stream.batches(order, budget=200, cap=0, num_workers=0))
+    d = list(memory.batches(order, budget=200, cap=0))
+    assert all(torch.equal(x.x, y.x) for x, y in zip(c, d, strict=True))
