@@ -33,3 +33,11 @@ def test_bench_synthetic_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str
     result = json.loads((tmp_path / "bench.json").read_text())
     assert {r["stage"] for r in result["rows"]} >= {"render", "write_cohort, 1 worker"}
     assert "crops/s" in capsys.readouterr().out
+
+
+def test_bench_train_memory_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _load("bench_train_memory").main(["--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    modes = {(r["bags"], r["mode"]): r["in_memory"] for r in result["rows"]}
+    assert modes[(6, "streaming")] is False and modes[(6, "in memory")] is True
+    assert result["streaming_growth"] > 0 and "peak RSS" in capsys.readouterr().out
