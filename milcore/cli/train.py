@@ -33,6 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     p.add_argument("--cells", default=None, help="instance ground truth (default: cells.csv beside the cohort)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--config", default=None, help="YAML file with training options (command-line flags win)")
+    p.add_argument("--tensorboard", action="store_true", help="also log epochs for TensorBoard (fold_K/tensorboard)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=run)
@@ -48,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     options.update({"model": args.model, "epochs": args.epochs, "lr": args.lr, "patience": args.patience,
                     "batch_instances": args.batch_instances, "bel_weight": args.bel, "sampler": args.sampler,
                     "device": args.device, "seed": args.seed})  # fmt: skip
+    if args.tensorboard:
+        options["tensorboard"] = True
     if args.model_arg:
         options["model_args"] = {**options.get("model_args", {}), **parse_overrides(args.model_arg)}
     config = TrainConfig.from_dict(options)

@@ -43,6 +43,8 @@ class TrainConfig:
             streamed from the bank by DataLoader workers collating whole batches.
         num_workers: DataLoader workers when streaming.
         deterministic: request deterministic algorithms (slower on CUDA).
+        tensorboard: also log per-epoch losses and validation metrics for TensorBoard (needs the
+            optional ``tensorboard`` package); CSV/JSON histories are always written.
     """
 
     model: str = "abmil"
@@ -66,6 +68,7 @@ class TrainConfig:
     memory_budget_gb: float = 4.0
     num_workers: int = 2
     deterministic: bool = True
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         """Validate every field; raises :class:`InvalidArgumentError` naming the bad one."""

@@ -131,7 +131,7 @@ def train_cv(spec: RunSpec, config: TrainConfig, out: str | Path, *, overwrite: 
             log.info("fold %d: reusing its checkpoint", fold.index)
         else:
             model, fit = trainer.fit(tr, y_tr, va, y_va, state_path=fdir / "train_state.pt",
-                                     desc=f"fold {fold.index + 1}/{len(folds)}")  # fmt: skip
+                                     log_dir=fdir / "tensorboard", desc=f"fold {fold.index + 1}/{len(folds)}")
             val_logits = trainer.predict(model, va, with_attention=False).logits
             temperature = fit_temperature(val_logits, y_va)
             best_epoch, history = fit.best_epoch, fit.history

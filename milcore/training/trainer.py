@@ -85,6 +85,17 @@ def positions(batch) -> np.ndarray:
     return np.asarray([m["position"] for m in batch.metadata], dtype=np.int64)
 
 
+def _tensorboard(log_dir: str | Path | None):
+    """A TensorBoard ``SummaryWriter`` (one-line error when the optional package is missing)."""
+    from feature_cache.errors import UserError
+
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise UserError("TensorBoard logging needs the tensorboard package (pip install tensorboard)") from exc
+    return SummaryWriter(log_dir=None if log_dir is None else str(log_dir))
+
+
 class Trainer:
     """Trains one aggregator on a training store with early stopping on a validation store.
 
@@ -150,6 +161,7 @@ class Trainer:
         *,
         state_path: str | Path | None = None,
         desc: str = "train",
+        log_dir: str | Path | None = None,
     ) -> tuple[torch.nn.Module, FitResult]:
         """Train, keeping the best epoch by the validation monitor.
 
@@ -158,6 +170,7 @@ class Trainer:
             val: validation bags; y_val: their labels (early stopping and selection only).
             state_path: a file to save the resumable state to after every epoch (resumed if present).
             desc: progress-bar label.
+            log_dir: TensorBoard event folder, used when ``config.tensorboard`` is set.
 
         Returns:
             The model loaded with the best weights, and the :class:`FitResult`.
@@ -183,6 +196,7 @@ class Trainer:
             start_epoch, bad_epochs, history, best = self._resume(Path(state_path), model, optimizer, bel)
         needs = getattr(model, "hook_requirements", frozenset())
         normal_class = int(getattr(model.config, "normal_class", 0))
+        board = _tensorboard(log_dir) if cfg.tensorboard else None
         bar = progress(total=cfg.epochs, desc=desc, unit="epoch", initial=start_epoch)
         stopped = False
         for epoch in range(start_epoch, cfg.epochs):
@@ -218,6 +232,10 @@ class Trainer:
             row = {"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": val_loss,
                    "val_balanced_accuracy": val_ba, "seconds": time.perf_counter() - t0}  # fmt: skip
             history.append(row)
+            if board is not None:
+                for key, value in row.items():
+                    if key != "epoch":
+                        board.add_scalar(key, value, epoch)
             score = val_loss if cfg.monitor == "val_loss" else -val_ba
             if score < best["score"] - 1e-6:
                 best = {"score": score, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
@@ -233,6 +251,8 @@ class Trainer:
                 stopped = True
                 break
         bar.close()
+        if board is not None:
+            board.close()
         model.load_state_dict(best["state"])
         state = {k: v.detach().cpu().clone() for k, v in best["state"].items()}
         return model, FitResult(state, int(best["epoch"]), history, stopped)

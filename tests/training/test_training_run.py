@@ -161,3 +161,16 @@ def test_streaming_from_the_bank_gives_the_same_batches_as_memory(planted: dict)
     c = list(stream.batches(order, budget=200, cap=0, num_workers=0))
     d = list(memory.batches(order, budget=200, cap=0))
     assert all(torch.equal(x.x, y.x) for x, y in zip(c, d, strict=True))
+
+
+def test_tensorboard_logging_is_optional(planted: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "--bank", str(planted["bank"]), "--cohort", str(planted["cohort"]), "--task", "dx", "--model",
+            "mean", "--folds", "3", "--epochs", "1", "--out", str(tmp_path / "tb"), "--tensorboard", "-q"]  # fmt: skip
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        assert main(argv) == 2
+        assert "pip install tensorboard" in capsys.readouterr().err
+        return
+    assert main(argv) == 0
+    assert list((tmp_path / "tb" / "fold_0" / "tensorboard").iterdir())
