@@ -18,14 +18,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from milcore.report.bench_io import machine_info, save_bench
 
 log = logging.getLogger("bench_bloodmnist")
 
@@ -73,7 +71,7 @@ def run(npz: Path, models: list[str], train_bags: int, test_bags: int, image_siz
     return {
         "benchmark": "bloodmnist",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count()},
+        "machine": machine_info(),
         "setup": {"train_bags": train_bags, "test_bags": test_bags, "image_size": image_size, "epochs": epochs,
                   "witness": "immature_granulocyte 2-10%", "bag_size": "50-400", "encoder": "efficientnet_lite0"},
         "extract_seconds": t_extract,
@@ -116,10 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args.npz, args.models.split(","), args.train_bags, args.test_bags, args.image_size,
                      args.epochs, Path(tmp))  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(result, indent=2, default=float))
-    sys.stdout.write(format_table(result) + "\n")
-    log.info("wrote %s", args.out / "bench.json")
+    save_bench(args.out, result, format_table(result))
     return 0
 
 

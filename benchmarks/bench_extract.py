@@ -19,10 +19,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +27,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from milcore.report.bench_io import machine_info, save_bench
 
 log = logging.getLogger("bench_extract")
 
@@ -106,7 +105,7 @@ def run(encoders: list[str], cells: int, device: str, workers: int, image_size: 
     return {
         "benchmark": "extract",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count()},
+        "machine": machine_info(),
         "workers": workers,
         "rows": rows,
         "memory": memory,
@@ -145,10 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.encoders, args.cells = "toy", 200
     result = run(args.encoders.split(","), args.cells, args.device, args.workers, args.image_size)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(result, indent=2))
-    sys.stdout.write(format_table(result) + "\n")
-    log.info("wrote %s", args.out / "bench.json")
+    save_bench(args.out, result, format_table(result))
     return 0
 
 

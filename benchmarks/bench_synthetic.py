@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
-import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from milcore.report.bench_io import machine_info, save_bench
 
 log = logging.getLogger("bench_synthetic")
 
@@ -88,7 +86,7 @@ def run(patients: int, bag_median: int, workers: int, seed: int = 0) -> dict:
     return {
         "benchmark": "synthetic",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count()},
+        "machine": machine_info(),
         "cohort": {"patients": patients, "cells": total, "crop_size": config.crop_size},
         "target_crops_per_s": TARGET_CROPS_PER_S,
         "png_speedup_vs_pillow": t_pil / t_png,
@@ -124,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.patients, args.bag_median = 2, 20
     result = run(args.patients, args.bag_median, args.workers)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(result, indent=2))
-    sys.stdout.write(format_table(result) + "\n")
-    log.info("wrote %s", args.out / "bench.json")
+    save_bench(args.out, result, format_table(result))
     return 0
 
 

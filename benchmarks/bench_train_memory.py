@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from milcore.report.bench_io import machine_info, save_bench
 
 log = logging.getLogger("bench_train_memory")
 
@@ -84,7 +84,7 @@ def run(small: int, large: int, epochs: int, dim: int) -> dict:
     return {
         "benchmark": "train_memory",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count()},
+        "machine": machine_info(),
         "epochs": epochs,
         "dim": dim,
         "rows": rows,
@@ -119,10 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.small, args.large, args.epochs, args.dim = 6, 12, 1, 16
     result = run(args.small, args.large, args.epochs, args.dim)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(result, indent=2))
-    sys.stdout.write(format_table(result) + "\n")
-    log.info("wrote %s", args.out / "bench.json")
+    save_bench(args.out, result, format_table(result))
     return 0
 
 
