@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from milcore.models.base import AggregatorConfig, MILAggregator, check_range
-from milcore.models.layers import autocast_input, instance_embedding, resize_linear
+from milcore.models.layers import autocast_input
+from milcore.models.meanpool import MeanPool, MeanPoolConfig
 from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
 from milcore.ops import ptr_to_index, segment_max, segment_sum
@@ -25,33 +25,13 @@ __all__ = ["MaxPool", "MaxPoolConfig"]
 
 
 @dataclass(frozen=True)
-class MaxPoolConfig(AggregatorConfig):
-    """Max-pooling hyper-parameters.
-
-    Attributes:
-        embed_dim: width of the instance embedding ``Linear -> ReLU`` (0: pool the raw features).
-        dropout: dropout after the embedding.
-    """
-
-    embed_dim: int = 256
-    dropout: float = 0.0
-
-    def validate(self) -> None:
-        super().validate()
-        check_range("embed_dim", self.embed_dim, 0, integer=True)
-        check_range("dropout", self.dropout, 0.0, 0.99)
+class MaxPoolConfig(MeanPoolConfig):
+    """Max-pooling hyper-parameters: those of mean pooling (``embed_dim``, ``dropout``)."""
 
 
 @register_aggregator("max", config=MaxPoolConfig)
-class MaxPool(MILAggregator):
-    """Element-wise max pooling of instance embeddings (baseline)."""
-
-    has_padded_path = True
-
-    def __init__(self, config: MaxPoolConfig) -> None:
-        super().__init__(config)
-        self.embed = instance_embedding(config.in_dim, config.embed_dim, config.dropout)
-        self.head = nn.Linear(config.embed_dim or config.in_dim, config.num_classes)
+class MaxPool(MeanPool):
+    """Element-wise max pooling of instance embeddings (baseline); embedding and head as in mean pooling."""
 
     def forward(
         self, x: Tensor, ptr: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
@@ -75,6 +55,3 @@ class MaxPool(MILAggregator):
         winners = ((h == embedding.unsqueeze(1)) & mask.unsqueeze(-1)).float()  # (B, L, E)
         attention = (winners / winners.sum(dim=1, keepdim=True).clamp(min=1)).mean(dim=2)  # (B, L)
         return self.check_output(MILOutput(self.head(embedding), attention[mask], embedding), x, mask)
-
-    def _resize_head(self, num_classes: int) -> None:
-        self.head = resize_linear(self.head, num_classes)
