@@ -52,3 +52,25 @@ def bccd_small(bccd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
         shutil.copy(bccd_dir / "JPEGImages" / f"{stem}.jpg", root / "JPEGImages")
         shutil.copy(bccd_dir / "Annotations" / f"{stem}.xml", root / "Annotations")
     return root
+
+
+#: Test folders of small-tensor torch code that run with one intra-op thread.
+ONE_THREAD_DIRS = ("models", "ops")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread_for_small_tensors(request: pytest.FixtureRequest):
+    """One intra-op thread for the aggregator and segment-op tests (module fixtures included).
+
+    Their tensors are small: on a shared 2-core machine two threads make every small op wait at an
+    OpenMP barrier for a descheduled peer (a 2 s test took 50 s under load); one thread is steadier.
+    """
+    if Path(str(request.node.path)).parent.name not in ONE_THREAD_DIRS:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
