@@ -1,14 +1,185 @@
-"""``milcore bench``: benchmark aggregators, bank I/O and extraction side by side."""
+"""``milcore bench``: benchmark aggregators (beside torchmil), bank I/O and extraction.
+
+``milcore bench aggregators --bank B --cohort C --task T --models abmil,amil,... --out DIR`` cross-validates
+every model on the same patient-level splits and seeds and writes ``DIR/bench.json``, ``DIR/table.md`` and
+``DIR/report.html``/``report.md`` (accuracy-vs-cost plots). ``synthetic`` and ``bloodmnist-bags`` build their
+cohorts first; ``io`` and ``extract`` run the bank and extraction benchmark scripts; ``all`` runs every suite
+at its CPU size into ``benchmarks/results/<date>/``.
+"""
 
 from __future__ import annotations
 
 import argparse
-
-from milcore.cli._pending import add_pending_parser
+import logging
+import time
+from pathlib import Path
 
 HELP = "benchmark aggregators, bank I/O and extraction side by side"
 
+log = logging.getLogger("milcore")
+
+DEFAULT_PEERS = "abmil,dsmil"
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip() and t.strip() != "none")
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from exc
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"seeds must be non-negative integers, got {text!r}")
+    return seeds
+
+
+def _training_options(p: argparse.ArgumentParser) -> None:
+    from milcore.bench import DEFAULT_MODELS
+    from milcore.cli._types import int_at_least, positive_float
+
+    p.add_argument("--models", type=_csv, default=DEFAULT_MODELS,
+                   help=f"our aggregators, comma-separated (default {','.join(DEFAULT_MODELS)})")  # fmt: skip
+    p.add_argument("--peers", type=_csv, default=_csv(DEFAULT_PEERS),
+                   help=f"torchmil models run beside ours: abmil,dsmil,transmil or none (default {DEFAULT_PEERS}; "
+                        "torchmil's TransMIL trains at a few bags/s on CPU)")  # fmt: skip
+    p.add_argument("--folds", type=int_at_least(3), default=5, help="cross-validation folds (default 5)")
+    p.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--epochs", type=int_at_least(1), default=20, help="maximum epochs per fit (default 20)")
+    p.add_argument("--patience", type=int_at_least(1), default=5, help="early-stopping patience (default 5)")
+    p.add_argument("--lr", type=positive_float, default=5e-4, help="learning rate (default 5e-4)")
+    p.add_argument("--batch-instances", type=int_at_least(1), default=2048, help="cells per optimisation step")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)")
+
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
-    """Register the ``bench`` subcommand."""
-    add_pending_parser(subparsers, parents, "bench", HELP)
+    """Register the ``bench`` subcommand and its suites."""
+    parser = subparsers.add_parser("bench", help=HELP, description=__doc__.splitlines()[0], parents=parents)
+    sub = parser.add_subparsers(dest="suite", metavar="SUITE", parser_class=type(parser))
+    sub.required = True
+
+    p = sub.add_parser("aggregators", parents=parents, help="aggregators (and torchmil peers) on one bank")
+    p.add_argument("--bank", required=True, help="feature bank (.h5 or .zarr)")
+    p.add_argument("--cohort", required=True, help="cohort table with a bag-id and a label column")
+    p.add_argument("--task", required=True, metavar="COLUMN", help="label column")
+    p.add_argument("--ood-site", default=None, metavar="S", help="hold this site out of CV and report it (OOD)")
+    p.add_argument("--site-column", default="site", help="cohort column of the site (default site)")
+    p.add_argument("--cells", default=None, help="instance ground truth (default: cells.csv beside the cohort)")
+    _training_options(p)
+    _out_options(p, required=True)
+    p.set_defaults(func=run)
+
+    for name, text in (("synthetic", "synthetic AML/ALL/anemia cohorts, witness rates 1-20%%, bags of 10-2,000"),
+                       ("bloodmnist-bags", "bags of real BloodMNIST cells with a planted cell type")):  # fmt: skip
+        p = sub.add_parser(name, parents=parents, help=text)
+        p.add_argument("--size", choices=("cpu", "tiny"), default="cpu", help="suite size (default cpu)")
+        if name == "bloodmnist-bags":
+            p.add_argument("--npz", default=None, help="bloodmnist.npz (default ../shared/data/bloodmnist)")
+            p.add_argument("--witness", default="immature_granulocyte", help="cell type of positive bags")
+            p.add_argument("--rate", type=float, default=0.05, help="witness fraction in positive bags (default 0.05)")
+        _training_options(p)
+        _out_options(p, required=True)
+        p.set_defaults(func=run)
+
+    for name, text in (("io", "bank I/O (benchmarks/bench_bank_io.py)"),
+                       ("extract", "feature extraction (benchmarks/bench_extract.py)")):  # fmt: skip
+        p = sub.add_parser(name, parents=parents, help=text)
+        p.add_argument("--quick", action="store_true", help="the script's smoke size")
+        _out_options(p, required=True)
+        p.set_defaults(func=run)
+
+    p = sub.add_parser("all", parents=parents, help="every suite at CPU size into benchmarks/results/<date>/")
+    p.add_argument("--size", choices=("cpu", "tiny"), default="cpu", help="suite size (tiny: smoke run)")
+    _training_options(p)
+    _out_options(p, required=False)
+    p.set_defaults(func=run)
+
+
+def _out_options(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--out", required=required, default=None,
+                   help="output folder" + ("" if required else " (default benchmarks/results/<date>)"))  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    from feature_cache.errors import OutputExistsError, UserError
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{out}: exists and is not empty (pass --overwrite to replace its results)")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _template(args: argparse.Namespace, bank: str = "", cohort: str = "", task: str = ""):
+    from milcore.bench.aggregators import BenchSpec, check_models
+    from milcore.training.config import TrainConfig
+
+    check_models(args.models, args.peers)
+    train = TrainConfig(epochs=args.epochs, patience=args.patience, min_epochs=min(5, args.epochs), lr=args.lr,
+                        batch_instances=args.batch_instances, device=args.device)  # fmt: skip
+    return BenchSpec(bank=bank, cohort=cohort, task=task, models=args.models, peers=args.peers, folds=args.folds,
+                     seeds=args.seeds, train=train, ood_site=getattr(args, "ood_site", None),
+                     site_column=getattr(args, "site_column", "site"), cells=getattr(args, "cells", None))  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen suite; returns the exit code."""
+    import torch
+
+    from milcore.bench.report import markdown_table, write_outputs
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if args.suite in ("io", "extract"):
+        from milcore.bench.suites import script_suite
+
+        out = Path(args.out)
+        _check_out(out, args.overwrite)
+        return script_suite(args.suite, out, args.quick)
+    spec = _template(args, getattr(args, "bank", ""), getattr(args, "cohort", ""), getattr(args, "task", ""))
+    out = Path(args.out) if args.out else Path("benchmarks/results") / time.strftime("%Y-%m-%d")
+    _check_out(out, args.overwrite)
+    if args.suite == "aggregators":
+        from milcore.bench.aggregators import run_benchmark
+
+        result = run_benchmark(spec)
+        paths = write_outputs(result, out)
+        print(markdown_table(result), end="")
+        log.info("wrote %s, %s and %s (%.0f s)", paths["json"], paths["table"], paths["html"], result["seconds"])
+        return 0
+    from milcore.bench.suites import bloodmnist_suite, script_suite, synthetic_suite
+
+    if args.suite == "synthetic":
+        results = synthetic_suite(out, spec, size=args.size, device=args.device)
+        for name, result in results.items():
+            print(f"## {name}\n\n{markdown_table(result)}")
+        return 0
+    if args.suite == "bloodmnist-bags":
+        result = bloodmnist_suite(out, spec, size=args.size, npz=args.npz, witness=args.witness, rate=args.rate,
+                                  device=args.device)  # fmt: skip
+        print(markdown_table(result) if "summary" in result else f"skipped: {result['reason']}")
+        return 0
+    return _run_all(out, spec, args)
+
+
+def _run_all(out: Path, spec, args: argparse.Namespace) -> int:
+    """Every suite at ``--size`` into ``out``; an index ``out/README.md`` lists what ran and what was skipped."""
+    from milcore.bench.report import markdown_table
+    from milcore.bench.suites import bloodmnist_suite, script_suite, synthetic_suite
+
+    quick = args.size == "tiny"
+    lines = [f"# milcore bench all ({args.size}), {time.strftime('%Y-%m-%d %H:%M %Z')}", ""]
+    for name, result in synthetic_suite(out / "synthetic", spec, size=args.size, device=args.device).items():
+        lines += [f"## synthetic / {name}", "", markdown_table(result)]
+    bm = bloodmnist_suite(out / "bloodmnist-bags", spec, size=args.size, device=args.device)
+    lines += ["## bloodmnist-bags", "", markdown_table(bm) if "summary" in bm else f"skipped: {bm['reason']}\n"]
+    for suite in ("io", "extract"):
+        rc = script_suite(suite, out / suite, quick)
+        lines += [f"## {suite}", "", f"`{suite}/bench.json` (exit code {rc})", ""]
+    (out / "README.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    log.info("wrote %s", out / "README.md")
+    return 0

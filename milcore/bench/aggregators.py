@@ -1,0 +1,300 @@
+"""Aggregators side by side: the same patient-level CV splits for every model and seed, accuracy and cost.
+
+For every seed the folds are made once (``milcore.data.splits.make_folds``, seeded) and shared by every
+model, ours and the torchmil peers alike; every model trains through the same :class:`Trainer` loop
+(same batches, loss, optimiser, epochs and early stopping), so the only difference is the aggregator.
+Per run (model x seed x fold) the benchmark records balanced accuracy, macro-F1, AUROC and ECE on the
+test part (probabilities temperature-scaled on the validation part, as ``milcore train`` does), the
+attention instance-AUROC where ``cells.csv`` ground truth exists, the metrics on a held-out site
+(out of distribution: those bags never enter cross-validation) when one is named, training bags/s
+(bags seen per second of optimisation, validation passes excluded), inference ms per bag, the peak
+memory of the fit and the parameter count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from feature_cache.errors import UserError
+from milcore.bench import DEFAULT_MODELS, PEER_MODELS, PEER_PREFIX
+from milcore.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+METRICS = ("balanced_accuracy", "macro_f1", "auroc", "ece")
+COSTS = ("train_bags_per_s", "infer_ms_per_bag", "peak_mb", "params", "fit_s")
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """What to benchmark.
+
+    Attributes:
+        bank: feature bank path.
+        cohort: cohort table path.
+        task: label column.
+        models: our aggregator names (``milcore.models.list_aggregators()``).
+        peers: torchmil models to run beside them (``abmil``, ``transmil``, ``dsmil``).
+        folds: cross-validation folds.
+        seeds: each seed gives its own splits, weights and batching (shared by all models).
+        train: training settings (``model`` and ``seed`` are set per run).
+        ood_site: a value of ``site_column`` whose bags are held out of CV and predicted by every fold model.
+        site_column: cohort column holding the acquisition site.
+        cells: instance ground truth; ``None`` looks for ``cells.csv`` beside the cohort.
+        group_column: cohort column grouping several bags of one patient.
+    """
+
+    bank: str
+    cohort: str
+    task: str
+    models: tuple[str, ...] = DEFAULT_MODELS
+    peers: tuple[str, ...] = PEER_MODELS
+    folds: int = 5
+    seeds: tuple[int, ...] = (0, 1, 2)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ood_site: str | None = None
+    site_column: str = "site"
+    cells: str | None = None
+    group_column: str = "patient"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dictionary."""
+        out = asdict(self)
+        out["train"] = self.train.to_dict()
+        return out
+
+
+def check_models(models: tuple[str, ...], peers: tuple[str, ...]) -> None:
+    """Raise :class:`UserError` for an unknown aggregator or peer name, listing the valid ones."""
+    from milcore.models import list_aggregators
+
+    known = list_aggregators()
+    for name in models:
+        if name not in known:
+            raise UserError(f"unknown aggregator {name!r} (registered: {', '.join(known)})")
+    for name in peers:
+        if name not in PEER_MODELS:
+            raise UserError(f"unknown peer {name!r} (torchmil adapters: {', '.join(PEER_MODELS)})")
+    if not models and not peers:
+        raise UserError("no model to benchmark (pass --models and/or --peers)")
+
+
+def _bench_trainer(config: TrainConfig, in_dim: int, num_classes: int, peer: str | None, tm: Any):
+    """A :class:`Trainer` that can build a torchmil peer and counts the seconds spent in ``predict``."""
+    from milcore.training.trainer import Trainer
+
+    class BenchTrainer(Trainer):
+        predict_seconds = 0.0
+
+        def build_model(self):
+            if peer is None:
+                return super().build_model()
+            import torch
+
+            from milcore.bench.peers import TorchmilAggregator
+
+            torch.manual_seed(self.config.seed)
+            return TorchmilAggregator(peer, self.in_dim, self.num_classes, tm).to(self.device)
+
+        def predict(self, *args: Any, **kwargs: Any):
+            t0 = time.perf_counter()
+            try:
+                return super().predict(*args, **kwargs)
+            finally:
+                self.predict_seconds += time.perf_counter() - t0
+
+    return BenchTrainer(config, in_dim, num_classes)
+
+
+def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}{k}": v for k, v in metrics.items() if k in METRICS}
+
+
+def run_one(name: str, peer: bool, seed: int, fold: Any, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Train ``name`` on one fold of one seed and measure it; returns one result row."""
+    from milcore.bench.memory import PeakMemory
+    from milcore.data.ground_truth import instance_auroc
+    from milcore.training.calibration import fit_temperature, softmax
+    from milcore.training.metrics import scalar_metrics
+
+    spec: BenchSpec = ctx["spec"]
+    label_of, store = ctx["label_of"], ctx["store"]
+    config = replace(spec.train, model="abmil" if peer else name, seed=seed)
+    trainer = _bench_trainer(config, ctx["dim"], len(ctx["classes"]), name if peer else None, ctx["tm"])
+    tr, va, te = store.view(fold.train), store.view(fold.val), store.view(fold.test)
+    y_tr, y_va, y_te = (np.asarray([label_of[b] for b in part]) for part in (fold.train, fold.val, fold.test))
+    label = f"{PEER_PREFIX if peer else ''}{name} seed {seed} fold {fold.index + 1}/{spec.folds}"
+    with PeakMemory(trainer.device) as peak:
+        t0 = time.perf_counter()
+        model, fit = trainer.fit(tr, y_tr, va, y_va, desc=label)
+        fit_s = time.perf_counter() - t0
+        optimise_s = max(fit_s - trainer.predict_seconds, 1e-9)
+        temperature = fit_temperature(trainer.predict(model, va, with_attention=False).logits, y_va)
+        t1 = time.perf_counter()
+        preds = trainer.predict(model, te)
+        infer_s = time.perf_counter() - t1
+    proba = softmax(preds.logits, temperature)
+    row: dict[str, Any] = {
+        "model": name, "impl": "torchmil" if peer else "milcore", "seed": seed, "fold": fold.index,
+        "n_train": len(fold.train), "n_test": len(fold.test), "epochs_run": len(fit.history),
+        "best_epoch": fit.best_epoch, "temperature": temperature, **_prefixed("", scalar_metrics(y_te, proba)),
+        "train_bags_per_s": len(fold.train) * len(fit.history) / optimise_s,
+        "infer_ms_per_bag": 1000 * infer_s / max(len(fold.test), 1),
+        "peak_mb": peak.mb, "params": int(sum(p.numel() for p in model.parameters())), "fit_s": fit_s,
+    }  # fmt: skip
+    truth = ctx["truth"]
+    if truth is not None:
+        att = {b: a if a.ndim == 1 else a.mean(axis=1) for b, a in zip(fold.test, preds.attention, strict=True)}
+        row["instance_auroc"] = instance_auroc(att, {b: truth[b] for b in fold.test})["instance_auroc"]
+    if ctx["ood"] is not None:
+        ood_store, y_ood = ctx["ood"]
+        ood = trainer.predict(model, ood_store, with_attention=False)
+        row.update(_prefixed("ood_", scalar_metrics(y_ood, softmax(ood.logits, temperature))))
+    log.info("%s: balanced accuracy %.3f, AUROC %.3f, %.0f train bags/s, %.2f ms/bag", label,
+             row["balanced_accuracy"], row["auroc"], row["train_bags_per_s"], row["infer_ms_per_bag"])  # fmt: skip
+    return row
+
+
+def _load(spec: BenchSpec) -> dict[str, Any]:
+    """Bank, cohort (minus the held-out site), folds per seed, stores and ground truth."""
+    from pathlib import Path
+
+    from feature_cache.bank import open_reader
+    from milcore.data.cohort import join_bank, read_cohort
+    from milcore.data.splits import make_folds
+    from milcore.training.features import FeatureStore
+
+    bank = open_reader(spec.bank)
+    cohort, join = join_bank(read_cohort(spec.cohort, spec.task, group_column=spec.group_column), bank.bag_ids())
+    log.info("%s: %s", spec.cohort, join.summary())
+    classes = list(cohort.classes)
+    ids, labels = list(cohort.bag_ids), np.asarray(cohort.labels)
+    groups = np.asarray(cohort.groups) if cohort.groups is not None else None
+    ood_ids: list[str] = []
+    if spec.ood_site is not None:
+        if spec.site_column not in cohort.columns:
+            raise UserError(f"{spec.cohort}: no column {spec.site_column!r} for the out-of-distribution site "
+                            f"(columns: {', '.join(cohort.columns)})")  # fmt: skip
+        site = [str(s) for s in cohort.columns[spec.site_column]]
+        held = np.asarray([s == str(spec.ood_site) for s in site])
+        if not held.any():
+            raise UserError(f"{spec.cohort}: no bag has {spec.site_column} = {spec.ood_site!r} "
+                            f"(values: {', '.join(sorted(set(site)))})")  # fmt: skip
+        if held.all():
+            raise UserError(f"{spec.cohort}: every bag is in site {spec.ood_site!r}; nothing is left to train on")
+        ood_ids = [b for b, h in zip(ids, held, strict=True) if h]
+        keep = ~held
+        ids, labels = [b for b, k in zip(ids, keep, strict=True) if k], labels[keep]
+        groups = groups[keep] if groups is not None else None
+    folds = {s: make_folds(ids, labels, k=spec.folds, seed=s, groups=groups, classes=classes) for s in spec.seeds}
+    label_of = dict(zip(cohort.bag_ids, np.asarray(cohort.labels).tolist(), strict=True))
+    needs_coords = any(m.startswith("graph") for m in spec.models)
+    budget = int(spec.train.memory_budget_gb * (1 << 30))
+    store = FeatureStore(bank, ids + ood_ids, budget, with_coords=needs_coords)
+    cells = Path(spec.cells) if spec.cells else Path(spec.cohort).with_name("cells.csv")
+    truth = None
+    if cells.exists() and "cell_id" in bank.columns:
+        from milcore.data.ground_truth import load_cell_truth
+
+        truth = load_cell_truth(cells, bank, ids)
+    ood = (store.view(ood_ids), np.asarray([label_of[b] for b in ood_ids])) if ood_ids else None
+    return {"bank": bank, "classes": classes, "folds": folds, "label_of": label_of, "store": store,
+            "dim": int(bank.dim), "truth": truth, "ood": ood, "n_bags": len(ids), "n_ood": len(ood_ids),
+            "encoder": bank.info.to_dict()}  # fmt: skip
+
+
+def summarize(rows: list[dict[str, Any]], key: tuple[str, str]) -> dict[str, Any]:
+    """Mean ± sd over folds and seeds of one model's runs, with a bootstrap 95% CI of each metric's mean."""
+    from milcore.training.metrics import aggregate_folds
+
+    mine = [r for r in rows if (r["impl"], r["model"]) == key]
+    names = [k for k in mine[0] if k in METRICS or k.startswith("ood_") or k == "instance_auroc" or k in COSTS]
+    agg = aggregate_folds([{k: float(r[k]) if r[k] is not None else math.nan for k in names} for r in mine])
+    for k in names:
+        agg[k]["ci95"] = list(mean_ci(np.asarray(agg[k]["values"], dtype=float)))
+    return {"impl": key[0], "model": key[1], "runs": len(mine), "metrics": agg,
+            "params": mine[0]["params"], "peak_mb_max": max((r["peak_mb"] or 0.0) for r in mine),
+            "seconds": float(sum(r["fit_s"] for r in mine))}  # fmt: skip
+
+
+def mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95% CI of the mean of ``values`` (NaNs dropped)."""
+    v = values[np.isfinite(values)]
+    if len(v) < 2:
+        return (math.nan, math.nan)
+    means = v[np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))].mean(axis=1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def compare_peers(rows: list[dict[str, Any]], metric: str = "balanced_accuracy") -> dict[str, Any]:
+    """Ours vs torchmil for every model run by both: paired differences over (seed, fold), speed ratio.
+
+    ``match`` is True when the 95% bootstrap CI of the paired metric difference contains 0.
+    """
+    out: dict[str, Any] = {}
+    for name in sorted({r["model"] for r in rows if r["impl"] == "torchmil"}):
+        ours = {(r["seed"], r["fold"]): r for r in rows if r["impl"] == "milcore" and r["model"] == name}
+        theirs = {(r["seed"], r["fold"]): r for r in rows if r["impl"] == "torchmil" and r["model"] == name}
+        pairs = sorted(set(ours) & set(theirs))
+        if not pairs:
+            continue
+        diff = np.asarray([ours[p][metric] - theirs[p][metric] for p in pairs], dtype=float)
+        speed = [ours[p]["train_bags_per_s"] / theirs[p]["train_bags_per_s"] for p in pairs]
+        o_rate = float(np.median([ours[p]["train_bags_per_s"] for p in pairs]))
+        t_rate = float(np.median([theirs[p]["train_bags_per_s"] for p in pairs]))
+        lo, hi = mean_ci(diff)
+        out[name] = {"metric": metric, "pairs": len(pairs), "difference_mean": float(np.nanmean(diff)),
+                     "difference_ci95": [lo, hi], "match": bool(lo <= 0 <= hi) if math.isfinite(lo) else None,
+                     "train_bags_per_s_ours": o_rate, "train_bags_per_s_theirs": t_rate,
+                     "speed_ratio": o_rate / t_rate,
+                     "speed_ratio_median_of_pairs": float(np.median(speed))}  # fmt: skip
+    return out
+
+
+def run_benchmark(spec: BenchSpec) -> dict[str, Any]:
+    """Run every (seed, fold, model) of ``spec``; returns the ``bench.json`` payload (without plots)."""
+    from milcore.bench.peers import import_torchmil
+    from milcore.report.bench_io import machine_info
+
+    check_models(spec.models, spec.peers)
+    t0 = time.perf_counter()
+    tm = import_torchmil() if spec.peers else None
+    ctx = {"spec": spec, "tm": tm, **_load(spec)}
+    plan = [(m, False) for m in spec.models] + ([(m, True) for m in spec.peers] if tm is not None else [])
+    rows: list[dict[str, Any]] = []
+    for seed in spec.seeds:  # all models see the same folds of a seed, one after the other
+        for fold in ctx["folds"][seed]:
+            for name, peer in plan:
+                rows.append(run_one(name, peer, seed, fold, ctx))
+    keys = list(dict.fromkeys((r["impl"], r["model"]) for r in rows))
+    summary = [summarize(rows, k) for k in keys]
+    summary += [{"impl": "torchmil", "model": m, "status": "not installed"} for m in spec.peers if tm is None]
+    return {
+        "benchmark": "aggregators", "spec": spec.to_dict(), "classes": ctx["classes"], "bags": ctx["n_bags"],
+        "ood_bags": ctx["n_ood"], "encoder": ctx["encoder"], "instance_ground_truth": ctx["truth"] is not None,
+        "torchmil": _torchmil_version() if tm is not None else "not installed",
+        "machine": machine_info(), "torch_threads": _threads(), "runs": rows, "summary": summary,
+        "peers": compare_peers(rows), "splits": {str(s): [asdict(f) for f in fs] for s, fs in ctx["folds"].items()},
+        "seconds": time.perf_counter() - t0,
+    }  # fmt: skip
+
+
+def _torchmil_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torchmil")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

@@ -1,0 +1,142 @@
+"""Peer implementations (torchmil) behind milcore's aggregator contract, for side-by-side benchmarks.
+
+torchmil's models are binary (one logit per bag) and take dense ``(B, N_max, D)`` batches with a mask.
+:class:`TorchmilAggregator` wraps one of them so that the same trainer, batches, splits and loss train it:
+``forward(x, ptr, coords, labels) -> MILOutput``. Adaptation to ``C`` classes:
+
+- binary tasks (``C == 2``) keep torchmil's model unchanged; its logit ``z`` becomes the logits ``[0, z]``
+  (``softmax([0, z]) = sigmoid(z)``);
+- ABMIL and TransMIL with ``C > 2`` replace only the final linear classifier by a ``C``-way one;
+- DSMIL with ``C > 2`` is one-vs-rest: ``C`` unchanged binary DSMIL models, their scores stacked.
+
+DSMIL trains on its bag-classifier logit plus its max-instance loss (as torchmil's ``compute_loss``) and
+predicts ``(bag + max instance) / 2`` (as its ``predict``). TransMIL takes no mask in torchmil, so bags go
+through it one at a time (padding would feed zero rows to its attention). Attention: ABMIL's is softmaxed
+within each bag; DSMIL's is its (already normalised) critical-instance attention, one column per class in
+one-vs-rest; TransMIL's is the class token's last-layer attention averaged over heads, renormalised.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from milcore.bench import PEER_MODELS
+from milcore.models.output import MILOutput
+from milcore.ops import to_padded
+
+
+def import_torchmil() -> Any | None:
+    """``torchmil.models`` or ``None`` when torchmil is not installed (or fails to import)."""
+    try:
+        return importlib.import_module("torchmil.models")
+    except Exception:  # ImportError, or a broken install: the rows say 'not installed'
+        return None
+
+
+def build_torchmil(tm: Any, name: str, in_dim: int) -> nn.Module:
+    """torchmil's binary model ``name``, configured like our aggregator of the same name.
+
+    ABMIL: gated attention, attention dim 128, no embedding layer (Ilse et al.). TransMIL: torchmil's
+    defaults (512 wide, 4 heads, Nystrom with 256 landmarks). DSMIL: attention dim 128, non-linear query.
+    """
+    if name == "abmil":
+        return tm.ABMIL(in_shape=(in_dim,), att_dim=128, gated=True)
+    if name == "transmil":
+        return tm.TransMIL(in_shape=(in_dim,))
+    if name == "dsmil":
+        return tm.DSMIL(in_shape=(in_dim,), att_dim=128, nonlinear_q=True)
+    raise ValueError(f"no torchmil adapter for {name!r} (available: {', '.join(PEER_MODELS)})")
+
+
+def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(scores.float().masked_fill(~mask, float("-inf")), dim=1).nan_to_num(0.0)
+
+
+class TorchmilAggregator(nn.Module):
+    """A torchmil model trained and evaluated through milcore's aggregator contract.
+
+    Args:
+        name: ``abmil``, ``transmil`` or ``dsmil``.
+        in_dim: feature dimension.
+        num_classes: number of classes (>= 2).
+        tm: the ``torchmil.models`` module (imported when ``None``).
+    """
+
+    has_padded_path = False
+    hook_requirements: frozenset[str] = frozenset()
+
+    def __init__(self, name: str, in_dim: int, num_classes: int, tm: Any | None = None) -> None:
+        super().__init__()
+        tm = tm if tm is not None else import_torchmil()
+        if tm is None:
+            raise ImportError("torchmil is not installed (pip install 'milcore[peers]')")
+        if name not in PEER_MODELS:
+            raise ValueError(f"no torchmil adapter for {name!r} (available: {', '.join(PEER_MODELS)})")
+        self.name, self.num_classes, self.binary = name, num_classes, num_classes == 2
+        self.config = None
+        copies = 1 if self.binary or name != "dsmil" else num_classes  # DSMIL: one-vs-rest
+        self.peers = nn.ModuleList(build_torchmil(tm, name, in_dim) for _ in range(copies))
+        if not self.binary and name != "dsmil":
+            head = self.peers[0].classifier
+            head = getattr(head, "module", head)  # torchmil's LazyLinear wraps an nn.Linear
+            self.peers[0].classifier = nn.Linear(head.in_features, num_classes)
+
+    def on_epoch_start(self, ctx: Any) -> None:
+        """No epoch hooks (the trainer's generic call)."""
+
+    def _to_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """(B,) binary logit -> (B, 2); (B, C) stays."""
+        return torch.stack([torch.zeros_like(z), z], dim=1) if z.ndim == 1 else z
+
+    def forward(self, x: torch.Tensor, ptr: torch.Tensor, coords: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> MILOutput:  # fmt: skip
+        """Bag logits (B, C) and per-row attention for the bags ``ptr`` cuts from ``x`` (N, D)."""
+        if self.name == "transmil":
+            return self._forward_per_bag(x, ptr)
+        dense, mask = to_padded(x, ptr)  # (B, N_max, D), (B, N_max)
+        if self.name == "abmil":
+            z, att = self.peers[0](dense, mask, return_att=True)  # (B,) or (B, C); (B, N_max) pre-softmax
+            attention = _masked_softmax(att, mask)[mask]  # (N,)
+            logits = self._to_logits(z)
+            return MILOutput(logits, attention, logits.detach().float())
+        bag, inst, atts = [], [], []
+        aux: dict[str, torch.Tensor] = {}
+        for peer in self.peers:  # DSMIL: one model (binary) or one per class (one-vs-rest)
+            y_bag, att, y_inst = peer(dense, mask, return_att=True, return_inst_pred=True)  # (B,), (B,N,1), (B,N)
+            y_max = y_inst.float().masked_fill(~mask, float("-inf")).amax(dim=1)  # (B,)
+            bag.append(y_bag.float() if self.training else 0.5 * (y_bag.float() + y_max))
+            inst.append(y_max)
+            atts.append(att.squeeze(-1)[mask])  # (N,)
+        if self.binary:
+            logits = self._to_logits(bag[0])
+            inst_logits = inst[0][:, None]
+        else:
+            logits = torch.stack(bag, dim=1)  # (B, C)
+            inst_logits = torch.stack(inst, dim=1)  # (B, C)
+        if labels is not None:
+            target = labels[:, None] == 1 if self.binary else F.one_hot(labels, self.num_classes).bool()
+            aux["max_instance"] = F.binary_cross_entropy_with_logits(inst_logits, target.float())
+        attention = atts[0] if len(atts) == 1 else torch.stack(atts, dim=1)  # (N,) or (N, C)
+        return MILOutput(logits, attention.float(), logits.detach().float(), aux)
+
+    def _forward_per_bag(self, x: torch.Tensor, ptr: torch.Tensor) -> MILOutput:
+        model = self.peers[0]
+        logits, atts = [], []
+        for b in range(len(ptr) - 1):
+            bag = x[ptr[b] : ptr[b + 1]].unsqueeze(0)  # (1, n, D)
+            if self.training:
+                z = model(bag)
+                att = torch.full((bag.shape[1],), 1.0 / max(bag.shape[1], 1), device=x.device)
+            else:
+                z, a = model(bag, return_att=True)  # (1,) or (1, C); (1, n)
+                a = a[0].float().clamp_min(0)
+                att = a / a.sum().clamp_min(1e-12)
+            logits.append(self._to_logits(z.reshape(1, -1).squeeze(-1) if self.binary else z.reshape(1, -1)))
+            atts.append(att)
+        out = torch.cat(logits)  # (B, C)
+        return MILOutput(out, torch.cat(atts).float(), out.detach().float())

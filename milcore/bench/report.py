@@ -1,0 +1,133 @@
+"""The aggregator benchmark's outputs: ``bench.json``, ``table.md`` and a report (HTML + Markdown) with plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+COLUMNS = (("balanced_accuracy", "bal. acc."), ("macro_f1", "macro-F1"), ("auroc", "AUROC"), ("ece", "ECE"),
+           ("instance_auroc", "inst. AUROC"), ("ood_balanced_accuracy", "OOD bal. acc."),
+           ("ood_auroc", "OOD AUROC"))  # fmt: skip
+
+
+def _pm(metric: dict[str, Any] | None, digits: int = 3) -> str:
+    if metric is None or not math.isfinite(metric["mean"]):
+        return "-"
+    return f"{metric['mean']:.{digits}f} ± {metric['sd']:.{digits}f}"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:,.{digits}f}"
+
+
+def _label(row: dict[str, Any]) -> str:
+    return row["model"] if row["impl"] == "milcore" else f"torchmil {row['model']}"
+
+
+def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the summary table (mean ± sd over folds x seeds)."""
+    summary = result["summary"]
+    shown = [(k, h) for k, h in COLUMNS if any(k in s.get("metrics", {}) for s in summary)]
+    headers = ["model", *[h for _, h in shown], "train bags/s", "infer ms/bag", "peak MB", "params", "runs"]
+    rows = []
+    for s in summary:
+        if "metrics" not in s:
+            rows.append([_label(s), *[s["status"]] * len(shown), "-", "-", "-", "-", "0"])
+            continue
+        m = s["metrics"]
+        rows.append([_label(s), *[_pm(m.get(k)) for k, _ in shown], _num(m["train_bags_per_s"]["mean"]),
+                     _num(m["infer_ms_per_bag"]["mean"], 2), _num(s["peak_mb_max"]), f"{s['params']:,}",
+                     str(s["runs"])])  # fmt: skip
+    return headers, rows
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The summary table in Markdown, followed by the peer comparison lines."""
+    headers, rows = table_rows(result)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", *peer_lines(result)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def peer_lines(result: dict[str, Any]) -> list[str]:
+    """One line per model run by both libraries: accuracy difference with its CI and the speed ratio."""
+    out = []
+    for name, c in result.get("peers", {}).items():
+        lo, hi = c["difference_ci95"]
+        verdict = {True: "within CI", False: "differs", None: "n/a"}[c["match"]]
+        out.append(f"- {name}: ours - torchmil {c['metric'].replace('_', ' ')} {c['difference_mean']:+.3f} "
+                   f"[95% CI {lo:+.3f}, {hi:+.3f}] over {c['pairs']} paired runs ({verdict}); training "
+                   f"{c['train_bags_per_s_ours']:,.0f} vs {c['train_bags_per_s_theirs']:,.0f} bags/s = "
+                   f"{c['speed_ratio']:.2f}x")  # fmt: skip
+    if result.get("torchmil") == "not installed":
+        out.append("- torchmil: not installed (pip install 'milcore[peers]'); its rows are left out")
+    return out
+
+
+def write_outputs(result: dict[str, Any], out: str | Path) -> dict[str, Path]:
+    """Write ``bench.json``, ``table.md`` and ``report.html``/``report.md`` (with plots) into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(result)
+    paths = {"json": out / "bench.json", "table": out / "table.md"}
+    _atomic_write(paths["json"], json.dumps(result, indent=2, default=_json_default, allow_nan=True))
+    _atomic_write(paths["table"], table)
+    html, md = build_report(result).write(out, "report")
+    paths.update({"html": html, "markdown": md})
+    return paths
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build_report(result: dict[str, Any]):
+    """A :class:`milcore.report.Report`: settings, the table, peer comparison and accuracy-vs-cost plots."""
+    from milcore.report.document import Report
+    from milcore.report.plots import scatter_figure
+
+    spec = result["spec"]
+    rep = Report(f"Aggregator benchmark: {spec['task']}")
+    rep.paragraph(f"Bank {spec['bank']} ({result['encoder'].get('name', '?')}, {result['encoder'].get('dim', '?')}-d), "
+                  f"cohort {spec['cohort']}: {result['bags']} bags, classes {', '.join(result['classes'])}. "
+                  f"{spec['folds']}-fold patient-level CV x seeds {spec['seeds']}: the same splits for every model; "
+                  f"mean ± sd over folds and seeds. torchmil: {result['torchmil']}."
+                  + (f" Out of distribution: site {spec['ood_site']} ({result['ood_bags']} bags) held out."
+                     if spec.get("ood_site") is not None else ""))  # fmt: skip
+    headers, rows = table_rows(result)
+    rep.heading("Accuracy and cost")
+    rep.table(headers, rows, caption="train bags/s: bags per second of optimisation (validation passes excluded); "
+                                     "peak MB: peak memory growth of one fit (largest over runs)")  # fmt: skip
+    if result.get("peers"):
+        rep.heading("Ours vs torchmil (same bags, splits, loop and budget)")
+        rep.bullets(peer_lines(result))
+    done = [s for s in result["summary"] if "metrics" in s]
+    if done:
+        costs = (("train_bags_per_s", "training bags/s (log)"), ("infer_ms_per_bag", "inference ms/bag (log)"))
+        for cost, xlabel in costs:
+            points = {_label(s): (s["metrics"][cost]["mean"], s["metrics"]["balanced_accuracy"]["mean"]) for s in done
+                      if s["metrics"][cost]["mean"] > 0}  # fmt: skip
+            if points:
+                rep.figure(scatter_figure(points, xlabel, "balanced accuracy", "Accuracy vs cost", logx=True),
+                           caption=f"balanced accuracy vs {xlabel}", name=f"accuracy_vs_{cost}")  # fmt: skip
+    rep.heading("Machine")
+    rep.paragraph(json.dumps(result["machine"]) + f"; torch threads {result['torch_threads']}; "
+                  f"{result['seconds']:.0f} s in all")  # fmt: skip
+    return rep
