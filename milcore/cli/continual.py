@@ -3,12 +3,50 @@
 from __future__ import annotations
 
 import argparse
-
-from milcore.cli._pending import add_pending_parser
+import logging
 
 HELP = "rehearsal-based continual MIL over a stream of tasks"
+
+log = logging.getLogger("milcore")
 
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     """Register the ``continual`` subcommand."""
-    add_pending_parser(subparsers, parents, "continual", HELP)
+    p = subparsers.add_parser(
+        "continual",
+        help=HELP,
+        description=HELP + ": every configured strategy trains task after task; writes continual.json "
+        "(strategy -> average accuracy, forgetting, transfer, accuracy matrix) and report.html/.md.",
+        parents=parents,
+    )
+    p.add_argument("--config", required=True, metavar="CONFIG.yaml", help="continual configuration (see experiments/)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished streams of an existing run in DIR")
+    p.add_argument("--strategies", default=None, metavar="A,B", help="run only these configured strategies")
+    p.add_argument("--seeds", default=None, metavar="S,T", help="override the configured seeds")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the configuration; returns the exit code."""
+    import dataclasses
+
+    from feature_cache.errors import UserError
+    from milcore.continual.config import load_config
+    from milcore.continual.runner import run_continual
+
+    config = load_config(args.config)
+    if args.seeds:
+        try:
+            seeds = tuple(int(s) for s in args.seeds.split(","))
+        except ValueError as exc:
+            raise UserError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from exc
+        config = dataclasses.replace(config, seeds=seeds)
+    names = [s.strip() for s in args.strategies.split(",")] if args.strategies else None
+    summary = run_continual(config, args.out, resume=args.resume, strategies=names)
+    for name, entry in summary.items():
+        forgetting = entry["average_forgetting"]
+        log.info("%-14s average accuracy %.3f  forgetting %s", name, entry["average_accuracy"],
+                 "n/a" if forgetting is None else f"{forgetting:.3f}")  # fmt: skip
+    log.info("wrote %s/continual.json and %s/report.html", args.out, args.out)
+    return 0

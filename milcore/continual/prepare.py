@@ -1,0 +1,86 @@
+"""Data for a continual run: a bank and cohort table given in the config, or synthetic cohorts made here.
+
+``data: {synthetic: {...}}`` generates each synthetic cohort in memory (no crops written), extracts its
+features with a cheap encoder (``morphology`` by default), merges the banks, and writes one cohort
+table whose label column maps each cohort's classes to the stream's class names (unmapped classes are
+dropped), e.g. AML, ALL and anemia combined into one class-incremental stream. Everything lands in
+``OUT/data/`` and is reused when its recipe (``prepare.json``) is unchanged.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from feature_cache.errors import UserError
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("bag_id", "{label}", "source_task", "source_label", "site", "date", "age", "sex", "patient")
+
+
+def prepare_data(data: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """Resolve (or build) the run's bank and cohort table.
+
+    Args:
+        data: the config's ``data`` mapping.
+        out: the run folder.
+
+    Returns:
+        ``(bank path, cohort path)``.
+    """
+    if "synthetic" not in data:
+        for key in ("bank", "cohort"):
+            if key not in data:
+                raise UserError(f"data needs '{key}' (or a 'synthetic' recipe)")
+        return Path(data["bank"]), Path(data["cohort"])
+    return _synthetic(data["synthetic"], str(data.get("label", "diagnosis")), out / "data")
+
+
+def _synthetic(recipe: dict[str, Any], label: str, folder: Path) -> tuple[Path, Path]:
+    from feature_cache.bank.merge import merge_banks
+    from feature_cache.extract import ExtractConfig, extract
+    from feature_cache.sources.synthetic import SynthConfig, SyntheticCohort
+    from feature_cache.sources.synthetic_source import load_synth_config
+
+    cohorts = recipe.get("cohorts")
+    if not isinstance(cohorts, list) or not cohorts:
+        raise UserError("data.synthetic needs 'cohorts': a list of synthetic cohort settings")
+    encoder = str(recipe.get("encoder", "morphology"))
+    relabel = recipe.get("relabel") or {}
+    bank, table, stamp = folder / "bank.h5", folder / "cohort.csv", folder / "prepare.json"
+    wanted = {"recipe": recipe, "label": label}
+    if bank.exists() and table.exists() and stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        log.info("reusing the prepared data in %s", folder)
+        return bank, table
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, rows = [], []
+    for k, spec in enumerate(cohorts):
+        spec = dict(spec)
+        name = str(spec.pop("name", spec.get("task", f"cohort{k}")))
+        cfg_path = folder / f"{name}.json"
+        cfg_path.write_text(json.dumps({"config": spec}))
+        config: SynthConfig = load_synth_config(cfg_path)  # validates the fields, one-line errors
+        shard = folder / f"{name}.h5"
+        extract(ExtractConfig(source="synthetic", input=str(cfg_path), encoder=encoder, out=str(shard),
+                              num_workers=int(recipe.get("workers", 0)), overwrite=True))  # fmt: skip
+        shards.append(shard)
+        mapping = relabel.get(name, relabel.get(config.task))
+        for p in SyntheticCohort(config).patients:
+            cls = p.label if mapping is None else mapping.get(p.label)
+            if cls is None:
+                continue
+            rows.append([p.patient_id, cls, config.task, p.label, p.site, p.date, p.age, p.sex, p.patient_id])
+    merge_banks(shards, bank, overwrite=True)
+    tmp = table.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([c.format(label=label) for c in COLUMNS])
+        writer.writerows(rows)
+    tmp.replace(table)
+    stamp.write_text(json.dumps(wanted, indent=2))
+    log.info("prepared %d bags in %s (%s features)", len(rows), folder, encoder)
+    return bank, table

@@ -1,0 +1,58 @@
+"""One task's training loop: packed instance-budget batches, class balance, the strategy's loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from milcore.continual.config import StreamTrainConfig
+from milcore.continual.data import Items, TrainBatch
+from milcore.continual.strategies.base import Strategy, StrategyContext
+from milcore.losses import class_weights
+
+
+def epoch_order(labels: np.ndarray, num_classes: int, balance: str, rng: np.random.Generator) -> np.ndarray:
+    """Item order of one epoch: a permutation, or (``sampler``) classes drawn equally often."""
+    if balance != "sampler":
+        return rng.permutation(len(labels))
+    counts = np.bincount(labels, minlength=num_classes).astype(float)
+    p = 1.0 / counts[labels]
+    return rng.choice(len(labels), size=len(labels), replace=True, p=p / p.sum())
+
+
+def train_task(ctx: StrategyContext, strategy: Strategy, items: Items, cfg: StreamTrainConfig) -> list[float]:
+    """Train ``ctx.model`` on ``items`` for ``cfg.epochs`` epochs with ``strategy.loss``.
+
+    Returns:
+        The mean training loss of each epoch.
+    """
+    model, device = ctx.model, ctx.device
+    rng = np.random.default_rng([ctx.seed, ctx.task, 7])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)  # fmt: skip
+    labels = torch.from_numpy(items.labels)
+    head = int(getattr(model, "num_classes", ctx.num_classes))  # >= the seen classes (a head has >= 2 rows)
+    weights = class_weights(labels, head) if cfg.balance == "weights" else torch.ones(head)
+    weights = weights.float().to(device)
+    memory_flags = torch.from_numpy(items.from_memory)
+    losses = []
+    model.train()
+    ctx.data.preload([b for b, r in zip(items.bag_ids, items.rows, strict=True)])
+    for _ in range(cfg.epochs):
+        total, count = 0.0, 0
+        order = epoch_order(items.labels, ctx.num_classes, cfg.balance, rng)
+        for group, x, ptr in ctx.data.batches(items, order, cfg.batch_instances, cfg.max_bag_instances, rng):
+            idx = torch.from_numpy(np.asarray(group, dtype=np.int64))
+            batch = TrainBatch(x.to(device), ptr.to(device), labels[idx].to(device), memory_flags[idx].to(device),
+                               weights)  # fmt: skip
+            out = model(batch.x, batch.ptr, labels=batch.y)
+            loss = strategy.loss(model, batch, out)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            total += float(loss.detach()) * len(group)
+            count += len(group)
+        losses.append(total / max(count, 1))
+    return losses

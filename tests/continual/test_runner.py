@@ -1,0 +1,138 @@
+"""``milcore continual`` end to end on a planted stream: results, report, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from milcore.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _write(tmp_path, config: dict):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_every_strategy_end_to_end(stream_bank, make_config, tmp_path):
+    names = ["finetune", "joint", "replay_random", "ewc", "lwf", "icarl", "milreplay", "confidence"]
+    config = make_config(stream_bank, strategies={n: {} for n in names}, train={"epochs": 2, "lr": 0.005,
+                           "batch_instances": 512, "device": "cpu"})  # fmt: skip
+    out = tmp_path / "run"
+    assert main(["-q", "continual", "--config", str(_write(tmp_path, config)), "--out", str(out)]) == 0
+    summary = json.loads((out / "continual.json").read_text())
+    assert list(summary) == names
+    for entry in summary.values():
+        assert 0.0 <= entry["average_accuracy"] <= 1.0
+        assert entry["average_forgetting"] is not None
+        assert entry["forward_transfer"] is None  # class-incremental: future classes unknown
+        assert entry["accuracy_matrix"][1][0] is None and entry["accuracy_matrix"][0][0] is not None
+        assert set(entry["per_class_balanced_accuracy"]) == {"c0", "c1", "c2", "c3"}
+    for name in ("replay_random", "icarl", "milreplay", "confidence"):
+        assert summary[name]["memory_instances"] == 200  # the budget, exactly
+        memory = np.load(out / "streams" / name / "seed0" / "memory.npz", allow_pickle=False)
+        assert memory["rows"].dtype == np.int64
+    assert summary["finetune"]["memory_instances"] is None
+    html = (out / "report.html").read_text()
+    assert "Accuracy matrices" in html and "data:image/png;base64" in html
+    assert (out / "report.md").exists() and (out / "scenario.json").exists()
+
+
+def test_resume_equals_a_straight_run(stream_bank, make_config, tmp_path, monkeypatch):
+    config = make_config(stream_bank, strategies={"milreplay": {}, "ewc": {}})
+    path = _write(tmp_path, config)
+    straight = tmp_path / "straight"
+    assert main(["-q", "continual", "--config", str(path), "--out", str(straight)]) == 0
+
+    import milcore.continual.runner as runner
+
+    calls = {"n": 0}
+    real = runner.train_task
+
+    def crash_on_second_task(ctx, *args, **kwargs):
+        calls["n"] += 1
+        if ctx.task == 1:
+            raise KeyboardInterrupt
+        return real(ctx, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_task", crash_on_second_task)
+    broken = tmp_path / "broken"
+    assert main(["-q", "continual", "--config", str(path), "--out", str(broken)]) == 130
+    assert (broken / "streams" / "milreplay" / "seed0" / "state.pt").exists()
+    monkeypatch.setattr(runner, "train_task", real)
+    assert main(["-q", "continual", "--config", str(path), "--out", str(broken)]) == 2  # needs --resume
+    assert main(["-q", "continual", "--config", str(path), "--out", str(broken), "--resume"]) == 0
+    a = json.loads((straight / "continual.json").read_text())
+    b = json.loads((broken / "continual.json").read_text())
+    for name in ("milreplay", "ewc"):
+        np.testing.assert_allclose(a[name]["accuracy_matrix"][0], b[name]["accuracy_matrix"][0])
+        assert a[name]["average_accuracy"] == pytest.approx(b[name]["average_accuracy"], abs=1e-9)
+    ma = np.load(straight / "streams" / "milreplay" / "seed0" / "memory.npz")
+    mb = np.load(broken / "streams" / "milreplay" / "seed0" / "memory.npz")
+    np.testing.assert_array_equal(ma["rows"], mb["rows"])
+
+
+def test_resume_with_a_bank_lacking_the_memory_bags(
+    stream_bank, make_config, stream_bank_factory, tmp_path, capsys, monkeypatch
+):
+    config = make_config(stream_bank, strategies={"milreplay": {}})
+    path = _write(tmp_path, config)
+    out = tmp_path / "run"
+    import milcore.continual.runner as runner
+
+    real = runner.train_task
+
+    def stop(ctx, *args, **kwargs):
+        if ctx.task == 1:
+            raise KeyboardInterrupt
+        return real(ctx, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_task", stop)
+    assert main(["-q", "continual", "--config", str(path), "--out", str(out)]) == 130
+    monkeypatch.setattr(runner, "train_task", real)
+    other = stream_bank_factory(tmp_path / "other", seed=1)  # same bag ids ...
+    ids = [f"b{i:04d}" for i in range(48)]
+    state = torch.load(out / "streams" / "milreplay" / "seed0" / "state.pt", weights_only=True)
+    kept = set(state["memory"]["bag_ids"])
+    keep = [b for b in ids if b not in kept]  # ... but without the stored bags
+    from feature_cache.bank import open_reader, open_writer
+    from feature_cache.bank.merge import copy_bags
+
+    with open_reader(other["bank"]) as reader, open_writer(tmp_path / "lacking.h5", reader.info, mode="w") as w:
+        copy_bags(reader, w, keep)
+    config["data"]["bank"] = str(tmp_path / "lacking.h5")
+    lines = [ln for ln in other["cohort"].read_text().splitlines() if ln.split(",")[0] not in kept]
+    (tmp_path / "lacking.csv").write_text("\n".join(lines) + "\n")
+    config["data"]["cohort"] = str(tmp_path / "lacking.csv")
+    capsys.readouterr()
+    code = main(["-q", "continual", "--config", str(_write(tmp_path, config)), "--out", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "missing from this bank" in err and sorted(kept)[0] in err
+
+
+def test_bad_input_one_line_errors(stream_bank, make_config, tmp_path, capsys):
+    small = make_config(stream_bank, memory={"budget": 3, "per_bag": 1})
+    code = main(["-q", "continual", "--config", str(_write(tmp_path, small)), "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert code == 2 and "smaller than one instance per class" in err and len(err.strip().splitlines()) == 1
+    bad = make_config(stream_bank, scenario={"kind": "class_incremental", "tasks": [["c0", "c1"], ["c2", "c7"]]})
+    assert main(["continual", "--config", str(_write(tmp_path, bad)), "--out", str(tmp_path / "b")]) == 2
+    assert "c7" in capsys.readouterr().err
+    assert main(["continual", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "c")]) == 2
+    assert "configuration not found" in capsys.readouterr().err
+    typo = make_config(stream_bank, trian={})
+    assert main(["continual", "--config", str(_write(tmp_path, typo)), "--out", str(tmp_path / "d")]) == 2
+    assert "unknown key(s) trian" in capsys.readouterr().err
