@@ -61,12 +61,13 @@ def _synthetic(recipe: dict[str, Any], label: str, folder: Path) -> tuple[Path, 
     for k, spec in enumerate(cohorts):
         spec = dict(spec)
         name = str(spec.pop("name", spec.get("task", f"cohort{k}")))
-        cfg_path = folder / f"{name}.json"
-        cfg_path.write_text(json.dumps({"config": spec}))
+        cfg_path, shard = folder / f"{name}.json", folder / f"{name}.h5"
+        text = json.dumps({"config": spec, "encoder": encoder})
+        same = cfg_path.exists() and cfg_path.read_text() == text  # an unchanged cohort resumes / is reused
+        cfg_path.write_text(text)
         config: SynthConfig = load_synth_config(cfg_path)  # validates the fields, one-line errors
-        shard = folder / f"{name}.h5"
         extract(ExtractConfig(source="synthetic", input=str(cfg_path), encoder=encoder, out=str(shard),
-                              num_workers=int(recipe.get("workers", 0)), overwrite=True))  # fmt: skip
+                              num_workers=int(recipe.get("workers", 0)), overwrite=not same))  # fmt: skip
         shards.append(shard)
         mapping = relabel.get(name, relabel.get(config.task))
         for p in SyntheticCohort(config).patients:
