@@ -1,0 +1,124 @@
+"""The audit's human-readable report: summary, group tables, forest plots, a recall heatmap, imbalance curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from milcore.report import Report, fmt_ci, plots
+
+NAMES = {"balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1", "auroc": "AUROC (one vs rest)",
+         "ece": "calibration error (ECE)", "equalized_odds_difference": "equalized-odds difference",
+         "demographic_parity_difference": "demographic-parity difference"}  # fmt: skip
+
+
+def _nan(x: Any) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return "–"
+    ci = entry.get("ci95")
+    return fmt_ci(_nan(entry.get("value")), [_nan(c) for c in ci] if ci else None)
+
+
+def _p(x: Any) -> str:
+    return "–" if x is None else (f"{x:.2g}" if x >= 0.001 else "<0.001")
+
+
+def add_audit_sections(rep: Report, audit: dict[str, Any]) -> None:
+    """Append the stratified audit's sections (summary, tables, figures) to ``rep``."""
+    summary, config = audit["summary"], audit["config"]
+    rep.heading("Summary")
+    rep.paragraph(summary["headline"], css="note" if summary["flagged_groups"] else "")
+    if summary["details"]:
+        rep.bullets(summary["details"])
+    fam = audit["families"]
+    rep.paragraph(
+        f"How to read this: every group is compared with the other patients whose value is known (gap = group - "
+        f"rest). Gaps are tested by permutation ({config['n_perm']} at most) and corrected with "
+        f"{config['correction']} within two families at alpha {config['alpha']}: the primary family "
+        f"({NAMES.get(config['primary_metric'], config['primary_metric'])} of single-attribute groups, "
+        f"{fam['primary']['tests']} tests) and the secondary family (other metrics, per-class recall and FPR, "
+        f"intersections, parity differences: {fam['secondary']['tests']} tests). Intervals are 95% percentile "
+        f"bootstrap CIs ({config['n_boot']} resamples, patients resampled within groups). Groups with fewer than "
+        f"{config['min_group_size']} patients are marked insufficient and not tested."
+    )
+    if audit.get("notes"):
+        rep.heading("Input")
+        rep.bullets(audit["notes"])
+    inp = audit["input"]
+    rep.paragraph(f"{inp['patients']} labelled patients from {inp['predictions']} joined with {inp['cohort']}"
+                  + (f"; {inp['not_in_cohort']} predicted bags missing from the cohort table were left out"
+                     if inp["not_in_cohort"] else "") + ".")  # fmt: skip
+    metrics = [m for m in dict.fromkeys([config["primary_metric"], *config["test_metrics"]])]
+    rep.heading("Per group")
+    overall = audit["overall"]
+    rows = [["overall", overall["n"], "", *[_cell(overall["metrics"].get(m)) for m in metrics]]]
+    for g in audit["groups"]:
+        rows.append([g["name"], g["n"], g["status"], *[_cell(g["metrics"].get(m)) for m in metrics]])
+    rep.table(["group", "n", "status", *[NAMES.get(m, m) for m in metrics]], rows,
+              caption="Value [95% bootstrap CI]; CIs only for groups large enough to test.")  # fmt: skip
+    comps = audit["comparisons"]
+    shown = [c for c in comps if c["family"] == "primary" or c["flagged"]
+             or (c["metric"] in metrics and c["level"] == "attribute")]  # fmt: skip
+    rep.heading("Gaps and tests")
+    rep.table(["group", "metric", "family", "n", "value", "rest", "gap [95% CI]", "ratio", "gap vs overall",
+               "gap vs best", "p", "corrected p", "flagged"],
+              [[c["group"], c["metric"], c["family"], c["n_group"], _nan(c["value"]), _nan(c["rest"]),
+                fmt_ci(_nan(c["gap"]), [_nan(v) for v in c["gap_ci95"]]), _nan(c["ratio"]),
+                fmt_ci(_nan(c["gap_vs_overall"]), [_nan(v) for v in c["gap_vs_overall_ci95"]]),
+                _nan(c["gap_vs_best"]), _p(c["p_value"]), _p(c["p_corrected"]), "YES" if c["flagged"] else ""]
+               for c in shown],
+              caption="Single-attribute groups on the headline metrics, and every flagged comparison; audit.json "
+                      "holds all of them (per-class recall and FPR, intersections).")  # fmt: skip
+    if audit["parity"]:
+        rep.heading("Parity differences")
+        rep.table(["attribute", "metric", "value [95% CI]", "p", "corrected p", "flagged"],
+                  [[p["attribute"], NAMES.get(p["metric"], p["metric"]), _cell(p), _p(p["p_value"]),
+                    _p(p["p_corrected"]), "YES" if p["flagged"] else ""] for p in audit["parity"]],
+                  caption="Largest between-group range of TPR or FPR (equalized odds) and of the rate of predicting "
+                          "each class (demographic parity), over classes (one vs rest).")  # fmt: skip
+    rep.heading("Plots")
+    tested = [g for g in audit["groups"] if g["status"] == "ok"]
+    for m in metrics:
+        flags = {c["group"] for c in comps if c["metric"] == m and c["flagged"]}
+        entries = [("overall", overall["metrics"].get(m, {}))] + [(g["name"], g["metrics"].get(m, {})) for g in tested]
+        entries = [(name, e) for name, e in entries if e.get("value") is not None]
+        if len(entries) < 2:
+            continue
+        fig = plots.forest_figure([f"{name} (n={_n(audit, name)})" for name, _ in entries],
+                                  [_nan(e["value"]) for _, e in entries],
+                                  [_nan((e.get("ci95") or [None, None])[0]) for _, e in entries],
+                                  [_nan((e.get("ci95") or [None, None])[1]) for _, e in entries],
+                                  reference=_nan(overall["metrics"][m]["value"]),
+                                  flagged=[name in flags for name, _ in entries], xlabel=NAMES.get(m, m),
+                                  title=f"{NAMES.get(m, m)} by group")  # fmt: skip
+        rep.figure(fig, f"{NAMES.get(m, m)} per group with 95% bootstrap CIs; dotted line: overall; red: flagged.",
+                   name=f"forest_{m}")  # fmt: skip
+    classes = audit["input"]["classes"]
+    if tested:
+        matrix = np.asarray([[_nan(g["metrics"].get(f"recall[{c}]", {}).get("value")) for c in classes]
+                             for g in tested])  # fmt: skip
+        rep.figure(plots.heatmap_figure(matrix, [g["name"] for g in tested], classes, "Recall (TPR) by group and "
+                                        "class", label="recall"),
+                   "Per-class recall of each testable group (blank: the class is absent from the group).",
+                   name="recall_heatmap")  # fmt: skip
+
+
+def _n(audit: dict[str, Any], name: str) -> int:
+    if name == "overall":
+        return int(audit["overall"]["n"])
+    return next(int(g["n"]) for g in audit["groups"] if g["name"] == name)
+
+
+def write_audit_report(out: Path, audit: dict[str, Any]) -> tuple[Path, Path]:
+    """Render ``audit.html`` and ``audit.md`` (+ ``audit_files/``) for a stratified audit."""
+    from milcore.audit.run import write_report_atomic
+
+    rep = Report(f"Bias audit of {audit['input']['run']}")
+    add_audit_sections(rep, audit)
+    return write_report_atomic(Path(out), rep, "audit")
