@@ -21,9 +21,7 @@ writes ``DIR/bench.json`` and ``DIR/table.md`` (default ``benchmarks/results/agg
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
-import importlib
 import itertools
 import json
 import logging
@@ -41,6 +39,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from milcore.bench.memory import peak_memory_mb
+from milcore.bench.peers import build_torchmil, import_torchmil
 from milcore.models import create_aggregator, list_aggregators
 from milcore.ops import to_padded
 
@@ -82,27 +82,6 @@ class Case:
                 "bags_per_s_median": statistics.median(self.rates) if ok else None}  # fmt: skip
 
 
-_LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
-
-
-def _status_kb(key: str) -> int:
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
-
-
-def peak_memory_mb(fn: Callable[[], None]) -> float | None:
-    """Peak resident-memory growth (MB) while ``fn`` runs; ``None`` where it cannot be measured."""
-    if _LIBC is None:
-        return None
-    try:
-        _LIBC.malloc_trim(0)
-        before = _status_kb("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
-        fn()
-        return max(0.0, (_status_kb("VmHWM") - before) / 1024)
-    except OSError:
-        return None
-
-
 def make_pool(num_bags: int, n: int, dim: int, variable: bool, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     sizes = torch.randint(max(1, n // 3), 5 * n // 3 + 1, (num_bags,), generator=g) if variable else [n] * num_bags
@@ -126,14 +105,6 @@ class Batches:
 
     def next(self) -> dict[str, torch.Tensor]:
         return next(self._cycle)
-
-
-def import_torchmil() -> Any | None:
-    """``torchmil.models`` or ``None`` when torchmil is not installed (or fails to import)."""
-    try:
-        return importlib.import_module("torchmil.models")
-    except Exception:  # ImportError, or a broken install: the rows say 'not installed'
-        return None
 
 
 def _train_step(model: torch.nn.Module, batches: Batches, bf16: bool, loss_fn: Callable) -> Callable[[], None]:
@@ -169,12 +140,7 @@ def milcore_step(name: str, batches: Batches, layout: str, bf16: bool, dim: int,
 
 def torchmil_step(tm: Any, name: str, batches: Batches, bf16: bool, dim: int) -> Callable:
     torch.manual_seed(0)
-    if name == "abmil":
-        model = tm.ABMIL(in_shape=(dim,), att_dim=128, gated=True)
-    elif name == "transmil":
-        model = tm.TransMIL(in_shape=(dim,))  # Nystrom, 256 landmarks, 4 heads, att_dim 512
-    else:
-        model = tm.DSMIL(in_shape=(dim,), att_dim=128, nonlinear_q=True)
+    model = build_torchmil(tm, name, dim)  # TransMIL: Nystrom, 256 landmarks, 4 heads, att_dim 512
 
     def loss(b: dict) -> torch.Tensor:  # their own training loss; torchmil's TransMIL takes no mask
         mask = () if name == "transmil" else (b["mask"],)
