@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
-    results: dict[str, Any] = {}
+    previous = Path(args.out) / "bench.json"  # keep the other scenario's results when running one (--only)
+    results: dict[str, Any] = json.loads(previous.read_text()).get("results", {}) if previous.exists() else {}
     for kind, path in CONFIGS.items():
         if args.only and kind != args.only:
             continue

@@ -90,6 +90,8 @@ class StreamRunner:
             raise OutputExistsError(f"{self.out}: holds a continual run already; pass --resume to continue it "
                                     f"or choose another --out")  # fmt: skip
         self.out.mkdir(parents=True, exist_ok=True)
+        if started and (self.out / "config.yaml").exists():
+            self._check_same_config(yaml.safe_load((self.out / "config.yaml").read_text()))
         (self.out / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         bank_path, cohort_path = prepare_data(self.config.data, self.out)
         bank = open_reader(bank_path)
@@ -109,6 +111,18 @@ class StreamRunner:
             except InvalidArgumentError as exc:
                 raise UserError(f"{self.config.name}: {exc}") from exc
         return bank, scenario
+
+    def _check_same_config(self, saved: dict[str, Any]) -> None:
+        """On resume, everything but the seeds and the strategy list must match the saved run."""
+        keys = ("data", "scenario", "model", "train", "memory")
+        now = self.config.to_dict()
+        changed = [k for k in keys if json.dumps(saved.get(k), sort_keys=True, default=str)
+                   != json.dumps(now[k], sort_keys=True, default=str)]  # fmt: skip
+        changed += [n for n, o in self.config.strategies.items() if n in saved.get("strategies", {})
+                    and saved["strategies"][n] != o]  # fmt: skip
+        if changed:
+            raise UserError(f"{self.out}: the configuration differs from the run being resumed "
+                            f"({', '.join(changed)}); use another --out")  # fmt: skip
 
     def run(self, strategies: list[str] | None = None) -> dict[str, Any]:
         """Run (or resume) every stream; write continual.json and the report; returns the summary."""

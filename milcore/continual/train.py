@@ -9,6 +9,9 @@ from milcore.continual.config import StreamTrainConfig
 from milcore.continual.data import Items, TrainBatch
 from milcore.continual.strategies.base import Strategy, StrategyContext
 from milcore.losses import class_weights
+from milcore.models.base import EpochContext
+
+CONTROL_SAMPLE = 20_000
 
 
 def epoch_order(labels: np.ndarray, num_classes: int, balance: str, rng: np.random.Generator) -> np.ndarray:
@@ -38,7 +41,11 @@ def train_task(ctx: StrategyContext, strategy: Strategy, items: Items, cfg: Stre
     losses = []
     model.train()
     ctx.data.preload([b for b, r in zip(items.bag_ids, items.rows, strict=True)])
-    for _ in range(cfg.epochs):
+    needs = getattr(model, "hook_requirements", frozenset())
+    for epoch in range(cfg.epochs):
+        if hasattr(model, "on_epoch_start"):  # e.g. AMiL refits its control-cell Gaussian
+            sampler = _control_sampler(ctx, items, model) if "control_instances" in needs else None
+            model.on_epoch_start(EpochContext(epoch, sampler))
         total, count = 0.0, 0
         order = epoch_order(items.labels, ctx.num_classes, cfg.balance, rng)
         for group, x, ptr in ctx.data.batches(items, order, cfg.batch_instances, cfg.max_bag_instances, rng):
@@ -56,3 +63,20 @@ def train_task(ctx: StrategyContext, strategy: Strategy, items: Items, cfg: Stre
             count += len(group)
         losses.append(total / max(count, 1))
     return losses
+
+
+def _control_sampler(ctx: StrategyContext, items: Items, model: torch.nn.Module):
+    """Rows of the control-class items (memory pseudo-bags included), at most :data:`CONTROL_SAMPLE`."""
+    normal = int(getattr(model.config, "normal_class", 0))
+
+    def sample() -> torch.Tensor:
+        xs = [ctx.data.item_x(items, k) for k in np.flatnonzero(items.labels == normal)]
+        if not xs:
+            return torch.zeros(0, ctx.data.dim, device=ctx.device)
+        x = torch.cat(xs)  # (M, D)
+        if len(x) > CONTROL_SAMPLE:
+            g = torch.Generator().manual_seed(ctx.seed * 1000 + ctx.task)
+            x = x[torch.randperm(len(x), generator=g)[:CONTROL_SAMPLE]]
+        return x.to(ctx.device)
+
+    return sample

@@ -84,10 +84,17 @@ def test_resume_equals_a_straight_run(stream_bank, make_config, tmp_path, monkey
     np.testing.assert_array_equal(ma["rows"], mb["rows"])
 
 
-def test_resume_with_a_bank_lacking_the_memory_bags(
-    stream_bank, make_config, stream_bank_factory, tmp_path, capsys, monkeypatch
-):
-    config = make_config(stream_bank, strategies={"milreplay": {}})
+def test_resume_with_a_bank_lacking_the_memory_bags(stream_bank, make_config, stream_bank_factory, tmp_path, capsys,
+                                                    monkeypatch):  # fmt: skip
+    import shutil
+
+    from feature_cache.bank import open_reader, open_writer
+    from feature_cache.bank.merge import copy_bags
+
+    bank, cohort = tmp_path / "bank.h5", tmp_path / "cohort.csv"
+    shutil.copy(stream_bank["bank"], bank)
+    shutil.copy(stream_bank["cohort"], cohort)
+    config = make_config({"bank": bank, "cohort": cohort}, strategies={"milreplay": {}})
     path = _write(tmp_path, config)
     out = tmp_path / "run"
     import milcore.continual.runner as runner
@@ -102,22 +109,15 @@ def test_resume_with_a_bank_lacking_the_memory_bags(
     monkeypatch.setattr(runner, "train_task", stop)
     assert main(["-q", "continual", "--config", str(path), "--out", str(out)]) == 130
     monkeypatch.setattr(runner, "train_task", real)
-    other = stream_bank_factory(tmp_path / "other", seed=1)  # same bag ids ...
-    ids = [f"b{i:04d}" for i in range(48)]
     state = torch.load(out / "streams" / "milreplay" / "seed0" / "state.pt", weights_only=True)
     kept = set(state["memory"]["bag_ids"])
-    keep = [b for b in ids if b not in kept]  # ... but without the stored bags
-    from feature_cache.bank import open_reader, open_writer
-    from feature_cache.bank.merge import copy_bags
-
-    with open_reader(other["bank"]) as reader, open_writer(tmp_path / "lacking.h5", reader.info, mode="w") as w:
-        copy_bags(reader, w, keep)
-    config["data"]["bank"] = str(tmp_path / "lacking.h5")
+    other = stream_bank_factory(tmp_path / "other", seed=1)  # same bag ids, re-extracted ...
+    with open_reader(other["bank"]) as reader, open_writer(bank, reader.info, mode="w") as w:
+        copy_bags(reader, w, [b for b in reader.bag_ids() if b not in kept])  # ... without the stored bags
     lines = [ln for ln in other["cohort"].read_text().splitlines() if ln.split(",")[0] not in kept]
-    (tmp_path / "lacking.csv").write_text("\n".join(lines) + "\n")
-    config["data"]["cohort"] = str(tmp_path / "lacking.csv")
+    cohort.write_text("\n".join(lines) + "\n")
     capsys.readouterr()
-    code = main(["-q", "continual", "--config", str(_write(tmp_path, config)), "--out", str(out), "--resume"])
+    code = main(["-q", "continual", "--config", str(path), "--out", str(out), "--resume"])
     err = capsys.readouterr().err
     assert code == 2
     assert "missing from this bank" in err and sorted(kept)[0] in err
@@ -136,3 +136,42 @@ def test_bad_input_one_line_errors(stream_bank, make_config, tmp_path, capsys):
     typo = make_config(stream_bank, trian={})
     assert main(["continual", "--config", str(_write(tmp_path, typo)), "--out", str(tmp_path / "d")]) == 2
     assert "unknown key(s) trian" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_changed_configuration(stream_bank, make_config, tmp_path, capsys):
+    config = make_config(stream_bank, strategies={"finetune": {}}, train={"epochs": 1, "device": "cpu"})
+    out = str(tmp_path / "run")
+    assert main(["-q", "continual", "--config", str(_write(tmp_path, config)), "--out", out]) == 0
+    config["memory"] = {"budget": 100, "per_bag": 10}
+    assert main(["-q", "continual", "--config", str(_write(tmp_path, config)), "--out", out, "--resume"]) == 2
+    assert "differs from the run being resumed (memory)" in capsys.readouterr().err
+
+
+def test_domain_stream_with_amil_and_balanced_sampler(stream_bank, make_config, tmp_path):
+    config = make_config(
+        stream_bank,
+        data={"bank": str(stream_bank["bank"]), "cohort": str(stream_bank["cohort"]), "label": "dx",
+              "classes": ["c0", "c1", "c2", "c3"]},
+        scenario={"kind": "domain_incremental", "column": "site"},
+        model={"name": "amil", "args": {}},
+        train={"epochs": 2, "lr": 0.005, "batch_instances": 512, "balance": "sampler", "device": "cpu"},
+        strategies={"lwf": {}, "milreplay": {}},
+    )  # fmt: skip
+    out = tmp_path / "run"
+    assert main(["-q", "continual", "--config", str(_write(tmp_path, config)), "--out", str(out)]) == 0
+    summary = json.loads((out / "continual.json").read_text())
+    for entry in summary.values():
+        assert entry["forward_transfer"] is not None  # every task measurable before it is trained
+        assert all(v is not None for row in entry["accuracy_matrix"] for v in row)
+    assert summary["milreplay"]["memory_instances"] == 200
+
+
+def test_balanced_sampler_draws_classes_equally():
+    from milcore.continual.train import epoch_order
+
+    labels = np.array([0] * 90 + [1] * 10)
+    order = epoch_order(labels, 2, "sampler", np.random.default_rng(0))
+    share = np.mean(labels[order] == 1)
+    assert 0.35 < share < 0.65
+    np.testing.assert_array_equal(np.sort(epoch_order(labels, 2, "weights", np.random.default_rng(0))),
+                                  np.arange(100))  # fmt: skip
