@@ -28,7 +28,7 @@ from milcore.training.config import TrainConfig
 log = logging.getLogger(__name__)
 
 METRICS = ("balanced_accuracy", "macro_f1", "auroc", "ece")
-COSTS = ("train_bags_per_s", "infer_ms_per_bag", "peak_mb", "params", "fit_s")
+COSTS = ("train_bags_per_s", "infer_ms_per_bag", "peak_mb", "params", "fit_s", "cpu_s")
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,7 @@ def run_one(name: str, peer: bool, seed: int, fold: Any, ctx: dict[str, Any]) ->
     tr, va, te = store.view(fold.train), store.view(fold.val), store.view(fold.test)
     y_tr, y_va, y_te = (np.asarray([label_of[b] for b in part]) for part in (fold.train, fold.val, fold.test))
     label = f"{PEER_PREFIX if peer else ''}{name} seed {seed} fold {fold.index + 1}/{spec.folds}"
+    cpu0 = time.process_time()
     with PeakMemory(trainer.device) as peak:
         t0 = time.perf_counter()
         model, fit = trainer.fit(tr, y_tr, va, y_va, desc=label)
@@ -139,6 +140,7 @@ def run_one(name: str, peer: bool, seed: int, fold: Any, ctx: dict[str, Any]) ->
         t1 = time.perf_counter()
         preds = trainer.predict(model, te)
         infer_s = time.perf_counter() - t1
+    cpu_s = time.process_time() - cpu0
     proba = softmax(preds.logits, temperature)
     row: dict[str, Any] = {
         "model": name, "impl": "torchmil" if peer else "milcore", "seed": seed, "fold": fold.index,
@@ -147,6 +149,7 @@ def run_one(name: str, peer: bool, seed: int, fold: Any, ctx: dict[str, Any]) ->
         "train_bags_per_s": len(fold.train) * len(fit.history) / optimise_s,
         "infer_ms_per_bag": 1000 * infer_s / max(len(fold.test), 1),
         "peak_mb": peak.mb, "params": int(sum(p.numel() for p in model.parameters())), "fit_s": fit_s,
+        "cpu_s": cpu_s,
     }  # fmt: skip
     truth = ctx["truth"]
     if truth is not None:
@@ -220,7 +223,8 @@ def summarize(rows: list[dict[str, Any]], key: tuple[str, str]) -> dict[str, Any
         agg[k]["ci95"] = list(mean_ci(np.asarray(agg[k]["values"], dtype=float)))
     return {"impl": key[0], "model": key[1], "runs": len(mine), "metrics": agg,
             "params": mine[0]["params"], "peak_mb_max": max((r["peak_mb"] or 0.0) for r in mine),
-            "seconds": float(sum(r["fit_s"] for r in mine))}  # fmt: skip
+            "seconds": float(sum(r["fit_s"] for r in mine)),
+            "cpu_seconds": float(sum(r["cpu_s"] for r in mine))}  # fmt: skip
 
 
 def mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -263,7 +267,7 @@ def run_benchmark(spec: BenchSpec) -> dict[str, Any]:
     from milcore.report.bench_io import machine_info
 
     check_models(spec.models, spec.peers)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     tm = import_torchmil() if spec.peers else None
     ctx = {"spec": spec, "tm": tm, **_load(spec)}
     plan = [(m, False) for m in spec.models] + ([(m, True) for m in spec.peers] if tm is not None else [])
@@ -281,7 +285,8 @@ def run_benchmark(spec: BenchSpec) -> dict[str, Any]:
         "torchmil": _torchmil_version() if tm is not None else "not installed",
         "machine": machine_info(), "torch_threads": _threads(), "runs": rows, "summary": summary,
         "peers": compare_peers(rows), "splits": {str(s): [asdict(f) for f in fs] for s, fs in ctx["folds"].items()},
-        "seconds": time.perf_counter() - t0,
+        "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
+        "load_average_after": _load_average(),
     }  # fmt: skip
 
 
@@ -292,6 +297,15 @@ def _torchmil_version() -> str:
         return version("torchmil")
     except PackageNotFoundError:
         return "unknown"
+
+
+def _load_average() -> list[float]:
+    import os
+
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return []
 
 
 def _threads() -> int:

@@ -52,8 +52,19 @@ def markdown_table(result: dict[str, Any]) -> str:
     headers, rows = table_rows(result)
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += ["", *peer_lines(result)]
+    lines += ["", *peer_lines(result), "", run_line(result)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def run_line(result: dict[str, Any]) -> str:
+    """Wall and process CPU time of the whole benchmark, threads and the machine's load."""
+    load = result.get("load_average_after") or []
+    before = result.get("machine", {}).get("load_average") or []
+    cpu = result.get("cpu_seconds")
+    return (f"Run: {result['seconds']:.0f} s wall" + (f", {cpu:.0f} s process CPU" if cpu is not None else "")
+            + f", {result['torch_threads']} torch thread(s), {result['machine'].get('cpus', '?')} CPUs; load average "
+            f"(1 min) {before[0] if before else float('nan'):.1f} at start, {load[0] if load else float('nan'):.1f} "
+            "at end")  # fmt: skip
 
 
 def peer_lines(result: dict[str, Any]) -> list[str]:
