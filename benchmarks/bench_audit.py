@@ -112,7 +112,7 @@ def one_seed(pools: CellPools, root: Path, patients: int, seed: int, factor: flo
     metrics = train_cv(spec, config, folder / "run", overwrite=True)
     t_train = time.perf_counter() - t0
     audit = audit_run(folder / "run", cohort, folder / "audit", AuditConfig(attributes=("sex", "age"), seed=seed),
-                      overwrite=True)  # fmt: skip
+                      overwrite=True, report=False)  # fmt: skip
     primary = [c for c in audit["comparisons"] if c["family"] == "primary"]
     sex_f = next(c for c in primary if c["group"] == "sex=F")
     row = {"factor": factor, "seed": seed, "patients": patients, "ba": metrics["balanced_accuracy"],
@@ -143,7 +143,7 @@ def power(args: argparse.Namespace) -> int:
         for line in results_path.read_text().splitlines():
             r = json.loads(line)
             done[(r["factor"], r["seed"])] = r
-    plan = [(f, s) for f in args.factors for s in range(args.seeds)]
+    plan = [(f, s) for s in range(args.seeds) for f in args.factors]  # seed-major: every factor advances together
     rows = []
     for factor, seed in plan:
         if (factor, seed) not in done:

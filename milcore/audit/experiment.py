@@ -198,7 +198,7 @@ def _sex_runs(lab: _Lab, bar) -> tuple[list[dict[str, Any]], int]:
 def _age_runs(lab: _Lab, bar) -> tuple[list[dict[str, Any]], int, list[str]]:
     spec, config = lab.spec, lab.config
     bands = [f"{lo}-{hi}" for lo, hi in config.age_bands]
-    present = [b for b in bands if (lab.age[lab.pool] == b).any()]
+    present = [b for b in bands if (lab.age[lab.pool] == b).any() and (lab.age[lab.test] == b).any()]
     known = lab.pool[lab.age[lab.pool] != ""]
     size = spec.train_size or (len(known) - max((int((lab.age[known] == b).sum()) for b in present), default=0))
     if size < 4:
@@ -219,8 +219,12 @@ def _age_runs(lab: _Lab, bar) -> tuple[list[dict[str, Any]], int, list[str]]:
     return runs, size, present
 
 
-def analyse(runs: list[dict[str, Any]], fractions: tuple[float, ...], bands: list[str], alpha: float) -> dict[str, Any]:
-    """Per-condition means with CIs, the female-fraction trends and the paired age-exclusion effects."""
+def analyse(runs: list[dict[str, Any]], fractions: tuple[float, ...], bands: list[str], alpha: float,
+            min_group: int = 10) -> dict[str, Any]:  # fmt: skip
+    """Per-condition means with CIs, the female-fraction trends and the paired age-exclusion effects.
+
+    Effects measured on a test group smaller than ``min_group`` carry ``status: insufficient``.
+    """
     from milcore.audit.statistics import linear_trend, mean_ci, paired_effect
 
     out: dict[str, Any] = {"sex": {}, "age": {}}
@@ -251,8 +255,9 @@ def analyse(runs: list[dict[str, Any]], fractions: tuple[float, ...], bands: lis
                     if not diffs:
                         continue
                     n_test = next((r["test"][target]["n"] for r in age_runs if target in r["test"]), 0)
+                    status = "ok" if n_test >= min_group else "insufficient"
                     effects.append({"excluded": band, "test_group": target, "metric": m, "n_test": n_test,
-                                    **paired_effect(diffs, alpha)})  # fmt: skip
+                                    "status": status, **paired_effect(diffs, alpha)})  # fmt: skip
         out["age"] = {"effects": effects}
     return out
 
@@ -273,6 +278,10 @@ def run_imbalance_experiment(spec: ExperimentSpec, config: AuditConfig, out: str
     out = Path(out)
     prepare_out(out, overwrite)
     lab = _Lab(spec, config)
+    small = [k for k, v in lab.test_groups.items() if 0 < len(v) < config.min_group_size]
+    if small:
+        lab.notes.append(f"test groups below {config.min_group_size} patients (treat their numbers as anecdotal): "
+                         + ", ".join(f"{k} ({len(lab.test_groups[k])})" for k in small))  # fmt: skip
     for note in lab.notes:
         log.info("audit experiment: %s", note)
     n_age = (1 + len({b for b in lab.age[lab.pool] if b})) * spec.seeds if spec.age else 0
@@ -292,7 +301,7 @@ def run_imbalance_experiment(spec: ExperimentSpec, config: AuditConfig, out: str
                    "pool": len(lab.pool), "sex_train_size": sex_size, "age_train_size": age_size,
                    "age_bands_excluded": present},
         "runs": runs,
-        "analysis": analyse(runs, spec.fractions, present, config.alpha),
+        "analysis": analyse(runs, spec.fractions, present, config.alpha, config.min_group_size),
     }  # fmt: skip
     result["seconds"] = time.perf_counter() - t0
     write_json_atomic(out / "audit.json", result)

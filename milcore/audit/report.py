@@ -26,7 +26,9 @@ def _cell(entry: dict[str, Any] | None) -> str:
 
 
 def _p(x: Any) -> str:
-    return "–" if x is None else (f"{x:.2g}" if x >= 0.001 else "<0.001")
+    if x is None or x != x:  # missing or NaN
+        return "–"
+    return f"{x:.2g}" if x >= 0.001 else "<0.001"
 
 
 def add_audit_sections(rep: Report, audit: dict[str, Any]) -> None:

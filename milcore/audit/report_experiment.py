@@ -14,7 +14,16 @@ def _f(x: Any) -> float:
 
 
 def _p(x: Any) -> str:
-    return "–" if x is None else (f"{x:.2g}" if x >= 0.001 else "<0.001")
+    if x is None or x != x:  # missing or NaN
+        return "–"
+    return f"{x:.2g}" if x >= 0.001 else "<0.001"
+
+
+def _significant(effect: dict[str, Any], alpha: float) -> str:
+    if effect.get("status") == "insufficient":
+        return "insufficient"
+    p = effect.get("p_value")
+    return "yes" if p is not None and p == p and p < alpha else ""
 
 
 def add_experiment_sections(rep: Report, result: dict[str, Any]) -> None:
@@ -81,13 +90,12 @@ def add_experiment_sections(rep: Report, result: dict[str, Any]) -> None:
         effects = [e for e in age["effects"] if e["metric"] == "balanced_accuracy"]
         rep.table(["excluded band", "test group", "n test", "effect on BA [95% CI]", "p (paired t)", "significant"],
                   [[e["excluded"], e["test_group"], e["n_test"], fmt_ci(_f(e["mean"]), [_f(c) for c in e["ci95"]]),
-                    _p(e.get("p_value")), "yes" if e.get("p_value") is not None and e["p_value"] < alpha else ""]
-                   for e in effects],
+                    _p(e.get("p_value")), _significant(e, alpha)] for e in effects],
                   caption="Balanced accuracy with the band excluded minus the baseline (nothing excluded), paired by "
                           "seed; negative = the exclusion hurts that test group.")  # fmt: skip
         own = [e for e in effects if e["test_group"] == f"age={e['excluded']}" and e["mean"] is not None]
         if own:
-            hurt = [e.get("p_value") is not None and e["p_value"] < alpha and e["mean"] < 0 for e in own]
+            hurt = [_significant(e, alpha) == "yes" and e["mean"] < 0 for e in own]
             rep.figure(plots.forest_figure([f"{e['excluded']} (n test={e['n_test']})" for e in own],
                                            [_f(e["mean"]) for e in own], [_f(e["ci95"][0]) for e in own],
                                            [_f(e["ci95"][1]) for e in own], reference=0.0, flagged=hurt,

@@ -76,7 +76,7 @@ def write_report_atomic(out: Path, report, name: str) -> tuple[Path, Path]:
 
 
 def audit_run(run: str | Path, cohort: str | Path, out: str | Path, config: AuditConfig | None = None, *,
-              overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
+              overwrite: bool = False, report: bool = True) -> dict[str, Any]:  # fmt: skip
     """Audit a run's out-of-fold predictions by the cohort's sex, age and site; writes ``audit.json/.md/.html``.
 
     Args:
@@ -85,6 +85,7 @@ def audit_run(run: str | Path, cohort: str | Path, out: str | Path, config: Audi
         out: output folder.
         config: the audit configuration.
         overwrite: replace an existing audit in ``out``.
+        report: also render ``audit.md``/``audit.html`` (benchmarks that only need the JSON skip it).
 
     Returns:
         The content of ``audit.json``.
@@ -134,6 +135,7 @@ def audit_run(run: str | Path, cohort: str | Path, out: str | Path, config: Audi
     }  # fmt: skip
     audit["seconds"] = time.perf_counter() - t0
     write_json_atomic(out / "audit.json", audit)
-    write_audit_report(out, audit)
+    if report:
+        write_audit_report(out, audit)
     log.info("audit: %s", audit["summary"]["headline"])
     return audit
