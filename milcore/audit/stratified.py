@@ -2,7 +2,8 @@
 
 Each group is compared with the rest of the patients whose attribute is known (``gap = metric(group) -
 metric(rest)``, tested by permutation), and described against the overall cohort and the best group of
-its attribute (gaps and ratios with bootstrap CIs). Two families of tests are corrected separately, each
+its attribute (gaps and ratios with bootstrap CIs); a group without ``min_group_size`` other patients to
+compare with (the only site) has status ``no_comparison``. Two families of tests are corrected separately, each
 at ``alpha``: the *primary* family (``primary_metric`` on single-attribute groups, the pre-specified
 question) and the *secondary* family (the other metrics, per-class recall and FPR, intersections and the
 parity differences). A comparison is ``flagged`` when its corrected p-value is below ``alpha`` and the
@@ -150,7 +151,12 @@ def _describe(pred: Predictions, classes: list[str], g: Subgroup, counts: np.nda
     """Point values and bootstrap samples of a group and of its rest."""
     alpha = config.alpha
     n_per_class = np.bincount(pred.y_true[g.mask], minlength=pred.num_classes)
-    status = "ok" if g.size >= config.min_group_size and g.rest.sum() >= config.min_group_size else "insufficient"
+    if g.size < config.min_group_size:
+        status = "insufficient"
+    elif g.rest.sum() < config.min_group_size:
+        status = "no_comparison"  # (almost) everyone is in this group, e.g. the only site
+    else:
+        status = "ok"
     point = flatten(weighted_metrics(pred, g.mask[None].astype(float), True), classes)
     row: dict[str, Any] = {
         "name": g.name, "attribute": g.attribute, "level": g.level, "n": g.size,

@@ -132,3 +132,25 @@ def test_against_fairlearn_metricframe() -> None:
     assert d["demographic_parity_difference"] == pytest.approx(
         fairlearn.demographic_parity_difference(y, y_pred, sensitive_features=sex)
     )
+
+
+def test_gaps_and_ratios_by_hand() -> None:
+    from milcore.audit.config import AuditConfig
+    from milcore.audit.groups import build_groups
+    from milcore.audit.stratified import audit_predictions
+
+    sex = np.asarray(["F"] * 4 + ["M"] * 4, dtype=object)
+    config = AuditConfig(attributes=("sex",), min_group_size=2, n_boot=50, n_perm=50, per_class=False)
+    audit = audit_predictions(Predictions(Y, PROBA), ["a", "b", "c"], build_groups({"sex": sex}, 8, config), config)
+    f = next(c for c in audit["comparisons"] if c["group"] == "sex=F" and c["metric"] == "balanced_accuracy")
+    overall = (2 / 3 + 1.0 + 0.5) / 3  # class 0: 2 of 3 right, class 1: 3 of 3, class 2: 1 of 2
+    assert audit["overall"]["metrics"]["balanced_accuracy"]["value"] == pytest.approx(overall)
+    assert f["value"] == pytest.approx(0.5) and f["rest"] == pytest.approx(1.0)
+    assert f["gap"] == pytest.approx(-0.5) and f["ratio"] == pytest.approx(0.5)
+    assert f["gap_vs_overall"] == pytest.approx(0.5 - overall)
+    assert f["ratio_vs_overall"] == pytest.approx(0.5 / overall)
+    assert f["best_group"] == "sex=M" and f["gap_vs_best"] == pytest.approx(-0.5)
+    assert f["worse"] and f["n_group"] == 4 and f["n_rest"] == 4
+    m = next(c for c in audit["comparisons"] if c["group"] == "sex=M" and c["metric"] == "balanced_accuracy")
+    assert m["p_value"] == f["p_value"] and m["test_key"] == f["test_key"]  # one test, seen from both sides
+    assert audit["families"]["primary"]["tests"] == 1
