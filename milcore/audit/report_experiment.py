@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from milcore.audit.report import NAMES
 from milcore.report import Report, fmt, fmt_ci, plots
 
@@ -71,11 +73,11 @@ def add_experiment_sections(rep: Report, result: dict[str, Any]) -> None:
                 if not pts:
                     continue
                 series[label] = [_f(p["mean"]) for p in pts]
-                bands[label] = ([_f(p["ci95"][0]) for p in pts], [_f(p["ci95"][1]) for p in pts])
+                bands[label] = tuple(np.clip([_f(p["ci95"][k]) for p in pts], 0.0, 1.0) for k in (0, 1))  # in [0, 1]
             xs = [p["female_fraction"] for p in curves[f"all:{metric}"]]
             rep.figure(plots.lines_figure(xs, series, "female fraction of the training set", NAMES.get(metric, metric),
                                           f"{NAMES.get(metric, metric)} vs training sex balance", bands),
-                       "Mean over seeds with 95% t-intervals (shaded) on the fixed test set.",
+                       "Mean over seeds with 95% t-intervals (shaded, clipped to [0, 1]) on the fixed test set.",
                        name=f"imbalance_{metric}")  # fmt: skip
         rep.table(["female fraction", "female BA", "male BA", "all BA"],
                   [[f"{p['female_fraction']:g}", fmt_ci(_f(p["mean"]), [_f(c) for c in p["ci95"]]),
