@@ -57,7 +57,7 @@ SYNTHETIC_CASES = (
 #: Per size: patients per synthetic cohort, BloodMNIST bags, extraction encoder and input size.
 SIZES: dict[str, dict[str, Any]] = {
     "cpu": {"patients": 60, "bm_bags": 100, "encoder": "efficientnet_lite0", "image_size": 96, "bag_median": None},
-    "tiny": {"patients": 15, "bm_bags": 12, "encoder": "toy", "image_size": None, "bag_median": 20},
+    "tiny": {"patients": 40, "bm_bags": 12, "encoder": "toy", "image_size": None, "bag_median": 20},
 }
 
 
