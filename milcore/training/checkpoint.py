@@ -44,6 +44,8 @@ def save_checkpoint(
     """Write ``model.safetensors`` and ``checkpoint.json`` into ``folder``; returns the folder."""
     from safetensors.torch import save_file
 
+    from milcore.models.input_norm import has_input_norm
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -57,6 +59,7 @@ def save_checkpoint(
         "classes": list(classes),
         "encoder": encoder,
         "temperature": float(temperature),
+        "input_norm": has_input_norm(model),
         "train_config": train_config or {},
         "split": split or {},
         "versions": versions(),
@@ -97,6 +100,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     from safetensors.torch import load_file
 
     from milcore.models import create_aggregator
+    from milcore.models.input_norm import attach_input_norm
     from milcore.models.registry import get_aggregator_entry
 
     folder, card = read_card(path)
@@ -109,6 +113,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
             cfg[key] = tuple(value)
     in_dim, num_classes = cfg.pop("in_dim"), cfg.pop("num_classes")
     model = create_aggregator(name, in_dim=in_dim, num_classes=num_classes, **cfg)
+    if card.get("input_norm"):
+        attach_input_norm(model)  # placeholders, filled from the weights file
     try:
         model.load_state_dict(load_file(str(folder / WEIGHTS)))
     except RuntimeError as exc:

@@ -12,6 +12,7 @@ OPTIMIZERS = ("adamw", "sgd")
 WEIGHTINGS = ("balanced", "none")
 SAMPLERS = ("shuffle", "balanced")
 MONITORS = ("val_loss", "val_balanced_accuracy")
+INPUT_NORMS = ("none", "standardize")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class TrainConfig:
             ones are packed until their cells reach this number (a bag larger than it is a batch alone).
         max_bag_instances: training-time random sub-sampling of huge bags (0 = never); evaluation
             always sees every cell.
+        instance_dropout: fraction of each training bag's cells left out at random at every step (an
+            augmentation against memorising a few bags; 0 = off); evaluation always sees every cell.
+        input_norm: ``standardize`` (every feature shifted and scaled by the training fold's cell mean and
+            standard deviation, stored in the model and applied wherever it is used) or ``none``.
         class_weighting: ``balanced`` (inverse class frequency in the loss) or ``none``.
         sampler: ``shuffle`` (every bag once per epoch) or ``balanced`` (classes drawn equally often).
         bel_weight: weight of the Bag Embedding Loss (0 = off).
@@ -55,6 +60,8 @@ class TrainConfig:
     optimizer: str = "adamw"
     batch_instances: int = 2048
     max_bag_instances: int = 4096
+    instance_dropout: float = 0.0
+    input_norm: str = "none"
     class_weighting: str = "balanced"
     sampler: str = "shuffle"
     bel_weight: float = 0.0
@@ -79,6 +86,8 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
             (self.batch_instances >= 1, f"batch_instances must be >= 1, got {self.batch_instances}"),
             (self.max_bag_instances >= 0, f"max_bag_instances must be >= 0, got {self.max_bag_instances}"),
+            (0 <= self.instance_dropout < 1, f"instance_dropout must be in [0, 1), got {self.instance_dropout}"),
+            (self.input_norm in INPUT_NORMS, f"input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}"),
             (self.class_weighting in WEIGHTINGS, f"class_weighting must be one of {WEIGHTINGS}"),
             (self.sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}, got {self.sampler!r}"),
             (self.bel_weight >= 0, f"bel_weight must be >= 0, got {self.bel_weight}"),

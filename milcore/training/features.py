@@ -101,10 +101,39 @@ class FeatureStore:
         sub._starts = self._starts[idx]
         return sub
 
+    def moments(self, budget: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+        """Per-feature mean and standard deviation over every cell of these bags (float64 sums).
+
+        Streams in batches of ``budget`` cells, so it works whether the store is in memory or not.
+
+        Returns:
+            ``(mean (D,), std (D,))`` as float32.
+        """
+        total = np.zeros(self.dim, dtype=np.float64)
+        squares = np.zeros(self.dim, dtype=np.float64)
+        count = 0
+        for batch in self.batches(np.arange(len(self)), budget):
+            x = batch.x.double().numpy()  # (n, D)
+            total += x.sum(0)
+            squares += np.square(x).sum(0)
+            count += len(x)
+        if count == 0:
+            return np.zeros(self.dim, dtype=np.float32), np.ones(self.dim, dtype=np.float32)
+        mean = total / count
+        var = np.maximum(squares / count - np.square(mean), 0.0)
+        return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+
     def gather(
-        self, positions: np.ndarray, cap: int = 0, rng: np.random.Generator | None = None
+        self, positions: np.ndarray, cap: int = 0, rng: np.random.Generator | None = None, keep: float = 1.0
     ) -> BagBatch:
-        """Collate the bags at ``positions`` (optionally sub-sampling each to ``cap`` random rows).
+        """Collate the bags at ``positions``, optionally with random rows left out of each.
+
+        Args:
+            positions: bag positions in this store.
+            cap: keep at most this many random rows per bag (0 = no cap).
+            rng: generator for the random rows (no sub-sampling without one).
+            keep: keep this fraction of each bag's rows, at least one (instance dropout, a training
+                augmentation); applied before ``cap``.
 
         Returns:
             A :class:`BagBatch` (float32 ``x``, ``ptr``, ``coords`` when kept, ``bag_ids``) whose
@@ -113,8 +142,9 @@ class FeatureStore:
         rows_per_bag = []
         for pos in positions:
             n = int(self.sizes[pos])
-            if cap > 0 and n > cap and rng is not None:
-                rows_per_bag.append(np.sort(rng.choice(n, cap, replace=False)))
+            m = _kept(n, cap, keep) if rng is not None else n
+            if m < n:
+                rows_per_bag.append(np.sort(rng.choice(n, m, replace=False)))
             else:
                 rows_per_bag.append(np.arange(n))
         counts = np.asarray([len(r) for r in rows_per_bag], dtype=np.int64)
@@ -146,22 +176,26 @@ class FeatureStore:
         seed: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        keep: float = 1.0,
     ) -> Iterator[BagBatch]:
         """Yield packed batches over the bags in ``order`` within an instance ``budget``.
 
+        ``cap`` and ``keep`` sub-sample each bag as in :meth:`gather` (the budget counts the kept rows).
         In memory, batches are sliced in-process; when streaming and ``num_workers > 0``, a DataLoader
         whose items are *whole batches* reads and collates them in worker processes.
         """
-        groups = budget_batches(self.sizes, order, budget, cap)
+        sizes = self.sizes if keep >= 1 else np.asarray([_kept(int(n), 0, keep) for n in self.sizes])
+        groups = budget_batches(sizes, order, budget, cap)
+        sample = bool(cap) or keep < 1
         if self._x is not None or num_workers == 0:
             for i, g in enumerate(groups):  # one generator per batch, as in the workers: same sub-samples
-                rng = np.random.default_rng(None if seed is None else [seed, i]) if cap else None
-                batch = self.gather(g, cap, rng)
+                rng = np.random.default_rng(None if seed is None else [seed, i]) if sample else None
+                batch = self.gather(g, cap, rng, keep)
                 yield batch.pin_memory() if pin_memory else batch
             return
         from torch.utils.data import DataLoader
 
-        loader = DataLoader(_BatchDataset(self, groups, cap, seed), batch_size=None, shuffle=False,
+        loader = DataLoader(_BatchDataset(self, groups, cap, seed, keep), batch_size=None, shuffle=False,
                             num_workers=num_workers, pin_memory=pin_memory, collate_fn=_identity)  # fmt: skip
         yield from loader
 
@@ -169,15 +203,24 @@ class FeatureStore:
 class _BatchDataset(torch.utils.data.Dataset):
     """Items are whole packed batches, read and collated in the worker processes (picklable)."""
 
-    def __init__(self, store: FeatureStore, groups: list[np.ndarray], cap: int, seed: int | None) -> None:
-        self.store, self.groups, self.cap, self.seed = store, groups, cap, seed
+    def __init__(
+        self, store: FeatureStore, groups: list[np.ndarray], cap: int, seed: int | None, keep: float = 1.0
+    ) -> None:
+        self.store, self.groups, self.cap, self.seed, self.keep = store, groups, cap, seed, keep
 
     def __len__(self) -> int:
         return len(self.groups)
 
     def __getitem__(self, i: int) -> BagBatch:
-        rng = np.random.default_rng(None if self.seed is None else [self.seed, i]) if self.cap else None
-        return self.store.gather(self.groups[i], self.cap, rng)
+        sample = bool(self.cap) or self.keep < 1
+        rng = np.random.default_rng(None if self.seed is None else [self.seed, i]) if sample else None
+        return self.store.gather(self.groups[i], self.cap, rng, self.keep)
+
+
+def _kept(n: int, cap: int, keep: float) -> int:
+    """Rows kept of a bag of ``n``: the ``keep`` fraction (at least one), then at most ``cap``."""
+    m = n if keep >= 1 else min(n, max(1, round(n * keep)))
+    return min(m, cap) if cap > 0 else m
 
 
 def _identity(item: BagBatch) -> BagBatch:

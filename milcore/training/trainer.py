@@ -21,9 +21,13 @@ import torch.nn.functional as F
 
 from feature_cache.progress import progress
 from milcore.losses import bag_cross_entropy, class_weights
+from milcore.models.input_norm import attach_input_norm, normalize_input
 from milcore.training.config import TrainConfig
 from milcore.training.features import FeatureStore
 from milcore.training.metrics import balanced_accuracy
+
+#: input standardisation never divides by less than this fraction of the median feature std
+STD_FLOOR = 0.1
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +141,10 @@ class Trainer:
         return rng.permutation(len(labels))
 
     def _control_sampler(
-        self, store: FeatureStore, labels: np.ndarray, normal_class: int, epoch: int
+        self, store: FeatureStore, labels: np.ndarray, normal_class: int, epoch: int, model: torch.nn.Module
     ) -> Callable[[], torch.Tensor]:
+        """Control cells for AMiL's hook, standardised as the model's inputs are."""
+
         def sample() -> torch.Tensor:
             pos = np.flatnonzero(labels == normal_class)
             if len(pos) == 0:
@@ -148,7 +154,7 @@ class Trainer:
             if len(x) > CONTROL_SAMPLE:
                 g = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
                 x = x[torch.randperm(len(x), generator=g)[:CONTROL_SAMPLE]]
-            return x.to(self.device)
+            return normalize_input(model, x.to(self.device))
 
         return sample
 
@@ -181,6 +187,11 @@ class Trainer:
         if cfg.deterministic and self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
         model = self.build_model()
+        if cfg.input_norm == "standardize":
+            mean, std = train.moments()
+            # a near-constant feature (dead channel, or one only rare cells use) is centred but not blown up
+            std = np.maximum(std, STD_FLOOR * np.median(std))
+            attach_input_norm(model, torch.from_numpy(mean), torch.from_numpy(std))
         y_train = np.asarray(y_train, dtype=np.int64)
         y_val = np.asarray(y_val, dtype=np.int64)
         weights = (class_weights(torch.from_numpy(y_train), self.num_classes) if cfg.class_weighting == "balanced"
@@ -202,13 +213,14 @@ class Trainer:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             model.train()
-            ctx = EpochContext(epoch, self._control_sampler(train, y_train, normal_class, epoch)
+            ctx = EpochContext(epoch, self._control_sampler(train, y_train, normal_class, epoch, model)
                                if "control_instances" in needs else None)  # fmt: skip
             model.on_epoch_start(ctx)
             total, count = 0.0, 0
             for batch in train.batches(self._order(y_train, epoch), cfg.batch_instances, cfg.max_bag_instances,
                                        seed=cfg.seed * 100_003 + epoch, num_workers=0 if train.in_memory
-                                       else cfg.num_workers, pin_memory=self.device.type == "cuda"):  # fmt: skip
+                                       else cfg.num_workers, pin_memory=self.device.type == "cuda",
+                                       keep=1.0 - cfg.instance_dropout):  # fmt: skip
                 b = batch.to(self.device, non_blocking=True)
                 y = y_train_t[positions(batch)].to(self.device)
                 with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
