@@ -71,6 +71,38 @@ def milreplay_scores(
     return w.attention * minmax(attention) + w.class_distance * minmax(d_class) + w.bag_distance * minmax(d_bag)
 
 
+def interleave_random(ranked: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """Mix a ranking with random picks so that every prefix holds about ``share`` random cells.
+
+    Args:
+        ranked: (n,) positions, best first.
+        share: fraction of each prefix drawn at random from the cells not yet taken (0 = ``ranked``).
+        rng: random generator.
+
+    Returns:
+        (n,) a permutation of ``ranked``.
+    """
+    ranked = np.asarray(ranked, dtype=np.int64)
+    if share <= 0 or len(ranked) < 2:
+        return ranked
+    shuffled = ranked[rng.permutation(len(ranked))]
+    taken: set[int] = set()
+    out: list[int] = []
+    pointers = {"best": 0, "random": 0}
+    n_random = 0
+    while len(out) < len(ranked):
+        use_random = n_random + 1 <= share * (len(out) + 1)  # keep the random share of every prefix
+        key, source = ("random", shuffled) if use_random else ("best", ranked)
+        k = pointers[key]
+        while int(source[k]) in taken:
+            k += 1
+        out.append(int(source[k]))
+        taken.add(int(source[k]))
+        pointers[key] = k + 1
+        n_random += int(use_random)
+    return np.asarray(out, dtype=np.int64)
+
+
 def herding_order(embeddings: np.ndarray, k: int | None = None) -> np.ndarray:
     """iCaRL herding: bags in the order that keeps the running mean closest to the class mean.
 

@@ -118,3 +118,14 @@ def test_memory_rows_resolve_in_a_bank_past_255_bags(tmp_path):
     mem.bag_ids, mem.rows = ["bag0001"], np.array([899, 897], dtype=np.int64)
     with pytest.raises(UserError, match="outside the bag"):
         mem.validate(bank)
+
+
+def test_interleave_random_keeps_the_share_in_every_prefix():
+    from milcore.continual.exemplars import interleave_random
+
+    ranked = np.arange(40)[::-1]
+    np.testing.assert_array_equal(interleave_random(ranked, 0.0, np.random.default_rng(0)), ranked)
+    mixed = interleave_random(ranked, 0.5, np.random.default_rng(0))
+    assert sorted(mixed.tolist()) == sorted(ranked.tolist())  # a permutation
+    for t in range(0, 40, 2):  # every other pick is the best cell not taken yet
+        assert mixed[t] == max(set(ranked.tolist()) - set(mixed[:t].tolist()))

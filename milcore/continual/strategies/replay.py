@@ -17,7 +17,12 @@ import numpy as np
 from scipy.special import softmax
 
 from milcore.continual.data import infer
-from milcore.continual.exemplars import MILReplayWeights, confidence_uncertainty_order, milreplay_scores
+from milcore.continual.exemplars import (
+    MILReplayWeights,
+    confidence_uncertainty_order,
+    interleave_random,
+    milreplay_scores,
+)
 from milcore.continual.strategies.base import Strategy, StrategyContext, register_strategy
 
 Candidates = list[tuple[str, np.ndarray]]
@@ -63,22 +68,27 @@ class MILReplay(ReplayStrategy):
 
     Options:
         attention, class_distance, bag_distance: the score weights (defaults 0.5, 0.3, 0.2).
+        random_share: share of each stored pseudo-bag filled with random cells of the bag instead of
+            the best-scored ones (0 = the paper's ranking alone), which keeps part of the bag's composition.
     """
 
-    options: ClassVar[dict[str, Any]] = {"attention": 0.5, "class_distance": 0.3, "bag_distance": 0.2}
+    options: ClassVar[dict[str, Any]] = {"attention": 0.5, "class_distance": 0.3, "bag_distance": 0.2,
+                                         "random_share": 0.0}  # fmt: skip
 
     def rank(self, ctx: StrategyContext, bag_ids: list[str], label: int) -> Candidates:
         weights = MILReplayWeights(float(self.opts["attention"]), float(self.opts["class_distance"]),
                                    float(self.opts["bag_distance"]))  # fmt: skip
         rng = self.rng(ctx, label)
         order = rng.permutation(len(bag_ids))  # same bags as replay_random: only the cells differ
+        share = float(self.opts["random_share"])
         inference = infer(ctx.model, ctx.data, bag_ids, np.full(len(bag_ids), label))
         feats = [ctx.data.bag(b).numpy() for b in bag_ids]
         class_mean = np.concatenate(feats).astype(np.float64).mean(axis=0)  # (D,)
         out = []
         for b in order:
             scores = milreplay_scores(feats[b], inference.attention[b], class_mean, weights)
-            out.append((bag_ids[b], ctx.data.global_rows(bag_ids[b], np.argsort(-scores, kind="stable"))))
+            ranked = interleave_random(np.argsort(-scores, kind="stable"), share, rng)
+            out.append((bag_ids[b], ctx.data.global_rows(bag_ids[b], ranked)))
         return out
 
 
