@@ -128,3 +128,16 @@ def test_peer_adapters_follow_the_aggregator_contract(name: str, num_classes: in
     assert att.shape[0] == 23
     for b in range(3):
         assert torch.allclose(att[ptr[b] : ptr[b + 1]].sum(0), torch.ones(att.shape[1]), atol=1e-4)
+
+
+def test_peak_memory_sees_an_allocation() -> None:
+    import sys
+
+    from milcore.bench.memory import PeakMemory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("resident high-water mark is read from /proc on Linux")
+    with PeakMemory("cpu") as peak:
+        block = np.ones(64 * 2**20 // 8)  # 64 MB, touched
+        del block
+    assert peak.mb is not None and 48 <= peak.mb <= 256
