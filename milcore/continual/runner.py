@@ -53,6 +53,15 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def make_strategy(name: str, options: dict[str, Any]) -> Any:
+    """The configured strategy ``name`` (an entry may name its registered strategy with ``strategy:``).
+
+    Variants then run side by side, e.g. ``milreplay_ranked: {strategy: milreplay, random_share: 0.0}``.
+    """
+    options = dict(options)
+    return create_strategy(str(options.pop("strategy", name)), **options)
+
+
 def evaluate(model: torch.nn.Module, data: BagData, scenario: Scenario, seen: int) -> np.ndarray:
     """(T,) balanced accuracy of each task's test bags, predicting among the ``seen`` classes (NaN: unseen)."""
     column = np.full(scenario.num_tasks, np.nan)
@@ -105,7 +114,7 @@ class StreamRunner:
         scenario = build_scenario(cohort, spec, seed=int(spec.get("seed", 0)))
         _write_json(self.out / "scenario.json", scenario.describe())
         groups = sum(len(t.classes) for t in scenario.tasks)
-        if any(create_strategy(n, **o).uses_memory for n, o in self.config.strategies.items()):
+        if any(make_strategy(n, o).uses_memory for n, o in self.config.strategies.items()):
             try:
                 group_budgets(self.config.budget, groups)
             except InvalidArgumentError as exc:
@@ -166,7 +175,7 @@ class StreamRunner:
                 bar.update(scenario.num_tasks)
             return json.loads(result_path.read_text())
         cfg = self.config
-        strategy = create_strategy(name, **cfg.strategies.get(name, {}))
+        strategy = make_strategy(name, cfg.strategies.get(name, {}))
         torch.manual_seed(seed)
         model = create_aggregator(cfg.model["name"], in_dim=data.dim, num_classes=max(2, scenario.seen_classes(0)),
                                   **cfg.model["args"]).to(self.device)  # fmt: skip

@@ -28,7 +28,9 @@ def _write(tmp_path, config: dict):
 
 def test_every_strategy_end_to_end(stream_bank, make_config, tmp_path):
     names = ["finetune", "joint", "replay_random", "ewc", "lwf", "icarl", "milreplay", "confidence"]
-    config = make_config(stream_bank, strategies={n: {} for n in names}, train={"epochs": 2, "lr": 0.005,
+    strategies = {n: {} for n in names} | {"milreplay_mixed": {"strategy": "milreplay", "random_share": 0.5}}
+    names.append("milreplay_mixed")  # a variant of a registered strategy under its own name
+    config = make_config(stream_bank, strategies=strategies, train={"epochs": 2, "lr": 0.005,
                            "batch_instances": 512, "device": "cpu"})  # fmt: skip
     out = tmp_path / "run"
     assert main(["-q", "continual", "--config", str(_write(tmp_path, config)), "--out", str(out)]) == 0
@@ -40,7 +42,7 @@ def test_every_strategy_end_to_end(stream_bank, make_config, tmp_path):
         assert entry["forward_transfer"] is None  # class-incremental: future classes unknown
         assert entry["accuracy_matrix"][1][0] is None and entry["accuracy_matrix"][0][0] is not None
         assert set(entry["per_class_balanced_accuracy"]) == {"c0", "c1", "c2", "c3"}
-    for name in ("replay_random", "icarl", "milreplay", "confidence"):
+    for name in ("replay_random", "icarl", "milreplay", "confidence", "milreplay_mixed"):
         assert summary[name]["memory_instances"] == 200  # the budget, exactly
         memory = np.load(out / "streams" / name / "seed0" / "memory.npz", allow_pickle=False)
         assert memory["rows"].dtype == np.int64
