@@ -18,20 +18,27 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     p.add_argument("--bank", required=True, help="feature bank (.h5 or .zarr)")
     p.add_argument("--cohort", required=True, help="cohort table (CSV/Parquet) with a bag-id and a label column")
     p.add_argument("--task", required=True, metavar="COLUMN", help="label column of the cohort table")
-    p.add_argument("--model", default="abmil", help="aggregator name (see 'milcore train --list-models')")
+    p.add_argument("--model", default=None, help="aggregator name (default abmil; see 'milcore train --list-models')")
     p.add_argument("--folds", type=int_at_least(3), default=5, help="cross-validation folds (default 5)")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of splits, weights and batching")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--epochs", type=int_at_least(1), default=40, help="maximum epochs per fold (default 40)")
-    p.add_argument("--lr", type=positive_float, default=5e-4, help="learning rate (default 5e-4)")
-    p.add_argument("--patience", type=int_at_least(1), default=10, help="early-stopping patience (default 10)")
-    p.add_argument("--batch-instances", type=int_at_least(1), default=2048, help="cells per optimisation step")
-    p.add_argument("--bel", type=float, default=0.0, metavar="WEIGHT", help="Bag Embedding Loss weight (0 = off)")
-    p.add_argument("--sampler", choices=("shuffle", "balanced"), default="shuffle")
+    # training options default to None so that a --config file's values are kept unless a flag is given
+    p.add_argument("--epochs", type=int_at_least(1), default=None, help="maximum epochs per fold (default 40)")
+    p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default 5e-4)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 1e-4)")
+    p.add_argument("--patience", type=int_at_least(1), default=None, help="early-stopping patience (default 10)")
+    p.add_argument("--batch-instances", type=int_at_least(1), default=None,
+                   help="cells per optimisation step (default 2048)")
+    p.add_argument("--instance-dropout", type=float, default=None, metavar="FRACTION",
+                   help="fraction of each training bag's cells left out at every step (default 0)")
+    p.add_argument("--input-norm", choices=("none", "standardize"), default=None,
+                   help="standardise features with the training fold's statistics (default none)")
+    p.add_argument("--bel", type=float, default=None, metavar="WEIGHT", help="Bag Embedding Loss weight (0 = off)")
+    p.add_argument("--sampler", choices=("shuffle", "balanced"), default=None, help="default shuffle")
     p.add_argument("--model-arg", action="append", default=None, metavar="KEY=VALUE",
                    help="aggregator config override, e.g. hidden_dim=256 (repeatable)")  # fmt: skip
     p.add_argument("--cells", default=None, help="instance ground truth (default: cells.csv beside the cohort)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--config", default=None, help="YAML file with training options (command-line flags win)")
     p.add_argument("--tensorboard", action="store_true", help="also log epochs for TensorBoard (fold_K/tensorboard)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -46,9 +53,11 @@ def run(args: argparse.Namespace) -> int:
     from milcore.training.run import RunSpec, train_cv
 
     options = read_yaml(args.config).get("train", {}) if args.config else {}
-    options.update({"model": args.model, "epochs": args.epochs, "lr": args.lr, "patience": args.patience,
-                    "batch_instances": args.batch_instances, "bel_weight": args.bel, "sampler": args.sampler,
-                    "device": args.device, "seed": args.seed})  # fmt: skip
+    flags = {"model": args.model, "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay,
+             "patience": args.patience, "batch_instances": args.batch_instances,
+             "instance_dropout": args.instance_dropout, "input_norm": args.input_norm, "bel_weight": args.bel,
+             "sampler": args.sampler, "device": args.device, "seed": args.seed}  # fmt: skip
+    options.update({k: v for k, v in flags.items() if v is not None})
     if args.tensorboard:
         options["tensorboard"] = True
     if args.model_arg:

@@ -95,3 +95,21 @@ def test_training_with_norm_and_dropout_learns_and_predicts(planted: dict, tmp_p
 def test_config_rejects_bad_values(field: str, value: object) -> None:
     with pytest.raises(InvalidArgumentError, match=field):
         TrainConfig(**{field: value})
+
+
+def test_cli_flags_override_the_config_file_and_leave_its_other_values(planted: dict, tmp_path: Path) -> None:
+    import yaml
+
+    from milcore.cli import main
+
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"train": {"epochs": 5, "lr": 1e-3, "instance_dropout": 0.5,
+                                                "input_norm": "standardize"}}))  # fmt: skip
+    code = main(["-q", "train", "--bank", str(planted["bank"]), "--cohort", str(planted["cohort"]), "--task", "dx",
+                 "--folds", "3", "--config", str(config), "--epochs", "2", "--weight-decay", "0.01",
+                 "--out", str(tmp_path / "run")])  # fmt: skip
+    assert code == 0
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]
+    assert resolved["epochs"] == 2 and resolved["weight_decay"] == 0.01  # flags win
+    assert resolved["lr"] == 1e-3 and resolved["instance_dropout"] == 0.5 and resolved["input_norm"] == "standardize"
+    assert resolved["model"] == "abmil"
