@@ -129,10 +129,18 @@ def run(args: argparse.Namespace) -> int:
     """Run the chosen suite; returns the exit code."""
     import torch
 
-    from milcore.bench.report import markdown_table, write_outputs
-
+    threads = torch.get_num_threads()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests, experiments) keep their setting
+
+
+def _run(args: argparse.Namespace) -> int:
+    from milcore.bench.report import markdown_table, write_outputs
+
     if args.suite in ("io", "extract"):
         from milcore.bench.suites import script_suite
 

@@ -19,9 +19,17 @@ from milcore.training.config import TrainConfig
 FAST = TrainConfig(epochs=12, patience=12, min_epochs=1, lr=5e-3, batch_instances=256, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def result(bench_bank: dict) -> dict:
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one intra-op thread (several threads thrash on a shared 2-core machine)."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def result(bench_bank: dict, one_thread: None) -> dict:
     spec = BenchSpec(str(bench_bank["bank"]), str(bench_bank["cohort"]), "dx", models=("abmil", "mean"),
                      peers=("abmil",), folds=3, seeds=(0, 1), train=FAST, ood_site="1")  # fmt: skip
     return run_benchmark(spec)
