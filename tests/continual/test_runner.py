@@ -177,3 +177,18 @@ def test_balanced_sampler_draws_classes_equally():
     assert 0.35 < share < 0.65
     np.testing.assert_array_equal(np.sort(epoch_order(labels, 2, "weights", np.random.default_rng(0))),
                                   np.arange(100))  # fmt: skip
+
+
+def test_temporal_stream(stream_bank, make_config, tmp_path):
+    config = make_config(
+        stream_bank,
+        data={"bank": str(stream_bank["bank"]), "cohort": str(stream_bank["cohort"]), "label": "dx"},
+        scenario={"kind": "temporal", "column": "date", "periods": 2, "test_fraction": 0.3},
+        train={"epochs": 1, "device": "cpu"},
+        strategies={"replay_random": {}},
+    )  # fmt: skip
+    out = tmp_path / "run"
+    assert main(["-q", "continual", "--config", str(_write(tmp_path, config)), "--out", str(out)]) == 0
+    scenario = json.loads((out / "scenario.json").read_text())
+    assert scenario["kind"] == "temporal" and len(scenario["tasks"]) == 2
+    assert json.loads((out / "continual.json").read_text())["replay_random"]["memory_instances"] == 200
