@@ -31,7 +31,7 @@ from milcore.continual.config import ContinualConfig
 from milcore.continual.data import BagData, infer
 from milcore.continual.memory import ExemplarMemory, group_budgets
 from milcore.continual.metrics import per_class_recall, summarize, task_balanced_accuracy
-from milcore.continual.scenarios import Scenario, build_scenario
+from milcore.continual.scenarios import Scenario, build_scenario, restrict_classes
 from milcore.continual.strategies import StrategyContext, create_strategy
 from milcore.continual.train import train_task
 
@@ -109,7 +109,9 @@ class StreamRunner:
         if spec.get("kind") == "class_incremental" and isinstance(spec.get("tasks"), list):
             classes = [str(c) for g in spec["tasks"] for c in (g or [])]
         label = str(self.config.data.get("label", "diagnosis"))
-        cohort = read_cohort(cohort_path, label, classes=classes)
+        cohort = read_cohort(cohort_path, label)
+        if classes:  # the stream's classes, in order; bags of other classes are not used
+            cohort = restrict_classes(cohort, [str(c) for c in classes])
         cohort, _ = join_bank(cohort, bank.bag_ids(), strict=True)
         scenario = build_scenario(cohort, spec, seed=int(spec.get("seed", 0)))
         _write_json(self.out / "scenario.json", scenario.describe())

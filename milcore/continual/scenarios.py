@@ -14,6 +14,7 @@ column of the cohort table), so the accuracy of task ``i`` can be measured after
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Sequence
@@ -87,6 +88,24 @@ class Scenario:
                 for t in self.tasks
             ],
         }
+
+
+def restrict_classes(cohort: CohortTable, names: Sequence[str]) -> CohortTable:
+    """The cohort's bags of the classes ``names`` (others dropped), relabelled in that order.
+
+    Raises:
+        UserError: a class not in the cohort.
+    """
+    unknown = [c for c in names if c not in cohort.classes]
+    if unknown:
+        raise UserError(f"{cohort.path}: scenario classes not in the cohort: {', '.join(map(repr, unknown))} "
+                        f"(cohort classes: {', '.join(cohort.classes)})")  # fmt: skip
+    old = np.asarray([cohort.classes.index(c) for c in names])
+    keep = np.flatnonzero(np.isin(cohort.labels, old))
+    sub = cohort.subset(list(cohort.bag_ids[keep]))
+    remap = np.full(len(cohort.classes), -1, dtype=np.int64)
+    remap[old] = np.arange(len(names))
+    return dataclasses.replace(sub, classes=tuple(names), labels=remap[sub.labels])
 
 
 def holdout_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:

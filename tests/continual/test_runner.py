@@ -192,3 +192,14 @@ def test_temporal_stream(stream_bank, make_config, tmp_path):
     scenario = json.loads((out / "scenario.json").read_text())
     assert scenario["kind"] == "temporal" and len(scenario["tasks"]) == 2
     assert json.loads((out / "continual.json").read_text())["replay_random"]["memory_instances"] == 200
+
+
+def test_class_stream_over_part_of_the_cohort(stream_bank, make_config, tmp_path):
+    config = make_config(stream_bank, scenario={"kind": "class_incremental", "tasks": [["c3", "c1"], ["c0"]]},
+                         train={"epochs": 1, "device": "cpu"}, strategies={"replay_random": {}})  # fmt: skip
+    out = tmp_path / "run"
+    assert main(["-q", "continual", "--config", str(_write(tmp_path, config)), "--out", str(out)]) == 0
+    scenario = json.loads((out / "scenario.json").read_text())
+    assert scenario["classes"] == ["c3", "c1", "c0"]  # c2's bags are not used
+    summary = json.loads((out / "continual.json").read_text())["replay_random"]
+    assert set(summary["per_class_balanced_accuracy"]) == {"c3", "c1", "c0"}

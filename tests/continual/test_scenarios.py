@@ -72,3 +72,16 @@ def test_holdout_split_is_stratified_and_grouped():
         assert len(set(test[groups == g])) == 1  # a patient never straddles the split
     assert test[labels == 0].sum() == 4 and test[labels == 1].sum() == 4
     np.testing.assert_array_equal(test, holdout_split(labels, groups, 0.4, seed=3))
+
+
+def test_restrict_classes_drops_other_bags_and_relabels(stream_bank):
+    from milcore.continual.scenarios import restrict_classes
+
+    cohort = read_cohort(stream_bank["cohort"], "dx")
+    sub = restrict_classes(cohort, ["c3", "c1"])
+    assert sub.classes == ("c3", "c1") and len(sub) == 24
+    original = dict(zip(cohort.bag_ids, cohort.labels, strict=True))
+    for bag, label in zip(sub.bag_ids, sub.labels, strict=True):
+        assert cohort.classes[original[bag]] == sub.classes[label]
+    with pytest.raises(UserError, match="not in the cohort: 'c9'"):
+        restrict_classes(cohort, ["c9"])
