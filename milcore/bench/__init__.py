@@ -9,5 +9,7 @@ Modules: ``peers`` (torchmil models behind the aggregator contract), ``memory`` 
 DEFAULT_MODELS = ("abmil", "amil", "transmil", "graphmil", "dsmil", "mean")
 #: torchmil models with an adapter (``milcore.bench.peers``), by our aggregator name.
 PEER_MODELS = ("abmil", "transmil", "dsmil")
+#: Peers run by default (torchmil's TransMIL trains at a few bags/s on CPU: opt in with ``--peers``).
+DEFAULT_PEERS = ("abmil", "dsmil")
 #: Prefix naming a peer's rows in logs.
 PEER_PREFIX = "torchmil:"

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from feature_cache.errors import UserError
-from milcore.bench import DEFAULT_MODELS, PEER_MODELS, PEER_PREFIX
+from milcore.bench import DEFAULT_MODELS, DEFAULT_PEERS, PEER_MODELS, PEER_PREFIX
 from milcore.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class BenchSpec:
     cohort: str
     task: str
     models: tuple[str, ...] = DEFAULT_MODELS
-    peers: tuple[str, ...] = PEER_MODELS
+    peers: tuple[str, ...] = DEFAULT_PEERS
     folds: int = 5
     seeds: tuple[int, ...] = (0, 1, 2)
     train: TrainConfig = field(default_factory=TrainConfig)

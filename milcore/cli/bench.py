@@ -18,8 +18,6 @@ HELP = "benchmark aggregators, bank I/O and extraction side by side"
 
 log = logging.getLogger("milcore")
 
-DEFAULT_PEERS = "abmil,dsmil"
-
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip() and t.strip() != "none")
@@ -36,14 +34,14 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 
 def _training_options(p: argparse.ArgumentParser) -> None:
-    from milcore.bench import DEFAULT_MODELS
+    from milcore.bench import DEFAULT_MODELS, DEFAULT_PEERS
     from milcore.cli._types import int_at_least, positive_float
 
     p.add_argument("--models", type=_csv, default=DEFAULT_MODELS,
                    help=f"our aggregators, comma-separated (default {','.join(DEFAULT_MODELS)})")  # fmt: skip
-    p.add_argument("--peers", type=_csv, default=_csv(DEFAULT_PEERS),
-                   help=f"torchmil models run beside ours: abmil,dsmil,transmil or none (default {DEFAULT_PEERS}; "
-                        "torchmil's TransMIL trains at a few bags/s on CPU)")  # fmt: skip
+    p.add_argument("--peers", type=_csv, default=DEFAULT_PEERS,
+                   help=f"torchmil models run beside ours: abmil,dsmil,transmil or none (default "
+                        f"{','.join(DEFAULT_PEERS)}; torchmil's TransMIL trains at a few bags/s on CPU)")  # fmt: skip
     p.add_argument("--folds", type=int_at_least(3), default=5, help="cross-validation folds (default 5)")
     p.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--epochs", type=int_at_least(1), default=20, help="maximum epochs per fit (default 20)")
