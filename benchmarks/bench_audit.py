@@ -222,14 +222,14 @@ def stats(args: argparse.Namespace) -> int:
             flags, anyflags, observed = [], [], []
             for seed in range(args.seeds):
                 y, proba, cols = simulated_predictions(n, seed, gap)
-                config = AuditConfig(attributes=("sex", "age"), intersections=False, per_class=False, n_boot=100,
-                                     seed=seed)  # fmt: skip
+                config = AuditConfig(attributes=tuple(args.attributes.split(",")), intersections=False,
+                                     per_class=False, n_boot=100, seed=seed)  # fmt: skip
                 audit = audit_predictions(Predictions(y, proba), classes, build_groups(cols, n, config), config)
                 f = next(c for c in audit["comparisons"] if c["group"] == "sex=F" and c["family"] == "primary")
                 flags.append(f["flagged"])
                 anyflags.append(bool(audit["summary"]["flagged_groups"]))
                 observed.append(f["gap"])
-            rows.append({"patients": n, "planted_accuracy_gap": gap, "seeds": args.seeds,
+            rows.append({"patients": n, "planted_accuracy_gap": gap, "seeds": args.seeds, "attributes": args.attributes,
                          "mean_observed_ba_gap": float(np.mean(observed)), "female_flag_rate": float(np.mean(flags)),
                          "any_flag_rate": float(np.mean(anyflags))})  # fmt: skip
             log.info("%s", rows[-1])
@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--patients", type=lambda t: [int(v) for v in t.split(",")], default=[200, 400, 800, 1200])
     st.add_argument("--gaps", type=lambda t: [float(v) for v in t.split(",")], default=[0.0, 0.1])
     st.add_argument("--seeds", type=int, default=40)
+    st.add_argument("--attributes", default="sex,age", help="audited columns (the primary family's groups)")
     st.add_argument("--threads", type=int, default=1)
     st.set_defaults(func=stats)
     e = sub.add_parser("experiment")
