@@ -12,7 +12,7 @@ Synthetic labels on real cells test the MIL machinery; they are not a clinical r
 
 Usage:
     python benchmarks/bench_bloodmnist.py [--npz ../shared/data/bloodmnist/bloodmnist.npz]
-        [--models abmil] [--train-bags 160] [--test-bags 80] [--image-size 96] [--epochs 40] [--seed 0]
+        [--models abmil] [--train-bags 800] [--test-bags 200] [--image-size 96] [--epochs 40] [--seed 0]
         [--cache DIR] [--no-recipe] [--out DIR] [--quick]
 """
 
@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--npz", type=Path, default=DEFAULT_NPZ)
     parser.add_argument("--models", default="abmil")
-    parser.add_argument("--train-bags", type=int, default=160)
-    parser.add_argument("--test-bags", type=int, default=80)
+    parser.add_argument("--train-bags", type=int, default=800)
+    parser.add_argument("--test-bags", type=int, default=200)
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
