@@ -81,6 +81,9 @@ def load_experiment(path: str | Path, overrides: dict[str, str] | None = None) -
     variables = {k: str(v) for k, v in (data.get("vars") or {}).items()}
     variables.update(overrides or {})
     steps = data.get("steps")
+    if steps is None and "strategies" in data:
+        raise UserError(f"{path}: a continual-learning configuration, not a step list; run it with "
+                        f"'milcore continual --config {path} --out DIR'")  # fmt: skip
     if not isinstance(steps, list) or not steps:
         raise UserError(f"{path}: needs a non-empty 'steps' list")
     out = []
