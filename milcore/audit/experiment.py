@@ -276,8 +276,9 @@ def run_imbalance_experiment(spec: ExperimentSpec, config: AuditConfig, out: str
     get_aggregator_entry(spec.model)
     t0 = time.perf_counter()
     out = Path(out)
-    prepare_out(out, overwrite)
-    lab = _Lab(spec, config)
+    prepare_out(out, overwrite, create=False)
+    lab = _Lab(spec, config)  # validates the bank and cohort first: bad input leaves no folder behind
+    out.mkdir(parents=True, exist_ok=True)
     small = [k for k, v in lab.test_groups.items() if 0 < len(v) < config.min_group_size]
     if small:
         lab.notes.append(f"test groups below {config.min_group_size} patients (treat their numbers as anecdotal): "

@@ -21,13 +21,17 @@ log = logging.getLogger(__name__)
 AUDIT_FORMAT = "milcore-audit"
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
-    """Create ``out``; refuse a non-empty folder unless ``overwrite`` (then only audit files are replaced)."""
+def prepare_out(out: Path, overwrite: bool, create: bool = True) -> None:
+    """Refuse a non-empty ``out`` unless ``overwrite`` (then only audit files are replaced); create it if asked.
+
+    Pass ``create=False`` to check before the inputs are validated, so bad input leaves no empty folder.
+    """
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"{out}: exists and is not empty (pass --overwrite to replace the audit)")
-    out.mkdir(parents=True, exist_ok=True)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

@@ -74,3 +74,4 @@ def test_experiment_bad_input(small_cohort: tuple[Path, Path], tmp_path: Path, c
     nosex.write_text("\n".join(",".join(r.split(",")[:2]) for r in cohort.read_text().splitlines()) + "\n")
     assert main([*base, "--cohort", str(nosex), "--out", str(tmp_path / "c")]) == 2
     assert "no 'sex' column" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists(), "bad input leaves no empty folder"
