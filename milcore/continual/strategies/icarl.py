@@ -7,38 +7,22 @@ model's outputs on the old classes. The classifier stays the model's head (no ne
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 import numpy as np
-import torch
 
-from milcore.continual.data import TrainBatch, infer
+from milcore.continual.data import infer
 from milcore.continual.exemplars import herding_order
 from milcore.continual.strategies.base import StrategyContext, register_strategy
-from milcore.continual.strategies.regularization import Distillation
+from milcore.continual.strategies.regularization import Distilling
 from milcore.continual.strategies.replay import Candidates, ReplayStrategy
-from milcore.models.output import MILOutput
 
 
 @register_strategy("icarl")
-class ICaRL(ReplayStrategy):
+class ICaRL(Distilling, ReplayStrategy):
     """Herding exemplar bags (random cells) plus distillation.
 
     Options:
         alpha: distillation weight; temperature: softening temperature.
     """
-
-    options: ClassVar[dict[str, Any]] = {"alpha": 1.0, "temperature": 2.0}
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.distill = Distillation(float(self.opts["alpha"]), float(self.opts["temperature"]))
-
-    def before_task(self, ctx: StrategyContext) -> None:
-        self.distill.snapshot(ctx)
-
-    def loss(self, model: torch.nn.Module, batch: TrainBatch, out: MILOutput) -> torch.Tensor:
-        return super().loss(model, batch, out) + self.distill.term(batch, out)
 
     def rank(self, ctx: StrategyContext, bag_ids: list[str], label: int) -> Candidates:
         rng = self.rng(ctx, label)

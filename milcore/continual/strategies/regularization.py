@@ -125,9 +125,8 @@ class Distillation:
         return self.alpha * t * t * F.kl_div(logp, target, reduction="batchmean")
 
 
-@register_strategy("lwf")
-class LwF(Strategy):
-    """Learning without Forgetting: distil the previous model's outputs on the new task's data.
+class Distilling:
+    """Mixin (before a :class:`Strategy` base) adding :class:`Distillation` to that base's loss.
 
     Options:
         alpha: distillation weight; temperature: softening temperature.
@@ -140,7 +139,17 @@ class LwF(Strategy):
         self.distill = Distillation(float(self.opts["alpha"]), float(self.opts["temperature"]))
 
     def before_task(self, ctx: StrategyContext) -> None:
+        super().before_task(ctx)
         self.distill.snapshot(ctx)
 
     def loss(self, model: torch.nn.Module, batch: TrainBatch, out: MILOutput) -> torch.Tensor:
         return super().loss(model, batch, out) + self.distill.term(batch, out)
+
+
+@register_strategy("lwf")
+class LwF(Distilling, Strategy):
+    """Learning without Forgetting: distil the previous model's outputs on the new task's data.
+
+    Options:
+        alpha: distillation weight; temperature: softening temperature.
+    """
