@@ -282,7 +282,7 @@ def run_benchmark(spec: BenchSpec) -> dict[str, Any]:
     return {
         "benchmark": "aggregators", "spec": spec.to_dict(), "classes": ctx["classes"], "bags": ctx["n_bags"],
         "ood_bags": ctx["n_ood"], "encoder": ctx["encoder"], "instance_ground_truth": ctx["truth"] is not None,
-        "torchmil": _torchmil_version() if tm is not None else "not installed",
+        "torchmil": _torchmil_version() if tm is not None else ("not installed" if spec.peers else "not requested"),
         "machine": machine_info(), "torch_threads": _threads(), "runs": rows, "summary": summary,
         "peers": compare_peers(rows), "splits": {str(s): [asdict(f) for f in fs] for s, fs in ctx["folds"].items()},
         "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,

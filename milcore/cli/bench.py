@@ -48,6 +48,10 @@ def _training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=int_at_least(1), default=5, help="early-stopping patience (default 5)")
     p.add_argument("--lr", type=positive_float, default=5e-4, help="learning rate (default 5e-4)")
     p.add_argument("--batch-instances", type=int_at_least(1), default=2048, help="cells per optimisation step")
+    p.add_argument("--instance-dropout", type=float, default=0.0, metavar="FRACTION",
+                   help="fraction of each training bag's cells left out at every step (default 0)")
+    p.add_argument("--input-norm", choices=("none", "standardize"), default="none",
+                   help="standardise features with each training fold's statistics (real-cell features need it)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)")
 
@@ -117,7 +121,8 @@ def _template(args: argparse.Namespace, bank: str = "", cohort: str = "", task: 
 
     check_models(args.models, args.peers)
     train = TrainConfig(epochs=args.epochs, patience=args.patience, min_epochs=min(5, args.epochs), lr=args.lr,
-                        batch_instances=args.batch_instances, device=args.device)  # fmt: skip
+                        batch_instances=args.batch_instances, instance_dropout=args.instance_dropout,
+                        input_norm=args.input_norm, device=args.device)  # fmt: skip
     return BenchSpec(bank=bank, cohort=cohort, task=task, models=args.models, peers=args.peers, folds=args.folds,
                      seeds=args.seeds, train=train, ood_site=getattr(args, "ood_site", None),
                      site_column=getattr(args, "site_column", "site"), cells=getattr(args, "cells", None))  # fmt: skip

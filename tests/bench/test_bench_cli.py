@@ -70,3 +70,15 @@ def test_synthetic_suite_tiny(tmp_path: Path) -> None:
     assert results["aml_tiny"]["case"]["witness_median"] == 0.2
     assert (tmp_path / "aml_tiny" / "bench.json").exists() and (tmp_path / "aml_tiny" / "bank.h5").exists()
     assert results["aml_tiny"]["instance_ground_truth"] is True
+
+
+def test_training_options_reach_the_trainer() -> None:
+    import argparse
+
+    from milcore.cli.bench import _template
+
+    args = argparse.Namespace(models=("abmil",), peers=(), folds=3, seeds=(0,), epochs=3, patience=2, lr=1e-3,
+                              batch_instances=64, instance_dropout=0.5, input_norm="standardize",
+                              device="cpu")  # fmt: skip
+    train = _template(args).train
+    assert train.instance_dropout == 0.5 and train.input_norm == "standardize" and train.epochs == 3
