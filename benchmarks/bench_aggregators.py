@@ -305,7 +305,7 @@ def report(cases: list[Case], rat: dict[str, Any], scaling: dict[str, Any]) -> s
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (bench.json, table.md)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
     p.add_argument("--threads", type=int, default=2)

@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line of the benchmark."""
     import torch
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("power")
     p.add_argument("--out", default="runs/bench_audit")

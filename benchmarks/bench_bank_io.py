@@ -338,7 +338,7 @@ def targets(rows: list[dict], dim: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; prints the table and writes ``bench.json`` under ``--out``."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--bags", type=int, default=2000)
     p.add_argument("--median", type=int, default=300, help="median cells per bag")
     p.add_argument("--dims", default="512,1280", help="comma-separated feature widths")

@@ -161,7 +161,7 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; prints the table and writes ``bench.json``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--npz", type=Path, default=DEFAULT_NPZ)
     parser.add_argument("--models", default="abmil")
     parser.add_argument("--train-bags", type=int, default=800)

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from milcore.continual.config import load_config
     from milcore.continual.runner import run_continual
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "continual"))
     parser.add_argument("--runs", default=str(ROOT / "runs" / "bench_continual"), help="run folders")
     parser.add_argument("--seeds", default=None, help="override the configs' seeds, e.g. 0,1,2")

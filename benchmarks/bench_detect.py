@@ -174,7 +174,7 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; prints the tables and writes ``bench.json``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="BCCD folder (JPEGImages/, Annotations/)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/detect"))
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_FIELDS} fields spread over the set")

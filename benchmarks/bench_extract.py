@@ -131,7 +131,7 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; prints the table and writes ``bench.json``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--encoders", default="toy,morphology,efficientnet_lite0")
     parser.add_argument("--cells", type=int, default=2000)
     parser.add_argument("--device", default="auto")

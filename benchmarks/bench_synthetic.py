@@ -111,7 +111,7 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; prints the table and writes ``bench.json``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=20)
     parser.add_argument("--bag-median", type=int, default=300)
     parser.add_argument("--workers", type=int, default=2)

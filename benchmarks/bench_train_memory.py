@@ -107,7 +107,7 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; prints the table and writes ``bench.json``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--small", type=int, default=200)
     parser.add_argument("--large", type=int, default=1600)
     parser.add_argument("--epochs", type=int, default=2)

@@ -132,11 +132,12 @@ def predict_bank(checkpoints: Sequence[str | Path], bank_path: str | Path, out: 
     ``predictions.csv``, ``attention.h5`` and ``predictions.json`` into ``out``.
     """
     from feature_cache.bank import EncoderInfo, open_reader
+    from feature_cache.devices import resolve_device
     from milcore.training.calibration import softmax
     from milcore.training.checkpoint import load_checkpoint
     from milcore.training.config import TrainConfig
     from milcore.training.features import FeatureStore
-    from milcore.training.trainer import Trainer, resolve_device
+    from milcore.training.trainer import Trainer
 
     if not checkpoints:
         raise UserError("no checkpoint given")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from feature_cache.bank.schema import EncoderInfo
+from feature_cache.devices import resolve_device
 from feature_cache.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -94,16 +95,6 @@ class Pipeline(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.norm(x))
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"`` -> CUDA when available else CPU; otherwise ``torch.device(device)``."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InvalidArgumentError(f"unknown device {device!r}") from exc
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:

@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from milcore import __version__
 
@@ -35,7 +36,15 @@ log = logging.getLogger("milcore")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (plus a hint), exit code 2."""
+    """An ArgumentParser whose errors are one line (plus a hint), exit code 2.
+
+    Abbreviated long options are refused (``--epoch`` is not ``--epochs``): a prefix that happens to
+    match today silently changes meaning when an option is added tomorrow.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         """Print ``<prog>: error: <message>`` and exit with code 2."""
@@ -45,7 +54,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def _common_options() -> argparse.ArgumentParser:
     """Options accepted both before and after the subcommand."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     common.add_argument(
         "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log output (-vv: debug)"
     )

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from feature_cache.devices import resolve_device
 from feature_cache.errors import InvalidArgumentError, OutputExistsError, UserError
 from feature_cache.progress import progress
 from milcore.continual.config import ContinualConfig
@@ -45,12 +46,6 @@ def _write_json(path: Path, payload: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=float))
     tmp.replace(path)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def make_strategy(name: str, options: dict[str, Any]) -> Any:
@@ -84,7 +79,7 @@ class StreamRunner:
 
     def __init__(self, config: ContinualConfig, out: str | Path, resume: bool = False) -> None:
         self.config, self.out, self.resume = config, Path(out), resume
-        self.device = _device(config.train.device)
+        self.device = resolve_device(config.train.device)
 
     def prepare(self) -> tuple[Any, Scenario]:
         """Open the bank, read the cohort, build the scenario (writes config.yaml, scenario.json)."""

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from feature_cache.devices import resolve_device
 from feature_cache.progress import progress
 from milcore.losses import bag_cross_entropy, class_weights
 from milcore.models.input_norm import attach_input_norm, normalize_input
@@ -32,13 +33,6 @@ STD_FLOOR = 0.1
 log = logging.getLogger(__name__)
 
 CONTROL_SAMPLE = 20_000
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
