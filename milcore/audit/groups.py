@@ -84,7 +84,7 @@ def read_metadata(path: str | Path, bag_ids: list[str]) -> tuple[dict[str, np.nd
     Raises:
         UserError: unreadable table, no bag-id column, duplicate ids, or no id in common with the predictions.
     """
-    from milcore.data.cohort import BAG_ID_COLUMNS, _read_rows
+    from milcore.data.cohort import BAG_ID_COLUMNS, _read_rows, missing_to_empty
 
     path = Path(path)
     header, rows = _read_rows(path)
@@ -103,7 +103,8 @@ def read_metadata(path: str | Path, bag_ids: list[str]) -> tuple[dict[str, np.nd
         example = next(iter(by_id), "none")
         raise UserError(f"{path}: no bag id in common with the predictions (e.g. predictions {bag_ids[0]!r}, "
                         f"cohort {example!r}); is this the cohort the run was trained on?")  # fmt: skip
-    columns = {c: np.asarray([by_id[b].get(c, "") for b in matched], dtype=object) for c in header if c != id_col}
+    columns = {c: np.asarray([missing_to_empty(by_id[b].get(c, "")) for b in matched], dtype=object)
+               for c in header if c != id_col}  # NA, null, ... read as "" (one definition: data/cohort.py)
     return columns, matched, missing
 
 
