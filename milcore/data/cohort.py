@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -177,8 +178,7 @@ def _read_csv(path: Path) -> RawTable:
     text = _decode(path, data)
     if "\x00" in text:
         raise UserError(f"{path}: a binary file, not a CSV table")
-    lines = text.splitlines()
-    first = next((ln for ln in lines if ln.strip()), None)
+    first = next((ln for ln in re.split(r"\r\n|\r|\n", text) if ln.strip()), None)
     if first is None:
         raise UserError(f"{path}: empty file (no header line)")
     sep = _separator(first)
@@ -203,7 +203,8 @@ def _read_csv(path: Path) -> RawTable:
             where.append(f"line {reader.line_num}")
     except csv.Error as exc:
         raise UserError(f"{path}: not a readable CSV table (line {reader.line_num}: {exc})") from None
-    assert header is not None  # the first non-blank line exists
+    if header is None:  # e.g. a lone quote character
+        raise UserError(f"{path}: empty file (no header line)")
     return RawTable(path, header, rows, where)
 
 
