@@ -27,6 +27,9 @@ text-align:right}th{background:#f1ecf7}td:first-child,th:first-child{text-align:
 figure{display:inline-block;margin:.6em 1em .6em 0;vertical-align:top}figcaption{font-size:.85em;color:#555;
 max-width:520px}img{max-width:100%}.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5em 1em}
 .flag{color:#b00020;font-weight:600}.muted{color:#777}code{background:#f4f4f4;padding:0 .2em}
+.warn{background:#fdecea;border-left:5px solid #b00020;padding:.4em 1em;margin:1em 0}.warn ul{margin:.3em 0}
+.warn.caution{background:#fff8e1;border-left-color:#f0b400}dl.terms dt{font-weight:600;float:left;clear:left;
+margin-right:.5em}dl.terms dd{margin:0 0 .2em 0}
 """
 
 
@@ -37,6 +40,12 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, int | np.integer):
         return f"{int(value):,}"
     return str(value)
+
+
+def plural(count: int, singular: str, plural_form: str | None = None) -> str:
+    """``"1 test"``, ``"2 tests"``, ``"1,200 bags"`` (``plural_form`` for irregular words: class -> classes)."""
+    word = singular if int(count) == 1 else (plural_form or singular + "s")
+    return f"{fmt(int(count))} {word}"
 
 
 def fmt_ci(value: float, ci: Sequence[float] | None, digits: int = 3) -> str:
@@ -76,6 +85,17 @@ class Report:
     def bullets(self, items: Sequence[str]) -> Report:
         """Add a bulleted list."""
         self.blocks.append(_Block("bullets", {"items": list(items)}))
+        return self
+
+    def warnings(self, title: str, items: Sequence[str], critical: bool = True) -> Report:
+        """Add a boxed list that must be read first (``critical=False``: a milder, yellow box)."""
+        if items:
+            self.blocks.append(_Block("warnings", {"title": title, "items": list(items), "critical": critical}))
+        return self
+
+    def definitions(self, items: Sequence[tuple[str, str]]) -> Report:
+        """Add a list of ``(term, one-line explanation)`` pairs (a glossary)."""
+        self.blocks.append(_Block("definitions", {"items": [(str(t), str(d)) for t, d in items]}))
         return self
 
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> Report:
@@ -120,6 +140,13 @@ class Report:
                 out.append(f"<p{cls}>{html.escape(p['text'])}</p>")
             elif b.kind == "bullets":
                 out.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in p["items"]) + "</ul>")
+            elif b.kind == "warnings":
+                cls = "warn" if p["critical"] else "warn caution"
+                out.append(f"<div class='{cls}'><strong>{html.escape(p['title'])}</strong><ul>"
+                           + "".join(f"<li>{html.escape(i)}</li>" for i in p["items"]) + "</ul></div>")  # fmt: skip
+            elif b.kind == "definitions":
+                out.append("<dl class='terms'>" + "".join(f"<dt>{html.escape(t)}</dt><dd>{html.escape(d)}</dd>"
+                                                          for t, d in p["items"]) + "</dl>")  # fmt: skip
             elif b.kind == "table":
                 cap = f"<caption>{html.escape(p['caption'])}</caption>" if p["caption"] else ""
                 head = "".join(f"<th>{html.escape(h)}</th>" for h in p["headers"])
@@ -148,6 +175,10 @@ class Report:
                 lines += [("> " if p["css"] == "note" else "") + p["text"], ""]
             elif b.kind == "bullets":
                 lines += [f"- {i}" for i in p["items"]] + [""]
+            elif b.kind == "warnings":
+                lines += [f"> **{p['title']}**", ">"] + [f"> - {i}" for i in p["items"]] + [""]
+            elif b.kind == "definitions":
+                lines += [f"- **{t}**: {d}" for t, d in p["items"]] + [""]
             elif b.kind == "table":
                 if p["caption"]:
                     lines += [f"*{p['caption']}*", ""]

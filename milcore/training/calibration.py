@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+#: Search range of the temperature. A fitted T at (within 1% of) a bound means calibration failed:
+#: at the upper bound the validation logits carried no usable information, so the probabilities are
+#: flattened to near-uniform; at the lower bound the validation fold was perfectly separated, so T
+#: could only run down and the probabilities are sharpened to near 0/1 (overconfident on new patients).
+TEMPERATURE_BOUNDS: tuple[float, float] = (0.05, 20.0)
+BOUND_RTOL = 0.01
 
 
 def _nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
@@ -12,7 +21,7 @@ def _nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
     return float(-log_p[np.arange(len(y)), y].mean())
 
 
-def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
     """The temperature T > 0 minimising the NLL of ``softmax(logits / T)`` on (validation) labels ``y``.
 
     A bounded scalar search over log T (the NLL is convex in 1/T), so it never diverges on
@@ -39,6 +48,30 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds: tuple[float, floa
         options={"xatol": 1e-4},
     )
     return float(np.exp(res.x))
+
+
+def temperature_at_bound(temperature: float, bounds: tuple[float, float] = TEMPERATURE_BOUNDS,
+                         rtol: float = BOUND_RTOL) -> str | None:  # fmt: skip
+    """``"upper"`` or ``"lower"`` when ``temperature`` is within ``rtol`` (relative) of a bound of the search.
+
+    Args:
+        temperature: a fitted temperature.
+        bounds: the search range it was fitted in.
+        rtol: relative tolerance (the bounded search stops about 1e-4 short of a bound).
+
+    Returns:
+        ``"upper"`` (probabilities flattened towards uniform), ``"lower"`` (sharpened towards 0/1) or
+        ``None`` (inside the range, or not a finite number).
+    """
+    t = float(temperature)
+    if not math.isfinite(t):
+        return None
+    lo, hi = bounds
+    if t >= hi * (1 - rtol):
+        return "upper"
+    if t <= lo * (1 + rtol):
+        return "lower"
+    return None
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -174,7 +174,13 @@ def evaluate(
     seed: int = 0,
     n_bins: int = 10,
 ) -> dict:
-    """Full report of one set of predictions: metrics with 95% CIs, per-class F1/AUROC, confusion, reliability."""
+    """Full report of one set of predictions: metrics with 95% CIs, per-class F1/AUROC, confusion, reliability.
+
+    ``warnings`` lists what makes the result unfit for a decision (at chance, a single predicted class,
+    a wide CI, small classes: :mod:`milcore.report.caveats`).
+    """
+    from milcore.report.caveats import class_size_warnings, headline_warnings, prediction_warnings
+
     y_true = np.asarray(y_true, dtype=np.int64)
     proba = np.asarray(proba, dtype=float)
     num_classes = len(classes)
@@ -183,9 +189,13 @@ def evaluate(
     support = np.bincount(y_true, minlength=num_classes)
     recall = _safe_div(np.diag(confusion_matrix(y_true, y_pred, num_classes)), support)
     ci = bootstrap_ci(y_true, proba, lambda a, b: scalar_metrics(a, b, n_bins), n_boot=n_boot, seed=seed)
+    metrics = {k: {"value": v, "ci95": list(ci.get(k, (math.nan, math.nan)))} for k, v in point.items()}
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    warnings = (headline_warnings(metrics, int((support > 0).sum())) + prediction_warnings(cm, classes)
+                + class_size_warnings({c: int(s) for c, s in zip(classes, support, strict=True) if s > 0}))
     return {
         "n": len(y_true),
-        "metrics": {k: {"value": v, "ci95": list(ci.get(k, (math.nan, math.nan)))} for k, v in point.items()},
+        "metrics": metrics,
         "per_class": {
             c: {
                 "f1": float(f),
@@ -202,8 +212,9 @@ def evaluate(
                 strict=True,
             )
         },
-        "confusion_matrix": confusion_matrix(y_true, y_pred, num_classes).tolist(),
+        "confusion_matrix": cm.tolist(),
         "reliability": reliability_curve(y_true, proba, n_bins),
+        "warnings": warnings,
     }
 
 

@@ -10,6 +10,15 @@ from typing import Any
 import numpy as np
 
 from milcore.report import Report, fmt, fmt_ci, plots
+from milcore.report.caveats import (
+    add_warnings,
+    class_size_warnings,
+    headline_warnings,
+    log_warnings,
+    prediction_warnings,
+    temperature_warnings,
+)
+from milcore.report.glossary import RUN_TERMS, add_glossary
 
 log = logging.getLogger(__name__)
 
@@ -18,15 +27,44 @@ _NAMES = {"balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1", "aur
           "instance_auroc": "attention instance-AUROC"}  # fmt: skip
 
 
+def _temperature_cell(t: float) -> str:
+    from milcore.training.calibration import temperature_at_bound
+
+    bound = temperature_at_bound(t)
+    return fmt(float(t)) + (f" (at {bound} bound)" if bound else "")
+
+
+def run_warnings(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Everything that makes a cross-validated run unfit to be read as a decision (``metrics.json["warnings"]``).
+
+    Computed from what ``metrics.json`` already holds: the pooled out-of-fold metrics and their CIs
+    (chance, below chance, wide CI), the pooled confusion matrix (a single predicted class), the per-class
+    support against the number of folds, and each fold's fitted temperature (at a bound of its search
+    range). The rules are those of :mod:`milcore.report.caveats`.
+    """
+    pooled = metrics["pooled"]
+    support = {c: int(v["support"]) for c, v in pooled["per_class"].items()}
+    present = sum(1 for n in support.values() if n > 0)
+    folds = metrics["per_fold"]
+    return (headline_warnings(pooled["metrics"], present)
+            + prediction_warnings(pooled["confusion_matrix"], metrics["classes"])
+            + class_size_warnings(support, int(metrics["folds"]))
+            + temperature_warnings([r["temperature"] for r in folds], [f"fold {r['fold']}" for r in folds]))
+
+
 def write_run_report(out: Path, metrics: dict[str, Any], table, history_of: dict[int, Path],
                      crops: str | Path | None = None) -> tuple[Path, Path]:  # fmt: skip
     """Render ``report.html`` and ``report.md`` for a finished run folder."""
     classes = metrics["classes"]
     rep = Report(f"{metrics['model']} on {metrics['task']} — {metrics['folds']}-fold cross-validation")
+    warnings = metrics["warnings"] if "warnings" in metrics else run_warnings(metrics)
+    log_warnings(log, warnings)
+    add_warnings(rep, warnings)
     mean, pooled = metrics["mean"], metrics["pooled"]["metrics"]
     rep.paragraph(
         f"{len(table.bag_ids)} patients, classes: {', '.join(classes)}. Each patient is predicted once, by the "
-        f"fold that held it out; validation folds were used only for early stopping and temperature scaling."
+        f"fold that held it out (pooled out-of-fold); validation folds were used only for early stopping and "
+        f"temperature scaling (T). Terms are explained at the end of the report."
     )
     rows = []
     for k in ("balanced_accuracy", "macro_f1", "auroc", "ece", "accuracy", "ece_uncalibrated", "instance_auroc"):
@@ -48,8 +86,8 @@ def write_run_report(out: Path, metrics: dict[str, Any], table, history_of: dict
     has_inst = any("instance_auroc" in r for r in metrics["per_fold"])
     if has_inst:
         cols.append("inst. AUROC")
-    rep.table(cols, [[r["fold"], r["n_test"], r["best_epoch"], r["temperature"], r["balanced_accuracy"],
-                      r["macro_f1"], r["auroc"], r["ece"]]
+    rep.table(cols, [[r["fold"], r["n_test"], r["best_epoch"], _temperature_cell(r["temperature"]),
+                      r["balanced_accuracy"], r["macro_f1"], r["auroc"], r["ece"]]
                      + ([r.get("instance_auroc", float("nan"))] if has_inst else [])
                      for r in metrics["per_fold"]])  # fmt: skip
     rep.heading("Per class (pooled)")
@@ -81,5 +119,6 @@ def write_run_report(out: Path, metrics: dict[str, Any], table, history_of: dict
         rep.blocks.extend(ex_rep.blocks)
     except Exception as exc:  # the report must not fail because a gallery cannot be drawn
         log.warning("cell galleries skipped: %s", exc)
+    add_glossary(rep, [*RUN_TERMS, *(["instance-AUROC"] if "instance" in metrics else [])])
     html, md = rep.write(out, "report")
     return html, md

@@ -180,9 +180,10 @@ def train_cv(spec: RunSpec, config: TrainConfig, out: str | Path, *, overwrite: 
             row["instance_auroc"] = instance_auroc(oof_att, {b: truth[b] for b in fold_ids})["instance_auroc"]
         metrics["mean"]["instance_auroc"] = aggregate_folds([{"instance_auroc": r["instance_auroc"]}
                                                              for r in per_fold])["instance_auroc"]  # fmt: skip
+    from milcore.training.report import run_warnings, write_run_report
+
+    metrics["warnings"] = run_warnings(metrics)  # chance, temperature at a bound, too few patients (report.py)
     metrics["seconds"] = time.perf_counter() - t_start
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    from milcore.training.report import write_run_report
-
     write_run_report(out, metrics, table, history_of={f.index: out / f"fold_{f.index}" for f in folds})
     return metrics

@@ -1,0 +1,70 @@
+"""One-line explanations of the terms every report uses, written once and shared by all reports."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from milcore.report.document import Report
+
+#: Term -> one line a reader without a statistics background can follow.
+GLOSSARY: dict[str, str] = {
+    "balanced accuracy": "the mean, over classes, of the share of each class's patients predicted correctly; "
+    "chance is 1 / (number of classes) whatever the class sizes.",
+    "macro-F1": "the mean, over classes, of F1 (the harmonic mean of precision and recall of that class).",
+    "AUROC": "the probability that a patient of a class gets a higher score for that class than a patient of "
+    "another class (one vs rest, averaged over classes); 0.5 is chance, 1 is perfect ranking.",
+    "ECE": "expected calibration error: the average gap between the predicted confidence and the observed "
+    "accuracy over confidence bins; 0 is perfectly calibrated. A low ECE says nothing about accuracy: "
+    "probabilities of 1/C for everyone are calibrated and useless.",
+    "T": "temperature: the logits are divided by T before the softmax, fitted on the validation fold to "
+    "calibrate the probabilities (T > 1 softens, T < 1 sharpens). A T at the edge of its search range "
+    "(0.05 or 20) means calibration failed.",
+    "pooled out-of-fold": "every patient is predicted once, by the fold model that never saw it in training; "
+    "the metrics are computed on all these predictions together.",
+    "chance": "what a model that ignores the smear would score: balanced accuracy 1 / (number of classes), "
+    "AUROC 0.5.",
+    "CI": "95% confidence interval: the range of values compatible with this cohort; a wide interval means "
+    "too few patients to pin the value down.",
+    "bootstrap": "resampling the patients with replacement many times and recomputing the metric; the middle "
+    "95% of the resampled values gives the CI.",
+    "permutation test": "a p-value from shuffling group membership many times: how often a gap this large "
+    "appears when groups do not matter.",
+    "Holm": "Holm's step-down correction of p-values for many tests, keeping the chance of any false flag "
+    "in a family of tests at alpha.",
+    "Bonferroni": "a correction multiplying each p-value by the number of tests, keeping the chance of any "
+    "false flag at alpha (stricter than Holm).",
+    "BH": "Benjamini-Hochberg: a correction keeping the expected share of false flags among the flagged "
+    "results at alpha (less strict than Holm).",
+    "equalized odds": "equalized-odds difference: the largest difference between groups in the true-positive "
+    "or false-positive rate of a class; 0 means the errors fall equally on every group.",
+    "demographic parity": "demographic-parity difference: the largest difference between groups in how "
+    "often a class is predicted; 0 means every group receives each diagnosis at the same rate.",
+    "forgetting": "the mean drop of a task's accuracy from its best value to its value after the last task.",
+    "BWT": "backward transfer: how training on later tasks changed the accuracy on earlier ones "
+    "(negative: forgetting).",
+    "FWT": "forward transfer: accuracy on a task before it is trained, relative to an untrained model.",
+    "instance-AUROC": "how well the per-cell attention ranks the known diagnostic cells above the others "
+    "(0.5: no better than random).",
+}
+
+#: The terms each report explains (a report may add its own).
+RUN_TERMS = ("balanced accuracy", "macro-F1", "AUROC", "ECE", "T", "pooled out-of-fold", "CI", "bootstrap",
+             "chance")  # fmt: skip
+AUDIT_TERMS = ("balanced accuracy", "AUROC", "ECE", "CI", "bootstrap", "permutation test", "equalized odds",
+               "demographic parity", "chance")  # fmt: skip
+BENCH_TERMS = ("balanced accuracy", "macro-F1", "AUROC", "ECE", "T", "CI", "bootstrap", "chance")
+CONTINUAL_TERMS = ("balanced accuracy", "forgetting", "BWT", "FWT", "chance")
+
+
+def add_glossary(rep: Report, terms: Sequence[str], heading: str = "Terms used in this report") -> Report:
+    """Append a heading and the one-line explanation of each of ``terms`` (in that order, no duplicates).
+
+    Raises:
+        KeyError: a term has no entry in :data:`GLOSSARY`.
+    """
+    terms = list(dict.fromkeys(terms))
+    missing = [t for t in terms if t not in GLOSSARY]
+    if missing:
+        raise KeyError(f"no glossary entry for {', '.join(missing)}")
+    rep.heading(heading)
+    return rep.definitions([(t, GLOSSARY[t]) for t in terms])
