@@ -47,13 +47,61 @@ def montage(images: list[np.ndarray], ncols: int = 8, size: int = 64, pad: int =
     return out
 
 
-def _load(path: Path | None, size: int) -> np.ndarray:
-    from PIL import Image
+def _missing_tile(size: int) -> np.ndarray:
+    """A grey tile with a dark cross: a cell whose crop was not found (never mistaken for a cell)."""
+    tile = np.full((size, size, 3), 200, dtype=np.uint8)
+    diag = np.arange(size)
+    for d in (-1, 0, 1):
+        k = np.clip(diag + d, 0, size - 1)
+        tile[diag, k] = tile[diag, size - 1 - k] = (90, 90, 90)
+    return tile
+
+
+def _load(path: Path | None, size: int) -> np.ndarray | None:
+    """The crop as an RGB array; ``None`` when absent or unreadable."""
+    from PIL import Image, UnidentifiedImageError
 
     if path is None:
-        return np.full((size, size, 3), 200, dtype=np.uint8)
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        return None
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        log.warning("%s: unreadable crop (%s)", path, exc)
+        return None
+
+
+def gallery_tiles(root: Path, cells: list[tuple[str, str]], title: str, *, explicit: bool,
+                  size: int = 64) -> tuple[list[np.ndarray], list[str]] | None:  # fmt: skip
+    """The crops of a gallery's cells, with a marked tile where a crop is missing.
+
+    Args:
+        root: crop root (``<root>/<bag_id>/<cell_id>.png``).
+        cells: ``(bag_id, cell_id)`` of each tile.
+        title: the gallery's name, for messages.
+        explicit: whether the user gave ``root`` (then no crop at all is an error, not a warning).
+        size: side of a missing tile.
+
+    Returns:
+        ``(tiles, missing "bag/cell" names)``, or ``None`` when no crop was found and ``root`` was a guess.
+
+    Raises:
+        UserError: ``explicit`` and no crop of the gallery was found, naming the folder and an example path.
+    """
+    images = [_load(find_crop(root, b, c), size) for b, c in cells]
+    missing = [f"{b}/{c}" for (b, c), im in zip(cells, images, strict=True) if im is None]
+    if cells and len(missing) == len(cells):
+        example = root / cells[0][0] / f"{cells[0][1]}.png"
+        message = (f"{root}: no crop found for any of the {len(cells)} cells of the gallery '{title}' (looked for "
+                   f"e.g. {example}, also {'/'.join(_EXTS[1:])})")  # fmt: skip
+        if explicit:
+            raise UserError(message + "; is this the root of <bag_id>/<cell_id> crop folders of this bank?")
+        log.warning("%s; the gallery is shown as a table", message)
+        return None
+    if missing:
+        log.warning("%s: %d of %d crops MISSING in the gallery '%s' (drawn as crossed grey tiles), e.g. %s", root,
+                    len(missing), len(cells), title, ", ".join(missing[:3]))  # fmt: skip
+    return [im if im is not None else _missing_tile(size) for im in images], missing
 
 
 def rank_cells(attention: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,37 +138,52 @@ def explain_run(run: str | Path, crops: str | Path | None = None, out: str | Pat
 def build_explanations(run: str | Path, crops: str | Path | None = None, top_k: int = 8, max_patients: int = 12,
                        seed: int = 0) -> tuple[Any, dict[str, Any]]:  # fmt: skip
     """The explanation :class:`~milcore.report.Report` and its JSON summary (see :func:`explain_run`)."""
-    import yaml
-
     from feature_cache.bank import open_reader
-    from milcore.predict import read_attention, read_predictions
+    from milcore.predict import prediction_sources, read_attention, read_predictions
     from milcore.report import Report
     from milcore.report.plots import embedding_figure
 
     run = Path(run)
     table = read_predictions(run)
     attention = read_attention(run)
-    cfg_path = run / "config.yaml"
-    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
-    bank_path = cfg.get("run", {}).get("bank")
+    sources = prediction_sources(run)
+    bank_path = sources["bank"]
     if bank_path is None or not Path(bank_path).exists():
-        raise UserError(f"{run}: cannot find the bank of this run (config.yaml names {bank_path!r})")
+        named = {"predict": "predictions.json", "run": "config.yaml"}.get(sources["kind"] or "", "no config.yaml or "
+                                                                          "predictions.json")  # fmt: skip
+        raise UserError(f"{run}: cannot find the bank these predictions were made from ({named} names "
+                        f"{bank_path!r})")  # fmt: skip
     bank = open_reader(bank_path)
+    sizes = dict(zip(bank.bag_ids(), bank.bag_sizes().tolist(), strict=True))
+    misaligned = [b for b, a in attention.items() if sizes.get(b) != len(a)]
+    if misaligned:
+        raise UserError(f"{run}/attention.h5: {len(misaligned)} bag(s) do not match {bank_path} (e.g. "
+                        f"{misaligned[0]!r}: {len(attention[misaligned[0]])} attention values, "
+                        f"{sizes.get(misaligned[0], 'no')} bank rows); was the bank replaced?")  # fmt: skip
+    explicit = crops is not None
     if crops is None:
-        cohort = cfg.get("run", {}).get("cohort")
+        cohort = sources["cohort"]
         guess = Path(cohort).parent if cohort else None
         crops = guess if guess is not None and table.bag_ids and (guess / table.bag_ids[0]).is_dir() else None
+    elif not Path(crops).is_dir():
+        raise UserError(f"--crops {crops}: no such folder")
     crops_root = Path(crops) if crops is not None else None
     has_ids = "cell_id" in bank.columns
     classes = table.classes
     correct = table.predicted == table.labels
+    wrong = (table.labels >= 0) & ~correct
     conf = table.proba.max(axis=1)
-    order = np.lexsort((-conf, correct))  # wrong predictions first, then the most confident
+    order = np.lexsort((-conf, ~wrong))  # wrong predictions first, then the most confident
     chosen = [i for i in order if table.bag_ids[i] in attention][:max_patients]
     rep = Report(f"Explanations — {run.name}")
     rep.paragraph("Per patient: the cells with the highest attention (top row) and the lowest (bottom row). "
                   "Attention is relative within a patient and sums to 1 over its cells.")  # fmt: skip
-    summary: dict[str, Any] = {"run": str(run), "patients": {}, "classes": {}}
+    if sources.get("partial"):
+        rep.paragraph(f"PARTIAL: these predictions come from an {sources['ensemble']} (an interrupted training "
+                      "run); they are not the full model.")  # fmt: skip
+    summary: dict[str, Any] = {"run": str(run), "ensemble": sources.get("ensemble"),
+                               "partial": bool(sources.get("partial")), "patients": {}, "classes": {},
+                               "missing_crops": 0}  # fmt: skip
     for i in chosen:
         b = table.bag_ids[i]
         a = attention[b]
@@ -132,9 +195,17 @@ def build_explanations(run: str | Path, crops: str | Path | None = None, top_k: 
                  "lowest": [[str(cell_ids[j]), float(a[j])] for j in low]}  # fmt: skip
         summary["patients"][b] = entry
         rep.heading(f"{b}: true {label}, predicted {entry['predicted']} ({conf[i]:.2f})", level=3)
+        tiles = None
         if crops_root is not None and has_ids:
-            imgs = [_load(find_crop(crops_root, b, str(cell_ids[j])), 64) for j in np.concatenate([top, low])]
-            rep.image(montage(imgs, ncols=len(top)), f"{b}: top-{len(top)} (upper) and lowest (lower) attention")
+            cells = [(b, str(cell_ids[j])) for j in np.concatenate([top, low])]
+            tiles = gallery_tiles(crops_root, cells, f"patient {b}", explicit=explicit)
+        if tiles is not None:
+            imgs, missing = tiles
+            summary["missing_crops"] += len(missing)
+            entry["missing_crops"] = missing
+            note = f"; MISSING crops (crossed tiles): {', '.join(missing)}" if missing else ""
+            rep.image(montage(imgs, ncols=len(top)),
+                      f"{b}: top-{len(top)} (upper) and lowest (lower) attention{note}")  # fmt: skip
         else:
             rep.table(["rank", "top cell", "attention", "lowest cell", "attention"],
                       [[r + 1, e[0], e[1], f[0], f[1]] for r, (e, f) in enumerate(zip(entry["top"], entry["lowest"],
@@ -153,9 +224,15 @@ def build_explanations(run: str | Path, crops: str | Path | None = None, top_k: 
         picks.sort(reverse=True)
         picks = picks[: 2 * top_k]
         summary["classes"][name] = [[b, cid, s] for s, b, cid in picks]
+        tiles = None
         if picks and crops_root is not None and has_ids:
-            rep.image(montage([_load(find_crop(crops_root, b, cid), 64) for _, b, cid in picks], ncols=top_k),
-                      f"{name}: highest relative attention in correctly predicted patients")  # fmt: skip
+            tiles = gallery_tiles(crops_root, [(b, cid) for _, b, cid in picks], f"class {name}", explicit=explicit)
+        if tiles is not None:
+            imgs, missing = tiles
+            summary["missing_crops"] += len(missing)
+            note = f"; MISSING crops (crossed tiles): {', '.join(missing)}" if missing else ""
+            rep.image(montage(imgs, ncols=top_k),
+                      f"{name}: highest relative attention in correctly predicted patients{note}")  # fmt: skip
         elif picks:
             rep.paragraph(f"{name}: " + ", ".join(f"{b}/{cid}" for _, b, cid in picks))
     rng = np.random.default_rng(seed)

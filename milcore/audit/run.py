@@ -101,7 +101,7 @@ def audit_run(run: str | Path, cohort: str | Path, out: str | Path, config: Audi
     from milcore.audit.groups import build_groups, read_metadata
     from milcore.audit.report import write_audit_report
     from milcore.audit.stratified import audit_predictions
-    from milcore.predict import read_predictions
+    from milcore.predict import prediction_sources, read_predictions
 
     config = config or AuditConfig()
     t0 = time.perf_counter()
@@ -125,16 +125,24 @@ def audit_run(run: str | Path, cohort: str | Path, out: str | Path, config: Audi
     groups = build_groups(columns, len(matched), config)
     for note in groups.notes:
         log.info("audit: %s", note)
+    sources = prediction_sources(run)
+    notes = list(groups.notes)
+    if sources.get("partial"):
+        notes.insert(0, f"PARTIAL: these predictions come from an {sources['ensemble']} (an interrupted training "
+                        "run), not the full model.")  # fmt: skip
+        log.warning("audit: %s", notes[0])
     prepare_out(out, overwrite)
     result = audit_predictions(pred, list(table.classes), groups, config)
     audit: dict[str, Any] = {
         "format": AUDIT_FORMAT, "format_version": 1,
         "input": {"run": str(run), "predictions": str(pred_path), "cohort": str(cohort), "classes": table.classes,
                   "patients": len(matched), "unlabelled_predictions": int((~labelled).sum()),
-                  "not_in_cohort": len(missing), "not_in_cohort_examples": missing[:10]},
+                  "not_in_cohort": len(missing), "not_in_cohort_examples": missing[:10],
+                  "kind": sources.get("kind"), "ensemble": sources.get("ensemble"),
+                  "partial": bool(sources.get("partial"))},
         "config": config.to_dict(),
         "attributes": {"audited": list(groups.values), "missing": groups.missing},
-        "notes": groups.notes,
+        "notes": notes,
         **result,
     }  # fmt: skip
     audit["seconds"] = time.perf_counter() - t0

@@ -16,7 +16,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
 
     p = subparsers.add_parser("explain", help=HELP, description=HELP + ".", parents=parents)
     p.add_argument("--run", required=True, help="training run (or 'milcore predict' output) folder")
-    p.add_argument("--crops", default=None, help="root of <bag_id>/<cell_id>.png crops (default: beside the cohort)")
+    p.add_argument("--crops", default=None,
+                   help="root of <bag_id>/<cell_id>.png crops (default: the cohort's folder when it holds the bag "
+                   "folders); an error when no crop of a gallery is found there")  # fmt: skip
     p.add_argument("--out", default=None, help="output folder (default RUN/explain)")
     p.add_argument("--top", type=int_at_least(1), default=8, help="cells per gallery row (default 8)")
     p.add_argument("--patients", type=int_at_least(1), default=12, help="patients shown (default 12)")
@@ -32,4 +34,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.run) / "explain"
     summary = explain_run(args.run, args.crops, out, top_k=args.top, max_patients=args.patients)
     log.info("explained %d patients: %s/explain.html (JSON: explain.json)", len(summary["patients"]), out)
+    if summary.get("missing_crops"):
+        log.warning("%d gallery tiles have no crop under %s (crossed grey tiles; listed in explain.json)",
+                    summary["missing_crops"], summary["crops"])  # fmt: skip
+    if summary.get("partial"):
+        log.warning("PARTIAL: these predictions come from an %s", summary["ensemble"])
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 HELP = "apply a trained checkpoint (or a run's fold ensemble) to a feature bank"
 
@@ -14,51 +13,49 @@ log = logging.getLogger("milcore")
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     """Register the ``predict`` subcommand."""
     p = subparsers.add_parser("predict", help=HELP, description=HELP + ". Writes predictions.csv (per-patient "
-                              "probabilities) and attention.h5 (per-cell attention aligned with the bank rows).",
+                              "probabilities), attention.h5 (per-cell attention aligned with the bank rows) and "
+                              "predictions.json; with --cohort and --task also the labels and metrics.json. "
+                              "Everything is checked before anything is written. External cohort: 'milcore "
+                              "predict --checkpoint RUN --bank BANK --cohort COHORT --task COLUMN --out PRED', then "
+                              "'milcore audit --run PRED --cohort COHORT --out DIR' and 'milcore explain --run PRED'.",
                               parents=parents)  # fmt: skip
     p.add_argument("--checkpoint", required=True, action="append",
-                   help="a fold folder (with checkpoint.json), or a run folder to average all its folds; "
+                   help="a fold folder (with checkpoint.json), or a finished run folder to average all its folds; "
                    "repeatable")  # fmt: skip
     p.add_argument("--bank", required=True, help="feature bank to predict")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (absent or empty unless --overwrite)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--cohort", default=None, help="labelled cohort table: also score the predictions (metrics.json)")
-    p.add_argument("--task", default=None, metavar="COLUMN", help="label column of --cohort")
+    p.add_argument("--cohort", default=None, help="labelled cohort table: record the labels and score the "
+                   "predictions (metrics.json)")  # fmt: skip
+    p.add_argument("--task", default=None, metavar="COLUMN",
+                   help="label column of --cohort; must be the checkpoint's task")  # fmt: skip
     p.add_argument("--cells", default=None, help="instance ground truth (default: cells.csv beside --cohort)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="accept an interrupted training run (fewer fold checkpoints than configured, or no final "
+                   "metrics); the output says 'ensemble of K of N folds'")  # fmt: skip
+    p.add_argument("--allow-task-rename", action="store_true",
+                   help="the --task column holds the checkpoint's task under another name (its labels must still "
+                   "be the checkpoint's classes)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=run)
-
-
-def _expand(paths: list[str]) -> list[Path]:
-    from feature_cache.errors import UserError
-
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if (p / "checkpoint.json").exists():
-            out.append(p)
-        elif p.is_dir() and sorted(p.glob("fold_*/checkpoint.json")):
-            out += [c.parent for c in sorted(p.glob("fold_*/checkpoint.json"))]
-        else:
-            raise UserError(f"{p}: not a checkpoint folder nor a run folder with fold checkpoints")
-    return out
 
 
 def run(args: argparse.Namespace) -> int:
     """Predict; returns the exit code."""
-    from feature_cache.errors import UserError
-    from milcore.predict import predict_bank
+    from milcore.predict import run_prediction
 
-    if (args.cohort is None) != (args.task is None):
-        raise UserError("--cohort and --task go together")
-    checkpoints = _expand(args.checkpoint)
-    table = predict_bank(checkpoints, args.bank, args.out, device=args.device)
+    result = run_prediction(args.checkpoint, args.bank, args.out, cohort=args.cohort, task=args.task,
+                            cells=args.cells, allow_partial=args.allow_partial,
+                            allow_task_rename=args.allow_task_rename, overwrite=args.overwrite,
+                            device=args.device)  # fmt: skip
+    table = result.table
     counts = ", ".join(f"{c}: {int((table.predicted == i).sum())}" for i, c in enumerate(table.classes))
-    log.info("predicted %d bags with %d checkpoint(s) (%s)", len(table.bag_ids), len(checkpoints), counts)
-    log.info("wrote %s/predictions.csv and %s/attention.h5", args.out, args.out)
-    if args.cohort:
-        from milcore.predict import evaluate_predictions
-
-        m = evaluate_predictions(args.out, args.cohort, args.task, args.bank, args.cells)
-        v = m["metrics"]
+    log.info("predicted %d bags: %s (%s)", len(table.bag_ids), counts, result.checkpoints.describe())
+    if result.checkpoints.partial:
+        log.warning("PARTIAL: these predictions come from an %s", result.checkpoints.describe())
+    log.info("wrote %s/predictions.csv, attention.h5 and predictions.json", args.out)
+    if result.metrics is not None:
+        m, v = result.metrics, result.metrics["metrics"]
         inst = f", instance-AUROC {m['instance']['instance_auroc']:.3f}" if "instance" in m else ""
         log.info("on %d labelled bags: balanced accuracy %.3f, AUROC %.3f, ECE %.3f%s (%s/metrics.json)", m["n"],
                  v["balanced_accuracy"]["value"], v["auroc"]["value"], v["ece"]["value"], inst, args.out)  # fmt: skip
