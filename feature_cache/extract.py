@@ -10,6 +10,18 @@ shard, to be joined with ``milcore bank merge``.
 
 A run log ``<bank>.extract.jsonl`` records one line per bag (cells, failures, seconds) and one per
 run (source, encoder, settings, totals).
+
+Checked before anything is created: the device, the shard, the encoder's options (each by name,
+type and range) and the source. Each bag is stored with where it came from
+(:class:`~feature_cache.sources.base.BagOrigin`: source kind, path, file count, settings and a
+fingerprint of its files' names, sizes and modification times, as per-bag metadata ``source_*``).
+Resuming compares every bag already in the bank with the input read now and refuses a bag whose
+origin differs, naming it: a bank is append-only (one bag cannot be replaced in place), and keeping
+old features under a new input's name would be a wrong result, so refusing is the safe default;
+``--overwrite`` re-extracts. Bags of banks written before origins were recorded cannot be checked:
+resuming such a bank is refused unless ``accept_unrecorded`` (``--accept-unrecorded``) says to
+trust them. A failure while reading a bag in a worker process ends the run with one line naming the
+bag (the traceback goes to the debug log); a run that committed no bag leaves no write journal.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ import json
 import logging
 import os
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from feature_cache.devices import resolve_device
 from feature_cache.errors import InvalidArgumentError, UserError
 from feature_cache.progress import progress
 
@@ -51,6 +65,8 @@ class ExtractConfig:
         source_options: extra options for the source.
         encoder_options: extra options for the encoder (e.g. ``{"image_size": 96}``).
         overwrite: replace an existing bank (only once the new one is complete) instead of resuming it.
+        accept_unrecorded: resume a bank whose bags were written without a record of their source
+            (before origins were recorded), trusting that they come from ``input``.
     """
 
     source: str
@@ -68,6 +84,7 @@ class ExtractConfig:
     source_options: dict[str, Any] = field(default_factory=dict)
     encoder_options: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False
+    accept_unrecorded: bool = False
 
 
 @dataclass
@@ -124,8 +141,18 @@ def parse_shard(text: str) -> tuple[int, int]:
         raise InvalidArgumentError(f"shard must look like I/N (e.g. 0/4), got {text!r}") from None
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
 class _BagItems:
-    """Dataset of bags: each item is one bag read and transformed in a worker process."""
+    """Dataset of bags: each item is one bag read and transformed in a worker process.
+
+    Never raises (an exception in a worker would surface as a multi-line worker traceback): an
+    unreadable bag becomes ``{"error": ...}`` (recorded, the run goes on); an input the run must
+    stop on, or any unexpected failure, becomes ``{"fatal": ...}`` (the run ends naming the bag).
+    """
 
     def __init__(self, source, bag_ids: list[str], transform) -> None:
         self.source, self.bag_ids, self.transform = source, bag_ids, transform
@@ -136,20 +163,28 @@ class _BagItems:
     def __getitem__(self, i: int) -> dict[str, Any]:
         import torch
 
+        from feature_cache.sources.base import InputRefusedError
+
         bag = self.bag_ids[i]
         t0 = time.perf_counter()
         try:
+            origin = self.source.origin(bag).to_meta()  # before reading: what the features will come from
             batch = self.source.read_bag(bag)
+            n = len(batch)
+            size = self.transform.size
+            pixels = torch.empty((n, 3, size, size), dtype=torch.uint8)
+            for j in range(n):
+                pixels[j] = self.transform(batch.pixels[j])
+        except InputRefusedError as exc:  # an input the run must stop on (names the file)
+            return {"bag": bag, "fatal": str(exc), "seconds": time.perf_counter() - t0}
         except UserError as exc:  # a whole bag unreadable (e.g. a broken slide): record, never crash
             return {"bag": bag, "error": str(exc), "seconds": time.perf_counter() - t0}
-        n = len(batch)
-        size = self.transform.size
-        pixels = torch.empty((n, 3, size, size), dtype=torch.uint8)
-        for j in range(n):
-            pixels[j] = self.transform(batch.pixels[j])
+        except Exception as exc:  # anything else: one line naming the bag, the traceback for --debug
+            return {"bag": bag, "fatal": f"bag {bag}: reading and transforming its cells failed ({_one_line(exc)})",
+                    "traceback": traceback.format_exc(), "seconds": time.perf_counter() - t0}  # fmt: skip
         return {"bag": bag, "pixels": pixels, "coords": batch.coords, "cell_ids": batch.cell_ids,
                 "cell_types": batch.cell_types, "failures": [f.to_dict() for f in batch.failures],
-                "seconds": time.perf_counter() - t0}  # fmt: skip
+                "origin": origin, "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
 def _identity(item: Any) -> Any:
@@ -165,7 +200,68 @@ def _items(dataset: _BagItems, workers: int, pin: bool) -> Iterator[dict[str, An
 
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
                         collate_fn=_identity, prefetch_factor=2, persistent_workers=False)  # fmt: skip
-    yield from loader
+    it = iter(loader)
+    done = 0
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as exc:  # a worker process died (killed for memory, crashed): name where
+            bag = dataset.bag_ids[done] if done < len(dataset) else "?"
+            raise UserError(
+                f"a bag-reading worker process died while reading bag {bag} or one of the next {workers * 2} "
+                f"({_one_line(exc)}); bags written so far are kept and a rerun resumes (--workers 0 reads in "
+                "this process)"
+            ) from None
+        done += 1
+        yield item
+
+
+def check_origins(writer: Any, source: Any, bags: list[str], where: Path, accept_unrecorded: bool) -> None:
+    """Refuse to resume when a stored bag's recorded origin differs from the input read now.
+
+    Args:
+        writer: the open bank writer.
+        source: the source being extracted.
+        bags: bags of this run already stored in the bank.
+        where: the bank (for messages).
+        accept_unrecorded: trust bags stored without an origin record instead of refusing.
+
+    Raises:
+        UserError: a bag's origin differs (the first one named, the others counted), or bags
+            without a record and ``accept_unrecorded`` not set.
+    """
+    from feature_cache.sources.base import BagOrigin
+
+    if not bags:
+        return
+    stored = writer.stored_meta()
+    unrecorded: list[str] = []
+    differ: list[tuple[str, str]] = []
+    for bag in bags:
+        old = BagOrigin.from_meta(stored.get(bag, {}))
+        if old is None:
+            unrecorded.append(bag)
+            continue
+        diff = old.difference(source.origin(bag))
+        if diff is not None:
+            differ.append((bag, diff))
+    if differ:
+        bag, diff = differ[0]
+        more = ""
+        if len(differ) > 1:
+            names = ", ".join(b for b, _ in differ[1:4]) + (", ..." if len(differ) > 4 else "")
+            more = f" ({len(differ) - 1} more bags differ: {names})"
+        raise UserError(f"{where}: bag {bag}: {diff}{more}; use --overwrite to re-extract the bank, or a new --out")
+    if unrecorded:
+        what = (
+            f"{where}: {len(unrecorded)} of the {len(bags)} bags already there (e.g. {unrecorded[0]}) were written "
+            "without a record of their source (an older milcore), so they cannot be checked against the input"
+        )
+        if not accept_unrecorded:
+            raise UserError(f"{what}; pass --accept-unrecorded to resume anyway, or --overwrite / a new --out")
+        log.warning("%s; resuming as asked (--accept-unrecorded)", what)
 
 
 def _source_options(config: ExtractConfig) -> dict[str, Any]:
@@ -181,40 +277,57 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     """Run one extraction (see the module docstring).
 
     Raises:
-        UserError: unreadable input, unknown source or encoder, weights problems, a bank built with
-            another encoder (refused, never mixed), or a bank locked by another writer.
+        UserError: unreadable input, unknown source or encoder, a bad device or encoder option,
+            weights problems, a bank built with another encoder (refused, never mixed), a stored
+            bag recorded from another input (or unrecorded, see ``accept_unrecorded``), a refused
+            input file (e.g. an oversized crop), a failure reading a bag, or a bank locked by
+            another writer. Everything that can be checked up front is checked before any output
+            (bank, journal, run log) is created.
     """
     import torch
 
     from feature_cache.bank import open_writer
-    from feature_cache.encoders import create_encoder
+    from feature_cache.bank.journal import journal_dir
+    from feature_cache.encoders import check_encoder_options, create_encoder
     from feature_cache.sources import create_source
 
     t_start = time.perf_counter()
     index, count = resolve_shard(config.shard)
     out = shard_path(config.out, index, count)
+    device = resolve_device(config.device, option="--device")
+    encoder_options = check_encoder_options(config.encoder, config.encoder_options)
     source = create_source(config.source, config.input, **_source_options(config))
     all_bags = source.bag_ids()
     bags = all_bags[index::count]
-    encoder = create_encoder(config.encoder, weights=config.weights, device=config.device, **config.encoder_options)
+    encoder = create_encoder(config.encoder, weights=config.weights, device=device, **encoder_options)
     cuda = encoder.device.type == "cuda"
     batch_size = config.batch_size or (256 if cuda else 64)
     workers = config.num_workers if config.num_workers >= 0 else min(4, max(0, (os.cpu_count() or 1) - 1))
     # "a": creates the bank, appends to it, or resumes an interrupted write; refuses another encoder.
     # "w": replaces the bank; the old one stays readable until the new one is complete.
     mode = "w" if config.overwrite else "a"
+    fresh = not journal_dir(out).exists()  # no unfinished write of an earlier run to keep
     writer = open_writer(out, encoder.info, mode=mode, dtype=config.dtype, compression=config.compression)
     log_path = out.with_name(out.name + ".extract.jsonl")
-    todo = [b for b in bags if not writer.has(b)]
-    skipped = len(bags) - len(todo)
-    if skipped:
-        log.info("%s: %d of %d bags already extracted, resuming with %d", out, skipped, len(bags), len(todo))
+    log_existed = log_path.exists()
     written = cells = failures = 0
     try:
+        done = [b for b in bags if writer.has(b)]
+        check_origins(writer, source, done, out, config.accept_unrecorded)
+        todo = [b for b in bags if not writer.has(b)]
+        skipped = len(done)
+        if skipped:
+            log.info("%s: %d of %d bags already extracted from this input, resuming with %d", out, skipped,
+                     len(bags), len(todo))  # fmt: skip
         with open(log_path, "a") as run_log:
             bar = progress(total=len(todo), desc=f"extract {config.encoder}", unit="bag")
             for item in _items(_BagItems(source, todo, encoder.transform), workers, cuda):
                 bag = item["bag"]
+                if "fatal" in item:
+                    if "traceback" in item:
+                        log.debug("worker traceback for bag %s:\n%s", bag, item["traceback"])
+                    kept = f"{written} bags of this run are kept and a rerun resumes" if written else "nothing written"
+                    raise UserError(f"{item['fatal']} ({kept})")
                 if "error" in item:
                     failures += 1
                     log.warning("skipped bag %s: %s", bag, item["error"])
@@ -229,7 +342,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
                 types = item["cell_types"]
                 writer.append(bag, feats, coords=item["coords"], cell_id=list(item["cell_ids"]),
                               cell_type=None if any(t is None for t in types) else list(types),
-                              meta={"n_cells": n, "n_failures": len(item["failures"])})  # fmt: skip
+                              meta={"n_cells": n, "n_failures": len(item["failures"]), **item["origin"]})  # fmt: skip
                 written += 1
                 cells += n
                 failures += len(item["failures"])
@@ -248,12 +361,20 @@ def extract(config: ExtractConfig) -> ExtractSummary:
                                               "device": str(encoder.device), "batch_size": batch_size,
                                               "workers": workers}}, default=str) + "\n")  # fmt: skip
     except BaseException:
-        writer.abandon()  # keeps every completed bag; a rerun resumes
+        if written == 0 and fresh:
+            writer.discard()  # nothing staged worth keeping: leave no journal to block or confuse the rerun
+            if not log_existed and log_path.exists() and log_path.stat().st_size == 0:
+                log_path.unlink()
+        else:
+            writer.abandon()  # keeps every completed bag; a rerun resumes
         raise
     del torch
     summary = ExtractSummary(out, written, skipped, cells, failures, time.perf_counter() - t_start)
-    log.info("%s: %d bags, %d cells in %.1f s (%.0f cells/s); %d skipped items; log %s", out, written, cells,
-             summary.seconds, summary.cells_per_second, failures, log_path)  # fmt: skip
+    log.info("%s: %d bags, %d cells in %.1f s (%.0f cells/s); log %s", out, written, cells, summary.seconds,
+             summary.cells_per_second, log_path)  # fmt: skip
+    if failures:
+        log.warning("%s: %d unreadable items (images, regions or bags) were SKIPPED, not encoded; each is named in %s",
+                    out, failures, log_path)  # fmt: skip
     if count > 1:
         shards = " ".join(str(shard_path(config.out, i, count)) for i in range(count))
         log.info("shard %d/%d done; join the shards with: milcore bank merge %s --out %s", index, count, shards,

@@ -8,9 +8,11 @@ disk), ``morphology`` (hand-made cell features) and ``toy`` (tests). torch is im
 encoder is created.
 """
 
+from feature_cache.encoders.options import EncoderOption
 from feature_cache.encoders.registry import (
     BUILTIN_ENCODERS,
     EncoderSpec,
+    check_encoder_options,
     create_encoder,
     encoder_spec,
     list_encoders,
@@ -19,7 +21,9 @@ from feature_cache.encoders.registry import (
 
 __all__ = [
     "BUILTIN_ENCODERS",
+    "EncoderOption",
     "EncoderSpec",
+    "check_encoder_options",
     "create_encoder",
     "encoder_spec",
     "list_encoders",

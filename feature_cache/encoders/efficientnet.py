@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from feature_cache.encoders.base import Encoder, InputNorm, ResizeCrop, finish
+from feature_cache.encoders.options import EncoderOption
 from feature_cache.encoders.registry import register_encoder
 from feature_cache.encoders.weights import check_sha256, load_state_dict_file, load_strict, strip_prefixes
 from feature_cache.errors import UserError
@@ -26,6 +27,12 @@ PACKAGED_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf7
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
 VERSION = "1"
+#: The declared options: five stride-2 stages need >= 32 px; 1024 px (3 MiB per transformed crop,
+#: held per bag by a reading worker) is far above any cell crop's useful resolution.
+OPTIONS = (
+    EncoderOption("weights_sha256", "str", pattern="[0-9a-fA-F]{64}", help="expected SHA-256 of the weights file"),
+    EncoderOption("image_size", "int", low=32, high=1024, help="input side in pixels (224 as trained)"),
+)
 
 
 def packaged_weights() -> Path:
@@ -55,7 +62,7 @@ class _PooledLite0(nn.Module):
         return self.net.extract_features(x).mean(dim=(2, 3))  # (N, 1280)
 
 
-@register_encoder("efficientnet_lite0", requires_weights=False)
+@register_encoder("efficientnet_lite0", requires_weights=False, options=OPTIONS)
 def efficientnet_lite0(
     weights: str | Path | None = None,
     device: str | torch.device | None = None,

@@ -23,12 +23,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from feature_cache.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder, InputNorm, ResizeCrop, finish
+from feature_cache.encoders.options import EncoderOption
 from feature_cache.encoders.registry import register_encoder
 from feature_cache.encoders.weights import check_sha256, load_state_dict_file, load_strict, strip_prefixes
 from feature_cache.errors import InvalidArgumentError
 
 PATCH = 14
 VERSION = "1"
+#: The declared options of every ViT: whole patches from 1 to 73 per side (14..1022 px).
+OPTIONS = (
+    EncoderOption("weights_sha256", "str", pattern="[0-9a-fA-F]{64}", help="expected SHA-256 of the weights file"),
+    EncoderOption("image_size", "int", low=PATCH, high=73 * PATCH, multiple_of=PATCH, help="input side in pixels"),
+    EncoderOption("pool", "str", choices=("cls", "cls+mean"), help="class token, or class token + mean patch"),
+)
 ARCHS = {  # name -> (embed dim, depth, heads)
     "vit_small_patch14_dinov2": (384, 12, 6),
     "vit_base_patch14_dinov2": (768, 12, 12),
@@ -205,7 +212,7 @@ def build_vit(
     )
 
 
-@register_encoder("vit_small_patch14_dinov2", requires_weights=True)
+@register_encoder("vit_small_patch14_dinov2", requires_weights=True, options=OPTIONS)
 def vit_small_patch14_dinov2(
     weights: str | Path | None = None,
     device: str | torch.device | None = None,
@@ -229,7 +236,7 @@ def vit_small_patch14_dinov2(
     return build_vit("vit_small_patch14_dinov2", weights, device, weights_sha256, image_size, pool)
 
 
-@register_encoder("vit_base_patch14_dinov2", requires_weights=True)
+@register_encoder("vit_base_patch14_dinov2", requires_weights=True, options=OPTIONS)
 def vit_base_patch14_dinov2(
     weights: str | Path | None = None,
     device: str | torch.device | None = None,
@@ -242,7 +249,7 @@ def vit_base_patch14_dinov2(
     return build_vit("vit_base_patch14_dinov2", weights, device, weights_sha256, image_size, pool)
 
 
-@register_encoder("vit_large_patch14_dinov2", requires_weights=True)
+@register_encoder("vit_large_patch14_dinov2", requires_weights=True, options=OPTIONS)
 def vit_large_patch14_dinov2(
     weights: str | Path | None = None,
     device: str | torch.device | None = None,

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from feature_cache.errors import InvalidArgumentError, UserError
-from feature_cache.sources.base import UNKNOWN_COORD, BagSource, Cell
+from feature_cache.sources.base import UNKNOWN_COORD, BagOrigin, BagSource, Cell, digest, file_stamp
 
 CELL_TYPES = ("basophil", "eosinophil", "erythroblast", "immature_granulocyte", "lymphocyte", "monocyte",
               "neutrophil", "platelet")  # fmt: skip
@@ -168,6 +168,16 @@ class BloodMnistSource(BagSource):
         images, labels = self._data()
         for j, src in enumerate(self.bags[bag_id]):
             yield Cell(images[src], (UNKNOWN_COORD, UNKNOWN_COORD), f"c{j:04d}", CELL_TYPES[labels[src]])
+
+    def origin(self, bag_id: str) -> BagOrigin:
+        """The BloodMNIST file by name, size and mtime, and the bag's image indices."""
+        if bag_id not in self.bags:
+            raise self._unknown_bag(bag_id)
+        idx = self.bags[bag_id]
+        stamp = file_stamp(self.npz) if self.npz.exists() else None
+        settings = json.dumps({"split": self.split}, sort_keys=True)
+        return BagOrigin(self.kind, str(self.path.resolve()), len(idx), settings, digest(stamp, self.split, idx),
+                         unit="cells")  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
         """Kind, folder and split."""

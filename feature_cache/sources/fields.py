@@ -10,6 +10,7 @@ with the field's glass colour.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from feature_cache.errors import InvalidArgumentError, UserError
-from feature_cache.sources.base import BagSource, Cell
+from feature_cache.sources.base import BagOrigin, BagSource, Cell, digest, file_stamp
 from feature_cache.sources.detect import CELL_KINDS, Detections, DetectorConfig, detect_cells
 from feature_cache.sources.image_io import ImageReadError, crop_centered, is_image_file, read_rgb
 from feature_cache.sources.registry import register_source
@@ -110,6 +111,17 @@ class FieldSource(BagSource):
             "boxes": self.boxes,
             "detector": dict(vars(self.config)),
         }
+
+    def origin(self, bag_id: str) -> BagOrigin:
+        """The field image (and VOC annotation) by name, size and mtime, with the detection settings."""
+        path = self.image_path(bag_id)
+        stamps = [file_stamp(path)]
+        if self.boxes == "voc":
+            xml = annotation_path(path)
+            stamps.append(file_stamp(xml) if xml is not None else None)
+        settings = {k: v for k, v in self.describe().items() if k not in ("kind", "path")}
+        text = json.dumps(settings, sort_keys=True, default=str)
+        return BagOrigin(self.kind, str(path.resolve()), -1, text, digest(stamps, settings), unit="images")
 
     def bag_ids(self) -> list[str]:
         """Image file stems, sorted."""

@@ -3,11 +3,15 @@
 Transparent pixels are composited onto white (the colour of glass in a bright-field smear).
 16-bit images are scaled by 257 (65535 -> 255); float images by their range ([0, 1] or [0, 255]).
 Truncated or corrupt files raise :class:`ImageReadError`, which sources turn into a recorded
-failure.
+failure. The size is checked from the header before decoding (:class:`ImageTooLargeError` above
+``max_pixels``); PIL's decompression-bomb warning never reaches the user raw: an image above PIL's
+limit is logged with its name (or refused by ``max_pixels``), one above twice the limit is refused.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,8 +23,15 @@ if TYPE_CHECKING:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
+log = logging.getLogger(__name__)
+
+
 class ImageReadError(Exception):
     """An image file could not be decoded; the message says why in one line."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image's header gives more pixels than allowed; nothing was decoded."""
 
 
 def is_image_file(path: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> bool:
@@ -65,26 +76,41 @@ def pil_to_rgb(img: PILImage.Image) -> np.ndarray:
     return np.asarray(img)
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
+def read_rgb(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """Decode an image file into an (H, W, 3) uint8 RGB array (first frame of multi-page files).
 
     EXIF orientation is applied.
 
+    Args:
+        path: the image file.
+        max_pixels: refuse images with more pixels than this (checked from the header, before
+            decoding); ``None``: only PIL's own limit (twice ``PIL.Image.MAX_IMAGE_PIXELS``).
+
     Raises:
-        ImageReadError: missing, truncated, corrupt, empty or too large.
+        ImageTooLargeError: more pixels than ``max_pixels`` or than PIL accepts.
+        ImageReadError: missing, truncated, corrupt or empty.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # the size is checked below, by name, instead of PIL's raw warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened as img:
+            w, h = img.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise ImageTooLargeError(f"{w} x {h} = {w * h} pixels, above the limit of {max_pixels}")
+            if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+                log.warning("%s: decoding a large image (%d x %d = %d pixels, %.1f GB as RGB)", path, w, h, w * h,
+                            3 * w * h / 1e9)  # fmt: skip
             img.load()  # decode now: truncated data fails here
             img = ImageOps.exif_transpose(img) if img.getexif() else img
             rgb = pil_to_rgb(img)
     except UnidentifiedImageError:
         raise ImageReadError("not an image file PIL can read") from None
     except Image.DecompressionBombError as exc:
-        raise ImageReadError(f"image too large ({exc})") from None
+        raise ImageTooLargeError(f"image too large for PIL to decode ({exc})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated or corrupt data
         raise ImageReadError(f"cannot decode image ({type(exc).__name__}: {exc})") from None
     if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:

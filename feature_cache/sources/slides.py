@@ -18,6 +18,7 @@ Per slide:
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from feature_cache.errors import InvalidArgumentError, UserError
-from feature_cache.sources.base import BagSource, Cell
+from feature_cache.sources.base import BagOrigin, BagSource, Cell, digest, file_stamp
 from feature_cache.sources.detect import CELL_KINDS, Detections, DetectorConfig
 from feature_cache.sources.fields import default_crop_size
 from feature_cache.sources.registry import register_source
@@ -113,6 +114,14 @@ class SlideSource(BagSource):
         """Kind, path and reading options."""
         keys = ("cells", "level", "mpp", "tile_size", "overlap", "crop_size", "rbc_diameter_um", "rbc_diameter_px")
         return {"kind": self.kind, "path": str(self.path), **{k: getattr(self, k) for k in keys}}
+
+    def origin(self, bag_id: str) -> BagOrigin:
+        """The slide file by name, size and mtime, with the reading and detection settings."""
+        path = self.slide_path(bag_id)
+        settings = {k: v for k, v in self.describe().items() if k not in ("kind", "path")}
+        settings.update(min_smear_fraction=self.min_smear_fraction, detector=self.detector)
+        text = json.dumps(settings, sort_keys=True, default=str)
+        return BagOrigin(self.kind, str(path.resolve()), -1, text, digest([file_stamp(path)], settings), unit="files")
 
     def bag_ids(self) -> list[str]:
         """Slide file stems, sorted."""

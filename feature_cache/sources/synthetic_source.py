@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from feature_cache.errors import UserError
-from feature_cache.sources.base import BagSource, Cell, CellBatch
+from feature_cache.sources.base import BagOrigin, BagSource, Cell, CellBatch, digest
 from feature_cache.sources.synthetic_cohort import SyntheticCohort
 from feature_cache.sources.synthetic_config import SynthConfig, parse_bias
 
@@ -103,6 +103,13 @@ class SyntheticSource(BagSource):
         cells = self.cohort.cells(patient)
         return CellBatch(self.cohort.render_bag(patient), cells.coords.astype("int64"), cells.cell_ids(),
                          [str(t) for t in cells.cell_type])  # fmt: skip
+
+    def origin(self, bag_id: str) -> BagOrigin:
+        """The cohort configuration (it decides every cell of every patient)."""
+        self._patient(bag_id)
+        config = self.config.to_dict()
+        text = json.dumps(config, sort_keys=True, default=str)
+        return BagOrigin(self.kind, str(self.path.resolve()), -1, text, digest(bag_id, config), unit="cells")
 
     def describe(self) -> dict[str, Any]:
         """Kind, path and configuration."""

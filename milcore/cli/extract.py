@@ -26,28 +26,63 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     p.add_argument("--cells", choices=("wbc", "rbc"), default=None, help="cells to detect in fields/slides")
     p.add_argument("--weights", default=None, help="local weights file for the encoder")
     p.add_argument("--encoder-arg", action="append", default=None, metavar="KEY=VALUE",
-                   help="encoder option, e.g. image_size=96 (repeatable)")  # fmt: skip
+                   help="encoder option, e.g. image_size=96 (repeatable; checked against the encoder's declared "
+                        "options before anything is written)")  # fmt: skip
     p.add_argument("--batch-size", type=int_at_least(1), default=None, help="crops per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int_at_least(0), default=None, help="bag-reading worker processes")
     p.add_argument("--shard", default=None, metavar="I/N", help="take every N-th bag starting at I (own output file)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored feature dtype")
     p.add_argument("--compression", choices=("none", "lzf", "gzip", "blosc-zstd"), default=None)
+    p.add_argument("--max-crop-pixels", type=int_at_least(1), default=None, metavar="N",
+                   help="crops source: largest crop accepted, width x height (default 1048576 = 1024 x 1024); a "
+                        "larger image stops the run, naming the file")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing bank instead of resuming it")
+    p.add_argument("--accept-unrecorded", action="store_true",
+                   help="resume a bank written before sources were recorded, trusting that its bags come from "
+                        "--input (they cannot be checked)")  # fmt: skip
     p.set_defaults(func=run)
+
+
+def encoder_args(items: list[str]) -> dict[str, str]:
+    """``["image_size=96"]`` -> ``{"image_size": "96"}``: text, typed later by the encoder's declared options.
+
+    Raises:
+        UserError: an item without ``=``, or an option given twice.
+    """
+    from feature_cache.errors import UserError
+
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--encoder-arg {item!r}: expected KEY=VALUE (e.g. image_size=96)")
+        if key in out:
+            raise UserError(f"--encoder-arg {key}: given twice ({key}={out[key]} and {item})")
+        out[key] = value.strip()
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
     """Extract; returns the exit code."""
+    from feature_cache.encoders import check_encoder_options
+    from feature_cache.errors import UserError
     from feature_cache.extract import ExtractConfig, extract, parse_shard
-    from milcore.cli._types import parse_overrides
 
+    options = check_encoder_options(args.encoder, encoder_args(args.encoder_arg or []), label="--encoder-arg")
+    source_options = {}
+    if args.max_crop_pixels is not None:
+        if args.source != "crops":
+            raise UserError(f"--max-crop-pixels applies to the crops source, not {args.source!r}")
+        source_options["max_crop_pixels"] = args.max_crop_pixels
     config = ExtractConfig(
         source=args.source, input=args.input, encoder=args.encoder, out=args.out, weights=args.weights,
         cells=args.cells, batch_size=args.batch_size or 0, device=args.device,
         num_workers=-1 if args.workers is None else args.workers,
         shard=parse_shard(args.shard) if args.shard else None, dtype=args.dtype, compression=args.compression,
-        encoder_options=parse_overrides(args.encoder_arg or []), overwrite=args.overwrite,
+        encoder_options=options, source_options=source_options, overwrite=args.overwrite,
+        accept_unrecorded=args.accept_unrecorded,
     )  # fmt: skip
     summary = extract(config)
     log.info("bank: %s (%d bags written, %d already there, %d cells, %.0f cells/s)", summary.bank,

@@ -78,7 +78,7 @@ def extra_encoder() -> Iterator[None]:
 def test_registry_create_list_and_errors(extra_encoder: None) -> None:
     assert "tiny_test_encoder" in list_encoders() and list_encoders("tiny_*") == ["tiny_test_encoder"]
     assert create_encoder("tiny_test_encoder", width=3).name == "tiny3"
-    with pytest.raises(InvalidArgumentError, match="unexpected keyword argument 'depth'"):
+    with pytest.raises(InvalidArgumentError, match=r"has no option 'depth' \(its options: width\)"):
         create_encoder("tiny_test_encoder", depth=3)
     with pytest.raises(InvalidArgumentError, match=r"unknown encoder 'vit_huge'; known: .*vit_small_patch14_dinov2"):
         create_encoder("vit_huge")
