@@ -7,7 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from milcore.report import Report, fmt_ci, plots
+from milcore.report import Report, fmt_ci, plots, plural
+from milcore.report.caveats import add_warnings
+from milcore.report.glossary import AUDIT_TERMS, add_glossary
 
 NAMES = {"balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1", "auroc": "AUROC (one vs rest)",
          "ece": "calibration error (ECE)", "equalized_odds_difference": "equalized-odds difference",
@@ -32,10 +34,11 @@ def _p(x: Any) -> str:
 
 
 def add_audit_sections(rep: Report, audit: dict[str, Any]) -> None:
-    """Append the stratified audit's sections (summary, tables, figures) to ``rep``."""
+    """Append the stratified audit's sections (warnings, summary, tables, figures, terms) to ``rep``."""
     summary, config = audit["summary"], audit["config"]
+    add_warnings(rep, audit.get("warnings", []))
     rep.heading("Summary")
-    rep.paragraph(summary["headline"], css="note" if summary["flagged_groups"] else "")
+    rep.paragraph(summary["headline"], css="note" if summary["flagged_groups"] or summary.get("at_chance") else "")
     if summary["details"]:
         rep.bullets(summary["details"])
     fam = audit["families"]
@@ -44,10 +47,13 @@ def add_audit_sections(rep: Report, audit: dict[str, Any]) -> None:
         f"rest). Gaps are tested by permutation ({config['n_perm']} at most) and corrected with "
         f"{config['correction']} within two families at alpha {config['alpha']}: the primary family "
         f"({NAMES.get(config['primary_metric'], config['primary_metric'])} of single-attribute groups, "
-        f"{fam['primary']['tests']} tests) and the secondary family (other metrics, per-class recall and FPR, "
-        f"intersections, parity differences: {fam['secondary']['tests']} tests). Intervals are 95% percentile "
-        f"bootstrap CIs ({config['n_boot']} resamples, patients resampled within groups). Groups with fewer than "
-        f"{config['min_group_size']} patients are marked insufficient and not tested."
+        f"{plural(fam['primary']['tests'], 'test')}) and the secondary family (other metrics, per-class recall and "
+        f"FPR, intersections, parity differences: {plural(fam['secondary']['tests'], 'test')}). Intervals are 95% "
+        f"percentile bootstrap CIs ({config['n_boot']} resamples, patients resampled within groups). Groups with "
+        f"fewer than {config['min_group_size']} patients are marked insufficient and not tested"
+        + (f"; {plural(len(audit['empty_groups']), 'empty group')} (no patient) "
+           f"{'is' if len(audit['empty_groups']) == 1 else 'are'} left out" if audit.get("empty_groups") else "")
+        + ". Terms are explained at the end."
     )
     if audit.get("notes"):
         rep.heading("Input")
@@ -60,13 +66,14 @@ def add_audit_sections(rep: Report, audit: dict[str, Any]) -> None:
     rep.heading("Per group")
     overall = audit["overall"]
     rows = [["overall", overall["n"], "", *[_cell(overall["metrics"].get(m)) for m in metrics]]]
-    for g in audit["groups"]:
+    groups = [g for g in audit["groups"] if g["n"] > 0]  # an empty intersection has nothing to show
+    for g in groups:
         rows.append([g["name"], g["n"], g["status"], *[_cell(g["metrics"].get(m)) for m in metrics]])
     rep.table(["group", "n", "status", *[NAMES.get(m, m) for m in metrics]], rows,
               caption="Value [95% bootstrap CI]; CIs only for groups large enough to test.")  # fmt: skip
     comps = audit["comparisons"]
-    shown = [c for c in comps if c["family"] == "primary" or c["flagged"]
-             or (c["metric"] in metrics and c["level"] == "attribute")]  # fmt: skip
+    shown = [c for c in comps if c["n_group"] > 0 and (c["family"] == "primary" or c["flagged"]
+             or (c["metric"] in metrics and c["level"] == "attribute"))]  # fmt: skip
     rep.heading("Gaps and tests")
     rep.table(["group", "metric", "family", "n", "value", "rest", "gap [95% CI]", "ratio", "gap vs overall",
                "gap vs best", "p", "corrected p", "flagged"],
@@ -85,7 +92,7 @@ def add_audit_sections(rep: Report, audit: dict[str, Any]) -> None:
                   caption="Largest between-group range of TPR or FPR (equalized odds) and of the rate of predicting "
                           "each class (demographic parity), over classes (one vs rest).")  # fmt: skip
     rep.heading("Plots")
-    tested = [g for g in audit["groups"] if g["status"] == "ok"]
+    tested = [g for g in groups if g["status"] == "ok"]
     for m in metrics:
         flags = {c["group"] for c in comps if c["metric"] == m and c["flagged"]}
         entries = [("overall", overall["metrics"].get(m, {}))] + [(g["name"], g["metrics"].get(m, {})) for g in tested]
@@ -123,4 +130,6 @@ def write_audit_report(out: Path, audit: dict[str, Any]) -> tuple[Path, Path]:
 
     rep = Report(f"Bias audit of {audit['input']['run']}")
     add_audit_sections(rep, audit)
+    correction = {"holm": "Holm", "bonferroni": "Bonferroni", "bh": "BH"}.get(audit["config"]["correction"], "Holm")
+    add_glossary(rep, [*AUDIT_TERMS, correction])
     return write_report_atomic(Path(out), rep, "audit")

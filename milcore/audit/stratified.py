@@ -8,6 +8,12 @@ at ``alpha``: the *primary* family (``primary_metric`` on single-attribute group
 question) and the *secondary* family (the other metrics, per-class recall and FPR, intersections and the
 parity differences). A comparison is ``flagged`` when its corrected p-value is below ``alpha`` and the
 group is worse than the rest. Groups below ``min_group_size`` are ``insufficient``: shown, never tested.
+Groups without a patient (an empty intersection) are left out and listed in ``empty_groups``.
+
+The audit also says when its answer cannot be read as reassurance (``warnings``, the rules of
+:mod:`milcore.report.caveats`): when the overall model is not distinguishable from chance, subgroup
+comparisons are not meaningful and the summary says so instead of "no subgroup is significantly worse";
+when groups are too small to test, or none can be tested, the summary says that too.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from milcore.audit.statistics import (
     sequential_permutation_p,
     stratified_counts,
 )
+from milcore.report.caveats import headline_warnings, is_at_chance
+from milcore.report.document import plural
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +80,8 @@ def audit_predictions(pred: Predictions, classes: list[str], groups: GroupSet, c
         config: the audit configuration.
 
     Returns:
-        The JSON-ready audit (``overall``, ``groups``, ``comparisons``, ``parity``, ``families``,
-        ``summary``), without the input/notes sections the caller adds.
+        The JSON-ready audit (``overall``, ``groups``, ``empty_groups``, ``comparisons``, ``parity``,
+        ``families``, ``summary``, ``warnings``), without the input/notes sections the caller adds.
     """
     rng = np.random.default_rng(config.seed)
     alpha = config.alpha
@@ -90,9 +98,12 @@ def audit_predictions(pred: Predictions, classes: list[str], groups: GroupSet, c
     parity: list[dict[str, Any]] = []
     cache: dict[str, float] = {}
     attributes = list(dict.fromkeys(g.attribute for g in groups.groups))
-    bar = progress(total=len(groups.groups), desc="audit groups", unit="group")
+    empty = [g.name for g in groups.groups if g.size == 0]  # e.g. an intersection nobody belongs to
+    bar = progress(total=len(groups.groups) - len(empty), desc="audit groups", unit="group")
     for attribute in attributes:
-        members = groups.of(attribute)
+        members = [g for g in groups.of(attribute) if g.size > 0]
+        if not members:
+            continue
         strata = np.full(n, "", dtype=object)
         for i, g in enumerate(members):
             strata[g.mask] = str(i)
@@ -142,8 +153,41 @@ def audit_predictions(pred: Predictions, classes: list[str], groups: GroupSet, c
             parity += _parity(pred, sufficient, attribute, counts, config, rng)
     bar.close()
     families = _correct(comparisons, parity, config)
-    return {"overall": overall, "groups": group_rows, "comparisons": comparisons, "parity": parity,
-            "families": families, "summary": summarize(comparisons, parity, config)}  # fmt: skip
+    warnings = audit_warnings(overall, int((np.bincount(pred.y_true, minlength=pred.num_classes) > 0).sum()),
+                              group_rows, config)  # fmt: skip
+    return {"overall": overall, "groups": group_rows, "empty_groups": empty, "comparisons": comparisons,
+            "parity": parity, "families": families,
+            "summary": summarize(comparisons, parity, config, warnings=warnings), "warnings": warnings}  # fmt: skip
+
+
+def audit_warnings(overall: dict[str, Any], num_classes: int, group_rows: list[dict[str, Any]],
+                   config: AuditConfig) -> list[dict[str, Any]]:  # fmt: skip
+    """What limits the audit: a chance-level model, groups too small to test, nothing testable.
+
+    Args:
+        overall: the overall metrics with CIs (``{"n", "metrics": {name: {"value", "ci95"}}}``).
+        num_classes: classes present among the labels.
+        group_rows: the non-empty groups with their ``status``.
+        config: the audit configuration (minimum group size).
+    """
+    out = headline_warnings(overall["metrics"], num_classes, subject="The audited model")
+    for w in out:
+        if w["code"] in ("chance", "below_chance"):
+            w["message"] += (" Subgroup comparisons of a chance-level model are not meaningful: equal (lack of) "
+                             "performance across groups is not evidence of fairness.")  # fmt: skip
+    small = [g for g in group_rows if g["status"] == "insufficient"]
+    if small:
+        names = ", ".join(f"{g['name']} (n = {g['n']})" for g in small[:8]) + (", ..." if len(small) > 8 else "")
+        out.append({"code": "small_groups", "severity": "caution", "message": f"{plural(len(small), 'group')} "
+                    f"below the minimum of {config.min_group_size} patients {'is' if len(small) == 1 else 'are'} "
+                    f"shown but not tested: {names}. A gap in such a group can be neither shown nor excluded.",
+                    "groups": {g["name"]: int(g["n"]) for g in small}, "minimum": config.min_group_size})  # fmt: skip
+    if not any(g["status"] == "ok" for g in group_rows):
+        out.append({"code": "no_testable_group", "severity": "critical", "message": "No subgroup could be tested: "
+                    f"every group has fewer than {config.min_group_size} patients or fewer than "
+                    f"{config.min_group_size} others to compare with. This audit says nothing about bias.",
+                    "minimum": config.min_group_size})  # fmt: skip
+    return out
 
 
 def _describe(pred: Predictions, classes: list[str], g: Subgroup, counts: np.ndarray, config: AuditConfig,
@@ -260,8 +304,14 @@ def _correct(comparisons: list[dict[str, Any]], parity: list[dict[str, Any]], co
     return families
 
 
-def summarize(comparisons: list[dict[str, Any]], parity: list[dict[str, Any]], config: AuditConfig) -> dict[str, Any]:
-    """Plain-language summary naming the groups where the model is significantly worse."""
+def summarize(comparisons: list[dict[str, Any]], parity: list[dict[str, Any]], config: AuditConfig,
+              warnings: list[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Plain-language summary naming the groups where the model is significantly worse.
+
+    With ``warnings`` saying the model is at chance or that nothing could be tested, the headline says
+    that first, instead of the reassuring-sounding "no subgroup is significantly worse".
+    """
+    warnings = warnings or []
     flagged = [c for c in comparisons if c["flagged"]]
     primary = [c for c in flagged if c["family"] == "primary"]
     lines = []
@@ -283,7 +333,16 @@ def summarize(comparisons: list[dict[str, Any]], parity: list[dict[str, Any]], c
             lines.append(f"{p['attribute']}: {p['metric'].replace('_', ' ')} {p['value']:.3f} is significant "
                          f"(corrected p = {p['p_corrected']:.3g}).")  # fmt: skip
     groups = sorted({c["group"] for c in flagged})
-    if groups:
+    codes = {w["code"] for w in warnings}
+    if is_at_chance(warnings):
+        head = (f"The audited model is not distinguishable from chance on this cohort ({_chance_numbers(warnings)}): "
+                "subgroup comparisons of a chance-level model are not meaningful, and finding no subgroup worse "
+                "than the others is not evidence of fairness."
+                + (f" Groups flagged anyway: {', '.join(groups)}." if groups else ""))  # fmt: skip
+    elif "no_testable_group" in codes:
+        head = (f"No subgroup could be tested (every group has fewer than {config.min_group_size} patients, or "
+                "too few others to compare with): this audit cannot say whether the model is worse for anyone.")
+    elif groups:
         head = f"The model is significantly worse (corrected p < {config.alpha}) for: {', '.join(groups)}."
     else:
         head = (
@@ -291,4 +350,17 @@ def summarize(comparisons: list[dict[str, Any]], parity: list[dict[str, Any]], c
             f"(alpha {config.alpha}); small gaps in small groups cannot be excluded, see the CIs."
         )
     return {"flagged_groups": groups, "primary_flagged": sorted({c["group"] for c in primary}), "headline": head,
-            "details": lines, "metrics_higher_is_better": HIGHER_IS_BETTER}  # fmt: skip
+            "details": lines, "metrics_higher_is_better": HIGHER_IS_BETTER,
+            "at_chance": is_at_chance(warnings)}  # fmt: skip
+
+
+def _chance_numbers(warnings: list[dict[str, Any]]) -> str:
+    """``balanced accuracy 0.21 [0.12, 0.33], chance 0.20; ...`` from the chance warnings' details."""
+    parts = []
+    for w in warnings:
+        if w["code"] in ("chance", "below_chance"):
+            for name, v in w["metrics"].items():
+                ci = v["ci95"]
+                shown = f"{v['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+                parts.append(f"{name.replace('_', ' ')} {shown}, chance {v['chance']:.3f}")
+    return "; ".join(parts)
