@@ -59,8 +59,9 @@ def add_audit_sections(rep: Report, audit: dict[str, Any]) -> None:
         rep.heading("Input")
         rep.bullets(audit["notes"])
     inp = audit["input"]
-    rep.paragraph(f"{inp['patients']} labelled patients from {inp['predictions']} joined with {inp['cohort']}"
-                  + (f"; {inp['not_in_cohort']} predicted bags missing from the cohort table were left out"
+    rep.paragraph(f"{plural(inp['patients'], 'labelled patient')} from {inp['predictions']} joined with "
+                  f"{inp['cohort']}" + (f"; {plural(inp['not_in_cohort'], 'predicted bag')} missing from the cohort "
+                                        "table left out"
                      if inp["not_in_cohort"] else "") + ".")  # fmt: skip
     metrics = [m for m in dict.fromkeys([config["primary_metric"], *config["test_metrics"]])]
     rep.heading("Per group")

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from milcore.audit.report import NAMES
-from milcore.report import Report, fmt, fmt_ci, plots
+from milcore.report import Report, fmt_ci, plots, plural
 
 
 def _f(x: Any) -> float:
@@ -34,12 +34,12 @@ def add_experiment_sections(rep: Report, result: dict[str, Any]) -> None:
     alpha = result["config"]["alpha"]
     rep.heading("Design")
     rep.paragraph(
-        f"{design['patients']} patients; a fixed test set of {design['test']['all']} patients "
+        f"{plural(design['patients'], 'patient')}; a fixed test set of {plural(design['test']['all'], 'patient')} "
         f"({design['test'].get('sex=F', 0)} female, {design['test'].get('sex=M', 0)} male) was held out once. "
-        f"{spec['model']} was re-trained {len(result['runs'])} times ({spec['seeds']} seeds per condition): with "
-        f"{design['sex_train_size']} training patients at female fractions "
+        f"{spec['model']} was re-trained {plural(len(result['runs']), 'time')} ({plural(spec['seeds'], 'seed')} per "
+        f"condition): with {plural(design['sex_train_size'], 'training patient')} at female fractions "
         f"{', '.join(f'{f:g}' for f in spec['fractions'])}"
-        + (f", and with {design['age_train_size']} training patients excluding each age band in turn "
+        + (f", and with {plural(design['age_train_size'], 'training patient')} excluding each age band in turn "
            f"({', '.join(design['age_bands_excluded'])}) against a baseline that excludes none"
            if design["age_bands_excluded"] else "") + ". Each training set keeps a validation share for early "
         f"stopping and temperature scaling; {result['seconds']:.0f} s in all.")  # fmt: skip
@@ -113,6 +113,6 @@ def write_experiment_report(out: Path, result: dict[str, Any]) -> tuple[Path, Pa
 
     rep = Report(f"Imbalance experiments: {result['spec']['model']} on {result['spec']['task']}")
     add_experiment_sections(rep, result)
-    rep.paragraph(f"Run table: every training's test metrics are in audit.json ({fmt(len(result['runs']))} runs).",
+    rep.paragraph(f"Run table: every training's test metrics are in audit.json ({plural(len(result['runs']), 'run')}).",
                   css="muted")  # fmt: skip
     return write_report_atomic(Path(out), rep, "audit")

@@ -176,6 +176,9 @@ def _load(spec: BenchSpec) -> dict[str, Any]:
     bank = open_reader(spec.bank)
     cohort, join = join_bank(read_cohort(spec.cohort, spec.task, group_column=spec.group_column), bank.bag_ids())
     log.info("%s: %s", spec.cohort, join.summary())
+    from milcore.data.inputs import check_trainable
+
+    check_trainable(cohort, spec.bank, spec.folds)  # two classes, enough patients per class, named
     classes = list(cohort.classes)
     ids, labels = list(cohort.bag_ids), np.asarray(cohort.labels)
     groups = np.asarray(cohort.groups) if cohort.groups is not None else None
@@ -196,6 +199,7 @@ def _load(spec: BenchSpec) -> dict[str, Any]:
         ids, labels = [b for b, k in zip(ids, keep, strict=True) if k], labels[keep]
         groups = groups[keep] if groups is not None else None
     folds = {s: make_folds(ids, labels, k=spec.folds, seed=s, groups=groups, classes=classes) for s in spec.seeds}
+    class_counts = {c: int((labels == i).sum()) for i, c in enumerate(classes)}
     label_of = dict(zip(cohort.bag_ids, np.asarray(cohort.labels).tolist(), strict=True))
     needs_coords = any(m.startswith("graph") for m in spec.models)
     budget = int(spec.train.memory_budget_gb * (1 << 30))
@@ -209,7 +213,7 @@ def _load(spec: BenchSpec) -> dict[str, Any]:
     ood = (store.view(ood_ids), np.asarray([label_of[b] for b in ood_ids])) if ood_ids else None
     return {"bank": bank, "classes": classes, "folds": folds, "label_of": label_of, "store": store,
             "dim": int(bank.dim), "truth": truth, "ood": ood, "n_bags": len(ids), "n_ood": len(ood_ids),
-            "encoder": bank.info.to_dict()}  # fmt: skip
+            "encoder": bank.info.to_dict(), "class_counts": class_counts}  # fmt: skip
 
 
 def summarize(rows: list[dict[str, Any]], key: tuple[str, str]) -> dict[str, Any]:
@@ -261,8 +265,44 @@ def compare_peers(rows: list[dict[str, Any]], metric: str = "balanced_accuracy")
     return out
 
 
+def bench_warnings(rows: list[dict[str, Any]], summary: list[dict[str, Any]], class_counts: dict[str, int],
+                   folds: int) -> list[dict[str, Any]]:  # fmt: skip
+    """What makes a benchmark's numbers unfit to rank models (``bench.json["warnings"]``).
+
+    Per model: the 95% CI of its mean balanced accuracy or AUROC over folds x seeds includes chance (or
+    lies below it), the same on the held-out site, and fitted temperatures at a bound of their search
+    range; for the cohort: classes smaller than the folds or than the small-class minimum. The rules are
+    those of :mod:`milcore.report.caveats`; each per-model warning names its ``model`` and ``impl``.
+    """
+    from milcore.bench.report import model_label
+    from milcore.report.caveats import class_size_warnings, headline_warnings, temperature_warnings
+
+    present = sum(1 for n in class_counts.values() if n > 0)
+    out = class_size_warnings(class_counts, folds)
+    for s in summary:
+        if "metrics" not in s:
+            continue
+        label, tag = model_label(s), {"model": s["model"], "impl": s["impl"]}
+        m = s["metrics"]
+        for prefix, where in (("", ""), ("ood_", " on the held-out site")):
+            entries = {k: {"value": m[prefix + k]["mean"], "ci95": m[prefix + k].get("ci95")}
+                       for k in ("balanced_accuracy", "auroc") if prefix + k in m}  # fmt: skip
+            found = headline_warnings(entries, present, subject=f"Model {label}{where}", **tag,
+                                      **({"scope": "ood"} if prefix else {}))  # fmt: skip
+            out += [w for w in found if w["code"] != "no_ci" or not prefix]
+        mine = [r for r in rows if (r["impl"], r["model"]) == (s["impl"], s["model"])]
+        where = [f"{label} seed {r['seed']} fold {r['fold'] + 1}/{folds}" for r in mine]
+        out += temperature_warnings([r["temperature"] for r in mine], where, **tag)
+    return out
+
+
 def run_benchmark(spec: BenchSpec) -> dict[str, Any]:
-    """Run every (seed, fold, model) of ``spec``; returns the ``bench.json`` payload (without plots)."""
+    """Run every (seed, fold, model) of ``spec``; returns the ``bench.json`` payload (without plots).
+
+    The size of the job (models x folds x seeds trainings) is logged before the first training, and the
+    expected duration once the first training is measured; a progress display counts trainings.
+    """
+    from feature_cache.progress import WorkEstimate, progress
     from milcore.bench.peers import import_torchmil
     from milcore.report.bench_io import machine_info
 
@@ -271,13 +311,28 @@ def run_benchmark(spec: BenchSpec) -> dict[str, Any]:
     tm = import_torchmil() if spec.peers else None
     ctx = {"spec": spec, "tm": tm, **_load(spec)}
     plan = [(m, False) for m in spec.models] + ([(m, True) for m in spec.peers] if tm is not None else [])
+    total = len(plan) * sum(len(ctx["folds"][s]) for s in spec.seeds)
+    n_peers = sum(1 for _, peer in plan if peer)
+    models = f"{len(plan)} model{'s' * (len(plan) != 1)}" + (f" ({n_peers} torchmil)" if n_peers else "")
+    estimate = WorkEstimate(total, "training", f"bench: {models} x {spec.folds} fold{'s' * (spec.folds != 1)} x "
+                            f"{len(spec.seeds)} seed{'s' * (len(spec.seeds) != 1)}",
+                            f" of up to {spec.train.epochs} epochs each, on {ctx['n_bags']} bags")  # fmt: skip
+    estimate.start()
+    bar = progress(total=total, desc="bench", unit="training")
     rows: list[dict[str, Any]] = []
     for seed in spec.seeds:  # all models see the same folds of a seed, one after the other
         for fold in ctx["folds"][seed]:
             for name, peer in plan:
                 rows.append(run_one(name, peer, seed, fold, ctx))
+                estimate.done()
+                bar.update(1)
+    bar.close()
     keys = list(dict.fromkeys((r["impl"], r["model"]) for r in rows))
     summary = [summarize(rows, k) for k in keys]
+    warnings = bench_warnings(rows, summary, ctx["class_counts"], spec.folds)
+    from milcore.report.caveats import log_warnings
+
+    log_warnings(log, warnings)
     summary += [{"impl": "torchmil", "model": m, "status": "not installed"} for m in spec.peers if tm is None]
     return {
         "benchmark": "aggregators", "spec": spec.to_dict(), "classes": ctx["classes"], "bags": ctx["n_bags"],
@@ -286,7 +341,7 @@ def run_benchmark(spec: BenchSpec) -> dict[str, Any]:
         "machine": machine_info(), "torch_threads": _threads(), "runs": rows, "summary": summary,
         "peers": compare_peers(rows), "splits": {str(s): [asdict(f) for f in fs] for s, fs in ctx["folds"].items()},
         "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
-        "load_average_after": _load_average(),
+        "load_average_after": _load_average(), "class_counts": ctx["class_counts"], "warnings": warnings,
     }  # fmt: skip
 
 

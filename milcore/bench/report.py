@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from milcore.report.document import plural
+
 log = logging.getLogger(__name__)
 
 COLUMNS = (("balanced_accuracy", "bal. acc."), ("macro_f1", "macro-F1"), ("auroc", "AUROC"), ("ece", "ECE"),
@@ -26,8 +28,16 @@ def _num(value: float | None, digits: int = 1) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:,.{digits}f}"
 
 
-def _label(row: dict[str, Any]) -> str:
+def model_label(row: dict[str, Any]) -> str:
+    """``abmil`` for our models, ``torchmil abmil`` for a peer (a summary row or a run row)."""
     return row["model"] if row["impl"] == "milcore" else f"torchmil {row['model']}"
+
+
+def _at_chance(result: dict[str, Any], row: dict[str, Any]) -> bool:
+    from milcore.report.caveats import CHANCE_CODES
+
+    return any(w["code"] in CHANCE_CODES and w.get("scope") != "ood" and w.get("model") == row["model"]
+               and w.get("impl") == row["impl"] for w in result.get("warnings", []))  # fmt: skip
 
 
 def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -38,10 +48,11 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for s in summary:
         if "metrics" not in s:
-            rows.append([_label(s), *[s["status"]] * len(shown), "-", "-", "-", "-", "0"])
+            rows.append([model_label(s), *[s["status"]] * len(shown), "-", "-", "-", "-", "0"])
             continue
         m = s["metrics"]
-        rows.append([_label(s), *[_pm(m.get(k)) for k, _ in shown], _num(m["train_bags_per_s"]["mean"]),
+        label = model_label(s) + (" (at chance)" if _at_chance(result, s) else "")
+        rows.append([label, *[_pm(m.get(k)) for k, _ in shown], _num(m["train_bags_per_s"]["mean"]),
                      _num(m["infer_ms_per_bag"]["mean"], 2), _num(s["peak_mb_max"]), f"{s['params']:,}",
                      str(s["runs"])])  # fmt: skip
     return headers, rows
@@ -61,10 +72,11 @@ def run_line(result: dict[str, Any]) -> str:
     load = result.get("load_average_after") or []
     before = result.get("machine", {}).get("load_average") or []
     cpu = result.get("cpu_seconds")
+    start = f"{before[0]:.1f}" if before else "nan"
+    end = f"{load[0]:.1f}" if load else "nan"
     return (f"Run: {result['seconds']:.0f} s wall" + (f", {cpu:.0f} s process CPU" if cpu is not None else "")
-            + f", {result['torch_threads']} torch thread(s), {result['machine'].get('cpus', '?')} CPUs; load average "
-            f"(1 min) {before[0] if before else float('nan'):.1f} at start, {load[0] if load else float('nan'):.1f} "
-            "at end")  # fmt: skip
+            + f", {plural(result['torch_threads'], 'torch thread')}, {result['machine'].get('cpus', '?')} CPUs; "
+            f"load average (1 min) {start} at start, {end} at end")  # fmt: skip
 
 
 def peer_lines(result: dict[str, Any]) -> list[str]:
@@ -74,7 +86,7 @@ def peer_lines(result: dict[str, Any]) -> list[str]:
         lo, hi = c["difference_ci95"]
         verdict = {True: "within CI", False: "differs", None: "n/a"}[c["match"]]
         out.append(f"- {name}: ours - torchmil {c['metric'].replace('_', ' ')} {c['difference_mean']:+.3f} "
-                   f"[95% CI {lo:+.3f}, {hi:+.3f}] over {c['pairs']} paired runs ({verdict}); training "
+                   f"[95% CI {lo:+.3f}, {hi:+.3f}] over {plural(c['pairs'], 'paired run')} ({verdict}); training "
                    f"{c['train_bags_per_s_ours']:,.0f} vs {c['train_bags_per_s_theirs']:,.0f} bags/s = "
                    f"{c['speed_ratio']:.2f}x")  # fmt: skip
     if result.get("torchmil") == "not installed":
@@ -111,11 +123,14 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def build_report(result: dict[str, Any]):
     """A :class:`milcore.report.Report`: settings, the table, peer comparison and accuracy-vs-cost plots."""
+    from milcore.report.caveats import add_warnings
     from milcore.report.document import Report
+    from milcore.report.glossary import BENCH_TERMS, add_glossary
     from milcore.report.plots import scatter_figure
 
     spec = result["spec"]
     rep = Report(f"Aggregator benchmark: {spec['task']}")
+    add_warnings(rep, result.get("warnings", []))
     rep.paragraph(f"Bank {spec['bank']} ({result['encoder'].get('name', '?')}, {result['encoder'].get('dim', '?')}-d), "
                   f"cohort {spec['cohort']}: {result['bags']} bags, classes {', '.join(result['classes'])}. "
                   f"{spec['folds']}-fold patient-level CV x seeds {spec['seeds']}: the same splits for every model; "
@@ -133,12 +148,13 @@ def build_report(result: dict[str, Any]):
     if done:
         costs = (("train_bags_per_s", "training bags/s (log)"), ("infer_ms_per_bag", "inference ms/bag (log)"))
         for cost, xlabel in costs:
-            points = {_label(s): (s["metrics"][cost]["mean"], s["metrics"]["balanced_accuracy"]["mean"]) for s in done
-                      if s["metrics"][cost]["mean"] > 0}  # fmt: skip
+            points = {model_label(s): (s["metrics"][cost]["mean"], s["metrics"]["balanced_accuracy"]["mean"])
+                      for s in done if s["metrics"][cost]["mean"] > 0}  # fmt: skip
             if points:
                 rep.figure(scatter_figure(points, xlabel, "balanced accuracy", "Accuracy vs cost", logx=True),
                            caption=f"balanced accuracy vs {xlabel}", name=f"accuracy_vs_{cost}")  # fmt: skip
     rep.heading("Machine")
     rep.paragraph(json.dumps(result["machine"]) + f"; torch threads {result['torch_threads']}; "
                   f"{result['seconds']:.0f} s in all")  # fmt: skip
+    add_glossary(rep, BENCH_TERMS)
     return rep

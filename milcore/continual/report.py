@@ -9,7 +9,8 @@ import numpy as np
 
 from milcore.continual.config import ContinualConfig
 from milcore.continual.scenarios import Scenario
-from milcore.report.document import Report
+from milcore.report.document import Report, plural
+from milcore.report.glossary import CONTINUAL_TERMS, add_glossary
 from milcore.report.plots import heatmap_figure, lines_figure
 
 
@@ -25,9 +26,10 @@ def build_report(config: ContinualConfig, scenario: Scenario, summary: dict[str,
     report = Report(f"Continual MIL: {config.name}")
     seeds = ", ".join(map(str, config.seeds))
     report.paragraph(
-        f"Scenario {scenario.kind}: {scenario.num_tasks} tasks over {len(scenario.classes)} classes; "
-        f"model {config.model['name']}; memory budget {config.budget} instances "
-        f"({config.per_bag} per stored bag); {config.train.epochs} epochs per task; seeds {seeds}."
+        f"Scenario {scenario.kind}: {plural(scenario.num_tasks, 'task')} over "
+        f"{plural(len(scenario.classes), 'class', 'classes')}; model {config.model['name']}; memory budget "
+        f"{plural(config.budget, 'instance')} ({config.per_bag} per stored bag); "
+        f"{plural(config.train.epochs, 'epoch')} per task; seeds {seeds}."
     )
     report.table(["task", "classes", "train bags", "test bags"],
                  [[t["name"], ", ".join(t["classes"]), t["train_bags"], t["test_bags"]]
@@ -59,6 +61,7 @@ def build_report(config: ContinualConfig, scenario: Scenario, summary: dict[str,
             f"{name}: accuracy of each task (rows) after training each task (columns).",
             f"matrix_{name}",
         )
+    add_glossary(report, CONTINUAL_TERMS)
     return report
 
 

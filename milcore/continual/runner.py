@@ -27,7 +27,7 @@ import torch
 
 from feature_cache.devices import resolve_device
 from feature_cache.errors import InvalidArgumentError, OutputExistsError, UserError
-from feature_cache.progress import progress
+from feature_cache.progress import WorkEstimate, progress
 from milcore.continual.config import ContinualConfig
 from milcore.continual.data import BagData, infer
 from milcore.continual.memory import ExemplarMemory, group_budgets
@@ -145,10 +145,12 @@ class StreamRunner:
             data.standardize(scenario.tasks[0].train_ids)
         t0 = time.perf_counter()
         results: dict[str, dict[int, dict[str, Any]]] = {}
-        bar = progress(total=len(names) * len(self.config.seeds) * scenario.num_tasks, desc="continual", unit="task")
+        estimate = self.size_estimate(names, scenario)
+        estimate.start()
+        bar = progress(total=estimate.total, desc="continual", unit="task")
         for name in names:
             for seed in self.config.seeds:
-                results.setdefault(name, {})[seed] = self.run_stream(name, seed, scenario, data, bar)
+                results.setdefault(name, {})[seed] = self.run_stream(name, seed, scenario, data, bar, estimate)
         bar.close()
         summary = {name: aggregate(per_seed, scenario) for name, per_seed in results.items()}
         _write_json(self.out / "continual.json", summary)
@@ -160,7 +162,20 @@ class StreamRunner:
         bank.close()
         return summary
 
-    def run_stream(self, name: str, seed: int, scenario: Scenario, data: BagData, bar: Any = None) -> dict[str, Any]:
+    def size_estimate(self, names: list[str], scenario: Scenario) -> WorkEstimate:
+        """The job's size: strategies x seeds x tasks task trainings, their epochs and bags (logged by ``start``)."""
+        tasks = scenario.describe()["tasks"]
+        bags = sum(int(t["train_bags"]) for t in tasks)
+        n, s, t = len(names), len(self.config.seeds), scenario.num_tasks
+        plan = (f"continual: {n} strateg{'y' if n == 1 else 'ies'} x {s} seed{'s' * (s != 1)} x "
+                f"{t} task{'s' * (t != 1)}")  # fmt: skip
+        epochs = self.config.train.epochs
+        detail = (f" of {epochs} epoch{'s' * (epochs != 1)} each ({n * s * t * epochs} epochs in all), on {bags} "
+                  f"training bags per stream plus the memory's replayed bags")  # fmt: skip
+        return WorkEstimate(n * s * t, "task training", plan, detail)
+
+    def run_stream(self, name: str, seed: int, scenario: Scenario, data: BagData, bar: Any = None,
+                   estimate: WorkEstimate | None = None) -> dict[str, Any]:  # fmt: skip
         """Train one strategy over the stream with one seed (resuming from its saved state)."""
         from milcore.models import create_aggregator
 
@@ -170,6 +185,8 @@ class StreamRunner:
         if result_path.exists():
             if bar is not None:
                 bar.update(scenario.num_tasks)
+            if estimate is not None:
+                estimate.skip(scenario.num_tasks)
             return json.loads(result_path.read_text())
         cfg = self.config
         strategy = make_strategy(name, cfg.strategies.get(name, {}))
@@ -195,6 +212,8 @@ class StreamRunner:
             log.info("resuming %s seed %d at task %d of %d", name, seed, start, t)
             if bar is not None:
                 bar.update(start)
+            if estimate is not None:
+                estimate.skip(start)
         for j in range(start, t):
             t0 = time.perf_counter()
             seen = scenario.seen_classes(j)
@@ -221,6 +240,8 @@ class StreamRunner:
                 memory.save(folder / "memory.npz")
             if bar is not None:
                 bar.update(1)
+            if estimate is not None:
+                estimate.done()
         result = summarize(r, baseline)
         seen = scenario.seen_classes(t - 1)
         ids = [b for task in scenario.tasks for b in task.test_ids]

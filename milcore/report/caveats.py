@@ -123,7 +123,7 @@ def headline_warnings(metrics: Mapping[str, Mapping[str, Any]], num_classes: int
                             "Check that the labels belong to these predictions (class order, bag ids, task).",
                             metrics=below, **context))  # fmt: skip
     if wide:
-        said = ", ".join(f"{_NAMES[k]} {fmt(w)} wide" for k, w in wide.items())
+        said = " and that of ".join(f"{_NAMES[k]} is {fmt(w)} wide" for k, w in wide.items())
         out.append(_warning("wide_ci", "caution", f"The cohort is too small for a precise estimate: the 95% CI of "
                             f"{said} (more than {MAX_CI_WIDTH:g}).", metrics=wide, width=max(wide.values()),
                             **context))  # fmt: skip

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from milcore.report import Report, fmt, fmt_ci, plots
+from milcore.report import Report, fmt, fmt_ci, plots, plural
 from milcore.report.caveats import (
     add_warnings,
     class_size_warnings,
@@ -62,8 +62,8 @@ def write_run_report(out: Path, metrics: dict[str, Any], table, history_of: dict
     add_warnings(rep, warnings)
     mean, pooled = metrics["mean"], metrics["pooled"]["metrics"]
     rep.paragraph(
-        f"{len(table.bag_ids)} patients, classes: {', '.join(classes)}. Each patient is predicted once, by the "
-        f"fold that held it out (pooled out-of-fold); validation folds were used only for early stopping and "
+        f"{plural(len(table.bag_ids), 'patient')}, classes: {', '.join(classes)}. Each patient is predicted once, "
+        f"by the fold that held it out (pooled out-of-fold); validation folds were used only for early stopping and "
         f"temperature scaling (T). Terms are explained at the end of the report."
     )
     rows = []
@@ -79,8 +79,8 @@ def write_run_report(out: Path, metrics: dict[str, Any], table, history_of: dict
     if "instance" in metrics:
         inst = metrics["instance"]
         rep.paragraph(f"Attention vs the ground-truth diagnostic cells: mean per-patient AUROC "
-                      f"{fmt(inst['instance_auroc'])} over {inst['bags_with_ground_truth']} patients with both kinds "
-                      f"of cells (pooled: {fmt(inst['instance_auroc_pooled'])}).")  # fmt: skip
+                      f"{fmt(inst['instance_auroc'])} over {plural(inst['bags_with_ground_truth'], 'patient')} with "
+                      f"both kinds of cells (pooled: {fmt(inst['instance_auroc_pooled'])}).")  # fmt: skip
     rep.heading("Per fold")
     cols = ["fold", "n test", "best epoch", "T", "balanced acc.", "macro-F1", "AUROC", "ECE"]
     has_inst = any("instance_auroc" in r for r in metrics["per_fold"])
