@@ -156,3 +156,16 @@ def test_audit_says_when_groups_are_too_small(tmp_path: Path) -> None:
     assert {"small_groups", "no_testable_group"} <= codes
     assert "No subgroup could be tested" in audit["summary"]["headline"]
     assert "significantly worse" not in audit["summary"]["headline"]
+
+
+def test_predict_scoring_of_a_chance_model_carries_the_warning(chance_run: Path, tmp_path: Path) -> None:
+    from milcore.cli import main
+
+    bank = chance_run.parent / "bank"
+    rc = main(["-q", "predict", "--checkpoint", str(chance_run), "--bank", str(bank / "bank.h5"), "--out",
+               str(tmp_path / "pred"), "--cohort", str(bank / "cohort.csv"), "--task", "dx",
+               "--device", "cpu"])  # fmt: skip
+    assert rc == 0
+    metrics = json.loads((tmp_path / "pred" / "metrics.json").read_text())
+    # predict's metrics.json is evaluate()'s output: the same rules, the same warnings list
+    assert "chance" in _codes(metrics), metrics["metrics"]["balanced_accuracy"]
