@@ -269,7 +269,7 @@ def run_imbalance_experiment(spec: ExperimentSpec, config: AuditConfig, out: str
     Returns:
         The content of ``audit.json``.
     """
-    from milcore.audit.report_experiment import write_experiment_report
+    from milcore.audit.report_experiment import experiment_warnings, write_experiment_report
     from milcore.audit.run import prepare_out, write_json_atomic
     from milcore.models import get_aggregator_entry
 
@@ -305,6 +305,7 @@ def run_imbalance_experiment(spec: ExperimentSpec, config: AuditConfig, out: str
         "analysis": analyse(runs, spec.fractions, present, config.alpha, config.min_group_size),
     }  # fmt: skip
     result["seconds"] = time.perf_counter() - t0
+    result["warnings"] = experiment_warnings(result)  # a chance-level model (milcore.audit.report_experiment)
     write_json_atomic(out / "audit.json", result)
     write_experiment_report(out, result)
     return result

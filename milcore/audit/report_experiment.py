@@ -9,6 +9,8 @@ import numpy as np
 
 from milcore.audit.report import NAMES
 from milcore.report import Report, fmt_ci, plots, plural
+from milcore.report.caveats import add_warnings, headline_warnings
+from milcore.report.glossary import EXPERIMENT_TERMS, add_glossary
 
 
 def _f(x: Any) -> float:
@@ -28,9 +30,36 @@ def _significant(effect: dict[str, Any], alpha: float) -> str:
     return "yes" if p is not None and p == p and p < alpha else ""
 
 
+def experiment_warnings(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Chance and precision warnings for an imbalance experiment (``audit.json["warnings"]``).
+
+    The experiment has no bootstrap over patients, so the rule of :mod:`milcore.report.caveats` is
+    applied to the mean test balanced accuracy and AUROC on all test patients over every training
+    (conditions x seeds) with its 95% t-interval; that interval reflects re-training noise on one fixed
+    test set, so a model near chance may still escape it on a tiny test set (the design paragraph gives
+    the test size). When the model is at chance, imbalance effects on it are not meaningful.
+    """
+    from milcore.audit.statistics import mean_ci
+
+    values: dict[str, dict[str, Any]] = {}
+    for metric in ("balanced_accuracy", "auroc"):
+        v = [_f(r["test"]["all"].get(metric)) for r in result["runs"] if "all" in r.get("test", {})]
+        if v:
+            m = mean_ci(v)
+            values[metric] = {"value": m["mean"], "ci95": m["ci95"]}
+    out = headline_warnings(values, len(result.get("classes") or []) or 2,
+                            subject="The model, averaged over every training of the experiment,")  # fmt: skip
+    for w in out:
+        if w["code"] in ("chance", "below_chance"):
+            w["message"] += (" Effects of sex or age imbalance on a chance-level model are not meaningful: "
+                             "no effect found is not evidence that imbalance does no harm.")  # fmt: skip
+    return [w for w in out if w["code"] != "wide_ci"]  # the interval is over trainings, not a precision claim
+
+
 def add_experiment_sections(rep: Report, result: dict[str, Any]) -> None:
-    """Append the experiment's design, curves and effect tables to ``rep``."""
+    """Append the experiment's warnings, design, curves and effect tables to ``rep``."""
     spec, design, analysis = result["spec"], result["design"], result["analysis"]
+    add_warnings(rep, result["warnings"] if "warnings" in result else experiment_warnings(result))
     alpha = result["config"]["alpha"]
     rep.heading("Design")
     rep.paragraph(
@@ -115,4 +144,5 @@ def write_experiment_report(out: Path, result: dict[str, Any]) -> tuple[Path, Pa
     add_experiment_sections(rep, result)
     rep.paragraph(f"Run table: every training's test metrics are in audit.json ({plural(len(result['runs']), 'run')}).",
                   css="muted")  # fmt: skip
+    add_glossary(rep, EXPERIMENT_TERMS)
     return write_report_atomic(Path(out), rep, "audit")

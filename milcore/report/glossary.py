@@ -43,6 +43,10 @@ GLOSSARY: dict[str, str] = {
     "BWT": "backward transfer: how training on later tasks changed the accuracy on earlier ones "
     "(negative: forgetting).",
     "FWT": "forward transfer: accuracy on a task before it is trained, relative to an untrained model.",
+    "t-interval": "the 95% interval of a mean over seeds from Student's t distribution: it reflects re-training "
+    "noise on one fixed test set, not the uncertainty of that test set.",
+    "trend": "the slope of a least-squares line of a test metric against the training set's female fraction, "
+    "with its p-value.",
     "instance-AUROC": "how well the per-cell attention ranks the known diagnostic cells above the others "
     "(0.5: no better than random).",
 }
@@ -53,6 +57,7 @@ RUN_TERMS = ("balanced accuracy", "macro-F1", "AUROC", "ECE", "T", "pooled out-o
 AUDIT_TERMS = ("balanced accuracy", "AUROC", "ECE", "CI", "bootstrap", "permutation test", "equalized odds",
                "demographic parity", "chance")  # fmt: skip
 BENCH_TERMS = ("balanced accuracy", "macro-F1", "AUROC", "ECE", "T", "CI", "bootstrap", "chance")
+EXPERIMENT_TERMS = ("balanced accuracy", "AUROC", "chance", "t-interval", "trend")
 CONTINUAL_TERMS = ("balanced accuracy", "forgetting", "BWT", "FWT", "chance")
 
 

@@ -124,3 +124,16 @@ def test_pluralisation() -> None:
 
     assert plural(1, "test") == "1 test" and plural(2, "test") == "2 tests" and plural(0, "patient") == "0 patients"
     assert plural(1, "class", "classes") == "1 class" and plural(1200, "bag") == "1,200 bags"
+
+
+def test_imbalance_experiment_at_chance_is_flagged() -> None:
+    from milcore.audit.report_experiment import experiment_warnings
+
+    def result(bas: list[float], aurocs: list[float]) -> dict:
+        pairs = zip(bas, aurocs, strict=True)
+        runs = [{"test": {"all": {"balanced_accuracy": b, "auroc": a, "n": 20}}} for b, a in pairs]
+        return {"classes": ["control", "aml"], "runs": runs}
+
+    chance = experiment_warnings(result([0.5, 0.45, 0.55, 0.5], [0.48, 0.52, 0.5, 0.55]))
+    assert is_at_chance(chance) and "imbalance on a chance-level model are not meaningful" in chance[0]["message"]
+    assert experiment_warnings(result([0.9, 0.88, 0.92, 0.9], [0.95, 0.96, 0.97, 0.94])) == []
