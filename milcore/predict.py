@@ -295,6 +295,8 @@ def run_prediction(checkpoints: Sequence[str | Path], bank_path: str | Path, out
 
     if (cohort is None) != (task is None):
         raise UserError("--cohort and --task go together")
+    if cells is not None and cohort is None:
+        raise UserError("--cells needs --cohort and --task (it is the ground truth of a labelled cohort)")
     out = check_out(out, overwrite)
     ckset = resolve_checkpoints(checkpoints, allow_partial=allow_partial)
     dev = resolve_device(device)
@@ -370,24 +372,32 @@ def run_prediction(checkpoints: Sequence[str | Path], bank_path: str | Path, out
 def _write_folder(out: Path, overwrite: bool, table: PredictionTable, attention: list[np.ndarray], meta: dict,
                   metrics: dict | None) -> None:  # fmt: skip
     """Write the prediction folder under a temporary name, then move it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write the predictions here ({exc.strerror or exc})") from exc
+    old = None
     try:
         write_predictions(tmp, table)
         write_attention(tmp, table.bag_ids, attention, meta)
         (tmp / "predictions.json").write_text(json.dumps(meta, indent=2))
         if metrics is not None:
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-        old = None
         if out.exists():
             check_out(out, overwrite)  # still allowed (nothing appeared meanwhile)
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
         os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        if old is not None and not out.exists():
+            os.replace(old, out)  # put the previous predictions back
+            old = None
+        raise UserError(f"{out}: cannot write the predictions ({exc.strerror or exc}); nothing was changed") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def predict_bank(checkpoints: Sequence[str | Path], bank_path: str | Path, out: str | Path,
