@@ -326,7 +326,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
                 if "fatal" in item:
                     if "traceback" in item:
                         log.debug("worker traceback for bag %s:\n%s", bag, item["traceback"])
-                    kept = f"{written} bags of this run are kept and a rerun resumes" if written else "nothing written"
+                    kept = f"{written} bag(s) of this run kept; a rerun resumes" if written else "nothing written"
                     raise UserError(f"{item['fatal']} ({kept})")
                 if "error" in item:
                     failures += 1
