@@ -37,12 +37,13 @@ def _features(bank: Path) -> dict[str, bytes]:
         return {b: reader.read(b).tobytes() for b in reader.bag_ids()}
 
 
+@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
 def test_resume_from_another_crop_folder_with_the_same_bag_ids_is_refused(
-    cohorts: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    suffix: str, cohorts: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     a, b = cohorts
     assert sorted(p.name for p in a.iterdir() if p.is_dir()) == sorted(p.name for p in b.iterdir() if p.is_dir())
-    out = tmp_path / "x.h5"
+    out = tmp_path / f"x{suffix}"
     assert _cli(a, out) == 0
     before = _features(out)
     capsys.readouterr()
@@ -101,6 +102,22 @@ def test_synthetic_cohort_with_another_config_is_refused(cohorts: tuple[Path, Pa
     assert "bag aml-0001: recorded with other source settings (seed 0 -> 1)" in err
     assert _cli(a, out, kind="crops") == 2  # same cells, but another kind of source: not assumed equal
     assert "recorded from a synthetic source" in capsys.readouterr().err
+
+
+def test_field_images_with_other_detection_settings_are_refused(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    Image.new("RGB", (160, 120), (230, 220, 225)).save(fields / "f1.png")  # glass only: a bag of 0 cells
+    out = tmp_path / "fields.h5"
+    assert _cli(fields, out, "--cells", "wbc", kind="fields") == 0
+    assert _cli(fields, out, "--cells", "wbc", kind="fields") == 0
+    capsys.readouterr()
+    assert _cli(fields, out, "--cells", "rbc", kind="fields") == 2
+    assert "bag f1: recorded with other source settings (cells 'wbc' -> 'rbc', crop_size 240 -> 140)" in (
+        capsys.readouterr().err
+    )
 
 
 def _strip_origins(bank: Path, out: Path) -> None:
