@@ -113,3 +113,16 @@ def test_work_estimate_announces_size_then_duration(caplog: pytest.LogCaptureFix
     assert lines[0].startswith("bench: 3 models x 2 folds x 2 seeds = 12 trainings")
     assert any("first training took 4" in m and "0:00:44" in m for m in lines), lines
     assert len(lines) == 2, "the duration estimate is given once, after the first unit"
+
+
+def test_cli_shows_progress_in_a_log_and_is_silent_with_q(tmp_path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    from milcore.cli import main
+
+    monkeypatch.setenv("MILCORE_PROGRESS_INTERVAL", "0")
+    argv = ["synth", "--task", "aml", "--patients", "3", "--seed", "0", "--bag-median", "12", "--bag-min", "10"]
+    assert main([*argv, str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("synth aml:")]
+    assert lines and all("cells/s" in line and "ETA" in line for line in lines), err
+    assert main(["-q", *argv, str(tmp_path / "b")]) == 0
+    assert "synth aml:" not in capsys.readouterr().err
