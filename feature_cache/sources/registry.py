@@ -89,6 +89,14 @@ def create_source(kind: str, path: str | Path, **options: Any) -> BagSource:
         UserError: the path cannot be used.
     """
     cls = get_source_class(kind)
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        known = sorted(n for n, p in params.items() if n != "path" and p.kind in named)
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            has = f"its options: {', '.join(known)}" if known else "it takes none"
+            raise InvalidArgumentError(f"source {kind!r} has no option {unknown[0]!r} ({has})")
     try:
         inspect.signature(cls).bind(path, **options)
     except TypeError as exc:

@@ -94,7 +94,7 @@ def test_cellbatch_rejects_misaligned_columns() -> None:
 def test_unknown_kind_option_and_bag_are_clear_errors(two_bags_registered: None, tmp_path: Path) -> None:
     with pytest.raises(InvalidArgumentError, match=r"unknown source 'nope'; known: .*crops"):
         create_source("nope", tmp_path)
-    with pytest.raises(InvalidArgumentError, match="unexpected keyword argument 'colour'"):
+    with pytest.raises(InvalidArgumentError, match=r"source 'two-bags' has no option 'colour' \(its options: size\)"):
         create_source("two-bags", tmp_path, colour="red")
     with pytest.raises(InvalidArgumentError, match="no bag 'zzz'"):
         list(create_source("two-bags", tmp_path).iter_cells("zzz"))
