@@ -31,6 +31,7 @@ The rules (codes):
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -237,6 +238,6 @@ def add_warnings(rep: Report, warnings: Sequence[Mapping[str, Any]]) -> Report:
 
 
 def log_warnings(logger: Any, warnings: Sequence[Mapping[str, Any]]) -> None:
-    """Log every warning on ``logger`` (critical ones at WARNING level, the others at INFO)."""
+    """Log every warning on ``logger`` (critical ones at WARNING level, the others at INFO), prefixed ``warning:``."""
     for w in warnings:
-        logger.log(30 if w["severity"] == "critical" else 20, "%s", w["message"])
+        logger.log(logging.WARNING if w["severity"] == "critical" else logging.INFO, "warning: %s", w["message"])
