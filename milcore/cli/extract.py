@@ -17,7 +17,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
 
     p = subparsers.add_parser(
         "extract", help=HELP, parents=parents,
-        description=HELP + ". One bag per patient folder, field image or slide; rerunning resumes.",
+        description=HELP + ". One bag per patient folder, field image or slide; rerunning resumes, after checking "
+        "that every bag already in the bank was extracted from the same files (names, sizes, modification times) "
+        "and source settings: a bag recorded from another input is refused, by name.",
     )  # fmt: skip
     p.add_argument("--source", required=True, choices=SOURCES, help="kind of input")
     p.add_argument("--input", required=True, help="crop root, field-image folder, slide folder or synthetic cohort")
