@@ -16,6 +16,10 @@ NAMES = {"balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1", "auro
          "demographic_parity_difference": "demographic-parity difference"}  # fmt: skip
 
 
+#: Correction names as the glossary spells them.
+_CORRECTIONS = {"holm": "Holm", "bonferroni": "Bonferroni", "bh": "BH"}
+
+
 def _nan(x: Any) -> float:
     return float("nan") if x is None else float(x)
 
@@ -45,7 +49,8 @@ def add_audit_sections(rep: Report, audit: dict[str, Any]) -> None:
     rep.paragraph(
         f"How to read this: every group is compared with the other patients whose value is known (gap = group - "
         f"rest). Gaps are tested by permutation ({config['n_perm']} at most) and corrected with "
-        f"{config['correction']} within two families at alpha {config['alpha']}: the primary family "
+        f"{_CORRECTIONS.get(config['correction'], config['correction'])} within two families at alpha "
+        f"{config['alpha']}: the primary family "
         f"({NAMES.get(config['primary_metric'], config['primary_metric'])} of single-attribute groups, "
         f"{plural(fam['primary']['tests'], 'test')}) and the secondary family (other metrics, per-class recall and "
         f"FPR, intersections, parity differences: {plural(fam['secondary']['tests'], 'test')}). Intervals are 95% "
@@ -131,6 +136,5 @@ def write_audit_report(out: Path, audit: dict[str, Any]) -> tuple[Path, Path]:
 
     rep = Report(f"Bias audit of {audit['input']['run']}")
     add_audit_sections(rep, audit)
-    correction = {"holm": "Holm", "bonferroni": "Bonferroni", "bh": "BH"}.get(audit["config"]["correction"], "Holm")
-    add_glossary(rep, [*AUDIT_TERMS, correction])
+    add_glossary(rep, [*AUDIT_TERMS, _CORRECTIONS.get(audit["config"]["correction"], "Holm")])
     return write_report_atomic(Path(out), rep, "audit")

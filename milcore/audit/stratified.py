@@ -42,7 +42,7 @@ from milcore.audit.statistics import (
     sequential_permutation_p,
     stratified_counts,
 )
-from milcore.report.caveats import headline_warnings, is_at_chance
+from milcore.report.caveats import METRIC_NAMES, headline_warnings, is_at_chance
 from milcore.report.document import plural
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,8 @@ def audit_warnings(overall: dict[str, Any], num_classes: int, group_rows: list[d
                              "performance across groups is not evidence of fairness.")  # fmt: skip
     small = [g for g in group_rows if g["status"] == "insufficient"]
     if small:
-        names = ", ".join(f"{g['name']} (n = {g['n']})" for g in small[:8]) + (", ..." if len(small) > 8 else "")
+        names = ", ".join(f"{g['name']} (n = {g['n']})" for g in small[:8])
+        names += f" and {len(small) - 8} more" if len(small) > 8 else ""
         out.append({"code": "small_groups", "severity": "caution", "message": f"{plural(len(small), 'group')} "
                     f"below the minimum of {config.min_group_size} patients {'is' if len(small) == 1 else 'are'} "
                     f"shown but not tested: {names}. A gap in such a group can be neither shown nor excluded.",
@@ -362,5 +363,5 @@ def _chance_numbers(warnings: list[dict[str, Any]]) -> str:
             for name, v in w["metrics"].items():
                 ci = v["ci95"]
                 shown = f"{v['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-                parts.append(f"{name.replace('_', ' ')} {shown}, chance {v['chance']:.3f}")
+                parts.append(f"{METRIC_NAMES.get(name, name)} {shown}, chance {v['chance']:.3f}")
     return "; ".join(parts)

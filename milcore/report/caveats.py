@@ -49,7 +49,8 @@ CHANCE_METRICS = ("balanced_accuracy", "auroc")
 #: Codes meaning "this model is no better than chance here".
 CHANCE_CODES = ("chance", "below_chance")
 
-_NAMES = {"balanced_accuracy": "balanced accuracy", "auroc": "AUROC"}
+#: How the messages name the chance metrics.
+METRIC_NAMES = {"balanced_accuracy": "balanced accuracy", "auroc": "AUROC"}
 _TOL = 1e-9
 
 
@@ -112,26 +113,27 @@ def headline_warnings(metrics: Mapping[str, Mapping[str, Any]], num_classes: int
             wide[name] = hi - lo
     out: list[dict[str, Any]] = []
     if at_chance:
-        said = "; ".join(f"{_NAMES[k]} {_ci_text(v['value'], v['ci95'])} includes chance ({fmt(v['chance'])})"
+        said = "; ".join(f"{METRIC_NAMES[k]} {_ci_text(v['value'], v['ci95'])} includes chance ({fmt(v['chance'])})"
                          for k, v in at_chance.items())  # fmt: skip
         out.append(_warning("chance", "critical", f"{subject} is not distinguishable from chance on this cohort: "
                             f"{said}. Its predictions must not be used for decisions.", metrics=at_chance,
                             **context))  # fmt: skip
     if below:
-        said = "; ".join(f"{_NAMES[k]} {_ci_text(v['value'], v['ci95'])} is below chance ({fmt(v['chance'])})"
+        said = "; ".join(f"{METRIC_NAMES[k]} {_ci_text(v['value'], v['ci95'])} is below chance ({fmt(v['chance'])})"
                          for k, v in below.items())  # fmt: skip
         out.append(_warning("below_chance", "critical", f"{subject} is worse than chance on this cohort: {said}. "
                             "Check that the labels belong to these predictions (class order, bag ids, task).",
                             metrics=below, **context))  # fmt: skip
     if wide:
-        said = " and that of ".join(f"{_NAMES[k]} is {fmt(w)} wide" for k, w in wide.items())
+        said = " and that of ".join(f"{METRIC_NAMES[k]} is {fmt(w)} wide" for k, w in wide.items())
         out.append(_warning("wide_ci", "caution", f"The cohort is too small for a precise estimate: the 95% CI of "
                             f"{said} (more than {MAX_CI_WIDTH:g}).", metrics=wide, width=max(wide.values()),
                             **context))  # fmt: skip
     if no_ci:
-        out.append(_warning("no_ci", "caution", f"No confidence interval could be computed for "
-                            f"{' and '.join(_NAMES[k] for k in no_ci)} (too few patients, or a class missing from "
-                            "most resamples); the point value alone proves nothing.", metrics=no_ci,
+        said = " and ".join(METRIC_NAMES[k] for k in no_ci)
+        out.append(_warning("no_ci", "caution", f"No confidence interval could be computed for {said} (too few "
+                            "patients, or a class missing from most resamples); the point value alone proves nothing.",
+                            metrics=no_ci,
                             **context))  # fmt: skip
     return out
 
