@@ -305,6 +305,7 @@ def run_benchmark(spec: BenchSpec) -> dict[str, Any]:
     from feature_cache.progress import WorkEstimate, progress
     from milcore.bench.peers import import_torchmil
     from milcore.report.bench_io import machine_info
+    from milcore.report.document import plural
 
     check_models(spec.models, spec.peers)
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -313,10 +314,10 @@ def run_benchmark(spec: BenchSpec) -> dict[str, Any]:
     plan = [(m, False) for m in spec.models] + ([(m, True) for m in spec.peers] if tm is not None else [])
     total = len(plan) * sum(len(ctx["folds"][s]) for s in spec.seeds)
     n_peers = sum(1 for _, peer in plan if peer)
-    models = f"{len(plan)} model{'s' * (len(plan) != 1)}" + (f" ({n_peers} torchmil)" if n_peers else "")
-    estimate = WorkEstimate(total, "training", f"bench: {models} x {spec.folds} fold{'s' * (spec.folds != 1)} x "
-                            f"{len(spec.seeds)} seed{'s' * (len(spec.seeds) != 1)}",
-                            f" of up to {spec.train.epochs} epochs each, on {ctx['n_bags']} bags")  # fmt: skip
+    models = plural(len(plan), "model") + (f" ({n_peers} torchmil)" if n_peers else "")
+    plan_text = f"bench: {models} x {plural(spec.folds, 'fold')} x {plural(len(spec.seeds), 'seed')}"
+    detail = f" of up to {plural(spec.train.epochs, 'epoch')} each, on {plural(ctx['n_bags'], 'bag')}"
+    estimate = WorkEstimate(total, "training", plan_text, detail)
     estimate.start()
     bar = progress(total=total, desc="bench", unit="training")
     rows: list[dict[str, Any]] = []

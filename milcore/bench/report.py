@@ -132,10 +132,10 @@ def build_report(result: dict[str, Any]):
     rep = Report(f"Aggregator benchmark: {spec['task']}")
     add_warnings(rep, result.get("warnings", []))
     rep.paragraph(f"Bank {spec['bank']} ({result['encoder'].get('name', '?')}, {result['encoder'].get('dim', '?')}-d), "
-                  f"cohort {spec['cohort']}: {result['bags']} bags, classes {', '.join(result['classes'])}. "
+                  f"cohort {spec['cohort']}: {plural(result['bags'], 'bag')}, classes {', '.join(result['classes'])}. "
                   f"{spec['folds']}-fold patient-level CV x seeds {spec['seeds']}: the same splits for every model; "
                   f"mean ± sd over folds and seeds. torchmil: {result['torchmil']}."
-                  + (f" Out of distribution: site {spec['ood_site']} ({result['ood_bags']} bags) held out."
+                  + (f" Out of distribution: site {spec['ood_site']} ({plural(result['ood_bags'], 'bag')}) held out."
                      if spec.get("ood_site") is not None else ""))  # fmt: skip
     headers, rows = table_rows(result)
     rep.heading("Accuracy and cost")
