@@ -140,10 +140,14 @@ def validate_card(card: Any, card_path: Path) -> dict[str, Any]:
     if version > CHECKPOINT_VERSION:
         raise UserError(f"{card_path}: checkpoint format {version} is newer than this milcore understands "
                         f"({CHECKPOINT_VERSION}); upgrade milcore")  # fmt: skip
-    recorded = card.get(CARD_HASH)
-    if recorded is not None and recorded != card_sha256(card):
+    for key in (CARD_HASH, WEIGHTS_HASH):
+        if key in card and not (isinstance(card[key], str) and re.fullmatch(r"[0-9a-f]{64}", card[key])):
+            raise UserError(f"{card_path}: {key!r} is not a SHA-256 hex digest ({card[key]!r}); the card is damaged")
+    if CARD_HASH in card and card[CARD_HASH] != card_sha256(card):
         raise UserError(f"{card_path}: the card's content does not match the SHA-256 recorded in it "
                         f"(edited or corrupted); restore the file from the training run")  # fmt: skip
+    if CARD_HASH not in card and WEIGHTS_HASH in card:
+        log.warning("%s: the card records no SHA-256 of its own content; edits to it cannot be detected", card_path)
     problems = []
     if not isinstance(card.get("model"), str):
         problems.append("'model' (aggregator name) missing or not a string")

@@ -66,6 +66,9 @@ def test_interrupted_run_is_refused_unless_allow_partial(run_copy: Path, planted
                  "--boot", "20", "--permutations", "20"]) == 0  # fmt: skip
     assert "ensemble of 2 of 3 folds" in (audit / "audit.md").read_text()
     assert json.loads((audit / "audit.json").read_text())["input"]["partial"] is True
+    assert main(["explain", "--run", str(out), "--out", str(tmp_path / "explain"), "-q"]) == 0
+    assert "PARTIAL: these predictions come from an ensemble of 2 of 3 folds" in (
+        tmp_path / "explain" / "explain.md").read_text()  # fmt: skip
 
 
 def test_run_without_final_metrics_is_incomplete(run_copy: Path, planted: dict, tmp_path: Path,
