@@ -42,7 +42,7 @@ from milcore.audit.statistics import (
     sequential_permutation_p,
     stratified_counts,
 )
-from milcore.report.caveats import METRIC_NAMES, headline_warnings, is_at_chance
+from milcore.report.caveats import METRIC_NAMES, chance_classes, headline_warnings, is_at_chance
 from milcore.report.document import plural
 
 log = logging.getLogger(__name__)
@@ -153,8 +153,8 @@ def audit_predictions(pred: Predictions, classes: list[str], groups: GroupSet, c
             parity += _parity(pred, sufficient, attribute, counts, config, rng)
     bar.close()
     families = _correct(comparisons, parity, config)
-    warnings = audit_warnings(overall, int((np.bincount(pred.y_true, minlength=pred.num_classes) > 0).sum()),
-                              group_rows, config)  # fmt: skip
+    support = np.bincount(pred.y_true, minlength=pred.num_classes)
+    warnings = audit_warnings(overall, chance_classes(support, pred.num_classes), group_rows, config)
     return {"overall": overall, "groups": group_rows, "empty_groups": empty, "comparisons": comparisons,
             "parity": parity, "families": families,
             "summary": summarize(comparisons, parity, config, warnings=warnings), "warnings": warnings}  # fmt: skip

@@ -275,9 +275,9 @@ def bench_warnings(rows: list[dict[str, Any]], summary: list[dict[str, Any]], cl
     those of :mod:`milcore.report.caveats`; each per-model warning names its ``model`` and ``impl``.
     """
     from milcore.bench.report import model_label
-    from milcore.report.caveats import class_size_warnings, headline_warnings, temperature_warnings
+    from milcore.report.caveats import chance_classes, class_size_warnings, headline_warnings, temperature_warnings
 
-    present = sum(1 for n in class_counts.values() if n > 0)
+    present = chance_classes(list(class_counts.values()), len(class_counts))
     out = class_size_warnings(class_counts, folds)
     for s in summary:
         if "metrics" not in s:

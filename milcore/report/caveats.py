@@ -8,8 +8,9 @@ result must not be used as it stands) or ``"caution"`` (read the result with thi
 
 The rules (codes):
 
-* ``chance`` (critical): the 95% CI of balanced accuracy includes chance (1 / number of classes present)
-  or the CI of AUROC includes 0.5 -- "not distinguishable from chance on this cohort". Without a CI the
+* ``chance`` (critical): the 95% CI of balanced accuracy includes chance (1 / number of classes present
+  among the labels: what always predicting one class scores; the model's class count when fewer than
+  two are present) or the CI of AUROC includes 0.5 -- "not distinguishable from chance on this cohort". Without a CI the
   point value is compared with chance instead (and ``no_ci`` is raised).
 * ``below_chance`` (critical): the whole CI lies below chance: systematically wrong, typically labels
   that do not belong to the predictions (class order, bag ids, another task).
@@ -52,6 +53,12 @@ CHANCE_CODES = ("chance", "below_chance")
 #: How the messages name the chance metrics.
 METRIC_NAMES = {"balanced_accuracy": "balanced accuracy", "auroc": "AUROC"}
 _TOL = 1e-9
+
+
+def chance_classes(support: Sequence[int] | np.ndarray, num_classes: int) -> int:
+    """The class count that sets the balanced-accuracy chance level: classes present, else the model's."""
+    present = int((np.asarray(support) > 0).sum())
+    return present if present >= 2 else int(num_classes)
 
 
 def chance_level(metric: str, num_classes: int) -> float | None:

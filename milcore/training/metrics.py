@@ -179,7 +179,7 @@ def evaluate(
     ``warnings`` lists what makes the result unfit for a decision (at chance, a single predicted class,
     a wide CI, small classes: :mod:`milcore.report.caveats`).
     """
-    from milcore.report.caveats import class_size_warnings, headline_warnings, prediction_warnings
+    from milcore.report.caveats import chance_classes, class_size_warnings, headline_warnings, prediction_warnings
 
     y_true = np.asarray(y_true, dtype=np.int64)
     proba = np.asarray(proba, dtype=float)
@@ -191,7 +191,7 @@ def evaluate(
     ci = bootstrap_ci(y_true, proba, lambda a, b: scalar_metrics(a, b, n_bins), n_boot=n_boot, seed=seed)
     metrics = {k: {"value": v, "ci95": list(ci.get(k, (math.nan, math.nan)))} for k, v in point.items()}
     cm = confusion_matrix(y_true, y_pred, num_classes)
-    warnings = (headline_warnings(metrics, int((support > 0).sum())) + prediction_warnings(cm, classes)
+    warnings = (headline_warnings(metrics, chance_classes(support, num_classes)) + prediction_warnings(cm, classes)
                 + class_size_warnings({c: int(s) for c, s in zip(classes, support, strict=True) if s > 0}))
     return {
         "n": len(y_true),

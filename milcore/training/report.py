@@ -12,6 +12,7 @@ import numpy as np
 from milcore.report import Report, fmt, fmt_ci, plots, plural
 from milcore.report.caveats import (
     add_warnings,
+    chance_classes,
     class_size_warnings,
     headline_warnings,
     log_warnings,
@@ -44,9 +45,8 @@ def run_warnings(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """
     pooled = metrics["pooled"]
     support = {c: int(v["support"]) for c, v in pooled["per_class"].items()}
-    present = sum(1 for n in support.values() if n > 0)
     folds = metrics["per_fold"]
-    return (headline_warnings(pooled["metrics"], present)
+    return (headline_warnings(pooled["metrics"], chance_classes(list(support.values()), len(metrics["classes"])))
             + prediction_warnings(pooled["confusion_matrix"], metrics["classes"])
             + class_size_warnings(support, int(metrics["folds"]))
             + temperature_warnings([r["temperature"] for r in folds], [f"fold {r['fold']}" for r in folds]))

@@ -137,3 +137,12 @@ def test_imbalance_experiment_at_chance_is_flagged() -> None:
     chance = experiment_warnings(result([0.5, 0.45, 0.55, 0.5], [0.48, 0.52, 0.5, 0.55]))
     assert is_at_chance(chance) and "imbalance on a chance-level model are not meaningful" in chance[0]["message"]
     assert experiment_warnings(result([0.9, 0.88, 0.92, 0.9], [0.95, 0.96, 0.97, 0.94])) == []
+
+
+def test_one_class_present_uses_the_model_classes_for_chance() -> None:
+    from milcore.report.caveats import chance_classes
+
+    assert chance_classes([0, 12, 0], 3) == 3 and chance_classes([5, 12, 0], 3) == 2
+    y = np.zeros(30, dtype=int)  # an external set of one class, all predicted right
+    report = evaluate(y, np.tile([0.9, 0.05, 0.05], (30, 1)), ["a", "b", "c"], n_boot=50)
+    assert not is_at_chance(report["warnings"])
