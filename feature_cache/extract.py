@@ -310,7 +310,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     writer = open_writer(out, encoder.info, mode=mode, dtype=config.dtype, compression=config.compression)
     log_path = out.with_name(out.name + ".extract.jsonl")
     log_existed = log_path.exists()
-    written = cells = failures = 0
+    written = cells = failures = empty = 0
     try:
         done = [b for b in bags if writer.has(b)]
         check_origins(writer, source, done, out, config.accept_unrecorded)
@@ -345,6 +345,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
                               meta={"n_cells": n, "n_failures": len(item["failures"]), **item["origin"]})  # fmt: skip
                 written += 1
                 cells += n
+                empty += n == 0
                 failures += len(item["failures"])
                 run_log.write(json.dumps({"bag": bag, "cells": n, "failures": item["failures"],
                                           "read_seconds": round(item["seconds"], 4)}) + "\n")  # fmt: skip
@@ -352,6 +353,9 @@ def extract(config: ExtractConfig) -> ExtractSummary:
                 bar.update(1)
                 bar.set_postfix(cells_per_s=f"{cells / max(time.perf_counter() - t_start, 1e-9):.0f}")
             bar.close()
+            if todo and not cells and not skipped:  # every bag unreadable or empty: a bank of nothing
+                raise UserError(f"{config.input}: none of the {len(todo)} bag(s) gave a readable cell ({failures} "
+                                f"unreadable item(s), each named in {log_path}); no bank written")
             writer.close()
             seconds = time.perf_counter() - t_start
             run_log.write(json.dumps({"run": {"source": source.describe(), "encoder": encoder.info.to_dict(),
@@ -372,6 +376,9 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     summary = ExtractSummary(out, written, skipped, cells, failures, time.perf_counter() - t_start)
     log.info("%s: %d bags, %d cells in %.1f s (%.0f cells/s); log %s", out, written, cells, summary.seconds,
              summary.cells_per_second, log_path)  # fmt: skip
+    if empty:
+        log.warning("%s: %d bag(s) have NO cell (nothing detected or every image unreadable); they are stored "
+                    "empty, and training and prediction leave them out; each is named in %s", out, empty, log_path)
     if failures:
         log.warning("%s: %d unreadable items (images, regions or bags) were SKIPPED, not encoded; each is named in %s",
                     out, failures, log_path)  # fmt: skip

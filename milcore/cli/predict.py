@@ -59,4 +59,7 @@ def run(args: argparse.Namespace) -> int:
         inst = f", instance-AUROC {m['instance']['instance_auroc']:.3f}" if "instance" in m else ""
         log.info("on %d labelled bags: balanced accuracy %.3f, AUROC %.3f, ECE %.3f%s (%s/metrics.json)", m["n"],
                  v["balanced_accuracy"]["value"], v["auroc"]["value"], v["ece"]["value"], inst, args.out)  # fmt: skip
+        from milcore.report.caveats import log_warnings
+
+        log_warnings(log, m.get("warnings", []))
     return 0

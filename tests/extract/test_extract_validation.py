@@ -182,3 +182,16 @@ def test_a_dead_worker_process_is_one_line_naming_the_bag(
     err = _one_line(capsys)
     assert "worker process died while reading bag aml-0001" in err
     _nothing_created(out)
+
+
+def test_no_readable_bag_is_an_error_and_writes_no_bank(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    crops = tmp_path / "crops"
+    for patient in ("P1", "P2"):
+        (crops / patient).mkdir(parents=True)
+        (crops / patient / "c0.png").write_bytes(b"not a png at all")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert _extract(crops, out / "bank.h5") == 2
+    err = capsys.readouterr().err
+    assert "none of the 2 bag(s) gave a readable cell" in err and "no bank written" in err, err
+    assert not (out / "bank.h5").exists()
