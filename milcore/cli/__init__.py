@@ -28,6 +28,7 @@ COMMANDS: tuple[str, ...] = (
     "continual",
     "bench",
     "run",
+    "models",
 )
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2

@@ -9,6 +9,11 @@ from typing import Any
 
 from feature_cache.errors import UserError
 
+#: Help of ``--folds`` (train, bench): the rule the split logic (``milcore.data.splits``) enforces.
+FOLDS_HELP = ("cross-validation folds, at least 3: each fold tests on one part, validates (early stopping, "
+              "calibration) on the next and trains on the rest; every class needs at least as many patients "
+              "(default 5)")  # fmt: skip
+
 
 def int_at_least(low: int) -> Callable[[str], int]:
     """An argparse type: a whole number >= ``low``."""
@@ -74,8 +79,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: file not found")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a YAML file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a configuration") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

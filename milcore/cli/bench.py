@@ -35,14 +35,15 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 def _training_options(p: argparse.ArgumentParser) -> None:
     from milcore.bench import DEFAULT_MODELS, DEFAULT_PEERS
-    from milcore.cli._types import int_at_least, positive_float
+    from milcore.cli._types import FOLDS_HELP, int_at_least, positive_float
 
     p.add_argument("--models", type=_csv, default=DEFAULT_MODELS,
-                   help=f"our aggregators, comma-separated (default {','.join(DEFAULT_MODELS)})")  # fmt: skip
+                   help=f"our aggregators, comma-separated (default {','.join(DEFAULT_MODELS)}; 'milcore models' "
+                        "lists them)")  # fmt: skip
     p.add_argument("--peers", type=_csv, default=DEFAULT_PEERS,
                    help=f"torchmil models run beside ours: abmil,dsmil,transmil or none (default "
                         f"{','.join(DEFAULT_PEERS)}; torchmil's TransMIL trains at a few bags/s on CPU)")  # fmt: skip
-    p.add_argument("--folds", type=int_at_least(3), default=5, help="cross-validation folds (default 5)")
+    p.add_argument("--folds", type=int_at_least(3), default=5, help=FOLDS_HELP)
     p.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--epochs", type=int_at_least(1), default=20, help="maximum epochs per fit (default 20)")
     p.add_argument("--patience", type=int_at_least(1), default=5, help="early-stopping patience (default 5)")
@@ -105,20 +106,23 @@ def _out_options(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _check_out(out: Path, overwrite: bool, create: bool = True) -> None:
     from feature_cache.errors import OutputExistsError, UserError
 
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"{out}: exists and is not empty (pass --overwrite to replace its results)")
-    out.mkdir(parents=True, exist_ok=True)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
 
 
 def _template(args: argparse.Namespace, bank: str = "", cohort: str = "", task: str = ""):
+    from feature_cache.devices import resolve_device
     from milcore.bench.aggregators import BenchSpec, check_models
     from milcore.training.config import TrainConfig
 
+    resolve_device(args.device)  # before any output exists
     check_models(args.models, args.peers)
     train = TrainConfig(epochs=args.epochs, patience=args.patience, min_epochs=min(5, args.epochs), lr=args.lr,
                         batch_instances=args.batch_instances, instance_dropout=args.instance_dropout,
@@ -152,11 +156,11 @@ def _run(args: argparse.Namespace) -> int:
         return script_suite(args.suite, out, args.quick)
     spec = _template(args, getattr(args, "bank", ""), getattr(args, "cohort", ""), getattr(args, "task", ""))
     out = Path(args.out) if args.out else Path("benchmarks/results") / time.strftime("%Y-%m-%d")
-    _check_out(out, args.overwrite)
+    _check_out(out, args.overwrite, create=args.suite != "aggregators")
     if args.suite == "aggregators":
         from milcore.bench.aggregators import run_benchmark
 
-        result = run_benchmark(spec)
+        result = run_benchmark(spec)  # reads and checks bank, cohort and folds first; --out is written at the end
         paths = write_outputs(result, out)
         print(markdown_table(result), end="")
         log.info("wrote %s, %s and %s (%.0f s)", paths["json"], paths["table"], paths["html"], result["seconds"])

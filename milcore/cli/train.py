@@ -12,14 +12,14 @@ log = logging.getLogger("milcore")
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     """Register the ``train`` subcommand."""
-    from milcore.cli._types import int_at_least, positive_float
+    from milcore.cli._types import FOLDS_HELP, int_at_least, positive_float
 
     p = subparsers.add_parser("train", help=HELP, description=HELP + ".", parents=parents)
     p.add_argument("--bank", required=True, help="feature bank (.h5 or .zarr)")
     p.add_argument("--cohort", required=True, help="cohort table (CSV/Parquet) with a bag-id and a label column")
     p.add_argument("--task", required=True, metavar="COLUMN", help="label column of the cohort table")
-    p.add_argument("--model", default=None, help="aggregator name (default abmil; see 'milcore train --list-models')")
-    p.add_argument("--folds", type=int_at_least(3), default=5, help="cross-validation folds (default 5)")
+    p.add_argument("--model", default=None, help="aggregator name (default abmil; 'milcore models' lists them)")
+    p.add_argument("--folds", type=int_at_least(3), default=5, help=FOLDS_HELP)
     p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of splits, weights and batching")
     p.add_argument("--out", required=True, help="run folder")
     # training options default to None so that a --config file's values are kept unless a flag is given
@@ -36,12 +36,17 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     p.add_argument("--bel", type=float, default=None, metavar="WEIGHT", help="Bag Embedding Loss weight (0 = off)")
     p.add_argument("--sampler", choices=("shuffle", "balanced"), default=None, help="default shuffle")
     p.add_argument("--model-arg", action="append", default=None, metavar="KEY=VALUE",
-                   help="aggregator config override, e.g. hidden_dim=256 (repeatable)")  # fmt: skip
+                   help="aggregator config override, e.g. embed_dim=256 (repeatable; 'milcore models NAME' "
+                        "lists the keys)")  # fmt: skip
     p.add_argument("--cells", default=None, help="instance ground truth (default: cells.csv beside the cohort)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--config", default=None, help="YAML file with training options (command-line flags win)")
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="YAML file with a 'train:' mapping of training options, or a run's config.yaml "
+                        "(command-line flags win)")  # fmt: skip
     p.add_argument("--tensorboard", action="store_true", help="also log epochs for TensorBoard (fold_K/tensorboard)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out (refused unless bank, labels, task, folds, seed and "
+                        "training options are the ones it was started with)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=run)
 
@@ -49,10 +54,10 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
 def run(args: argparse.Namespace) -> int:
     """Train and report; returns the exit code."""
     from milcore.cli._types import parse_overrides, read_yaml
-    from milcore.training.config import TrainConfig
+    from milcore.training.config import TrainConfig, options_from_file
     from milcore.training.run import RunSpec, train_cv
 
-    options = read_yaml(args.config).get("train", {}) if args.config else {}
+    options = options_from_file(read_yaml(args.config), args.config) if args.config else {}
     flags = {"model": args.model, "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay,
              "patience": args.patience, "batch_instances": args.batch_instances,
              "instance_dropout": args.instance_dropout, "input_norm": args.input_norm, "bel_weight": args.bel,

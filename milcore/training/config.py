@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import numbers
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from feature_cache.errors import InvalidArgumentError
@@ -13,6 +17,20 @@ WEIGHTINGS = ("balanced", "none")
 SAMPLERS = ("shuffle", "balanced")
 MONITORS = ("val_loss", "val_balanced_accuracy")
 INPUT_NORMS = ("none", "standardize")
+
+#: Field annotation -> (accepted Python types, how a message names them). ``bool`` is refused where a
+#: number is expected (YAML reads ``yes`` as true).
+_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((numbers.Integral,), "a whole number"),
+    "float": ((numbers.Real,), "a number"),
+    "str": ((str,), "a string"),
+    "bool": ((bool,), "true or false"),
+    "dict[str, Any]": ((dict,), "a mapping"),
+}
+
+#: Top-level keys of a run's ``config.yaml`` besides ``train``: it may be given as ``--config`` to train
+#: again with its options; these keys record the run and are not options.
+RUN_RECORD_KEYS = ("run", "inputs", "classes", "encoder", "versions", "join")
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Validate every field; raises :class:`InvalidArgumentError` naming the bad one."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            types, kind = _KINDS[str(f.type)]
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise InvalidArgumentError(f"{f.name} must be {kind}, got {value!r}")
+            if isinstance(value, numbers.Real) and not math.isfinite(value):
+                raise InvalidArgumentError(f"{f.name} must be a finite number, got {value!r}")
+        if any(not isinstance(k, str) for k in self.model_args):
+            raise InvalidArgumentError(f"model_args keys must be names, got {list(self.model_args)!r}")
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
@@ -109,11 +136,47 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from a mapping, rejecting unknown keys with the list of valid ones."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        """Build from a mapping, rejecting unknown keys with close matches and the list of valid ones."""
+        if not isinstance(data, dict):
+            raise InvalidArgumentError(f"training options must be a mapping, got {type(data).__name__}")
+        names = sorted(f.name for f in dataclasses.fields(cls))
+        unknown = [str(k) for k in data if k not in names]
         if unknown:
-            raise InvalidArgumentError(
-                f"unknown training option(s) {', '.join(unknown)} (valid: {', '.join(sorted(names))})"
-            )
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+                hints.append(repr(key) + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise InvalidArgumentError(f"unknown training option(s) {', '.join(hints)} (valid: {', '.join(names)})")
         return cls(**data)
+
+
+def options_from_file(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The ``train:`` options of a parsed YAML file, each key and value checked, errors naming the file.
+
+    The file holds a ``train:`` mapping of :class:`TrainConfig` fields; a run folder's ``config.yaml``
+    is accepted too (its :data:`RUN_RECORD_KEYS` describe the run and are not options).
+
+    Raises:
+        InvalidArgumentError: an unknown top-level key, ``train`` not a mapping, an unknown option or
+            a bad value; the message starts with the file's path.
+    """
+    allowed = ("train", *RUN_RECORD_KEYS)
+    unknown = [str(k) for k in data if k not in allowed]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            hints.append(repr(key) + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise InvalidArgumentError(f"{path}: unknown top-level key(s) {', '.join(hints)}; training options go "
+                                   "under 'train:'")  # fmt: skip
+    options = data.get("train")
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise InvalidArgumentError(f"{path}: 'train' must be a mapping of training options, got "
+                                   f"{type(options).__name__}")  # fmt: skip
+    try:
+        TrainConfig.from_dict(options)
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"{path}: train: {exc}") from None
+    return dict(options)

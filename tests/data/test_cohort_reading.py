@@ -80,7 +80,8 @@ def test_header_whitespace_blank_lines_and_an_unnamed_index_column(tmp_path: Pat
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("patient_id,aml\np1,NPM1\np2,control\np1,control\n", r"duplicate bag ids in 'patient_id': 'p1' \(line 2, line 4\)"),
+        ("patient_id,aml\np1,NPM1\np2,control\np1,control\n",
+         r"duplicate bag ids in 'patient_id': 'p1' \(line 2, line 4\)"),
         ("patient_id,aml\np1,NA\np1,control\n", "duplicate bag ids"),
         ("patient_id,aml\np1,control\n,NPM1\n", r"labelled rows without a bag id in 'patient_id' \(line 3\)"),
         ("patient_id,aml\np1,control\np2,Control\n", "differ only in case: 'Control' / 'control'"),
@@ -115,7 +116,7 @@ def test_audit_metadata_reads_missing_values_the_same_way(tmp_path: Path) -> Non
     from milcore.audit.groups import build_groups, read_metadata
 
     text = "patient_id,aml,sex,age,site\np1,a,F,40,A\np2,a,NA,null,NA\np3,b,M,N/A,B\np4,b,-,70,?\n"
-    columns, matched, _ = read_metadata(_write(tmp_path / "c.csv", text), ["p1", "p2", "p3", "p4"])
+    columns, _, _ = read_metadata(_write(tmp_path / "c.csv", text), ["p1", "p2", "p3", "p4"])
     assert columns["site"].tolist() == ["A", "", "B", ""]
     groups = build_groups(columns, 4, AuditConfig())
     names = {g.name for g in groups.groups}

@@ -127,7 +127,7 @@ def test_cli_train_end_to_end(planted: dict, tmp_path: Path, capsys: pytest.Capt
     [
         (["--task", "nope"], "no label column 'nope'"),
         (["--model", "abmill"], "did you mean 'abmil'"),
-        (["--folds", "20"], "fewer than the 20 folds"),
+        (["--folds", "20"], "fewer than --folds 20"),
         (["--model-arg", "hiddn_dim=3"], "unknown config field"),
     ],
 )
