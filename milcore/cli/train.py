@@ -16,7 +16,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
 
     p = subparsers.add_parser("train", help=HELP, description=HELP + ".", parents=parents)
     p.add_argument("--bank", required=True, help="feature bank (.h5 or .zarr)")
-    p.add_argument("--cohort", required=True, help="cohort table (CSV/Parquet) with a bag-id and a label column")
+    p.add_argument("--cohort", required=True,
+                   help="cohort table (CSV/Parquet) with a bag-id and a label column; rows whose label is empty, NA, "
+                        "N/A, NaN, null, None, -, ? (any case) are left out as missing")  # fmt: skip
     p.add_argument("--task", required=True, metavar="COLUMN", help="label column of the cohort table")
     p.add_argument("--model", default=None, help="aggregator name (default abmil; 'milcore models' lists them)")
     p.add_argument("--folds", type=int_at_least(3), default=5, help=FOLDS_HELP)

@@ -226,7 +226,8 @@ def _plan(spec: RunSpec, config: TrainConfig, out: Path, overwrite: bool, resume
                            "bank_fingerprint": bank_fingerprint(bank, list(cohort.bag_ids)),
                            "labels_fingerprint": labels_fingerprint(cohort)},
                 "versions": versions(), "join": {"matched": len(join.matched),
-                "only_in_cohort": len(join.only_in_cohort), "only_in_bank": len(join.only_in_bank)}}  # fmt: skip
+                "only_in_cohort": len(join.only_in_cohort), "only_in_bank": len(join.only_in_bank),
+                "missing_labels": cohort.missing_labels}}  # fmt: skip
     resolved = json.loads(json.dumps(resolved, default=str))  # what config.yaml holds, to compare like with like
     recorded = _read_record(out) if resume else None
     if recorded is not None:
