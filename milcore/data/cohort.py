@@ -220,8 +220,8 @@ def _read_parquet(path: Path) -> RawTable:
     header, keep = _clean_header(path, list(table.column_names))
     data = table.to_pydict()
     names = list(table.column_names)
-    rows = [{names[i]: "" if data[names[i]][r] is None else str(data[names[i]][r]).strip() for i in keep}
-            for r in range(table.num_rows)]  # fmt: skip
+    rows = [{header[j]: "" if data[names[i]][r] is None else str(data[names[i]][r]).strip()
+             for j, i in enumerate(keep)} for r in range(table.num_rows)]  # fmt: skip
     return RawTable(path, header, rows, [f"row {r + 1}" for r in range(table.num_rows)])
 
 

@@ -123,3 +123,17 @@ def test_audit_metadata_reads_missing_values_the_same_way(tmp_path: Path) -> Non
     assert "site=NA" not in names and "site=?" not in names
     assert np.array_equal(groups.values["sex"], np.asarray(["F", "", "M", ""], dtype=object))
     assert not any("unknown codes" in n or "non-numeric" in n for n in groups.notes), groups.notes
+
+
+def test_parquet_tables_read_like_csv(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.table({"bag_id": ["007", "p2", "p3", "p4"], " dx ": ["control", None, "sick", "NaN"],
+                      "age": [40.0, None, 71.5, 3.0]})  # fmt: skip
+    pq.write_table(table, tmp_path / "c.parquet")
+    cohort = read_cohort(tmp_path / "c.parquet", "dx")
+    assert list(cohort.bag_ids) == ["007", "p3"] and cohort.columns["age"].tolist() == ["40.0", "71.5"]
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(UserError, match=r"bad\.parquet: not a readable Parquet file"):
+        read_cohort(tmp_path / "bad.parquet", "dx")
