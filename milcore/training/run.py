@@ -213,14 +213,8 @@ def _plan(spec: RunSpec, config: TrainConfig, out: Path, overwrite: bool, resume
         if n == 0:
             log.warning("class %r has no bag in the bank; it is kept in the head but never trained", name)
     check_model(config, bank.dim, len(classes))
-    truth = None
     if spec.cells is not None and not Path(spec.cells).is_file():
         raise UserError(f"{spec.cells}: instance ground-truth table (--cells) not found")
-    cells = Path(spec.cells) if spec.cells else Path(spec.cohort).with_name("cells.csv")
-    if cells.is_file() and "cell_id" in bank.columns:
-        from milcore.data.ground_truth import load_cell_truth
-
-        truth = load_cell_truth(cells, bank, list(cohort.bag_ids))
     resolved = {"run": asdict(spec), "train": config.to_dict(), "classes": classes, "encoder": bank.info.to_dict(),
                 "inputs": {"bank": str(Path(spec.bank).resolve()), "cohort": str(Path(spec.cohort).resolve()),
                            "bank_fingerprint": bank_fingerprint(bank, list(cohort.bag_ids)),
@@ -244,6 +238,12 @@ def _plan(spec: RunSpec, config: TrainConfig, out: Path, overwrite: bool, resume
     else:
         folds = make_folds(list(cohort.bag_ids), cohort.labels, k=spec.folds, seed=spec.seed, groups=cohort.groups,
                            classes=classes)  # fmt: skip
+    truth = None
+    cells = Path(spec.cells) if spec.cells else Path(spec.cohort).with_name("cells.csv")
+    if cells.is_file() and "cell_id" in bank.columns:
+        from milcore.data.ground_truth import load_cell_truth
+
+        truth = load_cell_truth(cells, bank, list(cohort.bag_ids))
     return _Plan(inputs, folds, resolved, recorded is None, truth, resume)
 
 
