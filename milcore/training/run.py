@@ -18,12 +18,16 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from feature_cache.errors import InvalidArgumentError, OutputExistsError, UserError
 from milcore.training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from milcore.data.inputs import RunInputs
+    from milcore.data.splits import Fold
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +191,8 @@ def _has_progress(out: Path) -> bool:
 class _Plan:
     """Everything checked before the run folder is touched."""
 
-    inputs: Any
-    folds: list
+    inputs: RunInputs
+    folds: list[Fold]
     resolved: dict[str, Any]
     record: bool
     truth: dict[str, np.ndarray] | None
