@@ -6,13 +6,23 @@ bag per item) and through the training pipeline (2 workers, 8 bags per batch pac
 + ``ptr`` in the workers), and the reader's resident-memory growth after reading every bag. Ratios
 compare best-of-N figures of repetitions that alternate each layout with the memmap CSR limit.
 
-Layouts: ``memmap`` (the limit); HDF5 banks ``hdf5`` (contiguous, pread), ``hdf5-mmap``, ``hdf5-h5py``,
-``hdf5-crc`` (with checksums), ``hdf5-lzf``/``-gzip``/``-blosc-zstd``; Zarr banks ``zarr`` (direct chunk
-reads), ``zarr-python``, ``zarr-blosc-zstd``; peers ``clam-h5`` (a .h5 per slide, one-row chunks, as
-CLAM/TRIDENT write), ``h5-per-bag``, ``npy-per-bag`` (torchmil), ``h5py-chunked`` (1,024-row chunks).
+Layouts: ``memmap`` (the limit); HDF5 banks ``hdf5`` (the defaults: contiguous, pread, per-bag
+checksums written and checked on whole-bag reads), ``hdf5-nocheck`` (same file, reads skip the
+checksums), ``hdf5-nocrc`` (written without checksums), ``hdf5-mmap``, ``hdf5-h5py``,
+``hdf5-lzf``/``-gzip``/``-blosc-zstd``; Zarr banks ``zarr`` (direct chunk reads), ``zarr-nocheck``,
+``zarr-nocrc``, ``zarr-python``, ``zarr-blosc-zstd``; peers ``clam-h5`` (a .h5 per slide, one-row
+chunks, as CLAM/TRIDENT write), ``h5-per-bag``, ``npy-per-bag`` (torchmil), ``h5py-chunked`` (1,024-row
+chunks).
+
+Checksum cost (``checksums.json``; ``--checksums-only`` runs just this): per backend, write throughput
+without checksums, with CRC-32C (hardware ``google-crc32c``, the default) and with zlib's CRC-32,
+alternating the three, best of ``--repeats``; the ratio checked / unchecked against the 0.9 floor
+that decides whether checksums are on by default; and random whole-bag reads of the checksummed
+bank: without the check, on a reader's first pass (each bag checked once) and on later passes.
 
 Usage:
     python benchmarks/bench_bank_io.py [--bags 2000] [--median 300] [--dims 512,1280] [--out DIR] [--quick]
+    python benchmarks/bench_bank_io.py --checksums-only [--bags 2000] [--dims 512] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -32,13 +42,19 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger("bench_bank_io")
-BANK = {  # layout -> (writer settings, reader io mode, layout whose files it reads)
-    "hdf5": ({"suffix": ".h5"}, "auto", None), "hdf5-mmap": (None, "mmap", "hdf5"),
-    "hdf5-h5py": (None, "library", "hdf5"), "hdf5-crc": ({"suffix": ".h5", "checksum": True}, "auto", None),
-    **{f"hdf5-{c}": ({"suffix": ".h5", "compression": c}, "auto", None) for c in ("lzf", "gzip", "blosc-zstd")},
-    "zarr": ({"suffix": ".zarr"}, "auto", None), "zarr-python": (None, "library", "zarr"),
-    "zarr-blosc-zstd": ({"suffix": ".zarr", "compression": "blosc-zstd"}, "auto", None),
+AUTO, NOCHECK = {"io": "auto"}, {"io": "auto", "checksums": False}
+BANK = {  # layout -> (writer settings, reader options, layout whose files it reads)
+    "hdf5": ({"suffix": ".h5"}, AUTO, None), "hdf5-nocheck": (None, NOCHECK, "hdf5"),
+    "hdf5-nocrc": ({"suffix": ".h5", "checksum": False}, AUTO, None),
+    "hdf5-mmap": (None, {"io": "mmap"}, "hdf5"), "hdf5-h5py": (None, {"io": "library"}, "hdf5"),
+    **{f"hdf5-{c}": ({"suffix": ".h5", "compression": c}, AUTO, None) for c in ("lzf", "gzip", "blosc-zstd")},
+    "zarr": ({"suffix": ".zarr"}, AUTO, None), "zarr-nocheck": (None, NOCHECK, "zarr"),
+    "zarr-nocrc": ({"suffix": ".zarr", "checksum": False}, AUTO, None),
+    "zarr-python": (None, {"io": "library"}, "zarr"),
+    "zarr-blosc-zstd": ({"suffix": ".zarr", "compression": "blosc-zstd"}, AUTO, None),
 }
+#: Checksummed writes must keep this fraction of the unchecked write throughput to be on by default.
+CHECKSUM_FLOOR = 0.9
 PEERS = ("clam-h5", "h5-per-bag", "npy-per-bag", "h5py-chunked")
 DEFAULT_LAYOUTS = {512: ("memmap", *BANK, *PEERS),
                    1280: ("memmap", "hdf5", "hdf5-mmap", "hdf5-blosc-zstd", "zarr", "zarr-blosc-zstd", "clam-h5")}
@@ -149,7 +165,7 @@ def write_layout(name: str, data: Data, root: Path):
         with open_writer(path, info, "w", **settings) as w:
             for i in range(B):
                 w.append(data.ids[i], *data.bag(i))
-        return open_reader(path, io=BANK[name][1])
+        return open_reader(path, **BANK[name][1])
     if name == "h5py-chunked":
         with h5py.File(root / "chunked.h5", "w") as f:
             d = data.x.shape[1]
@@ -256,7 +272,7 @@ def measure(name: str, data: Data, work: Path, base, args) -> dict:
     else:
         from feature_cache.bank import open_reader
 
-        reader = open_reader(next((work / src).glob("bank.*")), io=BANK[name][1])
+        reader = open_reader(next((work / src).glob("bank.*")), **BANK[name][1])
     for folder in (work / (src or name), work / "limit"):
         warm(folder)
     ids = [data.ids[i] for i in data.order]
@@ -295,18 +311,111 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
+# -- checksum cost --------------------------------------------------------------------------------
+def crc_speed(x: np.ndarray) -> dict[str, float]:
+    """GB/s of each checksum algorithm over the whole feature matrix (best of 3, one thread)."""
+    from feature_cache.bank.checksum import ALGORITHMS, checksum_function
+
+    out = {}
+    for algorithm in ALGORITHMS:
+        fn = checksum_function(algorithm, "bench")
+        best = min(timed_plain(lambda fn=fn: fn(x)) for _ in range(3))
+        out[algorithm] = x.nbytes / 1e9 / best
+    return out
+
+
+def timed_plain(fn) -> float:
+    """Seconds of one call of ``fn``."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def write_bank(data: Data, path: Path, checksum: str | None) -> float:
+    """Seconds to write ``data`` as a bank at ``path`` (``checksum``: None, "crc32c" or "crc32")."""
+    import feature_cache.bank.writer as writer_module
+    from feature_cache.bank import EncoderInfo, open_writer
+
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    info = EncoderInfo("bench", "1", "", "none", data.x.shape[1])
+    default = writer_module.default_algorithm
+    writer_module.default_algorithm = lambda: checksum or "crc32c"  # pick the algorithm of this write
+    try:
+        def write() -> None:
+            with open_writer(path, info, "w", checksum=checksum is not None) as w:
+                for i in range(len(data.ids)):
+                    w.append(data.ids[i], *data.bag(i))
+        return timed(write)[0]
+    finally:
+        writer_module.default_algorithm = default
+
+
+def checksum_cost(data: Data, work: Path, repeats: int) -> list[dict]:
+    """Write throughput with and without checksums, and whole-bag reads with and without the check."""
+    from feature_cache.bank import open_reader
+
+    work.mkdir(parents=True, exist_ok=True)
+    variants = (None, "crc32c", "crc32")
+    rows = []
+    mb = data.x.nbytes / 1e6
+    speed = crc_speed(data.x)
+    for suffix in (".h5", ".zarr"):
+        times: dict[str | None, list[float]] = {v: [] for v in variants}
+        for rep in range(repeats):  # rotate the order so no variant always writes first
+            for k in range(len(variants)):
+                v = variants[(k + rep) % len(variants)]
+                times[v].append(write_bank(data, work / f"crc-{v}{suffix}", v))
+        best = {v: min(t) for v, t in times.items()}
+        row = {"dim": data.x.shape[1], "backend": "hdf5" if suffix == ".h5" else "zarr",
+               "unchecked_mb_s": mb / best[None], "crc32c_mb_s": mb / best["crc32c"], "crc32_mb_s": mb / best["crc32"],
+               "crc32c_ratio": best[None] / best["crc32c"], "crc32_ratio": best[None] / best["crc32"],
+               "crc32c_gb_s": speed["crc32c"], "crc32_gb_s": speed["crc32"], "repeats": repeats}
+        path = work / f"crc-crc32c{suffix}"
+        warm(path if path.is_dir() else path.parent)
+        ids = [data.ids[i] for i in data.order]
+        rates: dict[str, list[float]] = {"first": [], "plain": [], "steady": []}
+        for rep in range(max(3, repeats)):  # a fresh reader per pass: the checked one checks every bag once
+            for key in (("first", "plain") if rep % 2 else ("plain", "first")):
+                with open_reader(path, checksums=key == "first") as reader:
+                    rates[key].append(len(ids) / read_loop(reader, ids))
+                    if key == "first":
+                        rates["steady"].append(len(ids) / read_loop(reader, ids))
+        plain = max(rates["plain"])
+        row.update(read_plain_bags_s=plain, read_first_bags_s=max(rates["first"]),
+                   read_first_ratio=max(rates["first"]) / plain, read_steady_ratio=max(rates["steady"]) / plain)
+        rows.append(row)
+        for v in variants:
+            p = work / f"crc-{v}{suffix}"
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return rows
+
+
+CRC_COLUMNS = (("dim", "{:d}"), ("backend", "{}"), ("unchecked_mb_s", "{:.0f}"), ("crc32c_mb_s", "{:.0f}"),
+               ("crc32c_ratio", "{:.2f}x"), ("crc32_mb_s", "{:.0f}"), ("crc32_ratio", "{:.2f}x"),
+               ("read_plain_bags_s", "{:.0f}"), ("read_first_bags_s", "{:.0f}"), ("read_first_ratio", "{:.2f}x"),
+               ("read_steady_ratio", "{:.2f}x"),
+               ("crc32c_gb_s", "{:.1f}"), ("crc32_gb_s", "{:.1f}"))
+
+
+def checksum_targets(rows: list[dict]) -> list[dict]:
+    """Checksummed (CRC-32C) write throughput / unchecked, per backend, against :data:`CHECKSUM_FLOOR`."""
+    return [{"dim": r["dim"], "target": f"{r['backend']} write with CRC-32C checksums / without",
+             "value": round(r["crc32c_ratio"], 3), "floor": CHECKSUM_FLOOR, "aim": None,
+             "met": bool(r["crc32c_ratio"] >= CHECKSUM_FLOOR)} for r in rows]
+
+
 COLUMNS = (("dim", "{:d}"), ("layout", "{}"), ("write_s", "{:.2f}"), ("write_mb_s", "{:.0f}"),
            ("write_ratio", "{:.2f}x"), ("size_mb", "{:.0f}"), ("read_bags_s", "{:.0f}"), ("read_mb_s", "{:.0f}"),
            ("read_ratio", "{:.2f}x"), ("dl0_bags_s", "{:.0f}"), ("dl2_bags_s", "{:.0f}"),
            ("pipe2_bags_s", "{:.0f}"), ("pipe2_ratio", "{:.2f}x"), ("rss_anon_mb", "{:.0f}"), ("rss_file_mb", "{:.0f}"))
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], columns: tuple = COLUMNS) -> str:
     """Markdown table of the result rows."""
-    head = "| " + " | ".join(c for c, _ in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * len(COLUMNS)]
+    head = "| " + " | ".join(c for c, _ in columns) + " |"
+    lines = [head, "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [fmt.format(row[c]) if row.get(c) is not None else "-" for c, fmt in COLUMNS]
+        cells = [fmt.format(row[c]) if row.get(c) is not None else "-" for c, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -350,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary folder)")
     p.add_argument("--out", default="benchmarks/results/bank_io")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (40 bags, 32-d)")
+    p.add_argument("--checksums-only", action="store_true",
+                   help="only the checksum cost (writes with/without checksums, reads with/without the check)")
+    p.add_argument("--no-checksums", action="store_true", help="skip the checksum cost section")
     args = p.parse_args(argv)
     if args.quick:
         args.bags, args.median, args.dims, args.repeats, args.budget, args.loader_bags = 40, 20, "32", 1, 0.2, 40
@@ -360,12 +472,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("feature_cache.bank").setLevel(logging.WARNING)
     rows: list[dict] = []
     checks: list[dict] = []
+    crc_rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench_bank_io_", dir=args.work) as tmp:
         for dim in (int(d) for d in args.dims.split(",")):
             layouts = args.layouts.split(",") if args.layouts else DEFAULT_LAYOUTS.get(dim, DEFAULT_LAYOUTS[512])
             data = Data(args.bags, args.median, dim, args.seed)
             log.info("%d-d: %d bags, %d cells, %.0f MB of features", dim, args.bags, len(data.x), data.x.nbytes / 1e6)
             work = Path(tmp) / str(dim)
+            if not args.no_checksums:
+                crc_rows += checksum_cost(data, work / "crc", args.repeats)
+                log.info("%s", table(crc_rows[-2:], CRC_COLUMNS))
+            if args.checksums_only:
+                continue
             base = write_layout("memmap", data, work / "limit")
             for name in layouts:
                 if name == "hdf5-blosc-zstd" and importlib.util.find_spec("hdf5plugin") is None:
@@ -379,19 +497,29 @@ def main(argv: list[str] | None = None) -> int:
             checks += targets(rows, dim)
             shutil.rmtree(work, ignore_errors=True)
             del data, base
-    text = table(rows)
-    lines = [f"- {'MET' if c['met'] else 'NOT MET'}: {c['dim']}-d {c['target']} = {c['value']:.2f} "
-             f"(floor {c['floor']}" + ("" if c["aim"] is None else f", aim {c['aim']}") + ")" for c in checks]
-    sys.stdout.write(text + "\n\n" + "\n".join(lines) + "\n")
+    crc_checks = checksum_targets(crc_rows)
+
+    def verdicts(items: list[dict]) -> list[str]:
+        return [f"- {'MET' if c['met'] else 'NOT MET'}: {c['dim']}-d {c['target']} = {c['value']:.2f} "
+                f"(floor {c['floor']}" + ("" if c["aim"] is None else f", aim {c['aim']}") + ")" for c in items]
+
+    parts = []
+    if rows:
+        parts.append(table(rows) + "\n\n" + "\n".join(verdicts(checks)))
+    if crc_rows:
+        parts.append("Checksum cost:\n\n" + table(crc_rows, CRC_COLUMNS) + "\n\n" + "\n".join(verdicts(crc_checks)))
+    sys.stdout.write("\n\n".join(parts) + "\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in ("out", "work")}
     machine = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
-    (out / "bench.json").write_text(json.dumps(
-        {"benchmark": "bank_io", "config": config, "machine": machine, "rows": rows, "targets": checks,
-         "command": "python benchmarks/bench_bank_io.py " + " ".join(argv if argv is not None else sys.argv[1:])},
-        indent=1))
-    log.info("wrote %s", out / "bench.json")
+    command = "python benchmarks/bench_bank_io.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    for name, body in (("bench.json", {"rows": rows, "targets": checks}),
+                       ("checksums.json", {"rows": crc_rows, "targets": crc_checks})):
+        if body["rows"]:
+            (out / name).write_text(json.dumps(
+                {"benchmark": "bank_io", "config": config, "machine": machine, **body, "command": command}, indent=1))
+            log.info("wrote %s", out / name)
     return 0
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from feature_cache.bank.errors import BankError
+from feature_cache.bank.errors import BankError, first_line
 from feature_cache.bank.reader import open_reader
 from feature_cache.bank.schema import EncoderInfo, meta_kind
 from feature_cache.bank.writer import open_writer
@@ -52,18 +52,39 @@ def _scalar(value: Any) -> Any:
     return value if meta_kind(value) is not None else None
 
 
-def _file_meta(f: h5py.File) -> dict[str, Any]:
+def _file_meta(f: h5py.File, path: Path) -> dict[str, Any]:
     meta: dict[str, Any] = {}
-    sources = [("", f.attrs)] + [(f"{n}.", f[n].attrs) for n in _PREFIXED if n in f]
+    sources = [("", f.attrs)] + [(f"{n}.", f[n].attrs) for n in _PREFIXED if isinstance(f.get(n), h5py.Dataset)]
     for prefix, attrs in sources:
-        for key, value in attrs.items():
-            value = _scalar(value)
+        for key in attrs:
+            try:
+                value = _scalar(attrs[key])
+            except (OSError, TypeError, ValueError) as exc:  # an attribute type h5py cannot read
+                log.warning("%s: attribute %r skipped (%s)", path, key, first_line(exc))
+                continue
             if value is not None and key != "encoder":
                 meta[prefix + key.replace("/", "_").replace(" ", "_")] = value
     return meta
 
 
+def _dataset(f: h5py.File, name: str, path: Path) -> np.ndarray:
+    node = f.get(name)
+    if not isinstance(node, h5py.Dataset):
+        raise BankError(f"{path}: '{name}' is not a dataset (not a CLAM/TRIDENT feature file)")
+    if node.dtype.kind not in "fiu":
+        raise BankError(f"{path}: '{name}' holds {node.dtype} values, expected numbers")
+    try:
+        return np.asarray(node[()])
+    except Exception as exc:  # a truncated or damaged file
+        raise BankError(f"{path}: cannot read '{name}' ({first_line(exc)})") from None
+
+
 def _read_slide(path: Path) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any], str | None]:
+    """One file's features ``(n, D)``, coords ``(n, 2)`` or None, metadata and stored encoder JSON.
+
+    Raises:
+        BankError: naming ``path``: unreadable, no features, wrong shapes or types, NaN/Inf.
+    """
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
@@ -71,20 +92,56 @@ def _read_slide(path: Path) -> tuple[np.ndarray, np.ndarray | None, dict[str, An
     with f:
         if "features" not in f:
             raise BankError(f"{path}: has no 'features' dataset (not a CLAM/TRIDENT feature file)")
-        x = np.asarray(f["features"][()])
+        x = _dataset(f, "features", path)
         if x.ndim == 3 and x.shape[0] == 1:
             x = x[0]
         if x.ndim == 1 and x.size == 0:
             x = x.reshape(0, 0)
         if x.ndim != 2:
             raise BankError(f"{path}: 'features' has shape {x.shape}, expected (n, D)")
+        if x.dtype.kind == "f":
+            bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+            if bad:
+                raise BankError(f"{path}: {bad} NaN/Inf feature values")
         coords = None
         if "coords" in f:
-            coords = np.asarray(f["coords"][()]).reshape(-1, 2) if f["coords"].size else np.empty((0, 2))
+            coords = _dataset(f, "coords", path)
+            if coords.ndim == 3 and coords.shape[0] == 1:
+                coords = coords[0]
+            if coords.size == 0 and len(x) == 0:
+                coords = np.empty((0, 2), np.int64)
+            if coords.ndim != 2 or coords.shape[1] != 2:
+                raise BankError(f"{path}: 'coords' has shape {coords.shape}, expected ({len(x)}, 2)")
             if len(coords) != len(x):
                 raise BankError(f"{path}: {len(coords)} coords for {len(x)} feature rows")
+            if coords.dtype.kind == "f" and not np.isfinite(coords).all():
+                raise BankError(f"{path}: 'coords' contain NaN/Inf")
         encoder = f.attrs.get("encoder")
-        return x, coords, _file_meta(f), encoder.decode() if isinstance(encoder, bytes) else encoder
+        encoder = encoder.decode("utf-8", "replace") if isinstance(encoder, bytes) else encoder
+        return x, coords, _file_meta(f, path), encoder if isinstance(encoder, str) else None
+
+
+def _stored_encoders(files: list[Path]) -> list[tuple[Path, EncoderInfo]]:
+    """The encoder fingerprint stored in each file that has one (``export_clam`` writes it)."""
+    out = []
+    for path in files:
+        try:
+            with h5py.File(path, "r") as f:
+                raw = f.attrs.get("encoder")
+        except OSError as exc:
+            raise BankError(f"{path}: not a readable HDF5 file ({str(exc).splitlines()[0]})") from None
+        except Exception as exc:  # an attribute h5py cannot read
+            raise BankError(f"{path}: unreadable attribute 'encoder' ({first_line(exc)})") from None
+        if raw is None:
+            continue
+        raw = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        try:
+            if not isinstance(raw, str):
+                raise BankError(f"not a JSON string but {type(raw).__name__}")
+            out.append((path, EncoderInfo.from_dict(raw)))
+        except BankError as exc:
+            raise BankError(f"{path}: attribute 'encoder': {exc}") from None
+    return out
 
 
 def _fit_meta(meta: dict[str, Any], kinds: dict[str, str], where: Path) -> dict[str, Any]:
@@ -111,7 +168,7 @@ def import_clam(
     overwrite: bool = False,
     dtype: str | None = None,
     compression: str | None = None,
-    checksum: bool = False,
+    checksum: bool | None = None,
 ) -> dict[str, Any]:
     """Build a bank from a CLAM/TRIDENT folder of per-slide ``.h5`` files (empty files allowed).
 
@@ -124,22 +181,30 @@ def import_clam(
         overwrite: replace an existing bank.
         dtype: stored dtype (default float16; float32 keeps CLAM's precision).
         compression: as in :func:`~feature_cache.bank.open_writer`.
-        checksum: store per-bag CRC-32s.
+        checksum: store per-bag checksums (default: as for any new bank).
 
     Returns:
         Summary with ``bags``, ``instances``, ``empty_bags`` and ``dim``.
     """
     files = find_h5_files(folder)
-    slides = (_read_slide(p) for p in files)
-    first = next((s for s in (_read_slide(p) for p in files) if s[0].shape[1] or s[3]), None)
-    if first is None:
-        raise BankError(f"{folder}: every .h5 file is empty; cannot tell the feature dimension")
+    stems: dict[str, Path] = {}
+    for path in files:  # one bag per file stem
+        if path.stem in stems:
+            raise BankError(f"{path}: same bag id {path.stem!r} as {stems[path.stem]} (rename one of them)")
+        stems[path.stem] = path
+    stored = [] if info is not None or encoder is not None else _stored_encoders(files)
     if info is None:
-        if first[3] and encoder is None:
-            info = EncoderInfo.from_dict(first[3])
+        if stored:  # written by export_clam: every file names the same encoder
+            info = stored[0][1]
+            for path, other in stored[1:]:
+                info.check_compatible(other, where=f"{path} (attribute 'encoder', vs {stored[0][0].name})")
         else:
+            dim = next((s[0].shape[1] for s in (_read_slide(p) for p in files) if s[0].shape[1]), None)
+            if dim is None:
+                raise BankError(f"{folder}: every .h5 file is empty; cannot tell the feature dimension")
             name = encoder or Path(folder).name.removeprefix("features_") or "imported"
-            info = EncoderInfo(name, "unknown", "", "unknown (imported CLAM/TRIDENT features)", first[0].shape[1])
+            info = EncoderInfo(name, "unknown", "", "unknown (imported CLAM/TRIDENT features)", dim)
+    slides = (_read_slide(p) for p in files)
     writer = open_writer(output, info, "w" if overwrite else "x", dtype=dtype, compression=compression,
                          checksum=checksum)
     kinds: dict[str, str] = {}
@@ -150,7 +215,10 @@ def import_clam(
                 x, empty = np.empty((0, info.dim), np.float32), empty + 1
             elif x.shape[1] != info.dim:
                 raise BankError(f"{path}: {x.shape[1]}-d features, but the bank is {info.dim}-d")
-            writer.append(path.stem, x, coords, meta=_fit_meta(meta, kinds, path))
+            try:
+                writer.append(path.stem, x, coords, meta=_fit_meta(meta, kinds, path))
+            except BankError as exc:  # name the source file, not only the bank being written
+                raise BankError(f"{path}: cannot import: {str(exc).removeprefix(f'{output}: ')}") from None
     except BaseException:
         writer.discard()
         raise

@@ -21,7 +21,8 @@ def convert_bank(
     """Copy every bag, column and attribute of ``source`` into a new bank at ``output``.
 
     The output's suffix picks the backend; ``dtype`` defaults to the source's, ``compression``
-    to none, ``checksum`` to whether the source has checksums. Float32 -> float16 conversion fails
+    to none, ``checksum`` to the default of new banks (on where a hardware CRC-32C is available).
+    Every bag is read (its stored checksum checked) before it is written. Float32 -> float16 conversion fails
     (naming the bag) if a value overflows.
 
     Returns:

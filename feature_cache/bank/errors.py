@@ -27,3 +27,9 @@ class UnknownBagError(BankError, LookupError):
 
 class EncoderMismatchError(BankError):
     """Two encoder fingerprints differ where they must be equal (append, merge, model vs bank)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """``"<type>: <first line of the message>"`` of a library's exception, for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -19,7 +19,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from feature_cache.bank.errors import BankError, BankFormatError
+from feature_cache.bank.errors import BankError, BankFormatError, first_line
 from feature_cache.bank.journal import Journal
 from feature_cache.bank.rowio import FileRows, LibraryRows, RowSource
 from feature_cache.bank.schema import FEATURES, INSTANCE_COLUMNS, META_KINDS
@@ -150,7 +150,7 @@ def _write_common(f: h5py.File, journal: Journal) -> None:
     bags.create_dataset("bag_id", data=np.array(journal.ids, dtype=object), dtype=h5py.string_dtype())
     if h.config.checksum:
         ds = bags.create_dataset("checksum", data=np.array(journal.crcs, dtype=np.uint32))
-        ds.attrs["algorithm"] = "crc32"
+        ds.attrs["algorithm"] = h.checksum_algorithm
     for name, (kind, values) in journal.meta_columns().items():
         dt = h5py.string_dtype() if kind == "str" else META_KINDS[kind][0]
         bags.create_dataset(name, data=values, dtype=dt).attrs["kind"] = kind
@@ -183,11 +183,28 @@ class Hdf5Store:
             self.file = h5py.File(self.path, "r", rdcc_nbytes=16 << 20, rdcc_nslots=4001)
         except OSError as exc:
             raise BankFormatError(f"{self.path}: not a readable HDF5 file ({str(exc).splitlines()[0]})") from None
-        self.attrs = {k: _decode(v) for k, v in self.file.attrs.items()}
+        try:
+            self.attrs = {k: _decode(v) for k, v in self.file.attrs.items()}
+        except Exception as exc:  # a damaged attribute heap
+            self.close()
+            raise BankFormatError(f"{self.path}: unreadable root attributes ({first_line(exc)})") from None
+
+    def _dataset(self, name: str) -> h5py.Dataset:
+        try:
+            node = self.file.get(name)
+        except Exception as exc:
+            raise BankFormatError(f"{self.path}: unreadable object '{name}' ({first_line(exc)})") from None
+        if not isinstance(node, h5py.Dataset):
+            raise KeyError(name)
+        return node
 
     def exists(self, name: str) -> bool:
         """Whether dataset ``name`` exists."""
-        return isinstance(self.file.get(name), h5py.Dataset)
+        try:
+            self._dataset(name)
+        except KeyError:
+            return False
+        return True
 
     def children(self, group: str) -> list[str]:
         """Names of the datasets in ``group``."""
@@ -196,24 +213,62 @@ class Hdf5Store:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of dataset ``name``."""
-        return tuple(self.file[name].shape)
+        return tuple(self._dataset(name).shape)
 
     def dtype(self, name: str) -> np.dtype:
         """Dtype of ``name`` (``object`` for strings)."""
-        ds = self.file[name]
+        ds = self._dataset(name)
         return np.dtype(object) if h5py.check_string_dtype(ds.dtype) else ds.dtype
 
     def array_attrs(self, name: str) -> dict[str, Any]:
         """Attributes of dataset ``name``."""
-        return {k: _decode(v) for k, v in self.file[name].attrs.items()}
+        try:
+            return {k: _decode(v) for k, v in self._dataset(name).attrs.items()}
+        except KeyError:
+            raise
+        except Exception as exc:
+            raise BankFormatError(f"{self.path}: unreadable attributes of '{name}' ({first_line(exc)})") from None
 
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
-        """Rows ``start:stop`` of ``name`` (whole array by default); strings as ``str`` objects."""
-        ds = self.file[name]
+        """Rows ``start:stop`` of ``name`` (whole array by default); strings as ``str`` objects.
+
+        Raises:
+            BankFormatError: HDF5 cannot read the data (a truncated or damaged file).
+        """
+        ds = self._dataset(name)
         self._plugins(ds)
-        if h5py.check_string_dtype(ds.dtype):
-            return np.asarray(ds.asstr()[start:stop], dtype=object)
-        return ds[start:stop]
+        try:
+            if h5py.check_string_dtype(ds.dtype):
+                return np.asarray(ds.asstr()[start:stop], dtype=object)
+            return ds[start:stop]
+        except Exception as exc:
+            raise BankFormatError(f"{self.path}: cannot read '{name}' ({first_line(exc)})") from None
+
+    def storage_problems(self, name: str) -> list[str]:
+        """Data of ``name`` that lies beyond the end of the file, or was never allocated."""
+        ds = self._dataset(name)
+        if not ds.size:
+            return []
+        size = os.path.getsize(self.path)
+        layout = ds.id.get_create_plist().get_layout()
+        if layout == h5py.h5d.CONTIGUOUS:
+            offset, want = ds.id.get_offset(), ds.id.get_storage_size()
+            if offset is None or not want:
+                return [f"{self.path}: '{name}' has no data stored (it would read as the fill value)"]
+            if offset + want > size:
+                return [f"{self.path}: file is truncated: '{name}' ends at byte {offset + want} but the file has "
+                        f"{size} bytes"]
+        elif layout == h5py.h5d.CHUNKED:
+            chunks = _chunk_extents(ds)
+            expected = int(np.prod([-(-n // c) for n, c in zip(ds.shape, ds.chunks, strict=True)]))
+            beyond = [end for end in chunks if end > size]
+            if beyond:
+                return [f"{self.path}: file is truncated: {len(beyond)} chunks of '{name}' lie beyond its end "
+                        f"({size} bytes)"]
+            if len(chunks) < expected:
+                return [f"{self.path}: '{name}' has {expected - len(chunks)} of {expected} chunks missing "
+                        "(they would read as the fill value)"]
+        return []
 
     def _plugins(self, ds: h5py.Dataset) -> None:
         if _PLUGIN_FILTERS & set(ds._filters):
@@ -226,7 +281,7 @@ class Hdf5Store:
 
     def describe(self, name: str) -> dict[str, Any]:
         """Storage layout of dataset ``name``."""
-        ds = self.file[name]
+        ds = self._dataset(name)
         return {
             "chunks": ds.chunks,
             "compression": _compression_name(ds),
@@ -236,15 +291,28 @@ class Hdf5Store:
 
     def rows(self, name: str, io: str) -> RowSource:
         """Fast row access to ``name``: a file read at the dataset's offset when it is contiguous."""
-        ds = self.file[name]
+        ds = self._dataset(name)
         self._plugins(ds)
         offset = ds.id.get_offset()
         direct = ds.chunks is None and not ds._filters and offset is not None and ds.dtype.isnative
         if direct and io != "library":
-            return FileRows(self.path, offset, tuple(ds.shape), ds.dtype, "mmap" if io == "mmap" else "pread")
-        return LibraryRows(ds, "chunked (h5py)" if ds.chunks else "contiguous (h5py)")
+            mode = "mmap" if io == "mmap" else "pread"
+            return FileRows(self.path, offset, tuple(ds.shape), ds.dtype, mode, name)
+        return LibraryRows(ds, "chunked (h5py)" if ds.chunks else "contiguous (h5py)", str(self.path), name)
 
     def close(self) -> None:
         """Close the file."""
         with contextlib.suppress(Exception):  # closing twice or after fork
             self.file.close()
+
+
+def _chunk_extents(ds: h5py.Dataset) -> list[int]:
+    """End byte (offset + size) of every allocated chunk of ``ds``."""
+    ends: list[int] = []
+    if hasattr(ds.id, "chunk_iter"):
+        ds.id.chunk_iter(lambda info: ends.append(info.byte_offset + info.size))
+    else:  # pragma: no cover - HDF5 < 1.12.3
+        for i in range(ds.id.get_num_chunks()):
+            info = ds.id.get_chunk_info(i)
+            ends.append(info.byte_offset + info.size)
+    return ends

@@ -80,6 +80,8 @@ class JournalHeader:
     chunk_rows: int
     created: str
     base_bags: int = 0
+    #: Algorithm of the per-bag checksums (journals of earlier versions hashed with zlib's CRC-32).
+    checksum_algorithm: str = "crc32"
 
     @property
     def sink_kind(self) -> str:
@@ -98,6 +100,7 @@ class JournalHeader:
             "chunk_rows": self.chunk_rows,
             "created": self.created,
             "base_bags": self.base_bags,
+            "checksum_algorithm": self.checksum_algorithm,
         }
         return json.dumps(body, indent=1)
 
@@ -115,6 +118,7 @@ class JournalHeader:
                 chunk_rows=int(body["chunk_rows"]),
                 created=body["created"],
                 base_bags=int(body.get("base_bags", 0)),
+                checksum_algorithm=str(body.get("checksum_algorithm", "crc32")),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise BankError(f"{where}: unreadable journal header ({exc})") from None

@@ -100,3 +100,10 @@ def is_locked(bank: str | Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def writer_holder(bank: str | Path) -> str | None:
+    """``"pid <n> on <host>"`` of the live writer holding ``bank``'s lock, or ``None`` when none does."""
+    if not is_locked(bank):
+        return None
+    return _holder(lock_path(bank))

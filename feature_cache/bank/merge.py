@@ -70,7 +70,8 @@ def merge_banks(
         dtype: output feature dtype (default: the first shard's).
         compression: output compression (default: none).
         chunk_rows: output chunk rows (0 = automatic).
-        checksum: store per-bag CRC-32s (default: when every input has them).
+        checksum: store per-bag checksums (default: as for any new bank, see
+            :class:`~feature_cache.bank.schema.WriterConfig`).
 
     Returns:
         Summary with ``bags``, ``instances``, ``skipped`` and ``inputs``.
@@ -107,7 +108,7 @@ def merge_banks(
     writer = open_writer(
         output, first.info, "w" if overwrite else "x",
         dtype=dtype or str(first.dtype), compression=compression, chunk_rows=chunk_rows,
-        checksum=all(r.checksums is not None for r in readers) if checksum is None else checksum,
+        checksum=checksum,
     )
     try:
         for reader, keep in zip(readers, plan, strict=True):

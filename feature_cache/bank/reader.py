@@ -4,6 +4,13 @@ The reader loads the small index (bag ids, CSR offsets, per-bag metadata) once a
 feature storage lazily **per process**: it pickles without file handles, so DataLoader workers
 (fork or spawn) each open their own, and its methods are safe to call from several threads.
 Resident memory is the index plus the bags being read; it does not grow with the bank's size.
+
+Opening checks the layout and that every array's data is stored in full (see
+:func:`~feature_cache.bank.layout.check_structure`); every read refuses a missing, short or
+undecodable chunk; whole-bag reads (:meth:`BankReader.read`, :meth:`BankReader.read_packed`) check
+a bag's stored checksum the first time this process reads the bag (checking every read would
+halve the raw read throughput; see ``docs/bank_schema.md``). Any of these raises a one-line
+:class:`BankFormatError`.
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from feature_cache.bank.checksum import checksum_function
 from feature_cache.bank.errors import BankError, BankFormatError, UnknownBagError
 from feature_cache.bank.inputs import decode_cell_ids
-from feature_cache.bank.layout import check_structure, open_store
+from feature_cache.bank.layout import check_structure, located, open_store
 from feature_cache.bank.rowio import IO_MODES, RowSource
 from feature_cache.bank.schema import COORDS, FEATURES, INSTANCE_COLUMNS, EncoderInfo, backend_for
 
@@ -29,10 +37,10 @@ log = logging.getLogger("feature_cache.bank")
 class BankReader:
     """Random access to the bags of one bank (see the module docstring)."""
 
-    def __init__(self, path: str | Path, *, io: str = "auto") -> None:
+    def __init__(self, path: str | Path, *, io: str = "auto", checksums: bool = True) -> None:
         if io not in IO_MODES:
             raise BankError(f"{path}: unknown io mode {io!r} (use {', '.join(IO_MODES)})")
-        self._path, self._io = Path(path), io
+        self._path, self._io, self._check = Path(path), io, bool(checksums)
         self._lock = threading.Lock()
         self._state: tuple[int, Any, dict[str, RowSource]] | None = None
         self._stale: list[Any] = []
@@ -40,7 +48,7 @@ class BankReader:
         if index is None:
             self.close()
             more = f" (+{len(problems) - 1} more; run `milcore bank verify`)" if len(problems) > 1 else ""
-            raise BankFormatError(f"{self._path}: {problems[0]}{more}")
+            raise BankFormatError(f"{located(self._path, problems[0])}{more}")
         self._index = index
         self._hot()
         self._warn_unfinished()
@@ -51,13 +59,20 @@ class BankReader:
         self._off = self._index.offsets.tolist()
         self._dim, self._dtype = self._index.info.dim, self._index.dtype
         self._feat: tuple[int, RowSource] | None = None
+        stored = self._index.checksums
+        self._crcs = stored.tolist() if stored is not None and self._check else None
+        self._crc = None
+        if self._crcs is not None:
+            self._crc = checksum_function(str(self._index.checksum_algorithm), str(self._path))
+        self._verified = bytearray(len(self._index.ids))  # bags whose checksum this process has checked
 
     # -- pickling and per-process handles --------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self._path, "io": self._io, "index": self._index}
+        return {"path": self._path, "io": self._io, "index": self._index, "checksums": self._check}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._path, self._io, self._index = state["path"], state["io"], state["index"]
+        self._check = state.get("checksums", True)
         self._lock, self._state, self._stale = threading.Lock(), None, []
         self._hot()
 
@@ -156,8 +171,13 @@ class BankReader:
 
     @property
     def checksums(self) -> np.ndarray | None:
-        """Per-bag CRC-32 of the stored feature bytes, or ``None`` if written without."""
+        """Per-bag checksum of the stored feature bytes ``(B,)`` uint32, or ``None`` if written without."""
         return self._index.checksums
+
+    @property
+    def checksum_algorithm(self) -> str | None:
+        """``"crc32c"`` or ``"crc32"`` (see :mod:`feature_cache.bank.checksum`), or ``None``."""
+        return self._index.checksum_algorithm
 
     def __len__(self) -> int:
         return len(self._index.ids)
@@ -196,7 +216,7 @@ class BankReader:
             "path": str(self._path), "backend": self.backend, "bags": len(self),
             "instances": self.num_instances, "dim": self.dim, "dtype": str(self.dtype),
             "columns": list(self.columns), "bag_meta": sorted(self._index.bag_meta),
-            "checksums": self.checksums is not None, "features": layout,
+            "checksums": self.checksum_algorithm, "features": layout,
             "encoder": self.info.to_dict(),
             **{k: self._index.attrs.get(k) for k in ("format", "format_version", "created", "generated_by")},
         }
@@ -216,7 +236,23 @@ class BankReader:
         a, b = self._off[i], self._off[i + 1]
         out = np.empty((b - a, self._dim), self._dtype)
         self._features().read_into(a, b, out)
+        if self._crc is not None and not self._verified[i]:
+            self._verify(i, out)
         return out
+
+    def _verify(self, i: int, x: np.ndarray) -> None:
+        """Compare bag ``i``'s rows with its stored checksum (once per process and bag)."""
+        if self._crc(x) != self._crcs[i]:  # type: ignore[misc, index]
+            raise self._corrupt(i, x)
+        self._verified[i] = 1
+
+    def _corrupt(self, i: int, x: np.ndarray) -> BankFormatError:
+        assert self._crc is not None and self._crcs is not None
+        return BankFormatError(
+            f"{self._path}: bag {self._index.ids[i]!r}: {self._index.checksum_algorithm} checksum mismatch "
+            f"(stored {self._crcs[i]:#010x}, read {self._crc(x):#010x}); its features are damaged "
+            "(run `milcore bank verify` for the full list)"
+        )
 
     def read_many(self, bag_ids: Iterable[str]) -> list[np.ndarray]:
         """:meth:`read` for each id, in order."""
@@ -240,8 +276,12 @@ class BankReader:
             bounds.append(bounds[-1] + off[i + 1] - off[i])
         out = np.empty((bounds[-1], *tail), dtype)
         rows = self._features() if name == FEATURES else self._rows(name)
+        crc = self._crc if name == FEATURES else None
         for j, i in enumerate(pos):
-            rows.read_into(off[i], off[i + 1], out[bounds[j] : bounds[j + 1]])
+            part = out[bounds[j] : bounds[j + 1]]
+            rows.read_into(off[i], off[i + 1], part)
+            if crc is not None and not self._verified[i]:
+                self._verify(i, part)
         return out, np.asarray(bounds, np.int64)
 
     def read_coords(self, bag_id: str) -> np.ndarray:
@@ -262,6 +302,12 @@ class BankReader:
         if name != "cell_type":
             return out
         names = np.array([*self._index.cell_type_names, ""], dtype=object)
+        if len(out) and (out.min() < -1 or out.max() >= len(names) - 1):
+            bad = int(out.min()) if out.min() < -1 else int(out.max())
+            raise BankFormatError(
+                f"{self._path}: bag {bag_id!r}: 'instances/cell_type' holds code {bad}, but its 'names' attribute "
+                f"lists {len(names) - 1} cell types"
+            )
         return names[np.where(out < 0, len(names) - 1, out)]
 
     def read_rows(self, start: int, stop: int, name: str = FEATURES) -> np.ndarray:
@@ -275,15 +321,18 @@ class BankReader:
         return out
 
 
-def open_reader(path: str | Path, *, io: str = "auto") -> BankReader:
+def open_reader(path: str | Path, *, io: str = "auto", checksums: bool = True) -> BankReader:
     """Open a bank for reading.
 
     Args:
         path: a ``.h5``/``.hdf5`` file or ``.zarr`` folder.
         io: ``"auto"`` (direct file reads where the layout allows, else the library), ``"pread"``,
             ``"mmap"`` (memory map; HDF5 contiguous only) or ``"library"`` (h5py / zarr-python).
+        checksums: check a bag's stored checksum (when the bank has them) the first time this
+            process reads it whole (``read``, ``read_many``, ``read_packed``); ``False`` never does.
 
     Raises:
-        BankFormatError: missing, foreign, wrong ``format_version`` or structurally broken bank.
+        BankFormatError: missing, foreign, wrong ``format_version``, structurally broken or
+            incompletely stored bank; a bank still being written (naming the writer's pid).
     """
-    return BankReader(path, io=io)
+    return BankReader(path, io=io, checksums=checksums)

@@ -1,5 +1,10 @@
 """Fast row access for a finished bank: one object per process, safe to share between threads.
 
+Every source refuses what it cannot read in full: a missing chunk file, a file or chunk shorter (or
+longer) than the array's shape and dtype imply, a chunk that fails to decode. The error is a
+one-line :class:`~feature_cache.bank.errors.BankFormatError` naming the file and the array; no
+source ever fills the gap with the array's fill value.
+
 - :class:`FileRows`: rows stored contiguously at a byte offset of one file (uncompressed HDF5
   contiguous datasets). ``pread`` copies straight into the caller's buffer; ``mmap`` slices a
   numpy memmap (faster to set up, but the mapped pages count in the process's RSS).
@@ -18,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from feature_cache.bank.errors import BankError
+from feature_cache.bank.errors import BankError, BankFormatError, first_line
 from feature_cache.bank.sinks import pread_into
 
 IO_MODES = ("auto", "pread", "mmap", "library")
@@ -37,13 +42,27 @@ class RowSource(Protocol):
 
 
 class FileRows:
-    """Rows at byte ``offset`` of ``path``, read by ``pread`` or through a memmap."""
+    """Rows at byte ``offset`` of ``path``, read by ``pread`` or through a memmap.
 
-    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype, mode: str) -> None:
+    The file must hold every row (checked on open; a short ``pread`` later is an error too). A
+    memmap cannot report a file truncated while it is mapped (the process gets SIGBUS), so
+    ``mmap`` is for files nobody modifies while they are read.
+    """
+
+    def __init__(
+        self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype, mode: str, name: str = ""
+    ) -> None:
         self.path, self.offset, self.shape, self.dtype, self.mode = Path(path), offset, shape, dtype, mode
         self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         self.layout = f"contiguous ({mode})"
+        self._where = f"{self.path} ('{name}')" if name else str(self.path)
         self._fd = os.open(self.path, os.O_RDONLY)
+        end, size = offset + shape[0] * self.row_bytes, os.fstat(self._fd).st_size
+        if size < end:
+            os.close(self._fd)
+            raise BankFormatError(
+                f"{self._where}: file is truncated: the array ends at byte {end} but the file has {size} bytes"
+            )
         self._mm: np.memmap | None = None
         if mode == "mmap" and shape[0]:
             self._mm = np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape)
@@ -55,7 +74,7 @@ class FileRows:
         elif stop > start:
             offset = self.offset + start * self.row_bytes
             if os.preadv(self._fd, [out], offset) != out.nbytes:  # short read: finish or fail clearly
-                pread_into(self._fd, out, offset, self.path)
+                pread_into(self._fd, out, offset, self._where)
 
     def close(self) -> None:
         """Close the file and drop the map."""
@@ -90,10 +109,15 @@ def _decoder(codecs: list[dict[str, Any]]) -> Any | None:
 
 
 class ChunkFileRows:
-    """Rows of a 2-D or 1-D Zarr v3 array chunked along rows only, read from its chunk files."""
+    """Rows of a 2-D or 1-D Zarr v3 array chunked along rows only, read from its chunk files.
 
-    def __init__(self, array_dir: Path, meta: dict[str, Any]) -> None:
+    A missing chunk file, a raw chunk of another size than ``rows_per_chunk`` rows, or a compressed
+    chunk that does not decode to exactly that many rows is a :class:`BankFormatError`.
+    """
+
+    def __init__(self, array_dir: Path, meta: dict[str, Any], name: str = "") -> None:
         self.dir = Path(array_dir)
+        self.name = name or self.dir.name
         self.shape = tuple(meta["shape"])
         chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
         if meta["chunk_grid"].get("name") != "regular" or tuple(chunks[1:]) != self.shape[1:]:
@@ -106,8 +130,8 @@ class ChunkFileRows:
         self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
         if self.dtype.kind not in "fiub":
             raise ValueError("dtype")
-        self.fill = meta.get("fill_value", 0)
         self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self.chunk_bytes = self.rows_per_chunk * self.row_bytes
         self.codec = _decoder(meta.get("codecs", []))
         self.layout = f"zarr chunks of {self.rows_per_chunk} rows ({'raw' if self.codec is None else 'decoded'})"
         self._local = threading.local()
@@ -117,6 +141,22 @@ class ChunkFileRows:
     def _key(self, k: int) -> Path:
         parts = ["c", str(k)] + ["0"] * (len(self.shape) - 1)
         return self.dir / self.sep.join(parts) if self.sep != "/" else self.dir.joinpath(*parts)
+
+    def _rows_of(self, k: int) -> str:
+        R = self.rows_per_chunk
+        return f"rows {k * R}-{min(self.shape[0], (k + 1) * R) - 1}"
+
+    def _missing(self, k: int) -> BankFormatError:
+        return BankFormatError(
+            f"{self._key(k)}: chunk file of '{self.name}' is missing ({self._rows_of(k)}); the bank is damaged: "
+            "restore the file or rebuild the bank"
+        )
+
+    def _bad_size(self, k: int, size: int, what: str = "is") -> BankFormatError:
+        return BankFormatError(
+            f"{self._key(k)}: chunk of '{self.name}' {what} {size} bytes, expected {self.chunk_bytes} "
+            f"({self._rows_of(k)}); the chunk is truncated or resized"
+        )
 
     def _fds(self) -> dict[int, int]:
         try:
@@ -135,10 +175,23 @@ class ChunkFileRows:
                 while fds:
                     os.close(fds.popitem()[1])
             try:
-                fd = fds[k] = os.open(self._key(k), os.O_RDONLY)
+                fd = os.open(self._key(k), os.O_RDONLY)
             except FileNotFoundError:
-                return -1
+                raise self._missing(k) from None
+            size = os.fstat(fd).st_size
+            if size != self.chunk_bytes:
+                os.close(fd)
+                raise self._bad_size(k, size)
+            fds[k] = fd
         return fd
+
+    def _pread(self, k: int, out: np.ndarray, offset: int) -> None:
+        fd = self._fd(k)
+        if os.preadv(fd, [out], offset) != out.nbytes:  # a short read: finish it, or the file shrank
+            try:
+                pread_into(fd, out, offset, self._key(k))
+            except BankError:
+                raise self._bad_size(k, os.fstat(fd).st_size, "is now") from None
 
     def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
         """Copy rows ``start:stop`` into ``out``, touching only the chunks that hold them."""
@@ -147,30 +200,32 @@ class ChunkFileRows:
         R = self.rows_per_chunk
         k = start // R
         if self.codec is None and (stop - 1) // R == k:  # the common case: one chunk, one pread
-            fd = self._fd(k)
-            if fd >= 0:
-                offset = (start - k * R) * self.row_bytes
-                if os.preadv(fd, [out], offset) != out.nbytes:
-                    pread_into(fd, out, offset, self._key(k))
-                return
+            self._pread(k, out, (start - k * R) * self.row_bytes)
+            return
         for k in range(start // R, (stop - 1) // R + 1):
             lo, hi = max(start, k * R), min(stop, (k + 1) * R)
             dst = out[lo - start : hi - start]
             if self.codec is None:
-                fd = self._fd(k)
-                if fd < 0:
-                    dst[...] = self.fill
-                else:
-                    pread_into(fd, dst, (lo - k * R) * self.row_bytes, self._key(k))
+                self._pread(k, dst, (lo - k * R) * self.row_bytes)
                 continue
             try:
                 blob = self._key(k).read_bytes()
             except FileNotFoundError:
-                dst[...] = self.fill
-                continue
-            chunk = np.frombuffer(self.codec.decode(blob), dtype=self.dtype)
-            if chunk.size * self.dtype.itemsize != R * self.row_bytes:
-                raise BankError(f"{self._key(k)}: chunk decodes to {chunk.nbytes} bytes, expected {R * self.row_bytes}")
+                raise self._missing(k) from None
+            try:
+                raw = self.codec.decode(blob)
+            except Exception as exc:  # numcodecs raises RuntimeError, ValueError, ... on a bad frame
+                raise BankFormatError(
+                    f"{self._key(k)}: chunk of '{self.name}' does not decode ({first_line(exc)}); the chunk is "
+                    "damaged"
+                ) from None
+            nbytes = memoryview(raw).nbytes
+            if nbytes != self.chunk_bytes:
+                raise BankFormatError(
+                    f"{self._key(k)}: chunk of '{self.name}' decodes to {nbytes} bytes, expected {self.chunk_bytes} "
+                    f"({self._rows_of(k)})"
+                )
+            chunk = np.frombuffer(raw, dtype=self.dtype)
             dst[...] = chunk.reshape((R, *self.shape[1:]))[lo - k * R : hi - k * R]
 
     def close(self) -> None:
@@ -182,20 +237,40 @@ class ChunkFileRows:
 
 
 class LibraryRows:
-    """Rows read through the array library (h5py dataset or zarr array)."""
+    """Rows read through the array library (h5py dataset or zarr array).
 
-    def __init__(self, array: Any, layout: str) -> None:
-        self.array, self.layout = array, layout
+    ``check(start, stop)`` runs before each read (the Zarr store uses it to refuse missing chunk
+    files, which zarr-python would read as the fill value); any library error becomes a
+    :class:`BankFormatError` naming ``where`` and the array, or the one returned by
+    ``locate(start, stop, exc)`` (the Zarr store names the chunk file that fails).
+    """
+
+    def __init__(
+        self, array: Any, layout: str, where: str = "", name: str = "", check: Any = None, locate: Any = None
+    ) -> None:
+        self.array, self.layout, self.where, self.name = array, layout, where, name
+        self.check, self.locate = check, locate
         self._h5 = hasattr(array, "read_direct")
 
     def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
         """Copy rows ``start:stop`` into ``out``."""
         if stop <= start:
             return
-        if self._h5:
-            self.array.read_direct(out, np.s_[start:stop])
-        else:
-            out[...] = self.array[start:stop]
+        if self.check is not None:
+            self.check(start, stop)
+        try:
+            if self._h5:
+                self.array.read_direct(out, np.s_[start:stop])
+            else:
+                out[...] = self.array[start:stop]
+        except BankError:
+            raise
+        except Exception as exc:  # h5py OSError on a truncated file; zarr/numcodecs errors on a bad chunk
+            if self.locate is not None:
+                raise self.locate(start, stop, exc) from None
+            raise BankFormatError(
+                f"{self.where}: cannot read rows {start}-{stop - 1} of '{self.name}' ({first_line(exc)})"
+            ) from None
 
     def close(self) -> None:
         """Nothing to release (the store owns the file)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from feature_cache.bank.errors import BankError
+from feature_cache.bank.errors import BankError, BankFormatError
 
 #: Byte offset of the features in an uncompressed HDF5 bank (HDF5 metadata lives before and after).
 HDF5_DATA_OFFSET = 64 * 1024
@@ -42,7 +42,7 @@ def pread_into(fd: int, out: np.ndarray, offset: int, path: Path | str = "") -> 
     while view.nbytes:
         got = os.preadv(fd, [view], offset) if hasattr(os, "preadv") else _pread_copy(fd, view, offset)
         if got <= 0:
-            raise BankError(f"{path}: file is truncated (wanted {view.nbytes} more bytes at {offset})")
+            raise BankFormatError(f"{path}: file is truncated (wanted {view.nbytes} more bytes at byte {offset})")
         view, offset = view[got:], offset + got
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import zlib
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from feature_cache.bank.checksum import checksum_function, default_algorithm, releases_gil
 from feature_cache.bank.errors import BankError
 from feature_cache.bank.inputs import check_cell_ids, check_compression, check_coords, count_nonfinite
 from feature_cache.bank.journal import Journal, JournalHeader, finish_commit, journal_dir
@@ -35,7 +35,8 @@ from feature_cache.bank.schema import (
 )
 
 log = logging.getLogger("feature_cache.bank")
-#: Bags at least this large are hashed on a helper thread while their rows are written.
+#: Bags at least this large are hashed on a helper thread while their rows are written (when the
+#: algorithm releases the GIL; hardware CRC-32C is fast enough inline).
 _ASYNC_HASH_BYTES = 256 << 10
 
 
@@ -75,7 +76,10 @@ class BankWriter:
                 self._kinds[name] = meta_kind(values[0]) if len(values) else "str"
         self._type_codes = {name: i for i, name in enumerate(self._journal.cell_type_names)}
         self._appended = 0
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="bank-crc") if self.config.checksum else None
+        algorithm = h.checksum_algorithm
+        self._crc = checksum_function(algorithm, str(self.path)) if self.config.checksum else None
+        threaded = self._crc is not None and releases_gil(algorithm)
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="bank-crc") if threaded else None
 
     # -- opening ---------------------------------------------------------------------------------
     def _open_journal(self, info: EncoderInfo | None, requested: dict[str, Any]) -> Journal:
@@ -106,9 +110,10 @@ class BankWriter:
             return journal
         if self.mode == "a" and exists:
             base = open_reader(self.path)
+            checksum = requested["checksum"] if requested["checksum"] is not None else WriterConfig().checksum
             config = WriterConfig(
                 dtype=str(base.dtype), compression=_base_compression(base), chunk_rows=requested["chunk_rows"],
-                checksum=base.checksums is not None if len(base) else requested["checksum"],
+                checksum=base.checksums is not None if len(base) else checksum,
                 durable=requested["durable"],
             )
             self._check_same(base.info, config, info, requested, str(self.path))
@@ -124,6 +129,7 @@ class BankWriter:
             backend=self.backend, info=info, config=config,
             chunk_rows=config.resolved_chunk_rows(self.backend, info.dim), created=created,
             base_bags=len(self._base) if self._base is not None else 0,
+            checksum_algorithm=default_algorithm(),
         )
         return Journal.create(jdir, header)
 
@@ -210,6 +216,12 @@ class BankWriter:
         bad = count_nonfinite(x)
         if bad:
             raise BankError(f"{where}: {bad} NaN/Inf feature values (after conversion to {self.dtype})")
+        crc: Any = None
+        if self._crc is not None:  # while the rows are still in the CPU cache
+            if self._hasher is not None and x.nbytes >= _ASYNC_HASH_BYTES:  # hash while the rows are written
+                crc = self._hasher.submit(self._crc, x).result
+            else:
+                crc = self._crc(x)
         n = len(x)
         self._copy_base()  # first, so the existing bags keep their cell-type codes
         columns = {
@@ -219,9 +231,6 @@ class BankWriter:
         codes, new_types = self._cell_types(cell_type, n, where)
         columns["cell_type"] = codes
         clean = check_meta(meta, self._kinds, where)
-        crc: Any = None
-        if self._hasher is not None:  # zlib releases the GIL: hash while the rows are written
-            crc = self._hasher.submit(zlib.crc32, x).result if x.nbytes >= _ASYNC_HASH_BYTES else zlib.crc32(x)
         self._journal.append(bag_id, x, columns, clean, crc, new_types)
         self._note_kinds(clean)
         for name in new_types:
@@ -264,7 +273,7 @@ class BankWriter:
                 if "cell_type" in has else (None, [])
             cols["cell_type"] = codes
             row_meta = {k: v[i].item() if hasattr(v[i], "item") else v[i] for k, v in meta.items()}
-            crc = zlib.crc32(x) if self.config.checksum else None
+            crc = self._crc(x) if self._crc is not None else None
             self._journal.append(bag_id, x, cols, row_meta, crc, new)
             for name in new:
                 self._type_codes[name] = len(self._type_codes)
@@ -341,7 +350,7 @@ def open_writer(
     dtype: str | None = None,
     compression: str | None = None,
     chunk_rows: int = 0,
-    checksum: bool = False,
+    checksum: bool | None = None,
     durable: bool = False,
 ) -> BankWriter:
     """Open a bank for writing (see the module docstring for modes).
@@ -353,7 +362,9 @@ def open_writer(
         dtype: ``"float16"`` (default for new banks) or ``"float32"``; appends keep the bank's.
         compression: ``None``/``"none"``, ``"lzf"`` (HDF5), ``"gzip"`` or ``"blosc-zstd"``.
         chunk_rows: rows per chunk where chunked (0 = sized for whole-bag reads).
-        checksum: store a per-bag CRC-32 for ``verify`` (appends keep the bank's choice).
+        checksum: store a per-bag checksum of the feature bytes, checked by ``verify`` and on
+            a bag's first whole-bag read (default: on for new banks where a hardware CRC-32C is
+            available, see :class:`WriterConfig`; appends keep the bank's choice).
         durable: fsync every bag (power-loss safe); a killed process is safe without it.
 
     Raises:

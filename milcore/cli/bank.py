@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 HELP = "inspect, verify, merge, convert, import and export feature banks"
@@ -29,7 +30,8 @@ def _storage_options(parser: argparse.ArgumentParser, chunk_rows: bool = False) 
     parser.add_argument("--dtype", choices=("float16", "float32"), help="stored feature dtype")
     parser.add_argument("--compression", choices=COMPRESSIONS, help="feature compression (default: none)")
     parser.add_argument("--checksum", action=argparse.BooleanOptionalAction, default=None,
-                        help="store per-bag CRC-32s (default: keep the input's; off for import)")
+                        help="store per-bag checksums of the features (default: on, CRC-32C, where the "
+                             "hardware CRC-32C of google-crc32c is available)")
     if chunk_rows:
         parser.add_argument("--chunk-rows", type=int, default=0, help="rows per chunk (0: automatic)")
 
@@ -101,10 +103,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from feature_cache.bank import open_reader
+    from feature_cache.bank.layout import unfinished_write_message
 
-    with open_reader(args.bank) as bank:
+    with open_reader(args.bank) as bank:  # a bank not written yet: an error naming the writer's pid
         d = bank.describe()
         sizes = bank.bag_sizes()
+    busy = unfinished_write_message(args.bank, finished=True)  # a finished bank being replaced or appended to
+    d["unfinished_write"] = busy
     if len(sizes):
         d["bag_size"] = {"min": int(sizes.min()), "median": float(sorted(sizes)[len(sizes) // 2]),
                          "max": int(sizes.max()), "empty": int((sizes == 0).sum())}
@@ -113,12 +118,15 @@ def _info(args: argparse.Namespace) -> int:
         f"{d['path']}: {d['backend']} bank, {d['bags']} bags, {d['instances']} cells, {d['dim']}-d {d['dtype']}",
         f"  encoder: {enc['name']} {enc['version']} (fingerprint {enc['fingerprint'][:16]})",
         f"  features: {d['features']['reader']}, compression {d['features']['compression'] or 'none'}",
-        f"  columns: {', '.join(d['columns'])}; bag metadata: {', '.join(d['bag_meta']) or '-'}",
+        f"  columns: {', '.join(d['columns'])}; bag metadata: {', '.join(d['bag_meta']) or '-'}; "
+        f"checksums: {d['checksums'] or 'none'}",
         f"  format {d['format']} {d['format_version']}, created {d['created']}, by {d['generated_by']}",
     ]
     if "bag_size" in d:
         s = d["bag_size"]
         lines.append(f"  cells per bag: min {s['min']}, median {s['median']:g}, max {s['max']}, {s['empty']} empty")
+    if busy:
+        lines.append(f"  note: {busy.removeprefix(f'{args.bank}: ')}")
     _emit(args, d, lines)
     return 0
 
@@ -131,7 +139,7 @@ def _verify(args: argparse.Namespace) -> int:
         log.info("%s: recovered; the bank holds %d bags", args.bank, recover_bank(args.bank))
     report = verify_bank(args.bank, data=not args.structure_only, checksums=not args.no_checksums)
     lines = []
-    if report.unfinished_write:
+    if report.unfinished_write and Path(args.bank).exists():  # else the error says it all
         u = report.unfinished_write
         lines.append(f"note: unfinished write in {u['journal']} ({u['committed_bags']} committed bags; "
                      + ("its writer is running)" if u["writer_running"] else "rerun with --recover to add them)"))
@@ -171,7 +179,7 @@ def _import(args: argparse.Namespace) -> int:
     from feature_cache.bank.clam import import_clam
 
     s = import_clam(args.folder, args.out, encoder=args.encoder, overwrite=args.overwrite,
-                    dtype=args.dtype, compression=_compression(args), checksum=bool(args.checksum))
+                    dtype=args.dtype, compression=_compression(args), checksum=args.checksum)
     _emit(args, s, [f"wrote {s['output']}: {s['bags']} bags ({s['empty_bags']} empty), {s['instances']} cells"])
     return 0
 
