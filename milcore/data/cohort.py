@@ -6,10 +6,11 @@ column (``bag_id`` or ``patient_id``), the task's label column, and optional met
 Relabelling a cohort never rewrites features.
 
 Missing values: a cell whose stripped, lower-cased text is one of :data:`MISSING_VALUES` (the empty
-cell, ``NA``, ``N/A``, ``n.a.``, ``#N/A``, ``#NA``, ``<NA>``, ``NaN``, ``-NaN``, ``null``, ``None``,
-``-``, ``--``, ``?``, ``.``) is missing, in every column except the bag id. A row whose label is
-missing is left out of the task (counted per spelling in the log); a missing metadata value reads
-as ``""``. Words such as ``unknown`` or ``other`` are *not* missing: they may be real categories.
+cell, ``NA``, ``N/A``, ``n.a.``, ``#N/A``, ``#NA``, ``<NA>``, ``NaN``, ``-NaN``, ``null``, ``-``, ``--``,
+``?``, ``.``) is missing, in every column except the bag id. A row whose label is missing is left out
+of the task (counted per spelling in the log); a missing metadata value reads as ``""``. Words such
+as ``none``, ``unknown`` or ``other`` are *not* missing: they may be real categories ("mutation:
+none", "no anemia"), and reading a real class as missing would silently drop its patients.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ BAG_ID_COLUMNS = ("bag_id", "patient_id", "slide_id", "case_id")
 
 #: Spellings of a missing value (compared after stripping whitespace and lower-casing). Chosen from
 #: what spreadsheets, R, pandas, SQL exports and hand-typed tables write for "no value"; the pandas
-#: default list minus its numeric artefacts (``-1.#IND``, ``1.#QNAN``), plus ``-``, ``--``, ``?``, ``.``.
+#: default list minus its numeric artefacts (``-1.#IND``, ``1.#QNAN``) and minus ``None`` (a real class
+#: in many diagnosis tables: "mutation: none"), plus ``-``, ``--``, ``?``, ``.``.
 MISSING_VALUES: frozenset[str] = frozenset(
-    {"", "-", "--", "?", ".", "na", "n/a", "n.a.", "#n/a", "#na", "<na>", "nan", "-nan", "null", "none"}
+    {"", "-", "--", "?", ".", "na", "n/a", "n.a.", "#n/a", "#na", "<na>", "nan", "-nan", "null"}
 )
 
 #: Separators a CSV cohort table may use; the header line decides which (the one splitting it into
@@ -277,7 +279,7 @@ def read_cohort(
     Returns:
         The table. Rows whose label is missing are left out with a warning that counts them by
         spelling. Missing values are the empty cell and, case-insensitively, ``NA``, ``N/A``,
-        ``n.a.``, ``#N/A``, ``#NA``, ``<NA>``, ``NaN``, ``-NaN``, ``null``, ``None``, ``-``, ``--``,
+        ``n.a.``, ``#N/A``, ``#NA``, ``<NA>``, ``NaN``, ``-NaN``, ``null``, ``-``, ``--``,
         ``?`` and ``.`` (:data:`MISSING_VALUES`); they apply to every column except the bag id,
         which is kept exactly as written (stripped).
 

@@ -11,8 +11,8 @@ import pytest
 from feature_cache.errors import UserError
 from milcore.data.cohort import MISSING_VALUES, is_missing, read_cohort
 
-SPELLINGS = ["", "NA", "N/A", "n/a", "n.a.", "#N/A", "#NA", "<NA>", "NaN", "nan", "-NaN", "null", "NULL", "None",
-             "none", "-", "--", "?", ".", "  NA  "]  # fmt: skip
+SPELLINGS = ["", "NA", "N/A", "n/a", "n.a.", "#N/A", "#NA", "<NA>", "NaN", "nan", "-NaN", "null", "NULL",
+             "-", "--", "?", ".", "  NA  "]  # fmt: skip
 
 
 def _write(path: Path, text: str, encoding: str = "utf-8") -> Path:
@@ -43,7 +43,7 @@ def test_the_log_counts_missing_rows_per_spelling(tmp_path: Path, caplog: pytest
 
 def test_words_that_may_be_categories_are_not_missing() -> None:
     assert all(is_missing(s) for s in SPELLINGS) and is_missing(None)
-    for word in ("unknown", "other", "0", "none-of-these", "NAFLD", "n"):
+    for word in ("unknown", "other", "0", "none", "None", "none-of-these", "NAFLD", "n"):
         assert not is_missing(word)
     assert all(s == s.strip().lower() for s in MISSING_VALUES)
 
