@@ -230,8 +230,11 @@ def _check_task(task: str | None, ck_task: str | None, classes: list[str], where
 
 
 def _load_labels(cohort: str | Path, task: str, classes: list[str], ids: list[str], where: str,
-                 ck_task: str | None) -> np.ndarray:  # fmt: skip
-    """(B,) label index of each bank bag, -1 where the cohort has none; refuses labels outside ``classes``."""
+                 ck_task: str | None, empty: Sequence[str] = ()) -> np.ndarray:  # fmt: skip
+    """(B,) label index of each bag of ``ids``, -1 where the cohort has none; refuses labels outside ``classes``.
+
+    ``empty`` are the bank's bags with no cell (left out of ``ids``); the join reports them as such.
+    """
     from milcore.data.cohort import join_bank, read_cohort
 
     try:
@@ -239,7 +242,8 @@ def _load_labels(cohort: str | Path, task: str, classes: list[str], ids: list[st
     except UserError as exc:
         raise UserError(f"{exc} (checkpoint {where}: task {ck_task or 'not recorded'!r}, classes "
                         f"{', '.join(classes)})") from None  # fmt: skip
-    table, join = join_bank(table, ids)
+    bank_ids = [*ids, *empty]
+    table, join = join_bank(table, bank_ids, sizes=[1] * len(ids) + [0] * len(empty))
     log.info("%s: %s", cohort, join.summary())
     label_of = dict(zip(table.bag_ids, table.labels, strict=True))
     return np.asarray([label_of.get(b, -1) for b in ids], dtype=np.int64)
@@ -301,7 +305,15 @@ def run_prediction(checkpoints: Sequence[str | Path], bank_path: str | Path, out
     ckset = resolve_checkpoints(checkpoints, allow_partial=allow_partial)
     dev = resolve_device(device)
     bank = open_reader(bank_path)
-    ids = bank.bag_ids()
+    all_ids = bank.bag_ids()
+    sizes = bank.bag_sizes()
+    empty = [b for b, n in zip(all_ids, sizes, strict=True) if n == 0]
+    ids = [b for b, n in zip(all_ids, sizes, strict=True) if n > 0]
+    if not ids:
+        raise UserError(f"{bank_path}: no bag has a cell ({len(empty)} empty bag(s)); there is nothing to predict")
+    if empty:  # no cell, no evidence: a prediction would come from the model's bias alone
+        log.warning("%s: %d bag(s) have no cell and are NOT predicted (e.g. %s); predictions.json lists them",
+                    bank_path, len(empty), ", ".join(empty[:5]))  # fmt: skip
     models, cards = [], []
     classes: list[str] | None = None
     ck_task: str | None = None
@@ -333,7 +345,7 @@ def run_prediction(checkpoints: Sequence[str | Path], bank_path: str | Path, out
     if cohort is not None:
         assert task is not None
         _check_task(task, ck_task, classes, where, allow_task_rename)
-        labels = _load_labels(cohort, task, classes, ids, where, ck_task)
+        labels = _load_labels(cohort, task, classes, ids, where, ck_task, empty)
     store = FeatureStore(bank, ids, with_coords=True)
     probas, attentions = [], None
     for ckpt, model, card in zip(ckset.paths, models, cards, strict=True):
@@ -362,6 +374,7 @@ def run_prediction(checkpoints: Sequence[str | Path], bank_path: str | Path, out
         "bank": str(Path(bank_path).resolve()), "cohort": str(Path(cohort).resolve()) if cohort else None,
         "task": ck_task, "label_column": task, "classes": classes, "ensemble": ckset.to_dict(),
         "checkpoints": [str(p.resolve()) for p in ckset.paths], "bags": len(ids),
+        "not_predicted": {"no_cells": empty},
         "labelled": int((labels >= 0).sum()),
         "predicted_counts": {c: int((table.predicted == i).sum()) for i, c in enumerate(classes)},
     }  # fmt: skip

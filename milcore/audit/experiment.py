@@ -112,7 +112,7 @@ class _Lab:
 
         self.spec, self.config = spec, config
         bank = open_reader(spec.bank)
-        cohort, _ = join_bank(read_cohort(spec.cohort, spec.task), bank.bag_ids())
+        cohort, _ = join_bank(read_cohort(spec.cohort, spec.task), bank.bag_ids(), sizes=bank.bag_sizes())
         self.notes: list[str] = []
         self.classes = list(cohort.classes)
         self.ids = [str(b) for b in cohort.bag_ids]

@@ -174,7 +174,8 @@ def _load(spec: BenchSpec) -> dict[str, Any]:
     from milcore.training.features import FeatureStore
 
     bank = open_reader(spec.bank)
-    cohort, join = join_bank(read_cohort(spec.cohort, spec.task, group_column=spec.group_column), bank.bag_ids())
+    cohort, join = join_bank(read_cohort(spec.cohort, spec.task, group_column=spec.group_column), bank.bag_ids(),
+                           sizes=bank.bag_sizes())
     log.info("%s: %s", spec.cohort, join.summary())
     from milcore.data.inputs import check_trainable
 

@@ -107,7 +107,7 @@ class StreamRunner:
         cohort = read_cohort(cohort_path, label)
         if classes:  # the stream's classes, in order; bags of other classes are not used
             cohort = restrict_classes(cohort, [str(c) for c in classes])
-        cohort, _ = join_bank(cohort, bank.bag_ids(), strict=True)
+        cohort, _ = join_bank(cohort, bank.bag_ids(), strict=True, sizes=bank.bag_sizes())
         scenario = build_scenario(cohort, spec, seed=int(spec.get("seed", 0)))
         _write_json(self.out / "scenario.json", scenario.describe())
         groups = sum(len(t.classes) for t in scenario.tasks)

@@ -366,30 +366,46 @@ class JoinReport:
     matched: list[str]
     only_in_cohort: list[str]
     only_in_bank: list[str]
+    empty: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line for the log."""
+        empty = f"; {len(self.empty)} labelled bags left out: no cell in the bank" if self.empty else ""
         return (f"{len(self.matched)} bags matched; {len(self.only_in_cohort)} in the cohort but not the bank; "
-                f"{len(self.only_in_bank)} in the bank but not the cohort")  # fmt: skip
+                f"{len(self.only_in_bank)} in the bank but not the cohort{empty}")  # fmt: skip
 
 
-def join_bank(cohort: CohortTable, bank_ids: Sequence[str], *, strict: bool = False) -> tuple[CohortTable, JoinReport]:
+def join_bank(cohort: CohortTable, bank_ids: Sequence[str], *, strict: bool = False,
+              sizes: Sequence[int] | None = None) -> tuple[CohortTable, JoinReport]:  # fmt: skip
     """Keep the cohort's bags that the bank holds, reporting both mismatches with counts.
+
+    A bag stored with no cell (a field where nothing was detected, a patient whose images were all
+    unreadable) carries no evidence: it is left out with a warning rather than given a prediction
+    from the model's bias alone.
 
     Args:
         cohort: the labelled table.
         bank_ids: bag ids stored in the bank.
         strict: raise instead of warning when cohort bags are missing from the bank.
+        sizes: cells per bank bag, aligned with ``bank_ids`` (``bank.bag_sizes()``); bags with none are
+            left out and listed in :attr:`JoinReport.empty`.
 
     Raises:
         UserError: no bag in common, or (``strict``) labelled bags missing from the bank.
     """
     in_bank = set(bank_ids)
-    matched = [b for b in cohort.bag_ids if b in in_bank]
+    empty_in_bank = set() if sizes is None else {b for b, n in zip(bank_ids, sizes, strict=True) if int(n) == 0}
+    empty = [b for b in cohort.bag_ids if b in empty_in_bank]
+    matched = [b for b in cohort.bag_ids if b in in_bank and b not in empty_in_bank]
     labelled = set(cohort.bag_ids)
     report = JoinReport(matched, [b for b in cohort.bag_ids if b not in in_bank],
-                        [b for b in bank_ids if b not in labelled])  # fmt: skip
+                        [b for b in bank_ids if b not in labelled], empty)  # fmt: skip
+    if empty:
+        log.warning("%s: %d labelled bags have no cell in the bank and are left out (e.g. %s)", cohort.path,
+                    len(empty), ", ".join(empty[:5]))  # fmt: skip
     if not matched:
+        if empty:
+            raise UserError(f"{cohort.path}: every labelled bag in the bank has no cell (e.g. {empty[0]!r})")
         raise UserError(f"{cohort.path}: no bag id in common with the bank (e.g. cohort {cohort.bag_ids[0]!r}, "
                         f"bank {bank_ids[0] if len(bank_ids) else 'empty'!r})")  # fmt: skip
     if report.only_in_cohort:

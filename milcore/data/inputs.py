@@ -92,7 +92,8 @@ def load_inputs(bank_path: str | Path, cohort_path: str | Path, task: str, *, fo
     from feature_cache.bank import open_reader
 
     bank = open_reader(bank_path)
-    cohort, join = join_bank(read_cohort(cohort_path, task, group_column=group_column), bank.bag_ids())
+    cohort, join = join_bank(read_cohort(cohort_path, task, group_column=group_column), bank.bag_ids(),
+                             sizes=bank.bag_sizes())
     check_trainable(cohort, bank_path, folds)
     return RunInputs(bank, cohort, join)
 
