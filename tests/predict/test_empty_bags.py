@@ -31,7 +31,7 @@ def _bank_with_empty_bags(folder: Path, empty: tuple[str, ...]) -> tuple[Path, P
 
 
 def test_join_leaves_empty_bags_out_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    bank, cohort = _bank_with_empty_bags(tmp_path, ("q1",))
+    _, cohort = _bank_with_empty_bags(tmp_path, ("q1",))
     table, report = join_bank(read_cohort(cohort, "dx"), ["q0", "q1", "q2", "q3"], sizes=[30, 0, 30, 30])
     assert list(table.bag_ids) == ["q0", "q2", "q3"] and report.empty == ["q1"]
     assert "no cell in the bank" in caplog.text and "no cell in the bank" in report.summary()
