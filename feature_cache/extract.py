@@ -311,6 +311,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     log_path = out.with_name(out.name + ".extract.jsonl")
     log_existed = log_path.exists()
     written = cells = failures = empty = 0
+    nothing_found = False
     try:
         done = [b for b in bags if writer.has(b)]
         check_origins(writer, source, done, out, config.accept_unrecorded)
@@ -354,8 +355,10 @@ def extract(config: ExtractConfig) -> ExtractSummary:
                 bar.set_postfix(cells_per_s=f"{cells / max(time.perf_counter() - t_start, 1e-9):.0f}")
             bar.close()
             if todo and not cells and not skipped:  # every bag unreadable or empty: a bank of nothing
-                raise UserError(f"{config.input}: none of the {len(todo)} bag(s) gave a readable cell ({failures} "
-                                f"unreadable item(s), each named in {log_path}); no bank written")
+                nothing_found = True
+                raise UserError(f"{config.input}: none of the {len(todo)} bag(s) gave a cell ({empty} with no cell "
+                                f"found, {failures} unreadable item(s); each is named in {log_path}); no bank "
+                                "written: check the input folder and, for fields and slides, --cells")  # fmt: skip
             writer.close()
             seconds = time.perf_counter() - t_start
             run_log.write(json.dumps({"run": {"source": source.describe(), "encoder": encoder.info.to_dict(),
@@ -365,7 +368,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
                                               "device": str(encoder.device), "batch_size": batch_size,
                                               "workers": workers}}, default=str) + "\n")  # fmt: skip
     except BaseException:
-        if written == 0 and fresh:
+        if (written == 0 or nothing_found) and fresh:
             writer.discard()  # nothing staged worth keeping: leave no journal to block or confuse the rerun
             if not log_existed and log_path.exists() and log_path.stat().st_size == 0:
                 log_path.unlink()

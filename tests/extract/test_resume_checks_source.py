@@ -105,11 +105,14 @@ def test_synthetic_cohort_with_another_config_is_refused(cohorts: tuple[Path, Pa
 
 
 def test_field_images_with_other_detection_settings_are_refused(tmp_path: Path, capsys) -> None:
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
     fields = tmp_path / "fields"
     fields.mkdir()
-    Image.new("RGB", (160, 120), (230, 220, 225)).save(fields / "f1.png")  # glass only: a bag of 0 cells
+    field = Image.new("RGB", (640, 480), (230, 220, 225))  # glass, one white cell (cytoplasm, violet nucleus)
+    ImageDraw.Draw(field).ellipse((250, 170, 370, 290), fill=(205, 175, 205))
+    ImageDraw.Draw(field).ellipse((270, 190, 350, 270), fill=(80, 30, 120))
+    field.save(fields / "f1.png")
     out = tmp_path / "fields.h5"
     assert _cli(fields, out, "--cells", "wbc", kind="fields") == 0
     assert _cli(fields, out, "--cells", "wbc", kind="fields") == 0
