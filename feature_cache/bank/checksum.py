@@ -3,8 +3,8 @@
 A bank records its algorithm in the ``algorithm`` attribute of ``bags/checksum``:
 
 - ``"crc32c"`` (CRC-32C, Castagnoli): the default for new banks when the hardware-accelerated
-  ``google-crc32c`` package is importable with its C extension (~35 GB/s with SSE4.2 / ARMv8 CRC
-  instructions, so hashing costs a few percent of a bank write; see ``benchmarks/bench_bank_io.py``).
+  ``google-crc32c`` package is importable with its C extension (~35 GB/s on cached data with SSE4.2 /
+  ARMv8 CRC instructions; hashing costs 5-10 % of a bank write, see ``benchmarks/bench_bank_io.py``).
 - ``"crc32"`` (zlib's CRC-32): banks written before format 1.2, and new banks on a machine without
   the C extension. ``zlib.crc32`` releases the GIL, so the writer hashes large bags on a helper thread.
 

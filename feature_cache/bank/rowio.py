@@ -84,6 +84,22 @@ class FileRows:
             self._fd = -1
 
 
+def blosc_frame_problem(head: bytes, size: int, expected: int) -> str | None:
+    """What is wrong with a Blosc frame of ``size`` bytes starting with ``head`` (>= 16 bytes), or None.
+
+    Blosc trusts its 16-byte header: a truncated frame decodes to garbage without an error (and
+    reads past the buffer), so the frame's recorded sizes are checked before it is decoded.
+    """
+    if size < 16 or len(head) < 16:
+        return f"is {size} bytes, shorter than a Blosc header"
+    nbytes, cbytes = int.from_bytes(head[4:8], "little"), int.from_bytes(head[12:16], "little")
+    if cbytes != size:
+        return f"is {size} bytes but its Blosc header says {cbytes} (truncated or resized)"
+    if nbytes != expected:
+        return f"decodes to {nbytes} bytes by its Blosc header, expected {expected}"
+    return None
+
+
 def _decoder(codecs: list[dict[str, Any]]) -> Any | None:
     """A numcodecs codec for ``[bytes, <compressor>]`` chains; ``None`` for raw; raises if unsupported."""
     if not codecs or codecs[0].get("name") != "bytes":
@@ -133,6 +149,7 @@ class ChunkFileRows:
         self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
         self.chunk_bytes = self.rows_per_chunk * self.row_bytes
         self.codec = _decoder(meta.get("codecs", []))
+        self.blosc = self.codec is not None and type(self.codec).__name__ == "Blosc"
         self.layout = f"zarr chunks of {self.rows_per_chunk} rows ({'raw' if self.codec is None else 'decoded'})"
         self._local = threading.local()
         self._all_fds: list[dict[int, int]] = []  # every thread's open chunk files, for close()
@@ -212,6 +229,10 @@ class ChunkFileRows:
                 blob = self._key(k).read_bytes()
             except FileNotFoundError:
                 raise self._missing(k) from None
+            if self.blosc:
+                problem = blosc_frame_problem(blob[:16], len(blob), self.chunk_bytes)
+                if problem:
+                    raise BankFormatError(f"{self._key(k)}: chunk of '{self.name}' {problem} ({self._rows_of(k)})")
             try:
                 raw = self.codec.decode(blob)
             except Exception as exc:  # numcodecs raises RuntimeError, ValueError, ... on a bad frame

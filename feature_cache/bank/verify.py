@@ -92,9 +92,13 @@ def verify_bank(path: str | Path, *, data: bool = True, checksums: bool = True) 
     report.dim, report.dtype = index.info.dim, str(index.dtype)
     report.checksum_algorithm = index.checksum_algorithm
     if data:
-        with BankReader(path, checksums=False) as reader:
-            _check_features(reader, index, report, checksums)
-            _check_columns(reader, index, report)
+        try:
+            with BankReader(path, checksums=False) as reader:
+                _check_features(reader, index, report, checksums)
+                _check_columns(reader, index, report)
+        except BankError as exc:  # changed since the structure was checked
+            report.problems.append(str(exc))
+            return report
         report.data_checked = True
     return report
 

@@ -24,7 +24,7 @@ import zarr
 
 from feature_cache.bank.errors import BankFormatError, first_line
 from feature_cache.bank.journal import Journal
-from feature_cache.bank.rowio import ChunkFileRows, LibraryRows, RowSource
+from feature_cache.bank.rowio import ChunkFileRows, LibraryRows, RowSource, blosc_frame_problem
 from feature_cache.bank.schema import INSTANCE_COLUMNS
 from feature_cache.bank.sinks import ChunkSink, RawSink
 
@@ -127,6 +127,8 @@ class ChunkGrid:
         except TypeError:  # strings: variable length
             itemsize = 0
         self.raw_bytes = math.prod(self.chunks) * itemsize if codecs == ["bytes"] and itemsize else None
+        #: Decoded size of a Blosc-compressed numeric chunk, whose header is checked before decoding.
+        self.blosc_bytes = math.prod(self.chunks) * itemsize if codecs == ["bytes", "blosc"] and itemsize else None
 
     def path(self, index: tuple[int, ...]) -> Path:
         """The chunk file of chunk ``index``."""
@@ -152,8 +154,14 @@ class ChunkGrid:
         R = self.chunks[0]
         return f"rows {index[0] * R}-{min(self.shape[0], (index[0] + 1) * R) - 1}"
 
-    def problems(self, name: str, row_start: int = 0, row_stop: int | None = None) -> list[str]:
-        """Missing chunk files and raw chunks of the wrong size, as one-line messages."""
+    def problems(
+        self, name: str, row_start: int = 0, row_stop: int | None = None, frames: bool = False
+    ) -> list[str]:
+        """Missing chunk files and raw chunks of the wrong size, as one-line messages.
+
+        ``frames``: also read the header of each Blosc-compressed chunk (zarr-python decodes a
+        truncated Blosc frame into garbage without an error).
+        """
         missing: list[tuple[int, ...]] = []
         resized: list[tuple[tuple[int, ...], int]] = []
         for index in self.indices(row_start, row_stop):
@@ -164,6 +172,11 @@ class ChunkGrid:
                 continue
             if self.raw_bytes is not None and size != self.raw_bytes:
                 resized.append((index, size))
+            elif frames and self.blosc_bytes is not None:
+                with open(self.path(index), "rb") as fh:
+                    problem = blosc_frame_problem(fh.read(16), size, self.blosc_bytes)
+                if problem:
+                    return [f"{self.path(index)}: chunk of '{name}' {problem} ({self.rows(index)})"]
         out = []
         if missing:
             first = missing[0]
@@ -293,7 +306,7 @@ class ZarrStore:
         grid = self.grid(name)
 
         def check(start: int, stop: int) -> None:
-            problems = grid.problems(name, start, stop)
+            problems = grid.problems(name, start, stop, frames=True)
             if problems:
                 raise BankFormatError(problems[0])
 

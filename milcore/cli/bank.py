@@ -49,9 +49,11 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
 
     p = action("info", "summarize a bank: bags, cells, dim, dtype, layout, encoder")
     p.add_argument("bank", help="bank (.h5/.hdf5 file or .zarr folder)")
-    p = action("verify", "check schema, offsets, dims, NaN/Inf and checksums")
+    p = action("verify", "check schema, storage (every chunk present, of its size, decodable), offsets, dims, "
+                         "NaN/Inf and checksums; exit code 2 on any problem")
     p.add_argument("bank", help="bank to verify")
-    p.add_argument("--structure-only", action="store_true", help="skip reading the features")
+    p.add_argument("--structure-only", action="store_true",
+                   help="skip reading the data (chunk files are still checked for presence and size)")
     p.add_argument("--no-checksums", action="store_true", help="do not compare per-bag checksums")
     p.add_argument("--recover", action="store_true", help="first finish a write interrupted by a crash")
     p = action("merge", "merge shards (same encoder) into one bank")

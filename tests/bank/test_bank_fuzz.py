@@ -33,7 +33,10 @@ from milcore.cli import main
 
 DIM = 8
 INFO = EncoderInfo("fuzz", "1", "", "none", DIM)
-FUZZ = settings(max_examples=45, deadline=None, database=None,
+#: Deterministic examples (the same in CI on every run); widen the search locally with
+#: ``FUZZ_EXAMPLES=2000 pytest tests/bank/test_bank_fuzz.py``.
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 45)), deadline=None, database=None,
+                derandomize="FUZZ_EXAMPLES" not in os.environ,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 TYPES = np.array(["blast", "lymphocyte", "neutrophil"])
 
