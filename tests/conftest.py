@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -74,3 +76,53 @@ def one_thread_for_small_tensors(request: pytest.FixtureRequest):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def make_planted_bank(folder: Path, n_bags: int = 30, dim: int = 8, seed: int = 0, encoder: str = "toy",
+                      sizes: tuple[int, int] = (30, 80)) -> dict:  # fmt: skip
+    """Write bank.h5 / cohort.csv / cells.csv where 'sick' bags hold ~8% cells shifted on feature 0.
+
+    Args:
+        folder: where to write (created).
+        n_bags: bags, alternating control / sick.
+        dim: feature dimension.
+        seed: random seed.
+        encoder: the encoder name of the bank's fingerprint (another name makes an incompatible bank).
+        sizes: range of cells per bag (``[low, high)``).
+
+    Returns:
+        Paths ``bank``, ``cohort`` (patient_id, dx, sex, age) and ``cells`` (instance ground truth).
+    """
+    from feature_cache.bank import EncoderInfo, open_writer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    info = EncoderInfo(name=encoder, version="1", weights_sha256="", transform="none", dim=dim)
+    rows, cells = [], []
+    with open_writer(folder / "bank.h5", info, mode="w") as w:
+        for i in range(n_bags):
+            label = i % 2
+            n = int(rng.integers(*sizes))
+            x = rng.normal(size=(n, dim)).astype(np.float32)  # (n, D)
+            diag = np.zeros(n, dtype=bool)
+            if label:
+                k = max(2, n // 12)
+                diag[:k] = True
+                x[:k, 0] += 5.0
+            perm = rng.permutation(n)
+            x, diag = x[perm], diag[perm]
+            bag = f"p{i:03d}"
+            w.append(bag, x, cell_id=np.arange(n))
+            rows.append([bag, ["control", "sick"][label], "F" if i % 4 < 2 else "M", 30 + i])
+            cells += [[bag, j, int(diag[j])] for j in range(n)]
+    with open(folder / "cohort.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["patient_id", "dx", "sex", "age"], *rows])
+    with open(folder / "cells.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["patient_id", "cell_id", "is_diagnostic"], *cells])
+    return {"bank": folder / "bank.h5", "cohort": folder / "cohort.csv", "cells": folder / "cells.csv"}
+
+
+@pytest.fixture(scope="session")
+def planted_factory():
+    """The planted-bank builder, for tests that need a bank of their own."""
+    return make_planted_bank
