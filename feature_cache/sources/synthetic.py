@@ -34,7 +34,7 @@ import numpy as np
 from feature_cache import __version__
 from feature_cache.errors import OutputExistsError, UserError
 from feature_cache.progress import progress
-from feature_cache.sources.synthetic_cohort import CellTable, PatientRecord, SyntheticCohort
+from feature_cache.sources.synthetic_cohort import SAMPLING_VERSION, CellTable, PatientRecord, SyntheticCohort
 from feature_cache.sources.synthetic_config import Bias, SynthConfig, parse_bias
 from feature_cache.sources.synthetic_vocab import list_cell_types, list_tasks
 
@@ -227,6 +227,7 @@ def write_cohort(
         meta = {
             "format": "milcore-synthetic-cohort",
             "format_version": 1,
+            "sampling_version": SAMPLING_VERSION,
             "generated_by": f"feature_cache {__version__}",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "config": config.to_dict(),

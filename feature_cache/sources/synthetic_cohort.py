@@ -1,13 +1,24 @@
 """Sampling of the synthetic cohort: patients (labels, age, sex, site, date, splits) and their cells.
 
-Every random draw comes from a generator seeded by ``(seed, stream, patient index)``, so a patient's
-cells and pixels do not depend on how many patients are generated, in which order, or by how many
-worker processes.
+Everything about patient ``i`` (label, age, sex, site, date, fold hint, bag size, witness rate, cells
+and pixels) depends only on the seed, the configuration other than ``patients``, and ``i``: patient
+``i`` of a 10-patient cohort is patient ``i`` of a 25-patient one, whatever the order or the number
+of worker processes. Per-patient draws come from a generator seeded by ``(seed, stream, i)``. The
+cohort-level properties are kept by drawing in blocks that never look ahead: labels are assigned to
+consecutive blocks of C patients (C classes), each block a seeded permutation of the classes, so any
+cohort's class counts differ by at most one; the fold hint of the k-th patient of a class comes from
+a seeded permutation of the folds for that class's block ``k // folds``, so fold hints are stratified
+within one patient per class. Bag ids are zero-padded to 4 digits (wider only from 10,000 patients).
+
+``SAMPLING_VERSION`` numbers this scheme (2; version 1 drew labels, sizes and metadata from one
+generator sized by the patient count). It is written to ``synth.json`` and checked when a cohort
+folder is re-rendered, so cells are never re-drawn with another scheme than the crops on disk.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -17,7 +28,8 @@ from feature_cache.sources.synthetic_config import SynthConfig
 from feature_cache.sources.synthetic_render import CellRenderer, SiteStyle
 from feature_cache.sources.synthetic_vocab import TASKS, TaskSpec
 
-_META, _CELLS, _PIXELS, _SITES, _STYLE = 1, 2, 3, 4, 5
+_META, _CELLS, _PIXELS, _SITES, _STYLE, _LABEL, _FOLD = 1, 2, 3, 4, 5, 6, 7
+SAMPLING_VERSION = 2  # see the module docstring; bump whenever a patient's draws change
 EPOCH = dt.date(2024, 1, 1)
 SMEAR_EXTENT = 20_000  # virtual smear side (pixels) over which cell coordinates are spread
 
@@ -103,60 +115,75 @@ class SyntheticCohort:
     # ------------------------------------------------------------------ patients
     @cached_property
     def patients(self) -> list[PatientRecord]:
-        """All patients, classes balanced, with metadata and split hints."""
-        cfg, task = self.config, self.task
-        rng = np.random.default_rng([cfg.seed, _META])
-        classes = task.classes
-        labels = np.array([classes[i % len(classes)] for i in range(cfg.patients)])
-        rng.shuffle(labels)
-        ages = np.clip(np.rint(rng.normal(58, 16, cfg.patients)), 18, 90).astype(int)
-        sexes = rng.choice(["F", "M"], size=cfg.patients)
-        sites = rng.integers(0, cfg.sites, cfg.patients)
-        days = rng.integers(0, 366, cfg.patients)
-        lo, hi = cfg.bag_range
-        sizes = np.clip(np.rint(cfg.bag_median * np.exp(rng.normal(0, cfg.bag_sigma, cfg.patients))), lo, hi)
-        wlo, whi = cfg.witness_range
-        rates = np.clip(cfg.witness_median * np.exp(rng.normal(0, cfg.witness_sigma, cfg.patients)), wlo, whi)
-        folds = np.zeros(cfg.patients, dtype=int)
-        for cls in classes:  # stratified fold hints
-            idx = np.flatnonzero(labels == cls)
-            folds[rng.permutation(idx)] = np.arange(len(idx)) % cfg.folds
+        """All patients, classes balanced within one, with metadata and split hints."""
+        cfg = self.config
+        labels = self._labels(cfg.patients)
+        folds = self._folds(labels)
         width = max(4, len(str(cfg.patients)))
-        out = []
-        for i in range(cfg.patients):
-            label, n = str(labels[i]), int(sizes[i])
-            rate, subtle, biased = float(rates[i]), cfg.subtlety, False
-            for bias in cfg.biases:
-                if bias.matches(str(sexes[i]), int(ages[i]), int(sites[i])):
-                    biased = True
-                    if bias.kind == "rate":
-                        rate *= bias.factor
-                    else:
-                        subtle = min(1.0, subtle + bias.factor)
-            if label == task.control:
-                rate, n_diag = 0.0, 0
-            else:
-                rate = min(rate, 1.0)
-                n_diag = int(min(n, max(1, round(rate * n))))
-            out.append(
-                PatientRecord(
-                    index=i,
-                    patient_id=f"{cfg.task}-{i + 1:0{width}d}",
-                    label=label,
-                    age=int(ages[i]),
-                    sex=str(sexes[i]),
-                    site=int(sites[i]),
-                    date=(EPOCH + dt.timedelta(days=int(days[i]))).isoformat(),
-                    fold=int(folds[i]),
-                    split=_split_name(int(folds[i]), cfg.folds),
-                    n_cells=n,
-                    n_diagnostic=n_diag,
-                    witness_rate=round(rate, 6),
-                    subtlety=round(subtle, 6),
-                    biased=biased,
-                )
-            )
+        return [self._patient_record(i, labels[i], folds[i], width) for i in range(cfg.patients)]
+
+    def _block_permutation(self, stream: int, block: int, n: int, key: int = 0) -> np.ndarray:
+        return np.random.default_rng([self.config.seed, stream, key, block]).permutation(n)
+
+    def _labels(self, n: int) -> list[str]:
+        """Class of each patient: block ``i // C`` is a seeded permutation of the C classes."""
+        classes = self.task.classes
+        c = len(classes)
+        perms = [self._block_permutation(_LABEL, b, c) for b in range(-(-n // c))]
+        return [classes[perms[i // c][i % c]] for i in range(n)]
+
+    def _folds(self, labels: list[str]) -> list[int]:
+        """Fold hint of each patient: the k-th patient of a class takes slot ``k % folds`` of its
+        class's seeded permutation for block ``k // folds`` (stratified, prefix-stable)."""
+        k_folds, seen, out = self.config.folds, Counter(), []
+        for label in labels:
+            k = seen[label]
+            seen[label] += 1
+            key = self.task.classes.index(label)
+            out.append(int(self._block_permutation(_FOLD, k // k_folds, k_folds, key)[k % k_folds]))
         return out
+
+    def _patient_record(self, i: int, label: str, fold: int, width: int) -> PatientRecord:
+        """Patient ``i``'s metadata, size and witness rate, from its own generator."""
+        cfg, task = self.config, self.task
+        rng = np.random.default_rng([cfg.seed, _META, i])
+        age = int(np.clip(np.rint(rng.normal(58, 16)), 18, 90))
+        sex = str(rng.choice(["F", "M"]))
+        site = int(rng.integers(0, cfg.sites))
+        day = int(rng.integers(0, 366))
+        lo, hi = cfg.bag_range
+        n = int(np.clip(np.rint(cfg.bag_median * np.exp(rng.normal(0, cfg.bag_sigma))), lo, hi))
+        wlo, whi = cfg.witness_range
+        rate = float(np.clip(cfg.witness_median * np.exp(rng.normal(0, cfg.witness_sigma)), wlo, whi))
+        subtle, biased = cfg.subtlety, False
+        for bias in cfg.biases:
+            if bias.matches(sex, age, site):
+                biased = True
+                if bias.kind == "rate":
+                    rate *= bias.factor
+                else:
+                    subtle = min(1.0, subtle + bias.factor)
+        if label == task.control:
+            rate, n_diag = 0.0, 0
+        else:
+            rate = min(rate, 1.0)
+            n_diag = int(min(n, max(1, round(rate * n))))
+        return PatientRecord(
+            index=i,
+            patient_id=f"{cfg.task}-{i + 1:0{width}d}",
+            label=label,
+            age=age,
+            sex=sex,
+            site=site,
+            date=(EPOCH + dt.timedelta(days=day)).isoformat(),
+            fold=fold,
+            split=_split_name(fold, cfg.folds),
+            n_cells=n,
+            n_diagnostic=n_diag,
+            witness_rate=round(rate, 6),
+            subtlety=round(subtle, 6),
+            biased=biased,
+        )
 
     def patient(self, patient_id: str) -> PatientRecord:
         """Look up a patient by id."""

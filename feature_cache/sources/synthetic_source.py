@@ -15,7 +15,7 @@ from typing import Any
 
 from feature_cache.errors import UserError
 from feature_cache.sources.base import BagOrigin, BagSource, Cell, CellBatch, digest
-from feature_cache.sources.synthetic_cohort import SyntheticCohort
+from feature_cache.sources.synthetic_cohort import SAMPLING_VERSION, SyntheticCohort
 from feature_cache.sources.synthetic_config import SynthConfig, parse_bias
 
 
@@ -32,6 +32,14 @@ def load_synth_config(path: str | Path) -> SynthConfig:
         raise UserError(f"{target}: unreadable synthetic configuration ({exc})") from exc
     if not isinstance(data, dict):
         raise UserError(f"{target}: expected a mapping")
+    if data.get("format") == "milcore-synthetic-cohort":
+        version = data.get("sampling_version", 1)  # cohorts written before version 2 recorded none
+        if version != SAMPLING_VERSION:
+            raise UserError(
+                f"{target}: cohort drawn with sampling version {version}, this generator draws version "
+                f"{SAMPLING_VERSION} (other patients and cells); extract its crops with --source crops, "
+                "or write it again with milcore synth"
+            )
     data = dict(data.get("config", data))
     data["biases"] = tuple(parse_bias(b) for b in data.get("biases", []))
     for key in ("bag_range", "witness_range"):
@@ -107,7 +115,7 @@ class SyntheticSource(BagSource):
     def origin(self, bag_id: str) -> BagOrigin:
         """The cohort configuration (it decides every cell of every patient)."""
         self._patient(bag_id)
-        config = self.config.to_dict()
+        config = {**self.config.to_dict(), "sampling_version": SAMPLING_VERSION}
         text = json.dumps(config, sort_keys=True, default=str)
         return BagOrigin(self.kind, str(self.path.resolve()), -1, text, digest(bag_id, config), unit="cells")
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from feature_cache.errors import InvalidArgumentError, OutputExistsError, UserError
@@ -73,9 +75,41 @@ def test_same_seed_same_bytes_and_workers_do_not_matter(tmp_path: Path, aml_coho
 
 
 def test_patient_does_not_depend_on_cohort_size() -> None:
-    small = SyntheticCohort(SynthConfig(task="all", patients=4, seed=9, **SMALL))
-    large = SyntheticCohort(SynthConfig(task="all", patients=4, seed=9, **SMALL))
-    assert np.array_equal(small.render_bag(small.patients[2]), large.render_bag(large.patients[2]))
+    small = SyntheticCohort(SynthConfig(task="all", patients=10, seed=9, sites=3, **SMALL))
+    large = SyntheticCohort(SynthConfig(task="all", patients=25, seed=9, sites=3, **SMALL))
+    assert small.patients == large.patients[:10]  # label, age, sex, site, date, fold, size, rate, ...
+    for i in (0, 7):
+        a, b = small.cells(small.patients[i]), large.cells(large.patients[i])
+        assert np.array_equal(a.cell_type, b.cell_type) and np.array_equal(a.coords, b.coords)
+    assert np.array_equal(small.render_bag(small.patients[7]), large.render_bag(large.patients[7]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    task=st.sampled_from(sorted(TASKS)),
+    seed=st.integers(0, 2**31),
+    sizes=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    folds=st.integers(3, 6),
+    bias=st.sampled_from([(), ("sex=F:0.5",), ("age=60-90:subtle=0.4",)]),
+)
+def test_every_patient_record_is_a_prefix_property(
+    task: str, seed: int, sizes: tuple[int, int], folds: int, bias: tuple[str, ...]
+) -> None:
+    def cohort(n: int) -> list:
+        cfg = SynthConfig(task=task, patients=n, seed=seed, folds=folds, biases=tuple(map(parse_bias, bias)))
+        return SyntheticCohort(cfg).patients
+
+    small, large = sorted(sizes)
+    a, b = cohort(small), cohort(large)
+    assert a == b[:small]
+    for records in (a, b):  # classes balanced within one, fold hints stratified within one per class
+        counts = Counter(p.label for p in records)
+        assert max(counts.values()) - min(counts.values()) <= 1
+        assert len(counts) == min(len(records), len(TASKS[task].classes))
+        for cls in counts:
+            per_fold = Counter(p.fold for p in records if p.label == cls)
+            spread = [per_fold.get(f, 0) for f in range(folds)]
+            assert max(spread) - min(spread) <= 1
 
 
 @pytest.mark.parametrize("task", list(TASKS))

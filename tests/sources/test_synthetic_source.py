@@ -43,3 +43,15 @@ def test_config_file_and_errors(cohort: Path, tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text(json.dumps({"task": "aml", "colour": 1}))
     with pytest.raises(UserError, match="unknown synthetic options colour"):
         create_source("synthetic", tmp_path / "bad.json")
+
+
+def test_a_cohort_drawn_by_another_sampling_version_is_refused(cohort: Path, tmp_path: Path) -> None:
+    """Re-rendering a folder written by an older generator would give other cells than its crops."""
+    meta = json.loads((cohort / "synth.json").read_text())
+    assert meta["sampling_version"] == 2
+    old = tmp_path / "old"
+    old.mkdir()
+    del meta["sampling_version"]  # cohorts written before issue 14 recorded none (version 1)
+    (old / "synth.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"sampling version 1.*this generator draws version 2.*--source crops"):
+        create_source("synthetic", old)
