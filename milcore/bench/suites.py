@@ -127,11 +127,11 @@ def bloodmnist_suite(out: str | Path, template: BenchSpec, size: str = "cpu", np
     from milcore.bench.aggregators import run_benchmark
     from milcore.bench.report import write_outputs
 
-    npz = Path(npz) if npz else BLOODMNIST_NPZ
-    if not npz.exists():
-        reason = f"BloodMNIST not found at {npz} (../shared/data is absent)"
+    if npz is None and not BLOODMNIST_NPZ.exists():
+        reason = f"BloodMNIST not found at {BLOODMNIST_NPZ} (../shared/data is absent)"
         log.warning("bloodmnist-bags skipped: %s", reason)
         return {"status": "skipped", "reason": reason}
+    npz = bloodmnist_npz(npz)
     cfg = _size(size)
     out = Path(out)
     bags = BloodMnistBags(split="train", bags=cfg["bm_bags"], witness=witness, witness_range=(rate, rate), seed=seed,
@@ -144,6 +144,100 @@ def bloodmnist_suite(out: str | Path, template: BenchSpec, size: str = "cpu", np
                       "encoder": cfg["encoder"], "image_size": cfg["image_size"]}  # fmt: skip
     write_outputs(result, out)
     return result
+
+
+def bloodmnist_npz(npz: str | Path | None) -> Path:
+    """The BloodMNIST file to read: ``npz``, else the default under ``../shared/data``.
+
+    Raises:
+        UserError: the file does not exist (an explicit ``--npz`` is named as given).
+    """
+    if npz is not None:
+        if not Path(npz).is_file():
+            raise UserError(f"--npz {npz}: no such file")
+        return Path(npz)
+    if not BLOODMNIST_NPZ.is_file():
+        raise UserError(f"BloodMNIST not found at {BLOODMNIST_NPZ} (../shared/data is absent); pass --npz FILE")
+    return BLOODMNIST_NPZ
+
+
+@dataclass(frozen=True)
+class SuiteOutcome:
+    """What one suite of :func:`run_all` did.
+
+    Attributes:
+        suite: ``synthetic/<case>``, ``bloodmnist-bags``, ``io`` or ``extract``.
+        status: ``ok``, ``skipped`` or ``failed``.
+        detail: the reason for a skip or a failure (empty when ok).
+        table: the suite's Markdown table (empty unless ok).
+    """
+
+    suite: str
+    status: str
+    detail: str = ""
+    table: str = ""
+
+
+def _attempt(name: str, work: Callable[[], tuple[str, str, str]]) -> SuiteOutcome:
+    """Run one suite; an exception becomes a ``failed`` outcome naming it (the traceback goes to the debug log)."""
+    try:
+        status, detail, table = work()
+    except Exception as exc:  # every failure is reported in the summary and in the exit code
+        log.error("bench all: %s failed: %s: %s", name, type(exc).__name__, exc)
+        log.debug("traceback of %s", name, exc_info=True)
+        return SuiteOutcome(name, "failed", f"{type(exc).__name__}: {exc}")
+    return SuiteOutcome(name, status, detail, table)
+
+
+def run_all(out: str | Path, template: BenchSpec, size: str = "cpu", device: str = "auto") -> list[SuiteOutcome]:
+    """Every suite at ``size`` into ``out``; one suite's failure does not stop the others.
+
+    Each synthetic case runs on its own, then BloodMNIST bags (skipped, with the reason, when the data set
+    is absent), then the ``io`` and ``extract`` scripts (a non-zero exit code is a failure). Writes
+    ``out/README.md`` (tables, skips and failures) and ``out/summary.json``.
+
+    Returns:
+        One :class:`SuiteOutcome` per suite, in the order run.
+    """
+    import json
+    import time
+
+    from milcore.bench import report
+
+    out = Path(out)
+    quick = size == "tiny"
+    outcomes = []
+    for case in SYNTHETIC_CASES:
+
+        def synth(case: SynthCase = case) -> tuple[str, str, str]:
+            result = synthetic_suite(out / "synthetic", template, size=size, cases=(case,), device=device)
+            return "ok", "", report.markdown_table(result[case.name])
+
+        outcomes.append(_attempt(f"synthetic/{case.name}", synth))
+
+    def blood() -> tuple[str, str, str]:
+        result = bloodmnist_suite(out / "bloodmnist-bags", template, size=size, device=device)
+        if result.get("status") == "skipped":
+            return "skipped", result["reason"], ""
+        return "ok", "", report.markdown_table(result)
+
+    outcomes.append(_attempt("bloodmnist-bags", blood))
+    for name in ("io", "extract"):
+
+        def script(name: str = name) -> tuple[str, str, str]:
+            rc = script_suite(name, out / name, quick)
+            return ("ok", "", f"`{name}/bench.json`\n") if rc == 0 else ("failed", f"exit code {rc}", "")
+
+        outcomes.append(_attempt(name, script))
+    lines = [f"# milcore bench all ({size}), {time.strftime('%Y-%m-%d %H:%M %Z')}", ""]
+    for o in outcomes:
+        body = {"ok": o.table, "skipped": f"skipped: {o.detail}\n", "failed": f"FAILED: {o.detail}\n"}[o.status]
+        lines += [f"## {o.suite}", "", body]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "README.md").write_text("\n".join(lines))
+    summary = {"size": size, "suites": [{"suite": o.suite, "status": o.status, "detail": o.detail} for o in outcomes]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return outcomes
 
 
 def load_script(name: str, root: Path = REPO_ROOT) -> Any:

@@ -155,6 +155,10 @@ def _run(args: argparse.Namespace) -> int:
         _check_out(out, args.overwrite)
         return script_suite(args.suite, out, args.quick)
     spec = _template(args, getattr(args, "bank", ""), getattr(args, "cohort", ""), getattr(args, "task", ""))
+    if args.suite == "bloodmnist-bags":
+        from milcore.bench.suites import bloodmnist_npz
+
+        args.npz = str(bloodmnist_npz(args.npz))  # before any output exists
     out = Path(args.out) if args.out else Path("benchmarks/results") / time.strftime("%Y-%m-%d")
     _check_out(out, args.overwrite, create=args.suite != "aggregators")
     if args.suite == "aggregators":
@@ -165,7 +169,7 @@ def _run(args: argparse.Namespace) -> int:
         print(markdown_table(result), end="")
         log.info("wrote %s, %s and %s (%.0f s)", paths["json"], paths["table"], paths["html"], result["seconds"])
         return 0
-    from milcore.bench.suites import bloodmnist_suite, script_suite, synthetic_suite
+    from milcore.bench.suites import bloodmnist_suite, synthetic_suite
 
     if args.suite == "synthetic":
         results = synthetic_suite(out, spec, size=args.size, device=args.device)
@@ -175,26 +179,24 @@ def _run(args: argparse.Namespace) -> int:
     if args.suite == "bloodmnist-bags":
         result = bloodmnist_suite(out, spec, size=args.size, npz=args.npz, witness=args.witness, rate=args.rate,
                                   device=args.device)  # fmt: skip
-        print(markdown_table(result) if "summary" in result else f"skipped: {result['reason']}")
+        print(markdown_table(result))
         return 0
     return _run_all(out, spec, args)
 
 
 def _run_all(out: Path, spec, args: argparse.Namespace) -> int:
-    """Every suite at ``--size`` into ``out``; an index ``out/README.md`` lists what ran and what was skipped."""
-    from milcore.bench.report import markdown_table
-    from milcore.bench.suites import bloodmnist_suite, script_suite, synthetic_suite
+    """Every suite; exit code 1 with a one-line summary of the failed suites when any failed."""
+    from milcore.bench.suites import run_all
 
-    quick = args.size == "tiny"
-    lines = [f"# milcore bench all ({args.size}), {time.strftime('%Y-%m-%d %H:%M %Z')}", ""]
-    for name, result in synthetic_suite(out / "synthetic", spec, size=args.size, device=args.device).items():
-        lines += [f"## synthetic / {name}", "", markdown_table(result)]
-    bm = bloodmnist_suite(out / "bloodmnist-bags", spec, size=args.size, device=args.device)
-    lines += ["## bloodmnist-bags", "", markdown_table(bm) if "summary" in bm else f"skipped: {bm['reason']}\n"]
-    for suite in ("io", "extract"):
-        rc = script_suite(suite, out / suite, quick)
-        lines += [f"## {suite}", "", f"`{suite}/bench.json` (exit code {rc})", ""]
-    (out / "README.md").write_text("\n".join(lines))
-    print("\n".join(lines))
-    log.info("wrote %s", out / "README.md")
+    outcomes = run_all(out, spec, size=args.size, device=args.device)
+    print((out / "README.md").read_text())
+    log.info("wrote %s and %s", out / "README.md", out / "summary.json")
+    failed = [o for o in outcomes if o.status == "failed"]
+    skipped = [o for o in outcomes if o.status == "skipped"]
+    if skipped:
+        log.warning("skipped: %s", "; ".join(f"{o.suite} ({o.detail})" for o in skipped))
+    if failed:
+        log.error("%d of %d suites failed: %s", len(failed), len(outcomes),
+                  "; ".join(f"{o.suite} ({o.detail})" for o in failed))  # fmt: skip
+        return 1
     return 0

@@ -41,10 +41,75 @@ def test_aggregators_command_writes_json_table_and_report(bench_bank: dict, tmp_
     assert json.loads((out / "bench.json").read_text()) == payload, "a refused run leaves the results intact"
 
 
-def test_bloodmnist_suite_skips_with_the_reason_when_the_data_is_absent(tmp_path: Path, capsys) -> None:
+def test_a_missing_npz_is_a_one_line_error(tmp_path: Path, capsys) -> None:
     rc = main(["bench", "bloodmnist-bags", "--npz", str(tmp_path / "absent.npz"), "--out", str(tmp_path / "bm")])
-    assert rc == 0
-    assert "skipped: BloodMNIST not found at" in capsys.readouterr().out
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"--npz {tmp_path / 'absent.npz'}: no such file") and len(err.splitlines()) == 1
+    assert not (tmp_path / "bm").exists(), "nothing is written for a refused run"
+
+
+def test_the_default_bloodmnist_path_missing_is_an_error_naming_it(tmp_path: Path, capsys, monkeypatch) -> None:
+    from milcore.bench import suites
+
+    monkeypatch.setattr(suites, "BLOODMNIST_NPZ", tmp_path / "nowhere" / "bloodmnist.npz")
+    assert main(["bench", "bloodmnist-bags", "--out", str(tmp_path / "bm")]) == 2
+    err = capsys.readouterr().err
+    assert "BloodMNIST not found at" in err and "--npz" in err and len(err.strip().splitlines()) == 1
+
+
+def _fake_suites(monkeypatch: pytest.MonkeyPatch, calls: list) -> None:
+    """Replace the four suites by instant fakes: synthetic 'all' crashes, extract exits 1, bloodmnist is absent."""
+    from milcore.bench import suites
+
+    def synthetic(out, template, size="cpu", cases=suites.SYNTHETIC_CASES, device="auto", **_):
+        calls.append(("synthetic", tuple(c.name for c in cases)))
+        if any(c.name == "all" for c in cases):
+            raise RuntimeError("CUDA out of memory in case all")
+        return {c.name: {"summary": [], "runs": [], "models": [], "seeds": []} for c in cases}
+
+    def bloodmnist(out, template, size="cpu", npz=None, device="auto", **_):
+        calls.append(("bloodmnist-bags",))
+        return {"status": "skipped", "reason": "BloodMNIST not found at /x (../shared/data is absent)"}
+
+    def script(name, out, quick, extra=None):
+        calls.append((name,))
+        return 1 if name == "extract" else 0
+
+    monkeypatch.setattr(suites, "synthetic_suite", synthetic)
+    monkeypatch.setattr(suites, "bloodmnist_suite", bloodmnist)
+    monkeypatch.setattr(suites, "script_suite", script)
+    monkeypatch.setattr("milcore.bench.report.markdown_table", lambda result: "(table)\n")
+
+
+def test_bench_all_fails_when_a_suite_fails_and_says_which_and_why(tmp_path: Path, capsys, monkeypatch) -> None:
+    calls: list = []
+    _fake_suites(monkeypatch, calls)
+    rc = main(["bench", "all", "--size", "tiny", "--device", "cpu", "--out", str(tmp_path / "all")])
+    assert rc == 1
+    ran = [c[0] if len(c) == 1 else c[1][0] for c in calls]
+    assert ran == ["aml", "all", "anemia", "aml_witness_1pct", "aml_witness_20pct", "bloodmnist-bags", "io",
+                   "extract"], "one failing case does not stop the others"  # fmt: skip
+    err = capsys.readouterr().err
+    assert ("2 of 8 suites failed: synthetic/all (RuntimeError: CUDA out of memory in case all); "
+            "extract (exit code 1)") in err
+    index = (tmp_path / "all" / "README.md").read_text()
+    assert "FAILED: RuntimeError: CUDA out of memory in case all" in index and "FAILED: exit code 1" in index
+    assert "skipped: BloodMNIST not found at /x" in index
+    summary = json.loads((tmp_path / "all" / "summary.json").read_text())
+    assert {s["suite"]: s["status"] for s in summary["suites"]} == {
+        "synthetic/aml": "ok", "synthetic/all": "failed", "synthetic/anemia": "ok", "synthetic/aml_witness_1pct": "ok",
+        "synthetic/aml_witness_20pct": "ok", "bloodmnist-bags": "skipped", "io": "ok", "extract": "failed"}  # fmt: skip
+
+
+def test_bench_all_returns_0_when_every_suite_ran_or_was_skipped(tmp_path: Path, monkeypatch) -> None:
+    calls: list = []
+    _fake_suites(monkeypatch, calls)
+    from milcore.bench import suites
+
+    monkeypatch.setattr(suites, "SYNTHETIC_CASES", tuple(c for c in suites.SYNTHETIC_CASES if c.name != "all"))
+    monkeypatch.setattr(suites, "script_suite", lambda name, out, quick, extra=None: 0)
+    assert main(["bench", "all", "--size", "tiny", "--device", "cpu", "--out", str(tmp_path / "all")]) == 0
 
 
 @pytest.mark.slow
