@@ -1,15 +1,17 @@
-"""Training configuration: one frozen dataclass, resolved and saved with every run."""
+"""Training configuration: what a run trains on (:class:`RunSpec`) and how (:class:`TrainConfig`).
+
+Both follow the engine's config convention (:mod:`feature_cache.config`): frozen, built the same way
+from Python, from a YAML ``train:`` mapping (``from_dict``) and from ``milcore train`` flags derived
+from the fields, every bad value an :class:`~feature_cache.errors.InvalidArgumentError` naming the key.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import math
-import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from feature_cache.config import Config, check_keys, option
 from feature_cache.errors import InvalidArgumentError
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -17,16 +19,7 @@ WEIGHTINGS = ("balanced", "none")
 SAMPLERS = ("shuffle", "balanced")
 MONITORS = ("val_loss", "val_balanced_accuracy")
 INPUT_NORMS = ("none", "standardize")
-
-#: Field annotation -> (accepted Python types, how a message names them). ``bool`` is refused where a
-#: number is expected (YAML reads ``yes`` as true).
-_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
-    "int": ((numbers.Integral,), "a whole number"),
-    "float": ((numbers.Real,), "a number"),
-    "str": ((str,), "a string"),
-    "bool": ((bool,), "true or false"),
-    "dict[str, Any]": ((dict,), "a mapping"),
-}
+AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 #: Top-level keys of a run's ``config.yaml`` besides ``train``: it may be given as ``--config`` to train
 #: again with its options; these keys record the run and are not options.
@@ -34,7 +27,7 @@ RUN_RECORD_KEYS = ("run", "inputs", "classes", "encoder", "versions", "join")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     """How one bag classifier is trained.
 
     Attributes:
@@ -70,84 +63,57 @@ class TrainConfig:
             optional ``tensorboard`` package); CSV/JSON histories are always written.
     """
 
+    config_key = "training option"
+
     model: str = "abmil"
     model_args: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 40
-    lr: float = 5e-4
-    weight_decay: float = 1e-4
-    optimizer: str = "adamw"
-    batch_instances: int = 2048
-    max_bag_instances: int = 4096
-    instance_dropout: float = 0.0
-    input_norm: str = "none"
-    class_weighting: str = "balanced"
-    sampler: str = "shuffle"
-    bel_weight: float = 0.0
-    grad_clip: float = 5.0
-    patience: int = 10
-    min_epochs: int = 5
-    monitor: str = "val_loss"
-    amp: str = "auto"
+    epochs: int = option(40, low=1)
+    lr: float = option(5e-4, low=0, low_open=True)
+    weight_decay: float = option(1e-4, low=0)
+    optimizer: str = option("adamw", choices=OPTIMIZERS)
+    batch_instances: int = option(2048, low=1)
+    max_bag_instances: int = option(4096, low=0)
+    instance_dropout: float = option(0.0, low=0, high=1, high_open=True)
+    input_norm: str = option("none", choices=INPUT_NORMS)
+    class_weighting: str = option("balanced", choices=WEIGHTINGS)
+    sampler: str = option("shuffle", choices=SAMPLERS)
+    bel_weight: float = option(0.0, low=0)
+    grad_clip: float = option(5.0, low=0)
+    patience: int = option(10, low=1)
+    min_epochs: int = option(5, low=0)
+    monitor: str = option("val_loss", choices=MONITORS)
+    amp: str = option("auto", choices=AMP_MODES)
     device: str = "auto"
-    seed: int = 0
-    memory_budget_gb: float = 4.0
-    num_workers: int = 2
+    seed: int = option(0, low=0)
+    memory_budget_gb: float = option(4.0, low=0)
+    num_workers: int = option(2, low=0)
     deterministic: bool = True
     tensorboard: bool = False
 
-    def __post_init__(self) -> None:
-        """Validate every field; raises :class:`InvalidArgumentError` naming the bad one."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            types, kind = _KINDS[str(f.type)]
-            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-                raise InvalidArgumentError(f"{f.name} must be {kind}, got {value!r}")
-            if isinstance(value, numbers.Real) and not math.isfinite(value):
-                raise InvalidArgumentError(f"{f.name} must be a finite number, got {value!r}")
-        if any(not isinstance(k, str) for k in self.model_args):
-            raise InvalidArgumentError(f"model_args keys must be names, got {list(self.model_args)!r}")
-        checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
-            (self.batch_instances >= 1, f"batch_instances must be >= 1, got {self.batch_instances}"),
-            (self.max_bag_instances >= 0, f"max_bag_instances must be >= 0, got {self.max_bag_instances}"),
-            (0 <= self.instance_dropout < 1, f"instance_dropout must be in [0, 1), got {self.instance_dropout}"),
-            (self.input_norm in INPUT_NORMS, f"input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}"),
-            (self.class_weighting in WEIGHTINGS, f"class_weighting must be one of {WEIGHTINGS}"),
-            (self.sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}, got {self.sampler!r}"),
-            (self.bel_weight >= 0, f"bel_weight must be >= 0, got {self.bel_weight}"),
-            (self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}"),
-            (self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
-            (self.monitor in MONITORS, f"monitor must be one of {MONITORS}, got {self.monitor!r}"),
-            (self.amp in ("auto", "bf16", "fp16", "off"), f"amp must be auto, bf16, fp16 or off, got {self.amp!r}"),
-            (self.memory_budget_gb >= 0, "memory_budget_gb must be >= 0"),
-            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
-            (isinstance(self.model_args, dict), "model_args must be a mapping"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InvalidArgumentError(message)
 
-    def to_dict(self) -> dict[str, Any]:
-        """A plain dictionary (for YAML/JSON)."""
-        return dataclasses.asdict(self)
+@dataclass(frozen=True)
+class RunSpec(Config):
+    """What a cross-validated run trains on.
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from a mapping, rejecting unknown keys with close matches and the list of valid ones."""
-        if not isinstance(data, dict):
-            raise InvalidArgumentError(f"training options must be a mapping, got {type(data).__name__}")
-        names = sorted(f.name for f in dataclasses.fields(cls))
-        unknown = [str(k) for k in data if k not in names]
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-                hints.append(repr(key) + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise InvalidArgumentError(f"unknown training option(s) {', '.join(hints)} (valid: {', '.join(names)})")
-        return cls(**data)
+    Attributes:
+        bank: feature bank path.
+        cohort: cohort table path.
+        task: label column.
+        folds: number of cross-validation folds.
+        seed: split seed (the training seed is in :class:`TrainConfig`).
+        cells: instance ground-truth table; ``None`` looks for ``cells.csv`` beside the cohort.
+        group_column: cohort column grouping several bags of one patient.
+        n_boot: bootstrap resamples for confidence intervals.
+    """
+
+    bank: str
+    cohort: str
+    task: str
+    folds: int = option(5, low=3)
+    seed: int = option(0, low=0)
+    cells: str | None = None
+    group_column: str = "patient"
+    n_boot: int = option(1000, low=10)
 
 
 def options_from_file(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
@@ -160,23 +126,15 @@ def options_from_file(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
         InvalidArgumentError: an unknown top-level key, ``train`` not a mapping, an unknown option or
             a bad value; the message starts with the file's path.
     """
-    allowed = ("train", *RUN_RECORD_KEYS)
-    unknown = [str(k) for k in data if k not in allowed]
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-            hints.append(repr(key) + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise InvalidArgumentError(f"{path}: unknown top-level key(s) {', '.join(hints)}; training options go "
-                                   "under 'train:'")  # fmt: skip
+    try:
+        check_keys(data, ("train", *RUN_RECORD_KEYS), "top-level key")
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"{path}: {exc}; training options go under 'train:'") from None
     options = data.get("train")
     if options is None:
         return {}
     if not isinstance(options, dict):
         raise InvalidArgumentError(f"{path}: 'train' must be a mapping of training options, got "
                                    f"{type(options).__name__}")  # fmt: skip
-    try:
-        TrainConfig.from_dict(options)
-    except InvalidArgumentError as exc:
-        raise InvalidArgumentError(f"{path}: train: {exc}") from None
+    TrainConfig.from_dict(options, where=f"{path}: train")
     return dict(options)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from feature_cache.errors import InvalidArgumentError, OutputExistsError, UserError
-from milcore.training.config import TrainConfig
+from milcore.training.config import RunSpec, TrainConfig
 
 if TYPE_CHECKING:
     from milcore.data.inputs import RunInputs
@@ -32,31 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEADLINE = ("balanced_accuracy", "macro_f1", "auroc", "ece")
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """What to train on.
-
-    Attributes:
-        bank: feature bank path.
-        cohort: cohort table path.
-        task: label column.
-        folds: number of cross-validation folds.
-        seed: split seed (the training seed is in :class:`TrainConfig`).
-        cells: instance ground-truth table; ``None`` looks for ``cells.csv`` beside the cohort.
-        group_column: cohort column grouping several bags of one patient.
-        n_boot: bootstrap resamples for confidence intervals.
-    """
-
-    bank: str
-    cohort: str
-    task: str
-    folds: int = 5
-    seed: int = 0
-    cells: str | None = None
-    group_column: str = "patient"
-    n_boot: int = 1000
 
 
 def _write_history(folder: Path, history: list[dict[str, float]]) -> None:
