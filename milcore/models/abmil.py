@@ -23,7 +23,7 @@ from milcore.models.base import AggregatorConfig, MILAggregator, check_range
 from milcore.models.layers import GatedAttention, autocast_input, instance_embedding, resize_linear
 from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
-from milcore.ops import ptr_to_index, segment_softmax, weighted_segment_sum
+from milcore.ops import segment_softmax, weighted_segment_sum
 
 __all__ = ["ABMIL", "ABMILConfig"]
 
@@ -59,8 +59,6 @@ class ABMILConfig(AggregatorConfig):
 class ABMIL(MILAggregator):
     """Gated attention MIL (Ilse et al. 2018), optional per-class attention branches (SCEMILA)."""
 
-    has_padded_path = True
-
     def __init__(self, config: ABMILConfig) -> None:
         super().__init__(config)
         dim = config.embed_dim or config.in_dim
@@ -69,27 +67,22 @@ class ABMIL(MILAggregator):
         self.attention = GatedAttention(dim, config.attention_dim, branches, config.gated, config.dropout)
         self.head = nn.Linear(dim, config.num_classes)
 
-    def forward(
-        self, x: Tensor, ptr: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
-    ) -> MILOutput:
-        self.check_inputs(x, ptr, coords, labels)
-        index = ptr_to_index(ptr, x.shape[0])  # (N,)
+    def pool(self, x: Tensor, ptr: Tensor, index: Tensor, coords: Tensor | None, labels: Tensor | None) -> MILOutput:
         h = self.embed(autocast_input(x))  # (N, E)
         scores = self.attention(h)  # (N, K)
         att = segment_softmax(scores, ptr, index)  # (N, K) float32
         z = weighted_segment_sum(h, att, ptr, index)  # (B, K, E)
-        return self.check_output(self._output(z, att), x, ptr)
+        return self._output(z, att)
 
-    def forward_padded(
-        self, x: Tensor, mask: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
+    def pool_padded(
+        self, x: Tensor, mask: Tensor, ptr: Tensor, coords: Tensor | None, labels: Tensor | None
     ) -> MILOutput:
-        self.check_padded(x, mask, labels)
         h = self.embed(autocast_input(x))  # (B, L, E)
         scores = self.attention(h).float()  # (B, L, K)
         scores = scores.masked_fill(~mask.unsqueeze(-1), float("-inf"))
         att = torch.softmax(scores, dim=1).nan_to_num(0.0)  # (B, L, K); an empty bag gives zeros
         z = torch.einsum("blk,ble->bke", att.to(h.dtype), h)  # (B, K, E)
-        return self.check_output(self._output(z, att[mask]), x, mask)
+        return self._output(z, att[mask])
 
     def _output(self, z: Tensor, att: Tensor) -> MILOutput:
         if self.config.multi_branch:

@@ -40,7 +40,7 @@ from milcore.models.base import AggregatorConfig, EpochContext, MILAggregator, c
 from milcore.models.layers import GatedAttention, autocast_input, instance_embedding, resize_linear
 from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
-from milcore.ops import ptr_to_index, ptr_to_sizes, segment_softmax, weighted_segment_sum
+from milcore.ops import ptr_to_sizes, segment_softmax, weighted_segment_sum
 
 __all__ = ["AMiL", "AMiLConfig"]
 
@@ -91,6 +91,7 @@ class AMiL(MILAggregator):
     """Anomaly-aware MIL (Kazeminia, Sadafi et al. 2022): Mahalanobis anomaly to control cells + attention."""
 
     hook_requirements = frozenset({"control_instances"})
+    control_class_field = "normal_class"
 
     def __init__(self, config: AMiLConfig) -> None:
         super().__init__(config)
@@ -165,11 +166,7 @@ class AMiL(MILAggregator):
             self.fit_normal(context.control_instances())
 
     # -- forward --------------------------------------------------------------------------------------
-    def forward(
-        self, x: Tensor, ptr: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
-    ) -> MILOutput:
-        self.check_inputs(x, ptr, coords, labels)
-        index = ptr_to_index(ptr, x.shape[0])  # (N,)
+    def pool(self, x: Tensor, ptr: Tensor, index: Tensor, coords: Tensor | None, labels: Tensor | None) -> MILOutput:
         h = self.embed(autocast_input(x))  # (N, E)
         if self.training and labels is not None:
             self._online_refresh(h, labels, index)
@@ -182,14 +179,13 @@ class AMiL(MILAggregator):
         if labels is not None:
             inst_loss = self._instance_loss(inst_logits, att, ptr, index, labels)
             aux["instance"] = self.config.instance_loss_weight * inst_loss
-        out = MILOutput(
+        return MILOutput(
             logits=self.head(embedding),
             attention=att,
             embedding=embedding,
             aux_losses=aux,
             instance_scores={"anomaly": anomaly, "logits": inst_logits},
         )
-        return self.check_output(out, x, ptr)
 
     def _online_refresh(self, h: Tensor, labels: Tensor, index: Tensor) -> None:
         control = (labels == self.config.normal_class).index_select(0, index)  # (N,)

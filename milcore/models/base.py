@@ -1,11 +1,18 @@
-"""Base config and module shared by every aggregator: validation, head resizing, trainer hooks.
+"""Base config and module shared by every aggregator: validation, bookkeeping, head resizing, trainer hooks.
 
 Contract (see ``DESIGN.md``): an aggregator is a ``@dataclass(frozen=True)`` config (a subclass of
 :class:`AggregatorConfig`) plus a :class:`MILAggregator` built from it, whose
 ``forward(x (N, D), ptr (B+1,), coords=None, labels=None)`` returns a
 :class:`~milcore.models.output.MILOutput`.
 
-Input checks made by every ``forward`` (:meth:`MILAggregator.check_inputs`):
+**The base class does the bookkeeping once; an aggregator writes only its pooling.**
+:meth:`MILAggregator.forward` is final: it checks the inputs, derives the ``(N,)`` bag index of every
+row from ``ptr``, calls the aggregator's :meth:`~MILAggregator.pool` and checks its output. A dense
+path is the same: :meth:`~MILAggregator.forward_padded` (final) checks a ``(B, N_max, D)`` batch and
+its mask, calls :meth:`~MILAggregator.pool_padded` when the aggregator implements it, and checks the
+output. A subclass that overrides ``forward`` or ``forward_padded`` is refused when it is defined.
+
+Input checks (:meth:`MILAggregator.check_inputs`):
 
 * ``x`` must be ``(N, in_dim)`` floating point; another width raises an error naming both dims;
 * NaN or infinite features raise an error giving the first bad row and its bag (detected from the
@@ -17,23 +24,30 @@ their pooled embedding is that of an empty sum (zeros; TransMIL: the class token
 are the classifier's response to it, so a batch with empty bags never fails and never produces NaN. The
 trainer should still drop empty bags from the loss if it does not want them to count.
 
-**Trainer hooks**: before every epoch the trainer calls ``model.on_epoch_start(EpochContext(...))`` on any
-model. A model lists what it needs in ``hook_requirements`` (AMiL: ``{"control_instances"}``); the trainer
-fills only those fields, lazily (see :class:`EpochContext`).
+**What an aggregator needs** is declared by class attributes, which the registry copies into the
+entry's metadata (:func:`~milcore.models.registry.aggregator_needs`), so callers never decide by name:
+``uses_coords`` (pass ``(N, 2)`` cell coordinates when the bank has them: graph MIL),
+``control_class_field`` (the config field holding the label of control bags: AMiL's ``normal_class``),
+``hook_requirements`` (:class:`EpochContext` fields the trainer must fill, lazily: AMiL's
+``{"control_instances"}``), ``permutation_invariant``; ``has_padded_path`` is derived (whether
+``pool_padded`` is implemented). Before every epoch the trainer calls
+``model.on_epoch_start(EpochContext(...))`` on any model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from feature_cache.errors import InvalidArgumentError
 from milcore.models.output import MILOutput
+from milcore.ops import ptr_to_index
 
 __all__ = ["AggregatorConfig", "EpochContext", "MILAggregator", "check_choice", "check_range"]
 
@@ -91,22 +105,41 @@ class EpochContext:
     control_instances: Callable[[], Tensor] | None = None
 
 
-class MILAggregator(nn.Module):
+class MILAggregator(nn.Module, metaclass=ABCMeta):
     """Base class of every aggregator (see the module docstring for the contract).
+
+    A subclass implements :meth:`pool` (and optionally :meth:`pool_padded`) and ``_resize_head``; it
+    never overrides :meth:`forward` or :meth:`forward_padded`.
 
     Class attributes:
         aggregator_name: set by :func:`~milcore.models.registry.register_aggregator`.
         config_class: the config dataclass, set by the registry.
+        uses_coords: pass the cells' ``(N, 2)`` coordinates to ``forward`` when the data has them.
+        control_class_field: name of the config field holding the label of control (healthy) bags,
+            for models that learn from control cells (AMiL: ``"normal_class"``); ``None`` otherwise.
         hook_requirements: :class:`EpochContext` fields the model needs from the trainer.
         permutation_invariant: whether outputs are invariant to the order of rows within a bag.
-        has_padded_path: whether :meth:`forward_padded` is implemented (dense ``(B, N_max, D)`` input).
+        has_padded_path: whether :meth:`pool_padded` is implemented (derived, not declared).
     """
 
     aggregator_name: ClassVar[str] = ""
     config_class: ClassVar[type[AggregatorConfig]] = AggregatorConfig
+    uses_coords: ClassVar[bool] = False
+    control_class_field: ClassVar[str | None] = None
     hook_requirements: ClassVar[frozenset[str]] = frozenset()
     permutation_invariant: ClassVar[bool] = True
     has_padded_path: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for final in ("forward", "forward_padded"):
+            if final in cls.__dict__:
+                raise InvalidArgumentError(
+                    f"aggregator class {cls.__module__}.{cls.__qualname__} overrides MILAggregator.{final}, which "
+                    f"does the checks and bookkeeping: implement pool(x, ptr, index, coords, labels) instead"
+                    + (" (and pool_padded for a dense path)" if final == "forward_padded" else "")
+                )
+        cls.has_padded_path = cls.pool_padded is not MILAggregator.pool_padded
 
     def __init__(self, config: AggregatorConfig) -> None:
         super().__init__()
@@ -124,7 +157,7 @@ class MILAggregator(nn.Module):
     def forward(
         self, x: Tensor, ptr: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
     ) -> MILOutput:
-        """Score a packed batch of bags.
+        """Score a packed batch of bags (final: checks, bookkeeping, then :meth:`pool`).
 
         Args:
             x: ``(N, D)`` instance features of all bags, bag ``b`` being rows ``ptr[b]:ptr[b+1]``.
@@ -132,8 +165,13 @@ class MILAggregator(nn.Module):
             coords: optional ``(N, 2)`` spatial coordinates (used by models that can, e.g. graph MIL).
             labels: optional ``(B,)`` int64 bag labels; models with label-dependent auxiliary losses add
                 them to ``aux_losses`` when given (the trainer passes labels while training).
+
+        Raises:
+            InvalidArgumentError: malformed inputs, or non-finite features (row and bag named).
         """
-        raise NotImplementedError
+        self.check_inputs(x, ptr, coords, labels)
+        index = ptr_to_index(ptr, x.shape[0])  # (N,)
+        return self.check_output(self.pool(x, ptr, index, coords, labels), x, ptr)
 
     def forward_padded(
         self, x: Tensor, mask: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
@@ -141,7 +179,33 @@ class MILAggregator(nn.Module):
         """Same as :meth:`forward` from a dense ``(B, N_max, D)`` batch and its ``(B, N_max)`` mask.
 
         Attention in the output is aligned with ``x[mask]`` (the packed rows), as for :meth:`forward`.
+        Final: checks, then :meth:`pool_padded`.
+
+        Raises:
+            NotImplementedError: the aggregator has no dense path (``has_padded_path`` is False).
         """
+        if not self.has_padded_path:
+            raise NotImplementedError(f"{type(self).__name__} has no padded path")
+        ptr = self.check_padded(x, mask, labels)
+        return self.check_output(self.pool_padded(x, mask, ptr, coords, labels), x, mask)
+
+    @abstractmethod
+    def pool(self, x: Tensor, ptr: Tensor, index: Tensor, coords: Tensor | None, labels: Tensor | None) -> MILOutput:
+        """The aggregator itself: pool checked inputs into a :class:`~milcore.models.output.MILOutput`.
+
+        Args:
+            x: ``(N, D)`` finite-or-not features (checked shape and dtype; NaN is reported from the output).
+            ptr: ``(B+1,)`` checked offsets.
+            index: ``(N,)`` bag of every row (``ptr_to_index(ptr, N)``).
+            coords: ``(N, k)`` coordinates or ``None``.
+            labels: ``(B,)`` checked labels or ``None``.
+        """
+
+    def pool_padded(
+        self, x: Tensor, mask: Tensor, ptr: Tensor, coords: Tensor | None, labels: Tensor | None
+    ) -> MILOutput:
+        """Optional dense path: ``(B, N_max, D)`` features, ``(B, N_max)`` mask, the ``(B+1,)`` ptr of the
+        mask; attention aligned with ``x[mask]``. Implementing it sets ``has_padded_path``."""
         raise NotImplementedError(f"{type(self).__name__} has no padded path")
 
     def reset_head(self, num_classes: int) -> None:
@@ -195,8 +259,11 @@ class MILAggregator(nn.Module):
         NaN/inf features always reach the logits (through the embedding, the attention softmax or the
         pooling), so checking the ``(B, C)`` logits -- and scanning ``x`` only when they are not finite --
         costs nothing on good batches. Non-finite logits from finite features (a diverged model) are
-        returned as they are, for the trainer to handle.
+        returned as they are, for the trainer to handle. The shapes are checked too (no device sync):
+        a ``MILOutput`` with ``(B, C)`` logits, ``(B, E)`` embedding and, on the packed path, ``N`` rows of
+        attention, so a pooling that breaks the contract is named here rather than deep in training.
         """
+        self._check_output_shapes(out, x, ptr)
         if bool(torch.isfinite(out.logits).all()):
             return out
         bad = ~torch.isfinite(x).all(dim=-1)  # (N,) or (B, L)
@@ -211,6 +278,21 @@ class MILAggregator(nn.Module):
             bag = int(torch.searchsorted(ptr, torch.tensor(row, device=ptr.device), right=True)) - 1
             raise InvalidArgumentError(f"{name}: features contain NaN or inf (first at row {row}, bag {bag})")
         return out
+
+    def _check_output_shapes(self, out: MILOutput, x: Tensor, ptr: Tensor) -> None:
+        name = self.aggregator_name or type(self).__name__
+        if not isinstance(out, MILOutput):
+            raise InvalidArgumentError(f"{name}: pool must return a MILOutput, got {type(out).__name__}")
+        bags = x.shape[0] if x.dim() == 3 else ptr.shape[0] - 1
+        problems = []
+        if tuple(out.logits.shape) != (bags, self.num_classes):
+            problems.append(f"logits {tuple(out.logits.shape)} (expected ({bags}, {self.num_classes}))")
+        if out.embedding.dim() != 2 or out.embedding.shape[0] != bags:
+            problems.append(f"embedding {tuple(out.embedding.shape)} (expected ({bags}, E))")
+        if x.dim() == 2 and (out.attention.dim() not in (1, 2) or out.attention.shape[0] != x.shape[0]):
+            problems.append(f"attention {tuple(out.attention.shape)} (expected ({x.shape[0]},) or ({x.shape[0]}, H))")
+        if problems:
+            raise InvalidArgumentError(f"{name}: output breaks the MILOutput contract: {'; '.join(problems)}")
 
     def _check_labels(self, labels: Tensor, num_bags: int) -> None:
         name = self.aggregator_name or type(self).__name__

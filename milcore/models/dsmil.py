@@ -31,7 +31,6 @@ from milcore.models.layers import autocast_input, instance_embedding, resize_lin
 from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
 from milcore.ops import (
-    ptr_to_index,
     segment_argmax,
     segment_inner,
     segment_max,
@@ -74,8 +73,6 @@ class DSMILConfig(AggregatorConfig):
 class DSMIL(MILAggregator):
     """Dual-stream MIL (Li et al. 2021): critical-instance max stream + per-class attention stream."""
 
-    has_padded_path = False
-
     def __init__(self, config: DSMILConfig) -> None:
         super().__init__(config)
         dim = config.embed_dim or config.in_dim
@@ -92,11 +89,7 @@ class DSMIL(MILAggregator):
         # the reference's Conv1d(C, C, kernel=V) over the (C, V) bag matrix, as the equivalent Linear(C*V, C)
         self.bag_head = nn.Linear(config.num_classes * self.value_dim, config.num_classes)
 
-    def forward(
-        self, x: Tensor, ptr: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
-    ) -> MILOutput:
-        self.check_inputs(x, ptr, coords, labels)
-        index = ptr_to_index(ptr, x.shape[0])  # (N,)
+    def pool(self, x: Tensor, ptr: Tensor, index: Tensor, coords: Tensor | None, labels: Tensor | None) -> MILOutput:
         h = self.embed(autocast_input(x))  # (N, E)
         inst_logits = self.instance_head(h)  # (N, C)
         max_logits = segment_max(inst_logits, ptr, index)  # (B, C)
@@ -114,14 +107,13 @@ class DSMIL(MILAggregator):
         aux = {}
         if labels is not None:
             aux["max_instance"] = self.config.max_loss_weight * F.cross_entropy(max_logits.float(), labels)
-        out = MILOutput(
+        return MILOutput(
             logits=0.5 * (max_logits + bag_logits),
             attention=att,
             embedding=bag_repr.mean(dim=1),
             aux_losses=aux,
             instance_scores={"logits": inst_logits},
         )
-        return self.check_output(out, x, ptr)
 
     @torch.no_grad()
     def _resize_head(self, num_classes: int) -> None:

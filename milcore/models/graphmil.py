@@ -28,7 +28,7 @@ from milcore.models.base import AggregatorConfig, MILAggregator, check_choice, c
 from milcore.models.layers import GatedAttention, autocast_input, instance_embedding, resize_linear
 from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
-from milcore.ops import knn_graph, ptr_to_index, segment_softmax, weighted_segment_sum
+from milcore.ops import knn_graph, segment_softmax, weighted_segment_sum
 
 __all__ = ["GraphMIL", "GraphMILConfig"]
 
@@ -86,6 +86,8 @@ def _make_conv(config: GraphMILConfig) -> nn.Module:
 class GraphMIL(MILAggregator):
     """GNN on per-bag kNN cell graphs (GCN/GAT/GIN, torch-geometric) with gated-attention readout."""
 
+    uses_coords = True  # the kNN graph is built in cell coordinates when the bank has them
+
     def __init__(self, config: GraphMILConfig) -> None:
         super().__init__(config)
         self.embed = instance_embedding(config.in_dim, config.embed_dim, config.dropout)
@@ -94,16 +96,12 @@ class GraphMIL(MILAggregator):
         self.attention = GatedAttention(width, config.attention_dim, 1, gated=True)
         self.head = nn.Linear(width, config.num_classes)
 
-    def forward(
-        self, x: Tensor, ptr: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
-    ) -> MILOutput:
-        self.check_inputs(x, ptr, coords, labels)
+    def pool(self, x: Tensor, ptr: Tensor, index: Tensor, coords: Tensor | None, labels: Tensor | None) -> MILOutput:
         space = self.config.graph_space
         if space == "coords" and coords is None:
             raise InvalidArgumentError("graphmil: graph_space='coords' needs coords (N, 2)")
         pos = coords if coords is not None and space != "features" else x  # (N, F)
         edge_index = knn_graph(pos, ptr, self.config.k)  # (2, E)
-        index = ptr_to_index(ptr, x.shape[0])  # (N,)
         h = self.embed(autocast_input(x))  # (N, E)
         layers = [h]
         for conv in self.convs:
@@ -113,7 +111,7 @@ class GraphMIL(MILAggregator):
         scores = self.attention(h)  # (N, 1)
         att = segment_softmax(scores, ptr, index)  # (N, 1)
         embedding = weighted_segment_sum(h, att, ptr, index)[:, 0]  # (B, E)
-        return self.check_output(MILOutput(self.head(embedding), att[:, 0], embedding), x, ptr)
+        return MILOutput(self.head(embedding), att[:, 0], embedding)
 
     def _resize_head(self, num_classes: int) -> None:
         self.head = resize_linear(self.head, num_classes)

@@ -19,7 +19,7 @@ from milcore.models.layers import autocast_input
 from milcore.models.meanpool import MeanPool, MeanPoolConfig
 from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
-from milcore.ops import ptr_to_index, segment_max, segment_sum
+from milcore.ops import segment_max, segment_sum
 
 __all__ = ["MaxPool", "MaxPoolConfig"]
 
@@ -33,25 +33,20 @@ class MaxPoolConfig(MeanPoolConfig):
 class MaxPool(MeanPool):
     """Element-wise max pooling of instance embeddings (baseline); embedding and head as in mean pooling."""
 
-    def forward(
-        self, x: Tensor, ptr: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
-    ) -> MILOutput:
-        self.check_inputs(x, ptr, coords, labels)
-        index = ptr_to_index(ptr, x.shape[0])  # (N,)
+    def pool(self, x: Tensor, ptr: Tensor, index: Tensor, coords: Tensor | None, labels: Tensor | None) -> MILOutput:
         h = self.embed(autocast_input(x))  # (N, E)
         embedding = segment_max(h, ptr, index)  # (B, E)
         winners = (h == embedding.index_select(0, index)).float()  # (N, E) rows attaining each max
         counts = segment_sum(winners, ptr, index).index_select(0, index)  # (N, E)
         attention = (winners / counts.clamp(min=1)).mean(dim=1)  # (N,)
-        return self.check_output(MILOutput(self.head(embedding), attention, embedding), x, ptr)
+        return MILOutput(self.head(embedding), attention, embedding)
 
-    def forward_padded(
-        self, x: Tensor, mask: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
+    def pool_padded(
+        self, x: Tensor, mask: Tensor, ptr: Tensor, coords: Tensor | None, labels: Tensor | None
     ) -> MILOutput:
-        self.check_padded(x, mask, labels)
         h = self.embed(autocast_input(x)).masked_fill(~mask.unsqueeze(-1), float("-inf"))  # (B, L, E)
         embedding = h.amax(dim=1) if h.shape[1] else h.new_zeros(h.shape[0], h.shape[2])  # (B, E)
         embedding = embedding.masked_fill(~mask.any(dim=1, keepdim=True), 0.0)
         winners = ((h == embedding.unsqueeze(1)) & mask.unsqueeze(-1)).float()  # (B, L, E)
         attention = (winners / winners.sum(dim=1, keepdim=True).clamp(min=1)).mean(dim=2)  # (B, L)
-        return self.check_output(MILOutput(self.head(embedding), attention[mask], embedding), x, mask)
+        return MILOutput(self.head(embedding), attention[mask], embedding)

@@ -19,7 +19,7 @@ from milcore.models.base import AggregatorConfig, MILAggregator, check_range
 from milcore.models.layers import autocast_input, instance_embedding, resize_linear
 from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
-from milcore.ops import ptr_to_index, ptr_to_sizes
+from milcore.ops import ptr_to_sizes
 
 __all__ = ["MeanPool", "MeanPoolConfig"]
 
@@ -46,33 +46,26 @@ class MeanPoolConfig(AggregatorConfig):
 class MeanPool(MILAggregator):
     """Mean pooling of instance embeddings (baseline)."""
 
-    has_padded_path = True
-
     def __init__(self, config: MeanPoolConfig) -> None:
         super().__init__(config)
         self.embed = instance_embedding(config.in_dim, config.embed_dim, config.dropout)
         self.head = nn.Linear(config.embed_dim or config.in_dim, config.num_classes)
 
-    def forward(
-        self, x: Tensor, ptr: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
-    ) -> MILOutput:
-        self.check_inputs(x, ptr, coords, labels)
-        index = ptr_to_index(ptr, x.shape[0])  # (N,)
+    def pool(self, x: Tensor, ptr: Tensor, index: Tensor, coords: Tensor | None, labels: Tensor | None) -> MILOutput:
         h = self.embed(autocast_input(x))  # (N, E)
         sizes = ptr_to_sizes(ptr).clamp(min=1)  # (B,)
         embedding = h.new_zeros(sizes.numel(), h.shape[1]).index_add(0, index, h) / sizes.unsqueeze(1)
         attention = 1.0 / sizes.float().index_select(0, index)  # (N,)
-        return self.check_output(MILOutput(self.head(embedding), attention, embedding), x, ptr)
+        return MILOutput(self.head(embedding), attention, embedding)
 
-    def forward_padded(
-        self, x: Tensor, mask: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
+    def pool_padded(
+        self, x: Tensor, mask: Tensor, ptr: Tensor, coords: Tensor | None, labels: Tensor | None
     ) -> MILOutput:
-        ptr = self.check_padded(x, mask, labels)
         h = self.embed(autocast_input(x)) * mask.unsqueeze(-1)  # (B, L, E)
         sizes = ptr_to_sizes(ptr).clamp(min=1)
         embedding = h.sum(dim=1) / sizes.unsqueeze(1)  # (B, E)
         attention = (mask.float() / sizes.float().unsqueeze(1))[mask]  # (N,)
-        return self.check_output(MILOutput(self.head(embedding), attention, embedding), x, mask)
+        return MILOutput(self.head(embedding), attention, embedding)
 
     def _resize_head(self, num_classes: int) -> None:
         self.head = resize_linear(self.head, num_classes)

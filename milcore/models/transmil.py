@@ -45,7 +45,7 @@ from milcore.models.base import AggregatorConfig, MILAggregator, check_range
 from milcore.models.layers import autocast_input, resize_linear
 from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
-from milcore.ops import ptr_to_index, ptr_to_sizes, segment_mean, to_padded
+from milcore.ops import ptr_to_sizes, segment_mean, to_padded
 
 __all__ = ["TransMIL", "TransMILConfig"]
 
@@ -179,7 +179,6 @@ class TransMIL(MILAggregator):
     """TransMIL (Shao et al. 2021) with exact fused attention up to ``exact_max_tokens``, Nystrom beyond."""
 
     permutation_invariant = False
-    has_padded_path = True
 
     def __init__(self, config: TransMILConfig) -> None:
         super().__init__(config)
@@ -190,18 +189,14 @@ class TransMIL(MILAggregator):
         self.norm = nn.LayerNorm(config.dim)
         self.head = nn.Linear(config.dim, config.num_classes)
 
-    def forward(
-        self, x: Tensor, ptr: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
-    ) -> MILOutput:
-        self.check_inputs(x, ptr, coords, labels)
-        index = ptr_to_index(ptr, x.shape[0])
+    def pool(self, x: Tensor, ptr: Tensor, index: Tensor, coords: Tensor | None, labels: Tensor | None) -> MILOutput:
         h = self.fc(autocast_input(x))  # (N, E)
         sizes = ptr_to_sizes(ptr)
         large = (sizes + 1 > self.config.exact_max_tokens).tolist()
         if not any(large):
             tokens, mask = to_padded(h, ptr, index)  # (B, L, E), (B, L)
             embedding, att = self._encode(tokens, mask, sizes, exact=True)
-            return self.check_output(self._output(embedding, att[mask]), x, ptr)
+            return self._output(embedding, att[mask])
         # mixed batch: small bags together (exact), each large bag alone (Nystrom)
         offsets, parts, order = ptr.tolist(), [], []
         small = [b for b, big in enumerate(large) if not big]
@@ -223,18 +218,17 @@ class TransMIL(MILAggregator):
         row_order = torch.cat([torch.arange(offsets[b], offsets[b + 1]) for b in order]).to(x.device)
         att_cat = torch.cat([p[1] for p in parts])
         attention = torch.empty_like(att_cat).index_copy(0, row_order, att_cat)
-        return self.check_output(self._output(embedding, attention), x, ptr)
+        return self._output(embedding, attention)
 
-    def forward_padded(
-        self, x: Tensor, mask: Tensor, coords: Tensor | None = None, labels: Tensor | None = None
+    def pool_padded(
+        self, x: Tensor, mask: Tensor, ptr: Tensor, coords: Tensor | None, labels: Tensor | None
     ) -> MILOutput:
-        ptr = self.check_padded(x, mask, labels)
         sizes = ptr_to_sizes(ptr)
         if bool((sizes + 1 > self.config.exact_max_tokens).any()):
             return self.forward(x[mask], ptr)
         tokens = self.fc(autocast_input(x)) * mask.unsqueeze(-1)  # (B, L, E)
         embedding, att = self._encode(tokens, mask, sizes, exact=True)
-        return self.check_output(self._output(embedding, att[mask]), x, mask)
+        return self._output(embedding, att[mask])
 
     def _encode(self, tokens: Tensor, mask: Tensor | None, sizes: Tensor, exact: bool) -> tuple[Tensor, Tensor]:
         """Instance tokens ``(B, L, E)`` -> class embedding ``(B, E)`` and instance attention ``(B, L)``."""

@@ -15,12 +15,15 @@ from milcore.models import (
     AggregatorConfig,
     EpochContext,
     MILAggregator,
+    MILOutput,
+    aggregator_needs,
+    control_class_of,
     create_aggregator,
     get_aggregator_entry,
     list_aggregators,
     register_aggregator,
 )
-from milcore.models.registry import _REGISTRY
+from milcore.models.registry import REGISTRY
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
@@ -44,36 +47,106 @@ def test_duplicate_name_is_an_error() -> None:
     class Cfg(AggregatorConfig):
         pass
 
-    with pytest.raises(ValueError, match="already registered"):
-        register_aggregator("abmil", config=Cfg)(type("Dup", (MILAggregator,), {}))
+    class Dup(MILAggregator):
+        def pool(self, x, ptr, index, coords, labels):
+            raise NotImplementedError
+
+    with REGISTRY.scoped(), pytest.raises(InvalidArgumentError, match=r"aggregator 'abmil' is already registered "
+                                                                    r"\(by milcore\.models\.abmil\.ABMIL\)"):
+        register_aggregator("abmil", config=Cfg)(Dup)  # before the built-in abmil was ever imported
+    assert get_aggregator_entry("abmil").model_class.__name__ == "ABMIL"
 
 
-def test_register_requires_a_frozen_dataclass_and_new_models_are_created() -> None:
+class _Pooled(MILAggregator):
+    """A test aggregator."""
+
+    def pool(self, x, ptr, index, coords, labels) -> MILOutput:
+        return MILOutput(x.new_zeros(ptr.numel() - 1, self.num_classes), x.new_ones(x.shape[0]), x[:0])
+
+
+def test_register_refuses_what_breaks_the_contract_naming_it() -> None:
     @dataclass
     class Mutable:
         in_dim: int
         num_classes: int
 
-    with pytest.raises(ValueError, match="frozen"):
-        register_aggregator("_mutable_test", config=Mutable)(type("M", (MILAggregator,), {}))  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="MILAggregator"):
-        register_aggregator("_not_a_module", config=AggregatorConfig)(type("N", (), {}))
-
     @dataclass(frozen=True)
     class Cfg(AggregatorConfig):
         width: int = 3
 
-    try:
+    with REGISTRY.scoped():
+        with pytest.raises(InvalidArgumentError, match=r"config of aggregator '_mutable_test' must be a "
+                                                       r"@dataclass\(frozen=True\).*Mutable"):
+            register_aggregator("_mutable_test", config=Mutable)(_Pooled)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError, match=r"'_not_a_module'.*'N' must subclass MILAggregator"):
+            register_aggregator("_not_a_module", config=Cfg)(type("N", (), {}))
+
+        class NoPool(MILAggregator):
+            pass
+
+        with pytest.raises(InvalidArgumentError, match="NoPool does not implement pool"):
+            register_aggregator("_no_pool", config=Cfg)(NoPool)
+        with pytest.raises(InvalidArgumentError, match="name must be letters"):
+            register_aggregator("a,b", config=Cfg)(_Pooled)
+        assert not list_aggregators("_*")
+
+
+def test_forward_is_final() -> None:
+    """The base class does the checks and the bookkeeping: an aggregator writes only its pooling."""
+    with pytest.raises(InvalidArgumentError, match=r"OwnForward overrides MILAggregator\.forward.*implement pool"):
+
+        class OwnForward(MILAggregator):
+            def forward(self, x, ptr, coords=None, labels=None):  # type: ignore[override]
+                return None
+
+    with pytest.raises(InvalidArgumentError, match=r"forward_padded.*pool_padded"):
+
+        class OwnPadded(_Pooled):
+            def forward_padded(self, x, mask, coords=None, labels=None):  # type: ignore[override]
+                return None
+
+
+def test_new_models_are_created_and_the_base_checks_their_output() -> None:
+    @dataclass(frozen=True)
+    class Cfg(AggregatorConfig):
+        width: int = 3
+
+    with REGISTRY.scoped():
 
         @register_aggregator("_tiny_test", config=Cfg)
-        class Tiny(MILAggregator):
-            """A test aggregator."""
+        class Tiny(_Pooled):
+            """A tiny test aggregator."""
 
         model = create_aggregator("_tiny_test", in_dim=4, num_classes=2, width=5)
         assert isinstance(model, Tiny) and model.config.width == 5 and "_tiny_test" in list_aggregators("_*")
-        assert get_aggregator_entry("_tiny_test").summary == "A test aggregator."
-    finally:
-        _REGISTRY.pop("_tiny_test", None)
+        assert get_aggregator_entry("_tiny_test").summary == "A tiny test aggregator."
+        assert not model.has_padded_path and aggregator_needs("_tiny_test").padded is False
+        with pytest.raises(InvalidArgumentError, match=r"_tiny_test: output breaks the MILOutput contract: "
+                                                       r"embedding \(0, 4\) \(expected \(2, E\)\)"):
+            model(torch.randn(5, 4), torch.tensor([0, 2, 5]))  # _Pooled returns an empty embedding
+        with pytest.raises(InvalidArgumentError, match="x must be a"):
+            model(torch.randn(5), torch.tensor([0, 5]))  # the base checks inputs before pool
+    assert "_tiny_test" not in list_aggregators()
+
+
+def test_needs_are_declared_by_the_models_not_chosen_by_name() -> None:
+    assert aggregator_needs("graphmil").coords and not aggregator_needs("abmil").coords
+    assert aggregator_needs("amil").control_class == "normal_class"
+    assert aggregator_needs("amil").hooks == {"control_instances"}
+    assert {n for n in list_aggregators() if aggregator_needs(n).padded} == {"abmil", "max", "mean", "transmil"}
+    assert [n for n in list_aggregators() if not aggregator_needs(n).permutation_invariant] == ["transmil"]
+    amil = create_aggregator("amil", in_dim=4, num_classes=3, normal_class=2)
+    assert control_class_of(amil) == 2 and control_class_of(create_aggregator("abmil", in_dim=4, num_classes=2)) == 0
+    assert aggregator_needs(torch.nn.Linear(2, 2)) == aggregator_needs(torch.nn.Module)  # a plain module needs nothing
+    for name in list_aggregators():  # the entry's metadata is what the class declares
+        assert get_aggregator_entry(name).needs == aggregator_needs(create_aggregator(name, in_dim=4, num_classes=2))
+
+
+def test_listing_imports_neither_torch_nor_the_models() -> None:
+    code = ("import sys; from milcore.models import list_aggregators; names = list_aggregators(); "
+            "print(len(names) >= 7, 'torch' in sys.modules, 'milcore.models.abmil' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False", "False"]
 
 
 def test_unknown_config_field_is_named_with_a_hint() -> None:
