@@ -72,12 +72,9 @@ class BenchSpec:
 
 def check_models(models: tuple[str, ...], peers: tuple[str, ...]) -> None:
     """Raise :class:`UserError` for an unknown aggregator or peer name, listing the valid ones."""
-    from milcore.models import list_aggregators
+    from milcore.models.registry import REGISTRY
 
-    known = list_aggregators()
-    for name in models:
-        if name not in known:
-            raise UserError(f"unknown aggregator {name!r} (registered: {', '.join(known)})")
+    REGISTRY.check_names(models, "--models")  # the registry's one-line error, with close matches
     for name in peers:
         if name not in PEER_MODELS:
             raise UserError(f"unknown peer {name!r} (torchmil adapters: {', '.join(PEER_MODELS)})")
@@ -202,7 +199,9 @@ def _load(spec: BenchSpec) -> dict[str, Any]:
     folds = {s: make_folds(ids, labels, k=spec.folds, seed=s, groups=groups, classes=classes) for s in spec.seeds}
     class_counts = {c: int((labels == i).sum()) for i, c in enumerate(classes)}
     label_of = dict(zip(cohort.bag_ids, np.asarray(cohort.labels).tolist(), strict=True))
-    needs_coords = any(m.startswith("graph") for m in spec.models)
+    from milcore.models import aggregator_needs
+
+    needs_coords = any(aggregator_needs(m).coords for m in spec.models)
     budget = int(spec.train.memory_budget_gb * (1 << 30))
     store = FeatureStore(bank, ids + ood_ids, budget, with_coords=needs_coords)
     cells = Path(spec.cells) if spec.cells else Path(spec.cohort).with_name("cells.csv")

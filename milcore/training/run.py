@@ -269,7 +269,9 @@ def _run(spec: RunSpec, config: TrainConfig, out: Path, plan: _Plan, t_start: fl
     if not (out / "splits.json").exists():
         save_folds(folds, out / "splits.json", {"seed": spec.seed, "k": spec.folds, "cohort": spec.cohort})
     label_of = dict(zip(cohort.bag_ids, cohort.labels, strict=True))
-    needs_coords = config.model.startswith("graph")
+    from milcore.models import aggregator_needs
+
+    needs_coords = aggregator_needs(config.model).coords
     budget = int(config.memory_budget_gb * (1 << 30))
     store = FeatureStore(bank, list(cohort.bag_ids), budget, with_coords=needs_coords)
     trainer = Trainer(config, bank.dim, len(classes))

@@ -176,6 +176,7 @@ class Trainer:
             The model loaded with the best weights, and the :class:`FitResult`.
         """
         from milcore.models.base import EpochContext
+        from milcore.models.registry import aggregator_needs, control_class_of
 
         cfg = self.config
         if cfg.deterministic and self.device.type == "cpu":
@@ -199,8 +200,8 @@ class Trainer:
         start_epoch, bad_epochs = 0, 0
         if state_path is not None and Path(state_path).exists():
             start_epoch, bad_epochs, history, best = self._resume(Path(state_path), model, optimizer, bel)
-        needs = getattr(model, "hook_requirements", frozenset())
-        normal_class = int(getattr(model.config, "normal_class", 0))
+        needs = aggregator_needs(model).hooks  # declared by the model (any nn.Module: none)
+        normal_class = control_class_of(model)
         board = _tensorboard(log_dir) if cfg.tensorboard else None
         bar = progress(total=cfg.epochs, desc=desc, unit="epoch", initial=start_epoch)
         stopped = False
