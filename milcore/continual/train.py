@@ -10,6 +10,7 @@ from milcore.continual.data import Items, TrainBatch
 from milcore.continual.strategies.base import Strategy, StrategyContext
 from milcore.losses import class_weights
 from milcore.models.base import EpochContext
+from milcore.models.registry import aggregator_needs, control_class_of
 
 CONTROL_SAMPLE = 20_000
 
@@ -41,7 +42,7 @@ def train_task(ctx: StrategyContext, strategy: Strategy, items: Items, cfg: Stre
     losses = []
     model.train()
     ctx.data.preload([b for b, r in zip(items.bag_ids, items.rows, strict=True)])
-    needs = getattr(model, "hook_requirements", frozenset())
+    needs = aggregator_needs(model).hooks  # declared by the model (any nn.Module: none)
     for epoch in range(cfg.epochs):
         if hasattr(model, "on_epoch_start"):  # e.g. AMiL refits its control-cell Gaussian
             sampler = _control_sampler(ctx, items, model) if "control_instances" in needs else None
@@ -67,7 +68,7 @@ def train_task(ctx: StrategyContext, strategy: Strategy, items: Items, cfg: Stre
 
 def _control_sampler(ctx: StrategyContext, items: Items, model: torch.nn.Module):
     """Rows of the control-class items (memory pseudo-bags included), at most :data:`CONTROL_SAMPLE`."""
-    normal = int(getattr(model.config, "normal_class", 0))
+    normal = control_class_of(model)
 
     def sample() -> torch.Tensor:
         xs = [ctx.data.item_x(items, k) for k in np.flatnonzero(items.labels == normal)]
