@@ -416,7 +416,10 @@ class Config:
         f = cls.__dataclass_fields__[name]
         spec = option_spec(f)
         if spec.load is not None and value is not None:
-            value = spec.load(value)
+            try:
+                value = spec.load(value)
+            except InvalidArgumentError as exc:
+                raise InvalidArgumentError(f"{name}: {exc}") from None
         value = check_type(name, value, _hints(cls)[name])
         spec.check(name, value)
         return value

@@ -1,13 +1,18 @@
-"""What an audit computes: subgroup definitions, the tested metrics, resampling and the significance rule."""
+"""What an audit computes (:class:`AuditConfig`) and what an imbalance experiment re-trains (:class:`ExperimentSpec`).
+
+Both follow the engine's config convention (:mod:`feature_cache.config`); ``milcore audit`` and
+``milcore audit experiment`` derive their flags (types, ranges, defaults, help) from these fields.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from feature_cache.config import Config, option
 from feature_cache.errors import InvalidArgumentError
+from milcore.training.config import TrainConfig
 
 #: Default age bands (inclusive years). The 72-86 band is the one Sadafi et al. (2023, "A Study of Age and
 #: Sex Bias in Multiple Instance Learning based Classification of AML Subtypes") found hurt by an age
@@ -17,76 +22,11 @@ ATTRIBUTES = ("sex", "age", "site")
 CORRECTIONS = ("holm", "bonferroni", "bh")
 
 
-@dataclass(frozen=True)
-class AuditConfig:
-    """How a run's predictions are stratified and tested.
+def _metrics() -> tuple[str, ...]:
+    """The metrics an audit can test per group (the metric table's group-weighted ones)."""
+    from milcore.metrics.table import GROUP_METRICS
 
-    Attributes:
-        attributes: cohort columns to stratify by (``sex``, ``age`` in bands, ``site``); missing ones are
-            reported and skipped.
-        age_bands: inclusive ``(low, high)`` year ranges.
-        intersections: also audit every pair of attributes (e.g. female x 72-86).
-        min_group_size: groups with fewer patients are reported as ``insufficient`` and not tested.
-        primary_metric: the metric whose gaps on single-attribute groups form the primary family of tests.
-        test_metrics: the metrics whose gaps are tested; with the per-class recall and FPR
-            (``per_class=True``) and every intersection they form the secondary family.
-        per_class: also test per-class recall (TPR) and FPR gaps.
-        alpha: family-wise significance level of each family.
-        correction: ``holm`` (default), ``bonferroni`` or ``bh`` (Benjamini-Hochberg FDR).
-        n_boot: bootstrap resamples for confidence intervals (patients resampled within groups).
-        n_perm: permutations per gap test.
-        n_bins: confidence bins of the calibration error.
-        seed: seed of the resampling.
-    """
-
-    attributes: tuple[str, ...] = ATTRIBUTES
-    age_bands: tuple[tuple[int, int], ...] = DEFAULT_AGE_BANDS
-    intersections: bool = True
-    min_group_size: int = 10
-    primary_metric: str = "balanced_accuracy"
-    test_metrics: tuple[str, ...] = ("balanced_accuracy", "macro_f1", "auroc", "ece")
-    per_class: bool = True
-    alpha: float = 0.05
-    correction: str = "holm"
-    n_boot: int = 1000
-    n_perm: int = 2000
-    n_bins: int = 10
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        """Validate; raises :class:`InvalidArgumentError` naming the bad value."""
-        from milcore.audit.fairness_metrics import HIGHER_IS_BETTER
-
-        unknown = [a for a in self.attributes if a not in ATTRIBUTES]
-        if unknown:
-            raise InvalidArgumentError(f"unknown audit attribute(s) {', '.join(unknown)} (use {', '.join(ATTRIBUTES)})")
-        for lo, hi in self.age_bands:
-            if lo > hi:
-                raise InvalidArgumentError(f"age band {lo}-{hi} is empty")
-        bands = sorted(self.age_bands)
-        for (_, hi), (lo, _) in itertools.pairwise(bands):
-            if lo <= hi:
-                raise InvalidArgumentError(f"age bands overlap at {lo}")
-        bad = [m for m in (self.primary_metric, *self.test_metrics) if m not in HIGHER_IS_BETTER]
-        if bad:
-            raise InvalidArgumentError(f"unknown metric(s) {', '.join(bad)} (use {', '.join(HIGHER_IS_BETTER)})")
-        checks = [
-            (self.min_group_size >= 2, f"min_group_size must be >= 2, got {self.min_group_size}"),
-            (0 < self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha}"),
-            (self.correction in CORRECTIONS, f"correction must be one of {', '.join(CORRECTIONS)}"),
-            (self.n_boot >= 10, f"n_boot must be >= 10, got {self.n_boot}"),
-            (self.n_perm >= 10, f"n_perm must be >= 10, got {self.n_perm}"),
-            (self.n_bins >= 1, f"n_bins must be >= 1, got {self.n_bins}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InvalidArgumentError(message)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dictionary."""
-        out = dataclasses.asdict(self)
-        out["age_bands"] = [f"{lo}-{hi}" for lo, hi in self.age_bands]
-        return out
+    return GROUP_METRICS
 
 
 def parse_age_bands(text: str) -> tuple[tuple[int, int], ...]:
@@ -105,3 +45,104 @@ def parse_age_bands(text: str) -> tuple[tuple[int, int], ...]:
     if not bands:
         raise InvalidArgumentError("no age bands given")
     return tuple(bands)
+
+
+def _load_age_bands(value: Any) -> Any:
+    """``"0-45,46-59"``, ``["0-45", "46-59"]`` (as ``to_dict`` writes them) or ``[[0, 45], [46, 59]]``."""
+    if isinstance(value, str):
+        return parse_age_bands(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(parse_age_bands(v)[0] if isinstance(v, str) else v for v in value)
+    return value
+
+
+def _dump_age_bands(bands: tuple[tuple[int, int], ...]) -> list[str]:
+    return [f"{lo}-{hi}" for lo, hi in bands]
+
+
+@dataclass(frozen=True)
+class AuditConfig(Config):
+    """How a run's predictions are stratified and tested.
+
+    Attributes:
+        attributes: cohort columns to stratify by (``sex``, ``age`` in bands, ``site``); missing ones are
+            reported and skipped.
+        age_bands: inclusive ``(low, high)`` year ranges (``"0-45,46-59"`` in a file or on the command line).
+        intersections: also audit every pair of attributes (e.g. female x 72-86).
+        min_group_size: groups with fewer patients are reported as ``insufficient`` and not tested.
+        primary_metric: the metric whose gaps on single-attribute groups form the primary family of tests.
+        test_metrics: the metrics whose gaps are tested; with the per-class recall and FPR
+            (``per_class=True``) and every intersection they form the secondary family.
+        per_class: also test per-class recall (TPR) and FPR gaps.
+        alpha: family-wise significance level of each family.
+        correction: multiple-comparison correction within each family: ``holm``, ``bonferroni`` or
+            ``bh`` (Benjamini-Hochberg FDR).
+        n_boot: bootstrap resamples for confidence intervals (patients resampled within groups).
+        n_perm: permutations per gap test.
+        n_bins: confidence bins of the calibration error.
+        seed: seed of the resampling.
+    """
+
+    config_key = "audit option"
+
+    attributes: tuple[str, ...] = option(ATTRIBUTES, choices=ATTRIBUTES)
+    age_bands: tuple[tuple[int, int], ...] = option(DEFAULT_AGE_BANDS, min_items=1, load=_load_age_bands,
+                                                    dump=_dump_age_bands)  # fmt: skip
+    intersections: bool = True
+    min_group_size: int = option(10, low=2)
+    primary_metric: str = option("balanced_accuracy", choices=_metrics)
+    test_metrics: tuple[str, ...] = option(("balanced_accuracy", "macro_f1", "auroc", "ece"), choices=_metrics)
+    per_class: bool = True
+    alpha: float = option(0.05, low=0, high=1, low_open=True, high_open=True)
+    correction: str = option("holm", choices=CORRECTIONS)
+    n_boot: int = option(1000, low=10)
+    n_perm: int = option(2000, low=10)
+    n_bins: int = option(10, low=1)
+    seed: int = option(0, low=0)
+
+    def validate(self) -> None:
+        """Age bands are non-empty and do not overlap."""
+        for lo, hi in self.age_bands:
+            if lo > hi:
+                raise InvalidArgumentError(f"age_bands: band {lo}-{hi} is empty")
+        for (_, hi), (lo, _) in itertools.pairwise(sorted(self.age_bands)):
+            if lo <= hi:
+                raise InvalidArgumentError(f"age_bands: bands overlap at {lo}")
+
+
+#: Training defaults of the imbalance experiment (shorter than a cross-validated run's: it re-trains
+#: fractions x seeds times); ``ExperimentSpec.train`` and ``milcore audit experiment`` start from these.
+EXPERIMENT_TRAIN = TrainConfig(epochs=30, patience=8, num_workers=0)
+
+
+@dataclass(frozen=True)
+class ExperimentSpec(Config):
+    """What an imbalance experiment re-trains and how.
+
+    Attributes:
+        bank: feature bank path.
+        cohort: cohort table path (label, ``sex`` and ``age`` columns).
+        task: label column.
+        fractions: female fractions of the training set.
+        seeds: repetitions per condition (seed of the training-set draw and of the weights).
+        train_size: training patients per condition (validation split included); 0 = the largest size
+            every condition can reach.
+        test_fraction: share of each class x sex stratum held out as the fixed test set.
+        val_fraction: share of each drawn training set used for early stopping and temperature scaling.
+        age: run the age-band exclusion experiment too.
+        train: how each model is trained (``model``, ``model_args``, epochs, ...; ``seed`` is set per
+            training).
+    """
+
+    config_key = "experiment option"
+
+    bank: str
+    cohort: str
+    task: str
+    fractions: tuple[float, ...] = option((0.0, 0.25, 0.5, 0.75, 1.0), low=0, high=1, min_items=1)
+    seeds: int = option(3, low=1)
+    train_size: int = option(0, low=0)
+    test_fraction: float = option(0.3, low=0, high=1, low_open=True, high_open=True)
+    val_fraction: float = option(0.2, low=0, high=1, low_open=True, high_open=True)
+    age: bool = True
+    train: TrainConfig = field(default_factory=lambda: EXPERIMENT_TRAIN)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,58 +22,11 @@ import numpy as np
 
 from feature_cache.errors import UserError
 from feature_cache.progress import progress
-from milcore.audit.config import AuditConfig
+from milcore.audit.config import AuditConfig, ExperimentSpec
 
 log = logging.getLogger(__name__)
 
 METRICS = ("balanced_accuracy", "macro_f1", "auroc", "ece")
-
-
-@dataclass(frozen=True)
-class ExperimentSpec:
-    """What to re-train and how.
-
-    Attributes:
-        bank: feature bank path.
-        cohort: cohort table path (label, ``sex`` and ``age`` columns).
-        task: label column.
-        model: registered aggregator.
-        fractions: female fractions of the training set.
-        seeds: repetitions per condition (seed of the training-set draw and of the weights).
-        train_size: training patients per condition (validation split included); 0 = the largest size
-            every condition can reach.
-        test_fraction: share of each class x sex stratum held out as the fixed test set.
-        val_fraction: share of each drawn training set used for early stopping and temperature scaling.
-        age: also run the age-band exclusion experiment.
-        epochs: maximum epochs per training.
-        patience: early-stopping patience.
-        lr: learning rate.
-        device: ``auto``, ``cpu``, ``cuda``.
-    """
-
-    bank: str
-    cohort: str
-    task: str
-    model: str = "abmil"
-    fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    seeds: int = 3
-    train_size: int = 0
-    test_fraction: float = 0.3
-    val_fraction: float = 0.2
-    age: bool = True
-    epochs: int = 30
-    patience: int = 8
-    lr: float = 5e-4
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        """Validate; raises :class:`UserError` naming the bad value."""
-        if not self.fractions or any(not 0 <= f <= 1 for f in self.fractions):
-            raise UserError(f"female fractions must lie in [0, 1], got {self.fractions}")
-        if not 0 < self.test_fraction < 1:
-            raise UserError(f"test fraction must lie in (0, 1), got {self.test_fraction}")
-        if not 0 < self.val_fraction < 1:
-            raise UserError(f"validation fraction must lie in (0, 1), got {self.val_fraction}")
 
 
 def _stratified_take(rng: np.random.Generator, idx: np.ndarray, strata: np.ndarray, share: float) -> np.ndarray:
@@ -143,7 +96,6 @@ class _Lab:
     def train_eval(self, train_idx: np.ndarray, seed: int) -> dict[str, dict[str, float]]:
         """Train on ``train_idx`` (a validation share split off), evaluate on every fixed test group."""
         from milcore.training.calibration import fit_temperature, softmax
-        from milcore.training.config import TrainConfig
         from milcore.training.metrics import scalar_metrics
         from milcore.training.trainer import Trainer
 
@@ -151,8 +103,7 @@ class _Lab:
         rng = np.random.default_rng([self.config.seed, seed, 7002])
         val = _stratified_take(rng, train_idx, self.labels.astype(str), spec.val_fraction)
         train = np.setdiff1d(train_idx, val)
-        config = TrainConfig(model=spec.model, epochs=spec.epochs, patience=spec.patience, lr=spec.lr,
-                             device=spec.device, seed=seed, min_epochs=min(5, spec.epochs), num_workers=0)  # fmt: skip
+        config = spec.train.replace(seed=seed, min_epochs=min(spec.train.min_epochs, spec.train.epochs))
         trainer = Trainer(config, self.dim, len(self.classes))
         ids = self.ids
         model, _ = trainer.fit(self.store.view([ids[i] for i in train]), self.labels[train],
@@ -273,7 +224,7 @@ def run_imbalance_experiment(spec: ExperimentSpec, config: AuditConfig, out: str
     from milcore.audit.run import prepare_out, write_json_atomic
     from milcore.models import get_aggregator_entry
 
-    get_aggregator_entry(spec.model)
+    get_aggregator_entry(spec.train.model)
     t0 = time.perf_counter()
     out = Path(out)
     prepare_out(out, overwrite, create=False)

@@ -65,8 +65,9 @@ def add_experiment_sections(rep: Report, result: dict[str, Any]) -> None:
     rep.paragraph(
         f"{plural(design['patients'], 'patient')}; a fixed test set of {plural(design['test']['all'], 'patient')} "
         f"({design['test'].get('sex=F', 0)} female, {design['test'].get('sex=M', 0)} male) was held out once. "
-        f"{spec['model']} was re-trained {plural(len(result['runs']), 'time')} ({plural(spec['seeds'], 'seed')} per "
-        f"condition): with {plural(design['sex_train_size'], 'training patient')} at female fractions "
+        f"{spec['train']['model']} was re-trained {plural(len(result['runs']), 'time')} "
+        f"({plural(spec['seeds'], 'seed')} per condition): with "
+        f"{plural(design['sex_train_size'], 'training patient')} at female fractions "
         f"{', '.join(f'{f:g}' for f in spec['fractions'])}"
         + (f", and with {plural(design['age_train_size'], 'training patient')} excluding each age band in turn "
            f"({', '.join(design['age_bands_excluded'])}) against a baseline that excludes none"
@@ -140,7 +141,7 @@ def write_experiment_report(out: Path, result: dict[str, Any]) -> tuple[Path, Pa
     """Render ``audit.html`` and ``audit.md`` for an imbalance experiment."""
     from milcore.audit.run import write_report_atomic
 
-    rep = Report(f"Imbalance experiments: {result['spec']['model']} on {result['spec']['task']}")
+    rep = Report(f"Imbalance experiments: {result['spec']['train']['model']} on {result['spec']['task']}")
     add_experiment_sections(rep, result)
     rep.paragraph(f"Run table: every training's test metrics are in audit.json ({plural(len(result['runs']), 'run')}).",
                   css="muted")  # fmt: skip

@@ -17,32 +17,38 @@ HELP = "age/sex/site bias audits of a run, and imbalance experiments"
 log = logging.getLogger("milcore")
 
 
-def _audit_options(p: argparse.ArgumentParser) -> None:
-    from milcore.cli._types import fraction, int_at_least
+#: ``AuditConfig`` fields given as flags by ``audit`` and ``audit experiment`` (the rest: ``audit`` alone).
+SHARED_AUDIT_OPTIONS = ("age_bands", "min_group_size", "alpha", "n_boot", "seed")
+RUN_AUDIT_OPTIONS = ("attributes", "intersections", "n_perm", "correction")
+#: Flags named before the config convention (``milcore run`` experiments use them).
+AUDIT_FLAGS = {"min_group_size": "--min-group", "n_boot": "--boot", "n_perm": "--permutations"}
+#: ``ExperimentSpec`` fields and training options (``TrainConfig`` fields) of ``audit experiment``.
+EXPERIMENT_OPTIONS = ("fractions", "seeds", "train_size", "test_fraction", "age")
+EXPERIMENT_TRAIN_OPTIONS = ("model", "epochs", "patience", "lr", "device")
 
-    p.add_argument("--age-bands", default=None, metavar="LO-HI,...",
-                   help="inclusive age bands in years (default 0-45,46-59,60-71,72-86,87-130)")  # fmt: skip
-    p.add_argument("--min-group", type=int_at_least(2), default=10,
-                   help="groups with fewer patients are reported as insufficient (default 10)")  # fmt: skip
-    p.add_argument("--alpha", type=fraction, default=0.05, help="family-wise significance level (default 0.05)")
-    p.add_argument("--boot", type=int_at_least(10), default=1000, help="bootstrap resamples (default 1000)")
-    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed (resampling; experiment: splits, weights)")
+
+def _audit_options(p: argparse.ArgumentParser) -> None:
+    from milcore.audit.config import AuditConfig
+    from milcore.cli._types import add_config_options
+
+    add_config_options(p, AuditConfig, SHARED_AUDIT_OPTIONS, flags=AUDIT_FLAGS, metavars={"age_bands": "LO-HI,..."},
+                       helps={"min_group_size": "groups with fewer patients are reported as insufficient",
+                              "seed": "seed (resampling; experiment: splits, weights)"})  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing audit in --out")
 
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     """Register the ``audit`` subcommand and ``audit experiment``."""
-    from milcore.cli._types import int_at_least
+    from milcore.audit.config import EXPERIMENT_TRAIN, AuditConfig, ExperimentSpec
+    from milcore.cli._types import add_config_options
 
     p = subparsers.add_parser("audit", help=HELP, description=HELP + ".", parents=parents)
     p.add_argument("--run", help="training run (or prediction folder) with predictions.csv")
     p.add_argument("--cohort", help="cohort table with age/sex/site columns")
     p.add_argument("--out", help="output folder for audit.json, audit.md and audit.html")
-    p.add_argument("--attributes", default="sex,age,site", help="columns to stratify by (default sex,age,site)")
-    p.add_argument("--no-intersections", action="store_true", help="skip pairs such as sex x age")
-    p.add_argument("--permutations", type=int_at_least(10), default=2000, help="permutations per test (default 2000)")
-    p.add_argument("--correction", choices=("holm", "bonferroni", "bh"), default="holm",
-                   help="multiple-comparison correction within each family (default holm)")  # fmt: skip
+    add_config_options(p, AuditConfig, RUN_AUDIT_OPTIONS, flags=AUDIT_FLAGS,
+                       helps={"intersections": "also audit pairs such as sex x age",
+                              "n_perm": "permutations per test"})  # fmt: skip
     _audit_options(p)
     p.set_defaults(func=run)
     sub = p.add_subparsers(dest="audit_command", metavar="experiment", parser_class=type(p))
@@ -55,28 +61,24 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     e.add_argument("--cohort", required=True, help="cohort table with the label, sex and age columns")
     e.add_argument("--task", required=True, metavar="COLUMN", help="label column")
     e.add_argument("--out", required=True, help="output folder")
-    e.add_argument("--model", default="abmil", help="aggregator name (default abmil)")
-    e.add_argument("--fractions", default="0,0.25,0.5,0.75,1", help="female fractions of the training set")
-    e.add_argument("--seeds", type=int_at_least(1), default=3, help="repetitions per condition (default 3)")
-    e.add_argument("--train-size", type=int_at_least(0), default=0,
-                   help="training patients per condition (0: the largest size every condition can have)")  # fmt: skip
-    e.add_argument("--test-fraction", type=float, default=0.3, help="share of patients held out as the test set")
-    e.add_argument("--no-age", action="store_true", help="skip the age-band exclusion experiments")
-    e.add_argument("--epochs", type=int_at_least(1), default=30, help="maximum epochs per training (default 30)")
-    e.add_argument("--patience", type=int_at_least(1), default=8, help="early-stopping patience (default 8)")
-    e.add_argument("--lr", type=float, default=5e-4, help="learning rate (default 5e-4)")
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_config_options(e, ExperimentSpec, EXPERIMENT_OPTIONS,
+                       helps={"fractions": "female fractions of the training set",
+                              "seeds": "repetitions per condition",
+                              "age": "run the age-band exclusion experiments"})  # fmt: skip
+    add_config_options(e, EXPERIMENT_TRAIN, EXPERIMENT_TRAIN_OPTIONS,
+                       helps={"model": "aggregator name ('milcore models' lists them)",
+                              "epochs": "maximum epochs per training"})  # fmt: skip
+    e.add_argument("--model-arg", action="append", default=None, metavar="KEY=VALUE",
+                   help="aggregator config override, e.g. embed_dim=256 (repeatable)")
     _audit_options(e)
     e.set_defaults(func=run_experiment)
 
 
-def _config(args: argparse.Namespace, **extra):
-    from milcore.audit.config import AuditConfig, parse_age_bands
+def _config(args: argparse.Namespace, names: tuple[str, ...] = SHARED_AUDIT_OPTIONS):
+    from milcore.audit.config import AuditConfig
+    from milcore.cli._types import config_values
 
-    kw = dict(min_group_size=args.min_group, alpha=args.alpha, n_boot=args.boot, seed=args.seed, **extra)
-    if args.age_bands:
-        kw["age_bands"] = parse_age_bands(args.age_bands)
-    return AuditConfig(**kw)
+    return AuditConfig.from_dict(config_values(args, names))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,9 +89,7 @@ def run(args: argparse.Namespace) -> int:
     missing = [f"--{k}" for k in ("run", "cohort", "out") if not getattr(args, k)]
     if missing:
         raise UserError(f"missing {', '.join(missing)} (or use 'milcore audit experiment ...')")
-    attributes = tuple(a.strip() for a in args.attributes.split(",") if a.strip())
-    config = _config(args, attributes=attributes, intersections=not args.no_intersections, n_perm=args.permutations,
-                     correction=args.correction)  # fmt: skip
+    config = _config(args, SHARED_AUDIT_OPTIONS + RUN_AUDIT_OPTIONS)
     audit = audit_run(args.run, args.cohort, args.out, config, overwrite=args.overwrite)
     for line in audit["summary"]["details"]:
         log.info("  %s", line)
@@ -99,17 +99,15 @@ def run(args: argparse.Namespace) -> int:
 
 def run_experiment(args: argparse.Namespace) -> int:
     """``milcore audit experiment ...``."""
-    from feature_cache.errors import UserError
-    from milcore.audit.experiment import ExperimentSpec, run_imbalance_experiment
+    from milcore.audit.config import EXPERIMENT_TRAIN, ExperimentSpec
+    from milcore.audit.experiment import run_imbalance_experiment
+    from milcore.cli._types import config_values, parse_overrides
 
-    try:
-        fractions = tuple(float(f) for f in args.fractions.split(","))
-    except ValueError:
-        raise UserError(f"--fractions: expected numbers separated by commas, got {args.fractions!r}") from None
-    spec = ExperimentSpec(bank=args.bank, cohort=args.cohort, task=args.task, model=args.model, fractions=fractions,
-                          seeds=args.seeds, train_size=args.train_size, test_fraction=args.test_fraction,
-                          age=not args.no_age, epochs=args.epochs, patience=args.patience, lr=args.lr,
-                          device=args.device)  # fmt: skip
+    train = EXPERIMENT_TRAIN.replace(**config_values(args, EXPERIMENT_TRAIN_OPTIONS))
+    if args.model_arg:
+        train = train.replace(model_args=parse_overrides(args.model_arg))
+    spec = ExperimentSpec(bank=args.bank, cohort=args.cohort, task=args.task, train=train,
+                          **config_values(args, EXPERIMENT_OPTIONS))  # fmt: skip
     result = run_imbalance_experiment(spec, _config(args), args.out, overwrite=args.overwrite)
     log.info("audit experiment: %d trainings in %.0f s", len(result["runs"]), result["seconds"])
     log.info("audit experiment: %s/audit.html  %s/audit.md  %s/audit.json", args.out, args.out, args.out)

@@ -60,7 +60,7 @@ def test_age_band_parsing_and_validation() -> None:
         parse_age_bands("0-45,old")
     with pytest.raises(InvalidArgumentError, match="overlap"):
         AuditConfig(age_bands=((0, 50), (50, 60)))
-    with pytest.raises(InvalidArgumentError, match="unknown metric"):
+    with pytest.raises(InvalidArgumentError, match="test_metrics must be one of"):
         AuditConfig(test_metrics=("accuracyy",))
 
 
