@@ -2,15 +2,16 @@
 
 ``create_encoder(name, weights=None, device=None, **options)`` returns an
 :class:`~feature_cache.encoders.base.Encoder` (``module``, ``transform``, ``dtype``, ``info``);
-``list_encoders("vit_*")`` lists names. Built in: ``efficientnet_lite0`` (ImageNet weights from an
-installed package), ``vit_{small,base,large}_patch14_dinov2`` (DINOv2/DinoBloom checkpoints on
-disk), ``morphology`` (hand-made cell features) and ``toy`` (tests). torch is imported only when an
-encoder is created.
+``list_encoders("vit_*")`` lists names. Every module of this package that calls
+:func:`register_encoder` is a built-in (adding an encoder is one new file), e.g. ``efficientnet_lite0``
+(ImageNet weights from an installed package), ``vit_{small,base,large}_patch14_dinov2`` (DINOv2/DinoBloom
+checkpoints on disk), ``morphology`` (hand-made cell features) and ``toy`` (tests); plug-ins come from
+the ``milcore.encoders`` entry points or ``$MILCORE_PLUGINS``. torch is imported only when an encoder is
+created.
 """
 
 from feature_cache.encoders.options import EncoderOption
 from feature_cache.encoders.registry import (
-    BUILTIN_ENCODERS,
     EncoderSpec,
     check_encoder_options,
     create_encoder,
@@ -20,7 +21,6 @@ from feature_cache.encoders.registry import (
 )
 
 __all__ = [
-    "BUILTIN_ENCODERS",
     "EncoderOption",
     "EncoderSpec",
     "check_encoder_options",

@@ -1,27 +1,41 @@
 """Encoder registry in the style of timm: ``create_encoder``, ``list_encoders`` (wildcards), ``register_encoder``.
 
-Built-in encoders live in their own modules and are imported (with torch) on first use, so
-``import feature_cache.encoders`` stays cheap. A factory has the signature
-``factory(weights=None, device=None, **options) -> Encoder``; its options are declared once, in
-``register_encoder(..., options=...)`` (type and range, see :mod:`.options`), and checked by
-:func:`check_encoder_options` before anything is built or written.
+One :class:`~feature_cache.registry.Registry` (see there for discovery and plug-ins): every module of
+``feature_cache.encoders`` that calls ``register_encoder("name", ...)`` is a built-in, found without
+importing it and imported (with torch) on first use, so adding an encoder is one new file and
+``import feature_cache.encoders`` / ``list_encoders()`` stay cheap. Plug-ins come from the entry-point
+group ``milcore.encoders`` or ``$MILCORE_PLUGINS``.
+
+A factory has the signature ``factory(weights=None, device=None, **options) -> Encoder``; its options
+are declared once, in ``register_encoder(..., options=...)`` (type and range, see :mod:`.options`),
+kept as the entry's metadata and checked by :func:`check_encoder_options` before anything is built
+or written.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import importlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from feature_cache.encoders.options import EncoderOption, check_options, factory_options
+from feature_cache.encoders.options import RESERVED, EncoderOption, check_options, factory_options
 from feature_cache.errors import InvalidArgumentError, UserError
+from feature_cache.registry import Registry
 
 if TYPE_CHECKING:
     from feature_cache.encoders.base import Encoder
+
+__all__ = [
+    "REGISTRY",
+    "EncoderSpec",
+    "check_encoder_options",
+    "create_encoder",
+    "encoder_spec",
+    "list_encoders",
+    "register_encoder",
+]
 
 
 @dataclass(frozen=True)
@@ -41,20 +55,29 @@ class EncoderSpec:
     options: Mapping[str, EncoderOption]
 
 
-_REGISTRY: dict[str, EncoderSpec] = {}
-
-# name -> module that registers it on import
-BUILTIN_ENCODERS: dict[str, str] = {
-    "efficientnet_lite0": "feature_cache.encoders.efficientnet",
-    "morphology": "feature_cache.encoders.morphology",
-    "toy": "feature_cache.encoders.toy",
-    "vit_small_patch14_dinov2": "feature_cache.encoders.vit",
-    "vit_base_patch14_dinov2": "feature_cache.encoders.vit",
-    "vit_large_patch14_dinov2": "feature_cache.encoders.vit",
-}
-
-
 Factory = Callable[..., "Encoder"]
+
+
+def _check(name: str, factory: Any, metadata: Mapping[str, Any]) -> None:
+    """Refuse a factory that is not callable with ``weights=`` and ``device=`` keywords."""
+    if not callable(factory):
+        raise InvalidArgumentError(f"encoder {name!r}: {factory!r} is not a callable factory")
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: trust it
+        return
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    missing = [r for r in RESERVED if r not in params and not takes_any]
+    if missing:
+        raise InvalidArgumentError(
+            f"encoder {name!r}: factory {getattr(factory, '__qualname__', factory)} must take "
+            f"{' and '.join(f'{m}=' for m in missing)} (factory(weights=None, device=None, **options) -> Encoder)"
+        )
+
+
+REGISTRY: Registry[Factory] = Registry(
+    "encoder", package="feature_cache.encoders", call="register_encoder", plugin_group="milcore.encoders", check=_check
+)
 
 
 def register_encoder(
@@ -69,37 +92,31 @@ def register_encoder(
             their defaults.
 
     Raises:
-        InvalidArgumentError: ``name`` is already taken by another factory, or an option is
-            declared that the factory does not take.
+        InvalidArgumentError: ``name`` is already taken by another factory, the factory does not
+            take ``weights``/``device``, or an option is declared that the factory does not take.
     """
 
     def wrap(factory: Factory) -> Factory:
-        old = _REGISTRY.get(name)
-        if old is not None and old.factory.__qualname__ != factory.__qualname__:
-            raise InvalidArgumentError(f"encoder {name!r} is already registered by {old.factory.__module__}")
-        _REGISTRY[name] = EncoderSpec(name, factory, requires_weights, factory_options(name, factory, options))
-        return factory
+        _check(name, factory, {})
+        declared = factory_options(name, factory, options)
+        return REGISTRY.add(name, factory, requires_weights=bool(requires_weights), options=declared)
 
     return wrap
 
 
 def list_encoders(pattern: str = "*") -> list[str]:
-    """Sorted encoder names (registered or built in) matching a shell-style ``pattern``."""
-    return sorted(n for n in set(_REGISTRY) | set(BUILTIN_ENCODERS) if fnmatch.fnmatchcase(n, pattern))
+    """Sorted encoder names (built in, registered or plug-ins) matching a shell-style ``pattern``; imports none."""
+    return REGISTRY.names(pattern)
 
 
 def encoder_spec(name: str) -> EncoderSpec:
-    """The spec of ``name``, importing its built-in module when needed.
+    """The spec of ``name``, importing its module when needed.
 
     Raises:
-        InvalidArgumentError: unknown name.
+        InvalidArgumentError: unknown name (close matches listed).
     """
-    if name not in _REGISTRY and name in BUILTIN_ENCODERS:
-        importlib.import_module(BUILTIN_ENCODERS[name])
-    if name not in _REGISTRY:
-        near = list_encoders(f"*{name}*") or list_encoders()
-        raise InvalidArgumentError(f"unknown encoder {name!r}; known: {', '.join(near)}")
-    return _REGISTRY[name]
+    entry = REGISTRY.entry(name)
+    return EncoderSpec(name, entry.obj, entry.metadata["requires_weights"], entry.metadata["options"])
 
 
 def check_encoder_options(name: str, options: Mapping[str, Any], label: str = "encoder option") -> dict[str, Any]:

@@ -65,14 +65,16 @@ def test_weight_free_encoders_refuse_weights(tmp_path: Path) -> None:
 
 @pytest.fixture
 def extra_encoder() -> Iterator[None]:
-    @register_encoder("tiny_test_encoder")
-    def tiny(weights: object = None, device: object = None, width: int = 2):
-        enc = create_encoder("toy", device=device)
-        enc.name = f"tiny{width}"
-        return enc
+    with reg.REGISTRY.scoped():
 
-    yield
-    reg._REGISTRY.pop("tiny_test_encoder", None)
+        @register_encoder("tiny_test_encoder")
+        def tiny(weights: object = None, device: object = None, width: int = 2):
+            enc = create_encoder("toy", device=device)
+            enc.name = f"tiny{width}"
+            return enc
+
+        yield
+    assert "tiny_test_encoder" not in list_encoders()
 
 
 def test_registry_create_list_and_errors(extra_encoder: None) -> None:
@@ -80,13 +82,15 @@ def test_registry_create_list_and_errors(extra_encoder: None) -> None:
     assert create_encoder("tiny_test_encoder", width=3).name == "tiny3"
     with pytest.raises(InvalidArgumentError, match=r"has no option 'depth' \(its options: width\)"):
         create_encoder("tiny_test_encoder", depth=3)
-    with pytest.raises(InvalidArgumentError, match=r"unknown encoder 'vit_huge'; known: .*vit_small_patch14_dinov2"):
+    with pytest.raises(InvalidArgumentError, match=r"unknown encoder 'vit_huge' \(registered: .*vit_small_patch14"):
         create_encoder("vit_huge")
+    with pytest.raises(InvalidArgumentError, match=r"unknown encoder 'vit_small'; did you mean 'vit_small_patch14_"):
+        encoder_spec("vit_small")
 
     def other(weights: object = None, device: object = None) -> None:
         return None
 
-    with pytest.raises(InvalidArgumentError, match="already registered"):
+    with pytest.raises(InvalidArgumentError, match=r"encoder 'tiny_test_encoder' is already registered \(by .*tiny\)"):
         register_encoder("tiny_test_encoder")(other)
     assert encoder_spec("vit_small_patch14_dinov2").requires_weights
     assert not encoder_spec("efficientnet_lite0").requires_weights
@@ -94,10 +98,34 @@ def test_registry_create_list_and_errors(extra_encoder: None) -> None:
         create_encoder("vit_base_patch14_dinov2")
 
 
+def test_register_refuses_a_factory_without_the_protocol() -> None:
+    with reg.REGISTRY.scoped():
+        with pytest.raises(InvalidArgumentError, match=r"'no_device': factory .*no_device_factory must take device="):
+
+            @register_encoder("no_device")
+            def no_device_factory(weights: object = None) -> None:
+                return None
+
+        with pytest.raises(InvalidArgumentError, match="is not a callable factory"):
+            register_encoder("not_callable")(42)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError, match="declares options its factory does not take: depth"):
+            from feature_cache.encoders import EncoderOption
+
+            register_encoder("stray", options=[EncoderOption("depth", "int")])(lambda weights=None, device=None: None)
+        assert not {"no_device", "not_callable", "stray"} & set(list_encoders())
+
+
+def test_options_are_the_entry_metadata() -> None:
+    spec = encoder_spec("efficientnet_lite0")
+    assert reg.REGISTRY.entry("efficientnet_lite0").metadata["options"] is spec.options
+    assert spec.options["image_size"].kind == "int"
+
+
 def test_importing_encoders_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, feature_cache.encoders as e; e.list_encoders(); print('torch' in sys.modules)"
+    code = ("import sys, feature_cache.encoders as e; n = e.list_encoders(); "
+            "print('torch' in sys.modules, 'feature_cache.encoders.vit' in sys.modules, len(n) >= 6)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
+    assert out.split() == ["False", "False", "True"]
