@@ -210,9 +210,9 @@ def simulated_predictions(n: int, seed: int, gap: float, base: float = 0.85, cla
 def stats(args: argparse.Namespace) -> int:
     """Power of the audit's statistics alone: simulated predictions with a known female accuracy gap."""
     from milcore.audit.config import AuditConfig
-    from milcore.audit.fairness_metrics import Predictions
     from milcore.audit.groups import build_groups
     from milcore.audit.stratified import audit_predictions
+    from milcore.metrics.weighted import LabelledPredictions
     from milcore.report.bench_io import machine_info, save_bench
 
     rows = []
@@ -224,7 +224,7 @@ def stats(args: argparse.Namespace) -> int:
                 y, proba, cols = simulated_predictions(n, seed, gap)
                 config = AuditConfig(attributes=tuple(args.attributes.split(",")), intersections=False,
                                      per_class=False, n_boot=100, seed=seed)  # fmt: skip
-                audit = audit_predictions(Predictions(y, proba), classes, build_groups(cols, n, config), config)
+                audit = audit_predictions(LabelledPredictions(y, proba), classes, build_groups(cols, n, config), config)
                 f = next(c for c in audit["comparisons"] if c["group"] == "sex=F" and c["family"] == "primary")
                 flags.append(f["flagged"])
                 anyflags.append(bool(audit["summary"]["flagged_groups"]))

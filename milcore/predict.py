@@ -291,7 +291,7 @@ def run_prediction(checkpoints: Sequence[str | Path], bank_path: str | Path, out
     """
     from feature_cache.bank import EncoderInfo, open_reader
     from feature_cache.devices import resolve_device
-    from milcore.training.calibration import softmax
+    from milcore.metrics.calibration import softmax
     from milcore.training.checkpoint import CARD, checkpoint_task, load_checkpoint, resolve_checkpoints
     from milcore.training.config import TrainConfig
     from milcore.training.features import FeatureStore
@@ -425,7 +425,7 @@ def score_predictions(table: PredictionTable, attention: Sequence[np.ndarray] | 
                       n_boot: int = 1000) -> dict:  # fmt: skip
     """Metrics of the labelled rows of ``table`` (``metrics.json`` content); instance AUROC when a
     ``cells.csv`` ground truth is given or found beside the cohort and the bank has cell ids."""
-    from milcore.training.metrics import evaluate
+    from milcore.report.evaluation import evaluate
 
     keep = np.flatnonzero(table.labels >= 0)
     if not len(keep):
@@ -436,7 +436,8 @@ def score_predictions(table: PredictionTable, attention: Sequence[np.ndarray] | 
                "unlabelled": len(table.bag_ids) - len(ids), **report}  # fmt: skip
     cells = Path(cells) if cells else Path(cohort_path).with_name("cells.csv")
     if cells.exists() and "cell_id" in bank.columns:
-        from milcore.data.ground_truth import instance_auroc, load_cell_truth
+        from milcore.data.ground_truth import load_cell_truth
+        from milcore.metrics.classification import instance_auroc
 
         att = attention if isinstance(attention, dict) else dict(zip(table.bag_ids, attention, strict=True))
         metrics["instance"] = instance_auroc(att, load_cell_truth(cells, bank, ids))

@@ -23,10 +23,11 @@ import numpy as np
 from feature_cache.errors import UserError
 from feature_cache.progress import progress
 from milcore.audit.config import AuditConfig, ExperimentSpec
+from milcore.metrics import HEADLINE
 
 log = logging.getLogger(__name__)
 
-METRICS = ("balanced_accuracy", "macro_f1", "auroc", "ece")
+METRICS = HEADLINE  # what every run records, per test group
 
 
 def _stratified_take(rng: np.random.Generator, idx: np.ndarray, strata: np.ndarray, share: float) -> np.ndarray:
@@ -95,8 +96,8 @@ class _Lab:
 
     def train_eval(self, train_idx: np.ndarray, seed: int) -> dict[str, dict[str, float]]:
         """Train on ``train_idx`` (a validation share split off), evaluate on every fixed test group."""
-        from milcore.training.calibration import fit_temperature, softmax
-        from milcore.training.metrics import scalar_metrics
+        from milcore.metrics import scalar_metrics
+        from milcore.metrics.calibration import fit_temperature, softmax
         from milcore.training.trainer import Trainer
 
         spec = self.spec
@@ -176,7 +177,8 @@ def analyse(runs: list[dict[str, Any]], fractions: tuple[float, ...], bands: lis
 
     Effects measured on a test group smaller than ``min_group`` carry ``status: insufficient``.
     """
-    from milcore.audit.statistics import linear_trend, mean_ci, paired_effect
+    from milcore.audit.statistics import linear_trend, paired_effect
+    from milcore.metrics import mean_ci
 
     out: dict[str, Any] = {"sex": {}, "age": {}}
     sex_runs = [r for r in runs if r["experiment"] == "sex"]

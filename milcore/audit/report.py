@@ -7,14 +7,10 @@ from typing import Any
 
 import numpy as np
 
+from milcore.metrics import label
 from milcore.report import Report, fmt_ci, plots, plural
 from milcore.report.caveats import add_warnings
 from milcore.report.glossary import AUDIT_TERMS, add_glossary
-
-NAMES = {"balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1", "auroc": "AUROC (one vs rest)",
-         "ece": "calibration error (ECE)", "equalized_odds_difference": "equalized-odds difference",
-         "demographic_parity_difference": "demographic-parity difference"}  # fmt: skip
-
 
 #: Correction names as the glossary spells them.
 _CORRECTIONS = {"holm": "Holm", "bonferroni": "Bonferroni", "bh": "BH"}
@@ -51,7 +47,7 @@ def add_audit_sections(rep: Report, audit: dict[str, Any]) -> None:
         f"rest). Gaps are tested by permutation ({config['n_perm']} at most) and corrected with "
         f"{_CORRECTIONS.get(config['correction'], config['correction'])} within two families at alpha "
         f"{config['alpha']}: the primary family "
-        f"({NAMES.get(config['primary_metric'], config['primary_metric'])} of single-attribute groups, "
+        f"({label(config['primary_metric'])} of single-attribute groups, "
         f"{plural(fam['primary']['tests'], 'test')}) and the secondary family (other metrics, per-class recall and "
         f"FPR, intersections, parity differences: {plural(fam['secondary']['tests'], 'test')}). Intervals are 95% "
         f"percentile bootstrap CIs ({config['n_boot']} resamples, patients resampled within groups). Groups with "
@@ -75,7 +71,7 @@ def add_audit_sections(rep: Report, audit: dict[str, Any]) -> None:
     groups = [g for g in audit["groups"] if g["n"] > 0]  # an empty intersection has nothing to show
     for g in groups:
         rows.append([g["name"], g["n"], g["status"], *[_cell(g["metrics"].get(m)) for m in metrics]])
-    rep.table(["group", "n", "status", *[NAMES.get(m, m) for m in metrics]], rows,
+    rep.table(["group", "n", "status", *[label(m) for m in metrics]], rows,
               caption="Value [95% bootstrap CI]; CIs only for groups large enough to test.")  # fmt: skip
     comps = audit["comparisons"]
     shown = [c for c in comps if c["n_group"] > 0 and (c["family"] == "primary" or c["flagged"]
@@ -93,7 +89,7 @@ def add_audit_sections(rep: Report, audit: dict[str, Any]) -> None:
     if audit["parity"]:
         rep.heading("Parity differences")
         rep.table(["attribute", "metric", "value [95% CI]", "p", "corrected p", "flagged"],
-                  [[p["attribute"], NAMES.get(p["metric"], p["metric"]), _cell(p), _p(p["p_value"]),
+                  [[p["attribute"], label(p["metric"]), _cell(p), _p(p["p_value"]),
                     _p(p["p_corrected"]), "YES" if p["flagged"] else ""] for p in audit["parity"]],
                   caption="Largest between-group range of TPR or FPR (equalized odds) and of the rate of predicting "
                           "each class (demographic parity), over classes (one vs rest).")  # fmt: skip
@@ -110,9 +106,9 @@ def add_audit_sections(rep: Report, audit: dict[str, Any]) -> None:
                                   [_nan((e.get("ci95") or [None, None])[0]) for _, e in entries],
                                   [_nan((e.get("ci95") or [None, None])[1]) for _, e in entries],
                                   reference=_nan(overall["metrics"][m]["value"]),
-                                  flagged=[name in flags for name, _ in entries], xlabel=NAMES.get(m, m),
-                                  title=f"{NAMES.get(m, m)} by group")  # fmt: skip
-        rep.figure(fig, f"{NAMES.get(m, m)} per group with 95% bootstrap CIs; dotted line: overall; red: flagged.",
+                                  flagged=[name in flags for name, _ in entries], xlabel=label(m),
+                                  title=f"{label(m)} by group")  # fmt: skip
+        rep.figure(fig, f"{label(m)} per group with 95% bootstrap CIs; dotted line: overall; red: flagged.",
                    name=f"forest_{m}")  # fmt: skip
     classes = audit["input"]["classes"]
     if tested:

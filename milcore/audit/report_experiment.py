@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from milcore.audit.report import NAMES
+from milcore.metrics import label as metric_label
 from milcore.report import Report, fmt_ci, plots, plural
 from milcore.report.caveats import add_warnings, headline_warnings
 from milcore.report.glossary import EXPERIMENT_TERMS, add_glossary
@@ -39,10 +39,10 @@ def experiment_warnings(result: dict[str, Any]) -> list[dict[str, Any]]:
     test set, so a model near chance may still escape it on a tiny test set (the design paragraph gives
     the test size). When the model is at chance, imbalance effects on it are not meaningful.
     """
-    from milcore.audit.statistics import mean_ci
+    from milcore.metrics import CHANCE_METRICS, mean_ci
 
     values: dict[str, dict[str, Any]] = {}
-    for metric in ("balanced_accuracy", "auroc"):
+    for metric in CHANCE_METRICS:
         v = [_f(r["test"]["all"].get(metric)) for r in result["runs"] if "all" in r.get("test", {})]
         if v:
             m = mean_ci(v)
@@ -85,7 +85,7 @@ def add_experiment_sections(rep: Report, result: dict[str, Any]) -> None:
             rows.append(
                 [
                     group,
-                    NAMES.get(metric, metric),
+                    metric_label(metric),
                     fmt_ci(_f(t["slope"]), [_f(c) for c in t["ci95"]]),
                     _p(t["p_value"]),
                     "yes" if t["p_value"] is not None and t["p_value"] < alpha else "",
@@ -105,8 +105,8 @@ def add_experiment_sections(rep: Report, result: dict[str, Any]) -> None:
                 series[label] = [_f(p["mean"]) for p in pts]
                 bands[label] = tuple(np.clip([_f(p["ci95"][k]) for p in pts], 0.0, 1.0) for k in (0, 1))  # in [0, 1]
             xs = [p["female_fraction"] for p in curves[f"all:{metric}"]]
-            rep.figure(plots.lines_figure(xs, series, "female fraction of the training set", NAMES.get(metric, metric),
-                                          f"{NAMES.get(metric, metric)} vs training sex balance", bands),
+            rep.figure(plots.lines_figure(xs, series, "female fraction of the training set", metric_label(metric),
+                                          f"{metric_label(metric)} vs training sex balance", bands),
                        "Mean over seeds with 95% t-intervals (shaded, clipped to [0, 1]) on the fixed test set.",
                        name=f"imbalance_{metric}")  # fmt: skip
         rep.table(["female fraction", "female BA", "male BA", "all BA"],

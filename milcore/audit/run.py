@@ -97,10 +97,10 @@ def audit_run(run: str | Path, cohort: str | Path, out: str | Path, config: Audi
     Raises:
         UserError: no predictions, no labels, no bag in common, none of the audited columns.
     """
-    from milcore.audit.fairness_metrics import Predictions
     from milcore.audit.groups import build_groups, read_metadata
     from milcore.audit.report import write_audit_report
     from milcore.audit.stratified import audit_predictions
+    from milcore.metrics.weighted import LabelledPredictions
     from milcore.predict import prediction_sources, read_predictions
 
     config = config or AuditConfig()
@@ -121,7 +121,7 @@ def audit_run(run: str | Path, cohort: str | Path, out: str | Path, config: Audi
                     len(missing), ", ".join(missing[:3]))  # fmt: skip
     pos = {b: i for i, b in enumerate(table.bag_ids)}
     idx = np.asarray([pos[b] for b in matched], dtype=np.int64)
-    pred = Predictions(table.labels[idx], table.proba[idx], n_bins=config.n_bins)
+    pred = LabelledPredictions(table.labels[idx], table.proba[idx], n_bins=config.n_bins)
     groups = build_groups(columns, len(matched), config)
     for note in groups.notes:
         log.info("audit: %s", note)

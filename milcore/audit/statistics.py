@@ -140,23 +140,11 @@ def adjust_pvalues(p: Sequence[float], method: str = "holm") -> np.ndarray:
     return out
 
 
-def mean_ci(values: Sequence[float], alpha: float = 0.05) -> dict[str, float | list[float] | int]:
-    """Mean of finite values with a t-interval (NaN interval for fewer than two values)."""
-    from scipy import stats
-
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    n = len(v)
-    mean = float(v.mean()) if n else math.nan
-    if n < 2:
-        return {"mean": mean, "ci95": [math.nan, math.nan], "n": n}
-    half = float(stats.t.ppf(1 - alpha / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
-    return {"mean": mean, "ci95": [mean - half, mean + half], "n": n}
-
-
 def paired_effect(diffs: Sequence[float], alpha: float = 0.05) -> dict[str, float | list[float] | int]:
     """Mean of paired differences with a t-interval and a two-sided one-sample t-test p-value."""
     from scipy import stats
+
+    from milcore.metrics import mean_ci
 
     out = mean_ci(diffs, alpha)
     d = np.asarray(diffs, dtype=float)

@@ -26,14 +26,6 @@ import numpy as np
 
 from feature_cache.progress import progress
 from milcore.audit.config import AuditConfig
-from milcore.audit.fairness_metrics import (
-    HIGHER_IS_BETTER,
-    Predictions,
-    flatten,
-    metric_direction,
-    parity_differences,
-    weighted_metrics,
-)
 from milcore.audit.groups import GroupSet, Subgroup
 from milcore.audit.statistics import (
     adjust_pvalues,
@@ -42,7 +34,9 @@ from milcore.audit.statistics import (
     sequential_permutation_p,
     stratified_counts,
 )
-from milcore.report.caveats import METRIC_NAMES, chance_classes, headline_warnings, is_at_chance
+from milcore.metrics import GROUP_METRICS, higher_is_better, label
+from milcore.metrics.weighted import LabelledPredictions, flatten, parity_differences, weighted_metrics
+from milcore.report.caveats import chance_classes, headline_warnings, is_at_chance
 from milcore.report.document import plural
 
 log = logging.getLogger(__name__)
@@ -70,7 +64,8 @@ def tested_metrics(config: AuditConfig, classes: list[str]) -> list[str]:
     return names
 
 
-def audit_predictions(pred: Predictions, classes: list[str], groups: GroupSet, config: AuditConfig) -> dict[str, Any]:
+def audit_predictions(pred: LabelledPredictions, classes: list[str], groups: GroupSet,
+                      config: AuditConfig) -> dict[str, Any]:  # fmt: skip
     """Audit labelled predictions over the given subgroups.
 
     Args:
@@ -132,7 +127,7 @@ def audit_predictions(pred: Predictions, classes: list[str], groups: GroupSet, c
                 bg = best_of.get(m)
                 best_value = per_group[bg]["point"][m] if bg else math.nan
                 best_boot = per_group[bg]["boot"][m] if bg else np.full(config.n_boot, np.nan)
-                worse = (value < rest) if metric_direction(m) else (value > rest)
+                worse = (value < rest) if higher_is_better(m) else (value > rest)
                 comparisons.append({
                     "group": g.name, "attribute": g.attribute, "level": g.level, "metric": m,
                     "family": "primary" if (m == config.primary_metric and g.level == "attribute") else "secondary",
@@ -191,7 +186,7 @@ def audit_warnings(overall: dict[str, Any], num_classes: int, group_rows: list[d
     return out
 
 
-def _describe(pred: Predictions, classes: list[str], g: Subgroup, counts: np.ndarray, config: AuditConfig,
+def _describe(pred: LabelledPredictions, classes: list[str], g: Subgroup, counts: np.ndarray, config: AuditConfig,
               need_auroc: bool) -> dict[str, Any]:  # fmt: skip
     """Point values and bootstrap samples of a group and of its rest."""
     alpha = config.alpha
@@ -225,7 +220,7 @@ def _best_groups(sufficient: list[Subgroup], per_group: dict[str, dict[str, Any]
     """Per metric, the sufficient group with the best point value."""
     best: dict[str, str] = {}
     for m in names:
-        higher = metric_direction(m)
+        higher = higher_is_better(m)
         scored = [(per_group[g.name]["point"][m], g.name) for g in sufficient
                   if np.isfinite(per_group[g.name]["point"][m])]  # fmt: skip
         if scored:
@@ -241,7 +236,7 @@ def _test_key(g: Subgroup, members: list[Subgroup], metric: str) -> str:
     return f"{g.name} vs rest: {metric}"
 
 
-def _test_group(pred: Predictions, classes: list[str], g: Subgroup, config: AuditConfig, names: list[str],
+def _test_group(pred: LabelledPredictions, classes: list[str], g: Subgroup, config: AuditConfig, names: list[str],
                 rng: np.random.Generator, need_auroc: bool) -> dict[str, float]:  # fmt: skip
     """Permutation p-values of every tested gap of one group (group membership shuffled within scope)."""
     point = flatten(weighted_metrics(pred, np.stack([g.mask, g.rest]).astype(float), need_auroc), classes)
@@ -257,7 +252,7 @@ def _test_group(pred: Predictions, classes: list[str], g: Subgroup, config: Audi
     return sequential_permutation_p(observed, null, config.n_perm)
 
 
-def _parity(pred: Predictions, members: list[Subgroup], attribute: str, counts: np.ndarray, config: AuditConfig,
+def _parity(pred: LabelledPredictions, members: list[Subgroup], attribute: str, counts: np.ndarray, config: AuditConfig,
             rng: np.random.Generator) -> list[dict[str, Any]]:  # fmt: skip
     """Equalized-odds and demographic-parity differences of one attribute with CIs and permutation p-values."""
     masks = np.stack([g.mask for g in members]).astype(float)  # (G, n)
@@ -351,7 +346,7 @@ def summarize(comparisons: list[dict[str, Any]], parity: list[dict[str, Any]], c
             f"(alpha {config.alpha}); small gaps in small groups cannot be excluded, see the CIs."
         )
     return {"flagged_groups": groups, "primary_flagged": sorted({c["group"] for c in primary}), "headline": head,
-            "details": lines, "metrics_higher_is_better": HIGHER_IS_BETTER,
+            "details": lines, "metrics_higher_is_better": {m: higher_is_better(m) for m in GROUP_METRICS},
             "at_chance": is_at_chance(warnings)}  # fmt: skip
 
 
@@ -363,5 +358,5 @@ def _chance_numbers(warnings: list[dict[str, Any]]) -> str:
             for name, v in w["metrics"].items():
                 ci = v["ci95"]
                 shown = f"{v['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-                parts.append(f"{METRIC_NAMES.get(name, name)} {shown}, chance {v['chance']:.3f}")
+                parts.append(f"{label(name)} {shown}, chance {v['chance']:.3f}")
     return "; ".join(parts)

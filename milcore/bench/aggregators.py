@@ -16,58 +16,20 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
 
 from feature_cache.errors import UserError
-from milcore.bench import DEFAULT_MODELS, DEFAULT_PEERS, PEER_MODELS, PEER_PREFIX
-from milcore.training.config import TrainConfig
+from milcore.bench import PEER_MODELS, PEER_PREFIX
+from milcore.bench.config import BenchSpec
+from milcore.metrics import HEADLINE, mean_ci
 
 log = logging.getLogger(__name__)
 
-METRICS = ("balanced_accuracy", "macro_f1", "auroc", "ece")
+METRICS = HEADLINE  # recorded per run (test part), and prefixed ood_ on the held-out site
 COSTS = ("train_bags_per_s", "infer_ms_per_bag", "peak_mb", "params", "fit_s", "cpu_s")
-
-
-@dataclass(frozen=True)
-class BenchSpec:
-    """What to benchmark.
-
-    Attributes:
-        bank: feature bank path.
-        cohort: cohort table path.
-        task: label column.
-        models: our aggregator names (``milcore.models.list_aggregators()``).
-        peers: torchmil models to run beside them (``abmil``, ``transmil``, ``dsmil``).
-        folds: cross-validation folds.
-        seeds: each seed gives its own splits, weights and batching (shared by all models).
-        train: training settings (``model`` and ``seed`` are set per run).
-        ood_site: a value of ``site_column`` whose bags are held out of CV and predicted by every fold model.
-        site_column: cohort column holding the acquisition site.
-        cells: instance ground truth; ``None`` looks for ``cells.csv`` beside the cohort.
-        group_column: cohort column grouping several bags of one patient.
-    """
-
-    bank: str
-    cohort: str
-    task: str
-    models: tuple[str, ...] = DEFAULT_MODELS
-    peers: tuple[str, ...] = DEFAULT_PEERS
-    folds: int = 5
-    seeds: tuple[int, ...] = (0, 1, 2)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    ood_site: str | None = None
-    site_column: str = "site"
-    cells: str | None = None
-    group_column: str = "patient"
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dictionary."""
-        out = asdict(self)
-        out["train"] = self.train.to_dict()
-        return out
 
 
 def check_models(models: tuple[str, ...], peers: tuple[str, ...]) -> None:
@@ -116,9 +78,9 @@ def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
 def run_one(name: str, peer: bool, seed: int, fold: Any, ctx: dict[str, Any]) -> dict[str, Any]:
     """Train ``name`` on one fold of one seed and measure it; returns one result row."""
     from milcore.bench.memory import PeakMemory
-    from milcore.data.ground_truth import instance_auroc
-    from milcore.training.calibration import fit_temperature, softmax
-    from milcore.training.metrics import scalar_metrics
+    from milcore.metrics import scalar_metrics
+    from milcore.metrics.calibration import fit_temperature, softmax
+    from milcore.metrics.classification import instance_auroc
 
     spec: BenchSpec = ctx["spec"]
     label_of, store = ctx["label_of"], ctx["store"]
@@ -218,26 +180,17 @@ def _load(spec: BenchSpec) -> dict[str, Any]:
 
 def summarize(rows: list[dict[str, Any]], key: tuple[str, str]) -> dict[str, Any]:
     """Mean ± sd over folds and seeds of one model's runs, with a bootstrap 95% CI of each metric's mean."""
-    from milcore.training.metrics import aggregate_folds
+    from milcore.metrics import aggregate_folds
 
     mine = [r for r in rows if (r["impl"], r["model"]) == key]
     names = [k for k in mine[0] if k in METRICS or k.startswith("ood_") or k == "instance_auroc" or k in COSTS]
     agg = aggregate_folds([{k: float(r[k]) if r[k] is not None else math.nan for k in names} for r in mine])
     for k in names:
-        agg[k]["ci95"] = list(mean_ci(np.asarray(agg[k]["values"], dtype=float)))
+        agg[k]["ci95"] = mean_ci(agg[k]["values"], method="bootstrap")["ci95"]
     return {"impl": key[0], "model": key[1], "runs": len(mine), "metrics": agg,
             "params": mine[0]["params"], "peak_mb_max": max((r["peak_mb"] or 0.0) for r in mine),
             "seconds": float(sum(r["fit_s"] for r in mine)),
             "cpu_seconds": float(sum(r["cpu_s"] for r in mine))}  # fmt: skip
-
-
-def mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap 95% CI of the mean of ``values`` (NaNs dropped)."""
-    v = values[np.isfinite(values)]
-    if len(v) < 2:
-        return (math.nan, math.nan)
-    means = v[np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))].mean(axis=1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
 def compare_peers(rows: list[dict[str, Any]], metric: str = "balanced_accuracy") -> dict[str, Any]:
@@ -256,7 +209,7 @@ def compare_peers(rows: list[dict[str, Any]], metric: str = "balanced_accuracy")
         speed = [ours[p]["train_bags_per_s"] / theirs[p]["train_bags_per_s"] for p in pairs]
         o_rate = float(np.median([ours[p]["train_bags_per_s"] for p in pairs]))
         t_rate = float(np.median([theirs[p]["train_bags_per_s"] for p in pairs]))
-        lo, hi = mean_ci(diff)
+        lo, hi = mean_ci(diff, method="bootstrap")["ci95"]
         out[name] = {"metric": metric, "pairs": len(pairs), "difference_mean": float(np.nanmean(diff)),
                      "difference_ci95": [lo, hi], "match": bool(lo <= 0 <= hi) if math.isfinite(lo) else None,
                      "train_bags_per_s_ours": o_rate, "train_bags_per_s_theirs": t_rate,

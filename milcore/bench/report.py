@@ -9,13 +9,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from milcore.metrics import CHANCE_METRICS, HEADLINE, label
 from milcore.report.document import plural
 
 log = logging.getLogger(__name__)
 
-COLUMNS = (("balanced_accuracy", "bal. acc."), ("macro_f1", "macro-F1"), ("auroc", "AUROC"), ("ece", "ECE"),
-           ("instance_auroc", "inst. AUROC"), ("ood_balanced_accuracy", "OOD bal. acc."),
-           ("ood_auroc", "OOD AUROC"))  # fmt: skip
+#: Metric columns of the tables, in this order where a run has them (labels from the metric table).
+COLUMNS = tuple((k, label(k, short=True)) for k in (*HEADLINE, "instance_auroc", *(f"ood_{m}" for m in CHANCE_METRICS)))
 
 
 def _pm(metric: dict[str, Any] | None, digits: int = 3) -> str:

@@ -1,4 +1,7 @@
-"""Instance-level ground truth (``cells.csv``: which cells are diagnostic) aligned with bank rows."""
+"""Instance-level ground truth (``cells.csv``: which cells are diagnostic) aligned with bank rows.
+
+How well attention ranks these cells is :func:`milcore.metrics.classification.instance_auroc`.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from feature_cache.errors import UserError
-from milcore.training.metrics import binary_auroc
 
 log = logging.getLogger(__name__)
 
@@ -47,26 +49,3 @@ def load_cell_truth(cells_csv: str | Path, bank, bag_ids: list[str]) -> dict[str
     if missing:
         log.warning("%s: %d bank cells have no ground-truth row (counted as non-diagnostic)", path, missing)
     return out
-
-
-def instance_auroc(attention: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict[str, float]:
-    """Attention vs diagnostic cells: mean per-bag AUROC (bags with both kinds) and pooled rank AUROC.
-
-    The pooled figure ranks cells by attention times bag size (attention is relative within a bag).
-    """
-    per_bag, pooled_s, pooled_y = [], [], []
-    for b, flags in truth.items():
-        a = attention.get(b)
-        if a is None or len(a) != len(flags) or len(a) == 0:
-            continue
-        a = a if a.ndim == 1 else a.mean(axis=1)
-        if flags.any() and not flags.all():
-            per_bag.append(binary_auroc(flags, a))
-        pooled_s.append(a * len(a))
-        pooled_y.append(flags)
-    pooled = (binary_auroc(np.concatenate(pooled_y), np.concatenate(pooled_s)) if pooled_y else float("nan"))
-    return {
-        "instance_auroc": float(np.mean(per_bag)) if per_bag else float("nan"),
-        "instance_auroc_pooled": pooled,
-        "bags_with_ground_truth": len(per_bag),
-    }

@@ -1,4 +1,4 @@
-"""Temperature scaling (Guo et al. 2017), fitted on the validation fold only."""
+"""Softmax and temperature scaling (Guo et al. 2017), fitted on the validation fold only, with its search bounds."""
 
 from __future__ import annotations
 

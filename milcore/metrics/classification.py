@@ -1,20 +1,16 @@
-"""Patient-level classification metrics with bootstrap confidence intervals.
+"""Patient-level classification metrics of one set of predictions, and the attention instance-AUROC.
 
 Everything is computed with vectorised numpy (checked against scikit-learn in the tests) so that a
 1,000-resample bootstrap over a few hundred patients takes well under a second:
 balanced accuracy, macro-F1 and per-class F1, one-vs-rest AUROC (macro over classes present),
-accuracy, confusion matrix, expected calibration error (top-label, equal-width bins) and the
-reliability curve.
+accuracy, confusion matrix, expected calibration error (top-label, equal-width bins), the reliability
+curve, and how well per-cell attention ranks the diagnostic cells (:func:`instance_auroc`).
+Which of them are reported, under which label and in which direction is :data:`milcore.metrics.TABLE`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
-
 import numpy as np
-
-SCALAR_METRICS = ("balanced_accuracy", "macro_f1", "auroc", "accuracy", "ece")
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -34,6 +30,12 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) 
     support = cm.sum(axis=1)
     present = support > 0
     return float(np.mean(np.diag(cm)[present] / support[present])) if present.any() else float("nan")
+
+
+def recall_per_class(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C,) recall per class (0 for a class absent from ``y_true``)."""
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    return _safe_div(np.diag(cm), cm.sum(axis=1))
 
 
 def f1_per_class(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -108,126 +110,34 @@ def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: in
     return float((gap * count).sum() / count.sum())
 
 
-def scalar_metrics(y_true: np.ndarray, proba: np.ndarray, n_bins: int = 10) -> dict[str, float]:
-    """The headline metrics of one set of predictions."""
-    y_true = np.asarray(y_true, dtype=np.int64)
-    num_classes = proba.shape[1]
-    y_pred = proba.argmax(axis=1)
-    return {
-        "balanced_accuracy": balanced_accuracy(y_true, y_pred, num_classes),
-        "macro_f1": macro_f1(y_true, y_pred, num_classes),
-        "auroc": macro_auroc(y_true, proba),
-        "accuracy": float((y_pred == y_true).mean()) if len(y_true) else float("nan"),
-        "ece": expected_calibration_error(y_true, proba, n_bins),
-    }
+def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Share of correct predictions (NaN for no patient)."""
+    y_true = np.asarray(y_true)
+    return float((np.asarray(y_pred) == y_true).mean()) if len(y_true) else float("nan")
 
 
-def bootstrap_ci(
-    y_true: np.ndarray,
-    proba: np.ndarray,
-    fn: Callable[[np.ndarray, np.ndarray], dict[str, float]] = scalar_metrics,
-    n_boot: int = 1000,
-    alpha: float = 0.05,
-    seed: int = 0,
-    strata: np.ndarray | None = None,
-) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap CIs of every metric ``fn`` returns, resampling patients with replacement.
+def instance_auroc(attention: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict[str, float]:
+    """Attention vs diagnostic cells: mean per-bag AUROC (bags with both kinds) and pooled rank AUROC.
+
+    The pooled figure ranks cells by attention times bag size (attention is relative within a bag).
 
     Args:
-        y_true: (n,) labels.
-        proba: (n, C) probabilities.
-        fn: metrics of one resample.
-        n_boot: number of resamples.
-        alpha: 1 - confidence level.
-        seed: random seed.
-        strata: (n,) optional groups resampled separately (keeps class or subgroup sizes fixed).
-
-    Returns:
-        ``{metric: (low, high)}``; NaN bounds where a metric is undefined in most resamples.
+        attention: per bag, (n,) or (n, H) attention (heads averaged).
+        truth: per bag, (n,) bool: True for a diagnostic cell (:func:`milcore.data.ground_truth.load_cell_truth`).
     """
-    rng = np.random.default_rng(seed)
-    n = len(y_true)
-    if n == 0:
-        return {}
-    groups = [np.arange(n)] if strata is None else [np.flatnonzero(strata == g) for g in np.unique(strata)]
-    samples: dict[str, list[float]] = {}
-    for _ in range(n_boot):
-        idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
-        for k, v in fn(y_true[idx], proba[idx]).items():
-            samples.setdefault(k, []).append(v)
-    out = {}
-    for k, values in samples.items():
-        arr = np.asarray(values, dtype=float)
-        arr = arr[np.isfinite(arr)]
-        if len(arr) < n_boot / 2:
-            out[k] = (float("nan"), float("nan"))
-        else:
-            out[k] = (float(np.quantile(arr, alpha / 2)), float(np.quantile(arr, 1 - alpha / 2)))
-    return out
-
-
-def evaluate(
-    y_true: np.ndarray,
-    proba: np.ndarray,
-    classes: Sequence[str],
-    n_boot: int = 1000,
-    seed: int = 0,
-    n_bins: int = 10,
-) -> dict:
-    """Full report of one set of predictions: metrics with 95% CIs, per-class F1/AUROC, confusion, reliability.
-
-    ``warnings`` lists what makes the result unfit for a decision (at chance, a single predicted class,
-    a wide CI, small classes: :mod:`milcore.report.caveats`).
-    """
-    from milcore.report.caveats import chance_classes, class_size_warnings, headline_warnings, prediction_warnings
-
-    y_true = np.asarray(y_true, dtype=np.int64)
-    proba = np.asarray(proba, dtype=float)
-    num_classes = len(classes)
-    y_pred = proba.argmax(axis=1)
-    point = scalar_metrics(y_true, proba, n_bins)
-    support = np.bincount(y_true, minlength=num_classes)
-    recall = _safe_div(np.diag(confusion_matrix(y_true, y_pred, num_classes)), support)
-    ci = bootstrap_ci(y_true, proba, lambda a, b: scalar_metrics(a, b, n_bins), n_boot=n_boot, seed=seed)
-    metrics = {k: {"value": v, "ci95": list(ci.get(k, (math.nan, math.nan)))} for k, v in point.items()}
-    cm = confusion_matrix(y_true, y_pred, num_classes)
-    warnings = (headline_warnings(metrics, chance_classes(support, num_classes)) + prediction_warnings(cm, classes)
-                + class_size_warnings({c: int(s) for c, s in zip(classes, support, strict=True) if s > 0}))
+    per_bag, pooled_s, pooled_y = [], [], []
+    for b, flags in truth.items():
+        a = attention.get(b)
+        if a is None or len(a) != len(flags) or len(a) == 0:
+            continue
+        a = a if a.ndim == 1 else a.mean(axis=1)
+        if flags.any() and not flags.all():
+            per_bag.append(binary_auroc(flags, a))
+        pooled_s.append(a * len(a))
+        pooled_y.append(flags)
+    pooled = (binary_auroc(np.concatenate(pooled_y), np.concatenate(pooled_s)) if pooled_y else float("nan"))
     return {
-        "n": len(y_true),
-        "metrics": metrics,
-        "per_class": {
-            c: {
-                "f1": float(f),
-                "auroc": float(a),
-                "recall": float(r),
-                "support": int(s),
-            }
-            for c, f, a, r, s in zip(
-                classes,
-                f1_per_class(y_true, y_pred, num_classes),
-                auroc_per_class(y_true, proba),
-                recall,
-                support,
-                strict=True,
-            )
-        },
-        "confusion_matrix": cm.tolist(),
-        "reliability": reliability_curve(y_true, proba, n_bins),
-        "warnings": warnings,
+        "instance_auroc": float(np.mean(per_bag)) if per_bag else float("nan"),
+        "instance_auroc_pooled": pooled,
+        "bags_with_ground_truth": len(per_bag),
     }
-
-
-def aggregate_folds(fold_metrics: Sequence[dict[str, float]]) -> dict[str, dict[str, float | list[float]]]:
-    """Mean ± sd (ddof=1) of each scalar metric over folds (and seeds), NaNs ignored."""
-    names = sorted({k for m in fold_metrics for k in m})
-    out: dict[str, dict[str, float | list[float]]] = {}
-    for k in names:
-        values = np.asarray([m.get(k, math.nan) for m in fold_metrics], dtype=float)
-        finite = values[np.isfinite(values)]
-        out[k] = {
-            "mean": float(finite.mean()) if len(finite) else math.nan,
-            "sd": float(finite.std(ddof=1)) if len(finite) > 1 else 0.0 if len(finite) else math.nan,
-            "values": values.tolist(),
-        }
-    return out

@@ -4,9 +4,9 @@ Every metric of the audit is a function of weighted sums over patients, so one (
 ``W`` evaluates R groups, bootstrap resamples (multiplicity counts) or permuted groups (0/1 masks) in
 a few matrix products:
 
-- counts: ``W @ onehot(y)``, ``W @ onehot(pred)``, ``W @ (onehot(y) * correct)`` give per-class
-  support, predictions and true positives, hence recall (TPR), FPR, selection rate, balanced
-  accuracy and macro-F1 exactly as :mod:`milcore.training.metrics` defines them;
+- counts (:func:`weighted_counts`): ``W @ onehot(y)``, ``W @ onehot(pred)``, ``W @ (onehot(y) * correct)``
+  give per-class support, predictions and true positives, hence recall (TPR), FPR, selection rate,
+  balanced accuracy and macro-F1 exactly as :mod:`milcore.metrics.classification` defines them;
 - ECE: ``W @ (bin one-hot * (correct - confidence))`` per equal-width confidence bin;
 - AUROC: the weighted Mann-Whitney statistic: in score order, each positive's weight times the cumulative
   weight of the negatives below it (plus half the tied ones), per class (one vs rest, macro over the
@@ -17,6 +17,9 @@ which is right for one table of point estimates but takes milliseconds per group
 needs the same metrics for thousands of bootstrap resamples and permutations per group (a few seconds
 here versus minutes). The tests check these values against ``MetricFrame`` and fairlearn's
 equalized-odds and demographic-parity differences where fairlearn is installed.
+
+Each metric's group-weighted function is named in :data:`milcore.metrics.TABLE` (``weighted``), beside
+its one-set function, so the audit and the training report read one list of metrics.
 """
 
 from __future__ import annotations
@@ -26,21 +29,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: Scalar metrics per group, and whether higher is better.
-HIGHER_IS_BETTER: dict[str, bool] = {"balanced_accuracy": True, "macro_f1": True, "auroc": True, "ece": False}
-#: Per-class metrics per group, and whether higher is better.
-PER_CLASS_HIGHER: dict[str, bool] = {"recall": True, "fpr": False, "selection_rate": True}
-
-
-def metric_direction(name: str) -> bool:
-    """Whether higher is better for a metric name such as ``auroc`` or ``recall[NPM1]``."""
-    base = name.split("[", 1)[0]
-    if base in HIGHER_IS_BETTER:
-        return HIGHER_IS_BETTER[base]
-    if base in PER_CLASS_HIGHER:
-        return PER_CLASS_HIGHER[base]
-    raise KeyError(name)
-
 
 def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -48,8 +36,8 @@ def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class Predictions:
-    """Labelled predictions of one audit, with everything the weighted metrics need precomputed.
+class LabelledPredictions:
+    """Labelled predictions with everything the weighted metrics need precomputed (one-hots, bins, ranks).
 
     Args:
         y_true: (n,) int labels.
@@ -88,56 +76,88 @@ class Predictions:
         return len(self.y_true)
 
 
-def weighted_metrics(pred: Predictions, W: np.ndarray, with_auroc: bool = True) -> dict[str, np.ndarray]:
-    """All audit metrics for each row of a weight matrix.
+@dataclass
+class WeightedCounts:
+    """Per-class weighted counts of R weightings of the same patients (what most metrics are ratios of).
 
-    Args:
-        pred: the labelled predictions.
-        W: (R, n) non-negative weights (masks, bootstrap counts).
-        with_auroc: also compute AUROC (skip when not needed).
-
-    Returns:
-        ``{name: (R,) array}`` for ``n``, ``balanced_accuracy``, ``macro_f1``, ``ece``, ``auroc`` and
-        ``{name: (R, C) array}`` for ``support``, ``recall``, ``fpr``, ``selection_rate``; NaN where undefined
-        (no patient, or a class absent from the group).
+    Attributes:
+        W: (R, n) weights.
+        total: (R,) weight of all patients.
+        support: (R, C) weight of each true class.
+        predicted: (R, C) weight of each predicted class.
+        tp: (R, C) weight of the correctly predicted patients of each class.
     """
+
+    W: np.ndarray
+    total: np.ndarray
+    support: np.ndarray
+    predicted: np.ndarray
+    tp: np.ndarray
+
+    @property
+    def negatives(self) -> np.ndarray:
+        """(R, C) weight of the patients not of each class."""
+        return self.total[:, None] - self.support
+
+
+def weighted_counts(pred: LabelledPredictions, W: np.ndarray) -> WeightedCounts:
+    """The counts of each row of the (R, n) weight matrix ``W`` (masks, bootstrap multiplicities)."""
     W = np.atleast_2d(np.asarray(W, dtype=float))  # (R, n)
-    total = W.sum(axis=1)  # (R,)
-    support = W @ pred.onehot_true  # (R, C)
-    predicted = W @ pred.onehot_pred  # (R, C)
-    tp = W @ (pred.onehot_true * pred.correct[:, None])  # (R, C)
-    recall = _div(tp, support)
-    negatives = total[:, None] - support
-    fpr = _div(predicted - tp, negatives)
-    selection = _div(predicted, np.repeat(total[:, None], pred.num_classes, axis=1))
-    present = support > 0
+    return WeightedCounts(W, W.sum(axis=1), W @ pred.onehot_true, W @ pred.onehot_pred,
+                          W @ (pred.onehot_true * pred.correct[:, None]))  # fmt: skip
+
+
+def weighted_recall(pred: LabelledPredictions, c: WeightedCounts) -> np.ndarray:
+    """(R, C) recall (TPR) per class; NaN for a class absent from a row."""
+    return _div(c.tp, c.support)
+
+
+def weighted_fpr(pred: LabelledPredictions, c: WeightedCounts) -> np.ndarray:
+    """(R, C) false-positive rate per class (one vs rest)."""
+    return _div(c.predicted - c.tp, c.negatives)
+
+
+def weighted_selection_rate(pred: LabelledPredictions, c: WeightedCounts) -> np.ndarray:
+    """(R, C) share of the patients predicted as each class."""
+    return _div(c.predicted, np.repeat(c.total[:, None], pred.num_classes, axis=1))
+
+
+def weighted_balanced_accuracy(pred: LabelledPredictions, c: WeightedCounts) -> np.ndarray:
+    """(R,) mean recall over the classes present in each row."""
+    present = c.support > 0
     with np.errstate(invalid="ignore"):
-        ba = np.where(present.any(1), np.nansum(np.where(present, recall, 0.0), 1) / np.maximum(present.sum(1), 1),
-                      np.nan)  # fmt: skip
-        seen = (support + predicted) > 0
-        f1 = np.where(seen, 2 * tp / np.where(seen, support + predicted, 1), 0.0)
-        macro_f1 = np.where(seen.any(1), (f1 * seen).sum(1) / np.maximum(seen.sum(1), 1), np.nan)
-        ece = np.where(total > 0, np.abs(W @ pred.calib).sum(1) / np.where(total > 0, total, 1), np.nan)
-    out = {"n": total, "balanced_accuracy": ba, "macro_f1": macro_f1, "ece": ece, "support": support,
-           "recall": recall, "fpr": fpr, "selection_rate": selection}  # fmt: skip
-    if with_auroc:
-        out["auroc"] = _weighted_auroc(pred, W, support, negatives)
-    return out
+        return np.where(present.any(1), np.nansum(np.where(present, weighted_recall(pred, c), 0.0), 1)
+                        / np.maximum(present.sum(1), 1), np.nan)  # fmt: skip
 
 
-def _weighted_auroc(pred: Predictions, W: np.ndarray, support: np.ndarray, negatives: np.ndarray) -> np.ndarray:
-    """(R,) macro one-vs-rest AUROC (binary: AUROC of class 1), NaN where a group has one class only."""
+def weighted_macro_f1(pred: LabelledPredictions, c: WeightedCounts) -> np.ndarray:
+    """(R,) mean F1 over the classes present or predicted in each row."""
+    with np.errstate(invalid="ignore"):
+        seen = (c.support + c.predicted) > 0
+        f1 = np.where(seen, 2 * c.tp / np.where(seen, c.support + c.predicted, 1), 0.0)
+        return np.where(seen.any(1), (f1 * seen).sum(1) / np.maximum(seen.sum(1), 1), np.nan)
+
+
+def weighted_ece(pred: LabelledPredictions, c: WeightedCounts) -> np.ndarray:
+    """(R,) top-label expected calibration error (equal-width bins)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(c.total > 0, np.abs(c.W @ pred.calib).sum(1) / np.where(c.total > 0, c.total, 1), np.nan)
+
+
+def weighted_auroc(pred: LabelledPredictions, c: WeightedCounts) -> np.ndarray:
+    """(R,) macro one-vs-rest AUROC (binary: AUROC of class 1), NaN where a row has one class only."""
+    W, support, negatives = c.W, c.support, c.negatives
     R, C = support.shape
     per = np.full((R, C), np.nan)
-    for c in [1] if C == 2 else range(C):
-        order, start, end = pred.ranks[c]
-        pos = (pred.y_true == c)[order]
+    for k in [1] if C == 2 else range(C):
+        order, start, end = pred.ranks[k]
+        pos = (pred.y_true == k)[order]
         Ws = W[:, order]  # (R, n) weights in score order
         cum = np.concatenate([np.zeros((R, 1)), np.cumsum(Ws * ~pos, axis=1)], axis=1)  # (R, n + 1)
         below = cum[:, start]  # negatives strictly below each position's score
         ties = cum[:, end] - below  # negatives with the same score
         u = ((below + 0.5 * ties) * (Ws * pos)).sum(axis=1)
-        per[:, c] = _div(u, support[:, c] * negatives[:, c])
+        per[:, k] = _div(u, support[:, k] * negatives[:, k])
     if C == 2:
         return per[:, 1]
     with np.errstate(invalid="ignore"):
@@ -145,10 +165,35 @@ def _weighted_auroc(pred: Predictions, W: np.ndarray, support: np.ndarray, negat
         return np.where(ok.any(1), np.nansum(per, 1) / np.maximum(ok.sum(1), 1), np.nan)
 
 
+def weighted_metrics(pred: LabelledPredictions, W: np.ndarray, with_auroc: bool = True) -> dict[str, np.ndarray]:
+    """Every metric of :data:`milcore.metrics.TABLE` that has a group-weighted function, for each row of ``W``.
+
+    Args:
+        pred: the labelled predictions.
+        W: (R, n) non-negative weights (masks, bootstrap counts).
+        with_auroc: also compute AUROC (skip when not needed: it is the one that sorts).
+
+    Returns:
+        ``{name: (R,) array}`` for ``n`` and the scalar metrics (``balanced_accuracy``, ``macro_f1``, ``auroc``,
+        ``ece``), ``{name: (R, C) array}`` for ``support`` and the per-class ones (``recall``, ``fpr``,
+        ``selection_rate``); NaN where undefined (no patient, or a class absent from the group).
+    """
+    from milcore.metrics.table import TABLE
+
+    counts = weighted_counts(pred, W)
+    out = {"n": counts.total, "support": counts.support}
+    for m in TABLE.values():
+        if m.weighted is not None and (with_auroc or m.name != "auroc"):
+            out[m.name] = m.weighted(pred, counts)
+    return out
+
+
 def flatten(metrics: dict[str, np.ndarray], classes: list[str]) -> dict[str, np.ndarray]:
     """``{name: (R,)}`` with per-class metrics spread out as ``recall[CLASS]``, ``fpr[CLASS]``, ..."""
-    out = {k: metrics[k] for k in (*HIGHER_IS_BETTER, "n") if k in metrics}
-    for k in PER_CLASS_HIGHER:
+    from milcore.metrics.table import GROUP_METRICS, PER_CLASS_METRICS
+
+    out = {k: metrics[k] for k in (*GROUP_METRICS, "n") if k in metrics}
+    for k in PER_CLASS_METRICS:
         for j, c in enumerate(classes):
             out[f"{k}[{c}]"] = metrics[k][:, j]
     return out

@@ -17,7 +17,7 @@ The rules (codes):
 * ``single_predicted_class`` (critical): every patient received the same diagnosis although several
   classes are present.
 * ``temperature_at_bound`` (critical at the upper bound, caution at the lower): a fitted temperature is
-  within 1% of a bound of :data:`milcore.training.calibration.TEMPERATURE_BOUNDS`. Upper: probabilities
+  within 1% of a bound of :data:`milcore.metrics.calibration.TEMPERATURE_BOUNDS`. Upper: probabilities
   flattened to near-uniform (a low ECE then means nothing); lower: sharpened to near 0/1 (overconfident).
 * ``class_smaller_than_folds`` (critical): a class has fewer patients than cross-validation folds, so
   some test folds hold none of them and its per-fold metrics are undefined.
@@ -39,19 +39,17 @@ from typing import Any
 
 import numpy as np
 
+from milcore.metrics import CHANCE_METRICS
+from milcore.metrics import label as metric_label
+from milcore.metrics.calibration import TEMPERATURE_BOUNDS, temperature_at_bound
 from milcore.report.document import Report, fmt, plural
 
 #: A headline 95% CI wider than this (in metric units) is too imprecise to support a claim.
 MAX_CI_WIDTH = 0.30
 #: Fewer patients than this in a class: per-class recall and AUROC rest on a handful of patients.
 MIN_PATIENTS_PER_CLASS = 10
-#: Metrics with a chance level, in the order they are reported.
-CHANCE_METRICS = ("balanced_accuracy", "auroc")
 #: Codes meaning "this model is no better than chance here".
 CHANCE_CODES = ("chance", "below_chance")
-
-#: How the messages name the chance metrics.
-METRIC_NAMES = {"balanced_accuracy": "balanced accuracy", "auroc": "AUROC"}
 _TOL = 1e-9
 
 
@@ -120,24 +118,24 @@ def headline_warnings(metrics: Mapping[str, Mapping[str, Any]], num_classes: int
             wide[name] = hi - lo
     out: list[dict[str, Any]] = []
     if at_chance:
-        said = "; ".join(f"{METRIC_NAMES[k]} {_ci_text(v['value'], v['ci95'])} includes chance ({fmt(v['chance'])})"
+        said = "; ".join(f"{metric_label(k)} {_ci_text(v['value'], v['ci95'])} includes chance ({fmt(v['chance'])})"
                          for k, v in at_chance.items())  # fmt: skip
         out.append(_warning("chance", "critical", f"{subject} is not distinguishable from chance on this cohort: "
                             f"{said}. Its predictions must not be used for decisions.", metrics=at_chance,
                             **context))  # fmt: skip
     if below:
-        said = "; ".join(f"{METRIC_NAMES[k]} {_ci_text(v['value'], v['ci95'])} is below chance ({fmt(v['chance'])})"
+        said = "; ".join(f"{metric_label(k)} {_ci_text(v['value'], v['ci95'])} is below chance ({fmt(v['chance'])})"
                          for k, v in below.items())  # fmt: skip
         out.append(_warning("below_chance", "critical", f"{subject} is worse than chance on this cohort: {said}. "
                             "Check that the labels belong to these predictions (class order, bag ids, task).",
                             metrics=below, **context))  # fmt: skip
     if wide:
-        said = " and that of ".join(f"{METRIC_NAMES[k]} is {fmt(w)} wide" for k, w in wide.items())
+        said = " and that of ".join(f"{metric_label(k)} is {fmt(w)} wide" for k, w in wide.items())
         out.append(_warning("wide_ci", "caution", f"The cohort is too small for a precise estimate: the 95% CI of "
                             f"{said} (more than {MAX_CI_WIDTH:g}).", metrics=wide, width=max(wide.values()),
                             **context))  # fmt: skip
     if no_ci:
-        said = " and ".join(METRIC_NAMES[k] for k in no_ci)
+        said = " and ".join(metric_label(k) for k in no_ci)
         out.append(_warning("no_ci", "caution", f"No confidence interval could be computed for {said} (too few "
                             "patients, or a class missing from most resamples); the point value alone proves nothing.",
                             metrics=no_ci,
@@ -176,8 +174,6 @@ def temperature_warnings(temperatures: Sequence[float], where: Sequence[str], **
         where: a label for each (``"fold 0"``, ``"abmil seed 1 fold 2"``).
         **context: extra keys for every warning.
     """
-    from milcore.training.calibration import TEMPERATURE_BOUNDS, temperature_at_bound
-
     hits: dict[str, list[tuple[str, float]]] = {}
     for t, label in zip(temperatures, where, strict=True):
         bound = temperature_at_bound(t)

@@ -40,7 +40,7 @@ def confusion_figure(cm: np.ndarray, classes: Sequence[str], title: str = "Confu
 
 def roc_figure(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str], title: str = "ROC (one vs rest)") -> Any:
     """One-vs-rest ROC curve per class."""
-    from milcore.training.metrics import binary_auroc
+    from milcore.metrics.classification import binary_auroc
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.6, 4.2))

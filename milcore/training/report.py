@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from milcore.metrics import HEADLINE, TABLE, label
 from milcore.report import Report, fmt, fmt_ci, plots, plural
 from milcore.report.caveats import (
     add_warnings,
@@ -23,13 +24,10 @@ from milcore.report.glossary import RUN_TERMS, add_glossary
 
 log = logging.getLogger(__name__)
 
-_NAMES = {"balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1", "auroc": "AUROC (one vs rest)",
-          "ece": "ECE (after temperature scaling)", "accuracy": "accuracy", "ece_uncalibrated": "ECE (raw)",
-          "instance_auroc": "attention instance-AUROC"}  # fmt: skip
 
 
 def _temperature_cell(t: float) -> str:
-    from milcore.training.calibration import temperature_at_bound
+    from milcore.metrics.calibration import temperature_at_bound
 
     bound = temperature_at_bound(t)
     return fmt(float(t)) + (f" (at {bound} bound)" if bound else "")
@@ -67,13 +65,13 @@ def write_run_report(out: Path, metrics: dict[str, Any], table, history_of: dict
         f"temperature scaling (T). Terms are explained at the end of the report."
     )
     rows = []
-    for k in ("balanced_accuracy", "macro_f1", "auroc", "ece", "accuracy", "ece_uncalibrated", "instance_auroc"):
+    for k in (*HEADLINE, *(k for k in TABLE if k not in HEADLINE)):
         if k not in mean:
             continue
         m = mean[k]
         pooled_cell = fmt_ci(pooled[k]["value"], pooled[k]["ci95"]) if k in pooled else (
             fmt(metrics["instance"]["instance_auroc"]) if k == "instance_auroc" and "instance" in metrics else "–")
-        rows.append([_NAMES.get(k, k), f"{fmt(m['mean'])} ± {fmt(m['sd'])}", pooled_cell])
+        rows.append([label(k), f"{fmt(m['mean'])} ± {fmt(m['sd'])}", pooled_cell])
     rep.heading("Headline")
     rep.table(["metric", "mean ± sd over folds", "pooled out-of-fold [95% bootstrap CI]"], rows)
     if "instance" in metrics:
@@ -111,14 +109,17 @@ def write_run_report(out: Path, metrics: dict[str, Any], table, history_of: dict
         padded = {k: v + [float("nan")] * (longest - len(v)) for k, v in curves.items()}
         rep.figure(plots.lines_figure(list(range(longest)), padded, "epoch", "validation loss",
                                       "Learning curves"), "Validation loss per epoch and fold.")  # fmt: skip
-    try:
-        from milcore.explain import build_explanations
+    from feature_cache.errors import UserError
+    from milcore import explain
 
-        ex_rep, _ = build_explanations(out, crops, top_k=8, max_patients=6)
-        rep.heading("Cells that drove the decisions")
+    rep.heading("Cells that drove the decisions")
+    try:
+        ex_rep, _ = explain.build_explanations(out, crops, top_k=8, max_patients=6)
+    except UserError as exc:  # an input the galleries need is missing or unreadable; a drawing bug is raised
+        log.warning("cell galleries not drawn: %s", exc)
+        rep.paragraph(f"Cell galleries not drawn: {exc}", css="note")
+    else:
         rep.blocks.extend(ex_rep.blocks)
-    except Exception as exc:  # the report must not fail because a gallery cannot be drawn
-        log.warning("cell galleries skipped: %s", exc)
     add_glossary(rep, [*RUN_TERMS, *(["instance-AUROC"] if "instance" in metrics else [])])
     html, md = rep.write(out, "report")
     return html, md

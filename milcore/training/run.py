@@ -256,11 +256,13 @@ def _run(spec: RunSpec, config: TrainConfig, out: Path, plan: _Plan, t_start: fl
     import yaml
 
     from milcore.data.splits import save_folds
+    from milcore.metrics import aggregate_folds, scalar_metrics
+    from milcore.metrics.calibration import fit_temperature, softmax
+    from milcore.metrics.classification import expected_calibration_error
     from milcore.predict import PredictionTable, write_attention, write_predictions
-    from milcore.training.calibration import fit_temperature, softmax
+    from milcore.report.evaluation import evaluate
     from milcore.training.checkpoint import load_checkpoint, save_checkpoint
     from milcore.training.features import FeatureStore
-    from milcore.training.metrics import aggregate_folds, evaluate, expected_calibration_error, scalar_metrics
     from milcore.training.trainer import Trainer
 
     bank, cohort, folds, classes = plan.inputs.bank, plan.inputs.cohort, plan.folds, plan.inputs.classes
@@ -332,7 +334,7 @@ def _run(spec: RunSpec, config: TrainConfig, out: Path, plan: _Plan, t_start: fl
     for k in HEADLINE:
         metrics[k] = metrics["mean"][k]["mean"]
     if plan.truth is not None:
-        from milcore.data.ground_truth import instance_auroc
+        from milcore.metrics.classification import instance_auroc
 
         truth = {b: plan.truth[b] for b in ids}
         metrics["instance"] = instance_auroc(oof_att, truth)

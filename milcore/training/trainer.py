@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from feature_cache.devices import resolve_device
 from feature_cache.progress import progress
 from milcore.losses import bag_cross_entropy, class_weights
+from milcore.metrics.classification import balanced_accuracy
 from milcore.models.input_norm import attach_input_norm, normalize_input
 from milcore.training.config import TrainConfig
 from milcore.training.features import FeatureStore
-from milcore.training.metrics import balanced_accuracy
 
 #: input standardisation never divides by less than this fraction of the median feature std
 STD_FLOOR = 0.1

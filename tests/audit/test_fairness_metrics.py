@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from milcore.audit.fairness_metrics import Predictions, flatten, parity_differences, weighted_metrics
-from milcore.training import metrics as tm
+from milcore import metrics as tm
+from milcore.metrics import classification as cl
+from milcore.metrics.weighted import LabelledPredictions, flatten, parity_differences, weighted_metrics
 
 # 8 patients, 3 classes. Group A = first 4, group B = last 4.
 Y = np.array([0, 1, 2, 0, 1, 2, 0, 1])
@@ -25,7 +26,7 @@ B = 1 - A
 
 
 def test_group_a_by_hand() -> None:
-    m = weighted_metrics(Predictions(Y, PROBA), A[None])
+    m = weighted_metrics(LabelledPredictions(Y, PROBA), A[None])
     # group A: true 0,1,2,0; predicted 0,1,0,1. recall: class0 1/2, class1 1/1, class2 0/1 -> BA 0.5
     assert m["balanced_accuracy"][0] == pytest.approx(0.5)
     assert m["recall"][0].tolist() == pytest.approx([0.5, 1.0, 0.0])
@@ -46,7 +47,7 @@ def test_group_a_by_hand() -> None:
 
 
 def test_group_b_and_support() -> None:
-    m = weighted_metrics(Predictions(Y, PROBA), B[None])
+    m = weighted_metrics(LabelledPredictions(Y, PROBA), B[None])
     assert m["balanced_accuracy"][0] == pytest.approx(1.0)
     assert m["support"][0].tolist() == [1, 2, 1]
 
@@ -59,7 +60,7 @@ def test_matches_training_metrics_on_random_groups(num_classes: int) -> None:
     proba = rng.dirichlet(np.ones(num_classes), n)
     proba[np.arange(n), y] += rng.random(n)  # some signal
     proba /= proba.sum(1, keepdims=True)
-    pred = Predictions(y, proba)
+    pred = LabelledPredictions(y, proba)
     masks = rng.random((5, n)) < 0.5
     m = weighted_metrics(pred, masks.astype(float))
     for r, mask in enumerate(masks):
@@ -70,7 +71,7 @@ def test_matches_training_metrics_on_random_groups(num_classes: int) -> None:
 
 def test_bootstrap_counts_equal_repeated_patients() -> None:
     rng = np.random.default_rng(0)
-    pred = Predictions(Y, PROBA)
+    pred = LabelledPredictions(Y, PROBA)
     counts = rng.multinomial(8, np.full(8, 1 / 8), size=6).astype(float)
     m = weighted_metrics(pred, counts)
     for r, c in enumerate(counts):
@@ -87,14 +88,14 @@ def test_auroc_with_ties_matches_training_metric() -> None:
     y = rng.integers(0, 3, 60)
     proba = np.round(rng.dirichlet(np.ones(3), 60), 1)  # many tied scores
     W = rng.multinomial(60, np.full(60, 1 / 60), size=4).astype(float)
-    got = weighted_metrics(Predictions(y, proba), W)["auroc"]
+    got = weighted_metrics(LabelledPredictions(y, proba), W)["auroc"]
     for r, w in enumerate(W):
         idx = np.repeat(np.arange(60), w.astype(int))
-        assert got[r] == pytest.approx(tm.macro_auroc(y[idx], proba[idx]), abs=1e-12)
+        assert got[r] == pytest.approx(cl.macro_auroc(y[idx], proba[idx]), abs=1e-12)
 
 
 def test_parity_differences_by_hand() -> None:
-    m = weighted_metrics(Predictions(Y, PROBA), np.stack([A, B]), with_auroc=False)
+    m = weighted_metrics(LabelledPredictions(Y, PROBA), np.stack([A, B]), with_auroc=False)
     d = parity_differences(m)
     # TPR ranges: class0 |0.5-1|=0.5, class1 |1-1|=0, class2 |0-1|=1; FPR ranges: class0 |0.5-0|=0.5,
     # class1 |1/3 - 0|=1/3, class2 0 -> EOD = 1.0. Selection: A [.5,.5,0], B [.25,.5,.25] -> DPD 0.25
@@ -103,7 +104,7 @@ def test_parity_differences_by_hand() -> None:
 
 
 def test_flatten_names() -> None:
-    m = weighted_metrics(Predictions(Y, PROBA), A[None])
+    m = weighted_metrics(LabelledPredictions(Y, PROBA), A[None])
     flat = flatten(m, ["a", "b", "c"])
     assert flat["recall[c]"][0] == 0.0 and "fpr[a]" in flat and "selection_rate[b]" in flat
 
@@ -122,7 +123,7 @@ def test_against_fairlearn_metricframe() -> None:
     frame = fairlearn.MetricFrame(metrics={"ba": balanced_accuracy_score, "tpr": recall_score},
                                   y_true=y, y_pred=y_pred, sensitive_features=sex)  # fmt: skip
     masks = np.stack([sex == "F", sex == "M"]).astype(float)
-    m = weighted_metrics(Predictions(y, proba), masks)
+    m = weighted_metrics(LabelledPredictions(y, proba), masks)
     assert m["balanced_accuracy"].tolist() == pytest.approx(frame.by_group["ba"].loc[["F", "M"]].tolist())
     assert m["recall"][:, 1].tolist() == pytest.approx(frame.by_group["tpr"].loc[["F", "M"]].tolist())
     d = parity_differences(m)
@@ -141,7 +142,8 @@ def test_gaps_and_ratios_by_hand() -> None:
 
     sex = np.asarray(["F"] * 4 + ["M"] * 4, dtype=object)
     config = AuditConfig(attributes=("sex",), min_group_size=2, n_boot=50, n_perm=50, per_class=False)
-    audit = audit_predictions(Predictions(Y, PROBA), ["a", "b", "c"], build_groups({"sex": sex}, 8, config), config)
+    groups = build_groups({"sex": sex}, 8, config)
+    audit = audit_predictions(LabelledPredictions(Y, PROBA), ["a", "b", "c"], groups, config)
     f = next(c for c in audit["comparisons"] if c["group"] == "sex=F" and c["metric"] == "balanced_accuracy")
     overall = (2 / 3 + 1.0 + 0.5) / 3  # class 0: 2 of 3 right, class 1: 3 of 3, class 2: 1 of 2
     assert audit["overall"]["metrics"]["balanced_accuracy"]["value"] == pytest.approx(overall)

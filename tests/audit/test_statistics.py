@@ -5,17 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from milcore.audit.fairness_metrics import Predictions, weighted_metrics
 from milcore.audit.statistics import (
     adjust_pvalues,
     linear_trend,
-    mean_ci,
     paired_effect,
     percentile_ci,
     permutation_masks,
     sequential_permutation_p,
     stratified_counts,
 )
+from milcore.metrics import mean_ci
+from milcore.metrics.weighted import LabelledPredictions, weighted_metrics
 
 
 def test_holm_bonferroni_bh_by_hand() -> None:
@@ -53,7 +53,7 @@ def test_bootstrap_ci_coverage_on_a_known_accuracy() -> None:
         correct = rng.random(n) < true_recall
         pred = np.where(correct, y, 1 - y)
         proba = np.eye(2)[pred] * 0.8 + 0.1
-        boot = weighted_metrics(Predictions(y, proba), stratified_counts(rng, y, 400), with_auroc=False)
+        boot = weighted_metrics(LabelledPredictions(y, proba), stratified_counts(rng, y, 400), with_auroc=False)
         lo, hi = percentile_ci(boot["balanced_accuracy"])
         hits += lo <= true_recall <= hi
     assert 0.89 <= hits / reps <= 0.99

@@ -13,8 +13,9 @@ import torch
 
 from feature_cache.errors import UserError
 from milcore.bench import PEER_MODELS
-from milcore.bench.aggregators import BenchSpec, check_models, compare_peers, mean_ci, run_benchmark
+from milcore.bench.aggregators import BenchSpec, check_models, compare_peers, run_benchmark
 from milcore.bench.report import markdown_table, write_outputs
+from milcore.metrics import mean_ci
 from milcore.training.config import TrainConfig
 
 HAVE_TORCHMIL = importlib.util.find_spec("torchmil") is not None  # the optional `peers` extra
@@ -111,9 +112,9 @@ def test_bad_names_and_sites(bench_bank: dict) -> None:
 
 
 def test_mean_ci_and_paired_comparison() -> None:
-    lo, hi = mean_ci(np.array([0.5, 0.6, 0.7, 0.8]))
+    lo, hi = mean_ci(np.array([0.5, 0.6, 0.7, 0.8]), method="bootstrap")["ci95"]
     assert 0.5 <= lo < 0.65 < hi <= 0.8
-    assert all(math.isnan(v) for v in mean_ci(np.array([0.5])))
+    assert all(math.isnan(v) for v in mean_ci(np.array([0.5]), method="bootstrap")["ci95"])
     rows = [{"impl": impl, "model": "abmil", "seed": 0, "fold": f, "balanced_accuracy": acc + 0.01 * f,
              "train_bags_per_s": rate} for impl, acc, rate in (("milcore", 0.9, 300.0), ("torchmil", 0.5, 100.0))
             for f in range(4)]  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from milcore.metrics.calibration import TEMPERATURE_BOUNDS, fit_temperature, temperature_at_bound
 from milcore.report import Report
 from milcore.report.caveats import (
     MAX_CI_WIDTH,
@@ -16,9 +17,8 @@ from milcore.report.caveats import (
     prediction_warnings,
     temperature_warnings,
 )
+from milcore.report.evaluation import evaluate
 from milcore.report.glossary import GLOSSARY, add_glossary
-from milcore.training.calibration import TEMPERATURE_BOUNDS, fit_temperature, temperature_at_bound
-from milcore.training.metrics import evaluate
 
 
 def _codes(warnings: list[dict]) -> list[str]:

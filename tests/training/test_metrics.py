@@ -6,19 +6,18 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from milcore.training.calibration import fit_temperature, softmax
-from milcore.training.metrics import (
-    aggregate_folds,
+from milcore.metrics import aggregate_folds, bootstrap_ci
+from milcore.metrics.calibration import fit_temperature, softmax
+from milcore.metrics.classification import (
     balanced_accuracy,
     binary_auroc,
-    bootstrap_ci,
     confusion_matrix,
-    evaluate,
     expected_calibration_error,
     f1_per_class,
     macro_auroc,
     macro_f1,
 )
+from milcore.report.evaluation import evaluate
 
 
 def _random_case(seed: int, n: int = 200, c: int = 4) -> tuple[np.ndarray, np.ndarray]:

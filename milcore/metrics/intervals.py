@@ -1,0 +1,104 @@
+"""Uncertainty of metrics: bootstrap CIs over patients, mean ± sd over folds, the CI of a mean."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from milcore.metrics.table import scalar_metrics
+
+#: How :func:`mean_ci` builds its interval.
+MEAN_CI_METHODS = ("t", "bootstrap")
+
+
+def bootstrap_ci(
+    y_true: np.ndarray,
+    proba: np.ndarray,
+    fn: Callable[[np.ndarray, np.ndarray], dict[str, float]] = scalar_metrics,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    strata: np.ndarray | None = None,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap CIs of every metric ``fn`` returns, resampling patients with replacement.
+
+    Args:
+        y_true: (n,) labels.
+        proba: (n, C) probabilities.
+        fn: metrics of one resample.
+        n_boot: number of resamples.
+        alpha: 1 - confidence level.
+        seed: random seed.
+        strata: (n,) optional groups resampled separately (keeps class or subgroup sizes fixed).
+
+    Returns:
+        ``{metric: (low, high)}``; NaN bounds where a metric is undefined in most resamples.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(y_true)
+    if n == 0:
+        return {}
+    groups = [np.arange(n)] if strata is None else [np.flatnonzero(strata == g) for g in np.unique(strata)]
+    samples: dict[str, list[float]] = {}
+    for _ in range(n_boot):
+        idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
+        for k, v in fn(y_true[idx], proba[idx]).items():
+            samples.setdefault(k, []).append(v)
+    out = {}
+    for k, values in samples.items():
+        arr = np.asarray(values, dtype=float)
+        arr = arr[np.isfinite(arr)]
+        if len(arr) < n_boot / 2:
+            out[k] = (float("nan"), float("nan"))
+        else:
+            out[k] = (float(np.quantile(arr, alpha / 2)), float(np.quantile(arr, 1 - alpha / 2)))
+    return out
+
+
+def aggregate_folds(fold_metrics: Sequence[dict[str, float]]) -> dict[str, dict[str, float | list[float]]]:
+    """Mean ± sd (ddof=1) of each scalar metric over folds (and seeds), NaNs ignored."""
+    names = sorted({k for m in fold_metrics for k in m})
+    out: dict[str, dict[str, float | list[float]]] = {}
+    for k in names:
+        values = np.asarray([m.get(k, math.nan) for m in fold_metrics], dtype=float)
+        finite = values[np.isfinite(values)]
+        out[k] = {
+            "mean": float(finite.mean()) if len(finite) else math.nan,
+            "sd": float(finite.std(ddof=1)) if len(finite) > 1 else 0.0 if len(finite) else math.nan,
+            "values": values.tolist(),
+        }
+    return out
+
+
+def mean_ci(values: Sequence[float] | np.ndarray, alpha: float = 0.05, *, method: str = "t", n_boot: int = 2000,
+            seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Mean of the finite ``values`` with a ``1 - alpha`` confidence interval.
+
+    Args:
+        values: repeated measurements (runs, folds x seeds); NaN and Inf are dropped.
+        alpha: 1 - confidence level.
+        method: ``t`` (Student-t interval: repeated trainings of one condition) or ``bootstrap``
+            (percentile interval of ``n_boot`` resampled means, seeded by ``seed``: no normality assumed).
+
+    Returns:
+        ``{"mean", "ci95": [low, high], "n"}``; NaN bounds for fewer than two finite values.
+    """
+    if method not in MEAN_CI_METHODS:
+        raise ValueError(f"mean_ci: method must be one of {', '.join(MEAN_CI_METHODS)}, got {method!r}")
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    n = len(v)
+    mean = float(v.mean()) if n else math.nan
+    if n < 2:
+        return {"mean": mean, "ci95": [math.nan, math.nan], "n": n}
+    if method == "bootstrap":
+        means = v[np.random.default_rng(seed).integers(0, n, (n_boot, n))].mean(axis=1)
+        return {"mean": mean, "ci95": [float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))],
+                "n": n}  # fmt: skip
+    from scipy import stats
+
+    half = float(stats.t.ppf(1 - alpha / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": n}
