@@ -25,6 +25,7 @@ from feature_cache.errors import UserError
 from milcore.bench import PEER_MODELS, PEER_PREFIX
 from milcore.bench.config import BenchSpec
 from milcore.metrics import HEADLINE, mean_ci
+from milcore.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
