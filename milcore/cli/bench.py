@@ -19,46 +19,32 @@ HELP = "benchmark aggregators, bank I/O and extraction side by side"
 log = logging.getLogger("milcore")
 
 
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip() and t.strip() != "none")
-
-
-def _seeds(text: str) -> tuple[int, ...]:
-    try:
-        seeds = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from exc
-    if not seeds or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"seeds must be non-negative integers, got {text!r}")
-    return seeds
+#: ``BenchSpec`` fields and training options (``BENCH_TRAIN`` fields) given as flags by the suites that train.
+BENCH_OPTIONS = ("models", "peers", "folds", "seeds")
+BENCH_TRAIN_OPTIONS = ("epochs", "patience", "lr", "batch_instances", "instance_dropout", "input_norm", "device")
 
 
 def _training_options(p: argparse.ArgumentParser) -> None:
-    from milcore.bench import DEFAULT_MODELS, DEFAULT_PEERS
-    from milcore.cli._types import FOLDS_HELP, int_at_least, positive_float
+    from milcore.bench.config import BENCH_TRAIN, BenchSpec
+    from milcore.cli._types import FOLDS_HELP, add_config_options, int_at_least
 
-    p.add_argument("--models", type=_csv, default=DEFAULT_MODELS,
-                   help=f"our aggregators, comma-separated (default {','.join(DEFAULT_MODELS)}; 'milcore models' "
-                        "lists them)")  # fmt: skip
-    p.add_argument("--peers", type=_csv, default=DEFAULT_PEERS,
-                   help=f"torchmil models run beside ours: abmil,dsmil,transmil or none (default "
-                        f"{','.join(DEFAULT_PEERS)}; torchmil's TransMIL trains at a few bags/s on CPU)")  # fmt: skip
-    p.add_argument("--folds", type=int_at_least(3), default=5, help=FOLDS_HELP)
-    p.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)")
-    p.add_argument("--epochs", type=int_at_least(1), default=20, help="maximum epochs per fit (default 20)")
-    p.add_argument("--patience", type=int_at_least(1), default=5, help="early-stopping patience (default 5)")
-    p.add_argument("--lr", type=positive_float, default=5e-4, help="learning rate (default 5e-4)")
-    p.add_argument("--batch-instances", type=int_at_least(1), default=2048, help="cells per optimisation step")
-    p.add_argument("--instance-dropout", type=float, default=0.0, metavar="FRACTION",
-                   help="fraction of each training bag's cells left out at every step (default 0)")
-    p.add_argument("--input-norm", choices=("none", "standardize"), default="none",
-                   help="standardise features with each training fold's statistics (real-cell features need it)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_config_options(p, BenchSpec, BENCH_OPTIONS, metavars={"models": "NAMES", "peers": "NAMES", "seeds": "S,T"},
+                       helps={"models": "our aggregators, comma-separated ('milcore models' lists them)",
+                              "peers": "torchmil models run beside ours: abmil,dsmil,transmil or none (torchmil's "
+                                       "TransMIL trains at a few bags/s on CPU)",
+                              "folds": FOLDS_HELP, "seeds": "comma-separated seeds"})  # fmt: skip
+    add_config_options(p, BENCH_TRAIN, BENCH_TRAIN_OPTIONS, metavars={"instance_dropout": "FRACTION"},
+                       helps={"epochs": "maximum epochs per fit",
+                              "input_norm": "standardise features with each training fold's statistics (real-cell "
+                                            "features need it)"})  # fmt: skip
     p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     """Register the ``bench`` subcommand and its suites."""
+    from milcore.bench.config import BenchSpec
+    from milcore.cli._types import add_config_options
+
     parser = subparsers.add_parser("bench", help=HELP, description=__doc__.splitlines()[0], parents=parents)
     sub = parser.add_subparsers(dest="suite", metavar="SUITE", parser_class=type(parser))
     sub.required = True
@@ -67,9 +53,10 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     p.add_argument("--bank", required=True, help="feature bank (.h5 or .zarr)")
     p.add_argument("--cohort", required=True, help="cohort table with a bag-id and a label column")
     p.add_argument("--task", required=True, metavar="COLUMN", help="label column")
-    p.add_argument("--ood-site", default=None, metavar="S", help="hold this site out of CV and report it (OOD)")
-    p.add_argument("--site-column", default="site", help="cohort column of the site (default site)")
-    p.add_argument("--cells", default=None, help="instance ground truth (default: cells.csv beside the cohort)")
+    add_config_options(p, BenchSpec, ("ood_site", "site_column", "cells"), metavars={"ood_site": "S"},
+                       helps={"ood_site": "hold this site out of CV and report it (OOD)",
+                              "site_column": "cohort column of the site",
+                              "cells": "instance ground truth (default: cells.csv beside the cohort)"})  # fmt: skip
     _training_options(p)
     _out_options(p, required=True)
     p.set_defaults(func=run)
@@ -119,17 +106,17 @@ def _check_out(out: Path, overwrite: bool, create: bool = True) -> None:
 
 def _template(args: argparse.Namespace, bank: str = "", cohort: str = "", task: str = ""):
     from feature_cache.devices import resolve_device
-    from milcore.bench.aggregators import BenchSpec, check_models
-    from milcore.training.config import TrainConfig
+    from milcore.bench.aggregators import check_models
+    from milcore.bench.config import BENCH_TRAIN, BenchSpec
+    from milcore.cli._types import config_values
 
     resolve_device(args.device)  # before any output exists
     check_models(args.models, args.peers)
-    train = TrainConfig(epochs=args.epochs, patience=args.patience, min_epochs=min(5, args.epochs), lr=args.lr,
-                        batch_instances=args.batch_instances, instance_dropout=args.instance_dropout,
-                        input_norm=args.input_norm, device=args.device)  # fmt: skip
-    return BenchSpec(bank=bank, cohort=cohort, task=task, models=args.models, peers=args.peers, folds=args.folds,
-                     seeds=args.seeds, train=train, ood_site=getattr(args, "ood_site", None),
-                     site_column=getattr(args, "site_column", "site"), cells=getattr(args, "cells", None))  # fmt: skip
+    train = BENCH_TRAIN.replace(**config_values(args, BENCH_TRAIN_OPTIONS))
+    train = train.replace(min_epochs=min(train.min_epochs, train.epochs))
+    return BenchSpec(bank=bank, cohort=cohort, task=task, train=train, **config_values(args, BENCH_OPTIONS),
+                     ood_site=getattr(args, "ood_site", None), site_column=getattr(args, "site_column", "site"),
+                     cells=getattr(args, "cells", None))  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
