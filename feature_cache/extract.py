@@ -265,10 +265,13 @@ def check_origins(writer: Any, source: Any, bags: list[str], where: Path, accept
 
 
 def _source_options(config: ExtractConfig) -> dict[str, Any]:
+    from feature_cache.sources import source_options
+
     opts = dict(config.source_options)
     if config.cells is not None:
-        if config.source not in ("fields", "slides"):
-            raise InvalidArgumentError(f"--cells applies to fields and slides sources, not {config.source!r}")
+        if "cells" not in source_options(config.source):  # what the source declares, not its name
+            raise InvalidArgumentError(f"--cells applies to sources that detect cells (a 'cells' option), "
+                                       f"not {config.source!r}")  # fmt: skip
         opts["cells"] = config.cells
     return opts
 

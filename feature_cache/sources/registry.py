@@ -1,86 +1,91 @@
 """Registry of source kinds: ``create_source(kind, path, **options)``, ``list_sources(pattern)``.
 
-Built-in kinds live in their own modules and are imported on first use, so importing
-:mod:`feature_cache.sources` stays cheap. A module registers its class when imported::
+One :class:`~feature_cache.registry.Registry` (see there for discovery and plug-ins): every module of
+``feature_cache.sources`` that calls ``register_source("kind", ...)`` is a built-in, found without
+importing it and imported on first use, so adding a source is one new file and importing
+:mod:`feature_cache.sources` / listing kinds stays cheap (no OpenSlide, no torch). Plug-ins come
+from the entry-point group ``milcore.sources`` or ``$MILCORE_PLUGINS``. A module registers its
+class when imported, as a call or a decorator::
 
     register_source("synthetic", SyntheticSource)   # at the end of feature_cache/sources/synthetic.py
+
+    @register_source("mine")
+    class MySource(BagSource): ...
 """
 
 from __future__ import annotations
 
-import fnmatch
-import importlib
 import inspect
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from feature_cache.errors import InvalidArgumentError, UserError
+from feature_cache.registry import Registry
 from feature_cache.sources.base import BagSource
 
-_REGISTRY: dict[str, type[BagSource]] = {}
+__all__ = ["REGISTRY", "create_source", "get_source_class", "list_sources", "register_source", "source_options"]
 
-# kind -> module that registers it when imported (lazy, so no heavy import happens up front)
-BUILTIN_SOURCES: dict[str, str] = {
-    "crops": "feature_cache.sources.crops",
-    "fields": "feature_cache.sources.fields",
-    "slides": "feature_cache.sources.slides",
-    "synthetic": "feature_cache.sources.synthetic",
-    "bloodmnist": "feature_cache.sources.bloodmnist",
-}
+S = TypeVar("S", bound=type[BagSource])
 
 
-def register_source(kind: str, cls: type[BagSource]) -> type[BagSource]:
-    """Register ``cls`` under ``kind``.
-
-    Registering the same class twice is a no-op (a module imported again); another class under a
-    taken name is an error.
-
-    Raises:
-        InvalidArgumentError: ``kind`` is taken by another class, or ``cls`` is not a BagSource.
-    """
+def _check(kind: str, cls: Any, metadata: Mapping[str, Any]) -> None:
+    """Refuse what is not a concrete :class:`BagSource` subclass (the protocol methods implemented)."""
     if not (inspect.isclass(cls) and issubclass(cls, BagSource)):
         raise InvalidArgumentError(f"source {kind!r}: {cls!r} is not a BagSource subclass")
-    old = _REGISTRY.get(kind)
-    if old is not None and old.__qualname__ != cls.__qualname__:
-        raise InvalidArgumentError(f"source kind {kind!r} is already registered by {old.__module__}.{old.__name__}")
-    _REGISTRY[kind] = cls
+    missing = sorted(getattr(cls, "__abstractmethods__", ()))
+    if missing:
+        raise InvalidArgumentError(f"source {kind!r}: {cls.__qualname__} does not implement {', '.join(missing)}")
+
+
+REGISTRY: Registry[type[BagSource]] = Registry(
+    "source", package="feature_cache.sources", call="register_source", plugin_group="milcore.sources", check=_check
+)
+
+
+def register_source(kind: str, cls: S | None = None) -> Any:
+    """Register ``cls`` under ``kind``; without ``cls``, a class decorator.
+
+    Registering the same class twice is a no-op (a module imported again); another class under a
+    taken name is an error. A class without its own ``kind`` takes ``kind``.
+
+    Raises:
+        InvalidArgumentError: ``kind`` is taken by another class, or ``cls`` is not a concrete BagSource.
+    """
+    if cls is None:
+        return lambda c: register_source(kind, c)
+    REGISTRY.add(kind, cls)
+    if not cls.kind:  # the name is written once, in the registering call
+        cls.kind = kind
     return cls
 
 
 def list_sources(pattern: str = "*") -> list[str]:
-    """Sorted source kinds (registered or built in) matching a shell-style ``pattern``."""
-    return sorted(k for k in set(_REGISTRY) | set(BUILTIN_SOURCES) if fnmatch.fnmatchcase(k, pattern))
+    """Sorted source kinds (built in, registered or plug-ins) matching a shell-style ``pattern``; imports none."""
+    return REGISTRY.names(pattern)
 
 
 def get_source_class(kind: str) -> type[BagSource]:
-    """The class registered under ``kind``, importing its built-in module when needed.
+    """The class registered under ``kind``, importing its module when needed.
 
     Raises:
-        InvalidArgumentError: unknown kind, or its module is not available.
+        InvalidArgumentError: unknown kind (close matches listed), or its module is not available.
     """
-    if kind not in _REGISTRY and kind in BUILTIN_SOURCES:
-        module = BUILTIN_SOURCES[kind]
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            raise InvalidArgumentError(f"source {kind!r} is not available: module {module} is missing") from exc
-    if kind not in _REGISTRY and kind in BUILTIN_SOURCES:
-        raise InvalidArgumentError(
-            f"source {kind!r}: module {BUILTIN_SOURCES[kind]} does not register it yet "
-            f"(it should call register_source({kind!r}, ...))"
-        )
-    if kind not in _REGISTRY:
-        raise InvalidArgumentError(f"unknown source {kind!r}; known: {', '.join(list_sources())}")
-    return _REGISTRY[kind]
+    return REGISTRY.get(kind)
+
+
+def source_options(kind: str) -> list[str]:
+    """The keyword options a source kind's constructor takes (besides ``path``), sorted."""
+    params = inspect.signature(get_source_class(kind)).parameters
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return sorted(n for n, p in params.items() if n != "path" and p.kind in named)
 
 
 def create_source(kind: str, path: str | Path, **options: Any) -> BagSource:
     """Build a source of ``kind`` reading ``path``.
 
     Args:
-        kind: one of :func:`list_sources` (``crops``, ``fields``, ``slides``, ``synthetic``).
+        kind: one of :func:`list_sources` (``crops``, ``fields``, ``slides``, ``synthetic``, ``bloodmnist``...).
         path: folder or file the source reads.
         **options: source-specific options (for example ``cells="rbc"`` for fields and slides).
 
@@ -91,8 +96,7 @@ def create_source(kind: str, path: str | Path, **options: Any) -> BagSource:
     cls = get_source_class(kind)
     params = inspect.signature(cls).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        known = sorted(n for n, p in params.items() if n != "path" and p.kind in named)
+        known = source_options(kind)
         unknown = sorted(set(options) - set(known))
         if unknown:
             has = f"its options: {', '.join(known)}" if known else "it takes none"

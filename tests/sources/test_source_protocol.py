@@ -47,13 +47,14 @@ class TwoBags(BagSource):
 
 @pytest.fixture
 def two_bags_registered() -> Iterator[None]:
-    register_source("two-bags", TwoBags)
-    yield
-    reg._REGISTRY.pop("two-bags", None)
+    with reg.REGISTRY.scoped():
+        register_source("two-bags", TwoBags)
+        yield
+    assert "two-bags" not in list_sources()
 
 
 def test_builtin_kinds_are_listed_without_importing_them() -> None:
-    assert {"crops", "fields", "slides", "synthetic"} <= set(list_sources())
+    assert {"bloodmnist", "crops", "fields", "slides", "synthetic"} <= set(list_sources())
     assert list_sources("s*") == ["slides", "synthetic"]
 
 
@@ -92,8 +93,10 @@ def test_cellbatch_rejects_misaligned_columns() -> None:
 
 
 def test_unknown_kind_option_and_bag_are_clear_errors(two_bags_registered: None, tmp_path: Path) -> None:
-    with pytest.raises(InvalidArgumentError, match=r"unknown source 'nope'; known: .*crops"):
+    with pytest.raises(InvalidArgumentError, match=r"unknown source 'nope' \(registered: bloodmnist, crops"):
         create_source("nope", tmp_path)
+    with pytest.raises(InvalidArgumentError, match=r"unknown source 'field'; did you mean 'fields'"):
+        create_source("field", tmp_path)
     with pytest.raises(InvalidArgumentError, match=r"source 'two-bags' has no option 'colour' \(its options: size\)"):
         create_source("two-bags", tmp_path, colour="red")
     with pytest.raises(InvalidArgumentError, match="no bag 'zzz'"):
@@ -106,10 +109,31 @@ def test_register_rejects_duplicates_and_non_sources(two_bags_registered: None) 
     class Other(TwoBags):
         pass
 
-    with pytest.raises(InvalidArgumentError, match="already registered"):
+    with pytest.raises(InvalidArgumentError, match=r"source 'two-bags' is already registered \(by .*TwoBags\)"):
         register_source("two-bags", Other)
     with pytest.raises(InvalidArgumentError, match="not a BagSource"):
         register_source("bad", dict)  # type: ignore[arg-type]
+
+    class Half(BagSource):
+        def bag_ids(self) -> list[str]:
+            return []
+
+    with pytest.raises(InvalidArgumentError, match=r"source 'half': .*Half does not implement iter_cells"):
+        register_source("half", Half)
+    with pytest.raises(InvalidArgumentError, match=r"source 'crops' is already registered \(by .*CropFolderSource"):
+        register_source("crops", Other)  # a built-in name, even before the built-in was imported
+    assert "half" not in list_sources() and get_source_class("crops").__name__ == "CropFolderSource"
+
+
+def test_register_as_a_decorator(tmp_path: Path) -> None:
+    with reg.REGISTRY.scoped():
+
+        @register_source("decorated")
+        class Decorated(TwoBags):
+            pass
+
+        assert isinstance(create_source("decorated", tmp_path), Decorated)
+    assert "decorated" not in list_sources()
 
 
 def test_failures_exist_even_without_super_init() -> None:
@@ -129,20 +153,12 @@ def test_sources_pickle(two_bags_registered: None, tmp_path: Path) -> None:
     assert again.read_bag("a").cell_ids == ["c0", "c1", "c2"]
 
 
-def test_builtin_module_that_does_not_register_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(reg.BUILTIN_SOURCES, "ghost", "feature_cache.errors")
-    with pytest.raises(InvalidArgumentError, match=r"feature_cache\.errors does not register it"):
-        get_source_class("ghost")
-    monkeypatch.setitem(reg.BUILTIN_SOURCES, "gone", "feature_cache.sources.no_such_module")
-    with pytest.raises(InvalidArgumentError, match=r"not available: module feature_cache\.sources\.no_such_module"):
-        get_source_class("gone")
-
-
 def test_importing_sources_is_cheap() -> None:
     import subprocess
     import sys
 
     heavy = "('torch', 'scipy', 'PIL', 'openslide')"
-    code = f"import sys, feature_cache.sources; print(sorted(m for m in {heavy} if m in sys.modules))"
+    code = (f"import sys, feature_cache.sources as s; s.list_sources(); "
+            f"print(sorted(m for m in {heavy} if m in sys.modules))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
