@@ -22,7 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     p.add_argument("--config", required=True, metavar="CONFIG.yaml", help="continual configuration (see experiments/)")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the unfinished streams of an existing run in DIR")
-    p.add_argument("--strategies", default=None, metavar="A,B", help="run only these configured strategies")
+    p.add_argument("--strategies", default=None, metavar="A,B",
+                   help="run only these configured strategies (each entry names a registered strategy: "
+                        "list_strategies())")  # fmt: skip
     p.add_argument("--seeds", default=None, metavar="S,T", help="override the configured seeds")
     p.set_defaults(func=run)
 
@@ -42,7 +44,14 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UserError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from exc
         config = dataclasses.replace(config, seeds=seeds)
+    from milcore.continual.strategies import strategy_names
+
+    strategy_names(config.strategies)  # every configured strategy is registered, before any work
     names = [s.strip() for s in args.strategies.split(",")] if args.strategies else None
+    unknown = [n for n in names or [] if n not in config.strategies]
+    if unknown:
+        raise UserError(f"--strategies: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not in the "
+                        f"configuration (configured: {', '.join(config.strategies)})")  # fmt: skip
     summary = run_continual(config, args.out, resume=args.resume, strategies=names)
     for name, entry in summary.items():
         forgetting = entry["average_forgetting"]

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from feature_cache.errors import InvalidArgumentError
 from milcore.continual.data import TrainBatch
-from milcore.continual.strategies import create_strategy, list_strategies
+from milcore.continual.strategies import create_strategy, list_strategies, register_strategy
 from milcore.models import create_aggregator
 
 EXPECTED = {"confidence", "ewc", "finetune", "icarl", "joint", "lwf", "milreplay", "replay_random"}
+NAMES = list_strategies()  # every registered strategy is tested (a new one included)
 
 
 def _batch(num_classes: int = 4) -> TrainBatch:
@@ -29,15 +34,67 @@ def _model(num_classes: int = 4):
 
 
 def test_registry():
-    assert set(list_strategies()) >= EXPECTED
+    assert set(NAMES) >= EXPECTED
     assert list_strategies("*replay*") == ["milreplay", "replay_random"]
-    with pytest.raises(InvalidArgumentError, match="unknown strategy"):
-        create_strategy("nope")
+    with pytest.raises(InvalidArgumentError, match=r"unknown strategy 'milreplayy'; did you mean 'milreplay'"):
+        create_strategy("milreplayy")
     with pytest.raises(InvalidArgumentError, match="unknown option"):
         create_strategy("milreplay", attention_weight=1.0)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_listing_imports_no_torch():
+    code = ("import sys; from milcore.continual.strategies import list_strategies; n = list_strategies(); "
+            "print(len(n) >= 8, 'torch' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"]
+
+
+def test_register_refuses_what_breaks_the_protocol():
+    from milcore.continual.strategies.base import Strategy
+    from milcore.continual.strategies.registry import REGISTRY
+
+    class NoLoss:
+        options: ClassVar[dict] = {}
+
+        def before_task(self, ctx): ...
+
+    with REGISTRY.scoped():
+        with pytest.raises(InvalidArgumentError, match=r"strategy 'noloss': .*NoLoss lacks train_items, loss"):
+            register_strategy("noloss")(NoLoss)
+        with pytest.raises(InvalidArgumentError, match=r"strategy 'ewc' is already registered \(by .*EWC\)"):
+            register_strategy("ewc")(type("Other", (Strategy,), {}))
+
+        @register_strategy("_mine")
+        class Mine(Strategy):
+            """A test strategy."""
+
+            uses_memory = True
+            options: ClassVar[dict] = {"k": 1}
+
+        assert create_strategy("_mine", k=2).opts == {"k": 2} and Mine.name == "_mine"
+        assert dict(REGISTRY.entry("_mine").metadata) == {"uses_memory": True, "options": {"k": 1}}
+    assert "_mine" not in list_strategies()
+
+
+def test_configured_names_are_checked_before_any_work(stream_bank, make_config, tmp_path, capsys):
+    from milcore.cli import main
+
+    config = make_config(stream_bank, strategies={"finetune": {}, "mixed": {"strategy": "milreplayy"}})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    out = tmp_path / "run"
+    assert main(["-q", "continual", "--config", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "strategies.mixed: unknown strategy 'milreplayy'; did you mean 'milreplay'" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()  # refused before anything was written
+    config = make_config(stream_bank, strategies={"finetune": {}})
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    assert main(["-q", "continual", "--config", str(path), "--out", str(out), "--strategies", "finetune,joint"]) == 2
+    assert "--strategies: joint is not in the configuration (configured: finetune)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_loss_is_the_cross_entropy_before_any_state(name):
     model, batch = _model(), _batch()
     strategy = create_strategy(name)

@@ -1,4 +1,4 @@
-"""The strategy protocol and registry (``create_strategy`` / ``list_strategies``).
+"""The strategy protocol (the registry is :mod:`.registry`: ``create_strategy`` / ``list_strategies``).
 
 A strategy sees the stream through three hooks, called by the runner for every task ``j``:
 
@@ -14,8 +14,6 @@ entry). Strategies keep their own state in ``state_dict()`` (tensors and plain v
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -113,41 +111,3 @@ class Strategy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         return None
-
-
-_STRATEGIES: dict[str, type[Strategy]] = {}
-
-
-def register_strategy(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
-    """Class decorator registering a strategy (duplicate names are an error)."""
-
-    def decorator(cls: type[Strategy]) -> type[Strategy]:
-        if name in _STRATEGIES:
-            raise ValueError(f"strategy {name!r} is already registered")
-        cls.name = name
-        _STRATEGIES[name] = cls
-        return cls
-
-    return decorator
-
-
-def list_strategies(pattern: str = "*") -> list[str]:
-    """Registered strategy names matching a wildcard pattern, sorted."""
-    _load()
-    return sorted(n for n in _STRATEGIES if fnmatch.fnmatch(n, pattern))
-
-
-def create_strategy(name: str, **options: Any) -> Strategy:
-    """A strategy by name with its options.
-
-    Raises:
-        InvalidArgumentError: unknown name or option.
-    """
-    _load()
-    if name not in _STRATEGIES:
-        raise InvalidArgumentError(f"unknown strategy {name!r} (choose from {', '.join(sorted(_STRATEGIES))})")
-    return _STRATEGIES[name](**options)
-
-
-def _load() -> None:
-    import milcore.continual.strategies  # noqa: F401  (registers the built-in strategies)

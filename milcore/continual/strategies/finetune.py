@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from milcore.continual.data import Items
-from milcore.continual.strategies.base import Strategy, StrategyContext, register_strategy
+from milcore.continual.strategies.base import Strategy, StrategyContext
+from milcore.continual.strategies.registry import register_strategy
 
 
 @register_strategy("finetune")

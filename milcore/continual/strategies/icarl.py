@@ -11,7 +11,8 @@ import numpy as np
 
 from milcore.continual.data import infer
 from milcore.continual.exemplars import herding_order
-from milcore.continual.strategies.base import StrategyContext, register_strategy
+from milcore.continual.strategies.base import StrategyContext
+from milcore.continual.strategies.registry import register_strategy
 from milcore.continual.strategies.regularization import Distilling
 from milcore.continual.strategies.replay import Candidates, ReplayStrategy
 

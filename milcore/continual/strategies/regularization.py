@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from milcore.continual.data import TrainBatch
-from milcore.continual.strategies.base import Strategy, StrategyContext, register_strategy
+from milcore.continual.strategies.base import Strategy, StrategyContext
+from milcore.continual.strategies.registry import register_strategy
 from milcore.models.output import MILOutput
 
 

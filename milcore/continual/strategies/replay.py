@@ -23,7 +23,8 @@ from milcore.continual.exemplars import (
     interleave_random,
     milreplay_scores,
 )
-from milcore.continual.strategies.base import Strategy, StrategyContext, register_strategy
+from milcore.continual.strategies.base import Strategy, StrategyContext
+from milcore.continual.strategies.registry import register_strategy
 
 Candidates = list[tuple[str, np.ndarray]]
 
