@@ -12,6 +12,9 @@ log = logging.getLogger("milcore")
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     """Register the ``continual`` subcommand."""
+    from milcore.cli._types import add_config_options
+    from milcore.continual.config import ContinualConfig
+
     p = subparsers.add_parser(
         "continual",
         help=HELP,
@@ -25,25 +28,20 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     p.add_argument("--strategies", default=None, metavar="A,B",
                    help="run only these configured strategies (each entry names a registered strategy: "
                         "list_strategies())")  # fmt: skip
-    p.add_argument("--seeds", default=None, metavar="S,T", help="override the configured seeds")
+    add_config_options(p, ContinualConfig, ("seeds",), keep_unset=True, metavars={"seeds": "S,T"},
+                       helps={"seeds": "training seeds, replacing the configured ones"})  # fmt: skip
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the configuration; returns the exit code."""
-    import dataclasses
-
     from feature_cache.errors import UserError
     from milcore.continual.config import load_config
     from milcore.continual.runner import run_continual
 
     config = load_config(args.config)
-    if args.seeds:
-        try:
-            seeds = tuple(int(s) for s in args.seeds.split(","))
-        except ValueError as exc:
-            raise UserError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from exc
-        config = dataclasses.replace(config, seeds=seeds)
+    if args.seeds is not None:
+        config = config.replace(seeds=args.seeds)
     from milcore.continual.strategies import strategy_names
 
     strategy_names(config.strategies)  # every configured strategy is registered, before any work

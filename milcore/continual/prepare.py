@@ -12,47 +12,43 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from feature_cache.errors import UserError
+from milcore.continual.config import ContinualData, SyntheticData
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("bag_id", "{label}", "source_task", "source_label", "site", "date", "age", "sex", "patient")
 
 
-def prepare_data(data: dict[str, Any], out: Path) -> tuple[Path, Path]:
+def prepare_data(data: ContinualData | Mapping[str, Any], out: Path) -> tuple[Path, Path]:
     """Resolve (or build) the run's bank and cohort table.
 
     Args:
-        data: the config's ``data`` mapping.
+        data: the config's ``data`` (or its mapping).
         out: the run folder.
 
     Returns:
         ``(bank path, cohort path)``.
     """
-    if "synthetic" not in data:
-        for key in ("bank", "cohort"):
-            if key not in data:
-                raise UserError(f"data needs '{key}' (or a 'synthetic' recipe)")
-        return Path(data["bank"]), Path(data["cohort"])
-    return _synthetic(data["synthetic"], str(data.get("label", "diagnosis")), out / "data")
+    if not isinstance(data, ContinualData):
+        data = ContinualData.from_dict(data, where="data")  # bank and cohort, or a synthetic recipe
+    if data.synthetic is None:
+        return Path(str(data.bank)), Path(str(data.cohort))
+    return _synthetic(data.synthetic, data.label, out / "data")
 
 
-def _synthetic(recipe: dict[str, Any], label: str, folder: Path) -> tuple[Path, Path]:
+def _synthetic(recipe: SyntheticData, label: str, folder: Path) -> tuple[Path, Path]:
     from feature_cache.bank.merge import merge_banks
     from feature_cache.extract import ExtractConfig, extract
     from feature_cache.sources.synthetic import SynthConfig, SyntheticCohort
     from feature_cache.sources.synthetic_source import load_synth_config
 
-    cohorts = recipe.get("cohorts")
-    if not isinstance(cohorts, list) or not cohorts:
-        raise UserError("data.synthetic needs 'cohorts': a list of synthetic cohort settings")
-    encoder = str(recipe.get("encoder", "morphology"))
-    relabel = recipe.get("relabel") or {}
+    cohorts, encoder, relabel = recipe.cohorts, recipe.encoder, recipe.relabel
     bank, table, stamp = folder / "bank.h5", folder / "cohort.csv", folder / "prepare.json"
-    wanted = {"recipe": recipe, "label": label}
+    wanted = {"recipe": recipe.to_dict(), "label": label}
     if bank.exists() and table.exists() and stamp.exists() and json.loads(stamp.read_text()) == wanted:
         log.info("reusing the prepared data in %s", folder)
         return bank, table
@@ -67,7 +63,7 @@ def _synthetic(recipe: dict[str, Any], label: str, folder: Path) -> tuple[Path, 
         cfg_path.write_text(text)
         config: SynthConfig = load_synth_config(cfg_path)  # validates the fields, one-line errors
         extract(ExtractConfig(source="synthetic", input=str(cfg_path), encoder=encoder, out=str(shard),
-                              num_workers=int(recipe.get("workers", 0)), overwrite=not same))  # fmt: skip
+                              num_workers=recipe.workers, overwrite=not same))  # fmt: skip
         shards.append(shard)
         mapping = relabel.get(name, relabel.get(config.task))
         for p in SyntheticCohort(config).patients:

@@ -27,7 +27,7 @@ def build_report(config: ContinualConfig, scenario: Scenario, summary: dict[str,
     seeds = ", ".join(map(str, config.seeds))
     report.paragraph(
         f"Scenario {scenario.kind}: {plural(scenario.num_tasks, 'task')} over "
-        f"{plural(len(scenario.classes), 'class', 'classes')}; model {config.model['name']}; memory budget "
+        f"{plural(len(scenario.classes), 'class', 'classes')}; model {config.model}; memory budget "
         f"{plural(config.budget, 'instance')} ({config.per_bag} per stored bag); "
         f"{plural(config.train.epochs, 'epoch')} per task; seeds {seeds}."
     )

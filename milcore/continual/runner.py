@@ -28,12 +28,12 @@ import torch
 from feature_cache.devices import resolve_device
 from feature_cache.errors import InvalidArgumentError, OutputExistsError, UserError
 from feature_cache.progress import WorkEstimate, progress
-from milcore.continual.config import ContinualConfig
+from milcore.continual.config import ContinualConfig, StrategyConfig
 from milcore.continual.data import BagData, infer
 from milcore.continual.memory import ExemplarMemory, group_budgets
 from milcore.continual.metrics import per_class_recall, summarize, task_balanced_accuracy
 from milcore.continual.scenarios import Scenario, build_scenario, restrict_classes
-from milcore.continual.strategies import StrategyContext, create_strategy
+from milcore.continual.strategies import StrategyContext
 from milcore.continual.train import train_task
 
 log = logging.getLogger(__name__)
@@ -48,13 +48,13 @@ def _write_json(path: Path, payload: Any) -> None:
     tmp.replace(path)
 
 
-def make_strategy(name: str, options: dict[str, Any]) -> Any:
+def make_strategy(name: str, options: StrategyConfig | dict[str, Any]) -> Any:
     """The configured strategy ``name`` (an entry may name its registered strategy with ``strategy:``).
 
     Variants then run side by side, e.g. ``milreplay_ranked: {strategy: milreplay, random_share: 0.0}``.
     """
-    options = dict(options)
-    return create_strategy(str(options.pop("strategy", name)), **options)
+    spec = options if isinstance(options, StrategyConfig) else StrategyConfig.from_dict(options, where=name)
+    return spec.create(name)
 
 
 def evaluate(model: torch.nn.Module, data: BagData, scenario: Scenario, seen: int) -> np.ndarray:
@@ -100,15 +100,13 @@ class StreamRunner:
         bank_path, cohort_path = prepare_data(self.config.data, self.out)
         bank = open_reader(bank_path)
         spec = self.config.scenario
-        classes = self.config.data.get("classes")
-        if spec.get("kind") == "class_incremental" and isinstance(spec.get("tasks"), list):
-            classes = [str(c) for g in spec["tasks"] for c in (g or [])]
-        label = str(self.config.data.get("label", "diagnosis"))
+        classes = spec.stream_classes() or self.config.data.classes
+        label = self.config.data.label
         cohort = read_cohort(cohort_path, label)
         if classes:  # the stream's classes, in order; bags of other classes are not used
             cohort = restrict_classes(cohort, [str(c) for c in classes])
         cohort, _ = join_bank(cohort, bank.bag_ids(), strict=True, sizes=bank.bag_sizes())
-        scenario = build_scenario(cohort, spec, seed=int(spec.get("seed", 0)))
+        scenario = build_scenario(cohort, spec, seed=spec.seed)
         _write_json(self.out / "scenario.json", scenario.describe())
         groups = sum(len(t.classes) for t in scenario.tasks)
         if any(make_strategy(n, o).uses_memory for n, o in self.config.strategies.items()):
@@ -120,12 +118,13 @@ class StreamRunner:
 
     def _check_same_config(self, saved: dict[str, Any]) -> None:
         """On resume, everything but the seeds and the strategy list must match the saved run."""
-        keys = ("data", "scenario", "model", "train", "memory")
-        now = self.config.to_dict()
-        changed = [k for k in keys if json.dumps(saved.get(k), sort_keys=True, default=str)
-                   != json.dumps(now[k], sort_keys=True, default=str)]  # fmt: skip
-        changed += [n for n, o in self.config.strategies.items() if n in saved.get("strategies", {})
-                    and saved["strategies"][n] != o]  # fmt: skip
+        try:
+            old = ContinualConfig.from_dict(saved, where=str(self.out / "config.yaml"))
+        except UserError as exc:
+            raise UserError(f"{exc}; cannot check what --resume would continue") from None
+        keys = ("data", "scenario", "model", "model_args", "train", "memory")
+        changed = [k for k in keys if getattr(old, k) != getattr(self.config, k)]
+        changed += [n for n, o in self.config.strategies.items() if n in old.strategies and old.strategies[n] != o]
         if changed:
             raise UserError(f"{self.out}: the configuration differs from the run being resumed "
                             f"({', '.join(changed)}); use another --out")  # fmt: skip
@@ -189,10 +188,10 @@ class StreamRunner:
                 estimate.skip(scenario.num_tasks)
             return json.loads(result_path.read_text())
         cfg = self.config
-        strategy = make_strategy(name, cfg.strategies.get(name, {}))
+        strategy = cfg.strategies[name].create(name)
         torch.manual_seed(seed)
-        model = create_aggregator(cfg.model["name"], in_dim=data.dim, num_classes=max(2, scenario.seen_classes(0)),
-                                  **cfg.model["args"]).to(self.device)  # fmt: skip
+        model = create_aggregator(cfg.model, in_dim=data.dim, num_classes=max(2, scenario.seen_classes(0)),
+                                  **cfg.model_args).to(self.device)  # fmt: skip
         memory = ExemplarMemory(cfg.budget, cfg.per_bag) if strategy.uses_memory else None
         t = scenario.num_tasks
         r = np.full((t, t), np.nan)

@@ -17,19 +17,17 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from feature_cache.errors import UserError
+from milcore.continual.config import ScenarioConfig
 from milcore.data.cohort import CohortTable
 
 log = logging.getLogger(__name__)
-
-KINDS = ("class_incremental", "domain_incremental", "temporal")
-
 
 @dataclass(frozen=True)
 class Task:
@@ -55,7 +53,7 @@ class Scenario:
     """An ordered stream of tasks over one global class list.
 
     Attributes:
-        kind: one of :data:`KINDS`.
+        kind: one of :data:`milcore.continual.config.KINDS`.
         classes: global class names (class-incremental: in order of arrival).
         tasks: the tasks in order.
     """
@@ -130,19 +128,19 @@ def holdout_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed:
     return test
 
 
-def _split(cohort: CohortTable, rows: np.ndarray, spec: dict[str, Any], seed: int) -> np.ndarray:
+def _split(cohort: CohortTable, rows: np.ndarray, spec: ScenarioConfig, seed: int) -> np.ndarray:
     """Test mask over ``rows`` of the cohort (split column, or a stratified grouped hold-out)."""
-    column = spec.get("split_column")
+    column = spec.split_column
     if column:
         if column not in cohort.columns:
             raise UserError(f"{cohort.path}: no split column {column!r} (columns: {', '.join(cohort.columns)})")
-        return cohort.columns[column][rows] == str(spec.get("test_value", "test"))
+        return cohort.columns[column][rows] == spec.test_value
     groups = cohort.groups[rows] if cohort.groups is not None else cohort.bag_ids[rows]
-    return holdout_split(cohort.labels[rows], groups, float(spec.get("test_fraction", 0.3)), seed)
+    return holdout_split(cohort.labels[rows], groups, spec.test_fraction, seed)
 
 
 def _task(cohort: CohortTable, name: str, rows: np.ndarray, classes: tuple[int, ...], names: Sequence[str],
-          spec: dict[str, Any], seed: int) -> Task:  # fmt: skip
+          spec: ScenarioConfig, seed: int) -> Task:  # fmt: skip
     test = _split(cohort, rows, spec, seed)
     labels = cohort.labels[rows]
     for part, mask in (("training", ~test), ("test", test)):
@@ -155,38 +153,33 @@ def _task(cohort: CohortTable, name: str, rows: np.ndarray, classes: tuple[int, 
                 labels[test].astype(np.int64))  # fmt: skip
 
 
-def build_scenario(cohort: CohortTable, spec: dict[str, Any], seed: int = 0) -> Scenario:
-    """Build a scenario from a cohort table and its YAML ``scenario`` mapping.
+def build_scenario(cohort: CohortTable, spec: ScenarioConfig | Mapping[str, Any], seed: int = 0) -> Scenario:
+    """Build a scenario from a cohort table and its :class:`~milcore.continual.config.ScenarioConfig`.
 
     Args:
         cohort: the cohort table (its ``classes`` must be the scenario's global class list; for a
             class-incremental stream, read it with ``classes=`` the concatenated task classes).
-        spec: ``kind`` plus, per kind, ``tasks`` (class-incremental: list of class-name lists),
-            ``column`` and optional ``values`` (domain-incremental), ``column`` (default ``date``) and
-            ``periods`` or ``boundaries`` (temporal); optional ``test_fraction`` (0.3) or
-            ``split_column``/``test_value``.
+        spec: the scenario (or its YAML mapping): ``kind`` plus, per kind, ``tasks``
+            (class-incremental: list of class-name lists), ``column`` and optional ``values``
+            (domain-incremental), ``column`` (default ``date``) and ``periods`` or ``boundaries``
+            (temporal); optional ``test_fraction`` (0.3) or ``split_column``/``test_value``.
         seed: seed of the hold-out split (fixed across strategies and training seeds).
 
     Raises:
         UserError: unknown kind, unknown class, a class in two tasks, a task without samples of one
             of its classes (in its training or its test part), a missing column.
     """
-    kind = spec.get("kind")
-    if kind not in KINDS:
-        raise UserError(f"scenario kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if not isinstance(spec, ScenarioConfig):
+        spec = ScenarioConfig.from_dict(spec, where="scenario")  # kind, tasks (each class once), keys of the kind
+    kind = spec.kind
     names = cohort.classes
     tasks: list[Task] = []
     if kind == "class_incremental":
-        groups = spec.get("tasks")
-        if not isinstance(groups, list) or not groups or not all(isinstance(g, list) and g for g in groups):
-            raise UserError("class_incremental scenario needs 'tasks': a list of non-empty class-name lists")
-        flat = [str(c) for g in groups for c in g]
+        groups = spec.tasks or ()
+        flat = [c for g in groups for c in g]
         unknown = [c for c in flat if c not in names]
         if unknown:
             raise UserError(f"{cohort.path}: scenario classes not in the cohort: {', '.join(map(repr, unknown))}")
-        dupes = sorted({c for c in flat if flat.count(c) > 1})
-        if dupes:
-            raise UserError(f"scenario: class(es) {', '.join(map(repr, dupes))} appear in more than one task")
         if list(names[: len(flat)]) != flat:
             raise UserError("scenario: read the cohort with classes= the tasks' classes in order")
         for j, g in enumerate(groups):
@@ -194,16 +187,16 @@ def build_scenario(cohort: CohortTable, spec: dict[str, Any], seed: int = 0) -> 
             rows = np.flatnonzero(np.isin(cohort.labels, cls))
             tasks.append(_task(cohort, f"t{j}: {'+'.join(map(str, g))}", rows, cls, names, spec, seed))
     elif kind == "domain_incremental":
-        column = spec.get("column", "site")
+        column = spec.column or "site"
         values = _column(cohort, column)
-        order = [str(v) for v in spec.get("values", sorted(set(values.tolist()), key=_natural))]
+        order = list(spec.values) if spec.values is not None else sorted(set(values.tolist()), key=_natural)
         for v in order:
             rows = np.flatnonzero(values == v)
             if len(rows) == 0:
                 raise UserError(f"{cohort.path}: scenario task {column}={v!r} has no bags")
             tasks.append(_task(cohort, f"{column} {v}", rows, tuple(range(len(names))), names, spec, seed))
     else:
-        column = spec.get("column", "date")
+        column = spec.column or "date"
         values = _column(cohort, column)
         bounds = _periods(values, spec, cohort)
         for lo, hi in itertools.pairwise(bounds):
@@ -228,16 +221,11 @@ def _column(cohort: CohortTable, column: str) -> np.ndarray:
     return cohort.columns[column].astype(str)
 
 
-def _periods(values: np.ndarray, spec: dict[str, Any], cohort: CohortTable) -> list[str]:
-    """Period boundaries (ISO strings sort like dates): explicit, or equal-count quantiles."""
-    if "boundaries" in spec:
-        bounds = [str(b) for b in spec["boundaries"]]
-        if len(bounds) < 2 or bounds != sorted(bounds):
-            raise UserError("temporal scenario: 'boundaries' must be at least two increasing dates")
-        return bounds
-    periods = int(spec.get("periods", 3))
-    if periods < 1:
-        raise UserError(f"temporal scenario: periods must be >= 1, got {periods}")
+def _periods(values: np.ndarray, spec: ScenarioConfig, cohort: CohortTable) -> list[str]:
+    """Period boundaries (ISO strings sort like dates): explicit (checked increasing), or equal-count quantiles."""
+    if spec.boundaries is not None:
+        return list(spec.boundaries)
+    periods = spec.periods or 3
     ordered = np.sort(values)
     cuts = [ordered[min(len(ordered) - 1, (len(ordered) * k) // periods)] for k in range(1, periods)]
     bounds = [ordered[0], *cuts, ordered[-1]]

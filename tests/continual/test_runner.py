@@ -137,7 +137,7 @@ def test_bad_input_one_line_errors(stream_bank, make_config, tmp_path, capsys):
     assert "configuration not found" in capsys.readouterr().err
     typo = make_config(stream_bank, trian={})
     assert main(["continual", "--config", str(_write(tmp_path, typo)), "--out", str(tmp_path / "d")]) == 2
-    assert "unknown key(s) trian" in capsys.readouterr().err
+    assert "unknown key(s) 'trian' (did you mean 'train'?)" in capsys.readouterr().err
 
 
 def test_resume_refuses_a_changed_configuration(stream_bank, make_config, tmp_path, capsys):

@@ -28,7 +28,7 @@ def test_class_incremental_rejects_bad_tasks(stream_bank):
         build_scenario(cohort, {"kind": "class_incremental", "tasks": [["c0", "c9"]]})
     with pytest.raises(UserError, match="more than one task"):
         build_scenario(cohort, {"kind": "class_incremental", "tasks": [["c0", "c1"], ["c1", "c2"]]})
-    with pytest.raises(UserError, match="scenario kind"):
+    with pytest.raises(UserError, match="scenario: kind must be one of"):
         build_scenario(cohort, {"kind": "nope"})
 
 
