@@ -45,6 +45,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from feature_cache.config import Config, check_choice, check_range
 from feature_cache.errors import InvalidArgumentError
 from milcore.models.output import MILOutput
 from milcore.ops import ptr_to_index
@@ -52,36 +53,20 @@ from milcore.ops import ptr_to_index
 __all__ = ["AggregatorConfig", "EpochContext", "MILAggregator", "check_choice", "check_range"]
 
 
-def check_range(name: str, value: object, low: float, high: float | None = None, integer: bool = False) -> None:
-    """Raise :class:`InvalidArgumentError` unless ``low <= value (<= high)`` (and an int if asked)."""
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise InvalidArgumentError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise InvalidArgumentError(f"{name} must be {bound}, got {value!r}")
-
-
-def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    """Raise :class:`InvalidArgumentError` unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise InvalidArgumentError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
 @dataclass(frozen=True)
-class AggregatorConfig:
-    """Fields every aggregator config has.
+class AggregatorConfig(Config):
+    """Fields every aggregator config has (a :class:`~feature_cache.config.Config`: typed fields checked,
+    ``from_dict``/``to_dict``; subclasses add range rules in :meth:`validate`).
 
     Attributes:
         in_dim: instance feature dimension ``D``.
         num_classes: number of bag classes ``C`` (>= 2; a binary task uses 2).
     """
 
+    config_key = "config field"
+
     in_dim: int
     num_classes: int
-
-    def __post_init__(self) -> None:
-        self.validate()
 
     def validate(self) -> None:
         """Check every field; subclasses extend this and call ``super().validate()``."""

@@ -159,9 +159,9 @@ def test_unknown_config_field_is_named_with_a_hint() -> None:
     [
         ("abmil", {"in_dim": 0}, "in_dim must be >= 1"),
         ("abmil", {"num_classes": 1}, "num_classes must be >= 2"),
-        ("abmil", {"in_dim": 8.0}, "in_dim must be an integer"),
+        ("abmil", {"in_dim": 8.0}, "in_dim must be a whole number"),
         ("abmil", {"gated": True, "dropout": 1.5}, r"dropout must be in \[0.0, 0.99\]"),
-        ("mean", {"embed_dim": True}, "embed_dim must be an integer"),
+        ("mean", {"embed_dim": True}, "embed_dim must be a whole number"),
         ("graphmil", {"conv": "sage"}, "conv must be one of 'gcn', 'gat', 'gin'"),
         ("graphmil", {"conv": "gat", "embed_dim": 10, "heads": 4}, "divisible by heads"),
         ("transmil", {"dim": 30, "num_heads": 4}, "divisible by num_heads"),
