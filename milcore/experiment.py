@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import io
 import logging
 import string
@@ -34,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from feature_cache.config import did_you_mean
 from feature_cache.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,7 @@ def step_commands() -> tuple[str, ...]:
 
 
 def _close(key: str, choices: tuple[str, ...] | list[str]) -> str:
-    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return did_you_mean(key, choices)
 
 
 def _fill(value: Any, variables: dict[str, str], where: str) -> Any:

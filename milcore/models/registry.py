@@ -19,8 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -181,16 +179,7 @@ def create_aggregator(name: str, *, in_dim: int, num_classes: int, **overrides: 
         InvalidArgumentError: unknown name, unknown config field, or an invalid value.
     """
     entry = get_aggregator_entry(name)
-    fields = {f.name for f in dataclasses.fields(entry.config_class)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, sorted(fields), n=1, cutoff=0.6)
-            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        raise InvalidArgumentError(
-            f"unknown config field(s) for aggregator '{name}': {', '.join(hints)}; "
-            f"valid fields: {', '.join(sorted(fields))}"
-        )
-    config = entry.config_class(in_dim=in_dim, num_classes=num_classes, **overrides)
+    # unknown fields (with close matches) and bad values: one InvalidArgumentError naming the aggregator and key
+    config = entry.config_class.from_dict({"in_dim": in_dim, "num_classes": num_classes, **overrides},
+                                          where=f"aggregator {name!r}")  # fmt: skip
     return entry.model_class(config)
