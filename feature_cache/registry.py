@@ -64,7 +64,7 @@ from typing import Any, Generic, TypeVar
 
 from feature_cache.errors import InvalidArgumentError
 
-__all__ = ["PLUGIN_ENV", "Entry", "Registry", "load_env_plugins"]
+__all__ = ["PLUGIN_ENV", "Entry", "Registry", "RegistryChoices", "load_env_plugins", "scan_package"]
 
 T = TypeVar("T")
 
@@ -395,3 +395,45 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {len(self._entries)} loaded)"
+
+
+class RegistryChoices:
+    """A registry's names as an ``argparse`` ``type`` and ``choices``, read only when they are needed.
+
+    ``add_argument("--source", type=c, choices=c, metavar="KIND", help="... %(choices)s")`` with
+    ``c = RegistryChoices("feature_cache.sources.registry:REGISTRY")``: nothing is imported when the
+    parser is built (``milcore --help`` stays cheap); the registry is read when the option is parsed
+    (an unknown name gets the registry's one-line error with close matches) or its help is printed.
+
+    Args:
+        registry: a :class:`Registry`, or ``"module:attribute"`` naming one (imported on first use).
+    """
+
+    def __init__(self, registry: Registry[Any] | str) -> None:
+        self._registry = registry
+
+    @property
+    def registry(self) -> Registry[Any]:
+        """The registry (imported on first use)."""
+        if isinstance(self._registry, str):
+            module, _, attr = self._registry.partition(":")
+            self._registry = getattr(importlib.import_module(module), attr)
+        return self._registry
+
+    def __call__(self, value: str) -> str:
+        import argparse
+
+        try:
+            self.registry.check_names([value])
+        except InvalidArgumentError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+        return value
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, str) and value in self.registry.names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.registry.names())
+
+    def __repr__(self) -> str:
+        return f"RegistryChoices({self._registry!r})"

@@ -6,14 +6,18 @@ import argparse
 import logging
 
 HELP = "pre-extract cell features (crops, smear fields, slides or the synthetic cohort) into a feature bank"
-SOURCES = ("crops", "fields", "slides", "synthetic")
 
 log = logging.getLogger("milcore")
 
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     """Register the ``extract`` subcommand."""
+    from feature_cache.registry import RegistryChoices
     from milcore.cli._types import int_at_least
+
+    # registered names, read when the option is parsed or its help printed (not when the parser is built)
+    sources = RegistryChoices("feature_cache.sources.registry:REGISTRY")
+    encoders = RegistryChoices("feature_cache.encoders.registry:REGISTRY")
 
     p = subparsers.add_parser(
         "extract", help=HELP, parents=parents,
@@ -21,9 +25,11 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
         "that every bag already in the bank was extracted from the same files (names, sizes, modification times) "
         "and source settings: a bag recorded from another input is refused, by name.",
     )  # fmt: skip
-    p.add_argument("--source", required=True, choices=SOURCES, help="kind of input")
+    p.add_argument("--source", required=True, type=sources, choices=sources, metavar="KIND",
+                   help="kind of input: %(choices)s")  # fmt: skip
     p.add_argument("--input", required=True, help="crop root, field-image folder, slide folder or synthetic cohort")
-    p.add_argument("--encoder", required=True, help="encoder name (e.g. efficientnet_lite0, morphology, toy)")
+    p.add_argument("--encoder", required=True, type=encoders, choices=encoders, metavar="NAME",
+                   help="encoder: %(choices)s")  # fmt: skip
     p.add_argument("--out", required=True, help="bank to write or extend (.h5 or .zarr)")
     p.add_argument("--cells", choices=("wbc", "rbc"), default=None, help="cells to detect in fields/slides")
     p.add_argument("--weights", default=None, help="local weights file for the encoder")

@@ -37,12 +37,31 @@ def describe_options(name: str) -> list[str]:
     from milcore.models import get_aggregator_entry
 
     entry = get_aggregator_entry(name)
-    lines = [f"{name}: {entry.summary}", "options (--model-arg KEY=VALUE):"]
+    lines = [f"{name}: {entry.summary}"]
+    needs = _needs(entry.needs)
+    if needs:
+        lines.append(f"needs: {needs}")
+    lines.append("options (--model-arg KEY=VALUE):")
     for f in dataclasses.fields(entry.config_class):
         if f.name in _SET_BY_TRAINER:
             continue
         lines.append(f"  {f.name} = {_scalar(f.default)}")
     return lines
+
+
+def _needs(needs: object) -> str:
+    """What an aggregator declares it needs, in words (empty when nothing)."""
+    words = []
+    if getattr(needs, "coords", False):
+        words.append("cell coordinates (used when the bank has them)")
+    if getattr(needs, "control_class", None):
+        words.append(f"control bags (label set by {needs.control_class})")  # type: ignore[attr-defined]
+    hooks = sorted(getattr(needs, "hooks", ()))
+    if hooks:
+        words.append(f"epoch hook ({', '.join(hooks)})")
+    if not getattr(needs, "permutation_invariant", True):
+        words.append("cell order (not permutation invariant)")
+    return "; ".join(words)
 
 
 def _scalar(value: object) -> str:
