@@ -32,7 +32,7 @@ import os
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +276,15 @@ def _source_options(config: ExtractConfig) -> dict[str, Any]:
     return opts
 
 
+def compute_info(encoder: Any) -> Any:
+    """``encoder.info`` with ``compute_dtype`` set to the dtype ``encoder`` computes in (its autocast dtype).
+
+    Stored in the bank, so shards computed in different precisions (GPU bfloat16, CPU float32) are not
+    merged or resumed into one another silently.
+    """
+    return replace(encoder.info, compute_dtype=str(encoder.dtype).removeprefix("torch."))
+
+
 def extract(config: ExtractConfig) -> ExtractSummary:
     """Run one extraction (see the module docstring).
 
@@ -310,7 +319,8 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     # "w": replaces the bank; the old one stays readable until the new one is complete.
     mode = "w" if config.overwrite else "a"
     fresh = not journal_dir(out).exists()  # no unfinished write of an earlier run to keep
-    writer = open_writer(out, encoder.info, mode=mode, dtype=config.dtype, compression=config.compression)
+    info = compute_info(encoder)  # the fingerprint plus the precision the encoder computes in
+    writer = open_writer(out, info, mode=mode, dtype=config.dtype, compression=config.compression)
     log_path = out.with_name(out.name + ".extract.jsonl")
     log_existed = log_path.exists()
     written = cells = failures = empty = 0
@@ -364,7 +374,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
                                 "written: check the input folder and, for fields and slides, --cells")  # fmt: skip
             writer.close()
             seconds = time.perf_counter() - t_start
-            run_log.write(json.dumps({"run": {"source": source.describe(), "encoder": encoder.info.to_dict(),
+            run_log.write(json.dumps({"run": {"source": source.describe(), "encoder": info.to_dict(),
                                               "config": {**asdict(config), "shard": [index, count]},
                                               "bags_written": written, "bags_skipped": skipped, "cells": cells,
                                               "failures": failures, "seconds": round(seconds, 3),

@@ -217,7 +217,7 @@ class BankReader:
             "instances": self.num_instances, "dim": self.dim, "dtype": str(self.dtype),
             "columns": list(self.columns), "bag_meta": sorted(self._index.bag_meta),
             "checksums": self.checksum_algorithm, "features": layout,
-            "encoder": self.info.to_dict(),
+            "encoder": self.info.to_dict(), "compute_dtype": self.info.compute_dtype,
             **{k: self._index.attrs.get(k) for k in ("format", "format_version", "created", "generated_by")},
         }
 

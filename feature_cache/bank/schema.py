@@ -20,7 +20,7 @@ import numpy as np
 from feature_cache.bank.errors import BankError, EncoderMismatchError
 
 FORMAT = "milcore.feature_bank"
-FORMAT_VERSION = "1.2"
+FORMAT_VERSION = "1.3"
 SUPPORTED_MAJOR = 1
 #: From this minor version on every chunk of every Zarr array is stored (a missing one is damage).
 EVERY_CHUNK_MINOR = 2
@@ -94,6 +94,27 @@ def _canonical_transform(value: Any) -> str:
     raise BankError(f"encoder transform must be a string or a JSON-like mapping, got {type(value).__name__}")
 
 
+UNRECORDED = "unrecorded"
+#: Precisions an encoder may compute in (``torch.autocast`` dtypes and float32).
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_compute_dtype(value: str) -> str:
+    """``value`` if it names a compute precision (``COMPUTE_DTYPES``, ``unrecorded`` or ``mixed:A+B``).
+
+    Raises:
+        BankError: anything else.
+    """
+    parts = value[len("mixed:"):].split("+") if isinstance(value, str) and value.startswith("mixed:") else None
+    ok = value in (*COMPUTE_DTYPES, UNRECORDED) or (
+        parts is not None and len(parts) >= 2 and all(p in (*COMPUTE_DTYPES, UNRECORDED) for p in parts)
+    )
+    if not ok:
+        raise BankError(f"encoder compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, {UNRECORDED} or "
+                        f"mixed:A+B, got {value!r}")  # fmt: skip
+    return value
+
+
 @dataclass(frozen=True)
 class EncoderInfo:
     """Fingerprint of the encoder that produced a bank's features.
@@ -106,6 +127,12 @@ class EncoderInfo:
             turned into canonical JSON).
         dim: feature dimension ``D``.
         dtype: dtype the encoder emits (informational; not part of the fingerprint).
+        compute_dtype: precision the encoder computed in when the bank was extracted (the autocast
+            dtype: ``float32`` on CPU, ``bfloat16``/``float16`` on CUDA); ``unrecorded`` for banks written
+            before it was recorded (format < 1.3) or imported from elsewhere; ``mixed:A+B`` for a merge
+            that accepted shards of several precisions. Not part of the fingerprint (a model trained on
+            one precision still applies to another, with a warning); ``bank merge`` and resuming an
+            extraction refuse to mix precisions.
     """
 
     name: str
@@ -114,6 +141,7 @@ class EncoderInfo:
     transform: str
     dim: int
     dtype: str = "float32"
+    compute_dtype: str = UNRECORDED
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "transform", _canonical_transform(self.transform))
@@ -128,6 +156,7 @@ class EncoderInfo:
             raise BankError(f"encoder weights_sha256 must be 64 hex digits or empty, got {sha!r}")
         object.__setattr__(self, "weights_sha256", sha)
         object.__setattr__(self, "dtype", str(np.dtype(self.dtype)))
+        check_compute_dtype(self.compute_dtype)
 
     def fingerprint(self) -> str:
         """Stable SHA-256 hex digest of (name, version, weights_sha256, transform, dim)."""
@@ -156,7 +185,7 @@ class EncoderInfo:
         if not isinstance(data, Mapping):
             raise BankError("encoder fingerprint must be a mapping")
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in data and n != "dtype"]
+        missing = [n for n in names if n not in data and n not in ("dtype", "compute_dtype")]
         if missing:
             raise BankError(f"encoder fingerprint lacks {', '.join(missing)}")
         info = cls(**{n: data[n] for n in names if n in data})
@@ -164,6 +193,17 @@ class EncoderInfo:
         if stored is not None and stored != info.fingerprint():
             raise BankError("encoder fingerprint does not match its fields (edited or from another version)")
         return info
+
+    def precision_note(self, other: EncoderInfo) -> str | None:
+        """Why features of ``other`` were computed in another precision than these, or ``None``.
+
+        ``None`` when both record the same precision, or when either is ``unrecorded`` (nothing to
+        compare: said by the caller if it matters).
+        """
+        a, b = self.compute_dtype, other.compute_dtype
+        if a == b or UNRECORDED in (a, b):
+            return None
+        return f"features computed in {b}, not {a} as those the model was trained on"
 
     def differences(self, other: EncoderInfo) -> list[str]:
         """Names of the fingerprinted fields that differ from ``other``."""

@@ -25,6 +25,7 @@ from feature_cache.bank.journal import Journal, JournalHeader, finish_commit, jo
 from feature_cache.bank.lock import WriterLock
 from feature_cache.bank.reader import BankReader, open_reader
 from feature_cache.bank.schema import (
+    UNRECORDED,
     EncoderInfo,
     WriterConfig,
     backend_for,
@@ -138,6 +139,13 @@ class BankWriter:
     ) -> None:
         if info is not None:
             have_info.check_compatible(info, where=where)
+            have_p, new_p = have_info.compute_dtype, info.compute_dtype
+            if have_p != UNRECORDED and new_p != have_p:  # an unrecorded bank stays unrecorded
+                raise BankError(
+                    f"{where}: its features were computed in {have_p}, these in {new_p} (e.g. a bank started on "
+                    "a GPU under bfloat16 autocast and resumed on a CPU); write them to another bank and join "
+                    "the two with `milcore bank merge --accept-mixed-precision`, or re-extract with --overwrite"
+                )
         for key in ("dtype", "compression"):
             want = req.get(key)
             if want is not None and WriterConfig(**{key: want}).__dict__[key] != getattr(have, key):

@@ -60,6 +60,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     p.add_argument("inputs", nargs="+", metavar="SHARD", help="input banks")
     p.add_argument("--out", required=True, help="merged bank")
     p.add_argument("--skip-duplicates", action="store_true", help="keep the first copy of a repeated bag id")
+    p.add_argument("--accept-mixed-precision", action="store_true",
+                   help="merge shards whose features were computed in different precisions (e.g. GPU bfloat16 "
+                        "and CPU float32); the merged bank records 'mixed:A+B'")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _storage_options(p, chunk_rows=True)
     p = action("convert", "rewrite a bank as HDF5 or Zarr (by --out suffix), or with another dtype/compression")
@@ -118,7 +121,8 @@ def _info(args: argparse.Namespace) -> int:
     enc = d["encoder"]
     lines = [
         f"{d['path']}: {d['backend']} bank, {d['bags']} bags, {d['instances']} cells, {d['dim']}-d {d['dtype']}",
-        f"  encoder: {enc['name']} {enc['version']} (fingerprint {enc['fingerprint'][:16]})",
+        f"  encoder: {enc['name']} {enc['version']} (fingerprint {enc['fingerprint'][:16]}), "
+        f"compute precision: {d['compute_dtype']}",
         f"  features: {d['features']['reader']}, compression {d['features']['compression'] or 'none'}",
         f"  columns: {', '.join(d['columns'])}; bag metadata: {', '.join(d['bag_meta']) or '-'}; "
         f"checksums: {d['checksums'] or 'none'}",
@@ -163,8 +167,9 @@ def _merge(args: argparse.Namespace) -> int:
 
     s = merge_banks(args.inputs, args.out, overwrite=args.overwrite, skip_duplicates=args.skip_duplicates,
                     dtype=args.dtype, compression=_compression(args), chunk_rows=args.chunk_rows,
-                    checksum=args.checksum)
-    _emit(args, s, [f"wrote {s['output']}: {s['bags']} bags, {s['instances']} cells from {len(s['inputs'])} banks"])
+                    checksum=args.checksum, accept_mixed_precision=args.accept_mixed_precision)
+    _emit(args, s, [f"wrote {s['output']}: {s['bags']} bags, {s['instances']} cells from {len(s['inputs'])} banks"
+                    f" (compute precision {s['compute_dtype']})"])
     return 0
 
 
