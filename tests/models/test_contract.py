@@ -1,7 +1,12 @@
 """The aggregator contract, checked for every registered aggregator (timm style: register -> tested).
 
-Known exception, declared by the model itself: TransMIL is not permutation invariant (PPEG depends on
-the order of the cells); the test checks the declaration is true.
+Each ``check_*`` function takes a registered name and checks one part of the contract; :data:`CHECKS`
+lists them and ``test_contract`` runs every check on every aggregator (the plug-in test reuses them on
+a throwaway aggregator). Known exception, declared by the model itself: TransMIL is not permutation
+invariant (PPEG depends on the order of the cells); the check verifies the declaration is true.
+
+``python tests/models/test_contract.py`` prints the measured bfloat16-vs-float32 logit error of every
+aggregator on CPU (the source of :data:`BF16_ATOL`).
 """
 
 from __future__ import annotations
@@ -49,12 +54,18 @@ def fitted(model: MILAggregator, x: torch.Tensor) -> MILAggregator:
     return model
 
 
+#: bfloat16 tolerance of the logits: ~3x the largest error measured on CPU over 10 seeds (bf16_errors():
+#: 0.0018-0.0067 for every aggregator but AMiL, whose Mahalanobis anomaly amplifies the bf16 error of the
+#: embedding: 0.036, tolerance ~2x). Mixed-up bags or a dead head differ by >= 0.12 (checked in the test).
+BF16_ATOL_DEFAULT = 0.02
+BF16_ATOL = {"amil": 0.08}
+
+
 def test_every_aggregator_is_listed() -> None:
     assert {"mean", "max", "abmil", "amil", "transmil", "graphmil", "dsmil"} <= set(NAMES)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_output_shapes_and_attention_sums_to_one(name: str) -> None:
+def check_output_shapes_and_attention_sums_to_one(name: str) -> None:
     x, ptr = make_batch(SIZES)
     model = fitted(build(name), x).eval()
     out = model(x, ptr)
@@ -70,8 +81,7 @@ def test_output_shapes_and_attention_sums_to_one(name: str) -> None:
         assert value.shape[0] == x.shape[0]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_batch_invariance_ptr_correctness(name: str) -> None:
+def check_batch_invariance(name: str) -> None:
     """A bag scores the same alone and inside a batch of other bags."""
     x, ptr = make_batch(SIZES)
     model = fitted(build(name), x).eval()
@@ -85,8 +95,7 @@ def test_batch_invariance_ptr_correctness(name: str) -> None:
             torch.testing.assert_close(alone.attention, out.attention[rows], atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_permutation_invariance_where_declared(name: str) -> None:
+def check_permutation_invariance_where_declared(name: str) -> None:
     x, ptr = make_batch(SIZES)
     model = fitted(build(name), x).eval()
     g = torch.Generator().manual_seed(3)
@@ -100,11 +109,12 @@ def test_permutation_invariance_where_declared(name: str) -> None:
         assert not torch.allclose(shuffled.logits, out.logits, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_ptr_path_equals_padded_path(name: str) -> None:
+def check_ptr_path_equals_padded_path(name: str) -> None:
     model = build(name).eval()
     if not model.has_padded_path:
-        pytest.skip(f"{name} has no padded path (ptr only)")
+        with pytest.raises(NotImplementedError, match="no padded path"):  # declared, and true
+            model.forward_padded(*to_padded(*make_batch(SIZES)))
+        return
     x, ptr = make_batch([*SIZES, 0])
     dense, mask = to_padded(x, ptr)
     with torch.no_grad():
@@ -114,8 +124,7 @@ def test_ptr_path_equals_padded_path(name: str) -> None:
     torch.testing.assert_close(padded.attention, packed.attention, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_every_parameter_gets_a_gradient(name: str) -> None:
+def check_every_parameter_gets_a_gradient(name: str) -> None:
     x, ptr = make_batch(SIZES)
     model = fitted(build(name), x).train()
     labels = torch.tensor([0, 1, 2, 1])
@@ -128,9 +137,8 @@ def test_every_parameter_gets_a_gradient(name: str) -> None:
         assert p.grad.abs().sum() > 0, f"{name}.{pname} has an all-zero gradient"
 
 
-@pytest.mark.parametrize("name", [*NAMES, "abmil-multi"])
-def test_reset_head_keeps_old_rows(name: str) -> None:
-    model = build("abmil", multi_branch=True) if name == "abmil-multi" else build(name)
+def check_reset_head_keeps_old_rows(name: str, **overrides) -> None:
+    model = build(name, **overrides)
     x, ptr = make_batch(SIZES)
     model = fitted(model, x).eval()
     with torch.no_grad():
@@ -146,8 +154,7 @@ def test_reset_head_keeps_old_rows(name: str) -> None:
         model.reset_head(1)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_bags_of_one_and_of_5000_instances(name: str) -> None:
+def check_bags_of_one_and_of_5000_instances(name: str) -> None:
     model = build(name, **({"dim": 64, "num_heads": 4} if name == "transmil" else {}))
     x, ptr = make_batch([1, 5000, 1], dim=D)
     out = fitted(model, x[:2000]).train()(x, ptr, labels=torch.tensor([0, 1, 2]))
@@ -158,8 +165,7 @@ def test_bags_of_one_and_of_5000_instances(name: str) -> None:
     (out.logits.sum() + sum(out.aux_losses.values(), torch.tensor(0.0))).backward()
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_empty_bags_are_defined(name: str) -> None:
+def check_empty_bags_are_defined(name: str) -> None:
     """Empty bags own no rows, get finite logits and never disturb the other bags."""
     x, ptr = make_batch([0, 4, 0, 6, 0])
     model = fitted(build(name), x).eval()
@@ -174,8 +180,7 @@ def test_empty_bags_are_defined(name: str) -> None:
     assert_sums_to_one(out.attention, ptr, skip_empty=True)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_bad_inputs_raise_clear_errors(name: str) -> None:
+def check_bad_inputs_raise_clear_errors(name: str) -> None:
     model = build(name).eval()
     x, ptr = make_batch(SIZES)
     with pytest.raises(InvalidArgumentError, match=rf"in_dim={D}.*dim {D + 1}"):
@@ -196,8 +201,7 @@ def test_bad_inputs_raise_clear_errors(name: str) -> None:
             model.forward_padded(dense[..., :-1], mask)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_state_dict_round_trip(name: str) -> None:
+def check_state_dict_round_trip(name: str) -> None:
     x, ptr = make_batch(SIZES)
     model = fitted(build(name, seed=0), x).eval()
     clone = build(name, seed=1).eval()
@@ -206,8 +210,7 @@ def test_state_dict_round_trip(name: str) -> None:
         torch.testing.assert_close(clone(x, ptr).logits, model(x, ptr).logits)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_bf16_autocast_keeps_the_contract(name: str) -> None:
+def check_bf16_autocast_keeps_the_contract(name: str) -> None:
     x, ptr = make_batch(SIZES)
     model = fitted(build(name), x).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -216,7 +219,51 @@ def test_bf16_autocast_keeps_the_contract(name: str) -> None:
         ref = model(x, ptr)
     assert out.attention.dtype == torch.float32
     assert_sums_to_one(out.attention, ptr)
-    torch.testing.assert_close(out.logits.float(), ref.logits, atol=0.15, rtol=0.1)
+    atol = BF16_ATOL.get(name, BF16_ATOL_DEFAULT)
+    torch.testing.assert_close(out.logits.float(), ref.logits, atol=atol, rtol=0.0)
+    for broken in (ref.logits.roll(1, 0), torch.zeros_like(ref.logits)):  # bags mixed up; a dead head
+        assert (broken - ref.logits).abs().max() > atol, f"{name}: atol {atol} would pass a broken model"
+
+
+CHECKS = (
+    check_output_shapes_and_attention_sums_to_one,
+    check_batch_invariance,
+    check_permutation_invariance_where_declared,
+    check_ptr_path_equals_padded_path,
+    check_every_parameter_gets_a_gradient,
+    check_reset_head_keeps_old_rows,
+    check_bags_of_one_and_of_5000_instances,
+    check_empty_bags_are_defined,
+    check_bad_inputs_raise_clear_errors,
+    check_state_dict_round_trip,
+    check_bf16_autocast_keeps_the_contract,
+)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
+def test_contract(check, name: str) -> None:
+    check(name)
+
+
+def test_reset_head_of_multi_branch_abmil() -> None:
+    check_reset_head_keeps_old_rows("abmil", multi_branch=True)
+
+
+def bf16_errors(seeds: int = 10) -> dict[str, float]:
+    """Largest ``|bf16 - fp32|`` logit difference of each aggregator over ``seeds`` models and batches."""
+    worst = {}
+    for name in list_aggregators():
+        errors = []
+        for seed in range(seeds):
+            x, ptr = make_batch(SIZES, seed=100 + seed)
+            model = fitted(build(name, seed=seed), x).eval()
+            with torch.no_grad():
+                ref = model(x, ptr).logits
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    errors.append(float((model(x, ptr).logits.float() - ref).abs().max()))
+        worst[name] = max(errors)
+    return worst
 
 
 @pytest.mark.gpu
@@ -236,3 +283,9 @@ def test_cuda_matches_cpu(name: str) -> None:
     out = model(x.cuda(), ptr.cuda(), labels=labels)
     (F.cross_entropy(out.logits.float(), labels) + sum(out.aux_losses.values())).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    for name, error in bf16_errors().items():
+        print(f"{name:10s} max |bf16 - fp32| logits: {error:.4f}  (tolerance {BF16_ATOL.get(name, BF16_ATOL_DEFAULT)})")
