@@ -24,9 +24,9 @@ read from and written to a plain mapping). A config built from Python, from :met
     Fit.from_dict(Fit(epochs=3).to_dict()) == Fit(epochs=3)
 
 Conversions made for every field, whatever the caller: a list becomes a tuple where the annotation is a
-tuple, a mapping becomes the nested config where the annotation is a :class:`Config`, a whole number
-becomes a float where a float is expected, and a string that spells a finite number is read as one
-where a float is expected (YAML 1.1 reads ``5e-4`` as text). Refused: ``bool`` where a number is
+tuple, a mapping becomes the nested config where the annotation is a :class:`Config`, and a string
+that spells a finite number is read as one where a float is expected (YAML 1.1 reads ``5e-4`` as text);
+a whole number given for a float is accepted and kept as it is. Refused: ``bool`` where a number is
 expected (YAML reads ``yes`` as true), non-finite numbers, any other type, values out of range or not
 among the choices, unknown keys (with the closest valid name) and missing required keys.
 
@@ -170,6 +170,8 @@ def describe_type(hint: Any) -> str:
 
 
 def _float(name: str, value: Any) -> float:
+    """A number; whole numbers are kept as given (``1`` stays ``1``: the JSON of a config, which fingerprints
+    some inputs, is what it was before this convention), text spelling a number is read as a float."""
     if isinstance(value, str):
         try:
             value = float(value.strip())
@@ -179,7 +181,7 @@ def _float(name: str, value: Any) -> float:
         raise InvalidArgumentError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value):
         raise InvalidArgumentError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+    return value
 
 
 def check_type(name: str, value: Any, hint: Any) -> Any:

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from feature_cache.config import Config, option
 from feature_cache.devices import resolve_device
 from feature_cache.errors import InvalidArgumentError, UserError
 from feature_cache.progress import progress
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(Config):
     """One extraction run.
 
     Attributes:
@@ -69,15 +70,17 @@ class ExtractConfig:
             (before origins were recorded), trusting that they come from ``input``.
     """
 
+    config_key = "extraction option"
+
     source: str
     input: str
     encoder: str
     out: str
     weights: str | None = None
     cells: str | None = None
-    batch_size: int = 0
+    batch_size: int = option(0, low=0)
     device: str = "auto"
-    num_workers: int = -1
+    num_workers: int = option(-1, low=-1)
     shard: tuple[int, int] | None = None
     dtype: str = "float16"
     compression: str | None = None

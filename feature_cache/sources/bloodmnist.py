@@ -15,12 +15,13 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from feature_cache.config import Config, option
 from feature_cache.errors import InvalidArgumentError, UserError
 from feature_cache.sources.base import UNKNOWN_COORD, BagOrigin, BagSource, Cell, digest, file_stamp
 
@@ -30,7 +31,7 @@ SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
-class BloodMnistBags:
+class BloodMnistBags(Config):
     """How bags are built from one split.
 
     Attributes:
@@ -44,29 +45,26 @@ class BloodMnistBags:
         prefix: bag-id prefix.
     """
 
-    split: str = "train"
-    bags: int = 60
-    witness: str = "immature_granulocyte"
-    witness_range: tuple[float, float] = (0.02, 0.10)
-    bag_range: tuple[int, int] = (50, 400)
-    background: tuple[str, ...] = field(default=("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"))
-    seed: int = 0
+    config_key = "BloodMNIST bag option"
+
+    split: str = option("train", choices=SPLITS)
+    bags: int = option(60, low=2)
+    witness: str = option("immature_granulocyte", choices=CELL_TYPES)
+    witness_range: tuple[float, float] = option((0.02, 0.10), low=0, high=1, low_open=True, high_open=True)
+    bag_range: tuple[int, int] = option((50, 400), low=1)
+    background: tuple[str, ...] = option(("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"),
+                                         choices=CELL_TYPES, min_items=1)  # fmt: skip
+    seed: int = option(0, low=0)
     prefix: str = "bm"
 
-    def __post_init__(self) -> None:
-        if self.split not in SPLITS:
-            raise InvalidArgumentError(f"split must be one of {SPLITS}, got {self.split!r}")
-        unknown = sorted({self.witness, *self.background} - set(CELL_TYPES))
-        if unknown:
-            raise InvalidArgumentError(f"unknown BloodMNIST cell types {unknown} (known: {', '.join(CELL_TYPES)})")
+    def validate(self) -> None:
+        """The witness is not a background type; ranges are ordered."""
         if self.witness in self.background:
             raise InvalidArgumentError("the witness type cannot also be a background type")
-        if not 0 < self.witness_range[0] <= self.witness_range[1] < 1:
-            raise InvalidArgumentError(f"witness_range must lie in (0, 1), got {self.witness_range}")
-        if not 1 <= self.bag_range[0] <= self.bag_range[1]:
-            raise InvalidArgumentError(f"bag_range must be 1 <= low <= high, got {self.bag_range}")
-        if self.bags < 2:
-            raise InvalidArgumentError(f"bags must be >= 2, got {self.bags}")
+        if self.witness_range[0] > self.witness_range[1]:
+            raise InvalidArgumentError(f"witness_range must be low <= high, got {list(self.witness_range)}")
+        if self.bag_range[0] > self.bag_range[1]:
+            raise InvalidArgumentError(f"bag_range must be low <= high, got {list(self.bag_range)}")
 
 
 def load_split(npz: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -24,12 +24,12 @@ morphological clean-up), kept to compare against in ``benchmarks/bench_detect.py
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from feature_cache.config import Config, option
 from feature_cache.errors import InvalidArgumentError
 from feature_cache.sources import detect_ops as ops
 
@@ -37,7 +37,7 @@ CELL_KINDS = ("wbc", "rbc")
 
 
 @dataclass(frozen=True)
-class DetectorConfig:
+class DetectorConfig(Config):
     """Detector parameters; every length is a fraction of the red-cell diameter.
 
     Attributes:
@@ -59,8 +59,10 @@ class DetectorConfig:
         rbc_min_distance_frac: two red-cell centres are at least this many diameters apart.
     """
 
-    rbc_diameter_px: float = 100.0
-    work_rbc_px: float = 40.0
+    config_key = "detector option"
+
+    rbc_diameter_px: float = option(100.0, low=0, low_open=True)
+    work_rbc_px: float = option(40.0, low=0, low_open=True)
     nucleus_low: float = 0.18
     nucleus_high: float = 0.40
     open_frac: float = 0.02
@@ -73,20 +75,6 @@ class DetectorConfig:
     split_dip_frac: float = 0.25
     rbc_min_votes: float = 0.3
     rbc_min_distance_frac: float = 0.4
-
-    def __post_init__(self) -> None:
-        if not self.rbc_diameter_px > 0 or not self.work_rbc_px > 0:
-            raise InvalidArgumentError(
-                f"rbc_diameter_px and work_rbc_px must be > 0, got {self.rbc_diameter_px}, {self.work_rbc_px}"
-            )
-
-    def replace(self, **changes: float) -> DetectorConfig:
-        """A copy with some fields changed (unknown names raise InvalidArgumentError)."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - names)
-        if unknown:
-            raise InvalidArgumentError(f"unknown detector option(s) {unknown}; known: {sorted(names)}")
-        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)

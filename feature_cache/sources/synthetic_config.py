@@ -21,8 +21,9 @@ Difficulty knobs (all in :class:`SynthConfig`):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from feature_cache.config import Config, option
 from feature_cache.errors import InvalidArgumentError
 from feature_cache.sources.synthetic_vocab import TASKS
 
@@ -100,8 +101,15 @@ def parse_bias(text: str) -> Bias:
     return Bias(col, val, factor, kind)
 
 
+def _load_biases(value: object) -> object:
+    """Biases as :class:`Bias` objects or their text form (``sex=F:0.5``), as ``to_dict`` writes them."""
+    if isinstance(value, (list, tuple)):
+        return tuple(parse_bias(b) if isinstance(b, str) else b for b in value)
+    return value
+
+
 @dataclass(frozen=True)
-class SynthConfig:
+class SynthConfig(Config):
     """Everything that defines a synthetic cohort; equal configs give byte-identical cohorts.
 
     Attributes:
@@ -120,64 +128,44 @@ class SynthConfig:
         confounder_scale: multiplies the task's look-alike confounder rate.
         sites: number of acquisition sites.
         site_strength: how strongly sites differ (0 = identical).
-        biases: planted subgroup effects.
+        biases: planted subgroup effects (``sex=F:0.5`` in a file).
         folds: number of stratified folds in the split hints.
     """
 
-    task: str = "aml"
-    patients: int = 60
-    seed: int = 0
-    crop_size: int = 96
-    bag_median: int = 300
-    bag_sigma: float = 0.75
-    bag_range: tuple[int, int] = (10, 2000)
-    witness_median: float = 0.06
-    witness_sigma: float = 0.7
-    witness_range: tuple[float, float] = (0.01, 0.5)
-    subtlety: float = 0.0
-    background_concentration: float = 40.0
-    confounder_scale: float = 1.0
-    sites: int = 1
-    site_strength: float = 1.0
-    biases: tuple[Bias, ...] = field(default_factory=tuple)
-    folds: int = 5
+    config_key = "synthetic option"
 
-    def __post_init__(self) -> None:
-        """Validate every value; raises :class:`InvalidArgumentError` naming the bad one."""
-        if self.task not in TASKS:
-            raise InvalidArgumentError(f"unknown task {self.task!r} (choose from {', '.join(TASKS)})")
-        checks = [
-            (self.patients >= 1, f"patients must be >= 1, got {self.patients}"),
-            (self.crop_size >= 32, f"crop size must be >= 32, got {self.crop_size}"),
-            (self.bag_range[0] >= 1, f"smallest bag must be >= 1, got {self.bag_range[0]}"),
-            (self.bag_range[0] <= self.bag_range[1], f"bag range {self.bag_range} is empty"),
-            (self.bag_range[0] <= self.bag_median <= self.bag_range[1],
-             f"bag median {self.bag_median} outside bag range {self.bag_range}"),
-            (self.bag_sigma >= 0, f"bag sigma must be >= 0, got {self.bag_sigma}"),
-            (0 < self.witness_range[0] <= self.witness_range[1] <= 1,
-             f"witness range {self.witness_range} must lie in (0, 1]"),
-            (self.witness_range[0] <= self.witness_median <= self.witness_range[1],
-             f"witness median {self.witness_median} outside witness range {self.witness_range}"),
-            (self.witness_sigma >= 0, f"witness sigma must be >= 0, got {self.witness_sigma}"),
-            (0 <= self.subtlety <= 1, f"subtlety must be in [0, 1], got {self.subtlety}"),
-            (self.background_concentration > 0, "background concentration must be > 0"),
-            (self.confounder_scale >= 0, f"confounder scale must be >= 0, got {self.confounder_scale}"),
-            (self.sites >= 1, f"sites must be >= 1, got {self.sites}"),
-            (self.site_strength >= 0, f"site strength must be >= 0, got {self.site_strength}"),
-            (self.folds >= 2, f"folds must be >= 2, got {self.folds}"),
-            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InvalidArgumentError(message)
+    task: str = option("aml", choices=TASKS)
+    patients: int = option(60, low=1)
+    seed: int = option(0, low=0)
+    crop_size: int = option(96, low=32)
+    bag_median: int = option(300, low=1)
+    bag_sigma: float = option(0.75, low=0)
+    bag_range: tuple[int, int] = option((10, 2000), low=1)
+    witness_median: float = option(0.06, low=0, high=1, low_open=True)
+    witness_sigma: float = option(0.7, low=0)
+    witness_range: tuple[float, float] = option((0.01, 0.5), low=0, high=1, low_open=True)
+    subtlety: float = option(0.0, low=0, high=1)
+    background_concentration: float = option(40.0, low=0, low_open=True)
+    confounder_scale: float = option(1.0, low=0)
+    sites: int = option(1, low=1)
+    site_strength: float = option(1.0, low=0)
+    biases: tuple[Bias, ...] = option((), load=_load_biases, dump=lambda biases: [str(b) for b in biases])
+    folds: int = option(5, low=2)
+
+    def validate(self) -> None:
+        """Ranges are ordered and hold their medians; planted site biases name existing sites."""
+        lo, hi = self.bag_range
+        if lo > hi:
+            raise InvalidArgumentError(f"bag_range {list(self.bag_range)} is empty")
+        if not lo <= self.bag_median <= hi:
+            raise InvalidArgumentError(f"bag_median {self.bag_median} outside bag_range {list(self.bag_range)}")
+        lo, hi = self.witness_range
+        if lo > hi:
+            raise InvalidArgumentError(f"witness_range {list(self.witness_range)} is empty")
+        if not lo <= self.witness_median <= hi:
+            raise InvalidArgumentError(
+                f"witness_median {self.witness_median} outside witness_range {list(self.witness_range)}"
+            )
         for bias in self.biases:
             if bias.column == "site" and int(bias.value) >= self.sites:
                 raise InvalidArgumentError(f"bias {bias}: site {bias.value} does not exist (sites: {self.sites})")
-
-    def to_dict(self) -> dict:
-        """A JSON-ready description (biases as their text form)."""
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        out["biases"] = [str(b) for b in self.biases]
-        out["bag_range"] = list(self.bag_range)
-        out["witness_range"] = list(self.witness_range)
-        return out

@@ -16,7 +16,7 @@ from typing import Any
 from feature_cache.errors import UserError
 from feature_cache.sources.base import BagOrigin, BagSource, Cell, CellBatch, digest
 from feature_cache.sources.synthetic_cohort import SAMPLING_VERSION, SyntheticCohort
-from feature_cache.sources.synthetic_config import SynthConfig, parse_bias
+from feature_cache.sources.synthetic_config import SynthConfig
 
 
 def load_synth_config(path: str | Path) -> SynthConfig:
@@ -40,16 +40,7 @@ def load_synth_config(path: str | Path) -> SynthConfig:
                 f"{SAMPLING_VERSION} (other patients and cells); extract its crops with --source crops, "
                 "or write it again with milcore synth"
             )
-    data = dict(data.get("config", data))
-    data["biases"] = tuple(parse_bias(b) for b in data.get("biases", []))
-    for key in ("bag_range", "witness_range"):
-        if key in data:
-            data[key] = tuple(data[key])
-    fields = set(SynthConfig.__dataclass_fields__)
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise UserError(f"{target}: unknown synthetic options {', '.join(unknown)}")
-    return SynthConfig(**data)
+    return SynthConfig.from_dict(data.get("config", data), where=str(target))  # keys and values checked
 
 
 def _yaml(text: str) -> Any:

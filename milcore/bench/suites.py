@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from feature_cache.config import Config
 from feature_cache.errors import UserError
 from milcore.bench.aggregators import BenchSpec
 
@@ -28,7 +29,7 @@ BLOODMNIST_NPZ = REPO_ROOT.parent / "shared" / "data" / "bloodmnist" / "bloodmni
 
 
 @dataclass(frozen=True)
-class SynthCase:
+class SynthCase(Config):
     """One synthetic cohort of the suite.
 
     Attributes:

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from feature_cache.errors import InvalidArgumentError
+from feature_cache.config import Config, option
 
 
 @dataclass(frozen=True)
-class MILReplayWeights:
+class MILReplayWeights(Config):
     """Weights of the MIL-replay cell score (defaults from Ebrahimi et al. 2025).
 
     Attributes:
@@ -30,14 +30,11 @@ class MILReplayWeights:
         bag_distance: weight of the (normalised) Euclidean distance to the bag mean.
     """
 
-    attention: float = 0.5
-    class_distance: float = 0.3
-    bag_distance: float = 0.2
+    config_key = "milreplay weight"
 
-    def __post_init__(self) -> None:
-        for name in ("attention", "class_distance", "bag_distance"):
-            if getattr(self, name) < 0:
-                raise InvalidArgumentError(f"milreplay weight {name} must be >= 0, got {getattr(self, name)}")
+    attention: float = option(0.5, low=0)
+    class_distance: float = option(0.3, low=0)
+    bag_distance: float = option(0.2, low=0)
 
 
 def minmax(values: np.ndarray) -> np.ndarray:

@@ -41,7 +41,7 @@ def test_config_file_and_errors(cohort: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"no synth\.json"):
         create_source("synthetic", tmp_path)
     (tmp_path / "bad.json").write_text(json.dumps({"task": "aml", "colour": 1}))
-    with pytest.raises(UserError, match="unknown synthetic options colour"):
+    with pytest.raises(UserError, match=r"unknown synthetic option\(s\) 'colour'"):
         create_source("synthetic", tmp_path / "bad.json")
 
 
