@@ -6,7 +6,7 @@ its cells are pooled by kind (each class's diagnostic cells, using ``cells.csv``
 and every seed draws new patients exactly as ``milcore synth`` does (balanced classes, random sex, age
 N(58, 16), log-normal bag sizes and diagnostic-cell rates; ``--bias sex=F:FACTOR`` scales the female
 diseased patients' diagnostic-cell rate), writes a bank and a cohort table, cross-validates ABMIL with
-``train_cv`` and audits the out-of-fold predictions with ``audit_run``. A seed "flags" when the primary
+``train_run`` and audits the out-of-fold predictions with ``audit_run``. A seed "flags" when the primary
 family (balanced accuracy, single-attribute groups, Holm) flags ``sex=F``; any other primary or
 secondary flag is counted as well.
 
@@ -102,15 +102,15 @@ def one_seed(pools: CellPools, root: Path, patients: int, seed: int, factor: flo
     """Draw, cross-validate and audit one cohort; returns the observed gap and the flags."""
     from milcore.audit.config import AuditConfig
     from milcore.audit.run import audit_run
-    from milcore.training.config import TrainConfig
-    from milcore.training.run import RunSpec, train_cv
+    from milcore.crossval import train_run
+    from milcore.training.config import RunSpec, TrainConfig
 
     t0 = time.perf_counter()
     folder = root / f"f{factor:g}_s{seed}"
     bank, cohort = pools.draw_cohort(folder, patients, seed, factor)
     spec = RunSpec(bank=str(bank), cohort=str(cohort), task="aml", folds=5, seed=seed, n_boot=100)
     config = TrainConfig(model="abmil", epochs=epochs, patience=6, device="cpu", seed=seed, num_workers=0)
-    metrics = train_cv(spec, config, folder / "run", overwrite=True)
+    metrics = train_run(spec, config, folder / "run", overwrite=True).metrics
     t_train = time.perf_counter() - t0
     audit = audit_run(folder / "run", cohort, folder / "audit", AuditConfig(attributes=("sex", "age"), seed=seed),
                       overwrite=True, report=False)  # fmt: skip

@@ -95,10 +95,10 @@ def run(npz: Path, models: list[str], train_bags: int, test_bags: int, image_siz
         work: Path, cache: Path, seed: int = 0, recipe: bool = True) -> dict:  # fmt: skip
     """Build bags, encode, cross-validate on train bags, evaluate the fold ensemble on test bags."""
     from feature_cache.sources.bloodmnist import BloodMnistBags, make_bloodmnist_bags
+    from milcore.crossval import train_run
     from milcore.models.registry import get_aggregator_entry
-    from milcore.predict import evaluate_predictions, predict_bank
-    from milcore.training.config import TrainConfig
-    from milcore.training.run import RunSpec, train_cv
+    from milcore.prediction import evaluate_predictions, predict
+    from milcore.training.config import RunSpec, TrainConfig
 
     t0 = time.perf_counter()
     sets = {}
@@ -117,10 +117,10 @@ def run(npz: Path, models: list[str], train_bags: int, test_bags: int, image_siz
         if recipe and "dropout" in fields:
             options["model_args"] = {"dropout": MODEL_DROPOUT}
         config = TrainConfig(model=model, epochs=epochs, seed=seed, **options)
-        cv = train_cv(spec, config, work / f"run_{model}", overwrite=True)
+        cv = train_run(spec, config, work / f"run_{model}", overwrite=True).metrics
         test_folder, test_bank = sets["test"]
         checkpoints = sorted(p.parent for p in (work / f"run_{model}").glob("fold_*/checkpoint.json"))
-        predict_bank(checkpoints, test_bank, work / f"test_{model}")
+        predict(checkpoints, test_bank, out=work / f"test_{model}")
         m = evaluate_predictions(work / f"test_{model}", test_folder / "cohort.csv", "left_shift", test_bank)
         rows.append({
             "model": model,

@@ -33,17 +33,17 @@ import resource, sys, json
 import numpy as np
 from feature_cache.bank import open_reader
 from milcore.training.config import TrainConfig
-from milcore.training.features import FeatureStore
+from milcore.data.store import FeatureStore
 from milcore.training.trainer import Trainer
 bank = open_reader(sys.argv[1])
 budget = int(float(sys.argv[2]) * (1 << 30))
 ids = bank.bag_ids()
 labels = np.arange(len(ids)) % 2
-store = FeatureStore(bank, ids, budget)
+store = FeatureStore(bank, ids, budget, labels=labels)
 cfg = TrainConfig(model="abmil", epochs=int(sys.argv[3]), patience=100, num_workers=2, batch_instances=4096)
 trainer = Trainer(cfg, bank.dim, 2)
 half = len(ids) // 2
-trainer.fit(store.view(ids[:half]), labels[:half], store.view(ids[half:]), labels[half:])
+trainer.fit(store.view(ids[:half]), store.view(ids[half:]))
 own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 print(json.dumps({"in_memory": store.in_memory, "main_mb": own / 1024, "worker_mb": kids / 1024}))

@@ -64,8 +64,8 @@ def run(bank: str, cohort: str, recipes: list[str], seeds: list[int] | None, run
     """Cross-validate every recipe with its seeds (``seeds`` for all, or ``DEFAULT_SEEDS``), reusing runs."""
     import torch
 
-    from milcore.training.config import TrainConfig
-    from milcore.training.run import RunSpec, train_cv
+    from milcore.crossval import train_run
+    from milcore.training.config import RunSpec, TrainConfig
 
     torch.set_num_threads(1)
     rows = []
@@ -80,7 +80,8 @@ def run(bank: str, cohort: str, recipes: list[str], seeds: list[int] | None, run
                 log.info("%s seed %d: reusing %s", name, seed, folder)
             else:
                 spec = RunSpec(bank, cohort, "aml", folds=5, seed=seed, n_boot=200)
-                metrics = train_cv(spec, TrainConfig(model="abmil", seed=seed, **options), folder, overwrite=True)
+                config = TrainConfig(model="abmil", seed=seed, **options)
+                metrics = train_run(spec, config, folder, overwrite=True).metrics
             mean = metrics["mean"]
             per_seed.append({
                 "seed": seed,

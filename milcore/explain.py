@@ -139,7 +139,7 @@ def build_explanations(run: str | Path, crops: str | Path | None = None, top_k: 
                        seed: int = 0) -> tuple[Any, dict[str, Any]]:  # fmt: skip
     """The explanation :class:`~milcore.report.Report` and its JSON summary (see :func:`explain_run`)."""
     from feature_cache.bank import open_reader
-    from milcore.predict import prediction_sources, read_attention, read_predictions
+    from milcore.data.predictions import prediction_sources, read_attention, read_predictions
     from milcore.report import Report
     from milcore.report.plots import embedding_figure
 

@@ -128,7 +128,7 @@ def _n(audit: dict[str, Any], name: str) -> int:
 
 def write_audit_report(out: Path, audit: dict[str, Any]) -> tuple[Path, Path]:
     """Render ``audit.html`` and ``audit.md`` (+ ``audit_files/``) for a stratified audit."""
-    from milcore.audit.run import write_report_atomic
+    from milcore.report.files import write_report_atomic
 
     rep = Report(f"Bias audit of {audit['input']['run']}")
     add_audit_sections(rep, audit)

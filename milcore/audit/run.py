@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +11,7 @@ import numpy as np
 
 from feature_cache.errors import OutputExistsError, UserError
 from milcore.audit.config import AuditConfig
+from milcore.report.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -34,59 +31,35 @@ def prepare_out(out: Path, overwrite: bool, create: bool = True) -> None:
         out.mkdir(parents=True, exist_ok=True)
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(clean_json(payload), indent=1, default=_default, allow_nan=False))
-    os.replace(tmp, path)
+def _predictions_of(run: Any) -> tuple[Any, str, dict[str, Any]]:
+    """The labelled table, how to name it, and its sources (kind, ensemble, partial) for any prediction holder."""
+    from milcore.data.predictions import PredictionTable, prediction_sources, read_predictions
+
+    if isinstance(run, str | Path):
+        return read_predictions(run), str(Path(run) / "predictions.csv"), prediction_sources(run)
+    if isinstance(run, PredictionTable):
+        return run, "the predictions", {"kind": "table"}
+    table = getattr(run, "predictions", None) or getattr(run, "table", None)  # CVResult / PredictionRun
+    if not isinstance(table, PredictionTable):
+        raise UserError(f"cannot audit a {type(run).__name__}: give a run or prediction folder, a CVResult, a "
+                        "PredictionRun or a PredictionTable")  # fmt: skip
+    ensemble = getattr(run, "checkpoints", None)
+    partial = bool(getattr(ensemble, "partial", False))
+    kind = "run" if hasattr(run, "folds") else "predict"
+    return table, f"the {'out-of-fold ' if kind == 'run' else ''}predictions in memory", {
+        "kind": kind, "ensemble": ensemble.describe() if ensemble is not None else None, "partial": partial}
 
 
-def clean_json(obj: Any) -> Any:
-    """A copy with NaN/inf floats as ``None`` (strict JSON)."""
-    if isinstance(obj, dict):
-        return {k: clean_json(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [clean_json(v) for v in obj]
-    if isinstance(obj, float | np.floating):
-        return float(obj) if math.isfinite(float(obj)) else None
-    return obj
-
-
-def _default(obj: Any) -> Any:
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return None if math.isnan(float(obj)) else float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
-
-
-def write_report_atomic(out: Path, report, name: str) -> tuple[Path, Path]:
-    """Render a :class:`milcore.report.Report` in a scratch folder, then move its files into ``out``."""
-    scratch = out / f".{name}.partial"
-    shutil.rmtree(scratch, ignore_errors=True)
-    html, md = report.write(scratch, name)
-    figures = scratch / f"{name}_files"
-    if figures.exists():
-        shutil.rmtree(out / f"{name}_files", ignore_errors=True)
-        os.replace(figures, out / f"{name}_files")
-    os.replace(html, out / html.name)
-    os.replace(md, out / md.name)
-    shutil.rmtree(scratch, ignore_errors=True)
-    return out / html.name, out / md.name
-
-
-def audit_run(run: str | Path, cohort: str | Path, out: str | Path, config: AuditConfig | None = None, *,
+def audit_run(run: Any, cohort: str | Path, out: str | Path | None = None, config: AuditConfig | None = None, *,
               overwrite: bool = False, report: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Audit a run's out-of-fold predictions by the cohort's sex, age and site; writes ``audit.json/.md/.html``.
+    """Audit labelled predictions by the cohort's sex, age and site; with ``out``, writes ``audit.json/.md/.html``.
 
     Args:
-        run: a training run or ``milcore predict`` folder with ``predictions.csv``.
+        run: a training run or ``milcore predict`` folder with ``predictions.csv``, or predictions in memory:
+            a :class:`~milcore.crossval.CVResult` (its out-of-fold predictions), a
+            :class:`~milcore.prediction.PredictionRun` or a :class:`~milcore.data.predictions.PredictionTable`.
         cohort: the cohort table with ``age``/``sex``/``site`` columns (whatever exists is audited).
-        out: output folder.
+        out: output folder; ``None`` writes nothing.
         config: the audit configuration.
         overwrite: replace an existing audit in ``out``.
         report: also render ``audit.md``/``audit.html`` (benchmarks that only need the JSON skip it).
@@ -101,13 +74,11 @@ def audit_run(run: str | Path, cohort: str | Path, out: str | Path, config: Audi
     from milcore.audit.report import write_audit_report
     from milcore.audit.stratified import audit_predictions
     from milcore.metrics.weighted import LabelledPredictions
-    from milcore.predict import prediction_sources, read_predictions
 
     config = config or AuditConfig()
     t0 = time.perf_counter()
-    out = Path(out)
-    table = read_predictions(run)
-    pred_path = Path(run) / "predictions.csv"
+    out = Path(out) if out is not None else None
+    table, pred_path, sources = _predictions_of(run)
     if not table.bag_ids:
         raise UserError(f"{pred_path}: no predictions in the file")
     labelled = table.labels >= 0
@@ -125,17 +96,18 @@ def audit_run(run: str | Path, cohort: str | Path, out: str | Path, config: Audi
     groups = build_groups(columns, len(matched), config)
     for note in groups.notes:
         log.info("audit: %s", note)
-    sources = prediction_sources(run)
     notes = list(groups.notes)
     if sources.get("partial"):
         notes.insert(0, f"PARTIAL: these predictions come from an {sources['ensemble']} (an interrupted training "
                         "run), not the full model.")  # fmt: skip
         log.warning("audit: %s", notes[0])
-    prepare_out(out, overwrite)
+    if out is not None:
+        prepare_out(out, overwrite)
     result = audit_predictions(pred, list(table.classes), groups, config)
     audit: dict[str, Any] = {
         "format": AUDIT_FORMAT, "format_version": 1,
-        "input": {"run": str(run), "predictions": str(pred_path), "cohort": str(cohort), "classes": table.classes,
+        "input": {"run": str(run) if isinstance(run, str | Path) else None, "predictions": pred_path,
+                  "cohort": str(cohort), "classes": table.classes,
                   "patients": len(matched), "unlabelled_predictions": int((~labelled).sum()),
                   "not_in_cohort": len(missing), "not_in_cohort_examples": missing[:10],
                   "kind": sources.get("kind"), "ensemble": sources.get("ensemble"),
@@ -146,8 +118,9 @@ def audit_run(run: str | Path, cohort: str | Path, out: str | Path, config: Audi
         **result,
     }  # fmt: skip
     audit["seconds"] = time.perf_counter() - t0
-    write_json_atomic(out / "audit.json", audit)
-    if report:
-        write_audit_report(out, audit)
+    if out is not None:
+        write_json_atomic(out / "audit.json", audit)
+        if report:
+            write_audit_report(out, audit)
     log.info("audit: %s", audit["summary"]["headline"])
     return audit

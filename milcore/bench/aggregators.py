@@ -25,7 +25,6 @@ from feature_cache.errors import UserError
 from milcore.bench import PEER_MODELS, PEER_PREFIX
 from milcore.bench.config import BenchSpec
 from milcore.metrics import HEADLINE, mean_ci
-from milcore.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,31 +44,16 @@ def check_models(models: tuple[str, ...], peers: tuple[str, ...]) -> None:
         raise UserError("no model to benchmark (pass --models and/or --peers)")
 
 
-def _bench_trainer(config: TrainConfig, in_dim: int, num_classes: int, peer: str | None, tm: Any):
-    """A :class:`Trainer` that can build a torchmil peer and counts the seconds spent in ``predict``."""
-    from milcore.training.trainer import Trainer
+def _peer(name: str, tm: Any):
+    """A factory ``(in_dim, num_classes) -> TorchmilAggregator`` training torchmil's ``name`` through
+    :func:`~milcore.training.fold.fit_fold` like any module (seeded before it is built)."""
+    from milcore.bench.peers import TorchmilAggregator
 
-    class BenchTrainer(Trainer):
-        predict_seconds = 0.0
+    def build(in_dim: int, num_classes: int) -> Any:
+        return TorchmilAggregator(name, in_dim, num_classes, tm)
 
-        def build_model(self):
-            if peer is None:
-                return super().build_model()
-            import torch
-
-            from milcore.bench.peers import TorchmilAggregator
-
-            torch.manual_seed(self.config.seed)
-            return TorchmilAggregator(peer, self.in_dim, self.num_classes, tm).to(self.device)
-
-        def predict(self, *args: Any, **kwargs: Any):
-            t0 = time.perf_counter()
-            try:
-                return super().predict(*args, **kwargs)
-            finally:
-                self.predict_seconds += time.perf_counter() - t0
-
-    return BenchTrainer(config, in_dim, num_classes)
+    build.__name__ = f"torchmil_{name}"
+    return build
 
 
 def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
@@ -77,48 +61,40 @@ def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
 
 
 def run_one(name: str, peer: bool, seed: int, fold: Any, ctx: dict[str, Any]) -> dict[str, Any]:
-    """Train ``name`` on one fold of one seed and measure it; returns one result row."""
+    """Train ``name`` on one fold of one seed with :func:`~milcore.training.fold.fit_fold` and measure it;
+    returns one result row."""
+    from feature_cache.devices import resolve_device
     from milcore.bench.memory import PeakMemory
     from milcore.metrics import scalar_metrics
-    from milcore.metrics.calibration import fit_temperature, softmax
     from milcore.metrics.classification import instance_auroc
+    from milcore.training.fold import fit_fold
 
     spec: BenchSpec = ctx["spec"]
-    label_of, store = ctx["label_of"], ctx["store"]
     config = replace(spec.train, model="abmil" if peer else name, seed=seed)
-    trainer = _bench_trainer(config, ctx["dim"], len(ctx["classes"]), name if peer else None, ctx["tm"])
-    tr, va, te = store.view(fold.train), store.view(fold.val), store.view(fold.test)
-    y_tr, y_va, y_te = (np.asarray([label_of[b] for b in part]) for part in (fold.train, fold.val, fold.test))
     label = f"{PEER_PREFIX if peer else ''}{name} seed {seed} fold {fold.index + 1}/{spec.folds}"
     cpu0 = time.process_time()
-    with PeakMemory(trainer.device) as peak:
-        t0 = time.perf_counter()
-        model, fit = trainer.fit(tr, y_tr, va, y_va, desc=label)
-        fit_s = time.perf_counter() - t0
-        optimise_s = max(fit_s - trainer.predict_seconds, 1e-9)
-        temperature = fit_temperature(trainer.predict(model, va, with_attention=False).logits, y_va)
-        t1 = time.perf_counter()
-        preds = trainer.predict(model, te)
-        infer_s = time.perf_counter() - t1
+    with PeakMemory(resolve_device(config.device)) as peak:
+        result = fit_fold(config, ctx["store"], fold, model=_peer(name, ctx["tm"]) if peer else None, desc=label)
     cpu_s = time.process_time() - cpu0
-    proba = softmax(preds.logits, temperature)
+    fit_s = result.seconds["fit"]
+    optimise_s = max(fit_s - result.seconds["validate"], 1e-9)  # validation passes excluded
     row: dict[str, Any] = {
         "model": name, "impl": "torchmil" if peer else "milcore", "seed": seed, "fold": fold.index,
-        "n_train": len(fold.train), "n_test": len(fold.test), "epochs_run": len(fit.history),
-        "best_epoch": fit.best_epoch, "temperature": temperature, **_prefixed("", scalar_metrics(y_te, proba)),
-        "train_bags_per_s": len(fold.train) * len(fit.history) / optimise_s,
-        "infer_ms_per_bag": 1000 * infer_s / max(len(fold.test), 1),
-        "peak_mb": peak.mb, "params": int(sum(p.numel() for p in model.parameters())), "fit_s": fit_s,
+        "n_train": len(fold.train), "n_test": len(fold.test), "epochs_run": len(result.history),
+        "best_epoch": result.best_epoch, "temperature": result.temperature, **_prefixed("", result.metrics),
+        "train_bags_per_s": len(fold.train) * len(result.history) / optimise_s,
+        "infer_ms_per_bag": 1000 * result.seconds["test"] / max(len(fold.test), 1),
+        "peak_mb": peak.mb, "params": int(sum(p.numel() for p in result.model.parameters())), "fit_s": fit_s,
         "cpu_s": cpu_s,
     }  # fmt: skip
     truth = ctx["truth"]
     if truth is not None:
-        att = {b: a if a.ndim == 1 else a.mean(axis=1) for b, a in zip(fold.test, preds.attention, strict=True)}
+        att = {b: a if a.ndim == 1 else a.mean(axis=1) for b, a in zip(fold.test, result.test.attention, strict=True)}
         row["instance_auroc"] = instance_auroc(att, {b: truth[b] for b in fold.test})["instance_auroc"]
     if ctx["ood"] is not None:
-        ood_store, y_ood = ctx["ood"]
-        ood = trainer.predict(model, ood_store, with_attention=False)
-        row.update(_prefixed("ood_", scalar_metrics(y_ood, softmax(ood.logits, temperature))))
+        ood_store = ctx["ood"]
+        proba, _ = result.predict(ood_store, with_attention=False)
+        row.update(_prefixed("ood_", scalar_metrics(ood_store.labels, proba)))
     log.info("%s: balanced accuracy %.3f, AUROC %.3f, %.0f train bags/s, %.2f ms/bag", label,
              row["balanced_accuracy"], row["auroc"], row["train_bags_per_s"], row["infer_ms_per_bag"])  # fmt: skip
     return row
@@ -131,7 +107,7 @@ def _load(spec: BenchSpec) -> dict[str, Any]:
     from feature_cache.bank import open_reader
     from milcore.data.cohort import join_bank, read_cohort
     from milcore.data.splits import make_folds
-    from milcore.training.features import FeatureStore
+    from milcore.data.store import FeatureStore
 
     bank = open_reader(spec.bank)
     cohort, join = join_bank(read_cohort(spec.cohort, spec.task, group_column=spec.group_column), bank.bag_ids(),
@@ -166,14 +142,15 @@ def _load(spec: BenchSpec) -> dict[str, Any]:
 
     needs_coords = any(aggregator_needs(m).coords for m in spec.models)
     budget = int(spec.train.memory_budget_gb * (1 << 30))
-    store = FeatureStore(bank, ids + ood_ids, budget, with_coords=needs_coords)
+    store = FeatureStore(bank, ids + ood_ids, budget, with_coords=needs_coords,
+                         labels=[label_of[b] for b in ids + ood_ids], classes=classes, cohort=cohort)  # fmt: skip
     cells = Path(spec.cells) if spec.cells else Path(spec.cohort).with_name("cells.csv")
     truth = None
     if cells.exists() and "cell_id" in bank.columns:
         from milcore.data.ground_truth import load_cell_truth
 
         truth = load_cell_truth(cells, bank, ids)
-    ood = (store.view(ood_ids), np.asarray([label_of[b] for b in ood_ids])) if ood_ids else None
+    ood = store.view(ood_ids) if ood_ids else None
     return {"bank": bank, "classes": classes, "folds": folds, "label_of": label_of, "store": store,
             "dim": int(bank.dim), "truth": truth, "ood": ood, "n_bags": len(ids), "n_ood": len(ood_ids),
             "encoder": bank.info.to_dict(), "class_counts": class_counts}  # fmt: skip

@@ -71,7 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     e.add_argument("--model-arg", action="append", default=None, metavar="KEY=VALUE",
                    help="aggregator config override, e.g. embed_dim=256 (repeatable)")
     _audit_options(e)
-    e.set_defaults(func=run_experiment)
+    e.set_defaults(func=run_imbalance)
 
 
 def _config(args: argparse.Namespace, names: tuple[str, ...] = SHARED_AUDIT_OPTIONS):
@@ -97,10 +97,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_experiment(args: argparse.Namespace) -> int:
+def run_imbalance(args: argparse.Namespace) -> int:
     """``milcore audit experiment ...``."""
     from milcore.audit.config import EXPERIMENT_TRAIN, ExperimentSpec
-    from milcore.audit.experiment import run_imbalance_experiment
+    from milcore.audit.imbalance import run_imbalance_experiment
     from milcore.cli._types import config_values, parse_overrides
 
     train = EXPERIMENT_TRAIN.replace(**config_values(args, EXPERIMENT_TRAIN_OPTIONS))

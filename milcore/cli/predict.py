@@ -42,9 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
 
 def run(args: argparse.Namespace) -> int:
     """Predict; returns the exit code."""
-    from milcore.predict import run_prediction
+    from milcore.prediction import predict
 
-    result = run_prediction(args.checkpoint, args.bank, args.out, cohort=args.cohort, task=args.task,
+    result = predict(args.checkpoint, args.bank, out=args.out, cohort=args.cohort, task=args.task,
                             cells=args.cells, allow_partial=args.allow_partial,
                             allow_task_rename=args.allow_task_rename, overwrite=args.overwrite,
                             device=args.device)  # fmt: skip

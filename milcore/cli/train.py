@@ -59,8 +59,8 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
 def run(args: argparse.Namespace) -> int:
     """Train and report; returns the exit code."""
     from milcore.cli._types import config_values, parse_overrides, read_yaml
-    from milcore.training.config import TrainConfig, options_from_file
-    from milcore.training.run import RunSpec, train_cv
+    from milcore.crossval import train_run
+    from milcore.training.config import RunSpec, TrainConfig, options_from_file
 
     options = options_from_file(read_yaml(args.config), args.config) if args.config else {}
     options.update(config_values(args, train_options()))
@@ -72,11 +72,9 @@ def run(args: argparse.Namespace) -> int:
     get_aggregator_entry(config.model)  # unknown names fail before any work, with close matches
     spec = RunSpec(bank=args.bank, cohort=args.cohort, task=args.task, folds=args.folds, seed=config.seed,
                    cells=args.cells)  # split seed = training seed (--seed, else the --config file's)  # fmt: skip
-    metrics = train_cv(spec, config, args.out, overwrite=args.overwrite, resume=args.resume)
-    mean = metrics["mean"]
-    log.info("%s on %s: balanced accuracy %.3f ± %.3f, macro-F1 %.3f, AUROC %.3f, ECE %.3f", config.model, args.task,
-             mean["balanced_accuracy"]["mean"], mean["balanced_accuracy"]["sd"], mean["macro_f1"]["mean"],
-             mean["auroc"]["mean"], mean["ece"]["mean"])  # fmt: skip
+    cv = train_run(spec, config, args.out, overwrite=args.overwrite, resume=args.resume)
+    metrics = cv.metrics
+    log.info("%s", cv.summary())
     if "instance" in metrics:
         log.info("attention instance-AUROC %.3f", metrics["instance"]["instance_auroc"])
     log.info("report: %s/report.html  metrics: %s/metrics.json", args.out, args.out)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from milcore.training.features import budget_batches
+from milcore.data.store import budget_batches
 
 
 @dataclass

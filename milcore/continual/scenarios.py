@@ -25,9 +25,11 @@ import numpy as np
 
 from feature_cache.errors import UserError
 from milcore.continual.config import ScenarioConfig
-from milcore.data.cohort import CohortTable
+from milcore.data.cohort import Cohort
 
 log = logging.getLogger(__name__)
+
+
 
 @dataclass(frozen=True)
 class Task:
@@ -88,7 +90,7 @@ class Scenario:
         }
 
 
-def restrict_classes(cohort: CohortTable, names: Sequence[str]) -> CohortTable:
+def restrict_classes(cohort: Cohort, names: Sequence[str]) -> Cohort:
     """The cohort's bags of the classes ``names`` (others dropped), relabelled in that order.
 
     Raises:
@@ -128,7 +130,7 @@ def holdout_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed:
     return test
 
 
-def _split(cohort: CohortTable, rows: np.ndarray, spec: ScenarioConfig, seed: int) -> np.ndarray:
+def _split(cohort: Cohort, rows: np.ndarray, spec: ScenarioConfig, seed: int) -> np.ndarray:
     """Test mask over ``rows`` of the cohort (split column, or a stratified grouped hold-out)."""
     column = spec.split_column
     if column:
@@ -139,7 +141,7 @@ def _split(cohort: CohortTable, rows: np.ndarray, spec: ScenarioConfig, seed: in
     return holdout_split(cohort.labels[rows], groups, spec.test_fraction, seed)
 
 
-def _task(cohort: CohortTable, name: str, rows: np.ndarray, classes: tuple[int, ...], names: Sequence[str],
+def _task(cohort: Cohort, name: str, rows: np.ndarray, classes: tuple[int, ...], names: Sequence[str],
           spec: ScenarioConfig, seed: int) -> Task:  # fmt: skip
     test = _split(cohort, rows, spec, seed)
     labels = cohort.labels[rows]
@@ -153,7 +155,7 @@ def _task(cohort: CohortTable, name: str, rows: np.ndarray, classes: tuple[int, 
                 labels[test].astype(np.int64))  # fmt: skip
 
 
-def build_scenario(cohort: CohortTable, spec: ScenarioConfig | Mapping[str, Any], seed: int = 0) -> Scenario:
+def build_scenario(cohort: Cohort, spec: ScenarioConfig | Mapping[str, Any], seed: int = 0) -> Scenario:
     """Build a scenario from a cohort table and its :class:`~milcore.continual.config.ScenarioConfig`.
 
     Args:
@@ -215,13 +217,13 @@ def _natural(value: str) -> tuple[int, Any]:
     return (0, int(value)) if value.lstrip("-").isdigit() else (1, value)
 
 
-def _column(cohort: CohortTable, column: str) -> np.ndarray:
+def _column(cohort: Cohort, column: str) -> np.ndarray:
     if column not in cohort.columns:
         raise UserError(f"{cohort.path}: no column {column!r} for the scenario (columns: {', '.join(cohort.columns)})")
     return cohort.columns[column].astype(str)
 
 
-def _periods(values: np.ndarray, spec: ScenarioConfig, cohort: CohortTable) -> list[str]:
+def _periods(values: np.ndarray, spec: ScenarioConfig, cohort: Cohort) -> list[str]:
     """Period boundaries (ISO strings sort like dates): explicit (checked increasing), or equal-count quantiles."""
     if spec.boundaries is not None:
         return list(spec.boundaries)

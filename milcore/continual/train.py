@@ -1,4 +1,10 @@
-"""One task's training loop: packed instance-budget batches, class balance, the strategy's loss."""
+"""One task's training loop: packed instance-budget batches, class balance, the strategy's loss.
+
+Not :func:`~milcore.training.fold.fit_fold`: a stream keeps one model across tasks (growing its head),
+trains a fixed number of epochs per task on items that include the memory's pseudo-bags, with the
+strategy's loss, and has no validation set to stop on or calibrate with. What it shares with the
+trainer is the epoch's bag order and the optimisation step (:mod:`milcore.training.loop`).
+"""
 
 from __future__ import annotations
 
@@ -11,17 +17,9 @@ from milcore.continual.strategies.base import Strategy, StrategyContext
 from milcore.losses import class_weights
 from milcore.models.base import EpochContext
 from milcore.models.registry import aggregator_needs, control_class_of
+from milcore.training.loop import OptimizerStep, epoch_order
 
 CONTROL_SAMPLE = 20_000
-
-
-def epoch_order(labels: np.ndarray, num_classes: int, balance: str, rng: np.random.Generator) -> np.ndarray:
-    """Item order of one epoch: a permutation, or (``sampler``) classes drawn equally often."""
-    if balance != "sampler":
-        return rng.permutation(len(labels))
-    counts = np.bincount(labels, minlength=num_classes).astype(float)
-    p = 1.0 / counts[labels]
-    return rng.choice(len(labels), size=len(labels), replace=True, p=p / p.sum())
 
 
 def train_task(ctx: StrategyContext, strategy: Strategy, items: Items, cfg: StreamTrainConfig) -> list[float]:
@@ -34,6 +32,7 @@ def train_task(ctx: StrategyContext, strategy: Strategy, items: Items, cfg: Stre
     rng = np.random.default_rng([ctx.seed, ctx.task, 7])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)  # fmt: skip
+    step = OptimizerStep(model, optimizer, cfg.grad_clip, None, device)
     labels = torch.from_numpy(items.labels)
     head = int(getattr(model, "num_classes", ctx.num_classes))  # >= the seen classes (a head has >= 2 rows)
     weights = class_weights(labels, head) if cfg.balance == "weights" else torch.ones(head)
@@ -48,18 +47,14 @@ def train_task(ctx: StrategyContext, strategy: Strategy, items: Items, cfg: Stre
             sampler = _control_sampler(ctx, items, model) if "control_instances" in needs else None
             model.on_epoch_start(EpochContext(epoch, sampler))
         total, count = 0.0, 0
-        order = epoch_order(items.labels, ctx.num_classes, cfg.balance, rng)
+        order = epoch_order(items.labels, ctx.num_classes, cfg.balance == "sampler", rng)
         for group, x, ptr in ctx.data.batches(items, order, cfg.batch_instances, cfg.max_bag_instances, rng):
             idx = torch.from_numpy(np.asarray(group, dtype=np.int64))
             batch = TrainBatch(x.to(device), ptr.to(device), labels[idx].to(device), memory_flags[idx].to(device),
                                weights)  # fmt: skip
             out = model(batch.x, batch.ptr, labels=batch.y)
             loss = strategy.loss(model, batch, out)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            step(loss)
             total += float(loss.detach()) * len(group)
             count += len(group)
         losses.append(total / max(count, 1))

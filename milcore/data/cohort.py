@@ -56,7 +56,7 @@ def missing_to_empty(value: object) -> str:
 
 
 @dataclass(frozen=True)
-class CohortTable:
+class Cohort:
     """Bags with integer labels and their metadata columns, in table order.
 
     Attributes:
@@ -68,6 +68,8 @@ class CohortTable:
         columns: every other column as an array of strings, by name (missing values as ``""``).
         groups: (B,) patient grouping (the ``patient`` column, else the bag id).
         missing_labels: rows left out because their label was missing, by spelling as written.
+        group_column: the column ``groups`` was read from (as asked; ``groups`` falls back to the bag ids
+            where the table lacks it).
     """
 
     path: Path
@@ -78,6 +80,7 @@ class CohortTable:
     columns: dict[str, np.ndarray] = field(default_factory=dict)
     groups: np.ndarray | None = None
     missing_labels: dict[str, int] = field(default_factory=dict)
+    group_column: str | None = None
 
     def __len__(self) -> int:
         return len(self.bag_ids)
@@ -87,11 +90,11 @@ class CohortTable:
         """Number of classes."""
         return len(self.classes)
 
-    def subset(self, ids: Sequence[str]) -> CohortTable:
+    def subset(self, ids: Sequence[str]) -> Cohort:
         """The rows of ``ids`` (in that order)."""
         pos = {b: i for i, b in enumerate(self.bag_ids)}
         idx = np.asarray([pos[b] for b in ids], dtype=np.int64)
-        return CohortTable(
+        return Cohort(
             path=self.path,
             label_column=self.label_column,
             classes=self.classes,
@@ -100,6 +103,7 @@ class CohortTable:
             columns={k: v[idx] for k, v in self.columns.items()},
             groups=None if self.groups is None else self.groups[idx],
             missing_labels=dict(self.missing_labels),
+            group_column=self.group_column,
         )
 
     def class_counts(self) -> dict[str, int]:
@@ -263,7 +267,7 @@ def read_cohort(
     classes: Sequence[str] | None = None,
     bag_column: str | None = None,
     group_column: str | None = "patient",
-) -> CohortTable:
+) -> Cohort:
     """Read a cohort table for one task.
 
     Args:
@@ -341,7 +345,7 @@ def read_cohort(
     groups = None
     if group_column and group_column in columns:
         groups = np.asarray([g or b for g, b in zip(columns[group_column], ids, strict=True)], dtype=object)
-    return CohortTable(
+    return Cohort(
         path=path,
         label_column=label_column,
         classes=tuple(classes),
@@ -350,6 +354,7 @@ def read_cohort(
         columns=columns,
         groups=groups if groups is not None else np.asarray(ids, dtype=object),
         missing_labels=dict(missing),
+        group_column=group_column,
     )
 
 
@@ -375,8 +380,8 @@ class JoinReport:
                 f"{len(self.only_in_bank)} in the bank but not the cohort{empty}")  # fmt: skip
 
 
-def join_bank(cohort: CohortTable, bank_ids: Sequence[str], *, strict: bool = False,
-              sizes: Sequence[int] | None = None) -> tuple[CohortTable, JoinReport]:  # fmt: skip
+def join_bank(cohort: Cohort, bank_ids: Sequence[str], *, strict: bool = False,
+              sizes: Sequence[int] | None = None) -> tuple[Cohort, JoinReport]:  # fmt: skip
     """Keep the cohort's bags that the bank holds, reporting both mismatches with counts.
 
     A bag stored with no cell (a field where nothing was detected, a patient whose images were all

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from feature_cache.errors import UserError
-from milcore.data.cohort import CohortTable, JoinReport, join_bank, read_cohort
+from milcore.data.cohort import Cohort, JoinReport, join_bank, read_cohort
 
 if TYPE_CHECKING:
     from feature_cache.bank import BankReader
@@ -40,7 +40,7 @@ class RunInputs:
     """
 
     bank: BankReader
-    cohort: CohortTable
+    cohort: Cohort
     join: JoinReport
 
     @property
@@ -49,12 +49,12 @@ class RunInputs:
         return list(self.cohort.classes)
 
 
-def _patients(cohort: CohortTable, label: int) -> int:
+def _patients(cohort: Cohort, label: int) -> int:
     groups = cohort.groups if cohort.groups is not None else cohort.bag_ids
     return len({str(g) for g in groups[cohort.labels == label]})
 
 
-def check_trainable(cohort: CohortTable, bank_path: str | Path, folds: int) -> None:
+def check_trainable(cohort: Cohort, bank_path: str | Path, folds: int) -> None:
     """Raise unless ``cohort`` (already joined with the bank) can be cross-validated in ``folds`` folds.
 
     Raises:
@@ -116,7 +116,7 @@ def bank_fingerprint(bank: BankReader, bag_ids: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def labels_fingerprint(cohort: CohortTable) -> str:
+def labels_fingerprint(cohort: Cohort) -> str:
     """SHA-256 of the classes (in label order) and every used bag's label and patient group."""
     groups = cohort.groups if cohort.groups is not None else cohort.bag_ids
     rows = sorted((str(b), cohort.classes[int(y)], str(g)) for b, y, g in

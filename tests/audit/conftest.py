@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from milcore.predict import PredictionTable, write_predictions
+from milcore.data.predictions import PredictionTable, write_predictions
 
 CLASSES = ["control", "NPM1", "PML::RARA", "RUNX1::RUNX1T1"]
 

@@ -309,7 +309,7 @@ def test_whole_bag_reads_check_checksums(tmp_path, info, make_bags, write_bank, 
 
 def test_every_reader_of_rows_surfaces_the_error(tmp_path, info, make_bags, write_bank, capsys):
     """convert/merge/export and the training FeatureStore read through the reader API."""
-    from milcore.training.features import FeatureStore
+    from milcore.data.store import FeatureStore
 
     path, bags = _zarr(tmp_path, info, make_bags, write_bank)
     reader = open_reader(path)

@@ -169,13 +169,13 @@ def test_domain_stream_with_amil_and_balanced_sampler(stream_bank, make_config, 
 
 
 def test_balanced_sampler_draws_classes_equally():
-    from milcore.continual.train import epoch_order
+    from milcore.training.loop import epoch_order  # shared by the trainer and continual learning
 
     labels = np.array([0] * 90 + [1] * 10)
-    order = epoch_order(labels, 2, "sampler", np.random.default_rng(0))
+    order = epoch_order(labels, 2, True, np.random.default_rng(0))
     share = np.mean(labels[order] == 1)
     assert 0.35 < share < 0.65
-    np.testing.assert_array_equal(np.sort(epoch_order(labels, 2, "weights", np.random.default_rng(0))),
+    np.testing.assert_array_equal(np.sort(epoch_order(labels, 2, False, np.random.default_rng(0))),
                                   np.arange(100))  # fmt: skip
 
 

@@ -22,12 +22,12 @@ def planted(tmp_path_factory: pytest.TempPathFactory, planted_factory) -> dict:
 @pytest.fixture(scope="session")
 def finished_run(planted: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 3-fold ABMIL run on the planted bank (never modified by tests: copy it first)."""
-    from milcore.training.config import TrainConfig
-    from milcore.training.run import RunSpec, train_cv
+    from milcore.crossval import train_run
+    from milcore.training.config import RunSpec, TrainConfig
 
     out = tmp_path_factory.mktemp("run") / "abmil"
     spec = RunSpec(str(planted["bank"]), str(planted["cohort"]), "dx", folds=3, n_boot=50)
-    train_cv(spec, TrainConfig(model="abmil", **FAST), out)
+    train_run(spec, TrainConfig(model="abmil", **FAST), out)
     return out
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from milcore.cli import main
-from milcore.predict import read_predictions
+from milcore.data.predictions import read_predictions
 
 
 def _predict(*args: str) -> int:

@@ -127,7 +127,7 @@ def test_pluralisation() -> None:
 
 
 def test_imbalance_experiment_at_chance_is_flagged() -> None:
-    from milcore.audit.report_experiment import experiment_warnings
+    from milcore.audit.report_imbalance import experiment_warnings
 
     def result(bas: list[float], aurocs: list[float]) -> dict:
         pairs = zip(bas, aurocs, strict=True)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from milcore.training.config import TrainConfig
-from milcore.training.run import RunSpec, train_cv
+from milcore.crossval import train_run
+from milcore.training.config import RunSpec, TrainConfig
 
 FAST = {"epochs": 6, "patience": 6, "min_epochs": 1, "lr": 5e-3, "batch_instances": 256, "device": "cpu",
         "num_workers": 0}  # fmt: skip
@@ -18,7 +18,7 @@ CHANCE_CLASSES = ("a", "b", "c", "d", "e")
 
 def _train(bank: dict, out: Path, folds: int = 3) -> dict:
     spec = RunSpec(str(bank["bank"]), str(bank["cohort"]), "dx", folds=folds, n_boot=100)
-    return train_cv(spec, TrainConfig(model="mean", **FAST), out)
+    return train_run(spec, TrainConfig(model="mean", **FAST), out).metrics
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_audit_of_a_chance_run_does_not_reassure(chance_run: Path) -> None:
 
 def _write_case(folder: Path, n: int, accuracy: float, seed: int = 0) -> tuple[Path, Path]:
     """Predictions of 4 classes correct at ``accuracy``; nobody aged 87+ is female (an empty intersection)."""
-    from milcore.predict import PredictionTable, write_predictions
+    from milcore.data.predictions import PredictionTable, write_predictions
 
     rng = np.random.default_rng(seed)
     classes = ["c0", "c1", "c2", "c3"]

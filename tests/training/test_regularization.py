@@ -11,12 +11,12 @@ import torch
 
 from feature_cache.bank import open_reader
 from feature_cache.errors import InvalidArgumentError
+from milcore.crossval import train_run
+from milcore.data.store import FeatureStore
 from milcore.models import create_aggregator, list_aggregators
 from milcore.models.input_norm import attach_input_norm, has_input_norm, normalize_input
 from milcore.training.checkpoint import load_checkpoint, save_checkpoint
-from milcore.training.config import TrainConfig
-from milcore.training.features import FeatureStore
-from milcore.training.run import RunSpec, train_cv
+from milcore.training.config import RunSpec, TrainConfig
 
 
 def test_moments_match_numpy_in_memory_and_streaming(planted: dict) -> None:
@@ -81,7 +81,7 @@ def test_training_with_norm_and_dropout_learns_and_predicts(planted: dict, tmp_p
     spec = RunSpec(str(planted["bank"]), str(planted["cohort"]), "dx", folds=3, n_boot=50)
     cfg = TrainConfig(model="abmil", epochs=10, patience=10, lr=2e-3, batch_instances=256, input_norm="standardize",
                       instance_dropout=0.3)  # fmt: skip
-    metrics = train_cv(spec, cfg, tmp_path / "run")
+    metrics = train_run(spec, cfg, tmp_path / "run").metrics
     assert metrics["balanced_accuracy"] >= 0.8 and metrics["instance"]["instance_auroc"] >= 0.85
     model, card = load_checkpoint(tmp_path / "run" / "fold_0")
     assert card["input_norm"] and has_input_norm(model)

@@ -11,9 +11,9 @@ import torch
 
 from feature_cache.errors import UserError
 from milcore.cli import main
+from milcore.crossval import train_run
 from milcore.training.checkpoint import load_checkpoint, save_checkpoint
-from milcore.training.config import TrainConfig
-from milcore.training.run import RunSpec, train_cv
+from milcore.training.config import RunSpec, TrainConfig
 
 FAST = {"epochs": 12, "patience": 12, "lr": 2e-3, "batch_instances": 256}
 
@@ -25,7 +25,7 @@ def _spec(planted: dict, **kw) -> RunSpec:
 @pytest.fixture(scope="module")
 def run_dir(planted: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run") / "abmil"
-    train_cv(_spec(planted), TrainConfig(model="abmil", **FAST), out)
+    train_run(_spec(planted), TrainConfig(model="abmil", **FAST), out)
     return out
 
 
@@ -46,7 +46,7 @@ def test_run_folder_holds_everything(run_dir: Path) -> None:
 
 
 def test_same_seed_same_metrics(planted: dict, run_dir: Path, tmp_path: Path) -> None:
-    again = train_cv(_spec(planted), TrainConfig(model="abmil", **FAST), tmp_path / "again")
+    again = train_run(_spec(planted), TrainConfig(model="abmil", **FAST), tmp_path / "again").metrics
     first = json.loads((run_dir / "metrics.json").read_text())
     assert again["per_fold"] == first["per_fold"] or all(
         a[k] == pytest.approx(b[k], abs=1e-9) for a, b in zip(again["per_fold"], first["per_fold"], strict=True)
@@ -74,15 +74,15 @@ def test_checkpoint_round_trip(run_dir: Path, tmp_path: Path) -> None:
 def test_resume_continues_an_interrupted_run(planted: dict, tmp_path: Path) -> None:
     out = tmp_path / "run"
     cfg = TrainConfig(model="mean", **FAST)
-    full = train_cv(_spec(planted), cfg, out)
+    full = train_run(_spec(planted), cfg, out).metrics
     # simulate a crash after fold 0: remove the later folds' results
     for fold in (1, 2):
         for p in (out / f"fold_{fold}").iterdir():
             p.unlink()
     (out / "metrics.json").unlink()
     with pytest.raises(UserError, match="--resume"):
-        train_cv(_spec(planted), cfg, out)
-    resumed = train_cv(_spec(planted), cfg, out, resume=True)
+        train_run(_spec(planted), cfg, out)
+    resumed = train_run(_spec(planted), cfg, out, resume=True).metrics
     assert [r["balanced_accuracy"] for r in resumed["per_fold"]] == pytest.approx(
         [r["balanced_accuracy"] for r in full["per_fold"]])  # fmt: skip
 
@@ -92,7 +92,7 @@ def test_predict_applies_the_fold_ensemble_and_refuses_other_encoders(
 ) -> None:
     assert main(["predict", "--checkpoint", str(run_dir), "--bank", str(planted["bank"]), "--out",
                  str(tmp_path / "pred"), "-q"]) == 0  # fmt: skip
-    from milcore.predict import read_attention, read_predictions
+    from milcore.data.predictions import read_attention, read_predictions
 
     table = read_predictions(tmp_path / "pred")
     att = read_attention(tmp_path / "pred")
@@ -144,7 +144,7 @@ def test_cli_train_bad_input(planted: dict, tmp_path: Path, capsys: pytest.Captu
 
 def test_streaming_from_the_bank_gives_the_same_batches_as_memory(planted: dict) -> None:
     from feature_cache.bank import open_reader
-    from milcore.training.features import FeatureStore
+    from milcore.data.store import FeatureStore
 
     bank = open_reader(planted["bank"])
     ids = bank.bag_ids()

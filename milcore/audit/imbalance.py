@@ -55,14 +55,15 @@ def _draw(rng: np.random.Generator, idx: np.ndarray, labels: np.ndarray, k: int)
     return np.sort(np.concatenate([np.asarray(b[:q], dtype=np.int64) for b, q in zip(by_class, quota, strict=True)]))
 
 
-class _Lab:
-    """The shared state of one experiment: bank features in memory, labels, metadata, the fixed test set."""
+class ImbalanceCohort:
+    """What every training of one imbalance experiment shares: the labelled bags (features in memory), each
+    patient's sex and age band, the fixed test set and its groups, and the pool training sets are drawn from."""
 
     def __init__(self, spec: ExperimentSpec, config: AuditConfig) -> None:
         from feature_cache.bank import open_reader
         from milcore.audit.groups import _age_values, _sex_values
         from milcore.data.cohort import join_bank, read_cohort
-        from milcore.training.features import FeatureStore
+        from milcore.data.store import FeatureStore
 
         self.spec, self.config = spec, config
         bank = open_reader(spec.bank)
@@ -78,8 +79,10 @@ class _Lab:
             self.notes.append("age: no 'age' column; the age-band experiment is skipped")
         self.age = (_age_values(cohort.columns["age"], config.age_bands, self.notes) if "age" in cohort.columns
                     else np.full(len(self.ids), "", dtype=object))  # fmt: skip
-        self.store = FeatureStore(bank, self.ids, 1 << 62)
-        self.dim = bank.dim
+        from milcore.models import aggregator_needs
+
+        self.store = FeatureStore(bank, self.ids, 1 << 62, aggregator_needs(spec.train.model).coords,
+                                  labels=self.labels, classes=self.classes, cohort=cohort)  # fmt: skip
         rng = np.random.default_rng([config.seed, 7001])
         known = np.flatnonzero(self.sex != "")
         strata = np.asarray([f"{y}|{s}" for y, s in zip(self.labels, self.sex, strict=True)], dtype=object)
@@ -95,25 +98,20 @@ class _Lab:
             self.test_groups[f"age={band}"] = self.test[self.age[self.test] == band]
 
     def train_eval(self, train_idx: np.ndarray, seed: int) -> dict[str, dict[str, float]]:
-        """Train on ``train_idx`` (a validation share split off), evaluate on every fixed test group."""
+        """Train on ``train_idx`` (a validation share split off) with :func:`~milcore.training.fold.fit_fold`,
+        evaluate on every fixed test group."""
+        from milcore.data.splits import Fold
         from milcore.metrics import scalar_metrics
-        from milcore.metrics.calibration import fit_temperature, softmax
-        from milcore.training.trainer import Trainer
+        from milcore.training.fold import fit_fold
 
         spec = self.spec
         rng = np.random.default_rng([self.config.seed, seed, 7002])
         val = _stratified_take(rng, train_idx, self.labels.astype(str), spec.val_fraction)
         train = np.setdiff1d(train_idx, val)
         config = spec.train.replace(seed=seed, min_epochs=min(spec.train.min_epochs, spec.train.epochs))
-        trainer = Trainer(config, self.dim, len(self.classes))
         ids = self.ids
-        model, _ = trainer.fit(self.store.view([ids[i] for i in train]), self.labels[train],
-                               self.store.view([ids[i] for i in val]), self.labels[val],
-                               desc=f"seed {seed}")  # fmt: skip
-        val_logits = trainer.predict(model, self.store.view([ids[i] for i in val]), with_attention=False).logits
-        temperature = fit_temperature(val_logits, self.labels[val])
-        logits = trainer.predict(model, self.store.view([ids[i] for i in self.test]), with_attention=False).logits
-        proba = softmax(logits, temperature)
+        fold = Fold(seed, tuple(ids[i] for i in train), tuple(ids[i] for i in val), tuple(ids[i] for i in self.test))
+        proba = fit_fold(config, self.store, fold, desc=f"seed {seed}", attention=False).proba
         pos = {int(i): j for j, i in enumerate(self.test)}
         out: dict[str, dict[str, float]] = {}
         for name, members in self.test_groups.items():
@@ -125,7 +123,7 @@ class _Lab:
         return out
 
 
-def _sex_runs(lab: _Lab, bar) -> tuple[list[dict[str, Any]], int]:
+def _sex_runs(lab: ImbalanceCohort, bar) -> tuple[list[dict[str, Any]], int]:
     spec = lab.spec
     pool_f = lab.pool[lab.sex[lab.pool] == "F"]
     pool_m = lab.pool[lab.sex[lab.pool] == "M"]
@@ -147,7 +145,7 @@ def _sex_runs(lab: _Lab, bar) -> tuple[list[dict[str, Any]], int]:
     return runs, size
 
 
-def _age_runs(lab: _Lab, bar) -> tuple[list[dict[str, Any]], int, list[str]]:
+def _age_runs(lab: ImbalanceCohort, bar) -> tuple[list[dict[str, Any]], int, list[str]]:
     spec, config = lab.spec, lab.config
     bands = [f"{lo}-{hi}" for lo, hi in config.age_bands]
     present = [b for b in bands if (lab.age[lab.pool] == b).any() and (lab.age[lab.test] == b).any()]
@@ -222,15 +220,16 @@ def run_imbalance_experiment(spec: ExperimentSpec, config: AuditConfig, out: str
     Returns:
         The content of ``audit.json``.
     """
-    from milcore.audit.report_experiment import experiment_warnings, write_experiment_report
-    from milcore.audit.run import prepare_out, write_json_atomic
+    from milcore.audit.report_imbalance import experiment_warnings, write_experiment_report
+    from milcore.audit.run import prepare_out
     from milcore.models import get_aggregator_entry
+    from milcore.report.files import write_json_atomic
 
     get_aggregator_entry(spec.train.model)
     t0 = time.perf_counter()
     out = Path(out)
     prepare_out(out, overwrite, create=False)
-    lab = _Lab(spec, config)  # validates the bank and cohort first: bad input leaves no folder behind
+    lab = ImbalanceCohort(spec, config)  # validates the bank and cohort first: bad input leaves no folder behind
     out.mkdir(parents=True, exist_ok=True)
     small = [k for k, v in lab.test_groups.items() if 0 < len(v) < config.min_group_size]
     if small:
@@ -258,7 +257,7 @@ def run_imbalance_experiment(spec: ExperimentSpec, config: AuditConfig, out: str
         "analysis": analyse(runs, spec.fractions, present, config.alpha, config.min_group_size),
     }  # fmt: skip
     result["seconds"] = time.perf_counter() - t0
-    result["warnings"] = experiment_warnings(result)  # a chance-level model (milcore.audit.report_experiment)
+    result["warnings"] = experiment_warnings(result)  # a chance-level model (milcore.audit.report_imbalance)
     write_json_atomic(out / "audit.json", result)
     write_experiment_report(out, result)
     return result

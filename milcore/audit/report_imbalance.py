@@ -139,7 +139,7 @@ def add_experiment_sections(rep: Report, result: dict[str, Any]) -> None:
 
 def write_experiment_report(out: Path, result: dict[str, Any]) -> tuple[Path, Path]:
     """Render ``audit.html`` and ``audit.md`` for an imbalance experiment."""
-    from milcore.audit.run import write_report_atomic
+    from milcore.report.files import write_report_atomic
 
     rep = Report(f"Imbalance experiments: {result['spec']['train']['model']} on {result['spec']['task']}")
     add_experiment_sections(rep, result)

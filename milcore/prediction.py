@@ -1,192 +1,79 @@
-"""Prediction stores and ``milcore predict``: per-patient probabilities plus per-cell attention.
+"""Prediction (``milcore predict``): apply a model, a checkpoint or a run's fold ensemble to every bag of a bank.
 
-A prediction folder holds ``predictions.csv`` (bag id, probabilities per class, predicted class and,
-where known, the label and the fold) and ``attention.h5``: per-cell attention in CSR layout aligned
-with the rows of the bank the predictions were made from (``offsets`` (B+1,), ``attention`` (N,) or
-(N, H)), so attention row ``i`` of bag ``b`` is bank row ``i`` of that bag.
+The result is per-patient probabilities plus per-cell attention, written (optionally) as a prediction
+folder in the layout of :mod:`milcore.data.predictions`.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from feature_cache.errors import UserError
+from milcore.data.predictions import (
+    PREDICTIONS_FORMAT,
+    PredictionTable,
+    read_attention,
+    read_predictions,
+    write_attention,
+    write_predictions,
+)
 
 if TYPE_CHECKING:
     from milcore.training.checkpoint import CheckpointSet
 
 log = logging.getLogger(__name__)
 
-ATTENTION_FORMAT = "milcore-attention"
-
-
-@dataclass
-class PredictionTable:
-    """Bag-level predictions.
+@dataclass(frozen=True)
+class MemoryEnsemble:
+    """The fold models of an in-memory cross-validation, described as :class:`CheckpointSet` describes folders.
 
     Attributes:
-        bag_ids: (B,) ids.
-        classes: class names (columns of ``proba``).
-        proba: (B, C) calibrated probabilities.
-        labels: (B,) int labels, -1 where unknown.
-        folds: (B,) fold of each prediction, -1 for an ensemble or external bank.
+        folds: number of fold models averaged.
     """
 
-    bag_ids: list[str]
-    classes: list[str]
-    proba: np.ndarray
-    labels: np.ndarray
-    folds: np.ndarray
+    folds: int
+    paths: tuple[Path, ...] = ()
+    partial: bool = False
 
-    @property
-    def predicted(self) -> np.ndarray:
-        """(B,) predicted class index."""
-        return self.proba.argmax(axis=1)
+    def describe(self) -> str:
+        """``ensemble of K fold models (in memory)``."""
+        return f"ensemble of {self.folds} fold model{'s' * (self.folds != 1)} (in memory)"
 
-
-def write_predictions(folder: str | Path, table: PredictionTable) -> Path:
-    """Write ``predictions.csv`` into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "predictions.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["bag_id", "fold", "label", "predicted", *[f"prob_{c}" for c in table.classes]])
-        for i, b in enumerate(table.bag_ids):
-            label = table.classes[table.labels[i]] if table.labels[i] >= 0 else ""
-            w.writerow([b, int(table.folds[i]), label, table.classes[table.predicted[i]],
-                        *[f"{p:.6f}" for p in table.proba[i]]])  # fmt: skip
-    return path
+    def to_dict(self) -> dict:
+        """JSON-ready description (stored in ``predictions.json``)."""
+        return {"checkpoints": [], "partial": False, "description": self.describe(), "runs": []}
 
 
-def read_predictions(folder: str | Path) -> PredictionTable:
-    """Read ``predictions.csv`` from a run or prediction folder.
+def _on_disk(ckset: CheckpointSet, device: Any) -> Iterator[tuple[str, Any, dict]]:
+    """``(where, model, card)`` of every checkpoint folder, loaded and verified."""
+    from milcore.training.checkpoint import CARD, load_checkpoint
 
-    Raises:
-        UserError: naming the file: missing, a required column absent, a probability that is not a
-            finite number, or a label that is not one of the classes.
-    """
-    path = Path(folder) / "predictions.csv"
-    if not path.exists():
-        raise UserError(f"{path}: no predictions here (expected a training run or a 'milcore predict' output)")
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            fields = reader.fieldnames or []
-            rows = list(reader)
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"{path}: not a readable predictions table ({exc})") from exc
-    classes = [c[len("prob_"):] for c in fields if c.startswith("prob_")]
-    missing = [c for c in ("bag_id", "fold", "label") if c not in fields]
-    if missing or len(classes) < 2:
-        what = ", ".join(missing) or "prob_<class> columns"
-        raise UserError(f"{path}: not a milcore predictions table (missing {what})")
-    index = {c: i for i, c in enumerate(classes)}
-    try:
-        proba = np.asarray([[float(r[f"prob_{c}"]) for c in classes] for r in rows], dtype=float)
-        folds = np.asarray([int(r["fold"]) for r in rows], dtype=np.int64)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{path}: a probability or fold is not a number ({exc})") from exc
-    proba = proba.reshape(-1, len(classes))
-    bad = [rows[i]["bag_id"] for i in np.flatnonzero(~np.isfinite(proba).all(axis=1))]
-    if bad:
-        raise UserError(f"{path}: non-finite probabilities for {len(bad)} bag(s) (e.g. {', '.join(bad[:3])}); "
-                        "these predictions cannot be trusted")  # fmt: skip
-    unknown = sorted({r["label"] for r in rows if r["label"] and r["label"] not in index})
-    if unknown:
-        raise UserError(f"{path}: labels {', '.join(unknown[:5])} are not among the classes {', '.join(classes)}")
-    return PredictionTable(
-        bag_ids=[r["bag_id"] for r in rows],
-        classes=classes,
-        proba=proba,
-        labels=np.asarray([index.get(r["label"], -1) for r in rows], dtype=np.int64),
-        folds=folds,
-    )
+    for path in ckset.paths:
+        model, card = load_checkpoint(path, device)
+        yield str(path / CARD), model, card
 
 
-def write_attention(folder: str | Path, bag_ids: Sequence[str], attention: Sequence[np.ndarray],
-                    meta: dict | None = None) -> Path:  # fmt: skip
-    """Write per-cell attention (CSR, aligned with the bank's rows) to ``attention.h5``."""
-    import h5py
-
-    path = Path(folder) / "attention.h5"
-    sizes = np.asarray([len(a) for a in attention], dtype=np.int64)
-    offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
-    heads = max((a.shape[1] for a in attention if a.ndim == 2), default=0)
-    flat = (np.concatenate([a.reshape(len(a), -1) if heads else a.reshape(-1) for a in attention])
-            if len(attention) else np.zeros(0, np.float32))  # fmt: skip
-    tmp = path.with_suffix(".h5.tmp")
-    with h5py.File(tmp, "w") as f:
-        f.attrs["format"] = ATTENTION_FORMAT
-        f.attrs["format_version"] = 1
-        f.attrs["meta"] = json.dumps(meta or {})
-        f.create_dataset("bag_id", data=np.asarray([str(b) for b in bag_ids], dtype=object),
-                         dtype=h5py.string_dtype())  # fmt: skip
-        f.create_dataset("offsets", data=offsets)
-        f.create_dataset("attention", data=flat.astype(np.float32))
-    tmp.replace(path)
-    return path
-
-
-def read_attention(folder: str | Path) -> dict[str, np.ndarray]:
-    """Per-bag attention arrays from ``attention.h5``."""
-    import h5py
-
-    path = Path(folder) / "attention.h5"
-    if not path.exists():
-        raise UserError(f"{path}: no attention file here")
-    with h5py.File(path, "r") as f:
-        if f.attrs.get("format") != ATTENTION_FORMAT:
-            raise UserError(f"{path}: not a milcore attention file")
-        ids = [b.decode() if isinstance(b, bytes) else str(b) for b in f["bag_id"][:]]
-        offsets = f["offsets"][:]
-        att = f["attention"][:]
-    return {b: att[offsets[i] : offsets[i + 1]] for i, b in enumerate(ids)}
-
-
-PREDICTIONS_FORMAT = "milcore-predictions"
-
-
-def prediction_sources(folder: str | Path) -> dict:
-    """Bank, cohort and kind of a prediction folder: a training run (``config.yaml``) or a predict output
-    (``predictions.json``), with the ensemble's description and whether it was partial. Paths are returned
-    as stored (absolute for predict outputs)."""
-    import yaml
-
-    folder = Path(folder)
-    pj, cfg_path = folder / "predictions.json", folder / "config.yaml"
-    try:
-        if pj.is_file():
-            meta = json.loads(pj.read_text())
-            if isinstance(meta, dict):
-                ensemble = meta.get("ensemble") if isinstance(meta.get("ensemble"), dict) else {}
-                return {"kind": "predict", "bank": meta.get("bank"), "cohort": meta.get("cohort"),
-                        "ensemble": ensemble.get("description"), "partial": bool(ensemble.get("partial"))}  # fmt: skip
-        if cfg_path.is_file():
-            cfg = yaml.safe_load(cfg_path.read_text())
-            run = cfg.get("run", {}) if isinstance(cfg, dict) else {}
-            run = run if isinstance(run, dict) else {}
-            return {"kind": "run", "bank": run.get("bank"), "cohort": run.get("cohort"), "ensemble": None,
-                    "partial": False}
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
-        raise UserError(f"{folder}: unreadable predictions.json / config.yaml ({exc})") from exc
-    return {"kind": None, "bank": None, "cohort": None, "ensemble": None, "partial": False}
+def _in_memory(result: Any, device: Any) -> Iterator[tuple[str, Any, dict]]:
+    """``(where, model, card)`` of every fold of a :class:`~milcore.crossval.CVResult`."""
+    for f in result.folds:
+        card = {"classes": list(result.classes), "temperature": f.temperature, "encoder": result.encoder,
+                "task": result.task, "model": result.model_name}  # fmt: skip
+        yield f"{result.model_name} fold {f.fold.index} (in memory)", f.model.to(device), card
 
 
 @dataclass
 class PredictionRun:
-    """What :func:`run_prediction` produced.
+    """What :func:`predict` produced.
 
     Attributes:
         table: the predictions (labels filled from the cohort where given).
@@ -194,13 +81,22 @@ class PredictionRun:
         task: the checkpoints' task (label column), ``None`` when they do not record it.
         metrics: the scores on the labelled bags (``metrics.json``), ``None`` without a cohort.
         meta: the content of ``predictions.json``.
+        attention: per bag, the ensemble's mean per-cell attention (aligned with the bank's rows).
+        out: the prediction folder, when one was written.
     """
 
     table: PredictionTable
-    checkpoints: CheckpointSet
+    checkpoints: CheckpointSet | MemoryEnsemble
     task: str | None
     metrics: dict | None
     meta: dict
+    attention: dict[str, np.ndarray] = field(default_factory=dict)
+    out: Path | None = None
+
+    @property
+    def warnings(self) -> list[dict[str, Any]]:
+        """What makes the scores unfit for a decision (empty without a labelled cohort)."""
+        return list((self.metrics or {}).get("warnings", []))
 
 
 def check_out(out: str | Path, overwrite: bool) -> Path:
@@ -257,12 +153,11 @@ def _finite_or_refuse(values: np.ndarray, ids: list[str], what: str, where: str,
                         f"be trusted")  # fmt: skip
 
 
-def run_prediction(checkpoints: Sequence[str | Path], bank_path: str | Path, out: str | Path, *,
-                   cohort: str | Path | None = None, task: str | None = None, cells: str | Path | None = None,
-                   allow_partial: bool = False, allow_task_rename: bool = False, overwrite: bool = False,
-                   batch_instances: int = 16384, device: str = "auto",
-                   n_boot: int = 1000) -> PredictionRun:  # fmt: skip
-    """Apply one checkpoint, or the mean of several (a fold ensemble), to every bag of a bank.
+def predict(source: Any, bank_path: str | Path, *, out: str | Path | None = None,
+            cohort: str | Path | None = None, task: str | None = None, cells: str | Path | None = None,
+            allow_partial: bool = False, allow_task_rename: bool = False, overwrite: bool = False,
+            batch_instances: int = 16384, device: str = "auto", n_boot: int = 1000) -> PredictionRun:  # fmt: skip
+    """Apply one model, or the mean of several (a fold ensemble), to every bag of a bank.
 
     Everything is checked before the first byte is written: ``out``, run completeness, each
     checkpoint's integrity (card and weights SHA-256, finite weights, tensor shapes), the encoder
@@ -272,9 +167,10 @@ def run_prediction(checkpoints: Sequence[str | Path], bank_path: str | Path, out
     leaves nothing behind.
 
     Args:
-        checkpoints: fold checkpoint folders and/or run folders (all folds averaged).
+        source: what predicts: a :class:`~milcore.crossval.CVResult` (its fold models, in memory), a run folder
+            (all its folds averaged), a fold checkpoint folder, or a list of such folders.
         bank_path: the feature bank to predict.
-        out: output folder (absent or empty unless ``overwrite``).
+        out: output folder (absent or empty unless ``overwrite``); ``None`` writes nothing.
         cohort: labelled cohort table: labels go into ``predictions.csv`` and the predictions are scored
             (``metrics.json``); needs ``task``.
         task: label column of ``cohort``; must be the checkpoints' task (unless ``allow_task_rename``).
@@ -286,24 +182,29 @@ def run_prediction(checkpoints: Sequence[str | Path], bank_path: str | Path, out
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         n_boot: bootstrap resamples for the metrics' CIs.
 
+    Returns:
+        The :class:`PredictionRun` (the table of probabilities and labels, per-cell attention, metrics).
+
     Raises:
         UserError: any check above fails (nothing is written).
     """
     from feature_cache.bank import EncoderInfo, open_reader
     from feature_cache.devices import resolve_device
+    from milcore.data.store import FeatureStore
     from milcore.metrics.calibration import softmax
-    from milcore.training.checkpoint import CARD, checkpoint_task, load_checkpoint, resolve_checkpoints
+    from milcore.training.checkpoint import checkpoint_task, resolve_checkpoints
     from milcore.training.config import TrainConfig
-    from milcore.training.features import FeatureStore
     from milcore.training.trainer import Trainer
 
     if (cohort is None) != (task is None):
         raise UserError("--cohort and --task go together")
     if cells is not None and cohort is None:
         raise UserError("--cells needs --cohort and --task (it is the ground truth of a labelled cohort)")
-    out = check_out(out, overwrite)
-    ckset = resolve_checkpoints(checkpoints, allow_partial=allow_partial)
+    out = check_out(out, overwrite) if out is not None else None
     dev = resolve_device(device)
+    in_memory = hasattr(source, "folds") and hasattr(source, "classes")
+    ckset = MemoryEnsemble(len(source.folds)) if in_memory else resolve_checkpoints(
+        [source] if isinstance(source, str | Path) else source, allow_partial=allow_partial)  # fmt: skip
     bank = open_reader(bank_path)
     all_ids = bank.bag_ids()
     sizes = bank.bag_sizes()
@@ -314,31 +215,36 @@ def run_prediction(checkpoints: Sequence[str | Path], bank_path: str | Path, out
     if empty:  # no cell, no evidence: a prediction would come from the model's bias alone
         log.warning("%s: %d bag(s) have no cell and are NOT predicted (e.g. %s); predictions.json lists them",
                     bank_path, len(empty), ", ".join(empty[:5]))  # fmt: skip
-    models, cards = [], []
+    wheres, models, cards = [], [], []
     classes: list[str] | None = None
     ck_task: str | None = None
-    for ckpt in ckset.paths:
-        model, card = load_checkpoint(ckpt, dev)
+    for ckpt, model, card in (_in_memory(source, dev) if in_memory else _on_disk(ckset, dev)):
         if card.get("encoder"):
             try:
                 info = EncoderInfo.from_dict(card["encoder"])
             except (UserError, TypeError, ValueError) as exc:
-                raise UserError(f"{ckpt / CARD}: unreadable encoder fingerprint ({exc})") from exc
+                raise UserError(f"{ckpt}: unreadable encoder fingerprint ({exc})") from exc
             info.check_compatible(bank.info, where=str(bank_path))
+            if (note := info.precision_note(bank.info)) and len(models) == 0:  # warned, not refused: see bank_schema
+                log.warning("%s: %s; predictions may differ slightly from the same bank in %s", bank_path, note,
+                            info.compute_dtype)  # fmt: skip
         else:
             log.warning("%s records no encoder fingerprint; %s cannot be checked against it", ckpt, bank_path)
-        if model.config.in_dim != bank.dim:
-            raise UserError(f"{bank_path}: features are {bank.dim}-d but {ckpt} expects {model.config.in_dim}-d")
+        in_dim = getattr(getattr(model, "config", None), "in_dim", bank.dim)
+        if in_dim != bank.dim:
+            raise UserError(f"{bank_path}: features are {bank.dim}-d but {ckpt} expects {in_dim}-d")
         if classes is not None and card["classes"] != classes:
             raise UserError(f"{ckpt}: classes {card['classes']} differ from the other checkpoints' {classes}")
-        this_task = checkpoint_task(ckpt, card)
+        this_task = card.get("task") if in_memory else checkpoint_task(ckpt, card)
         if models and this_task != ck_task:
             raise UserError(f"{ckpt}: task {this_task!r} differs from the other checkpoints' {ck_task!r}")
         classes, ck_task = list(card["classes"]), this_task
+        wheres.append(str(ckpt))
         models.append(model)
         cards.append(card)
     assert classes is not None
-    where = str(ckset.paths[0]) if len(ckset.paths) == 1 else f"{ckset.paths[0].parent} ({ckset.describe()})"
+    where = (ckset.describe() if in_memory else str(ckset.paths[0]) if len(ckset.paths) == 1
+             else f"{ckset.paths[0].parent} ({ckset.describe()})")  # fmt: skip
     log.info("checkpoint task %s, classes %s (%s)", repr(ck_task) if ck_task else "not recorded", ", ".join(classes),
              ckset.describe())  # fmt: skip
     labels = np.full(len(ids), -1, dtype=np.int64)
@@ -348,9 +254,8 @@ def run_prediction(checkpoints: Sequence[str | Path], bank_path: str | Path, out
         labels = _load_labels(cohort, task, classes, ids, where, ck_task, empty)
     store = FeatureStore(bank, ids, with_coords=True)
     probas, attentions = [], None
-    for ckpt, model, card in zip(ckset.paths, models, cards, strict=True):
-        trainer = Trainer(TrainConfig(model=card["model"], batch_instances=batch_instances, device=str(dev)),
-                          bank.dim, len(classes))  # fmt: skip
+    trainer = Trainer(TrainConfig(batch_instances=batch_instances, device=str(dev)), bank.dim, len(classes))
+    for ckpt, model, card in zip(wheres, models, cards, strict=True):
         preds = trainer.predict(model, store)
         _finite_or_refuse(preds.logits, ids, "logits", str(ckpt), bank_path)
         proba = softmax(preds.logits, float(card.get("temperature", 1.0)))
@@ -364,7 +269,7 @@ def run_prediction(checkpoints: Sequence[str | Path], bank_path: str | Path, out
         attentions = att if attentions is None else [x + y for x, y in zip(attentions, att, strict=True)]
     assert attentions is not None
     table = PredictionTable(ids, classes, np.mean(probas, axis=0), labels, np.full(len(ids), -1))
-    attention = [a / len(ckset.paths) for a in attentions]
+    attention = [a / len(models) for a in attentions]
     metrics = None
     if cohort is not None and (labels >= 0).any():
         metrics = score_predictions(table, attention, bank, task or "", cohort, cells, n_boot=n_boot)
@@ -378,8 +283,9 @@ def run_prediction(checkpoints: Sequence[str | Path], bank_path: str | Path, out
         "labelled": int((labels >= 0).sum()),
         "predicted_counts": {c: int((table.predicted == i).sum()) for i, c in enumerate(classes)},
     }  # fmt: skip
-    _write_folder(out, overwrite, table, attention, meta, metrics)
-    return PredictionRun(table, ckset, ck_task, metrics, meta)
+    if out is not None:
+        _write_folder(out, overwrite, table, attention, meta, metrics)
+    return PredictionRun(table, ckset, ck_task, metrics, meta, dict(zip(ids, attention, strict=True)), out)
 
 
 def _write_folder(out: Path, overwrite: bool, table: PredictionTable, attention: list[np.ndarray], meta: dict,
@@ -411,13 +317,6 @@ def _write_folder(out: Path, overwrite: bool, table: PredictionTable, attention:
         shutil.rmtree(tmp, ignore_errors=True)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def predict_bank(checkpoints: Sequence[str | Path], bank_path: str | Path, out: str | Path,
-                 batch_instances: int = 16384, device: str = "auto", **options) -> PredictionTable:  # fmt: skip
-    """:func:`run_prediction`, returning only the table (``options`` are its keyword arguments)."""
-    return run_prediction(checkpoints, bank_path, out, batch_instances=batch_instances, device=device,
-                          **options).table  # fmt: skip
 
 
 def score_predictions(table: PredictionTable, attention: Sequence[np.ndarray] | dict[str, np.ndarray], bank,
