@@ -147,3 +147,15 @@ def test_training_options_reach_the_trainer() -> None:
                               device="cpu")  # fmt: skip
     train = _template(args).train
     assert train.instance_dropout == 0.5 and train.input_norm == "standardize" and train.epochs == 3
+
+
+def test_ci_installs_the_torchmil_peers() -> None:
+    """CI runs the torchmil comparison code: without the `peers` extra its tests would all skip silently."""
+    import importlib.util
+    import os
+
+    if os.environ.get("CI") != "true":
+        pytest.skip("outside CI the peers extra (torchmil) is optional")
+    assert importlib.util.find_spec("torchmil") is not None, (
+        "CI must install the peers extra (.ci/run: make test EXTRAS=dev,peers) so milcore/bench/peers.py is tested"
+    )
