@@ -10,6 +10,7 @@ import pytest
 
 from feature_cache.bank import EncoderInfo
 from feature_cache.encoders import create_encoder, encoder_spec, list_encoders
+from feature_cache.encoders.base import Encoder
 
 SLOW = {"vit_base_patch14_dinov2", "vit_large_patch14_dinov2"}
 
@@ -27,7 +28,13 @@ def _build(name: str, vit_checkpoint: Callable[..., Path]):
 
 @pytest.mark.parametrize("name", _params())
 def test_encoder_contract(name: str, crops: list[np.ndarray], vit_checkpoint: Callable[..., Path]) -> None:
-    enc = _build(name, vit_checkpoint)
+    check_encoder(name, lambda: _build(name, vit_checkpoint), crops)
+
+
+def check_encoder(name: str, build: Callable[[], Encoder], crops: list[np.ndarray]) -> None:
+    """The encoder contract: tuple form, fingerprint, frozen, transform, shape, dtype, determinism,
+    batch independence, and the same fingerprint and features from a second build."""
+    enc = build()
     assert enc.name == name and enc.device.type == "cpu"
     assert isinstance(enc.info, EncoderInfo) and enc.info.name == name and enc.info.dim == enc.dim
     assert len(enc.info.to_dict()["fingerprint"]) == 64 and enc.info.transform
@@ -44,7 +51,7 @@ def test_encoder_contract(name: str, crops: list[np.ndarray], vit_checkpoint: Ca
     np.testing.assert_array_equal(enc.encode(crops, batch_size=3), feats)  # deterministic
     np.testing.assert_allclose(enc.encode(crops[:1], batch_size=1), feats[:1], rtol=1e-4, atol=1e-4)
 
-    again = _build(name, vit_checkpoint)
+    again = build()
     assert again.info == enc.info
     np.testing.assert_array_equal(again.encode(crops, batch_size=3), feats)
 
