@@ -9,7 +9,7 @@ import pytest
 
 from feature_cache.errors import UserError
 from milcore.cli import main
-from milcore.experiment import load_experiment, step_argv
+from milcore.cli.steps import load_steps, step_argv
 
 TINY = """
 name: tiny
@@ -35,7 +35,7 @@ def test_step_argv_and_overrides(tmp_path: Path) -> None:
         "train", "--bank", "b.h5", "--model-arg", "a=1", "--model-arg", "b=2", "--resume"]  # fmt: skip
     path = tmp_path / "e.yaml"
     path.write_text(TINY)
-    name, steps = load_experiment(path, {"out": "elsewhere"})
+    name, steps = load_steps(path, {"out": "elsewhere"})
     assert name == "tiny" and steps[0][1] == "elsewhere/cohort"
 
 
@@ -72,7 +72,7 @@ def test_shipped_experiments_parse() -> None:
         if f.name.startswith("continual_"):  # `milcore continual --config` files, not step lists
             assert load_config(f) is not None
             with pytest.raises(UserError, match="milcore continual --config"):
-                load_experiment(f)
+                load_steps(f)
             continue
-        name, steps = load_experiment(f)
+        name, steps = load_steps(f)
         assert name and steps

@@ -1,6 +1,6 @@
 """Property-based tests of YAML experiments (issue 13): any file either loads into exactly the steps it
 describes or fails with a :class:`UserError` naming the file; never an internal error. Nothing runs:
-:func:`load_experiment` checks the whole file (every step parsed by the real parser) up front.
+:func:`load_steps` checks the whole file (every step parsed by the real parser) up front.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from feature_cache.errors import UserError
-from milcore.experiment import TOP_LEVEL_KEYS, load_experiment, step_commands
+from milcore.cli.steps import TOP_LEVEL_KEYS, load_steps, step_commands
 
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -41,7 +41,7 @@ def _load(text: str) -> tuple[Path, Any]:
         path = Path(tmp) / "exp.yaml"
         path.write_text(text)
         try:
-            return path, load_experiment(path)
+            return path, load_steps(path)
         except UserError as exc:
             assert str(path) in str(exc), f"the error does not name the file: {exc}"
             return path, exc

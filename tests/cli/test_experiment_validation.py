@@ -8,7 +8,7 @@ import pytest
 
 from feature_cache.errors import UserError
 from milcore.cli import main
-from milcore.experiment import load_experiment, step_commands
+from milcore.cli.steps import load_steps, step_commands
 
 SYNTH = '{_: "{out}/cohort", task: all, patients: 6, seed: 0, bag_median: 12, bag_min: 10, bag_max: 20}'
 
@@ -75,14 +75,14 @@ def test_prefixes_of_options_are_refused_in_steps_and_on_the_command_line(
 def test_set_must_name_a_variable(tmp_path: Path) -> None:
     path = _file(tmp_path, f"steps:\n  - synth: {SYNTH}\n")
     with pytest.raises(UserError, match=r"--set outt: .* has no variable 'outt' \(did you mean 'out'\?\)"):
-        load_experiment(path, {"outt": "elsewhere"})
-    assert load_experiment(path, {"out": "elsewhere"})[1][0][1] == "elsewhere/cohort"
+        load_steps(path, {"outt": "elsewhere"})
+    assert load_steps(path, {"out": "elsewhere"})[1][0][1] == "elsewhere/cohort"
 
 
 def test_literal_braces_and_scalars(tmp_path: Path) -> None:
     path = _file(tmp_path, "steps:\n  - synth: {_: '{{x}}', task: all, patients: 6, seed: 0, overwrite: true, "
                            "sites: null}\n")  # fmt: skip
-    _, steps = load_experiment(path)
+    _, steps = load_steps(path)
     assert steps == [["synth", "{x}", "--task", "all", "--patients", "6", "--seed", "0", "--overwrite"]]
 
 

@@ -1,4 +1,8 @@
-"""Experiments as YAML: a named list of ``milcore`` steps, run in order by ``milcore run FILE``.
+"""Step files (``experiments/*.yaml``): a named list of ``milcore`` steps, run in order by ``milcore run FILE``.
+
+A step file drives the command line, so this runner lives in the CLI layer: every step is parsed by the
+real ``milcore`` parser before the first one runs, and runs in-process through :func:`milcore.cli.main`
+with the exit code it would have in a shell. (Library users call the library functions directly.)
 
 Example (``experiments/demo.yaml``)::
 
@@ -176,7 +180,7 @@ def _parse_check(parser: Any, argv: list[str], where: str, options: Any = None) 
     raise UserError(f"{where}: {text} (milcore {' '.join(argv)})")
 
 
-def load_experiment(path: str | Path, overrides: dict[str, str] | None = None,
+def load_steps(path: str | Path, overrides: dict[str, str] | None = None,
                     passthrough: list[str] | None = None) -> tuple[str, list[list[str]]]:  # fmt: skip
     """The experiment's name and the argument lists of its steps, every step checked by the real parser.
 
@@ -244,12 +248,12 @@ def load_experiment(path: str | Path, overrides: dict[str, str] | None = None,
     return str(name), out
 
 
-def run_experiment(path: str | Path, overrides: dict[str, str] | None = None, dry_run: bool = False,
+def run_steps(path: str | Path, overrides: dict[str, str] | None = None, dry_run: bool = False,
                    passthrough: list[str] | None = None) -> int:  # fmt: skip
     """Run every step in order; returns the first non-zero exit code, else 0."""
     from milcore.cli import main
 
-    name, steps = load_experiment(path, overrides, passthrough)  # the whole file is checked before step 1
+    name, steps = load_steps(path, overrides, passthrough)  # the whole file is checked before step 1
     start = time.perf_counter()
     for i, argv in enumerate(steps, start=1):
         argv = [*argv, *(passthrough or [])]
