@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from feature_cache.config import Config, option
+from feature_cache.config import Config, check_keys, option
 from feature_cache.errors import InvalidArgumentError, UserError
 
 BALANCES = ("weights", "sampler", "none")
@@ -126,6 +126,13 @@ class StrategyConfig(Config):
     def to_dict(self) -> dict[str, Any]:
         """The flat form, as written in a configuration file."""
         return {**({"strategy": self.strategy} if self.strategy is not None else {}), **self.options}
+
+    def check(self, name: str) -> None:
+        """The strategy is registered and takes these options (unknown ones named with the closest)."""
+        from milcore.continual.strategies.registry import REGISTRY
+
+        entry = REGISTRY.entry(self.strategy or name)  # unknown name: close matches
+        check_keys(self.options, entry.metadata.get("options", {}), "option")
 
     def create(self, name: str) -> Any:
         """The strategy object of the entry ``name`` (unknown strategy or option: InvalidArgumentError)."""
@@ -277,9 +284,14 @@ class ContinualConfig(Config):
     seeds: tuple[int, ...] = option((0,), low=0, min_items=1, load=_seeds)
 
     def validate(self) -> None:
-        """At least one strategy."""
+        """At least one strategy; each registered, with options it takes."""
         if not self.strategies:
             raise InvalidArgumentError("strategies: configure at least one strategy (e.g. finetune: {})")
+        for name, strategy in self.strategies.items():
+            try:
+                strategy.check(name)
+            except InvalidArgumentError as exc:
+                raise InvalidArgumentError(f"strategies.{name}: {exc}") from None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str | None = None) -> ContinualConfig:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from feature_cache.config import check_keys
 from feature_cache.errors import InvalidArgumentError
 from milcore.continual.data import BagData, Items, TrainBatch
 from milcore.continual.memory import ExemplarMemory
@@ -78,11 +79,10 @@ class Strategy:
     options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **options: Any) -> None:
-        unknown = sorted(set(options) - set(self.options))
-        if unknown:
-            valid = ", ".join(sorted(self.options)) or "none"
-            raise InvalidArgumentError(f"strategy {self.name!r}: unknown option(s) {', '.join(unknown)} "
-                                       f"(valid: {valid})")  # fmt: skip
+        try:
+            check_keys(options, self.options, "option")
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"strategy {self.name!r}: {exc}") from None
         self.opts = {**self.options, **options}
 
     def before_task(self, ctx: StrategyContext) -> None:
