@@ -7,8 +7,10 @@ missing or malformed file). User errors print one line; ``--debug`` shows the tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -144,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")
         return 130
+    except BrokenPipeError:  # the reader went away (``milcore models | head``): not an error of ours
+        with contextlib.suppress(OSError, ValueError):  # as the Python docs advise: stdout -> devnull, so
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush stays quiet
+        return EXIT_OK
     except Exception as exc:  # a bug: one line unless --debug
         if debug:
             log.exception("%s failed", prog)

@@ -275,7 +275,7 @@ class ContinualConfig(Config):
 
     data: ContinualData
     scenario: ScenarioConfig
-    strategies: dict[str, StrategyConfig] = option(load=_strategies)  # noqa: RUF009 - option() returns a field
+    strategies: dict[str, StrategyConfig] = option(load=_strategies)
     name: str = "continual"
     model: str = "abmil"
     model_args: dict[str, Any] = field(default_factory=dict)
