@@ -31,11 +31,14 @@ def attach_input_norm(model: nn.Module, mean: Tensor | None = None, std: Tensor 
     """Give ``model`` standardised inputs ``(x - mean) / std`` (in place; returns the model).
 
     Args:
-        model: an aggregator with ``config.in_dim``.
+        model: an aggregator with ``config.in_dim``, or any module when ``mean`` is given (its length is ``D``).
         mean: ``(D,)`` feature means (default zeros: a placeholder that a checkpoint's weights fill).
         std: ``(D,)`` feature standard deviations (default ones); values below ``1e-6`` are raised to it.
     """
-    dim = int(model.config.in_dim)
+    in_dim = getattr(getattr(model, "config", None), "in_dim", None)
+    if in_dim is None and mean is None:
+        raise ValueError(f"{type(model).__name__} has no config.in_dim; give the input statistics")
+    dim = int(in_dim) if in_dim is not None else int(torch.as_tensor(mean).numel())
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     mean = torch.zeros(dim) if mean is None else torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
     std = torch.ones(dim) if std is None else torch.as_tensor(std, dtype=torch.float32).reshape(-1)
