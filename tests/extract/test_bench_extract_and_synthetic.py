@@ -24,7 +24,9 @@ def test_bench_extract_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     result = json.loads((tmp_path / "bench.json").read_text())
     row = result["rows"][0]
     assert row["encoder"] == "toy" and row["cells"] > 0 and row["ratio"] > 0
-    assert result["memory"]["growth"] > 0
+    memory = result["memory"]
+    assert [memory["small"]["bags"], memory["large"]["bags"]] == [3, 6] and memory["large"]["cells"] == 60
+    assert memory["holds"] and memory["large"]["growth_mb"] <= memory["bound_mb"]
     assert "end-to-end / bare" in capsys.readouterr().out
 
 

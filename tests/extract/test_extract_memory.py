@@ -1,0 +1,75 @@
+"""Extraction streams bags: what it holds does not grow with the number of bags (issue 14).
+
+Memory itself (RSS with the real encoder and worker streaming, 8 vs 80 bags) is measured by
+``benchmarks/bench_extract.py``; here the property behind it is checked exactly: after each bag is
+written, at most a fixed number of bags' pixel tensors and feature arrays are still alive, whatever
+the bag count. The same check run on an extractor that keeps every bag in a list fails.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+
+import pytest
+
+import feature_cache.extract as fx
+from feature_cache.bank import writer as bank_writer
+
+#: Arrays alive after a bag is written: the current bag's pixels and features, one prefetched bag's pixels.
+BOUND = 4
+
+
+def _cohort(tmp_path: Path, bags: int) -> Path:
+    config = tmp_path / f"cohort_{bags}.json"
+    config.write_text(json.dumps({"task": "aml", "patients": bags, "seed": 0, "bag_median": 10, "bag_sigma": 0.0,
+                                  "bag_range": [10, 10], "crop_size": 32}))  # fmt: skip
+    return config
+
+
+def _max_alive(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bags: int, keep_every_bag: bool = False) -> int:
+    """Extract ``bags`` bags with 2 worker processes; the most bag arrays alive after any bag was written."""
+    refs: list[weakref.ref] = []
+    most = [0]
+    kept: list[dict] = []
+    real_items, real_append = fx._items, bank_writer.BankWriter.append
+
+    def items(*args, **kwargs):
+        for item in real_items(*args, **kwargs):
+            if "pixels" in item:
+                refs.append(weakref.ref(item["pixels"]))
+            if keep_every_bag:  # the bug this test must catch
+                kept.append(item)
+            yield item
+
+    def append(self, bag_id, x, *args, **kwargs):
+        refs.append(weakref.ref(x))
+        out = real_append(self, bag_id, x, *args, **kwargs)
+        most[0] = max(most[0], sum(r() is not None for r in refs))
+        return out
+
+    monkeypatch.setattr(fx, "_items", items)
+    monkeypatch.setattr(bank_writer.BankWriter, "append", append)
+    fx.extract(fx.ExtractConfig(source="synthetic", input=str(_cohort(tmp_path, bags)), encoder="toy",
+                                out=str(tmp_path / f"bank_{bags}_{keep_every_bag}.h5"), num_workers=2))  # fmt: skip
+    assert len(refs) == 2 * bags
+    return most[0]
+
+
+def _check(alive_small: int, alive_large: int) -> None:
+    assert alive_large <= BOUND and alive_large <= alive_small + 1, (alive_small, alive_large)
+
+
+def test_extraction_holds_a_bounded_number_of_bags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    small = _max_alive(monkeypatch, tmp_path, 4)
+    large = _max_alive(monkeypatch, tmp_path, 40)  # 10x the bags
+    _check(small, large)
+
+
+def test_the_check_fails_when_the_extractor_keeps_every_bag(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    small = _max_alive(monkeypatch, tmp_path, 4, keep_every_bag=True)
+    large = _max_alive(monkeypatch, tmp_path, 40, keep_every_bag=True)
+    assert large >= 40
+    with pytest.raises(AssertionError):
+        _check(small, large)
