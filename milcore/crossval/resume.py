@@ -77,19 +77,10 @@ def check_resume(out: Path, recorded: dict[str, Any], resolved: dict[str, Any]) 
 
 
 def read_record(out: Path) -> dict[str, Any] | None:
-    import yaml
+    """The configuration a run folder recorded (``None`` if it has none yet)."""
+    from milcore.data.inputs import read_run_config
 
-    path = out / "config.yaml"
-    if not path.is_file():
-        return None
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: unreadable ({type(exc).__name__}); cannot check what --resume would "
-                        "continue") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: not a run configuration; cannot check what --resume would continue")
-    return data
+    return read_run_config(out, "cannot check what --resume would continue")
 
 
 def has_progress(out: Path) -> bool:

@@ -122,3 +122,31 @@ def labels_fingerprint(cohort: Cohort) -> str:
     rows = sorted((str(b), cohort.classes[int(y)], str(g)) for b, y, g in
                   zip(cohort.bag_ids, cohort.labels, groups, strict=True))  # fmt: skip
     return hashlib.sha256(json.dumps([list(cohort.classes), rows]).encode()).hexdigest()
+
+
+def read_run_config(run: str | Path, why: str = "") -> dict | None:
+    """The ``config.yaml`` mapping of a run folder (what :func:`milcore.crossval.train_run` recorded).
+
+    Args:
+        run: the run folder.
+        why: what the caller needs it for, appended to the error (``"cannot check what --resume would continue"``).
+
+    Returns:
+        The mapping, or ``None`` when the folder has no ``config.yaml``.
+
+    Raises:
+        UserError: the file is unreadable, not YAML, or not a mapping (naming it).
+    """
+    import yaml
+
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        return None
+    tail = f"; {why}" if why else ""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise UserError(f"{path}: unreadable ({type(exc).__name__}){tail}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a run configuration{tail}")
+    return data

@@ -153,10 +153,10 @@ def prediction_sources(folder: str | Path) -> dict:
     """Bank, cohort and kind of a prediction folder: a training run (``config.yaml``) or a predict output
     (``predictions.json``), with the ensemble's description and whether it was partial. Paths are returned
     as stored (absolute for predict outputs)."""
-    import yaml
+    from milcore.data.inputs import read_run_config
 
     folder = Path(folder)
-    pj, cfg_path = folder / "predictions.json", folder / "config.yaml"
+    pj = folder / "predictions.json"
     try:
         if pj.is_file():
             meta = json.loads(pj.read_text())
@@ -164,12 +164,11 @@ def prediction_sources(folder: str | Path) -> dict:
                 ensemble = meta.get("ensemble") if isinstance(meta.get("ensemble"), dict) else {}
                 return {"kind": "predict", "bank": meta.get("bank"), "cohort": meta.get("cohort"),
                         "ensemble": ensemble.get("description"), "partial": bool(ensemble.get("partial"))}  # fmt: skip
-        if cfg_path.is_file():
-            cfg = yaml.safe_load(cfg_path.read_text())
-            run = cfg.get("run", {}) if isinstance(cfg, dict) else {}
-            run = run if isinstance(run, dict) else {}
-            return {"kind": "run", "bank": run.get("bank"), "cohort": run.get("cohort"), "ensemble": None,
-                    "partial": False}
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
-        raise UserError(f"{folder}: unreadable predictions.json / config.yaml ({exc})") from exc
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{pj}: unreadable ({exc})") from exc
+    cfg = read_run_config(folder, "cannot tell which bank these predictions come from")
+    if cfg is not None:
+        run = cfg.get("run") if isinstance(cfg.get("run"), dict) else {}
+        return {"kind": "run", "bank": run.get("bank"), "cohort": run.get("cohort"), "ensemble": None,
+                "partial": False}
     return {"kind": None, "bank": None, "cohort": None, "ensemble": None, "partial": False}

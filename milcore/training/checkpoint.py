@@ -312,17 +312,14 @@ def checkpoint_task(folder: str | Path, card: dict[str, Any]) -> str | None:
     """The task (label column) a checkpoint was trained for: its card, else its run's ``config.yaml``."""
     if card.get("task"):
         return str(card["task"])
-    cfg_path = Path(folder).parent / "config.yaml"
-    if cfg_path.is_file():
-        import yaml
+    from milcore.data.inputs import read_run_config
 
-        try:
-            cfg = yaml.safe_load(cfg_path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError):
-            return None
-        task = cfg.get("run", {}).get("task") if isinstance(cfg, dict) and isinstance(cfg.get("run"), dict) else None
-        return str(task) if task else None
-    return None
+    try:
+        cfg = read_run_config(Path(folder).parent) or {}
+    except UserError:
+        return None
+    task = cfg.get("run", {}).get("task") if isinstance(cfg.get("run"), dict) else None
+    return str(task) if task else None
 
 
 @dataclass(frozen=True)
@@ -407,11 +404,11 @@ def _fold_index(path: Path) -> int | None:
 
 def _configured_folds(run: Path) -> int | None:
     """Folds a run was configured with: ``config.yaml`` (run.folds), else ``splits.json``, else ``metrics.json``."""
-    import yaml
+    from milcore.data.inputs import read_run_config
 
     try:
-        cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else None
-        folds = cfg.get("run", {}).get("folds") if isinstance(cfg, dict) and isinstance(cfg.get("run"), dict) else None
+        cfg = read_run_config(run) or {}
+        folds = cfg.get("run", {}).get("folds") if isinstance(cfg.get("run"), dict) else None
         if isinstance(folds, int) and folds > 0:
             return folds
         for name in ("splits.json", "metrics.json"):
@@ -422,7 +419,7 @@ def _configured_folds(run: Path) -> int | None:
                     return len(value)
                 if isinstance(value, int) and value > 0:
                     return value
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, UserError) as exc:
         raise UserError(f"{run}: unreadable run configuration ({exc})") from exc
     return None
 
