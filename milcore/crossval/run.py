@@ -96,6 +96,10 @@ def _plan(spec: RunSpec, config: TrainConfig, out: Path | None, *, overwrite: bo
                             groups=cohort.groups, classes=cohort.classes, cohort=cohort)  # fmt: skip
     else:
         data.require_labels("cross-validation")
+        from milcore.models import aggregator_needs
+
+        if model is None and aggregator_needs(config.model).coords:
+            data = data.with_coordinates()  # once for every fold, as milcore train does
         bank, cohort, join = data.bank, None, None
         if data.cohort is not None:
             cohort = data.cohort.subset(data.bag_ids)

@@ -169,6 +169,17 @@ class FeatureStore:
         sub.groups = None if self.groups is None else self.groups[idx]
         return sub
 
+    def with_coordinates(self) -> FeatureStore:
+        """This store serving the cells' coordinates too (itself if it already does; otherwise a copy that
+        reads features and coordinates on first use)."""
+        if self.with_coords:
+            return self
+        other = object.__new__(FeatureStore)
+        other.__dict__.update(self.__dict__)
+        other.with_coords = True
+        other._resident = _Resident(list(self._resident.ids))
+        return other
+
     def moments(self, budget: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
         """Per-feature mean and standard deviation over every cell of these bags (float64 sums).
 

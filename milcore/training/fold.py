@@ -111,7 +111,8 @@ def fit_fold(config: TrainConfig, data: FeatureStore, fold: Fold, *,
 
     Args:
         config: how to train (``config.model`` names the registered aggregator unless ``model`` is given).
-        data: labelled bags holding every bag of the fold (:func:`milcore.data.store.open_bags`).
+        data: labelled bags holding every bag of the fold (:func:`milcore.data.store.open_bags`); an aggregator
+            that declares it uses coordinates gets them even when ``data`` was opened without.
         fold: bag ids of the three parts (:func:`milcore.data.splits.make_folds`, or any :class:`Fold`).
         model: a module to train instead of ``config.model`` (any ``nn.Module`` whose forward returns a
             :class:`~milcore.models.MILOutput`), or a factory ``(in_dim, num_classes) -> module`` called
@@ -130,6 +131,11 @@ def fit_fold(config: TrainConfig, data: FeatureStore, fold: Fold, *,
     """
     if data.labels is None:
         data.require_labels("fit_fold")
+    if model is None and not data.with_coords:
+        from milcore.models import aggregator_needs
+
+        if aggregator_needs(config.model).coords:  # as milcore train does: the graph is built in cell space
+            data = data.with_coordinates()
     trainer = Trainer(config, data.dim, data.num_classes)
     train, val = data.view(fold.train), data.view(fold.val)
     t0 = time.perf_counter()

@@ -109,3 +109,21 @@ def test_unlabelled_bags_are_refused(planted: dict, tmp_path: Path) -> None:
     store = FeatureStore(bank, bank.bag_ids()[:6])
     with pytest.raises(UserError, match="training needs labelled bags"):
         Trainer(TrainConfig(**FAST), bank.dim, 2).fit(store.view(store.bag_ids[:3]), store.view(store.bag_ids[3:]))
+
+
+def test_an_aggregator_that_uses_coordinates_gets_them(data_and_fold, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ``milcore train`` does: graph MIL builds its graph in cell space, whatever the store was opened with."""
+    from milcore.models.graphmil import GraphMIL
+
+    data, fold = data_and_fold
+    assert not data.with_coords and data.with_coordinates().with_coords and not data.with_coords
+    seen = []
+    pool = GraphMIL.pool
+
+    def spy(self, x, ptr, index, coords, labels):
+        seen.append(coords is not None)
+        return pool(self, x, ptr, index, coords, labels)
+
+    monkeypatch.setattr(GraphMIL, "pool", spy)
+    fit_fold(TrainConfig(**{**FAST, "epochs": 1, "model": "graphmil"}), data, fold)
+    assert seen and all(seen)
