@@ -1,8 +1,9 @@
 """Aggregators side by side: the same patient-level CV splits for every model and seed, accuracy and cost.
 
 For every seed the folds are made once (``milcore.data.splits.make_folds``, seeded) and shared by every
-model, ours and the torchmil peers alike; every model trains through the same :class:`Trainer` loop
-(same batches, loss, optimiser, epochs and early stopping), so the only difference is the aggregator.
+model, ours and the torchmil peers alike; every model trains through
+:func:`~milcore.training.fold.fit_fold` (same batches, loss, optimiser, epochs, early stopping and
+calibration; a torchmil peer is passed as a model factory), so the only difference is the aggregator.
 Per run (model x seed x fold) the benchmark records balanced accuracy, macro-F1, AUROC and ECE on the
 test part (probabilities temperature-scaled on the validation part, as ``milcore train`` does), the
 attention instance-AUROC where ``cells.csv`` ground truth exists, the metrics on a held-out site
