@@ -6,9 +6,14 @@ runs (the machine may be shared: the figure means little without it), and reads 
 from the run: 5-fold cross-validated balanced accuracy (mean ± sd over folds) and the fold ensemble's
 balanced accuracy on the 20-patient external cohort. The README's demo figures come from here.
 
+``--experiment experiments/audit_planted.yaml`` does the same for the planted-bias audit (headline:
+the cross-validated balanced accuracy, the groups the audit flags, women's and men's balanced
+accuracy and the corrected p of ``sex=F``).
+
 Usage:
     python benchmarks/bench_demo.py [--run-dir /tmp/demo_bench] [--out benchmarks/results/demo]
     python benchmarks/bench_demo.py --reuse runs/demo     # read the metrics of a finished demo, no timing
+    python benchmarks/bench_demo.py --experiment experiments/audit_planted.yaml --out benchmarks/results/audit_planted
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ from pathlib import Path
 from milcore.report.bench_io import machine_info, save_bench
 
 log = logging.getLogger("bench_demo")
-_STEP = re.compile(r"\[demo (\d+)/(\d+)\] milcore (\w+)")
-_DONE = re.compile(r"\[demo (\d+)/(\d+)\] done in ([0-9.]+) s")
+_STEP = re.compile(r"\[\w+ (\d+)/(\d+)\] milcore (\w+)")
+_DONE = re.compile(r"\[\w+ (\d+)/(\d+)\] done in ([0-9.]+) s")
 
 
 class LoadSampler(threading.Thread):
@@ -51,8 +56,29 @@ class LoadSampler(threading.Thread):
         return self.samples
 
 
-def headline(run_dir: Path) -> dict:
-    """The demo's headline metrics, read from its output folder."""
+def audit_headline(run_dir: Path) -> dict:
+    """The planted-bias audit's headline, read from its output folder."""
+    cv = json.loads((run_dir / "abmil" / "metrics.json").read_text())
+    audit = json.loads((run_dir / "audit" / "audit.json").read_text())
+    synth = json.loads((run_dir / "cohort" / "synth.json").read_text())
+    sex = {g["name"]: g for g in audit["groups"] if g["name"] in ("sex=F", "sex=M")}
+    female = [c for c in audit["comparisons"] if c["group"] == "sex=F" and c["family"] == "primary"]
+    ba = cv["mean"]["balanced_accuracy"]
+    return {
+        "cv_balanced_accuracy": {"mean": ba["mean"], "sd": ba["sd"], "per_fold": ba["values"]},
+        "flagged_groups": audit["summary"]["flagged_groups"],
+        "primary_flagged": audit["summary"]["primary_flagged"],
+        "balanced_accuracy_by_sex": {k: v["metrics"]["balanced_accuracy"]["value"] for k, v in sex.items()},
+        "sex_F_p_corrected": female[0]["p_corrected"] if female else None,
+        "sampling_version": synth.get("sampling_version", 1),
+        "cells": synth["cells"],
+    }
+
+
+def headline(run_dir: Path, experiment: str = "demo") -> dict:
+    """The experiment's headline metrics, read from its output folder."""
+    if experiment == "audit_planted":
+        return audit_headline(run_dir)
     cv = json.loads((run_dir / "abmil" / "metrics.json").read_text())
     ext = json.loads((run_dir / "external_predictions" / "metrics.json").read_text())
     synth = json.loads((run_dir / "cohort" / "synth.json").read_text())
@@ -69,11 +95,11 @@ def headline(run_dir: Path) -> dict:
     }
 
 
-def run(run_dir: Path) -> dict:
-    """Run the demo into ``run_dir`` (replaced) and return timings, load and headline."""
+def run(run_dir: Path, experiment: Path = Path("experiments/demo.yaml")) -> dict:
+    """Run the experiment into ``run_dir`` (replaced) and return timings, load and headline."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    cmd = [str(Path(sys.executable).with_name("milcore")), "run", "experiments/demo.yaml", "--set", f"out={run_dir}"]
+    cmd = [str(Path(sys.executable).with_name("milcore")), "run", str(experiment), "--set", f"out={run_dir}"]
     sampler = LoadSampler()
     sampler.start()
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -84,7 +110,7 @@ def run(run_dir: Path) -> dict:
     load = sampler.stop()
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"demo failed with exit code {proc.returncode}")
+        raise SystemExit(f"{experiment} failed with exit code {proc.returncode}")
     names = {int(m.group(1)): m.group(3) for m in _STEP.finditer(proc.stderr)}
     steps = [{"step": i, "command": names.get(i, "?"), "seconds": float(m.group(3))}
              for m in _DONE.finditer(proc.stderr) for i in [int(m.group(1))]]  # fmt: skip
@@ -95,7 +121,7 @@ def run(run_dir: Path) -> dict:
         "steps": steps,
         "load_average_samples": load,
         "load_average_min_max": [min(load), max(load)] if load else [],
-        **headline(run_dir),
+        **headline(run_dir, experiment.stem),
     }
 
 
@@ -109,24 +135,34 @@ def format_table(result: dict) -> str:
         lines += ["", f"Whole demo: {result['wall_seconds']:.0f} s wall, {result['cpu_seconds']:.0f} s CPU "
                   f"(load average {lo:.1f}-{hi:.1f} on {os.cpu_count()} CPUs)."]  # fmt: skip
     ba = result["cv_balanced_accuracy"]
-    lines += [f"5-fold CV balanced accuracy {ba['mean']:.3f} ± {ba['sd']:.3f} (folds "
-              + ", ".join(f"{v:.3f}" for v in ba["per_fold"]) + f"); AUROC {result['cv_auroc']:.3f}; "
-              f"external ({result['external_n']} patients) balanced accuracy "
-              f"{result['external_balanced_accuracy']:.3f}; cohort sampling version "
-              f"{result['sampling_version']}."]  # fmt: skip
+    cv = (f"5-fold CV balanced accuracy {ba['mean']:.3f} ± {ba['sd']:.3f} (folds "
+          + ", ".join(f"{v:.3f}" for v in ba["per_fold"]) + ")")  # fmt: skip
+    if "flagged_groups" in result:
+        by_sex = ", ".join(f"{k} {v:.3f}" for k, v in sorted(result["balanced_accuracy_by_sex"].items()))
+        p = result["sex_F_p_corrected"]
+        lines += [f"{cv}; balanced accuracy by sex: {by_sex}; flagged: {', '.join(result['flagged_groups']) or 'none'} "
+                  f"(sex=F corrected p {p if p is None else f'{p:.4g}'}); cohort sampling version "
+                  f"{result['sampling_version']}."]  # fmt: skip
+    else:
+        lines += [f"{cv}; AUROC {result['cv_auroc']:.3f}; external ({result['external_n']} patients) balanced "
+                  f"accuracy {result['external_balanced_accuracy']:.3f}; cohort sampling version "
+                  f"{result['sampling_version']}."]  # fmt: skip
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; prints the table and writes ``bench.json``."""
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", type=Path, default=Path("experiments/demo.yaml"))
     parser.add_argument("--run-dir", type=Path, default=Path("/tmp/milcore_demo_bench"))
     parser.add_argument("--reuse", type=Path, help="read a finished demo folder instead of running one")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/demo"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    body = {"reused": str(args.reuse), **headline(args.reuse)} if args.reuse else run(args.run_dir)
-    result = {"benchmark": "demo", "machine": machine_info(), **body}
+    name = args.experiment.stem
+    body = {"reused": str(args.reuse), **headline(args.reuse, name)} if args.reuse else run(args.run_dir,
+                                                                                            args.experiment)
+    result = {"benchmark": name, "machine": machine_info(), **body}
     save_bench(args.out, result, format_table(result))
     return 0
 

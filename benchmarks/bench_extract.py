@@ -48,7 +48,7 @@ from milcore.report.bench_io import machine_info, save_bench
 log = logging.getLogger("bench_extract")
 
 _MEMORY_SCRIPT = """
-import json, resource, sys
+import json, sys
 import psutil
 from feature_cache.bank import writer as bank_writer
 import feature_cache.extract as fx
@@ -89,8 +89,10 @@ if spec["keep_bags"]:  # a deliberate leak: the extractor keeps every bag it rea
 summary = fx.extract(fx.ExtractConfig(source="synthetic", input=spec["input"], encoder=spec["encoder"],
                                       encoder_options=spec["options"], out=spec["out"], device="cpu",
                                       num_workers=spec["workers"], batch_size=64))
-print(json.dumps({"trace": trace, "cells": summary.cells,
-                  "peak_self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM: this process image's high-water mark (ru_maxrss would also count the parent's pages shared at
+# fork, before exec: a big parent makes every child "peak" at the parent's size)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"trace": trace, "cells": summary.cells, "peak_self_mb": hwm / 1024}))
 """
 
 #: Bags written before the growth baseline is taken (allocator warm-up, first batches).

@@ -3,7 +3,7 @@
 Writes two banks of random 512-d float16 features (``--small`` and ``--large`` bags, about 300
 cells each), trains ABMIL for a few epochs on each in a fresh subprocess with the memory budget
 set to 0 (so every batch is read from the bank by DataLoader workers), and reports each run's peak
-resident memory (the main process's ``ru_maxrss`` plus the workers'). Target (issue 6): resident
+resident memory (the main process's ``VmHWM`` plus the workers' ``ru_maxrss``). Target (issue 6): resident
 memory does not grow with the cohort's size (large / small close to 1), while the in-memory mode
 (budget large enough to hold the bags) is shown beside it for contrast.
 
@@ -44,7 +44,9 @@ cfg = TrainConfig(model="abmil", epochs=int(sys.argv[3]), patience=100, num_work
 trainer = Trainer(cfg, bank.dim, 2)
 half = len(ids) // 2
 trainer.fit(store.view(ids[:half]), store.view(ids[half:]))
-own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# VmHWM: this process image's own high-water mark (ru_maxrss also counts the parent's pages shared at fork,
+# before exec); the workers fork without exec, so their ru_maxrss is their own RSS (shared pages included)
+own = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 print(json.dumps({"in_memory": store.in_memory, "main_mb": own / 1024, "worker_mb": kids / 1024}))
 """
