@@ -226,8 +226,9 @@ def predict(source: Any, bank_path: str | Path, *, out: str | Path | None = None
                 raise UserError(f"{ckpt}: unreadable encoder fingerprint ({exc})") from exc
             info.check_compatible(bank.info, where=str(bank_path))
             if (note := info.precision_note(bank.info)) and len(models) == 0:  # warned, not refused: see bank_schema
-                log.warning("%s: %s; predictions may differ slightly from the same bank in %s", bank_path, note,
-                            info.compute_dtype)  # fmt: skip
+                log.warning("%s: %s; predictions can differ from those on a %s bank (benchmarks/bench_precision.py: "
+                            "probabilities by up to 0.15, 1 of 20 patients changed class); extracting both banks on "
+                            "the same kind of device avoids it", bank_path, note, info.compute_dtype)  # fmt: skip
         else:
             log.warning("%s records no encoder fingerprint; %s cannot be checked against it", ckpt, bank_path)
         in_dim = getattr(getattr(model, "config", None), "in_dim", bank.dim)
