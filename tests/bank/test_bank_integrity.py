@@ -314,8 +314,10 @@ def test_every_reader_of_rows_surfaces_the_error(tmp_path, info, make_bags, writ
     path, bags = _zarr(tmp_path, info, make_bags, write_bank)
     reader = open_reader(path)
     (path / "instances/features/c.0.0").unlink()
-    with pytest.raises(BankFormatError):
-        FeatureStore(reader, [b.bag_id for b in bags])
+    store = FeatureStore(reader, [b.bag_id for b in bags])  # features are read on first use
+    for _ in range(2):  # and a second use after the failed first one fails the same way
+        with pytest.raises(BankFormatError):
+            store.gather(np.arange(len(store)))
     with pytest.raises(BankFormatError):
         convert_bank(path, tmp_path / "copy.h5")
     assert not (tmp_path / "copy.h5").exists()
