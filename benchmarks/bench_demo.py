@@ -132,7 +132,7 @@ def format_table(result: dict) -> str:
         lines += ["| step | command | seconds |", "|---:|---|---:|"]
         lines += [f"| {s['step']} | {s['command']} | {s['seconds']:.1f} |" for s in result["steps"]]
         lo, hi = result["load_average_min_max"] or [float("nan")] * 2
-        lines += ["", f"Whole demo: {result['wall_seconds']:.0f} s wall, {result['cpu_seconds']:.0f} s CPU "
+        lines += ["", f"Whole run: {result['wall_seconds']:.0f} s wall, {result['cpu_seconds']:.0f} s CPU "
                   f"(load average {lo:.1f}-{hi:.1f} on {os.cpu_count()} CPUs)."]  # fmt: skip
     ba = result["cv_balanced_accuracy"]
     cv = (f"5-fold CV balanced accuracy {ba['mean']:.3f} ± {ba['sd']:.3f} (folds "
