@@ -9,6 +9,8 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
+# extras installed with the project (CI adds the torchmil peers: EXTRAS=dev,peers)
+EXTRAS ?= dev
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.milcore-installed
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(PIP_TORCH_ARGS)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
 install: $(STAMP)
