@@ -140,14 +140,16 @@ class FeatureStore:
         res = self._resident
         if res.loaded or not self.in_memory:
             return
-        res.loaded = True
         if not res.ids:
+            res.loaded = True
             return
-        x, _ = self.bank.read_packed(res.ids)  # (N, D)
-        res.x = torch.from_numpy(np.ascontiguousarray(x))
+        x, _ = self.bank.read_packed(res.ids)  # (N, D); a damaged bank raises here, and a retry reads again
+        coords = None
         if self.with_coords:
             c, _ = self.bank.read_packed_coords(res.ids)
-            res.coords = torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))
+            coords = torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))
+        res.x, res.coords = torch.from_numpy(np.ascontiguousarray(x)), coords
+        res.loaded = True  # only once everything was read
         log.debug("holding %d bags (%.1f MB) in memory", len(res.ids), self._need / 1e6)
 
     def __len__(self) -> int:

@@ -1,0 +1,42 @@
+"""FeatureStore: a failed first read is not remembered as loaded (a retry loads the bags into memory again)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from feature_cache.bank import open_reader
+from milcore.data.store import FeatureStore
+
+
+class _FlakyBank:
+    """A bank whose first packed read fails (a damaged chunk, an I/O error), then works."""
+
+    def __init__(self, reader) -> None:
+        self.reader, self.failures, self.reads = reader, 1, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.reader, name)
+
+    def read_packed(self, ids):
+        self.reads += 1
+        if self.failures:
+            self.failures -= 1
+            raise OSError("transient read error")
+        return self.reader.read_packed(ids)
+
+
+def test_failed_first_read_is_retried(planted_factory, tmp_path: Path) -> None:
+    paths = planted_factory(tmp_path / "b", n_bags=6)
+    with open_reader(paths["bank"]) as reader:
+        bank = _FlakyBank(reader)
+        store = FeatureStore(bank, reader.bag_ids())
+        with pytest.raises(OSError, match="transient"):
+            store.gather(np.arange(2))
+        batch = store.gather(np.arange(2))  # (n, D) rows of bags 0 and 1
+        expected = np.concatenate([reader.read(b) for b in reader.bag_ids()[:2]])
+        np.testing.assert_array_equal(batch.x.numpy(), expected)
+        store.gather(np.arange(3))
+        assert bank.reads == 2, "after the retry the bags are held in memory, not read from the bank per batch"
