@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from feature_cache.errors import InvalidArgumentError
+from feature_cache.errors import InvalidArgumentError, UserError
 
 __all__ = [
     "Config",
@@ -489,3 +489,43 @@ class Config:
         """A copy with ``changes`` (checked like a new config; unknown keys refused)."""
         check_keys(changes, self.field_names(), self.config_key)
         return dataclasses.replace(self, **changes)
+
+
+def read_yaml(path: str | os.PathLike[str], *, what: str = "YAML file", mapping: bool = True) -> Any:
+    """The content of a YAML file, every problem a one-line :class:`UserError` naming the file.
+
+    The one YAML reader of the engine (experiments, ``--config`` files, continual configurations, run
+    folders' ``config.yaml``, synthetic cohort configurations). A UTF-8 byte-order mark is accepted.
+
+    Args:
+        path: the file.
+        what: what the file is, for messages (``"run configuration"``).
+        mapping: require a mapping at the top level.
+
+    Raises:
+        UserError: a missing file or a folder, text that is not UTF-8 or not YAML (with the line), nesting
+            too deep, or (``mapping``) a top level that is not a mapping.
+    """
+    import yaml
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"{path}: {what} not found")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a folder, not a {what}")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            data = yaml.safe_load(f.read())
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a {what}") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}: not valid YAML{where}") from None
+    if mapping and not isinstance(data, dict):
+        raise UserError(f"{path}: expected a YAML mapping at the top level of the {what}")
+    return data

@@ -100,6 +100,26 @@ def strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[s
     return state
 
 
+def state_mismatch(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
+    """How ``state`` fails to fit a module whose state dict is ``expected`` ('' when it fits).
+
+    Returns:
+        ``"2 shape mismatch(es), e.g. head.weight (3, 8) vs (2, 8); 1 missing key(s), e.g. ..."``.
+    """
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]  # fmt: skip
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[0]}")
+    if missing:
+        parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+    return "; ".join(parts)
+
+
 def load_strict(
     module: nn.Module,
     state: dict[str, torch.Tensor],
@@ -123,20 +143,7 @@ def load_strict(
     skip = re.compile(ignore)
     state = {k: v for k, v in state.items() if not skip.match(k)}
     own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[0]}")
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
-        raise UserError(f"{path}: weights do not fit architecture {arch}: " + "; ".join(parts))
+    problems = state_mismatch(own, state)
+    if problems:
+        raise UserError(f"{path}: weights do not fit architecture {arch}: {problems}")
     module.load_state_dict({k: state[k].to(own[k].dtype) for k in own}, strict=True)

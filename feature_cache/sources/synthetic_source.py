@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from feature_cache.config import read_yaml
 from feature_cache.errors import UserError
 from feature_cache.sources.base import BagOrigin, BagSource, Cell, CellBatch, digest
 from feature_cache.sources.synthetic_cohort import SAMPLING_VERSION, SyntheticCohort
@@ -25,11 +26,13 @@ def load_synth_config(path: str | Path) -> SynthConfig:
     target = path / "synth.json" if path.is_dir() else path
     if not target.exists():
         raise UserError(f"{path}: not a synthetic cohort (no synth.json) nor a config file")
-    try:
-        text = target.read_text()
-        data = json.loads(text) if target.suffix == ".json" else _yaml(text)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{target}: unreadable synthetic configuration ({exc})") from exc
+    if target.suffix == ".json":
+        try:
+            data = json.loads(target.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{target}: unreadable synthetic configuration ({exc})") from exc
+    else:
+        data = read_yaml(target, what="synthetic configuration", mapping=False)
     if not isinstance(data, dict):
         raise UserError(f"{target}: expected a mapping")
     if data.get("format") == "milcore-synthetic-cohort":
@@ -41,12 +44,6 @@ def load_synth_config(path: str | Path) -> SynthConfig:
                 "or write it again with milcore synth"
             )
     return SynthConfig.from_dict(data.get("config", data), where=str(target))  # keys and values checked
-
-
-def _yaml(text: str) -> Any:
-    import yaml
-
-    return yaml.safe_load(text)
 
 
 class SyntheticSource(BagSource):

@@ -83,26 +83,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from ``path``; a one-line error for a missing or malformed file."""
-    import yaml
+    from feature_cache.config import read_yaml as read
 
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: file not found")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, not a YAML file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a UTF-8 text file") from None
-    except RecursionError:
-        raise UserError(f"{path}: nested too deeply to be a configuration") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path}: not valid YAML{where}") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a YAML mapping at the top level")
-    return data
+    return read(path)
 
 
 class _Switch(argparse.BooleanOptionalAction):

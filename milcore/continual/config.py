@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from feature_cache.config import Config, check_keys, option
-from feature_cache.errors import InvalidArgumentError, UserError
+from feature_cache.errors import InvalidArgumentError
 
 BALANCES = ("weights", "sampler", "none")
 #: Scenario kinds (:mod:`milcore.continual.scenarios`).
@@ -323,15 +323,7 @@ def load_config(path: str | Path) -> ContinualConfig:
     Raises:
         UserError: missing or unreadable file, unknown keys, bad values (naming the file).
     """
-    import yaml
+    from feature_cache.config import read_yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: configuration not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"{path}: not a readable YAML file ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml(path, what="continual configuration")
     return ContinualConfig.from_dict(raw, where=str(path))

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from feature_cache.config import read_yaml
 from feature_cache.devices import resolve_device
 from feature_cache.errors import InvalidArgumentError, OutputExistsError, UserError
 from feature_cache.progress import WorkEstimate, progress
@@ -35,17 +36,12 @@ from milcore.continual.metrics import per_class_recall, summarize, task_balanced
 from milcore.continual.scenarios import Scenario, build_scenario, restrict_classes
 from milcore.continual.strategies import StrategyContext
 from milcore.continual.train import train_task
+from milcore.report.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("average_accuracy", "average_forgetting", "backward_transfer", "forward_transfer",
                 "final_balanced_accuracy")  # fmt: skip
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=float))
-    tmp.replace(path)
 
 
 def make_strategy(name: str, options: StrategyConfig | dict[str, Any]) -> Any:
@@ -95,7 +91,7 @@ class StreamRunner:
                                     f"or choose another --out")  # fmt: skip
         self.out.mkdir(parents=True, exist_ok=True)
         if started and (self.out / "config.yaml").exists():
-            self._check_same_config(yaml.safe_load((self.out / "config.yaml").read_text()))
+            self._check_same_config(read_yaml(self.out / "config.yaml", what="recorded configuration"))
         (self.out / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         bank_path, cohort_path = prepare_data(self.config.data, self.out)
         bank = open_reader(bank_path)
@@ -107,7 +103,7 @@ class StreamRunner:
             cohort = restrict_classes(cohort, [str(c) for c in classes])
         cohort, _ = join_bank(cohort, bank.bag_ids(), strict=True, sizes=bank.bag_sizes())
         scenario = build_scenario(cohort, spec, seed=spec.seed)
-        _write_json(self.out / "scenario.json", scenario.describe())
+        write_json_atomic(self.out / "scenario.json", scenario.describe())
         groups = sum(len(t.classes) for t in scenario.tasks)
         if any(make_strategy(n, o).uses_memory for n, o in self.config.strategies.items()):
             try:
@@ -152,8 +148,8 @@ class StreamRunner:
                 results.setdefault(name, {})[seed] = self.run_stream(name, seed, scenario, data, bar, estimate)
         bar.close()
         summary = {name: aggregate(per_seed, scenario) for name, per_seed in results.items()}
-        _write_json(self.out / "continual.json", summary)
-        _write_json(self.out / "run.json", {"config": self.config.to_dict(), "scenario": scenario.describe(),
+        write_json_atomic(self.out / "continual.json", summary)
+        write_json_atomic(self.out / "run.json", {"config": self.config.to_dict(), "scenario": scenario.describe(),
                                              "device": str(self.device), "seconds": time.perf_counter() - t0,
                                              "bank": str(bank.path), "encoder": bank.info.to_dict()})  # fmt: skip
         html, md = write_report(self.out, self.config, scenario, summary)
@@ -254,7 +250,7 @@ class StreamRunner:
             "memory_bags": None if memory is None else len(memory),
             "seconds": seconds, "epoch_losses": losses,
         })  # fmt: skip
-        _write_json(result_path, result)
+        write_json_atomic(result_path, result)
         return result
 
 

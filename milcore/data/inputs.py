@@ -137,16 +137,12 @@ def read_run_config(run: str | Path, why: str = "") -> dict | None:
     Raises:
         UserError: the file is unreadable, not YAML, or not a mapping (naming it).
     """
-    import yaml
+    from feature_cache.config import read_yaml
 
     path = Path(run) / "config.yaml"
     if not path.is_file():
         return None
-    tail = f"; {why}" if why else ""
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise UserError(f"{path}: unreadable ({type(exc).__name__}){tail}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: not a run configuration{tail}")
-    return data
+        return read_yaml(path, what="run configuration")
+    except UserError as exc:
+        raise UserError(f"{exc}; {why}" if why else str(exc)) from None

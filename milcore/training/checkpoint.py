@@ -266,19 +266,11 @@ def _build_model(card: dict[str, Any], card_path: Path, on_meta: bool) -> torch.
 
 def _check_tensors(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], weights: Path,
                    name: str) -> None:  # fmt: skip
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
-             if k in state and tuple(state[k].shape) != tuple(v.shape)]  # fmt: skip
-    problems = []
-    if missing:
-        problems.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-    if unexpected:
-        problems.append(f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
-    if wrong:
-        problems.append(f"wrong shape {', '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}")
+    from feature_cache.encoders.weights import state_mismatch
+
+    problems = state_mismatch(expected, state)
     if problems:
-        raise UserError(f"{weights}: tensors do not fit the {name} model of its card: {'; '.join(problems)}")
+        raise UserError(f"{weights}: tensors do not fit the {name} model of its card: {problems}")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
