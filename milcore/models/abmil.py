@@ -23,6 +23,7 @@ from milcore.models.base import AggregatorConfig, MILAggregator, check_range
 from milcore.models.layers import GatedAttention, autocast_input, instance_embedding, resize_linear
 from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
+from milcore.models.search import SearchDim, declare_space
 from milcore.ops import segment_softmax, weighted_segment_sum
 
 __all__ = ["ABMIL", "ABMILConfig"]
@@ -58,6 +59,13 @@ class ABMILConfig(AggregatorConfig):
 @register_aggregator("abmil", config=ABMILConfig)
 class ABMIL(MILAggregator):
     """Gated attention MIL (Ilse et al. 2018), optional per-class attention branches (SCEMILA)."""
+
+    search_space = declare_space(
+        embed_dim=SearchDim(64, 512, log=True),
+        attention_dim=SearchDim(32, 256, log=True),
+        gated=SearchDim(choices=(True, False)),
+        multi_branch=SearchDim(choices=(False, True)),
+    )
 
     def __init__(self, config: ABMILConfig) -> None:
         super().__init__(config)

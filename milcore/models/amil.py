@@ -40,6 +40,7 @@ from milcore.models.base import AggregatorConfig, EpochContext, MILAggregator, c
 from milcore.models.layers import GatedAttention, autocast_input, instance_embedding, resize_linear
 from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
+from milcore.models.search import SearchDim, declare_space
 from milcore.ops import ptr_to_sizes, segment_softmax, weighted_segment_sum
 
 __all__ = ["AMiL", "AMiLConfig"]
@@ -92,6 +93,13 @@ class AMiL(MILAggregator):
 
     hook_requirements = frozenset({"control_instances"})
     control_class_field = "normal_class"
+    search_space = declare_space(
+        embed_dim=SearchDim(64, 512, log=True),
+        attention_dim=SearchDim(32, 256, log=True),
+        shrinkage=SearchDim(0.01, 0.5, log=True),
+        anomaly_weight=SearchDim(0.1, 10.0, log=True),
+        instance_loss_weight=SearchDim(0.05, 2.0, log=True),
+    )
 
     def __init__(self, config: AMiLConfig) -> None:
         super().__init__(config)

@@ -38,8 +38,9 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABCMeta, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -48,6 +49,7 @@ from torch import Tensor, nn
 from feature_cache.config import Config, check_choice, check_range
 from feature_cache.errors import InvalidArgumentError
 from milcore.models.output import MILOutput
+from milcore.models.search import SearchDim
 from milcore.ops import ptr_to_index
 
 __all__ = ["AggregatorConfig", "EpochContext", "MILAggregator", "check_choice", "check_range"]
@@ -105,6 +107,8 @@ class MILAggregator(nn.Module, metaclass=ABCMeta):
         hook_requirements: :class:`EpochContext` fields the model needs from the trainer.
         permutation_invariant: whether outputs are invariant to the order of rows within a bag.
         has_padded_path: whether :meth:`pool_padded` is implemented (derived, not declared).
+        search_space: the model's own hyper-parameters a tuner may vary, config field -> ``SearchDim``
+            (:mod:`milcore.models.search`; shared training settings are not declared here).
     """
 
     aggregator_name: ClassVar[str] = ""
@@ -114,6 +118,7 @@ class MILAggregator(nn.Module, metaclass=ABCMeta):
     hook_requirements: ClassVar[frozenset[str]] = frozenset()
     permutation_invariant: ClassVar[bool] = True
     has_padded_path: ClassVar[bool] = False
+    search_space: ClassVar[Mapping[str, SearchDim]] = MappingProxyType({})
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -30,6 +30,7 @@ from milcore.models.base import AggregatorConfig, MILAggregator, check_range
 from milcore.models.layers import autocast_input, instance_embedding, resize_linear
 from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
+from milcore.models.search import SearchDim, declare_space
 from milcore.ops import (
     segment_argmax,
     segment_inner,
@@ -72,6 +73,12 @@ class DSMILConfig(AggregatorConfig):
 @register_aggregator("dsmil", config=DSMILConfig)
 class DSMIL(MILAggregator):
     """Dual-stream MIL (Li et al. 2021): critical-instance max stream + per-class attention stream."""
+
+    search_space = declare_space(
+        embed_dim=SearchDim(64, 512, log=True),
+        query_dim=SearchDim(32, 256, log=True),
+        max_loss_weight=SearchDim(0.1, 1.0),
+    )
 
     def __init__(self, config: DSMILConfig) -> None:
         super().__init__(config)

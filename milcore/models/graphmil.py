@@ -28,6 +28,7 @@ from milcore.models.base import AggregatorConfig, MILAggregator, check_choice, c
 from milcore.models.layers import GatedAttention, autocast_input, instance_embedding, resize_linear
 from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
+from milcore.models.search import SearchDim, declare_space
 from milcore.ops import knn_graph, segment_softmax, weighted_segment_sum
 
 __all__ = ["GraphMIL", "GraphMILConfig"]
@@ -87,6 +88,12 @@ class GraphMIL(MILAggregator):
     """GNN on per-bag kNN cell graphs (GCN/GAT/GIN, torch-geometric) with gated-attention readout."""
 
     uses_coords = True  # the kNN graph is built in cell coordinates when the bank has them
+    search_space = declare_space(
+        embed_dim=SearchDim(choices=(64, 128, 256)),  # multiples of GAT's heads
+        conv=SearchDim(choices=("gin", "gcn", "gat")),
+        num_layers=SearchDim(1, 3),
+        k=SearchDim(4, 16),
+    )
 
     def __init__(self, config: GraphMILConfig) -> None:
         super().__init__(config)

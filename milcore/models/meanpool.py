@@ -19,6 +19,7 @@ from milcore.models.base import AggregatorConfig, MILAggregator, check_range
 from milcore.models.layers import autocast_input, instance_embedding, resize_linear
 from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
+from milcore.models.search import SearchDim, declare_space
 from milcore.ops import ptr_to_sizes
 
 __all__ = ["MeanPool", "MeanPoolConfig"]
@@ -45,6 +46,8 @@ class MeanPoolConfig(AggregatorConfig):
 @register_aggregator("mean", config=MeanPoolConfig)
 class MeanPool(MILAggregator):
     """Mean pooling of instance embeddings (baseline)."""
+
+    search_space = declare_space(embed_dim=SearchDim(64, 512, log=True))  # max pooling inherits it
 
     def __init__(self, config: MeanPoolConfig) -> None:
         super().__init__(config)

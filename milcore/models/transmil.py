@@ -45,6 +45,7 @@ from milcore.models.base import AggregatorConfig, MILAggregator, check_range
 from milcore.models.layers import autocast_input, resize_linear
 from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
+from milcore.models.search import SearchDim, declare_space
 from milcore.ops import ptr_to_sizes, segment_mean, to_padded
 
 __all__ = ["TransMIL", "TransMILConfig"]
@@ -179,6 +180,11 @@ class TransMIL(MILAggregator):
     """TransMIL (Shao et al. 2021) with exact fused attention up to ``exact_max_tokens``, Nystrom beyond."""
 
     permutation_invariant = False
+    search_space = declare_space(
+        dim=SearchDim(choices=(128, 256, 512)),
+        num_heads=SearchDim(choices=(4, 8)),
+        num_layers=SearchDim(2, 3),
+    )
 
     def __init__(self, config: TransMILConfig) -> None:
         super().__init__(config)
