@@ -4,7 +4,8 @@ Everything is computed with vectorised numpy (checked against scikit-learn in th
 1,000-resample bootstrap over a few hundred patients takes well under a second:
 balanced accuracy, macro-F1 and per-class F1, one-vs-rest AUROC (macro over classes present),
 accuracy, confusion matrix, expected calibration error (top-label, equal-width bins), the reliability
-curve, and how well per-cell attention ranks the diagnostic cells (:func:`instance_auroc`).
+curve, the per-patient log-loss and Brier score with their class-balanced means, and how well per-cell
+attention ranks the diagnostic cells (:func:`instance_auroc`).
 Which of them are reported, under which label and in which direction is :data:`milcore.metrics.TABLE`.
 """
 
@@ -114,6 +115,51 @@ def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Share of correct predictions (NaN for no patient)."""
     y_true = np.asarray(y_true)
     return float((np.asarray(y_pred) == y_true).mean()) if len(y_true) else float("nan")
+
+
+#: Smallest true-class probability the log-loss takes (scikit-learn's clip: float64 machine epsilon), so one
+#: patient given probability 0 costs 36 nats instead of infinity.
+LOG_LOSS_EPS = float(np.finfo(np.float64).eps)
+
+
+def log_loss_per_patient(y_true: np.ndarray, proba: np.ndarray) -> np.ndarray:
+    """(n,) ``-log p(true class)``, the probability clipped at :data:`LOG_LOSS_EPS`."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(proba, dtype=float)[np.arange(len(y_true)), y_true]
+    return -np.log(np.clip(p, LOG_LOSS_EPS, 1.0))
+
+
+def brier_per_patient(y_true: np.ndarray, proba: np.ndarray) -> np.ndarray:
+    """(n,) half the squared distance between the probabilities and the one-hot true class, in [0, 1].
+
+    ``sum_k (p_k - [k = y])**2 / 2``: the multi-class Brier score scaled so that two classes give the usual
+    binary ``(p_1 - y)**2`` (scikit-learn's ``brier_score_loss(..., scale_by_half=True)``).
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(proba, dtype=float)
+    return ((p - np.eye(p.shape[1])[y_true]) ** 2).sum(axis=1) / 2.0
+
+
+def class_balanced_mean(values: np.ndarray, y_true: np.ndarray, num_classes: int) -> float:
+    """Mean over the classes present in ``y_true`` of the class means of ``values`` (NaN for no patient).
+
+    The per-patient analogue of balanced accuracy: a group's value does not depend on its class mix.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    support = np.bincount(y_true, minlength=num_classes)
+    sums = np.bincount(y_true, weights=np.asarray(values, dtype=float), minlength=num_classes)
+    present = support > 0
+    return float(np.mean(sums[present] / support[present])) if present.any() else float("nan")
+
+
+def balanced_log_loss(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """Class-balanced mean of the per-patient log-loss (:func:`log_loss_per_patient`)."""
+    return class_balanced_mean(log_loss_per_patient(y_true, proba), y_true, np.asarray(proba).shape[1])
+
+
+def balanced_brier(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """Class-balanced mean of the per-patient Brier score (:func:`brier_per_patient`)."""
+    return class_balanced_mean(brier_per_patient(y_true, proba), y_true, np.asarray(proba).shape[1])
 
 
 def instance_auroc(attention: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict[str, float]:

@@ -10,6 +10,7 @@ every report read their metric names, directions and labels from :data:`TABLE`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,8 @@ class Metric:
         headline: one of the training run's headline metrics (mean ± sd over folds in ``metrics.json``).
         per_class: one value per class (``recall[CLASS]`` in the audit).
         chance: the metric has a chance level (the caveats compare its CI with it).
+        worst: the worst value the metric can take (the audit's minimum detectable effect cannot exceed the
+            distance to it): 0 for higher-is-better rates, 1 for lower-is-better ones, infinity for the log-loss.
     """
 
     name: str
@@ -46,6 +49,11 @@ class Metric:
     headline: bool = False
     per_class: bool = False
     chance: bool = False
+    worst: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.worst is None:
+            object.__setattr__(self, "worst", 0.0 if self.higher_is_better else 1.0)
 
 
 def _pred(proba: np.ndarray) -> np.ndarray:
@@ -63,6 +71,10 @@ _ROWS = (
     Metric("accuracy", True, "accuracy", "acc.", lambda y, p, bins: cl.accuracy(y, _pred(p))),
     Metric("ece", False, "ECE", "ECE", lambda y, p, bins: cl.expected_calibration_error(y, p, bins), wt.weighted_ece,
            headline=True),
+    Metric("balanced_log_loss", False, "class-balanced log-loss", "bal. log-loss",
+           lambda y, p, bins: cl.balanced_log_loss(y, p), wt.weighted_balanced_log_loss, worst=math.inf),
+    Metric("balanced_brier", False, "class-balanced Brier score", "bal. Brier",
+           lambda y, p, bins: cl.balanced_brier(y, p), wt.weighted_balanced_brier),
     Metric("ece_uncalibrated", False, "ECE before temperature scaling", "raw ECE"),
     Metric("instance_auroc", True, "attention instance-AUROC", "inst. AUROC"),
     Metric("recall", True, "recall", "recall", weighted=wt.weighted_recall, per_class=True),

@@ -8,6 +8,8 @@ a few matrix products:
   give per-class support, predictions and true positives, hence recall (TPR), FPR, selection rate,
   balanced accuracy and macro-F1 exactly as :mod:`milcore.metrics.classification` defines them;
 - ECE: ``W @ (bin one-hot * (correct - confidence))`` per equal-width confidence bin;
+- per-patient scores (log-loss, Brier score): ``W @ (onehot(y) * score)`` per class, whose means over the
+  classes present are the class-balanced log-loss and Brier score;
 - AUROC: the weighted Mann-Whitney statistic: in score order, each positive's weight times the cumulative
   weight of the negatives below it (plus half the tied ones), per class (one vs rest, macro over the
   classes present), O(R n) after one sort per class.
@@ -28,6 +30,8 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+
+from milcore.metrics.classification import brier_per_patient, log_loss_per_patient
 
 
 def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -62,6 +66,8 @@ class LabelledPredictions:
         conf = self.proba.max(axis=1)
         bins = np.clip((conf * self.n_bins).astype(int), 0, self.n_bins - 1)
         self.calib = np.eye(self.n_bins)[bins] * (self.correct - conf)[:, None]  # (n, bins)
+        self.log_loss = log_loss_per_patient(self.y_true, self.proba)  # (n,)
+        self.brier = brier_per_patient(self.y_true, self.proba)  # (n,)
         self.ranks = []  # per class: score order, and each position's tie-group start and end (exclusive)
         for k in range(c):
             order = np.argsort(self.proba[:, k], kind="mergesort")
@@ -144,6 +150,24 @@ def weighted_ece(pred: LabelledPredictions, c: WeightedCounts) -> np.ndarray:
         return np.where(c.total > 0, np.abs(c.W @ pred.calib).sum(1) / np.where(c.total > 0, c.total, 1), np.nan)
 
 
+def weighted_class_balanced_mean(pred: LabelledPredictions, c: WeightedCounts, values: np.ndarray) -> np.ndarray:
+    """(R,) mean over the classes present in each row of the class means of the per-patient ``values`` (n,)."""
+    means = _div(c.W @ (pred.onehot_true * values[:, None]), c.support)  # (R, C)
+    present = c.support > 0
+    with np.errstate(invalid="ignore"):
+        return np.where(present.any(1), np.where(present, means, 0.0).sum(1) / np.maximum(present.sum(1), 1), np.nan)
+
+
+def weighted_balanced_log_loss(pred: LabelledPredictions, c: WeightedCounts) -> np.ndarray:
+    """(R,) class-balanced mean log-loss."""
+    return weighted_class_balanced_mean(pred, c, pred.log_loss)
+
+
+def weighted_balanced_brier(pred: LabelledPredictions, c: WeightedCounts) -> np.ndarray:
+    """(R,) class-balanced mean Brier score."""
+    return weighted_class_balanced_mean(pred, c, pred.brier)
+
+
 def weighted_auroc(pred: LabelledPredictions, c: WeightedCounts) -> np.ndarray:
     """(R,) macro one-vs-rest AUROC (binary: AUROC of class 1), NaN where a row has one class only."""
     W, support, negatives = c.W, c.support, c.negatives
@@ -175,8 +199,9 @@ def weighted_metrics(pred: LabelledPredictions, W: np.ndarray, with_auroc: bool 
 
     Returns:
         ``{name: (R,) array}`` for ``n`` and the scalar metrics (``balanced_accuracy``, ``macro_f1``, ``auroc``,
-        ``ece``), ``{name: (R, C) array}`` for ``support`` and the per-class ones (``recall``, ``fpr``,
-        ``selection_rate``); NaN where undefined (no patient, or a class absent from the group).
+        ``ece``, ``balanced_log_loss``, ``balanced_brier``), ``{name: (R, C) array}`` for ``support`` and the
+        per-class ones (``recall``, ``fpr``, ``selection_rate``); NaN where undefined (no patient, or a class
+        absent from the group).
     """
     from milcore.metrics.table import TABLE
 
