@@ -4,8 +4,16 @@
 
     OUT/<patient_id>/<cell_id>.png   96 x 96 RGB single-cell crops
     OUT/cohort.csv                   patient_id, <task> label, age, sex, site, date, fold, split, ...
-    OUT/cells.csv                    patient_id, cell_id, cell_type, is_diagnostic, x, y
+    OUT/cells.csv                    patient_id, cell_id, cell_type, is_diagnostic, x, y, diagnostic_feature,
+                                     then the cell's attributes (WBCAtt-style for white cells: cell_size,
+                                     nucleus_shape, nc_ratio, chromatin, ..., auer_rods; red cells: cell_size,
+                                     cell_shape, central_pallor, colour)
+    OUT/masks.h5                     per diagnostic cell, the mask of its diagnostic feature and of the cell
     OUT/synth.json                   the configuration, class counts and provenance
+
+The attributes and masks record what the renderer drew (see
+:mod:`~feature_cache.sources.synthetic_attributes`); recording them draws no random number, so the
+crops and the first six columns of ``cells.csv`` are those of a cohort written without them.
 
 The output appears atomically: it is written into a hidden sibling folder and renamed at the end,
 so an error or an interrupt never leaves a half-written cohort behind.
@@ -34,19 +42,23 @@ import numpy as np
 from feature_cache import __version__
 from feature_cache.errors import OutputExistsError, UserError
 from feature_cache.progress import progress
+from feature_cache.sources.synthetic_attributes import ATTRIBUTE_COLUMNS
 from feature_cache.sources.synthetic_cohort import SAMPLING_VERSION, CellTable, PatientRecord, SyntheticCohort
-from feature_cache.sources.synthetic_config import Bias, SynthConfig, parse_bias
-from feature_cache.sources.synthetic_vocab import list_cell_types, list_tasks
+from feature_cache.sources.synthetic_config import Bias, Confound, SynthConfig, parse_bias, parse_confound
+from feature_cache.sources.synthetic_truth import MASKS_FILE, FeatureMask, MaskTable, write_masks
+from feature_cache.sources.synthetic_vocab import TASKS, list_cell_types, list_tasks
 
 __all__ = [
     "Bias",
     "CohortSummary",
+    "Confound",
     "SynthConfig",
     "SyntheticCohort",
     "encode_png",
     "list_cell_types",
     "list_tasks",
     "parse_bias",
+    "parse_confound",
     "write_cohort",
 ]
 
@@ -57,6 +69,13 @@ COHORT_COLUMNS = (
     "n_cells", "n_diagnostic", "witness_rate", "subtlety", "biased",
 )  # fmt: skip
 CELL_COLUMNS = ("patient_id", "cell_id", "cell_type", "is_diagnostic", "x", "y")
+#: Columns of ``cells.csv`` after :data:`CELL_COLUMNS`: the diagnostic feature, then the lineage's attributes.
+TRUTH_COLUMN = "diagnostic_feature"
+
+
+def truth_columns(task: str) -> tuple[str, ...]:
+    """The ground-truth columns ``cells.csv`` holds after :data:`CELL_COLUMNS` for a task."""
+    return (TRUTH_COLUMN, *ATTRIBUTE_COLUMNS[TASKS[task].lineage])
 
 
 @dataclass(frozen=True)
@@ -114,13 +133,30 @@ def encode_png(img: np.ndarray, level: int = 1) -> bytes:
     )
 
 
-def _write_patient(cohort: SyntheticCohort, patient: PatientRecord, root: Path) -> tuple[CellTable, int]:
+@dataclass
+class _PatientTruth:
+    """What one patient's rendering recorded: a ``cells.csv`` truth row per cell and the diagnostic masks."""
+
+    rows: list[list[str]]
+    masks: MaskTable
+
+
+def _write_patient(cohort: SyntheticCohort, patient: PatientRecord, root: Path) -> tuple[CellTable, _PatientTruth]:
     folder = root / patient.patient_id
     folder.mkdir()
     cells = cohort.cells(patient)
-    for cell_id, crop in zip(cells.cell_ids(), cohort.iter_crops(patient, cells), strict=True):
+    columns = ATTRIBUTE_COLUMNS[cohort.task.lineage]
+    truth = _PatientTruth([], {})
+    for cell_id, ctype, diag, (crop, drawn) in zip(cells.cell_ids(), cells.cell_type, cells.is_diagnostic,
+                                                   cohort.iter_truth(patient, cells), strict=True):  # fmt: skip
         (folder / f"{cell_id}.png").write_bytes(encode_png(crop))
-    return cells, len(cells)
+        feature = drawn.diagnostic_feature(str(ctype)) if diag else None
+        if feature is not None:
+            truth.masks[(patient.patient_id, cell_id)] = FeatureMask(feature, drawn.masks[feature],
+                                                                     drawn.masks["cell"])  # fmt: skip
+        attrs = drawn.attributes()
+        truth.rows.append([feature or "", *(attrs[c] for c in columns)])
+    return cells, truth
 
 
 _WORKER: dict[str, object] = {}
@@ -131,11 +167,11 @@ def _worker_init(config: SynthConfig, root: str) -> None:
     _WORKER["root"] = Path(root)
 
 
-def _worker_run(index: int) -> tuple[int, int]:
+def _worker_run(index: int) -> tuple[int, _PatientTruth]:
     cohort = _WORKER["cohort"]
     assert isinstance(cohort, SyntheticCohort)
-    _, n = _write_patient(cohort, cohort.patients[index], _WORKER["root"])  # type: ignore[arg-type]
-    return index, n
+    _, truth = _write_patient(cohort, cohort.patients[index], _WORKER["root"])  # type: ignore[arg-type]
+    return index, truth
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
@@ -155,7 +191,8 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise UserError(f"{parent}: output folder is not writable")
 
 
-def _write_tables(cohort: SyntheticCohort, tables: dict[int, CellTable], root: Path) -> None:
+def _write_tables(cohort: SyntheticCohort, tables: dict[int, CellTable], truths: dict[int, _PatientTruth],
+                  root: Path) -> None:  # fmt: skip
     task = cohort.config.task
     header = [c.format(task=task) for c in COHORT_COLUMNS]
     with open(root / "cohort.csv", "w", newline="") as f:
@@ -168,13 +205,17 @@ def _write_tables(cohort: SyntheticCohort, tables: dict[int, CellTable], root: P
             )  # fmt: skip
     with open(root / "cells.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(CELL_COLUMNS)
+        writer.writerow([*CELL_COLUMNS, *truth_columns(task)])
         for p in cohort.patients:
             cells = tables[p.index]
-            for cid, ctype, diag, (x, y) in zip(
-                cells.cell_ids(), cells.cell_type, cells.is_diagnostic, cells.coords, strict=True
+            for cid, ctype, diag, (x, y), extra in zip(
+                cells.cell_ids(), cells.cell_type, cells.is_diagnostic, cells.coords, truths[p.index].rows, strict=True
             ):
-                writer.writerow([p.patient_id, cid, ctype, int(diag), int(x), int(y)])
+                writer.writerow([p.patient_id, cid, ctype, int(diag), int(x), int(y), *extra])
+    masks: MaskTable = {}
+    for truth in truths.values():
+        masks.update(truth.masks)
+    write_masks(root / MASKS_FILE, masks, cohort.config.crop_size)
 
 
 def write_cohort(
@@ -210,19 +251,21 @@ def write_cohort(
     try:
         bar = progress(total=total, desc=f"synth {config.task}", unit="cells")
         tables: dict[int, CellTable] = {}
+        truths: dict[int, _PatientTruth] = {}
         if workers == 1 or len(patients) == 1:
             for p in patients:
-                tables[p.index], n = _write_patient(cohort, p, tmp)
-                bar.update(n)
+                tables[p.index], truths[p.index] = _write_patient(cohort, p, tmp)
+                bar.update(len(tables[p.index]))
         else:
             import multiprocessing as mp
 
             with mp.get_context("fork").Pool(workers, _worker_init, (config, str(tmp))) as pool:
-                for _index, n in pool.imap_unordered(_worker_run, range(len(patients))):
-                    bar.update(n)
+                for index, truth in pool.imap_unordered(_worker_run, range(len(patients))):
+                    truths[index] = truth
+                    bar.update(len(truth.rows))
             tables = {p.index: cohort.cells(p) for p in patients}
         bar.close()
-        _write_tables(cohort, tables, tmp)
+        _write_tables(cohort, tables, truths, tmp)
         classes = dict(Counter(p.label for p in patients))
         meta = {
             "format": "milcore-synthetic-cohort",

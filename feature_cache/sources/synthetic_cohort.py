@@ -10,6 +10,10 @@ cohort's class counts differ by at most one; the fold hint of the k-th patient o
 a seeded permutation of the folds for that class's block ``k // folds``, so fold hints are stratified
 within one patient per class. Bag ids are zero-padded to 4 digits (wider only from 10,000 patients).
 
+Planted label confounds (``SynthConfig.confounds``) and the renderer's ground truth (attributes and
+masks, :meth:`SyntheticCohort.iter_truth`) draw nothing from these streams (confounds have a stream
+of their own), so they change no other draw.
+
 ``SAMPLING_VERSION`` numbers this scheme (2; version 1 drew labels, sizes and metadata from one
 generator sized by the patient count). It is written to ``synth.json`` and checked when a cohort
 folder is re-rendered, so cells are never re-drawn with another scheme than the crops on disk.
@@ -24,11 +28,12 @@ from functools import cached_property
 
 import numpy as np
 
+from feature_cache.sources.synthetic_attributes import CellTruth
 from feature_cache.sources.synthetic_config import SynthConfig
 from feature_cache.sources.synthetic_render import CellRenderer, SiteStyle
 from feature_cache.sources.synthetic_vocab import TASKS, TaskSpec
 
-_META, _CELLS, _PIXELS, _SITES, _STYLE, _LABEL, _FOLD = 1, 2, 3, 4, 5, 6, 7
+_META, _CELLS, _PIXELS, _SITES, _STYLE, _LABEL, _FOLD, _CONFOUND = 1, 2, 3, 4, 5, 6, 7, 8
 SAMPLING_VERSION = 2  # see the module docstring; bump whenever a patient's draws change
 EPOCH = dt.date(2024, 1, 1)
 SMEAR_EXTENT = 20_000  # virtual smear side (pixels) over which cell coordinates are spread
@@ -155,6 +160,8 @@ class SyntheticCohort:
         n = int(np.clip(np.rint(cfg.bag_median * np.exp(rng.normal(0, cfg.bag_sigma))), lo, hi))
         wlo, whi = cfg.witness_range
         rate = float(np.clip(cfg.witness_median * np.exp(rng.normal(0, cfg.witness_sigma)), wlo, whi))
+        if cfg.confounds:
+            site, day = self._confound(i, label, site, day)
         subtle, biased = cfg.subtlety, False
         for bias in cfg.biases:
             if bias.matches(sex, age, site):
@@ -184,6 +191,21 @@ class SyntheticCohort:
             subtlety=round(subtle, 6),
             biased=biased,
         )
+
+    def _confound(self, i: int, label: str, site: int, day: int) -> tuple[int, int]:
+        """Site and day of patient ``i`` after the planted confounds (own generator: no other draw moves)."""
+        rng = np.random.default_rng([self.config.seed, _CONFOUND, i])
+        k, n_classes = self.task.classes.index(label), len(self.task.classes)
+        for confound in self.config.confounds:
+            hit, u = rng.random() < confound.strength, float(rng.random())
+            if not hit:
+                continue
+            if confound.column == "site":
+                site = k % self.config.sites
+            else:
+                period = 366 // n_classes
+                day = k * period + int(u * period)
+        return site, day
 
     def patient(self, patient_id: str) -> PatientRecord:
         """Look up a patient by id."""
@@ -254,6 +276,24 @@ class SyntheticCohort:
         renderer = self.renderer
         for cell_type, diag in zip(cells.cell_type, cells.is_diagnostic, strict=True):
             yield renderer.render(str(cell_type), rng, patient.subtlety if diag else 0.0, style)
+        renderer.clear_style_cache()
+
+    def iter_truth(self, patient: PatientRecord, cells: CellTable | None = None, masks: str = "diagnostic"):
+        """Yield ``(crop, CellTruth)`` for the patient's cells, in cell order; the crops equal :meth:`iter_crops`'s.
+
+        Args:
+            patient: the patient.
+            cells: its cell table (drawn when not given).
+            masks: which cells keep their masks: ``"diagnostic"``, ``"all"`` or ``"none"``.
+        """
+        cells = cells if cells is not None else self.cells(patient)
+        rng = np.random.default_rng([self.config.seed, _PIXELS, patient.index])
+        style = self.patient_style(patient)
+        renderer = self.renderer
+        for cell_type, diag in zip(cells.cell_type, cells.is_diagnostic, strict=True):
+            truth = CellTruth(keep_masks=masks == "all" or (masks == "diagnostic" and bool(diag)))
+            crop = renderer.render(str(cell_type), rng, patient.subtlety if diag else 0.0, style, truth=truth)
+            yield crop, truth
         renderer.clear_style_cache()
 
     def render_bag(self, patient: PatientRecord) -> np.ndarray:

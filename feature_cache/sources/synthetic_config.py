@@ -16,6 +16,10 @@ Difficulty knobs (all in :class:`SynthConfig`):
 - ``bag_median`` / ``bag_sigma`` / ``bag_range``: heavy-tailed (log-normal) number of cells per patient.
 - ``biases``: planted subgroup effects, e.g. ``sex=F:0.5`` halves the diagnostic-cell rate of
   female patients; ``age=72-86:subtle=0.5`` makes their abnormal cells subtler.
+- ``confounds``: planted label confounds (a shortcut a model can learn instead of the morphology):
+  ``site:0.8`` sends 80% of the patients of class k to site ``k % sites`` (the others keep their
+  random site); ``date:0.8`` acquires 80% of class k's patients in the k-th of C equal periods of
+  the year. Drawn from a stream of their own, so a cohort without confounds is unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from feature_cache.errors import InvalidArgumentError
 from feature_cache.sources.synthetic_vocab import TASKS
 
 BIAS_COLUMNS = ("sex", "age", "site")
+CONFOUND_COLUMNS = ("site", "date")
 SEX_CODES = ("F", "M")
 
 
@@ -101,6 +106,49 @@ def parse_bias(text: str) -> Bias:
     return Bias(col, val, factor, kind)
 
 
+@dataclass(frozen=True)
+class Confound:
+    """A planted label confound: a non-morphological column that follows the diagnosis.
+
+    Attributes:
+        column: ``site`` or ``date``.
+        strength: probability that a patient's column value is set by its class (0 = none, 1 = always).
+    """
+
+    column: str
+    strength: float
+
+    def __str__(self) -> str:
+        return f"{self.column}:{self.strength:g}"
+
+
+def parse_confound(text: str) -> Confound:
+    """Parse ``COLUMN:STRENGTH`` (``site:0.8``, ``date:1``).
+
+    Raises:
+        InvalidArgumentError: malformed text, unknown column, or a strength outside [0, 1].
+    """
+    col, sep, value = text.strip().partition(":")
+    if not sep:
+        raise InvalidArgumentError(f"confound {text!r}: expected COLUMN:STRENGTH, e.g. site:0.8")
+    if col not in CONFOUND_COLUMNS:
+        raise InvalidArgumentError(f"confound {text!r}: unknown column {col!r} (choose from "
+                                   f"{', '.join(CONFOUND_COLUMNS)})")  # fmt: skip
+    try:
+        strength = float(value)
+    except ValueError:
+        raise InvalidArgumentError(f"confound {text!r}: strength {value!r} is not a number") from None
+    if not 0.0 <= strength <= 1.0:
+        raise InvalidArgumentError(f"confound {text!r}: strength must be in [0, 1]")
+    return Confound(col, strength)
+
+
+def _load_confounds(value: object) -> object:
+    if isinstance(value, (list, tuple)):
+        return tuple(parse_confound(c) if isinstance(c, str) else c for c in value)
+    return value
+
+
 def _load_biases(value: object) -> object:
     """Biases as :class:`Bias` objects or their text form (``sex=F:0.5``), as ``to_dict`` writes them."""
     if isinstance(value, (list, tuple)):
@@ -130,6 +178,8 @@ class SynthConfig(Config):
         site_strength: how strongly sites differ (0 = identical).
         biases: planted subgroup effects (``sex=F:0.5`` in a file).
         folds: number of stratified folds in the split hints.
+        confounds: planted label confounds (``site:0.8`` in a file); left out of :meth:`to_dict` when
+            empty, so cohorts without one keep the configuration text of cohorts written before it existed.
     """
 
     config_key = "synthetic option"
@@ -151,6 +201,7 @@ class SynthConfig(Config):
     site_strength: float = option(1.0, low=0)
     biases: tuple[Bias, ...] = option((), load=_load_biases, dump=lambda biases: [str(b) for b in biases])
     folds: int = option(5, low=2)
+    confounds: tuple[Confound, ...] = option((), load=_load_confounds, dump=lambda cs: [str(c) for c in cs])
 
     def validate(self) -> None:
         """Ranges are ordered and hold their medians; planted site biases name existing sites."""
@@ -169,3 +220,15 @@ class SynthConfig(Config):
         for bias in self.biases:
             if bias.column == "site" and int(bias.value) >= self.sites:
                 raise InvalidArgumentError(f"bias {bias}: site {bias.value} does not exist (sites: {self.sites})")
+        columns = [c.column for c in self.confounds]
+        if len(set(columns)) < len(columns):
+            raise InvalidArgumentError(f"confounds {[str(c) for c in self.confounds]}: one confound per column")
+        if "site" in columns and self.sites < 2:
+            raise InvalidArgumentError("confound site: needs at least 2 sites (--sites)")
+
+    def to_dict(self) -> dict:
+        """The fields as a plain mapping; ``confounds`` only when there is one (see the class docstring)."""
+        out = super().to_dict()
+        if not self.confounds:
+            del out["confounds"]
+        return out

@@ -4,7 +4,9 @@ A crop shows one centred cell on a plasma background with neighbouring red cells
 as in the single-cell crops of the Munich AML cohort. The cell's morphology comes from
 :mod:`feature_cache.sources.synthetic_vocab`; a ``subtlety`` in 0..1 moves an abnormal cell toward
 the normal cell type it mimics (0: textbook; 1: indistinguishable). A :class:`SiteStyle` applies a
-site's stain, illumination and focus.
+site's stain, illumination and focus. :meth:`CellRenderer.render` can record what it drew (a
+:class:`~feature_cache.sources.synthetic_attributes.CellTruth`: attribute values and masks) without
+drawing any extra random number, so the pixels do not depend on it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from feature_cache.sources.synthetic_attributes import CellTruth
 from feature_cache.sources.synthetic_paint import (
     Canvas,
     ellipse_field,
@@ -120,6 +123,7 @@ class CellRenderer:
         self._coarse = smooth_noise_bank(bank_rng, 8, side, sigma=2.2 * self.scale)
         self._styles: dict[SiteStyle, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._draw_neighbours = True
+        self._truth: CellTruth | None = None
         self._plasma = np.broadcast_to(np.asarray(PLASMA, dtype=np.float32), (size, size, 3)).copy()
         self._sprites = self._neighbour_sprites(np.random.default_rng([seed, 0x5B1E]), count=48)
 
@@ -141,6 +145,7 @@ class CellRenderer:
         subtlety: float = 0.0,
         style: SiteStyle | None = None,
         neighbours: bool = True,
+        truth: CellTruth | None = None,
     ) -> np.ndarray:
         """Render one crop.
 
@@ -150,10 +155,21 @@ class CellRenderer:
             subtlety: 0..1, how far an abnormal cell is moved toward the normal type it mimics.
             style: the site's acquisition style; ``None`` for the reference site.
             neighbours: draw the neighbouring red cells (off only for measurements).
+            truth: filled with what was drawn (values, and masks if it keeps them); the pixels and the
+                generator's state are the same with or without it.
 
         Returns:
             (S, S, 3) uint8 RGB crop.
         """
+        self._truth = truth
+        try:
+            return self._render(cell_type, rng, subtlety, style, neighbours)
+        finally:
+            self._truth = None
+
+    def _render(
+        self, cell_type: str, rng: np.random.Generator, subtlety: float, style: SiteStyle | None, neighbours: bool
+    ) -> np.ndarray:
         canvas = Canvas(self.size, self._plasma * np.float32(rng.uniform(0.98, 1.01)))
         self._draw_neighbours = neighbours
         t = float(np.clip(subtlety, 0.0, 1.0)) * float(rng.uniform(0.6, 1.0)) if subtlety > 0 else 0.0
@@ -215,6 +231,8 @@ class CellRenderer:
             width = 0.55 * r * np.clip(1.0 - along / length, 0.0, 1.0)
             tail_field = np.minimum(np.minimum(width - across, length - along), along)
             field = np.maximum(field, tail_field)
+        if self._truth is not None:
+            self._record_red(bbox, field, r, aspect, pallor, rgb, shape)
         color = np.broadcast_to(rgb, (*dx.shape, 3)).copy()
         color *= (1.0 - 0.06 * np.clip(rho, 0, 1))[..., None]
         if shape == "target":
@@ -225,6 +243,18 @@ class CellRenderer:
             color += (np.asarray(PALE, dtype=np.float32) - color) * p[..., None]
         canvas.blend(bbox, soft(field, 1.1) * 0.96, color)
         return r
+
+    def _record_red(self, bbox: tuple[int, int, int, int], field: np.ndarray, r: float, aspect: float,
+                    pallor: float, rgb: np.ndarray, shape: str) -> None:  # fmt: skip
+        truth = self._truth
+        assert truth is not None
+        truth.lineage = "rbc"
+        truth.values.update(radius=r / self.scale, aspect=aspect, pallor=pallor, rgb_sum=float(rgb.sum()), shape=shape)
+        if truth.keep_masks:
+            y0, y1, x0, x1 = bbox
+            mask = np.zeros((self.size, self.size), dtype=bool)
+            mask[y0:y1, x0:x1] = soft(field, 1.1) > 0.5
+            truth.add_mask("cell", mask)
 
     def _neighbour_sprites(self, rng: np.random.Generator, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Pre-rendered normal red cells (alpha, colour) used as neighbours in every crop."""
@@ -289,6 +319,16 @@ class CellRenderer:
         nucleus = self._nucleus(canvas, spec, mimic, t, rng, cx, cy, R)  # (S, S) alpha
         inside = np.zeros((self.size, self.size), dtype=np.float32)
         inside[y0:y1, x0:x1] = body
+        if self._truth is not None:
+            granule_rgb = _lerp_rgb(spec.granule_rgb, mimic.granule_rgb, t)
+            self._truth.values.update(
+                radius=R / s, elongation=elong, irregularity=irregular, cytoplasm_texture=tex_amp,
+                cytoplasm_r=float(cyto[0]), cytoplasm_g=float(cyto[1]), cytoplasm_b=float(cyto[2]),
+                granule_r=float(granule_rgb[0]), granule_g=float(granule_rgb[1]), granule_b=float(granule_rgb[2]),
+                granule_density=0.0, granule_size=0.0, granules=0, vacuoles=0, auer_rods=0,
+            )  # fmt: skip
+            if self._truth.keep_masks:
+                self._truth.add_mask("cell", inside > 0.5)
         cell = _Drawn(spec, mimic, t, cx, cy, R, rx, ry, angle, inside, nucleus)
         self._granules(canvas, cell, rng)
         self._vacuoles(canvas, cell, rng)
@@ -327,6 +367,11 @@ class CellRenderer:
         full = np.zeros((self.size, self.size), dtype=np.float32)
         full[y0:y1, x0:x1] = alpha
         n_nucleoli = round(_lerp(_u(rng, spec.nucleoli), _u(rng, mimic.nucleoli), t))
+        if self._truth is not None:
+            self._truth.values.update(nucleus_shape=shape, nc_ratio=Rn / R, chromatin_density=density,
+                                      chromatin_coarseness=coarse, nucleoli=n_nucleoli)  # fmt: skip
+            if self._truth.keep_masks:
+                self._truth.add_mask("nucleus", full > 0.5)
         for _ in range(n_nucleoli):
             a, d = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.45) * Rn
             px, py = nx + d * math.cos(a), ny + d * math.sin(a)
@@ -414,6 +459,10 @@ class CellRenderer:
                                       None if over else cell.nucleus)  # fmt: skip
         size = max(1, round(cell.lerp("granule_size", rng) * self.scale))
         canvas.dots(ys, xs, size, _lerp_rgb(spec.granule_rgb, mimic.granule_rgb, t), 0.7)
+        if self._truth is not None:
+            self._truth.values.update(granule_density=density, granule_size=size / self.scale, granules=len(ys))
+            if len(ys):
+                self._truth.add_dots("granules", self.size, ys, xs, size)
 
     def _vacuoles(self, canvas: Canvas, cell: _Drawn, rng: np.random.Generator) -> None:
         n = round(cell.lerp("vacuoles", rng))
@@ -424,6 +473,8 @@ class CellRenderer:
             bbox = canvas.box(float(x), float(y), rr)
             if bbox is None:
                 continue
+            if self._truth is not None:
+                self._truth.values["vacuoles"] = int(self._truth.values.get("vacuoles", 0)) + 1
             dx, dy = canvas.grid(bbox, float(x) + 0.5, float(y) + 0.5)
             f, _ = ellipse_field(dx, dy, rr, rr, 0.0)
             canvas.blend(bbox, soft(f, 0.8) * 0.75, VACUOLE)
@@ -451,6 +502,9 @@ class CellRenderer:
             )
             canvas.dots(ys, xs, 1, AUER, 0.9)
             canvas.dots(ys + 1, xs, 1, AUER, 0.45)
+            if self._truth is not None:
+                self._truth.values["auer_rods"] = int(self._truth.values.get("auer_rods", 0)) + 1
+                self._truth.add_dots("auer_rod", self.size, np.concatenate([ys, ys + 1]), np.concatenate([xs, xs]))
 
     # ------------------------------------------------------------------ site style
     def _style_maps(self, style: SiteStyle) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:

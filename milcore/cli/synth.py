@@ -41,6 +41,14 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
         metavar="COLUMN=VALUE:FACTOR",
         help="planted subgroup effect, e.g. sex=F:0.5 (rate x0.5), age=72-86:0.3, site=1:subtle=0.5; repeatable",
     )
+    p.add_argument(
+        "--confound",
+        action="append",
+        default=None,
+        metavar="COLUMN:STRENGTH",
+        help="planted label confound: site:0.8 sends 80%% of class k to site k %% sites (needs --sites >= 2); "
+        "date:0.8 acquires them in the k-th period of the year; repeatable (one per column)",
+    )
     p.add_argument("--sites", type=int_at_least(1), default=1, help="acquisition sites (default 1)")
     p.add_argument("--site-strength", type=non_negative, default=1.0, help="how much sites differ (default 1)")
     p.add_argument("--crop-size", type=int_at_least(32), default=96, help="crop side in pixels (default 96)")
@@ -58,7 +66,7 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
 
 def run(args: argparse.Namespace) -> int:
     """Generate the cohort described by ``args``; returns the exit code."""
-    from feature_cache.sources.synthetic import SynthConfig, parse_bias, write_cohort
+    from feature_cache.sources.synthetic import SynthConfig, parse_bias, parse_confound, write_cohort
 
     witness_range = (min(0.01, args.witness_median), max(0.5, args.witness_median))
     config = SynthConfig(
@@ -74,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         sites=args.sites,
         site_strength=args.site_strength,
         biases=tuple(parse_bias(b) for b in (args.bias or [])),
+        confounds=tuple(parse_confound(c) for c in (args.confound or [])),
     )
     summary = write_cohort(config, args.out, overwrite=args.overwrite, workers=args.workers)
     classes = ", ".join(f"{k}: {v}" for k, v in sorted(summary.classes.items()))
