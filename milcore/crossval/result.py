@@ -13,11 +13,21 @@ from milcore.data.predictions import PredictionTable
 from milcore.metrics import HEADLINE, aggregate_folds, label
 from milcore.metrics.classification import instance_auroc
 from milcore.report.evaluation import evaluate
+from milcore.trust.uncertainty import (
+    MC_SAMPLES,
+    dropout_note,
+    has_dropout,
+    mc_dropout_proba,
+    selective_summary,
+    uncertainty_scores,
+)
 
 if TYPE_CHECKING:
     from milcore.data.store import FeatureStore
     from milcore.training.config import TrainConfig
     from milcore.training.fold import FoldResult
+    from milcore.training.trainer import Trainer
+    from milcore.trust.uncertainty import Uncertainty
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +45,11 @@ class CVResult:
         folds: one :class:`~milcore.training.fold.FoldResult` per fold (model, temperature, test outputs).
         predictions: pooled out-of-fold predictions: each bag predicted once, by the fold that held it out.
         attention: out-of-fold per-cell attention per bag (heads averaged), aligned with the bag's bank rows.
-        metrics: the content of ``metrics.json`` (per fold, mean ± sd, pooled with bootstrap CIs, warnings).
+        metrics: the content of ``metrics.json`` (per fold, mean ± sd, pooled with bootstrap CIs, warnings,
+            ``uncertainty``: risk-coverage summaries of the out-of-fold uncertainty scores).
         out: the run folder, when one was written.
+        uncertainty: per-patient out-of-fold uncertainty scores (:mod:`milcore.trust.uncertainty`), in
+            ``predictions`` order.
     """
 
     config: TrainConfig
@@ -49,6 +62,7 @@ class CVResult:
     attention: dict[str, np.ndarray]
     metrics: dict[str, Any]
     out: Path | None = None
+    uncertainty: Uncertainty | None = None
 
     @property
     def models(self) -> list[Any]:
@@ -124,5 +138,47 @@ def pool_folds(results: list[FoldResult], data: FeatureStore, config: TrainConfi
         metrics["mean"]["instance_auroc"] = aggregate_folds([{"instance_auroc": r["instance_auroc"]}
                                                              for r in per_fold])["instance_auroc"]  # fmt: skip
     metrics["warnings"] = run_warnings(metrics)  # chance, temperature at a bound, too few patients
+    uncertainty = oof_uncertainty(results, data, table, seed=config.seed)
+    metrics["uncertainty"] = selective_summary(table.labels, table.proba, uncertainty)
     return CVResult(config, model_name, task, classes, data.bank.info.to_dict(), list(results), table, oof_att,
-                    metrics)  # fmt: skip
+                    metrics, uncertainty=uncertainty)  # fmt: skip
+
+
+def oof_uncertainty(results: list[FoldResult], data: FeatureStore, table: PredictionTable, *, seed: int = 0,
+                    mc_samples: int = MC_SAMPLES) -> Uncertainty:  # fmt: skip
+    """Out-of-fold uncertainty of every patient of ``table``: entropy and least confidence of its probabilities,
+    and MC-dropout of the fold model that held it out (where the models have dropout). Fold-ensemble
+    disagreement needs several models per patient: it is measured by ``milcore predict`` on new patients."""
+    notes = {"disagreement": "out-of-fold, each patient is predicted by one fold model; fold-ensemble disagreement "
+                             "is measured on new patients ('milcore predict' with the run's ensemble)"}  # fmt: skip
+    mc = None
+    why = dropout_note([r.model for r in results])
+    if why is not None:
+        notes["mc_dropout"] = why
+    elif mc_samples > 0:
+        pos = {b: i for i, b in enumerate(table.bag_ids)}
+        samples = np.zeros((mc_samples, *table.proba.shape))  # (S, B, C)
+        filled = np.zeros(len(table.bag_ids), dtype=bool)
+        for r in results:
+            ids = [b for b in r.fold.test if b in pos]
+            if not ids or not has_dropout(r.model):
+                continue
+            trainer = r.trainer or _trainer_for(r, data.dim, len(table.classes))
+            draws = mc_dropout_proba(r.model, data.view(ids), trainer, r.temperature, samples=mc_samples,
+                                     seed=seed)  # fmt: skip
+            rows = [pos[b] for b in ids]
+            samples[:, rows] = draws
+            filled[rows] = True
+        if filled.all():
+            mc = [samples]
+        else:
+            notes["mc_dropout"] = "some fold models have no dropout"
+    return uncertainty_scores(table.bag_ids, table.proba, mc=mc, notes=notes, mc_samples=mc_samples)
+
+
+def _trainer_for(result: FoldResult, dim: int, num_classes: int) -> Trainer:
+    """A trainer that predicts on the device of ``result``'s model."""
+    from milcore.training.config import TrainConfig
+    from milcore.training.trainer import Trainer
+
+    return Trainer(TrainConfig(device=str(next(result.model.parameters()).device)), dim, num_classes)

@@ -4,12 +4,13 @@
 (:func:`milcore.data.store.open_bags`) and returns a :class:`~milcore.crossval.result.CVResult`. With
 ``out`` it also writes the run folder that ``milcore train`` writes (:func:`train_run` is the same from
 paths): ``config.yaml`` (resolved), ``splits.json``, ``metrics.json`` (per-fold and mean values, pooled
-out-of-fold metrics with bootstrap CIs), ``predictions.csv`` + ``attention.h5`` (out-of-fold, aligned with
-the bank rows), ``fold_K/`` (checkpoint in safetensors + card, history), and ``report.html`` /
-``report.md``. An interrupted run resumes with ``resume=True``: finished folds are reloaded, the fold in
-flight continues from its last epoch, after the stored configuration and the fingerprints of the bank and
-the labels were compared with the new ones (any difference is refused). Every input is checked before the
-folder is created: a run that fails its checks leaves nothing.
+out-of-fold metrics with bootstrap CIs, uncertainty), ``predictions.csv`` (with the uncertainty scores) +
+``attention.h5`` (out-of-fold, aligned with the bank rows), ``fold_K/`` (checkpoint in safetensors + card,
+history), ``report.html`` / ``report.md`` and the model passport (``passport.json`` / ``passport.md``,
+:mod:`milcore.trust.passport`). An interrupted run resumes with ``resume=True``: finished folds are
+reloaded, the fold in flight continues from its last epoch, after the stored configuration and the
+fingerprints of the bank and the labels were compared with the new ones (any difference is refused).
+Every input is checked before the folder is created: a run that fails its checks leaves nothing.
 """
 
 from __future__ import annotations
@@ -317,11 +318,13 @@ def write_run(out: Path, cv: CVResult, spec: RunSpec) -> None:
     """Write the pooled outputs of ``cv`` into its run folder: predictions, attention, metrics.json, report."""
     from milcore.crossval.report import write_run_report
     from milcore.data.predictions import write_attention, write_predictions
+    from milcore.trust.passport import passport_run
 
     table = cv.predictions
-    write_predictions(out, table)
+    write_predictions(out, table, cv.uncertainty.columns() if cv.uncertainty is not None else None)
     write_attention(out, table.bag_ids, [cv.attention[b] for b in table.bag_ids],
                     {"bank": spec.bank, "kind": "out-of-fold"})  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(cv.metrics, indent=2, default=float))
     write_run_report(out, cv.metrics, table, history_of={f.fold.index: out / f"fold_{f.fold.index}" for f in cv.folds})
+    passport_run(out)  # passport.json / passport.md: intended use, provenance, metrics, uncertainty, limitations
     cv.out = out

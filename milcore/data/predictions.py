@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,18 +47,26 @@ class PredictionTable:
         return self.proba.argmax(axis=1)
 
 
-def write_predictions(folder: str | Path, table: PredictionTable) -> Path:
-    """Write ``predictions.csv`` into ``folder``."""
+def write_predictions(folder: str | Path, table: PredictionTable,
+                      extra: Mapping[str, Sequence[Any]] | None = None) -> Path:  # fmt: skip
+    """Write ``predictions.csv`` into ``folder``; ``extra`` columns (one value per bag, e.g. uncertainty scores,
+    a referral flag) follow the probabilities (floats with 6 decimals)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "predictions.csv"
+    extra = dict(extra or {})
+    clash = [k for k in extra if k.startswith("prob_") or k in ("bag_id", "fold", "label", "predicted")]
+    if clash or any(len(v) != len(table.bag_ids) for v in extra.values()):
+        raise ValueError(f"extra prediction columns must not clash and must hold one value per bag: {clash or extra}")
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["bag_id", "fold", "label", "predicted", *[f"prob_{c}" for c in table.classes]])
+        w.writerow(["bag_id", "fold", "label", "predicted", *[f"prob_{c}" for c in table.classes], *extra])
         for i, b in enumerate(table.bag_ids):
             label = table.classes[table.labels[i]] if table.labels[i] >= 0 else ""
             w.writerow([b, int(table.folds[i]), label, table.classes[table.predicted[i]],
-                        *[f"{p:.6f}" for p in table.proba[i]]])  # fmt: skip
+                        *[f"{p:.6f}" for p in table.proba[i]],
+                        *[f"{v[i]:.6f}" if isinstance(v[i], float | np.floating) else v[i]
+                          for v in extra.values()]])  # fmt: skip
     return path
 
 

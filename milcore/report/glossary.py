@@ -49,6 +49,14 @@ GLOSSARY: dict[str, str] = {
     "with its p-value.",
     "instance-AUROC": "how well the per-cell attention ranks the known diagnostic cells above the others "
     "(0.5: no better than random).",
+    "uncertainty score": "how unsure the model is about a patient, from 0 (certain) to 1 (as unsure as possible): "
+    "the entropy of its probabilities, 1 - its top probability, the disagreement between fold models, or the "
+    "spread of MC-dropout passes.",
+    "coverage": "the share of patients the model decides when the most uncertain ones are referred for review.",
+    "AURC": "area under the risk-coverage curve: the error rate of the kept patients averaged over every "
+    "coverage, most certain first; lower is better, and a random ranking scores the overall error rate.",
+    "referred for review": "a patient whose uncertainty score is above the chosen threshold: the model abstains "
+    "and a hematologist decides.",
 }
 
 #: The terms each report explains (a report may add its own).
@@ -59,6 +67,7 @@ AUDIT_TERMS = ("balanced accuracy", "AUROC", "ECE", "CI", "bootstrap", "permutat
 BENCH_TERMS = ("balanced accuracy", "macro-F1", "AUROC", "ECE", "T", "CI", "bootstrap", "chance")
 EXPERIMENT_TERMS = ("balanced accuracy", "AUROC", "chance", "t-interval", "trend")
 CONTINUAL_TERMS = ("balanced accuracy", "forgetting", "BWT", "FWT", "chance")
+UNCERTAINTY_TERMS = ("uncertainty score", "coverage", "AURC", "referred for review")
 
 
 def add_glossary(rep: Report, terms: Sequence[str], heading: str = "Terms used in this report") -> Report:
