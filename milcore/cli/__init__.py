@@ -22,11 +22,13 @@ from milcore import __version__
 COMMANDS: tuple[str, ...] = (
     "synth",
     "extract",
+    "encoder",
     "bank",
     "train",
     "predict",
     "explain",
     "audit",
+    "passport",
     "continual",
     "bench",
     "run",

@@ -45,6 +45,12 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     p.add_argument("--max-crop-pixels", type=int_at_least(1), default=None, metavar="N",
                    help="crops source: largest crop accepted, width x height (default 1048576 = 1024 x 1024); a "
                         "larger image stops the run, naming the file")  # fmt: skip
+    p.add_argument("--stain-norm", choices=("reinhard", "macenko"), default=None,
+                   help="normalise each bag's stain (fitted on all its crops) before encoding; recorded in the "
+                        "bank's encoder fingerprint")  # fmt: skip
+    p.add_argument("--stain-reference", default=None, metavar="PATH",
+                   help="crops (folder, CSV or .npz) whose colour statistics are the stain target (default: the "
+                        "built-in BloodMNIST target)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing bank instead of resuming it")
     p.add_argument("--accept-unrecorded", action="store_true",
                    help="resume a bank written before sources were recorded, trusting that its bags come from "
@@ -90,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         num_workers=-1 if args.workers is None else args.workers,
         shard=parse_shard(args.shard) if args.shard else None, dtype=args.dtype, compression=args.compression,
         encoder_options=options, source_options=source_options, overwrite=args.overwrite,
-        accept_unrecorded=args.accept_unrecorded,
+        accept_unrecorded=args.accept_unrecorded, stain_norm=args.stain_norm, stain_reference=args.stain_reference,
     )  # fmt: skip
     summary = extract(config)
     log.info("bank: %s (%d bags written, %d already there, %d cells, %.0f cells/s)", summary.bank,

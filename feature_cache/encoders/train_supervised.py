@@ -1,0 +1,289 @@
+"""Supervised encoder training on labelled single cells (``milcore encoder train --mode supervised``).
+
+The backbone (``compact_cnn`` from scratch, or ``efficientnet_lite0`` fine-tuned from ImageNet) and a
+linear classification head are trained with cross-entropy on augmented crops (:mod:`.augment`),
+class-balanced (a balanced sampler by default, or class-weighted loss), validated on held-out crops
+(the data's own ``val`` split when it has one, else a stratified ``val_fraction``), with early
+stopping on validation balanced accuracy and the best epoch's weights kept. The data's ``test`` split,
+when there is one, is never used for training or selection; the final model's accuracy on it is
+reported in the card.
+
+Writes ``encoder.safetensors`` (the backbone, for ``milcore extract --encoder BACKBONE --weights``),
+``head.safetensors`` (the classifier) and ``encoder.json`` (recipe, data fingerprint, classes,
+metrics, history, training time with the load average). Resumable (:mod:`.loop`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from feature_cache.config import Config, option
+from feature_cache.encoders.augment import AugmentConfig
+from feature_cache.encoders.backbones import BACKBONES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SupervisedConfig(Config):
+    """One supervised training run.
+
+    Attributes:
+        data: class-per-folder crop tree, CSV (path, label[, split]) or MedMNIST ``.npz``.
+        out: output folder (weights, card, resumable state).
+        backbone: ``compact_cnn`` (from scratch) or ``efficientnet_lite0`` (fine-tuned).
+        image_size: network input side in pixels.
+        width: first-stage channels of ``compact_cnn``.
+        pretrained: start ``efficientnet_lite0`` from its ImageNet weights.
+        epochs: maximum epochs.
+        batch_size: crops per step.
+        lr: AdamW learning rate (cosine schedule).
+        weight_decay: AdamW weight decay.
+        balance: ``sampler`` (classes drawn equally often), ``loss`` (class-weighted loss) or ``none``.
+        label_smoothing: cross-entropy label smoothing.
+        val_fraction: held-out fraction (stratified) when the data has no ``val`` split.
+        patience: epochs without better validation balanced accuracy before stopping (0: never).
+        max_upscale: largest enlargement of a crop to the input size (smaller crops are refused).
+        max_cells: use at most this many training crops (0: all), stratified; for quick runs.
+        augment: augmentation settings.
+        seed: random seed.
+        device: ``auto``, ``cpu``, ``cuda``...
+        amp: mixed precision on CUDA.
+        channels_last: channels-last memory format (default: on CUDA).
+        threads: CPU threads for torch (0: torch's default).
+        overwrite: start afresh instead of resuming.
+    """
+
+    config_key = "encoder training option"
+
+    data: str
+    out: str
+    backbone: str = option("compact_cnn", choices=BACKBONES)
+    image_size: int = option(28, low=16, high=512)
+    width: int = option(32, low=4, high=256)
+    pretrained: bool = True
+    epochs: int = option(30, low=1)
+    batch_size: int = option(128, low=2)
+    lr: float = option(2e-3, low=0, low_open=True)
+    weight_decay: float = option(1e-4, low=0)
+    balance: str = option("sampler", choices=("sampler", "loss", "none"))
+    label_smoothing: float = option(0.0, low=0, high=0.5)
+    val_fraction: float = option(0.1, low=0, high=0.5, low_open=True)
+    patience: int = option(6, low=0)
+    max_upscale: float = option(4.0, low=1)
+    max_cells: int = option(0, low=0)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = option(0, low=0)
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool | None = None
+    threads: int = option(0, low=0)
+    overwrite: bool = False
+
+
+#: Settings that do not change the result (may differ when resuming).
+NOT_RECIPE = ("data", "out", "device", "overwrite", "threads")
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced.
+
+    Attributes:
+        weights: the backbone's weights file.
+        card: the card (as written to ``encoder.json``).
+    """
+
+    weights: Path
+    card: dict[str, Any]
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_idx, val_idx)``: ``fraction`` of each class (at least one crop each) held out."""
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.nonzero(labels == c)[0])
+        k = max(1, round(len(idx) * fraction)) if len(idx) > 1 else 0
+        val.extend(idx[:k].tolist())
+    val_idx = np.sort(np.asarray(val, dtype=np.int64))
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    return train_idx, val_idx
+
+
+def to_tensor(cells: Any, size: int, resample: str = "bilinear"):
+    """Every crop resized (shorter side, centre crop) to (n, 3, size, size) uint8."""
+    import torch
+
+    from feature_cache.encoders.base import ResizeCrop
+
+    t = ResizeCrop(size, resample)
+    return torch.stack([t(np.asarray(img)) for img in cells.images]) if len(cells) else torch.empty(0, 3, size, size,
+                                                                                                     dtype=torch.uint8)
+
+
+def classify_metrics(y: np.ndarray, prob: np.ndarray, n_classes: int) -> dict[str, float]:
+    """Accuracy, balanced accuracy, macro-F1 and cross-entropy of predicted probabilities."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    pred = prob.argmax(1)
+    loss = float(-np.log(np.clip(prob[np.arange(len(y)), y], 1e-12, 1)).mean())
+    labels = list(range(n_classes))
+    return {"loss": loss, "accuracy": float(accuracy_score(y, pred)),
+            "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+            "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0))}  # fmt: skip
+
+
+def _prepare(config: SupervisedConfig):
+    """Read and check the data; split it (nothing written)."""
+    from feature_cache.encoders.backbones import MIN_INPUT
+    from feature_cache.encoders.celldata import check_sizes, read_cells
+    from feature_cache.errors import UserError
+
+    cells = read_cells(config.data, labelled=True)
+    has_split = (cells.split != "").any()
+    if has_split:
+        train, val = cells.of_split("train"), cells.of_split("val")
+        if len(train) == 0 or len(val) == 0:
+            raise UserError(f"{config.data}: its split column needs both train and val crops "
+                            f"(found {len(train)} train, {len(val)} val)")  # fmt: skip
+    else:
+        tr, va = stratified_split(cells.labels, config.val_fraction, config.seed)
+        train, val = cells.subset(tr), cells.subset(va)
+    if config.max_cells and len(train) > config.max_cells:
+        _, keep = stratified_split(train.labels, config.max_cells / len(train), config.seed + 1)
+        train = train.subset(keep)  # a stratified sample of about max_cells crops
+    present = np.unique(train.labels)
+    if len(present) < 2:
+        raise UserError(f"{config.data}: the training part holds a single class ({cells.classes[present[0]]})")
+    check_sizes(cells, config.image_size, config.max_upscale, MIN_INPUT[config.backbone])
+    test = cells.of_split("test") if has_split and (cells.split == "test").any() else None
+    return cells, train, val, test
+
+
+def train_supervised(config: SupervisedConfig) -> TrainResult:
+    """Train (or resume) a supervised cell encoder; see the module docstring.
+
+    Raises:
+        UserError: bad data (missing, corrupt, 16-bit or too-small crops, a single class), a device
+            that does not exist, or a run folder holding another recipe; all checked before writing.
+    """
+    import torch
+    from torch.nn import functional as F
+
+    from feature_cache.devices import resolve_device
+    from feature_cache.encoders.augment import Augment
+    from feature_cache.encoders.backbones import build_backbone
+    from feature_cache.encoders.card import save_weights, write_card
+    from feature_cache.encoders.loop import RunFolder, fit, load_average, precision_for
+
+    device = resolve_device(config.device, option="--device")
+    cells, train, val, test = _prepare(config)
+    recipe = {k: v for k, v in config.to_dict().items() if k not in NOT_RECIPE}
+    recipe.update(mode="supervised", data_fingerprint=cells.fingerprint, classes=list(cells.classes))
+    run = RunFolder(config.out, recipe, config.overwrite)
+    saved = run.check()
+    if saved is not None and saved["loop"]["finished"] and run.weights.exists():
+        from feature_cache.encoders.card import read_card
+
+        log.info("%s: already trained with this recipe; nothing to do", run.out)
+        return TrainResult(run.weights, read_card(run.weights) or {})
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    backbone = build_backbone(config.backbone, config.image_size, config.width, config.pretrained)
+    n_classes = len(cells.classes)
+    head = torch.nn.Linear(backbone.dim, n_classes)
+    prec = precision_for(device, config.amp, config.channels_last)
+    memory = torch.channels_last if prec.channels_last else torch.contiguous_format
+    model = torch.nn.Sequential(backbone.norm, backbone.net).to(device, memory_format=memory)
+    head = head.to(device)
+    augment = Augment(config.augment)
+    x_train, y_train = to_tensor(train, config.image_size), torch.as_tensor(train.labels)
+    x_val, y_val = to_tensor(val, config.image_size), val.labels
+    counts = np.bincount(train.labels, minlength=n_classes).astype(np.float64)
+    weight = None
+    if config.balance == "loss":
+        weight = torch.as_tensor(counts.sum() / np.maximum(counts, 1) / n_classes, dtype=torch.float32).to(device)
+    draw = torch.as_tensor(1.0 / np.maximum(counts, 1))[y_train] if config.balance == "sampler" else None
+    params = [*model.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=prec.scaler)
+    gen = torch.Generator().manual_seed(config.seed)
+    steps = max(1, len(x_train) // config.batch_size)
+    run.start()
+
+    def train_one(epoch: int) -> float:
+        model.train()
+        head.train()
+        if draw is not None:
+            order = torch.multinomial(draw, steps * config.batch_size, replacement=True, generator=gen)
+        else:
+            order = torch.randperm(len(x_train), generator=gen)[: steps * config.batch_size]
+        total = 0.0
+        for s in range(steps):
+            idx = order[s * config.batch_size : (s + 1) * config.batch_size]
+            xb = augment(x_train[idx].to(device), gen).contiguous(memory_format=memory)  # (B, 3, S, S)
+            yb = y_train[idx].to(device)
+            with prec.context(device):
+                loss = F.cross_entropy(head(model(xb)).float(), yb, weight=weight,
+                                       label_smoothing=config.label_smoothing)  # fmt: skip
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += float(loss.detach())
+        return total / steps
+
+    def probabilities(x: torch.Tensor) -> np.ndarray:
+        model.eval()
+        head.eval()
+        out = []
+        with torch.inference_mode(), prec.context(device):
+            for s in range(0, len(x), 512):
+                xb = x[s : s + 512].to(device).float().contiguous(memory_format=memory)
+                out.append(torch.softmax(head(model(xb)).float(), 1).cpu())
+        return torch.cat(out).numpy()
+
+    def validate() -> dict[str, float]:
+        m = classify_metrics(y_val, probabilities(x_val), n_classes)
+        return {f"val_{k}": v for k, v in m.items()}
+
+    t0 = time.perf_counter()
+    log.info("training %s on %d crops (%d classes), validating on %d; %d steps per epoch on %s",
+             config.backbone, len(train), n_classes, len(val), steps, device)  # fmt: skip
+    def score(m: dict[str, float]) -> float:  # balanced accuracy; the loss only breaks ties
+        return m["val_balanced_accuracy"] - 1e-6 * m["val_loss"]
+
+    state = fit(run, saved, {"model": model, "head": head}, optimizer, scheduler, gen, config.epochs,
+                config.patience, train_one, validate, score)
+    metrics = {"best_epoch": state.best_epoch, **state.history[state.best_epoch - 1]} if state.history else {}
+    if test is not None:
+        metrics.update({f"test_{k}": v for k, v in
+                        classify_metrics(test.labels, probabilities(to_tensor(test, config.image_size)),
+                                         n_classes).items()})  # fmt: skip
+    sha = save_weights(run.weights, backbone.weights_state(), config.backbone, backbone.options)
+    save_weights(run.out / "head.safetensors", head.state_dict(), f"{config.backbone}:head", {"classes": n_classes})
+    card = {
+        "mode": "supervised", "encoder": config.backbone, "weights": run.weights.name, "weights_sha256": sha,
+        "options": backbone.options, "dim": backbone.dim, "classes": list(cells.classes), "recipe": recipe,
+        "data": {"source": cells.source, "fingerprint": cells.fingerprint, "train": len(train), "val": len(val),
+                 "test": 0 if test is None else len(test), "train_counts": train.counts()},
+        "metrics": metrics, "history": state.history,
+        "training": {"seconds": round(state.seconds, 1), "this_process_seconds": round(time.perf_counter() - t0, 1),
+                     "epochs": state.epoch, "device": str(device), "load_average": load_average(),
+                     "torch_threads": torch.get_num_threads()},
+        "use": f"milcore extract --encoder {config.backbone} --weights {run.weights}",
+    }  # fmt: skip
+    write_card(run.weights, card)
+    log.info("wrote %s (best epoch %d, val balanced accuracy %.4f%s)", run.weights, state.best_epoch,
+             metrics.get("val_balanced_accuracy", float("nan")),
+             f", test accuracy {metrics['test_accuracy']:.4f}" if "test_accuracy" in metrics else "")  # fmt: skip
+    return TrainResult(run.weights, card)

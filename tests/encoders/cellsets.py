@@ -1,0 +1,65 @@
+"""Tiny labelled cell sets written to disk for the encoder-training tests (drawn cells, two or three types)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def drawn_cell(kind: int, size: int, seed: int) -> np.ndarray:
+    """A drawn cell whose nucleus size and colour depend on ``kind``: (size, size, 3) uint8."""
+    rng = np.random.default_rng([kind, seed])
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    r = np.hypot(yy, xx) / (size / 2)
+    img = np.empty((size, size, 3), np.float32)
+    img[:] = (235, 225, 230)
+    img[r < 0.8] = (220, 150, 170)
+    shift = rng.uniform(-0.1, 0.1, 2) * size
+    radius = (0.2, 0.45, 0.3)[kind] + rng.uniform(-0.04, 0.04)
+    nucleus = np.hypot(yy - shift[0], xx - shift[1]) / (size / 2) < radius
+    img[nucleus] = ((120, 60, 150), (90, 40, 120), (160, 90, 60))[kind]
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_class_tree(root: Path, n_per_class: int = 16, size: int = 20, kinds: int = 2) -> Path:
+    """``root/<type>/<i>.png`` with ``n_per_class`` drawn cells per type."""
+    names = ("small_nucleus", "large_nucleus", "brown")
+    for k in range(kinds):
+        (root / names[k]).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            Image.fromarray(drawn_cell(k, size, i)).save(root / names[k] / f"c{i:03d}.png")
+    return root
+
+
+def write_csv(root: Path, n_per_class: int = 12, size: int = 20) -> Path:
+    """Crops in ``root/img`` listed in ``root/cells.csv`` (path, label)."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, label in enumerate(("a", "b")):
+        for i in range(n_per_class):
+            name = f"img/{label}{i}.png"
+            Image.fromarray(drawn_cell(k, size, i)).save(root / name)
+            rows.append([name, label])
+    with open(root / "cells.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "label"], *rows])
+    return root / "cells.csv"
+
+
+def write_patients(root: Path, n: int = 12, cells: int = 8, size: int = 20) -> Path:
+    """A crops source ``root/crops/<patient>/<cell>.png`` and ``root/cohort.csv`` (sick bags hold type-1 cells)."""
+    rows = []
+    for p in range(n):
+        sick = p % 2
+        folder = root / "crops" / f"p{p:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for c in range(cells):
+            kind = 1 if sick and c < 3 else 0
+            Image.fromarray(drawn_cell(kind, size, 100 * p + c)).save(folder / f"c{c}.png")
+        rows.append([f"p{p:02d}", "sick" if sick else "control"])
+    with open(root / "cohort.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["patient_id", "dx"], *rows])
+    return root
