@@ -65,7 +65,7 @@ class SubBags:
 
 
 @torch.no_grad()
-def split_bags(ptr: Tensor, index: Tensor, groups: Tensor, part: Tensor) -> SubBags:
+def split_bags(ptr: Tensor, index: Tensor, groups: Tensor, part: Tensor, within: Tensor | None = None) -> SubBags:
     """Pack sub-bags: row ``i`` of bag ``b`` goes to sub-bag ``part[i]`` (``0 <= part[i] < groups[b]``).
 
     Args:
@@ -74,10 +74,15 @@ def split_bags(ptr: Tensor, index: Tensor, groups: Tensor, part: Tensor) -> SubB
         groups: ``(B,)`` number of sub-bags of each bag (0 for an empty bag, >= 1 otherwise); every
             sub-bag should receive at least one row.
         part: ``(N,)`` sub-bag of every row within its bag.
+        within: optional ``(N,)`` key ordering the rows inside each sub-bag (default: row order).
     """
     bag_ptr = F.pad(groups.cumsum(0), (1, 0))  # (B+1,)
     sub = bag_ptr[:-1].index_select(0, index) + part  # (N,) global sub-bag id
-    order = torch.sort(sub, stable=True).indices  # (N,) sub-bags contiguous, row order kept within each
+    if within is None:
+        order = torch.sort(sub, stable=True).indices  # (N,) sub-bags contiguous, row order kept within each
+    else:
+        by_key = torch.sort(within, stable=True).indices
+        order = by_key[torch.sort(sub[by_key], stable=True).indices]  # sub-bags contiguous, by key within each
     num_sub = int(bag_ptr[-1])
     counts = torch.bincount(sub, minlength=num_sub)  # (P,)
     return SubBags(order, F.pad(counts.cumsum(0), (1, 0)), bag_ptr, sub)
