@@ -112,7 +112,8 @@ def rank_cells(attention: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def explain_run(run: str | Path, crops: str | Path | None = None, out: str | Path | None = None,
-                top_k: int = 8, max_patients: int = 12, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+                top_k: int = 8, max_patients: int = 12, seed: int = 0, *, similar: int = 0,
+                similar_crops: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Write galleries and the attention projection for a training run (or a prediction folder).
 
     Args:
@@ -122,12 +123,17 @@ def explain_run(run: str | Path, crops: str | Path | None = None, out: str | Pat
         top_k: cells per gallery row.
         max_patients: patients shown (all wrong predictions first, then the most confident).
         seed: sampling seed for the projection.
+        similar: per patient shown, the ``similar`` most similar training patients of the run (with their
+            diagnoses and characteristic cells) and the training cells closest to its top cells
+            (:mod:`milcore.trust.retrieval`); 0: none.
+        similar_crops: crop root of the training patients (default: the run's cohort folder when it holds them).
 
     Returns:
         The content of ``explain.json`` (also written, with ``explain.html`` and ``explain.md``).
     """
     out = Path(out) if out is not None else Path(run) / "explain"
-    rep, summary = build_explanations(run, crops, top_k, max_patients, seed)
+    rep, summary = build_explanations(run, crops, top_k, max_patients, seed, similar=similar,
+                                      similar_crops=similar_crops)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "explain.json").write_text(json.dumps(summary, indent=2))
     html, _ = rep.write(out, "explain")
@@ -136,7 +142,8 @@ def explain_run(run: str | Path, crops: str | Path | None = None, out: str | Pat
 
 
 def build_explanations(run: str | Path, crops: str | Path | None = None, top_k: int = 8, max_patients: int = 12,
-                       seed: int = 0) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+                       seed: int = 0, *, similar: int = 0,
+                       similar_crops: str | Path | None = None) -> tuple[Any, dict[str, Any]]:  # fmt: skip
     """The explanation :class:`~milcore.report.Report` and its JSON summary (see :func:`explain_run`)."""
     from feature_cache.bank import open_reader
     from milcore.data.predictions import prediction_sources, read_attention, read_predictions
@@ -256,4 +263,90 @@ def build_explanations(run: str | Path, crops: str | Path | None = None, top_k: 
                                         "log(1 + relative attention)"),
                        "Each dot is a cell of a random sample of patients; bright = high attention.")  # fmt: skip
     summary["crops"] = str(crops_root) if crops_root is not None else None
+    trust_sections(rep, summary, run, sources, table, [table.bag_ids[i] for i in chosen], bank, similar=similar,
+                   similar_crops=similar_crops, cells_per_case=min(top_k, 4))  # fmt: skip
     return rep, summary
+
+
+# ----------------------------------------------------------------------------- referrals and similar cases
+def trust_sections(rep: Any, summary: dict[str, Any], run: Path, sources: dict[str, Any], table: Any,
+                   shown: list[str], bank: Any, *, similar: int = 0, similar_crops: str | Path | None = None,
+                   cells_per_case: int = 4) -> None:  # fmt: skip
+    """The patients referred for review (a ``milcore predict --abstain-above`` folder) and, with ``similar``, the
+    most similar training cases of each patient shown (``summary["abstention"]``, ``summary["similar"]``)."""
+    meta_path = run / "predictions.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    abstention = meta.get("abstention") if isinstance(meta, dict) else None
+    if isinstance(abstention, dict) and abstention.get("sentence"):
+        summary["abstention"] = abstention
+        rep.heading("Referred for review")
+        referred = list(abstention.get("referred_ids") or [])
+        rep.paragraph(f"{abstention['sentence']}: the model abstains on these patients and a hematologist decides. "
+                      + (f"Referred: {', '.join(referred[:30])}" + (" …" if len(referred) > 30 else "") + "."
+                         if referred else ""))  # fmt: skip
+    if similar > 0:
+        _similar_section(rep, summary, run, sources, table, shown, bank, similar, similar_crops, cells_per_case)
+
+
+def _run_of_predictions(run: Path, sources: dict[str, Any]) -> Path:
+    """The training run whose fold models made the predictions in ``run``."""
+    if sources.get("kind") == "run":
+        return run
+    meta = json.loads((run / "predictions.json").read_text())
+    runs = [r.get("run") for r in (meta.get("ensemble") or {}).get("runs") or [] if isinstance(r, dict)]
+    if len(runs) != 1 or len(meta.get("checkpoints") or []) != len(set(meta.get("checkpoints") or [])):
+        raise UserError(f"{run}: similar cases need predictions made by one training run's fold ensemble "
+                        f"('milcore predict --checkpoint RUN'); these come from {len(runs)} run(s)")  # fmt: skip
+    return Path(runs[0])
+
+
+def _similar_section(rep: Any, summary: dict[str, Any], run: Path, sources: dict[str, Any], table: Any,
+                     shown: list[str], bank: Any, k: int, similar_crops: str | Path | None,
+                     cells_per_case: int) -> None:  # fmt: skip
+    from milcore.data.store import FeatureStore
+    from milcore.trust.retrieval import index_for_run, similar_cases
+
+    train_run = _run_of_predictions(run, sources)
+    index, models = index_for_run(train_run)
+    held_out = None
+    if train_run == run:  # the run's own patients: only the fold model that held each out compares it
+        fold_of = dict(zip(table.bag_ids, table.folds.tolist(), strict=True))
+        held_out = {b: int(fold_of[b]) for b in shown}
+    matches = similar_cases(index, models, FeatureStore(bank, shown), k=k, held_out=held_out,
+                            cells_per_case=cells_per_case)  # fmt: skip
+    explicit = similar_crops is not None
+    root = Path(similar_crops) if explicit else (Path(models.cohort).parent if models.cohort else None)
+    if explicit and not root.is_dir():
+        raise UserError(f"--similar-crops {similar_crops}: no such folder")
+    if not explicit and root is not None and not (index.patients and (root / index.patients[0]).is_dir()):
+        root = None
+    rep.heading("Similar training cases")
+    rep.paragraph(f"For each patient, the {k} training patients of {train_run} whose bag embeddings are closest "
+                  "(cosine similarity, averaged over the fold models that compared them; a patient of the run is "
+                  "compared only by the fold model that held it out), with their diagnoses and most characteristic "
+                  "cells (highest attention), then the training cells closest to the patient's own top cells.")
+    summary["similar"] = {}
+    label_of = {b: (table.classes[y] if y >= 0 else "?") for b, y in zip(table.bag_ids, table.labels, strict=True)}
+    for m in matches:
+        summary["similar"][m.bag_id] = m.to_dict()
+        majority = m.majority()
+        rep.heading(f"{m.bag_id} (true {label_of.get(m.bag_id, '?')}): majority of similar cases {majority}", level=3)
+        rep.table(["rank", "training patient", "diagnosis", "similarity", "characteristic cells (rel. attention)"],
+                  [[r + 1, c.bag_id, c.label, f"{c.similarity:.3f}",
+                    ", ".join(f"{cid} ({a:.1f})" for cid, a in c.cells)] for r, c in enumerate(m.cases)])  # fmt: skip
+        tiles = None
+        if root is not None and m.cases:
+            cells = [(c.bag_id, cid) for c in m.cases for cid, _ in c.cells]
+            tiles = gallery_tiles(root, cells, f"similar cases of {m.bag_id}", explicit=explicit)
+        if tiles is not None:
+            imgs, missing = tiles
+            summary["missing_crops"] = summary.get("missing_crops", 0) + len(missing)
+            rep.image(montage(imgs, ncols=max(len(c.cells) for c in m.cases)),
+                      f"{m.bag_id}: one row per similar training patient (rank order), its most characteristic cells"
+                      + (f"; MISSING crops (crossed tiles): {', '.join(missing)}" if missing else ""))  # fmt: skip
+        if m.cells:
+            rep.table(["cell of this patient", "rel. attention", "closest training cells (patient/cell, diagnosis, "
+                       "similarity)"],
+                      [[c.cell_id, f"{c.attention:.1f}", "; ".join(f"{x['bag_id']}/{x['cell_id']} ({x['label']}, "
+                                                                    f"{x['similarity']:.2f})" for x in c.matches)]
+                       for c in m.cells])  # fmt: skip

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from feature_cache.errors import UserError
+from feature_cache.errors import InvalidArgumentError, UserError
 from milcore.data.predictions import (
     PREDICTIONS_FORMAT,
     PredictionTable,
@@ -27,9 +27,11 @@ from milcore.data.predictions import (
     write_attention,
     write_predictions,
 )
+from milcore.trust.scores import DEFAULT_SCORE
 
 if TYPE_CHECKING:
     from milcore.training.checkpoint import CheckpointSet
+    from milcore.trust.uncertainty import Uncertainty
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,9 @@ class PredictionRun:
         meta: the content of ``predictions.json``.
         attention: per bag, the ensemble's mean per-cell attention (aligned with the bank's rows).
         out: the prediction folder, when one was written.
+        uncertainty: per-patient uncertainty scores (:mod:`milcore.trust.uncertainty`), in ``table`` order.
+        referral: with ``abstain_above``, the patients referred for review and the counts
+            (``predictions.json["abstention"]``); ``None`` otherwise.
     """
 
     table: PredictionTable
@@ -92,6 +97,14 @@ class PredictionRun:
     meta: dict
     attention: dict[str, np.ndarray] = field(default_factory=dict)
     out: Path | None = None
+    uncertainty: Uncertainty | None = None
+    referral: dict[str, Any] | None = None
+
+    @property
+    def referred(self) -> np.ndarray:
+        """(B,) whether each patient is referred for manual review (all False without ``abstain_above``)."""
+        ids = set((self.referral or {}).get("referred_ids", []))
+        return np.asarray([b in ids for b in self.table.bag_ids], dtype=bool)
 
     @property
     def warnings(self) -> list[dict[str, Any]]:
@@ -156,7 +169,9 @@ def _finite_or_refuse(values: np.ndarray, ids: list[str], what: str, where: str,
 def predict(source: Any, bank_path: str | Path, *, out: str | Path | None = None,
             cohort: str | Path | None = None, task: str | None = None, cells: str | Path | None = None,
             allow_partial: bool = False, allow_task_rename: bool = False, overwrite: bool = False,
-            batch_instances: int = 16384, device: str = "auto", n_boot: int = 1000) -> PredictionRun:  # fmt: skip
+            batch_instances: int = 16384, device: str = "auto", n_boot: int = 1000,
+            abstain_above: float | None = None, abstain_score: str = DEFAULT_SCORE,
+            mc_samples: int | None = None) -> PredictionRun:  # fmt: skip
     """Apply one model, or the mean of several (a fold ensemble), to every bag of a bank.
 
     Everything is checked before the first byte is written: ``out``, run completeness, each
@@ -181,12 +196,26 @@ def predict(source: Any, bank_path: str | Path, *, out: str | Path | None = None
         batch_instances: cells per forward pass.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         n_boot: bootstrap resamples for the metrics' CIs.
+        abstain_above: refer the patients whose ``abstain_score`` is above this value (in ``[0, 1)``) for
+            manual review: a ``referred`` column in ``predictions.csv``, the counts in ``predictions.json``
+            and ``metrics.json`` (with the metrics of the accepted patients).
+        abstain_score: the uncertainty score thresholded (:data:`milcore.trust.uncertainty.SCORES`):
+            ``entropy``, ``least_confidence``, ``disagreement`` (two or more models) or ``mc_dropout``
+            (models with dropout).
+        mc_samples: Monte-Carlo dropout passes per model with dropout (default
+            :data:`~milcore.trust.uncertainty.MC_SAMPLES`; 0 skips MC-dropout).
+
+    Every patient gets the uncertainty scores the models allow (``uncertainty_<score>`` columns of
+    ``predictions.csv``); with a labelled cohort, ``metrics.json["uncertainty"]`` holds their risk-coverage
+    summaries.
 
     Returns:
-        The :class:`PredictionRun` (the table of probabilities and labels, per-cell attention, metrics).
+        The :class:`PredictionRun` (the table of probabilities and labels, per-cell attention, metrics,
+        uncertainty and referrals).
 
     Raises:
         UserError: any check above fails (nothing is written).
+        InvalidArgumentError: ``abstain_above`` outside ``[0, 1)``, an unknown ``abstain_score``.
     """
     from feature_cache.bank import EncoderInfo, open_reader
     from feature_cache.devices import resolve_device
@@ -195,7 +224,14 @@ def predict(source: Any, bank_path: str | Path, *, out: str | Path | None = None
     from milcore.training.checkpoint import checkpoint_task, resolve_checkpoints
     from milcore.training.config import TrainConfig
     from milcore.training.trainer import Trainer
+    from milcore.trust import uncertainty as unc
 
+    if abstain_above is not None:
+        abstain_above = unc.check_threshold(abstain_above)
+    unc.check_score_name(abstain_score)
+    mc_samples = unc.MC_SAMPLES if mc_samples is None else int(mc_samples)
+    if mc_samples < 0:
+        raise InvalidArgumentError(f"--mc-samples {mc_samples}: must be 0 (off) or more")
     if (cohort is None) != (task is None):
         raise UserError("--cohort and --task go together")
     if cells is not None and cohort is None:
@@ -244,6 +280,8 @@ def predict(source: Any, bank_path: str | Path, *, out: str | Path | None = None
         models.append(model)
         cards.append(card)
     assert classes is not None
+    if abstain_above is not None:
+        _check_abstain_score(abstain_score, models, mc_samples, ckset.describe())
     where = (ckset.describe() if in_memory else str(ckset.paths[0]) if len(ckset.paths) == 1
              else f"{ckset.paths[0].parent} ({ckset.describe()})")  # fmt: skip
     log.info("checkpoint task %s, classes %s (%s)", repr(ck_task) if ck_task else "not recorded", ", ".join(classes),
@@ -271,10 +309,17 @@ def predict(source: Any, bank_path: str | Path, *, out: str | Path | None = None
     assert attentions is not None
     table = PredictionTable(ids, classes, np.mean(probas, axis=0), labels, np.full(len(ids), -1))
     attention = [a / len(models) for a in attentions]
+    uncertainty = _uncertainty(table, probas, models, cards, wheres, store, trainer, mc_samples, bank_path)
+    referral = None
+    if abstain_above is not None:
+        referral = unc.referral_summary(uncertainty, abstain_score, abstain_above, labels, table.predicted)
     metrics = None
     if cohort is not None and (labels >= 0).any():
         metrics = score_predictions(table, attention, bank, task or "", cohort, cells, n_boot=n_boot)
         metrics["ensemble"] = ckset.describe()
+        metrics["uncertainty"] = unc.selective_summary(labels, table.proba, uncertainty)
+        if referral is not None:
+            metrics["abstention"] = {k: v for k, v in referral.items() if k != "referred_ids"}
     meta = {
         "format": PREDICTIONS_FORMAT, "format_version": 1,
         "bank": str(Path(bank_path).resolve()), "cohort": str(Path(cohort).resolve()) if cohort else None,
@@ -283,14 +328,58 @@ def predict(source: Any, bank_path: str | Path, *, out: str | Path | None = None
         "not_predicted": {"no_cells": empty},
         "labelled": int((labels >= 0).sum()),
         "predicted_counts": {c: int((table.predicted == i).sum()) for i, c in enumerate(classes)},
+        "uncertainty": uncertainty.to_dict(),
+        "abstention": {k: v for k, v in referral.items() if k not in ("accepted", "all")} if referral else None,
     }  # fmt: skip
+    columns = uncertainty.columns()
+    if referral is not None:
+        referred = set(referral["referred_ids"])
+        columns["referred"] = [int(b in referred) for b in ids]
     if out is not None:
-        _write_folder(out, overwrite, table, attention, meta, metrics)
-    return PredictionRun(table, ckset, ck_task, metrics, meta, dict(zip(ids, attention, strict=True)), out)
+        _write_folder(out, overwrite, table, attention, meta, metrics, columns)
+    return PredictionRun(table, ckset, ck_task, metrics, meta, dict(zip(ids, attention, strict=True)), out,
+                         uncertainty, referral)  # fmt: skip
+
+
+def _check_abstain_score(score: str, models: list, mc_samples: int, described: str) -> None:
+    """Refuse an abstention score these models cannot give, before anything is computed or written."""
+    from milcore.trust.uncertainty import dropout_note
+
+    if score == "disagreement" and len(models) < 2:
+        raise UserError(f"--abstain-score disagreement needs two or more models (fold-ensemble disagreement); "
+                        f"these predictions come from one ({described}): use entropy")  # fmt: skip
+    if score == "mc_dropout":
+        why = dropout_note(models)
+        if why is not None or mc_samples < 1:
+            raise UserError(f"--abstain-score mc_dropout: {why or '--mc-samples is 0'}; use entropy")
+
+
+def _uncertainty(table: PredictionTable, probas: list[np.ndarray], models: list, cards: list[dict], wheres: list[str],
+                 store: Any, trainer: Any, mc_samples: int, bank_path: str | Path) -> Uncertainty:  # fmt: skip
+    """Every uncertainty score the ensemble allows (MC-dropout for the models with dropout)."""
+    from milcore.trust.uncertainty import dropout_note, has_dropout, mc_dropout_proba, uncertainty_scores
+
+    notes: dict[str, str] = {}
+    mc = []
+    why = dropout_note(models)
+    if why is not None:
+        notes["mc_dropout"] = why
+    elif mc_samples < 1:
+        notes["mc_dropout"] = "--mc-samples 0"
+    else:
+        for model, card, where in zip(models, cards, wheres, strict=True):
+            if not has_dropout(model):
+                continue
+            draws = mc_dropout_proba(model, store, trainer, float(card.get("temperature", 1.0)), samples=mc_samples)
+            assert draws is not None
+            _finite_or_refuse(draws.transpose(1, 0, 2), table.bag_ids, "MC-dropout probabilities", where, bank_path)
+            mc.append(draws)
+    return uncertainty_scores(table.bag_ids, table.proba, members=np.stack(probas), mc=mc, notes=notes,
+                              mc_samples=mc_samples if mc else 0)  # fmt: skip
 
 
 def _write_folder(out: Path, overwrite: bool, table: PredictionTable, attention: list[np.ndarray], meta: dict,
-                  metrics: dict | None) -> None:  # fmt: skip
+                  metrics: dict | None, columns: dict[str, Any] | None = None) -> None:  # fmt: skip
     """Write the prediction folder under a temporary name, then move it into place."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -299,7 +388,7 @@ def _write_folder(out: Path, overwrite: bool, table: PredictionTable, attention:
         raise UserError(f"{out}: cannot write the predictions here ({exc.strerror or exc})") from exc
     old = None
     try:
-        write_predictions(tmp, table)
+        write_predictions(tmp, table, columns)
         write_attention(tmp, table.bag_ids, attention, meta)
         (tmp / "predictions.json").write_text(json.dumps(meta, indent=2))
         if metrics is not None:

@@ -12,6 +12,8 @@ log = logging.getLogger("milcore")
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     """Register the ``predict`` subcommand."""
+    from milcore.cli._types import int_at_least
+    from milcore.trust.scores import DEFAULT_SCORE, MC_SAMPLES, SCORES
     p = subparsers.add_parser("predict", help=HELP, description=HELP + ". Writes predictions.csv (per-patient "
                               "probabilities), attention.h5 (per-cell attention aligned with the bank rows) and "
                               "predictions.json; with --cohort and --task also the labels and metrics.json. "
@@ -36,6 +38,16 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     p.add_argument("--allow-task-rename", action="store_true",
                    help="the --task column holds the checkpoint's task under another name (its labels must still "
                    "be the checkpoint's classes)")  # fmt: skip
+    p.add_argument("--abstain-above", type=float, default=None, metavar="U",
+                   help="refer patients whose uncertainty score is above U (0 <= U < 1; scores run from 0 = certain "
+                   "to 1 = maximally uncertain) for manual review: a 'referred' column in predictions.csv, the "
+                   "counts in predictions.json and metrics.json (with the metrics of the accepted patients). A "
+                   "training run's report suggests U for a target balanced accuracy")  # fmt: skip
+    p.add_argument("--abstain-score", default=DEFAULT_SCORE, choices=SCORES,
+                   help=f"the uncertainty score --abstain-above thresholds (default {DEFAULT_SCORE}; disagreement "
+                   "needs a fold ensemble, mc_dropout models with dropout)")  # fmt: skip
+    p.add_argument("--mc-samples", type=int_at_least(0), default=MC_SAMPLES, metavar="N",
+                   help=f"Monte-Carlo dropout passes per model with dropout (default {MC_SAMPLES}; 0: off)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=run)
 
@@ -47,10 +59,14 @@ def run(args: argparse.Namespace) -> int:
     result = predict(args.checkpoint, args.bank, out=args.out, cohort=args.cohort, task=args.task,
                             cells=args.cells, allow_partial=args.allow_partial,
                             allow_task_rename=args.allow_task_rename, overwrite=args.overwrite,
-                            device=args.device)  # fmt: skip
+                            device=args.device, abstain_above=args.abstain_above,
+                            abstain_score=args.abstain_score, mc_samples=args.mc_samples)  # fmt: skip
     table = result.table
     counts = ", ".join(f"{c}: {int((table.predicted == i).sum())}" for i, c in enumerate(table.classes))
     log.info("predicted %d bags: %s (%s)", len(table.bag_ids), counts, result.checkpoints.describe())
+    if result.referral is not None:
+        log.info("%s; listed in %s/predictions.json (column 'referred' of predictions.csv)",
+                 result.referral["sentence"], args.out)  # fmt: skip
     if result.checkpoints.partial:
         log.warning("PARTIAL: these predictions come from an %s", result.checkpoints.describe())
     log.info("wrote %s/predictions.csv, attention.h5 and predictions.json", args.out)
@@ -62,4 +78,8 @@ def run(args: argparse.Namespace) -> int:
         from milcore.report.caveats import log_warnings
 
         log_warnings(log, m.get("warnings", []))
+        acc = m.get("abstention", {}).get("accepted")
+        if acc and acc["n"]:
+            log.info("on the %d accepted (not referred) labelled patients: balanced accuracy %.3f", acc["n"],
+                     acc["balanced_accuracy"])  # fmt: skip
     return 0

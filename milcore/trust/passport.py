@@ -296,16 +296,13 @@ def _software_section(cfg: dict[str, Any]) -> dict[str, Any]:
     from milcore.training.checkpoint import versions
 
     now = versions()
-    for name in ("h5py", "scipy", "faiss", "jsonschema"):
-        try:
-            module = __import__(name)
-            now[name] = str(getattr(module, "__version__", "") or "installed")
-        except ImportError:
-            continue
-    if "jsonschema" in now:  # its __version__ is deprecated
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-        now["jsonschema"] = version("jsonschema")
+    for name in ("h5py", "scipy", "faiss-cpu", "jsonschema"):
+        try:
+            now[name] = version(name)
+        except PackageNotFoundError:
+            continue
     return {"trained_with": dict(cfg.get("versions") or {}), "passport_written_with": now,
             "platform": platform.platform()}  # fmt: skip
 

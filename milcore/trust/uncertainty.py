@@ -29,6 +29,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from feature_cache.errors import InvalidArgumentError, UserError
+from milcore.trust.scores import DEFAULT_SCORE, MC_SAMPLES, SCORES
+
+__all__ = ["DEFAULT_SCORE", "MC_SAMPLES", "SCORES", "RiskCoverage", "Uncertainty", "check_threshold",
+           "has_dropout", "mc_dropout_proba", "predictive_entropy", "referral_summary", "risk_coverage",
+           "selective_summary", "uncertainty_scores"]
 
 if TYPE_CHECKING:
     import torch
@@ -38,12 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The uncertainty scores, in the order reports list them.
-SCORES = ("entropy", "least_confidence", "disagreement", "mc_dropout")
-#: The score ``--abstain-above`` thresholds unless told otherwise.
-DEFAULT_SCORE = "entropy"
-#: Monte-Carlo dropout passes per model (where a model has dropout).
-MC_SAMPLES = 10
 #: Coverages every summary reports.
 COVERAGES = (1.0, 0.9, 0.8, 0.7, 0.5)
 #: Balanced-accuracy levels for which the summary gives the largest coverage that reaches them.
