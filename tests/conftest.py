@@ -126,3 +126,21 @@ def make_planted_bank(folder: Path, n_bags: int = 30, dim: int = 8, seed: int = 
 def planted_factory():
     """The planted-bank builder, for tests that need a bank of their own."""
     return make_planted_bank
+
+
+@pytest.fixture(scope="session", autouse=True)
+def passports_meet_their_schema(tmp_path_factory: pytest.TempPathFactory):
+    """Every ``passport.json`` a test writes under this session's temporary folders meets
+    ``docs/passport.schema.json`` (checked once, when the session ends; issue 16)."""
+    yield
+    schema = REPO_ROOT / "docs" / "passport.schema.json"
+    written = list(tmp_path_factory.getbasetemp().rglob("passport.json"))
+    if not written or not schema.exists():
+        return
+    import json
+
+    from milcore.trust.passport import load_schema, schema_errors
+
+    rules = load_schema(schema)
+    bad = {str(p): errors[:3] for p in written if (errors := schema_errors(json.loads(p.read_text()), rules))}
+    assert not bad, f"{len(bad)} of {len(written)} passports break docs/passport.schema.json: {bad}"
