@@ -8,7 +8,7 @@ Modules: ``peers`` (torchmil models behind the aggregator contract), ``memory`` 
 #: Our aggregators benchmarked by default (the issue's six).
 DEFAULT_MODELS = ("abmil", "amil", "transmil", "graphmil", "dsmil", "mean")
 #: torchmil models with an adapter (``milcore.bench.peers``), by our aggregator name.
-PEER_MODELS = ("abmil", "transmil", "dsmil")
+PEER_MODELS = ("abmil", "transmil", "dsmil", "clam_sb", "dtfd")
 #: Peers run by default (torchmil's TransMIL trains at a few bags/s on CPU: opt in with ``--peers``).
 DEFAULT_PEERS = ("abmil", "dsmil")
 #: Prefix naming a peer's rows in logs.

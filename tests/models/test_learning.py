@@ -102,12 +102,17 @@ def test_mean_pooling_stays_near_chance(mean_ba: float) -> None:
 
 #: every registered aggregator but the mean-pooling baseline must learn the witness task
 LEARNERS = [n for n in list_aggregators() if n != "mean"]
+#: the aggregators added by issue 18, whose target is balanced accuracy and attention instance-AUROC
+#: >= 0.95 on this check; their full check is in the slow tier (5-40 s each on the 2-core machine), a
+#: short training run per model stays in the default tier (test_new_aggregators_train)
+NEW = ("acmil", "clam_mb", "clam_sb", "dtfd", "ilra", "rrt", "wikg")
 #: max pooling's "attention" is the share of embedding dims whose max a cell attains, a blunter witness
 #: score: its instance-AUROC was 0.836-0.864 over 4 data seeds (BA 0.987-0.993), so its floor is 0.8
-AUROC_FLOOR = {"max": 0.8}
+AUROC_FLOOR = {"max": 0.8, **dict.fromkeys(NEW, 0.95)}
+BA_FLOOR = dict.fromkeys(NEW, 0.95)
 
 
-@pytest.mark.parametrize("name", LEARNERS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in NEW else n for n in LEARNERS])
 def test_attention_models_find_the_witnesses(name: str, bank, mean_ba: float) -> None:
     torch.manual_seed(0)
     overrides = SMALL.get(name, {"embed_dim": 64})
@@ -115,10 +120,36 @@ def test_attention_models_find_the_witnesses(name: str, bank, mean_ba: float) ->
     x, ptr, labels, _ = bank["train"]
     control = make_control_sampler(x, ptr, labels)
     ba, auroc = scores(train(model, x, ptr, labels, control=control), *bank["test"])
-    assert ba >= 0.9, f"{name}: bag balanced accuracy {ba:.3f} < 0.9"
+    ba_floor = BA_FLOOR.get(name, 0.9)
+    assert ba >= ba_floor, f"{name}: bag balanced accuracy {ba:.3f} < {ba_floor}"
     floor = AUROC_FLOOR.get(name, 0.85)
     assert auroc >= floor, f"{name}: attention instance-AUROC {auroc:.3f} < {floor}"
     assert ba >= mean_ba + 0.2, f"{name}: BA {ba:.3f} not clearly above mean pooling's {mean_ba:.3f}"
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_new_aggregators_train(name: str) -> None:
+    """Default-tier stand-in for the slow check: 36 steps on 48 witness bags cut the loss by >= 30%, with
+    the model's own auxiliary losses finite at every step."""
+    x, ptr, labels, _ = make_bags(48, seed=5)
+    torch.manual_seed(0)
+    model = create_aggregator(name, in_dim=D, num_classes=3, **SMALL.get(name, {"embed_dim": 32}))
+    with torch.no_grad():
+        before = float(F.cross_entropy(model.eval()(x, ptr).logits, labels))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        model.train()
+        for bags in torch.randperm(len(labels), generator=g).split(8):
+            out = model(*subset(x, ptr, bags), labels=labels[bags])
+            assert all(torch.isfinite(v) for v in out.aux_losses.values()), out.aux_losses
+            loss = F.cross_entropy(out.logits, labels[bags]) + sum(out.aux_losses.values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        after = float(F.cross_entropy(model.eval()(x, ptr).logits, labels))
+    assert after < 0.7 * before, f"{name}: training loss {before:.3f} -> {after:.3f}"
 
 
 def make_control_sampler(x: torch.Tensor, ptr: torch.Tensor, labels: torch.Tensor):

@@ -29,7 +29,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated
 
 
 def test_list_with_wildcards_is_sorted() -> None:
-    assert list_aggregators("*mil") == ["abmil", "amil", "dsmil", "graphmil", "transmil"]
+    assert list_aggregators("*mil") == ["abmil", "acmil", "amil", "dsmil", "graphmil", "transmil"]
+    assert list_aggregators("clam_*") == ["clam_mb", "clam_sb"]
     assert list_aggregators("m*") == ["max", "mean"]
     assert list_aggregators("nothing*") == []
     assert list_aggregators() == sorted(list_aggregators())
@@ -38,7 +39,7 @@ def test_list_with_wildcards_is_sorted() -> None:
 def test_unknown_name_lists_close_matches() -> None:
     with pytest.raises(InvalidArgumentError, match=r"unknown aggregator 'abmill'; did you mean 'abmil'"):
         create_aggregator("abmill", in_dim=8, num_classes=2)
-    with pytest.raises(InvalidArgumentError, match="registered: abmil, amil"):
+    with pytest.raises(InvalidArgumentError, match="registered: abmil, acmil, amil, clam_mb, clam_sb"):
         get_aggregator_entry("zzz")
 
 
