@@ -14,8 +14,14 @@ The names a notebook needs, importable from ``milcore`` itself (each loaded on f
 One fold is :func:`fit_fold` (train, early-stop and calibrate on validation, predict the test part);
 any ``nn.Module`` whose ``forward(x, ptr)`` returns a :class:`MILOutput` trains through it
 (``model=``). The subpackages hold the rest: ``milcore.data``, ``milcore.models``, ``milcore.training``,
-``milcore.metrics``, ``milcore.crossval``, ``milcore.prediction``, ``milcore.explain``, ``milcore.audit``,
-``milcore.continual``, ``milcore.bench`` and the ``milcore`` command line (``milcore.cli``).
+``milcore.metrics``, ``milcore.crossval``, ``milcore.prediction``, ``milcore.explain``, ``milcore.trust``
+(uncertainty and abstention, similar cases, the model passport), ``milcore.audit``, ``milcore.continual``,
+``milcore.bench`` and the ``milcore`` command line (``milcore.cli``).
+
+Trust layer: ``cv.uncertainty`` / ``new.uncertainty`` hold per-patient uncertainty scores and
+``risk_coverage(labels, proba, score)`` their risk-coverage curve; ``build_index(cv, data)`` and
+``similar_cases(index, cv, bags)`` retrieve similar training cases; ``build_passport(run)`` is a
+run folder's model passport.
 
 ``milcore.predict`` is the function; its module is ``milcore.prediction`` (a module and a function of one
 name cannot share a package attribute). For the same reason the audit and the galleries are
@@ -51,11 +57,15 @@ _EXPORTS: dict[str, str] = {
     "create_aggregator": "milcore.models",
     "list_aggregators": "milcore.models",
     "MILOutput": "milcore.models",
+    "risk_coverage": "milcore.trust.uncertainty",
+    "build_index": "milcore.trust.retrieval",
+    "similar_cases": "milcore.trust.retrieval",
+    "build_passport": "milcore.trust.passport",
 }
 _ALIASES = {"open_bank": "open_reader"}
 #: Subpackages reachable as attributes without an explicit import (``milcore.metrics.TABLE``).
 _SUBMODULES = ("audit", "bench", "cli", "continual", "crossval", "data", "explain", "losses", "metrics", "models",
-               "ops", "prediction", "report", "training")  # fmt: skip
+               "ops", "prediction", "report", "training", "trust")  # fmt: skip
 
 __all__ = ["__version__", *_EXPORTS]
 

@@ -463,7 +463,7 @@ class CaseMatches:
                           for m in self.cells]}  # fmt: skip
 
 
-def similar_cases(index: CaseIndex, models: RunModels, bags: FeatureStore, *, k: int = 5,
+def similar_cases(index: CaseIndex, models: RunModels | Any, bags: FeatureStore, *, k: int = 5,
                   held_out: dict[str, int] | None = None, query_cells: int = 4, cell_matches: int = 3,
                   cells_per_case: int = 4, device: str = "auto",
                   batch_instances: int = 16384) -> list[CaseMatches]:  # fmt: skip
@@ -471,7 +471,8 @@ def similar_cases(index: CaseIndex, models: RunModels, bags: FeatureStore, *, k:
 
     Args:
         index: the run's :class:`CaseIndex`.
-        models: the run's fold models (those the index was built from).
+        models: the run's fold models (those the index was built from): :class:`RunModels`, or the run folder
+            or :class:`~milcore.crossval.CVResult` they come from.
         bags: the patients to explain (a store over any bank with the index's encoder).
         k: training patients per patient.
         held_out: bag -> the fold that held it out (patients of the run itself): only that fold model and the
@@ -490,6 +491,8 @@ def similar_cases(index: CaseIndex, models: RunModels, bags: FeatureStore, *, k:
 
     if k < 1:
         raise UserError(f"similar cases: k must be at least 1, got {k}")
+    if not isinstance(models, RunModels):
+        models = run_models(models, device)
     where = str(getattr(bags.bank, "path", "the bank"))
     index.check_bank(bags.bank.info, where)
     index.check_models(models, where)
