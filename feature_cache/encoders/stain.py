@@ -19,6 +19,7 @@ fitting, has no per-bag fit and would be a new dependency for a few dozen lines 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -201,7 +202,9 @@ class StainNormalizer:
         mean, std = lab_stats(rgb)
         t_mean, t_std = np.asarray(self.target.lab_mean), np.asarray(self.target.lab_std)
         lab = (lab - mean) / std * t_std + t_mean
-        return lab2rgb(lab.reshape(-1, 1, 3)).reshape(-1, 3)
+        with warnings.catch_warnings():  # out-of-gamut colours are clipped, as intended
+            warnings.simplefilter("ignore", UserWarning)
+            return lab2rgb(lab.reshape(-1, 1, 3)).reshape(-1, 3)
 
     def _macenko(self, rgb: np.ndarray) -> np.ndarray:
         try:
