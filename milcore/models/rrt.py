@@ -60,7 +60,7 @@ from milcore.ops import (
     weighted_segment_sum,
 )
 
-__all__ = ["RRTMIL", "RRTMILConfig"]
+__all__ = ["RRTMIL", "RRTMILConfig", "principal_direction"]
 
 _POWER_ITERATIONS = 8
 
@@ -167,6 +167,21 @@ class _CrossRegion(nn.Module):
         return (weight.unsqueeze(-1) * mixed.index_select(0, region)).sum(1)  # (N, E)
 
 
+@torch.no_grad()
+def principal_direction(h: Tensor, ptr: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """Each bag's centred rows ``(N, E)`` and its first principal direction ``(B, E)`` (unit norm, largest
+    component positive), by power iteration on the bag's covariance (segment sums, no ``E x E`` matrix)."""
+    hc = h.float()
+    hc = hc - segment_mean(hc, ptr, index).index_select(0, index)  # (N, E) centred within each bag
+    v = hc.new_full((ptr.numel() - 1, hc.shape[1]), hc.shape[1] ** -0.5)  # (B, E)
+    for _ in range(_POWER_ITERATIONS):
+        proj = (hc * v.index_select(0, index)).sum(1, keepdim=True)  # (N, 1)
+        v = segment_sum(hc * proj, ptr, index)  # (B, E) = covariance @ v, per bag
+        v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sign = v.gather(1, v.abs().argmax(1, keepdim=True)).sign()  # largest component positive
+    return hc, v * torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
 @register_aggregator("rrt", config=RRTMILConfig)
 class RRTMIL(MILAggregator):
     """RRT-MIL (Tang et al. 2024): region re-embedding (R-MSA + EPEG, CR-MSA), feature-space regions, ABMIL."""
@@ -215,15 +230,7 @@ class RRTMIL(MILAggregator):
     @torch.no_grad()
     def regions(self, h: Tensor, ptr: Tensor, index: Tensor) -> SubBags:
         """Each bag cut into ``ceil(n / region_size)`` regions along its first principal direction."""
-        hc = h.float()
-        hc = hc - segment_mean(hc, ptr, index).index_select(0, index)  # (N, E) centred within each bag
-        v = hc.new_full((ptr.numel() - 1, hc.shape[1]), hc.shape[1] ** -0.5)  # (B, E)
-        for _ in range(_POWER_ITERATIONS):
-            proj = (hc * v.index_select(0, index)).sum(1, keepdim=True)  # (N, 1)
-            v = segment_sum(hc * proj, ptr, index)  # (B, E) = covariance @ v, per bag
-            v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        sign = v.gather(1, v.abs().argmax(1, keepdim=True)).sign()  # largest component positive
-        v = v * torch.where(sign == 0, torch.ones_like(sign), sign)
+        hc, v = principal_direction(h, ptr, index)  # (N, E) centred, (B, E)
         rank = segment_rank((hc * v.index_select(0, index)).sum(1), ptr, index)  # (N,) along the direction
         sizes = ptr_to_sizes(ptr)
         count = torch.div(sizes + self.config.region_size - 1, self.config.region_size, rounding_mode="floor")
