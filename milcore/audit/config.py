@@ -20,6 +20,9 @@ from milcore.training.config import TrainConfig
 DEFAULT_AGE_BANDS: tuple[tuple[int, int], ...] = ((0, 45), (46, 59), (60, 71), (72, 86), (87, 130))
 ATTRIBUTES = ("sex", "age", "site")
 CORRECTIONS = ("holm", "bonferroni", "bh")
+#: What a gap test looks for: the group worse than the rest (one-sided: a flag is a claim that a group is
+#: worse), or a difference either way (two-sided, the test before issue 19).
+ALTERNATIVES = ("worse", "two-sided")
 
 
 def _metrics() -> tuple[str, ...]:
@@ -70,13 +73,19 @@ class AuditConfig(Config):
         age_bands: inclusive ``(low, high)`` year ranges (``"0-45,46-59"`` in a file or on the command line).
         intersections: also audit every pair of attributes (e.g. female x 72-86).
         min_group_size: groups with fewer patients are reported as ``insufficient`` and not tested.
-        primary_metric: the metric whose gaps on single-attribute groups form the primary family of tests.
+        primary_metric: the metric whose gaps on single-attribute groups form the primary family of tests
+            (chosen by measured power: benchmarks/README.md, "Bias audits").
         test_metrics: the metrics whose gaps are tested; with the per-class recall and FPR
             (``per_class=True``) and every intersection they form the secondary family.
         per_class: also test per-class recall (TPR) and FPR gaps.
         alpha: family-wise significance level of each family.
         correction: multiple-comparison correction within each family: ``holm``, ``bonferroni`` or
             ``bh`` (Benjamini-Hochberg FDR).
+        alternative: ``worse`` tests whether each group is worse than the rest (one-sided; both groups of a
+            two-valued attribute are tests of the family), ``two-sided`` whether it differs either way.
+        permute_within_class: shuffle group membership within each true class, so every permutation keeps the
+            group's class mix (False: over all patients, the test before issue 19).
+        mde_power: power of the minimum detectable effect reported beside every verdict.
         n_boot: bootstrap resamples for confidence intervals (patients resampled within groups).
         n_perm: permutations per gap test.
         n_bins: confidence bins of the calibration error.
@@ -90,11 +99,15 @@ class AuditConfig(Config):
                                                     dump=_dump_age_bands)  # fmt: skip
     intersections: bool = True
     min_group_size: int = option(10, low=2)
-    primary_metric: str = option("balanced_accuracy", choices=_metrics)
-    test_metrics: tuple[str, ...] = option(("balanced_accuracy", "macro_f1", "auroc", "ece"), choices=_metrics)
+    primary_metric: str = option("balanced_brier", choices=_metrics)
+    test_metrics: tuple[str, ...] = option(("balanced_accuracy", "balanced_brier", "balanced_log_loss", "macro_f1",
+                                            "auroc", "ece"), choices=_metrics)  # fmt: skip
     per_class: bool = True
     alpha: float = option(0.05, low=0, high=1, low_open=True, high_open=True)
     correction: str = option("holm", choices=CORRECTIONS)
+    alternative: str = option("worse", choices=ALTERNATIVES)
+    permute_within_class: bool = True
+    mde_power: float = option(0.8, low=0, high=1, low_open=True, high_open=True)
     n_boot: int = option(1000, low=10)
     n_perm: int = option(2000, low=10)
     n_bins: int = option(10, low=1)

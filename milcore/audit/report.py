@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from milcore.audit.stratified import format_gap
 from milcore.metrics import label
 from milcore.report import Report, fmt_ci, plots, plural
 from milcore.report.caveats import add_warnings
@@ -42,9 +43,14 @@ def add_audit_sections(rep: Report, audit: dict[str, Any]) -> None:
     if summary["details"]:
         rep.bullets(summary["details"])
     fam = audit["families"]
+    one_sided = config.get("alternative", "two-sided") == "worse"
+    within = config.get("permute_within_class", False)
     rep.paragraph(
         f"How to read this: every group is compared with the other patients whose value is known (gap = group - "
-        f"rest). Gaps are tested by permutation ({config['n_perm']} at most) and corrected with "
+        f"rest). Gaps are tested by permutation ({config['n_perm']} at most"
+        + (", group membership shuffled within each true class, so the class mix of the groups plays no part"
+           if within else "") + "; "
+        + ("one-sided: is the group worse than the rest?" if one_sided else "two-sided") + ") and corrected with "
         f"{_CORRECTIONS.get(config['correction'], config['correction'])} within two families at alpha "
         f"{config['alpha']}: the primary family "
         f"({label(config['primary_metric'])} of single-attribute groups, "
@@ -54,8 +60,11 @@ def add_audit_sections(rep: Report, audit: dict[str, Any]) -> None:
         f"fewer than {config['min_group_size']} patients are marked insufficient and not tested"
         + (f"; {plural(len(audit['empty_groups']), 'empty group')} (no patient) "
            f"{'is' if len(audit['empty_groups']) == 1 else 'are'} left out" if audit.get("empty_groups") else "")
-        + ". Terms are explained at the end."
+        + ". A group that is not flagged is not shown to be fair: beside every such verdict stands its minimum "
+        f"detectable effect (MDE), the gap its test would find {config.get('mde_power', 0.8):.0%} of the time; "
+        "smaller gaps could go unseen. Terms are explained at the end."
     )
+    _detectable_gaps(rep, audit)
     if audit.get("notes"):
         rep.heading("Input")
         rep.bullets(audit["notes"])
@@ -82,17 +91,21 @@ def add_audit_sections(rep: Report, audit: dict[str, Any]) -> None:
               [[c["group"], c["metric"], c["family"], c["n_group"], _nan(c["value"]), _nan(c["rest"]),
                 fmt_ci(_nan(c["gap"]), [_nan(v) for v in c["gap_ci95"]]), _nan(c["ratio"]),
                 fmt_ci(_nan(c["gap_vs_overall"]), [_nan(v) for v in c["gap_vs_overall_ci95"]]),
-                _nan(c["gap_vs_best"]), _p(c["p_value"]), _p(c["p_corrected"]), "YES" if c["flagged"] else ""]
+                _nan(c["gap_vs_best"]), _p(c["p_value"]), _p(c["p_corrected"]), _verdict(c)]
                for c in shown],
               caption="Single-attribute groups on the headline metrics, and every flagged comparison; audit.json "
-                      "holds all of them (per-class recall and FPR, intersections).")  # fmt: skip
+                      "holds all of them (per-class recall and FPR, intersections). p: "
+                      + ("one-sided, the group worse than the rest" if one_sided else "two-sided")
+                      + "; 'no (MDE x)': not flagged, and a gap smaller than x could go unseen; 'not tested': why "
+                        "under Skipped tests.")  # fmt: skip
     if audit["parity"]:
         rep.heading("Parity differences")
         rep.table(["attribute", "metric", "value [95% CI]", "p", "corrected p", "flagged"],
                   [[p["attribute"], label(p["metric"]), _cell(p), _p(p["p_value"]),
-                    _p(p["p_corrected"]), "YES" if p["flagged"] else ""] for p in audit["parity"]],
+                    _p(p["p_corrected"]), _verdict(p)] for p in audit["parity"]],
                   caption="Largest between-group range of TPR or FPR (equalized odds) and of the rate of predicting "
-                          "each class (demographic parity), over classes (one vs rest).")  # fmt: skip
+                          "each class (demographic parity), over classes (one vs rest); 'no (MDE x)': a difference "
+                          "of x would be flagged 80% of the time.")  # fmt: skip
     rep.heading("Plots")
     tested = [g for g in groups if g["status"] == "ok"]
     for m in metrics:
@@ -120,6 +133,38 @@ def add_audit_sections(rep: Report, audit: dict[str, Any]) -> None:
                    name="recall_heatmap")  # fmt: skip
 
 
+def _verdict(row: dict[str, Any]) -> str:
+    """``YES``, ``no (MDE 14.2 points)``, ``no (no MDE: ...)`` or ``not tested``."""
+    if row["flagged"]:
+        return "YES"
+    if row.get("p_value") is None:
+        return "not tested"
+    if row.get("mde") is None:
+        return "no (no gap size is sure to be found)"
+    return f"no (MDE {format_gap(row.get('metric', ''), row['mde'])})"
+
+
+def _detectable_gaps(rep: Report, audit: dict[str, Any]) -> None:
+    """Every primary verdict that is not a flag with its minimum detectable effect; the tests skipped and why."""
+    quiet = audit["summary"].get("not_flagged", [])
+    if quiet:
+        rep.heading("Detectable gaps")
+        rep.paragraph("Each primary comparison that was not flagged, with the smallest gap its test finds "
+                      f"{audit['config'].get('mde_power', 0.8):.0%} of the time at alpha "
+                      f"{audit['config']['alpha']} over the family's tests (its minimum detectable effect); "
+                      "groups below the minimum size were not tested and have none.")  # fmt: skip
+        rep.bullets([q["text"] for q in quiet])
+    lines = [f"{g['name']}: {n}." for g in audit["groups"] for n in g.get("notes", [])]
+    listed = {(g["name"], s["metric"]) for g in audit["groups"] for s in g.get("skipped_tests", [])}
+    lines += [f"{g['name']}: {s['metric']} not tested ({s['reason']})." for g in audit["groups"]
+              for s in g.get("skipped_tests", [])]  # fmt: skip
+    lines += [f"{c['group']}: {c['metric']} not tested ({c['skipped']})." for c in audit["comparisons"]
+              if c.get("skipped") and (c["group"], c["metric"]) not in listed and "[" not in c["metric"]]  # fmt: skip
+    if lines:
+        rep.heading("Skipped tests")
+        rep.bullets(lines)
+
+
 def _n(audit: dict[str, Any], name: str) -> int:
     if name == "overall":
         return int(audit["overall"]["n"])
@@ -132,5 +177,6 @@ def write_audit_report(out: Path, audit: dict[str, Any]) -> tuple[Path, Path]:
 
     rep = Report(f"Bias audit of {audit['input']['run']}")
     add_audit_sections(rep, audit)
-    add_glossary(rep, [*AUDIT_TERMS, _CORRECTIONS.get(audit["config"]["correction"], "Holm")])
+    add_glossary(rep, [*AUDIT_TERMS, "log-loss", "Brier score", "minimum detectable effect",
+                       _CORRECTIONS.get(audit["config"]["correction"], "Holm")])  # fmt: skip
     return write_report_atomic(Path(out), rep, "audit")

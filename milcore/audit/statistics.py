@@ -3,9 +3,15 @@
 - Bootstrap: patients are resampled with replacement *within* strata (the groups of one attribute, with
   unknown values as a stratum of their own), so every resample keeps the group sizes; CIs are percentiles.
 - Permutation test of a gap ``metric(group) - metric(rest)``: group membership is shuffled among the
-  patients whose attribute is known (same group size); two-sided p = (1 + #{|gap*| >= |gap|}) / (1 + P).
-  Permutations run in batches and stop early once a gap is clearly not significant (Besag & Clifford,
-  1991, "Sequential Monte Carlo p-values"), which keeps p-values valid and saves most of the work.
+  patients whose attribute is known, within each true class (:func:`stratified_permutation_masks`: every
+  permutation keeps the group's class mix, so a group is never flagged for holding harder classes) or,
+  as before issue 19, over all of them (:func:`permutation_masks`); one-sided p (the group worse) =
+  (1 + #{gap* at least as bad as gap}) / (1 + P), two-sided with absolute values. Permutations run in
+  batches and stop early once a gap is clearly not significant (Besag & Clifford, 1991, "Sequential Monte
+  Carlo p-values"), which keeps p-values valid and saves most of the work.
+- Minimum detectable effect (:func:`minimum_detectable_effect`): the gap a test finds with the given power
+  at its share of the family's alpha, ``(z_{1 - alpha / (k m)} + z_power) * sd0`` with ``sd0`` the spread
+  of the permutation null of that very test (normal approximation; ``k`` = 2 when two-sided).
 - Corrections: Holm (step-down, family-wise error), Bonferroni, Benjamini-Hochberg (false discovery rate).
 - Trends and paired effects over seeds: ordinary least squares slope with a t-test; mean differences with
   a t-interval and a one-sample t-test.
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -57,15 +64,52 @@ def permutation_masks(rng: np.random.Generator, mask: np.ndarray, scope: np.ndar
     return out
 
 
-def sequential_permutation_p(
+def stratified_permutation_masks(rng: np.random.Generator, mask: np.ndarray, scope: np.ndarray, strata: np.ndarray,
+                                 n: int) -> np.ndarray:  # fmt: skip
+    """(n, N) bool: within each stratum, as many patients of ``scope`` as ``mask`` holds there, drawn at random.
+
+    With the true class as the stratum, every permuted group keeps the class mix of the real one.
+
+    Args:
+        rng: random generator.
+        mask: (N,) bool, the group.
+        scope: (N,) bool, the patients the group is drawn from (``mask`` must lie inside it).
+        strata: (N,) stratum per patient (e.g. the true class).
+        n: permutations.
+    """
+    out = np.zeros((n, len(mask)), dtype=bool)
+    for value in np.unique(strata[scope]):
+        inside = scope & (strata == value)
+        out |= permutation_masks(rng, mask & inside, inside, n)
+    return out
+
+
+@dataclass
+class PermutationTest:
+    """The outcome of one sequential permutation test.
+
+    Attributes:
+        p: p-value in (0, 1] (NaN: not testable).
+        null_sd: standard deviation of the statistic over the permutations drawn (its null spread).
+        null_mean: mean of the statistic over the permutations drawn.
+        permutations: permutations drawn before the test stopped.
+    """
+
+    p: float
+    null_sd: float = math.nan
+    null_mean: float = math.nan
+    permutations: int = 0
+
+
+def sequential_permutation_test(
     observed: dict[str, float],
     null_batch: Callable[[int, list[str]], dict[str, np.ndarray]],
     n_perm: int,
     batch: int = 250,
     stop_after: int = 30,
     two_sided: bool = True,
-) -> dict[str, float]:
-    """Monte-Carlo permutation p-values of several statistics computed from the same permutations.
+) -> dict[str, PermutationTest]:
+    """Monte-Carlo permutation tests of several statistics computed from the same permutations.
 
     Args:
         observed: statistic name -> observed value (NaN: not testable, p is NaN).
@@ -78,11 +122,12 @@ def sequential_permutation_p(
         two_sided: compare absolute values; otherwise large values only.
 
     Returns:
-        name -> p-value in (0, 1].
+        name -> its test (p-value, and the mean and spread of the null statistics drawn).
     """
     names = [k for k, v in observed.items() if np.isfinite(v)]
     exceed = dict.fromkeys(names, 0)
     used = dict.fromkeys(names, 0)
+    moments = {name: np.zeros(3) for name in names}  # count, sum, sum of squares of the finite null values
     done = 0
     while done < n_perm and names:
         k = min(batch, n_perm - done)
@@ -90,6 +135,8 @@ def sequential_permutation_p(
         for name in names:
             obs = observed[name]
             stat = np.asarray(null[name], dtype=float)
+            finite = stat[np.isfinite(stat)]
+            moments[name] += (len(finite), finite.sum(), (finite**2).sum())
             stat = np.where(np.isfinite(stat), stat, 0.0)  # an undefined resample counts as no gap
             hit = np.abs(stat) >= abs(obs) - 1e-12 if two_sided else stat >= obs - 1e-12
             exceed[name] += int(hit.sum())
@@ -99,12 +146,58 @@ def sequential_permutation_p(
     out = {}
     for name, obs in observed.items():
         if not np.isfinite(obs):
-            out[name] = math.nan
-        elif exceed[name] >= stop_after and used[name] < n_perm:
-            out[name] = exceed[name] / used[name]
+            out[name] = PermutationTest(math.nan)
+            continue
+        if exceed[name] >= stop_after and used[name] < n_perm:
+            p = exceed[name] / used[name]
         else:
-            out[name] = (1 + exceed[name]) / (1 + used[name])
+            p = (1 + exceed[name]) / (1 + used[name])
+        count, total, squares = moments[name]
+        mean = total / count if count else math.nan
+        sd = math.sqrt(max(squares / count - mean**2, 0.0) * count / (count - 1)) if count > 1 else math.nan
+        out[name] = PermutationTest(p, sd, mean, used[name])
     return out
+
+
+def sequential_permutation_p(
+    observed: dict[str, float],
+    null_batch: Callable[[int, list[str]], dict[str, np.ndarray]],
+    n_perm: int,
+    batch: int = 250,
+    stop_after: int = 30,
+    two_sided: bool = True,
+) -> dict[str, float]:
+    """The p-values of :func:`sequential_permutation_test` (same arguments): name -> p in (0, 1]."""
+    tests = sequential_permutation_test(observed, null_batch, n_perm, batch, stop_after, two_sided)
+    return {name: t.p for name, t in tests.items()}
+
+
+def minimum_detectable_effect(null_sd: float, alpha: float, tests: int = 1, power: float = 0.8,
+                              two_sided: bool = False, null_mean: float = 0.0) -> float:  # fmt: skip
+    """The smallest effect a test finds with probability ``power`` (normal approximation of its null).
+
+    A single real effect in a family of ``tests`` is found when its p-value passes ``alpha / tests`` (the
+    first step of Holm, of Bonferroni and of Benjamini-Hochberg), so the statistic must exceed
+    ``null_mean + z_{1 - alpha / (k tests)} * sd`` (k = 2 when two-sided); it does so ``power`` of the time when
+    the effect is ``z_power * sd`` beyond that (the null's spread taken as the effect's too).
+
+    Args:
+        null_sd: spread of the test statistic without an effect (e.g. over the permutations).
+        alpha: the family's significance level.
+        tests: tests in the family.
+        power: wanted probability of finding the effect.
+        two_sided: the test is two-sided.
+        null_mean: where the statistic sits without an effect (0 for a gap; a parity range is positive).
+
+    Returns:
+        The effect (in the statistic's units); NaN when ``null_sd`` is not a number.
+    """
+    from scipy.stats import norm
+
+    if not np.isfinite(null_sd) or tests < 1:
+        return math.nan
+    z_alpha = float(norm.ppf(1 - alpha / (tests * (2 if two_sided else 1))))
+    return float(null_mean + (z_alpha + float(norm.ppf(power))) * null_sd)
 
 
 def adjust_pvalues(p: Sequence[float], method: str = "holm") -> np.ndarray:

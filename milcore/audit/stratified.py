@@ -1,14 +1,19 @@
 """The stratified audit of one set of labelled predictions: per-group metrics, gaps, tests, parity differences.
 
 Each group is compared with the rest of the patients whose attribute is known (``gap = metric(group) -
-metric(rest)``, tested by permutation), and described against the overall cohort and the best group of
-its attribute (gaps and ratios with bootstrap CIs); a group without ``min_group_size`` other patients to
-compare with (the only site) has status ``no_comparison``. Two families of tests are corrected separately, each
-at ``alpha``: the *primary* family (``primary_metric`` on single-attribute groups, the pre-specified
-question) and the *secondary* family (the other metrics, per-class recall and FPR, intersections and the
-parity differences). A comparison is ``flagged`` when its corrected p-value is below ``alpha`` and the
-group is worse than the rest. Groups below ``min_group_size`` are ``insufficient``: shown, never tested.
-Groups without a patient (an empty intersection) are left out and listed in ``empty_groups``.
+metric(rest)``, tested by permutation within classes, see :mod:`milcore.audit.statistics`), and described
+against the overall cohort and the best group of its attribute (gaps and ratios with bootstrap CIs); a
+group without ``min_group_size`` other patients to compare with (the only site) has status
+``no_comparison``. When a class is missing from the group or from the rest, the group's comparisons use
+the classes both sides have (``classes_compared``) and the tests that cannot be run are listed with their
+reason (``skipped_tests`` of the group). Two families of tests are corrected separately, each at
+``alpha``: the *primary* family (``primary_metric`` on single-attribute groups, the pre-specified question)
+and the *secondary* family (the other metrics, per-class recall and FPR, intersections and the parity
+differences). A comparison is ``flagged`` when its corrected p-value is below ``alpha`` and the group is
+worse than the rest; every comparison carries its minimum detectable effect (``mde``: the gap its test
+would find with ``mde_power`` at the family's alpha), which the summary prints beside every primary
+verdict that is not a flag. Groups below ``min_group_size`` are ``insufficient``: shown, never tested, no
+MDE. Groups without a patient (an empty intersection) are left out and listed in ``empty_groups``.
 
 The audit also says when its answer cannot be read as reassurance (``warnings``, the rules of
 :mod:`milcore.report.caveats`): when the overall model is not distinguishable from chance, subgroup
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,13 +34,16 @@ from feature_cache.progress import progress
 from milcore.audit.config import AuditConfig
 from milcore.audit.groups import GroupSet, Subgroup
 from milcore.audit.statistics import (
+    PermutationTest,
     adjust_pvalues,
+    minimum_detectable_effect,
     percentile_ci,
     permutation_masks,
-    sequential_permutation_p,
+    sequential_permutation_test,
     stratified_counts,
+    stratified_permutation_masks,
 )
-from milcore.metrics import GROUP_METRICS, higher_is_better, label
+from milcore.metrics import GROUP_METRICS, get_metric, higher_is_better, label
 from milcore.metrics.weighted import LabelledPredictions, flatten, parity_differences, weighted_metrics
 from milcore.report.caveats import chance_classes, headline_warnings, is_at_chance
 from milcore.report.document import plural
@@ -91,7 +100,8 @@ def audit_predictions(pred: LabelledPredictions, classes: list[str], groups: Gro
     group_rows: list[dict[str, Any]] = []
     comparisons: list[dict[str, Any]] = []
     parity: list[dict[str, Any]] = []
-    cache: dict[str, float] = {}
+    cache: dict[str, tuple[PermutationTest, PermutationTest]] = {}
+    compares: dict[str, Compared] = {}
     attributes = list(dict.fromkeys(g.attribute for g in groups.groups))
     empty = [g.name for g in groups.groups if g.size == 0]  # e.g. an intersection nobody belongs to
     bar = progress(total=len(groups.groups) - len(empty), desc="audit groups", unit="group")
@@ -116,19 +126,27 @@ def audit_predictions(pred: LabelledPredictions, classes: list[str], groups: Gro
             group_rows.append(row)
             if info["status"] != "ok":
                 continue
-            keys = {m: _test_key(g, members, m) for m in names}
-            if all(k in cache for k in keys.values()):  # the other side of a two-group attribute: same test
-                tested = {m: cache[keys[m]] for m in names}
+            compares[g.name] = info["compare"]
+            other = _other_side(g, members)
+            keys = {m: _test_key(g, other, m, config.alternative) for m in names}
+            pair = {m: _test_key(g, other, m, "two-sided") for m in names}  # one set of permutations per pair
+            if all(k in cache for k in pair.values()):  # the other side of a two-group attribute
+                tested = {m: cache[pair[m]][1 if other is not None and config.alternative == "worse" else 0]
+                          for m in names}  # fmt: skip
             else:
-                tested = _test_group(pred, classes, g, config, names, rng, need_auroc)
-                cache.update({keys[m]: tested[m] for m in names})
+                both = _test_group(pred, classes, info["compare"], config, names, rng, need_auroc,
+                                   two_sides=other is not None)  # fmt: skip
+                cache.update({pair[m]: both[m] for m in names})
+                tested = {m: both[m][0] for m in names}
+            skipped = {s["metric"]: s["reason"] for s in row.get("skipped_tests", [])}
             for m in names:
                 value, rest = info["point"][m], info["rest_point"][m]
                 bg = best_of.get(m)
                 best_value = per_group[bg]["point"][m] if bg else math.nan
                 best_boot = per_group[bg]["boot"][m] if bg else np.full(config.n_boot, np.nan)
                 worse = (value < rest) if higher_is_better(m) else (value > rest)
-                comparisons.append({
+                test = tested[m]
+                entry = {
                     "group": g.name, "attribute": g.attribute, "level": g.level, "metric": m,
                     "family": "primary" if (m == config.primary_metric and g.level == "attribute") else "secondary",
                     "n_group": g.size, "n_rest": int(g.rest.sum()),
@@ -141,13 +159,20 @@ def audit_predictions(pred: LabelledPredictions, classes: list[str], groups: Gro
                     "best_group": bg, "gap_vs_best": _num(value - best_value),
                     "gap_vs_best_ci95": _ci(info["boot"][m] - best_boot, alpha) if bg != g.name else [0.0, 0.0],
                     "ratio_vs_best": _num(_ratio(value, best_value)),
-                    "p_value": _num(tested[m]), "test_key": keys[m],
+                    "p_value": _num(test.p), "alternative": config.alternative, "test_key": keys[m],
+                    "permutations": test.permutations, "null_sd": _num(test.null_sd),
                     "worse": bool(np.isfinite(value) and np.isfinite(rest) and worse),
-                })  # fmt: skip
+                }  # fmt: skip
+                if info["classes_compared"] is not None:
+                    entry["classes_compared"] = info["classes_compared"]
+                if not np.isfinite(test.p):
+                    entry["skipped"] = skipped.get(m) or _why_untestable(m, value, rest)
+                comparisons.append(entry)
         if len(sufficient) >= 2:
             parity += _parity(pred, sufficient, attribute, counts, config, rng)
     bar.close()
     families = _correct(comparisons, parity, config)
+    _translate_mde(pred, comparisons, compares, config)
     support = np.bincount(pred.y_true, minlength=pred.num_classes)
     warnings = audit_warnings(overall, chance_classes(support, pred.num_classes), group_rows, config)
     return {"overall": overall, "groups": group_rows, "empty_groups": empty, "comparisons": comparisons,
@@ -206,13 +231,22 @@ def _describe(pred: LabelledPredictions, classes: list[str], g: Subgroup, counts
     out: dict[str, Any] = {"status": status, "row": row, "point": {k: v[0] for k, v in point.items()}}
     if status != "ok":
         return out
+    compare = compared_patients(pred, classes, g, config)
+    if compare.notes:
+        row["notes"] = compare.notes
+    if compare.skipped:
+        row["skipped_tests"] = compare.skipped
     boot = flatten(weighted_metrics(pred, counts * g.mask, need_auroc), classes)
-    rest_point = flatten(weighted_metrics(pred, g.rest[None].astype(float), need_auroc), classes)
-    rest_boot = flatten(weighted_metrics(pred, counts * g.rest, need_auroc), classes)
     for k in row["metrics"]:
         if k in boot:
             row["metrics"][k]["ci95"] = _ci(boot[k], alpha)
-    out.update(boot=boot, rest_point={k: v[0] for k, v in rest_point.items()}, rest_boot=rest_boot)
+    if compare.classes is not None:  # a class missing on one side: both sides compared on the shared classes
+        point = flatten(weighted_metrics(pred, compare.group[None].astype(float), need_auroc), classes)
+        boot = flatten(weighted_metrics(pred, counts * compare.group, need_auroc), classes)
+    rest_point = flatten(weighted_metrics(pred, compare.rest[None].astype(float), need_auroc), classes)
+    rest_boot = flatten(weighted_metrics(pred, counts * compare.rest, need_auroc), classes)
+    out.update(point={k: v[0] for k, v in point.items()}, boot=boot, rest_boot=rest_boot, compare=compare,
+               rest_point={k: v[0] for k, v in rest_point.items()}, classes_compared=compare.classes)  # fmt: skip
     return out
 
 
@@ -228,28 +262,129 @@ def _best_groups(sufficient: list[Subgroup], per_group: dict[str, dict[str, Any]
     return best
 
 
-def _test_key(g: Subgroup, members: list[Subgroup], metric: str) -> str:
-    """Identifies a test: the two groups of a binary attribute are one comparison seen from both sides."""
+@dataclass
+class Compared:
+    """The patients a group is compared on, and what could not be compared.
+
+    Attributes:
+        group: (n,) bool, the group's patients compared.
+        rest: (n,) bool, the other patients compared.
+        scope: (n,) bool, ``group | rest`` (what permutations draw from).
+        classes: the classes compared when a class is missing on one side (``None``: all of them).
+        skipped: ``{"metric", "reason"}`` of every test that cannot be run.
+        notes: one sentence per class missing on one side.
+    """
+
+    group: np.ndarray
+    rest: np.ndarray
+    scope: np.ndarray
+    classes: list[str] | None = None
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def compared_patients(pred: LabelledPredictions, classes: list[str], g: Subgroup, config: AuditConfig) -> Compared:
+    """A group and its rest restricted to the classes both have, with the tests a missing class rules out.
+
+    A class present in the cohort but absent from the group (or from the rest) has no recall there, so its
+    recall test is skipped; the class-balanced metrics (balanced accuracy, log-loss, Brier score) and the
+    others would compare different sets of classes, so both sides are compared on the shared classes.
+    """
+    in_group = np.bincount(pred.y_true[g.mask], minlength=pred.num_classes) > 0
+    in_rest = np.bincount(pred.y_true[g.rest], minlength=pred.num_classes) > 0
+    one_sided = in_group ^ in_rest
+    if not one_sided.any():
+        return Compared(g.mask, g.rest, g.scope)
+    shared = in_group & in_rest
+    keep = shared[pred.y_true]
+    out = Compared(g.mask & keep, g.rest & keep, g.scope & keep, [c for c, s in zip(classes, shared, strict=True) if s])
+    for k in np.flatnonzero(one_sided):
+        where = "the group" if in_rest[k] else "the other patients"
+        c = classes[k]
+        if config.per_class:
+            out.skipped.append({"metric": f"recall[{c}]", "reason": f"no patient of class {c} in {where}"})
+        out.notes.append(f"class {c} is absent from {where}, so the comparisons use the {len(out.classes)} classes "
+                         f"both sides have ({', '.join(out.classes)})")  # fmt: skip
+    if not shared.any():
+        out.notes.append("no class in common with the other patients: nothing can be compared")
+    return out
+
+
+def _why_untestable(metric: str, value: float, rest: float) -> str:
+    """Why a gap has no test (a metric undefined on one side)."""
+    side = "the group" if not np.isfinite(value) else "the other patients"
+    if metric == "auroc":
+        return f"AUROC needs patients of two classes in {side}"
+    if metric.startswith("recall["):
+        return f"no patient of class {metric[7:-1]} in {side}"
+    if metric.startswith("fpr["):
+        return f"no patient outside class {metric[4:-1]} in {side}"
+    return f"{label(metric)} is undefined for {side}"
+
+
+def _other_side(g: Subgroup, members: list[Subgroup]) -> Subgroup | None:
+    """The other group of a two-valued attribute (its complement within the scope), else ``None``."""
     others = [h for h in members if h.name != g.name and h.size > 0]
     if len(others) == 1 and np.array_equal(others[0].mask, g.rest):
-        return f"{min(g.name, others[0].name)} vs {max(g.name, others[0].name)}: {metric}"
+        return others[0]
+    return None
+
+
+def _test_key(g: Subgroup, other: Subgroup | None, metric: str, alternative: str) -> str:
+    """Identifies a test of a family. Two-sided, the two groups of a two-valued attribute are one comparison
+    seen from both sides; one-sided, "F worse" and "M worse" are two tests."""
+    if alternative == "worse":
+        return f"{g.name} worse than {other.name if other is not None else 'rest'}: {metric}"
+    if other is not None:
+        return f"{min(g.name, other.name)} vs {max(g.name, other.name)}: {metric}"
     return f"{g.name} vs rest: {metric}"
 
 
-def _test_group(pred: LabelledPredictions, classes: list[str], g: Subgroup, config: AuditConfig, names: list[str],
-                rng: np.random.Generator, need_auroc: bool) -> dict[str, float]:  # fmt: skip
-    """Permutation p-values of every tested gap of one group (group membership shuffled within scope)."""
-    point = flatten(weighted_metrics(pred, np.stack([g.mask, g.rest]).astype(float), need_auroc), classes)
-    observed = {m: float(point[m][0] - point[m][1]) for m in names}
+def _test_group(pred: LabelledPredictions, classes: list[str], compare: Compared, config: AuditConfig,
+                names: list[str], rng: np.random.Generator, need_auroc: bool,
+                two_sides: bool) -> dict[str, tuple[PermutationTest, PermutationTest]]:  # fmt: skip
+    """Permutation tests of every tested gap of one group (group membership shuffled within classes).
+
+    Returns:
+        metric -> (test of this group, test of the other group of a two-valued attribute): one-sided tests of
+        "worse than the rest" in the worse direction (the statistic is the gap signed so that larger is worse),
+        or one two-sided test twice.
+    """
+    point = flatten(weighted_metrics(pred, np.stack([compare.group, compare.rest]).astype(float), need_auroc),
+                    classes)  # fmt: skip
+    worse = {m: 1.0 if not higher_is_better(m) else -1.0 for m in names}  # sign * gap > 0: the group is worse
+    one_sided = config.alternative == "worse"
+    observed = {}
+    for m in names:
+        gap = float(point[m][0] - point[m][1])
+        observed[m] = worse[m] * gap if one_sided else gap
+        if one_sided and two_sides:
+            observed[f"{m}|other"] = -worse[m] * gap
 
     def null(k: int, active: list[str]) -> dict[str, np.ndarray]:
-        masks = permutation_masks(rng, g.mask, g.scope, k)
-        rest = g.scope[None] & ~masks
+        if config.permute_within_class:
+            masks = stratified_permutation_masks(rng, compare.group, compare.scope, pred.y_true, k)
+        else:
+            masks = permutation_masks(rng, compare.group, compare.scope, k)
+        rest = compare.scope[None] & ~masks
         W = np.concatenate([masks, rest]).astype(float)
-        both = flatten(weighted_metrics(pred, W, need_auroc and "auroc" in active), classes)
-        return {m: both[m][:k] - both[m][k:] for m in active}
+        metric_of = {a: a.split("|")[0] for a in active}
+        both = flatten(weighted_metrics(pred, W, need_auroc and "auroc" in metric_of.values()), classes)
+        out = {}
+        for a, m in metric_of.items():
+            gap = both[m][:k] - both[m][k:]
+            out[a] = gap if not one_sided else (-worse[m] * gap if a.endswith("|other") else worse[m] * gap)
+        return out
 
-    return sequential_permutation_p(observed, null, config.n_perm)
+    tests = sequential_permutation_test(observed, null, config.n_perm, two_sided=not one_sided)
+    out = {}
+    for m in names:
+        mine = tests[m]
+        theirs = tests.get(f"{m}|other", mine)
+        spread = max((mine, theirs), key=lambda t: t.permutations)  # the same null, drawn longer by one of them
+        out[m] = (PermutationTest(mine.p, spread.null_sd, spread.null_mean, mine.permutations),
+                  PermutationTest(theirs.p, spread.null_sd, spread.null_mean, theirs.permutations))  # fmt: skip
+    return out
 
 
 def _parity(pred: LabelledPredictions, members: list[Subgroup], attribute: str, counts: np.ndarray, config: AuditConfig,
@@ -273,14 +408,15 @@ def _parity(pred: LabelledPredictions, members: list[Subgroup], attribute: str, 
         m = weighted_metrics(pred, W.reshape(k * G, -1), with_auroc=False)
         return parity_differences({key: m[key].reshape(k, G, -1) for key in ("recall", "fpr", "selection_rate")})
 
-    pvals = sequential_permutation_p(observed, null, config.n_perm, two_sided=False)
+    tests = sequential_permutation_test(observed, null, config.n_perm, two_sided=False)
     return [{"attribute": attribute, "groups": [g.name for g in members], "metric": k, "value": _num(observed[k]),
-             "ci95": _ci(boot_diff[k], config.alpha), "p_value": _num(pvals[k]), "family": "secondary",
-             "test_key": f"{attribute}: {k}"} for k in observed]  # fmt: skip
+             "ci95": _ci(boot_diff[k], config.alpha), "p_value": _num(tests[k].p), "family": "secondary",
+             "test_key": f"{attribute}: {k}", "permutations": tests[k].permutations,
+             "null_sd": _num(tests[k].null_sd), "null_mean": _num(tests[k].null_mean)} for k in observed]  # fmt: skip
 
 
 def _correct(comparisons: list[dict[str, Any]], parity: list[dict[str, Any]], config: AuditConfig) -> dict[str, Any]:
-    """Adjust p-values within each family (one test per ``test_key``) and set ``p_corrected`` and ``flagged``."""
+    """Adjust p-values within each family (one test per ``test_key``); set ``p_corrected``, ``flagged`` and ``mde``."""
     families: dict[str, Any] = {}
     rows = comparisons + parity
     for family in ("primary", "secondary"):
@@ -295,9 +431,50 @@ def _correct(comparisons: list[dict[str, Any]], parity: list[dict[str, Any]], co
                 r["p_corrected"] = _num(p)
                 significant = bool(np.isfinite(p) and p < config.alpha)
                 r["flagged"] = significant and r.get("worse", True)
+                if r["p_value"] is not None:
+                    _set_mde(r, len(keys), config)
         families[family] = {"tests": len(keys), "correction": config.correction, "alpha": config.alpha,
+                            "alternative": config.alternative, "permute_within_class": config.permute_within_class,
+                            "mde_power": config.mde_power, "alpha_per_test": config.alpha / max(len(keys), 1),
                             "flagged": sum(1 for r in rows if r["family"] == family and r["flagged"])}  # fmt: skip
     return families
+
+
+def _translate_mde(pred: LabelledPredictions, comparisons: list[dict[str, Any]], compares: dict[str, Compared],
+                   config: AuditConfig) -> None:  # fmt: skip
+    """Primary rows on a per-patient score get ``mde_balanced_accuracy``: the balanced accuracy the group would
+    lose if its score worsened by the MDE through lost confidence in the true class (:mod:`.detectable`)."""
+    from milcore.audit.detectable import equivalent_gap
+
+    if config.primary_metric not in ("balanced_brier", "balanced_log_loss"):
+        return
+    for r in comparisons:
+        if r["family"] == "primary" and r.get("mde") is not None:
+            mask = compares[r["group"]].group
+            r["mde_balanced_accuracy"] = _num(equivalent_gap(pred.y_true[mask], pred.proba[mask], r["metric"],
+                                                             r["mde"]))  # fmt: skip
+
+
+def _set_mde(row: dict[str, Any], tests: int, config: AuditConfig) -> None:
+    """The row's minimum detectable effect: the gap (or parity difference) its test finds with ``mde_power`` when
+    it is the family's one real effect (p below alpha / tests), from the spread of its own permutation null."""
+    parity = "null_mean" in row
+    two_sided = config.alternative == "two-sided" and not parity
+    sd = math.nan if row.get("null_sd") is None else row["null_sd"]
+    mde = minimum_detectable_effect(sd, config.alpha, tests, config.mde_power, two_sided,
+                                    null_mean=(row["null_mean"] or 0.0) if parity else 0.0)  # fmt: skip
+    if parity:
+        room = 1.0
+    else:
+        metric = get_metric(row["metric"])
+        rest = math.nan if row["rest"] is None else row["rest"]
+        room = abs(rest - metric.worst) if np.isfinite(metric.worst) else math.inf
+    row["mde"] = _num(mde) if np.isfinite(mde) and mde <= room else None
+    if np.isfinite(mde) and mde > room:
+        row["mde_note"] = (f"no {'difference' if parity else 'gap'} within the metric's range is found with "
+                           f"{config.mde_power:.0%} power at this size")  # fmt: skip
+    elif not np.isfinite(mde):
+        row["mde_note"] = "no permutation spread to size an effect from"
 
 
 def summarize(comparisons: list[dict[str, Any]], parity: list[dict[str, Any]], config: AuditConfig,
@@ -312,23 +489,29 @@ def summarize(comparisons: list[dict[str, Any]], parity: list[dict[str, Any]], c
     primary = [c for c in flagged if c["family"] == "primary"]
     lines = []
     for c in sorted(primary, key=lambda c: c["p_corrected"]):
+        ba = next((b for b in comparisons if b["group"] == c["group"] and b["metric"] == "balanced_accuracy"
+                   and c["metric"] != "balanced_accuracy" and b["value"] is not None), None)  # fmt: skip
         lines.append(
-            f"{c['group']}: {c['metric'].replace('_', ' ')} {c['value']:.3f} vs {c['rest']:.3f} in the other "
-            f"patients (gap {c['gap']:+.3f}, corrected p = {c['p_corrected']:.3g}, n = {c['n_group']})."
+            f"{c['group']}: {label(c['metric'])} {c['value']:.3f} vs {c['rest']:.3f} in the other "
+            f"patients (gap {c['gap']:+.3f}, corrected p = {c['p_corrected']:.3g}, n = {c['n_group']})"
+            + (f"; balanced accuracy {ba['value']:.3f} vs {_fmt(ba['rest'])}." if ba else ".")
         )
     secondary_groups = sorted({c["group"] for c in flagged if c["family"] == "secondary"})
     for g in secondary_groups:
         ms = [c for c in flagged if c["group"] == g and c["family"] == "secondary"]
         worst = min(ms, key=lambda c: c["p_corrected"])
         lines.append(
-            f"{g}: worse on {', '.join(sorted({c['metric'] for c in ms}))} (e.g. {worst['metric']} "
+            f"{g}: worse on {', '.join(sorted({c['metric'] for c in ms}))} (e.g. {label(worst['metric'])} "
             f"{worst['value']:.3f} vs {worst['rest']:.3f}, corrected p = {worst['p_corrected']:.3g})."
         )
     for p in parity:
         if p["flagged"]:
-            lines.append(f"{p['attribute']}: {p['metric'].replace('_', ' ')} {p['value']:.3f} is significant "
+            lines.append(f"{p['attribute']}: {label(p['metric'])} {p['value']:.3f} is significant "
                          f"(corrected p = {p['p_corrected']:.3g}).")  # fmt: skip
     groups = sorted({c["group"] for c in flagged})
+    quiet = [c for c in comparisons if c["family"] == "primary" and not c["flagged"] and c["p_value"] is not None]
+    not_flagged = [{"group": c["group"], "metric": c["metric"], "mde": c.get("mde"),
+                    "text": not_flagged_line(c, config)} for c in quiet]  # fmt: skip
     codes = {w["code"] for w in warnings}
     if is_at_chance(warnings):
         head = (f"The audited model is not distinguishable from chance on this cohort ({_chance_numbers(warnings)}): "
@@ -343,11 +526,67 @@ def summarize(comparisons: list[dict[str, Any]], parity: list[dict[str, Any]], c
     else:
         head = (
             f"No subgroup is significantly worse than the other patients after {config.correction} correction "
-            f"(alpha {config.alpha}); small gaps in small groups cannot be excluded, see the CIs."
+            f"(alpha {config.alpha}). This is not evidence of fairness: " + _mde_range(quiet, config)
         )
     return {"flagged_groups": groups, "primary_flagged": sorted({c["group"] for c in primary}), "headline": head,
-            "details": lines, "metrics_higher_is_better": {m: higher_is_better(m) for m in GROUP_METRICS},
+            "details": lines, "not_flagged": not_flagged,
+            "metrics_higher_is_better": {m: higher_is_better(m) for m in GROUP_METRICS},
             "at_chance": is_at_chance(warnings)}  # fmt: skip
+
+
+#: Metrics whose gaps read as percentage points (rates); the others (scores, calibration) are shown as they are.
+_POINTS = ("balanced_accuracy", "accuracy", "macro_f1", "auroc", "recall", "fpr", "selection_rate")
+
+
+def format_gap(metric: str, value: float | None) -> str:
+    """``14.2 points`` for a rate (balanced accuracy, recall, ...), ``0.034`` for a score (Brier, log-loss, ECE)."""
+    if value is None or not np.isfinite(value):
+        return "–"
+    return f"{100 * value:.1f} points" if metric.split("[")[0] in _POINTS else f"{value:.3f}"
+
+
+def not_flagged_line(c: dict[str, Any], config: AuditConfig) -> str:
+    """The verdict of a comparison that was not flagged, with the gap its test could have missed."""
+    head = (f"{c['group']}: not flagged ({label(c['metric'])} {_fmt(c['value'])} vs {_fmt(c['rest'])} in the other "
+            f"patients, corrected p = {_fmt(c['p_corrected'], '.2g')}, n = {c['n_group']})")  # fmt: skip
+    return f"{head}; {mde_phrase(c, config)}."
+
+
+def mde_phrase(c: dict[str, Any], config: AuditConfig) -> str:
+    """``a gap under 14.2 points could go unseen here (80% power, ...)`` or why no gap size would be found."""
+    if c.get("mde") is None:
+        return f"{c.get('mde_note', 'no minimum detectable effect')}: a gap of any size could go unseen here"
+    worse = "lower" if higher_is_better(c["metric"]) else "higher"
+    ba = c.get("mde_balanced_accuracy")
+    return (f"a {label(c['metric'])} {worse} by less than {format_gap(c['metric'], c['mde'])}"
+            + (f" (about {format_gap('balanced_accuracy', ba)} of balanced accuracy, if the model's confidence in "
+               "the true class fell evenly)" if ba is not None else "")
+            + f" could go unseen here ({config.mde_power:.0%} power at alpha {config.alpha} over the family's tests)")
+
+
+def _mde_range(quiet: list[dict[str, Any]], config: AuditConfig) -> str:
+    """The span of the primary tests' minimum detectable effects, for the headline."""
+    if not quiet:
+        return "no primary comparison could be tested."
+    sized = [c for c in quiet if c.get("mde") is not None]
+    unsized = sorted({c["group"] for c in quiet if c.get("mde") is None})
+    parts = []
+    if sized:
+        lo, hi = min(sized, key=lambda c: c["mde"]), max(sized, key=lambda c: c["mde"])
+        worse = "lower" if higher_is_better(config.primary_metric) else "higher"
+        span = (f"{format_gap(lo['metric'], lo['mde'])} ({lo['group']})" if lo["mde"] == hi["mde"] else
+                f"{format_gap(lo['metric'], lo['mde'])} ({lo['group']}) to {format_gap(hi['metric'], hi['mde'])} "
+                f"({hi['group']})")  # fmt: skip
+        parts.append(f"with {config.mde_power:.0%} power the primary tests find a {label(config.primary_metric)} "
+                     f"{worse} by {span}, and smaller gaps could go unseen")  # fmt: skip
+    if unsized:
+        parts.append(f"for {', '.join(unsized)} no gap within the metric's range is found with "
+                     f"{config.mde_power:.0%} power")  # fmt: skip
+    return "; ".join(parts) + " (see Detectable gaps)."
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "–" if x is None else format(x, spec)
 
 
 def _chance_numbers(warnings: list[dict[str, Any]]) -> str:

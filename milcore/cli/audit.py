@@ -19,7 +19,8 @@ log = logging.getLogger("milcore")
 
 #: ``AuditConfig`` fields given as flags by ``audit`` and ``audit experiment`` (the rest: ``audit`` alone).
 SHARED_AUDIT_OPTIONS = ("age_bands", "min_group_size", "alpha", "n_boot", "seed")
-RUN_AUDIT_OPTIONS = ("attributes", "intersections", "n_perm", "correction")
+RUN_AUDIT_OPTIONS = ("attributes", "intersections", "n_perm", "correction", "primary_metric", "alternative",
+                     "permute_within_class", "mde_power")
 #: Flags named before the config convention (``milcore run`` experiments use them).
 AUDIT_FLAGS = {"min_group_size": "--min-group", "n_boot": "--boot", "n_perm": "--permutations"}
 #: ``ExperimentSpec`` fields and training options (``TrainConfig`` fields) of ``audit experiment``.
@@ -48,7 +49,12 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     p.add_argument("--out", help="output folder for audit.json, audit.md and audit.html")
     add_config_options(p, AuditConfig, RUN_AUDIT_OPTIONS, flags=AUDIT_FLAGS,
                        helps={"intersections": "also audit pairs such as sex x age",
-                              "n_perm": "permutations per test"})  # fmt: skip
+                              "n_perm": "permutations per test",
+                              "primary_metric": "metric of the primary family (single-attribute groups)",
+                              "alternative": "worse: is each group worse than the rest (one-sided); two-sided: "
+                                             "does it differ either way",
+                              "permute_within_class": "shuffle group membership within each true class",
+                              "mde_power": "power of the minimum detectable effect beside every verdict"})  # fmt: skip
     _audit_options(p)
     p.set_defaults(func=run)
     sub = p.add_subparsers(dest="audit_command", metavar="experiment", parser_class=type(p))

@@ -29,6 +29,13 @@ GLOSSARY: dict[str, str] = {
     "95% of the resampled values gives the CI.",
     "permutation test": "a p-value from shuffling group membership many times: how often a gap this large "
     "appears when groups do not matter.",
+    "minimum detectable effect": "MDE: the smallest gap a test finds 80% of the time at its family's alpha, at "
+    "this cohort's group sizes and class mix (from the spread of the test's own permutations). A group that is "
+    "not flagged may still be worse by less than its MDE: 'not flagged' is not 'fair'.",
+    "log-loss": "minus the log of the probability the model gave the patient's true class (0: certain and right); "
+    "class-balanced: averaged within each class, then over classes, like balanced accuracy.",
+    "Brier score": "the squared distance between the predicted probabilities and the true class, halved so it "
+    "runs from 0 (certain and right) to 1 (certain and wrong); class-balanced like the log-loss.",
     "Holm": "Holm's step-down correction of p-values for many tests, keeping the chance of any false flag "
     "in a family of tests at alpha.",
     "Bonferroni": "a correction multiplying each p-value by the number of tests, keeping the chance of any "

@@ -43,11 +43,13 @@ def test_audit_files_and_schema(biased) -> None:
 
 def test_planted_female_effect_is_flagged(biased) -> None:
     _, _, _, audit = biased
-    f = next(c for c in audit["comparisons"] if c["group"] == "sex=F" and c["metric"] == "balanced_accuracy")
-    m = next(c for c in audit["comparisons"] if c["group"] == "sex=M" and c["metric"] == "balanced_accuracy")
-    assert f["family"] == "primary" and f["flagged"] and f["worse"] and f["p_corrected"] < 0.05
-    assert f["gap"] < -0.1 and f["gap_ci95"][1] < 0
-    assert not m["flagged"]  # the better side of the same test is not flagged
+    f = next(c for c in audit["comparisons"] if c["group"] == "sex=F" and c["family"] == "primary")
+    m = next(c for c in audit["comparisons"] if c["group"] == "sex=M" and c["family"] == "primary")
+    assert f["metric"] == audit["config"]["primary_metric"]
+    assert f["flagged"] and f["worse"] and f["p_corrected"] < 0.05 and f["gap_ci95"][0] > 0  # a higher Brier score
+    assert not m["flagged"] and not m["worse"]  # the better side is not flagged
+    ba = next(c for c in audit["comparisons"] if c["group"] == "sex=F" and c["metric"] == "balanced_accuracy")
+    assert ba["family"] == "secondary" and ba["worse"] and ba["gap"] < -0.1 and ba["gap_ci95"][1] < 0
     assert "sex=F" in audit["summary"]["primary_flagged"]
     assert "sex=F" in audit["summary"]["headline"]
 
@@ -119,3 +121,24 @@ def test_false_alarm_rate_over_seeds(tmp_path: Path, audit_case) -> None:
                           AuditConfig(n_boot=100, n_perm=1000, seed=seed))  # fmt: skip
         flagged.append(bool(audit["summary"]["flagged_groups"]))
     assert np.mean(flagged) <= 0.15  # 10% stated; 3 of 20 allowed for Monte-Carlo noise
+
+
+def test_issue19_flags_reach_the_audit(biased, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--primary-metric, --alternative, --no-permute-within-class and --mde-power are recorded and used."""
+    run, cohort, _, default = biased
+    assert default["config"]["primary_metric"] == "balanced_brier" and default["config"]["alternative"] == "worse"
+    assert default["config"]["permute_within_class"] is True
+    out = tmp_path / "old"
+    assert main(["-q", "audit", "--run", str(run), "--cohort", str(cohort), "--out", str(out), "--permutations",
+                 "200", "--boot", "20", "--no-intersections", "--attributes", "sex", "--primary-metric",
+                 "balanced_accuracy", "--alternative", "two-sided", "--no-permute-within-class",
+                 "--mde-power", "0.9"]) == 0  # fmt: skip
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["config"]["mde_power"] == 0.9 and audit["config"]["permute_within_class"] is False
+    f = next(c for c in audit["comparisons"] if c["group"] == "sex=F" and c["family"] == "primary")
+    assert f["metric"] == "balanced_accuracy" and f["alternative"] == "two-sided"
+    assert audit["families"]["primary"]["tests"] == 1  # two-sided: one test for the two sexes
+    assert main(["-q", "audit", "--run", str(run), "--cohort", str(cohort), "--out", str(tmp_path / "bad"),
+                 "--alternative", "less"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("--alternative" in line and "worse" in line for line in err)

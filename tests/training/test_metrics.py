@@ -17,6 +17,7 @@ from milcore.metrics.classification import (
     macro_auroc,
     macro_f1,
 )
+from milcore.metrics.table import SCALAR_METRICS
 from milcore.report.evaluation import evaluate
 
 
@@ -78,9 +79,21 @@ def test_bootstrap_ci_covers_the_truth_at_the_nominal_rate() -> None:
 def test_evaluate_report_shape() -> None:
     y, p = _random_case(1)
     report = evaluate(y, p, ["a", "b", "c", "d"], n_boot=50)
-    assert set(report["metrics"]) == {"balanced_accuracy", "macro_f1", "auroc", "accuracy", "ece"}
-    lo, hi = report["metrics"]["balanced_accuracy"]["ci95"]
-    assert lo <= report["metrics"]["balanced_accuracy"]["value"] <= hi
+    # the report holds exactly the metric table's scalar metrics (issue 19 added the class-balanced per-patient
+    # log-loss and Brier score), each with its value inside its bootstrap CI
+    assert tuple(report["metrics"]) == SCALAR_METRICS
+    assert {"balanced_accuracy", "macro_f1", "auroc", "accuracy", "ece", "balanced_log_loss",
+            "balanced_brier"} <= set(SCALAR_METRICS)  # fmt: skip
+    for name, entry in report["metrics"].items():
+        lo, hi = entry["ci95"]
+        assert lo <= entry["value"] <= hi, name
+    # the new ones against scikit-learn with class-balancing weights (each class weighs 1/C in all)
+    w = 1.0 / np.bincount(y, minlength=4)[y]
+    assert report["metrics"]["balanced_log_loss"]["value"] == pytest.approx(
+        skm.log_loss(y, p, labels=[0, 1, 2, 3], sample_weight=w))
+    onehot = np.eye(4)[y]
+    assert report["metrics"]["balanced_brier"]["value"] == pytest.approx(
+        np.average(((p - onehot) ** 2).sum(1) / 2, weights=w))
     assert report["per_class"]["a"]["support"] == int((y == 0).sum())
     assert sum(report["reliability"]["count"]) == len(y)
 
