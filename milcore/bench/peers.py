@@ -21,11 +21,11 @@ time (torchmil splits the padded length into pseudo-bags, so a short bag in a pa
 pseudo-bags of padding only, whose attention is NaN) with ``distill_mode="afs"`` (our default; torchmil's
 ``"maxmin"`` passes every cell of a pseudo-bag on, twice) and adds its pseudo-bag loss with weight 1 (its
 ``compute_loss``); like the reference it also splits at random at inference, so its predictions vary
-from one call to the next (ours split deterministically at inference). Attention: ABMIL's and CLAM's are softmaxed within each bag; DSMIL's is its (already
-normalised) critical-instance attention, one column per class in one-vs-rest; TransMIL's is the class
-token's last-layer attention averaged over heads, renormalised; DTFD-MIL's is the softmax within the bag
-of its instance Grad-CAM score for the predicted class (torchmil's ``predict``), so it ranks the cells
-as torchmil does.
+from one call to the next (ours split deterministically at inference). Attention: ABMIL's and CLAM's
+are softmaxed within each bag; DSMIL's is its (already normalised) critical-instance attention, one
+column per class in one-vs-rest; TransMIL's is the class token's last-layer attention averaged over heads,
+renormalised; DTFD-MIL's is the softmax within the bag of its instance Grad-CAM score for the predicted
+class (torchmil's ``predict``), so it ranks the cells as torchmil does.
 """
 
 from __future__ import annotations

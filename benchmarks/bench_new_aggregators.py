@@ -1,0 +1,169 @@
+"""The issue-18 aggregators against their targets: the 5% witness learning check and the torchmil peers.
+
+Two parts, each printing a table and writing ``bench.json``:
+
+``learning``: the learning check of ``tests/models/test_learning.py`` (imported from it, so the two never
+drift: 240 training bags of 40-80 cells with 5% witness cells, 3 classes, 12 epochs of Adam), run for
+every new aggregator (and ABMIL as the reference) on several data seeds -- the test uses seed 0 -- with
+bag balanced accuracy and attention instance-AUROC against the 0.95 target, and the training seconds.
+
+``peers``: reads the ``bench.json`` of a ``milcore bench aggregators`` run that trained our ``clam_sb`` /
+``dtfd`` beside torchmil's (``--peers clam_sb,dtfd``) on the same folds and seeds, and checks the target
+"within the CI of its torchmil counterpart at >= 1.5x its training bags/s": the paired difference of
+balanced accuracy over (seed, fold) with its 95% bootstrap CI (a match when it contains 0) and the ratio of
+median training bags/s (``milcore.bench.aggregators.compare_peers``).
+
+Usage::
+
+    python benchmarks/bench_new_aggregators.py learning --seeds 0,1,2,3 \
+        --out benchmarks/results/new_aggregators/learning
+    python benchmarks/bench_new_aggregators.py peers --bench DIR/bench.json \
+        --out benchmarks/results/new_aggregators/peers
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from milcore.report.bench_io import machine_info, save_bench
+
+NEW = ("clam_sb", "clam_mb", "dtfd", "acmil", "rrt", "ilra", "wikg")
+TARGET = 0.95
+SPEED_TARGET = 1.5
+TEST = Path(__file__).resolve().parents[1] / "tests" / "models" / "test_learning.py"
+
+
+def _learning_module():
+    spec = importlib.util.spec_from_file_location("milcore_learning_check", TEST)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_learning(models: list[str], seeds: list[int]) -> dict[str, Any]:
+    """BA and attention instance-AUROC of each model on the learning check, per data seed."""
+    from milcore.models import create_aggregator
+
+    check = _learning_module()
+    rows = []
+    for seed in seeds:
+        train = check.make_bags(240, seed=seed)
+        test = check.make_bags(150, seed=10 + seed)
+        control = check.make_control_sampler(*train[:3])
+        for name in models:
+            torch.manual_seed(0)
+            model = create_aggregator(name, in_dim=check.D, num_classes=3, **check.SMALL.get(name, {"embed_dim": 64}))
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            check.train(model, *train[:3], control=control)
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            ba, auroc = check.scores(model, *test)
+            rows.append({"model": name, "seed": seed, "balanced_accuracy": ba, "instance_auroc": auroc,
+                         "train_s": seconds, "train_cpu_s": cpu})  # fmt: skip
+            print(f"seed {seed} {name:8s} BA {ba:.3f} instance-AUROC {auroc:.3f} ({seconds:.1f} s)", flush=True)
+    summary = {}
+    for name in models:
+        mine = [r for r in rows if r["model"] == name]
+        ba, au = [r["balanced_accuracy"] for r in mine], [r["instance_auroc"] for r in mine]
+        summary[name] = {"balanced_accuracy_min": min(ba), "balanced_accuracy_mean": sum(ba) / len(ba),
+                         "instance_auroc_min": min(au), "instance_auroc_mean": sum(au) / len(au),
+                         "seed0": next((r for r in mine if r["seed"] == 0), None),
+                         "meets_target_every_seed": min(ba) >= TARGET and min(au) >= TARGET}  # fmt: skip
+    return {"rows": rows, "summary": summary}
+
+
+def learning_table(result: dict[str, Any], seeds: list[int]) -> str:
+    head = "| model | " + " | ".join(f"seed {s}: BA / inst. AUROC" for s in seeds) + " | min BA | min AUROC | >= 0.95 |"
+    lines = [head, "|---" * (len(seeds) + 4) + "|"]
+    for name, s in result["summary"].items():
+        cells = []
+        for seed in seeds:
+            r = next(r for r in result["rows"] if r["model"] == name and r["seed"] == seed)
+            cells.append(f"{r['balanced_accuracy']:.3f} / {r['instance_auroc']:.3f}")
+        ok = "yes" if s["meets_target_every_seed"] else "no"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['balanced_accuracy_min']:.3f} | "
+                     f"{s['instance_auroc_min']:.3f} | {ok} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def run_peers(bench: Path) -> dict[str, Any]:
+    """The peer targets from a ``milcore bench aggregators`` run."""
+    from milcore.bench.aggregators import compare_peers
+
+    data = json.loads(bench.read_text())
+    rows = [r for r in data["runs"] if "balanced_accuracy" in r]
+    pairs = compare_peers(rows)
+    out = {}
+    for name, p in pairs.items():
+        lo, hi = p["difference_ci95"]
+        out[name] = {**p, "within_ci": bool(lo <= 0 <= hi) if math.isfinite(lo) else None,
+                     "speed_target": SPEED_TARGET, "meets_speed": p["speed_ratio"] >= SPEED_TARGET,
+                     "meets_target": bool(lo <= 0 <= hi) and p["speed_ratio"] >= SPEED_TARGET}  # fmt: skip
+    summary = {f"{s['impl']}:{s['model']}": s for s in data.get("summary", []) if "metrics" in s}
+    return {"source": str(bench), "spec": data.get("spec"), "seconds": data.get("seconds"),
+            "cpu_seconds": data.get("cpu_seconds"), "load_average_after": data.get("load_average_after"),
+            "machine": data.get("machine"), "pairs": out,
+            "models": {k: {m: v["mean"] for m, v in s["metrics"].items() if m in (
+                "balanced_accuracy", "auroc", "instance_auroc", "train_bags_per_s")} for k, s in summary.items()}}
+
+
+def peers_table(result: dict[str, Any]) -> str:
+    lines = ["| model | pairs | BA ours - torchmil [95% CI] | within CI | train bags/s ours / torchmil | ratio | "
+             ">= 1.5x | target |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, p in result["pairs"].items():
+        lo, hi = p["difference_ci95"]
+        lines.append(f"| {name} | {p['pairs']} | {p['difference_mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
+                     f"{'yes' if p['within_ci'] else 'no'} | {p['train_bags_per_s_ours']:.1f} / "
+                     f"{p['train_bags_per_s_theirs']:.1f} | {p['speed_ratio']:.2f}x | "
+                     f"{'yes' if p['meets_speed'] else 'no'} | "
+                     f"{'met' if p['meets_target'] else 'not met'} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    sub = p.add_subparsers(dest="part", required=True)
+    lp = sub.add_parser("learning", help="the 5%% witness learning check on several data seeds")
+    lp.add_argument("--models", default=",".join((*NEW, "abmil")), help="comma-separated aggregators")
+    lp.add_argument("--seeds", default="0,1,2,3", help="data seeds (the test uses 0)")
+    pp = sub.add_parser("peers", help="peer targets from a 'milcore bench aggregators' bench.json")
+    pp.add_argument("--bench", required=True, type=Path, help="bench.json of a run with --peers clam_sb,dtfd")
+    for q in (lp, pp):
+        q.add_argument("--out", required=True, type=Path, help="output folder (bench.json, table.md)")
+        q.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_before = list(os.getloadavg())
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    if args.part == "learning":
+        seeds = [int(s) for s in args.seeds.split(",")]
+        result = run_learning(args.models.split(","), seeds)
+        table = learning_table(result, seeds)
+        result["seeds"] = seeds
+    else:
+        if not args.bench.is_file():
+            print(f"error: {args.bench}: no such file", file=sys.stderr)
+            return 2
+        result = run_peers(args.bench)
+        table = peers_table(result)
+    result.update({"benchmark": f"new_aggregators/{args.part}", "target": TARGET, "threads": args.threads,
+                   "machine": machine_info(), "load_average_before": load_before,
+                   "load_average_after": list(os.getloadavg()), "seconds": time.perf_counter() - t0,
+                   "cpu_seconds": time.process_time() - cpu0, "command": " ".join(sys.argv)})  # fmt: skip
+    save_bench(args.out, result, table)
+    (args.out / "table.md").write_text(table + "\n")
+    print(f"load average before {load_before}, after {result['load_average_after']}; wrote {args.out}/bench.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
