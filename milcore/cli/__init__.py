@@ -25,6 +25,7 @@ COMMANDS: tuple[str, ...] = (
     "encoder",
     "bank",
     "train",
+    "report",
     "predict",
     "explain",
     "audit",

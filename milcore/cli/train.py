@@ -43,6 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
                    help="continue an interrupted run in --out (refused unless bank, labels, task, folds, seed and "
                         "training options are the ones it was started with)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--fold", type=int, default=None, metavar="K",
+                   help="train only fold K (0 .. --folds - 1) into --out, e.g. one task of a job array; join the "
+                        "folds with 'milcore report merge'")  # fmt: skip
     group = p.add_argument_group("training options (TrainConfig; unset flags keep a --config file's values)")
     # unset flags are None so that a --config file's values are kept unless a flag is given
     add_config_options(group, TrainConfig, train_options(), flags=TRAIN_FLAGS, keep_unset=True,
@@ -72,6 +75,14 @@ def run(args: argparse.Namespace) -> int:
     get_aggregator_entry(config.model)  # unknown names fail before any work, with close matches
     spec = RunSpec(bank=args.bank, cohort=args.cohort, task=args.task, folds=args.folds, seed=config.seed,
                    cells=args.cells)  # split seed = training seed (--seed, else the --config file's)  # fmt: skip
+    if args.fold is not None:
+        from milcore.crossval.run import train_fold_run
+
+        result = train_fold_run(spec, config, args.out, args.fold, overwrite=args.overwrite, resume=args.resume)
+        row = result.metrics
+        log.info("fold %d: balanced accuracy %.3f, AUROC %.3f; join the folds with: milcore report merge RUN_0 ... "
+                 "RUN_%d --out RUN", args.fold, row["balanced_accuracy"], row["auroc"], args.folds - 1)  # fmt: skip
+        return 0
     cv = train_run(spec, config, args.out, overwrite=args.overwrite, resume=args.resume)
     metrics = cv.metrics
     log.info("%s", cv.summary())

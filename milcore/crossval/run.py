@@ -224,6 +224,57 @@ def train_run(spec: RunSpec, config: TrainConfig, out: str | Path, *, overwrite:
     return _execute(spec, config, Path(out), overwrite=overwrite, resume=resume)
 
 
+def train_fold_run(spec: RunSpec, config: TrainConfig, out: str | Path, fold: int, *, overwrite: bool = False,
+                   resume: bool = False) -> Any:  # fmt: skip
+    """``milcore train --fold K``: one fold of the cross-validation of ``spec`` into its own run folder ``out``.
+
+    The folds are made exactly as the whole run makes them (same ``spec.seed``), so ``k`` such runs (a job
+    array, one fold each) joined by :func:`milcore.crossval.merge.merge_runs` (``milcore report merge``) give
+    the run folder of the single-process run. ``out`` holds ``config.yaml`` (with ``fold: K``),
+    ``splits.json`` and ``fold_K/`` (checkpoint, history, ``metrics.json`` of the fold's test part).
+
+    Returns:
+        The fold's :class:`~milcore.training.fold.FoldResult`.
+
+    Raises:
+        InvalidArgumentError: ``fold`` outside ``0 .. spec.folds - 1`` (before anything is read or written).
+        UserError: as :func:`train_run`.
+    """
+    from milcore.training.fold import fit_fold
+
+    if not 0 <= fold < spec.folds:
+        raise InvalidArgumentError(f"--fold {fold}: out of range, --folds {spec.folds} has folds 0 to "
+                                   f"{spec.folds - 1}")  # fmt: skip
+    out = Path(out)
+    plan = _plan(spec, config, out, overwrite=overwrite, resume=resume)
+    assert plan.resolved is not None
+    plan.resolved["fold"] = fold
+    recorded = read_record(out) if resume else None
+    if recorded is not None and recorded.get("fold") != fold:
+        raise UserError(f"--resume: {out} holds fold {recorded.get('fold')}, not --fold {fold}")
+    if overwrite and not resume and out.is_dir():
+        shutil.rmtree(out)
+    created = not out.exists() or not any(out.iterdir())
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        _start_folder(spec, out, plan)
+        chosen = plan.folds[fold]
+        fdir = out / f"fold_{fold}"
+        fdir.mkdir(exist_ok=True)
+        if resume and (fdir / "checkpoint.json").exists():
+            result = _reload_fold(fdir, config, plan.data, chosen)
+        else:
+            result = fit_fold(config, plan.data, chosen, desc=f"fold {fold + 1}/{len(plan.folds)}",
+                              state_path=fdir / "train_state.pt", log_dir=fdir / "tensorboard")  # fmt: skip
+            _save_fold(fdir, result, spec, config, plan.data)
+    except Exception:
+        if created and not has_progress(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    (fdir / "metrics.json").write_text(json.dumps(result.row(), indent=2, default=float))
+    return result
+
+
 def _execute(spec: RunSpec, config: TrainConfig, out: Path | None, *, overwrite: bool = False, resume: bool = False,
              data: FeatureStore | None = None, folds: Sequence[Fold] | None = None,
              model: ModelFactory | None = None) -> CVResult:  # fmt: skip
