@@ -57,7 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
                               "mde_power": "power of the minimum detectable effect beside every verdict"})  # fmt: skip
     _audit_options(p)
     p.set_defaults(func=run)
-    sub = p.add_subparsers(dest="audit_command", metavar="experiment", parser_class=type(p))
+    sub = p.add_subparsers(dest="audit_command", metavar="{experiment,shortcuts}", parser_class=type(p))
     e = sub.add_parser("experiment", parents=parents, help="re-train under controlled sex imbalance and with each "
                        "age band left out; evaluate on fixed test sets",
                        description="Imbalance experiments: train the aggregator on training sets with controlled "
@@ -78,6 +78,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
                    help="aggregator config override, e.g. embed_dim=256 (repeatable)")
     _audit_options(e)
     e.set_defaults(func=run_imbalance)
+    from milcore.cli.shortcuts import add_parser as add_shortcuts  # issue 16: milcore audit shortcuts
+
+    add_shortcuts(sub, parents)
 
 
 def _config(args: argparse.Namespace, names: tuple[str, ...] = SHARED_AUDIT_OPTIONS):
