@@ -105,7 +105,7 @@ def add_audit_sections(rep: Report, audit: dict[str, Any]) -> None:
                     _p(p["p_corrected"]), _verdict(p)] for p in audit["parity"]],
                   caption="Largest between-group range of TPR or FPR (equalized odds) and of the rate of predicting "
                           "each class (demographic parity), over classes (one vs rest); 'no (MDE x)': a difference "
-                          "of x would be flagged 80% of the time.")  # fmt: skip
+                          f"of x would be flagged {config.get('mde_power', 0.8):.0%} of the time.")  # fmt: skip
     rep.heading("Plots")
     tested = [g for g in groups if g["status"] == "ok"]
     for m in metrics:

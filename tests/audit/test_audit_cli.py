@@ -61,6 +61,18 @@ def test_no_effect_no_primary_flag(tmp_path: Path, audit_case) -> None:
     assert main(["-q", "audit", "--run", str(run), "--cohort", str(cohort), "--out", str(out), *options]) == 0
     audit = json.loads((out / "audit.json").read_text())
     assert audit["summary"]["primary_flagged"] == []
+    # the report does not read silence as fairness: every primary verdict that is not a flag carries its MDE
+    md = (out / "audit.md").read_text()
+    assert "not evidence of fairness" in audit["summary"]["headline"] and "not evidence of fairness" in md
+    quiet = audit["summary"]["not_flagged"]
+    primary = [c for c in audit["comparisons"] if c["family"] == "primary" and c["p_value"] is not None]
+    assert len(quiet) == len(primary) > 0
+    assert "## Detectable gaps" in md and all(q["text"] in md for q in quiet)
+    sexes = [q for q in quiet if q["group"].startswith("sex")]
+    assert sexes and all(q["mde"] is not None and "could go unseen here" in q["text"] for q in sexes)
+    shown = [c for c in audit["comparisons"] if c["metric"] == "balanced_accuracy" and c["level"] == "attribute"
+             and c["p_value"] is not None and c["mde"] is not None]  # fmt: skip
+    assert shown and md.count("no (MDE ") >= len(shown)  # the comparison table's verdict column
 
 
 def test_small_groups_are_insufficient(biased, tmp_path: Path) -> None:
