@@ -15,8 +15,13 @@ Differences from the reference code, all on purpose:
 * attention is **exact** (``torch.nn.functional.scaled_dot_product_attention``, a fused kernel whose
   memory is linear in the bag size) for bags of up to ``exact_max_tokens`` tokens. On smear-sized bags
   (hundreds to a few thousand cells) this is both faster and more accurate than Nystrom; bigger bags use
-  Nystrom attention (``num_landmarks`` segment-mean landmarks, iterative pseudo-inverse), one bag at a
-  time, so the choice is per bag and a bag scores the same alone or in any batch;
+  Nystrom attention (``num_landmarks`` segment-mean landmarks, iterative pseudo-inverse), so the choice
+  is per bag and a bag scores the same alone or in any batch;
+* the packed path (``forward(x, ptr)``) never pads: the token-wise layers (projections, LayerNorm) run
+  on the packed ``(N + B, E)`` rows (one class token per bag) and attention runs bag by bag on that
+  bag's own tokens. Padding a batch of log-uniform bag sizes to its largest bag multiplied the
+  attention work by about 3.5x and the token-wise work by about 2.5x on the synthetic cohort (the
+  padded path, ``forward_padded``, masks instead and agrees to float precision);
 * padded batches **respect the mask**: padding keys are masked out of attention, and the square grid of
   PPEG is filled with zeros (the reference duplicates the first instances), each bag on its own
   ``ceil(sqrt(n_b))`` grid placed in the corner of a shared canvas, which is exactly equivalent to
@@ -34,6 +39,7 @@ mixed (on the synthetic learning check its instance AUROC was 0.73-0.81 against 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -46,7 +52,7 @@ from milcore.models.layers import autocast_input, resize_linear
 from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
 from milcore.models.search import SearchDim, declare_space
-from milcore.ops import ptr_to_sizes, segment_mean, to_padded
+from milcore.ops import ptr_to_sizes, segment_mean
 
 __all__ = ["TransMIL", "TransMILConfig"]
 
@@ -104,18 +110,15 @@ class _AttentionLayer(nn.Module):
         self.num_landmarks = config.num_landmarks
         self.pinv_iterations = config.pinv_iterations
 
-    def forward(self, x: Tensor, mask: Tensor | None, exact: bool) -> tuple[Tensor, Tensor]:
-        """``(B, L, E)`` tokens (token 0 = class token) -> new tokens and the class token's ``(B, H, L)``
-        attention weights (float32, masked keys get 0)."""
+    def forward(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Padded ``(B, L, E)`` tokens (token 0 = class token) -> new tokens and the class token's ``(B, H, L)``
+        attention weights (float32, masked keys get 0); exact attention."""
         b, length, dim = x.shape
         q, k, v = self.qkv(self.norm(x)).view(b, length, 3, self.heads, dim // self.heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, d)
         key_mask = None if mask is None else mask.view(b, 1, 1, length)
         p = self.dropout if self.training else 0.0
-        if exact:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)  # (B, H, L, d)
-        else:
-            out = _nystrom(q, k, v, self.num_landmarks, self.pinv_iterations)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)  # (B, H, L, d)
         out = out.transpose(1, 2).reshape(b, length, dim)
         x = x + F.dropout(self.proj(out), p, self.training)
         with torch.autocast(x.device.type, enabled=False):  # attention weights reported in float32
@@ -123,6 +126,50 @@ class _AttentionLayer(nn.Module):
             if key_mask is not None:
                 scores = scores.masked_fill(~key_mask.view(b, 1, length), float("-inf"))
             return x, scores.softmax(dim=-1)  # (B, L, E), (B, H, L)
+
+    def forward_packed(self, x: Tensor, sptr: list[int], exact_max_tokens: int) -> tuple[Tensor, list[Tensor]]:
+        """Packed ``(T, E)`` tokens of ``B`` bags (bag ``b`` is rows ``sptr[b]:sptr[b+1]``, its class token
+        first) -> new tokens and, per bag, the class token's ``(H, L_b)`` float32 attention weights.
+
+        Attention runs bag by bag (exact up to ``exact_max_tokens`` tokens, Nystrom beyond); the
+        projections run once on all rows.
+        """
+        total, dim = x.shape
+        qkv = self.qkv(self.norm(x)).view(total, 3, self.heads, dim // self.heads)  # (T, 3, H, d)
+        p = self.dropout if self.training else 0.0
+        outs, weights = [], []
+        for start, end in itertools.pairwise(sptr):
+            q, k, v = qkv[start:end].permute(1, 2, 0, 3).unsqueeze(1).unbind(0)  # 3 x (1, H, L, d)
+            if end - start <= exact_max_tokens:
+                out = _exact_attention(q, k, v, p)  # (1, H, L, d)
+            else:
+                out = _nystrom(q, k, v, self.num_landmarks, self.pinv_iterations)
+            outs.append(out[0].transpose(0, 1).reshape(end - start, dim))  # (L, E)
+            with torch.autocast(x.device.type, enabled=False):  # attention weights reported in float32
+                scores = (q[0, :, :1].float() @ k[0].float().transpose(-1, -2)).squeeze(1) / math.sqrt(q.shape[-1])
+                weights.append(scores.softmax(dim=-1))  # (H, L)
+        out = torch.cat(outs) if outs else x.new_zeros(0, dim)
+        return x + F.dropout(self.proj(out), p, self.training), weights  # (T, E)
+
+
+#: Largest bag (tokens) whose exact attention is computed as ``softmax(q k^T) v`` in plain matrix products
+#: rather than by the fused kernel, per compute dtype. Forward + backward of one 8-head, 64-d bag on one
+#: CPU thread (``/tmp``-free microbenchmark, see ``benchmarks/README.md``, TransMIL speed): in bfloat16
+#: the plain products are 2.9x faster at 600 tokens and even at 2,048 (0.29 vs 0.30 s); in float32 the
+#: fused kernel wins from about 170 tokens (600: 0.031 vs 0.054 s). The plain form stores the
+#: ``(H, L, L)`` weights for the backward pass, so it is kept below 2,048 tokens.
+EXPLICIT_MAX_TOKENS = {torch.bfloat16: 2048, torch.float16: 2048, torch.float32: 160}
+
+
+def _exact_attention(q: Tensor, k: Tensor, v: Tensor, dropout: float) -> Tensor:
+    """Exact ``softmax(q k^T / sqrt(d)) v`` of one bag ``(1, H, L, d)``, by the faster of two equal forms."""
+    length = q.shape[2]
+    if length > EXPLICIT_MAX_TOKENS.get(q.dtype, 0):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+    weights = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (1, H, L, L)
+    if dropout > 0:
+        weights = F.dropout(weights, dropout)
+    return weights.to(v.dtype) @ v  # (1, H, L, d)
 
 
 def _nystrom(q: Tensor, k: Tensor, v: Tensor, num_landmarks: int, iters: int) -> Tensor:
@@ -165,14 +212,35 @@ class _PPEG(nn.Module):
         flat = torch.where(mask, (j // s) * side + j % s, 0)  # (B, L) position on the canvas
         bag = torch.arange(b, device=tokens.device).unsqueeze(1).expand(b, length)
         canvas = tokens.new_zeros(b, side * side, dim).index_put((bag[mask], flat[mask]), tokens[mask])
+        out = self._convolve(canvas, side)  # (B, S*S, E)
+        return out.gather(1, flat.unsqueeze(-1).expand(b, length, dim)) * mask.unsqueeze(-1)  # (B, L, E)
+
+    def forward_packed(self, tokens: Tensor, ptr: Tensor, index: Tensor) -> Tensor:
+        """Packed ``(N, E)`` instance tokens of the bags ``ptr`` (``index``: each row's bag) -> same shape;
+        each bag on its own ``ceil(sqrt(n_b))`` grid in the corner of a shared canvas, as :meth:`forward`."""
+        n, dim = tokens.shape
+        if n == 0:
+            return tokens
+        sizes = ptr[1:] - ptr[:-1]
+        sides = torch.ceil(torch.sqrt(sizes.double())).long().clamp(min=1)  # (B,)
+        side = int(sides.max())
+        j = torch.arange(n, device=tokens.device) - ptr[:-1].index_select(0, index)  # (N,) row within its bag
+        s = sides.index_select(0, index)
+        flat = (j // s) * side + j % s  # (N,) position on the bag's canvas
+        canvas = tokens.new_zeros(len(sizes), side * side, dim).index_put((index, flat), tokens)
+        out = self._convolve(canvas, side)  # (B, S*S, E)
+        return out[index, flat]  # (N, E)
+
+    def _convolve(self, canvas: Tensor, side: int) -> Tensor:
+        """The merged 7x7 depthwise kernel (+ identity) over ``(B, S*S, E)`` canvases."""
+        b, _, dim = canvas.shape
         weight = self.proj7.weight + F.pad(self.proj5.weight, (1, 1, 1, 1)) + F.pad(self.proj3.weight, (2,) * 4)
         weight = weight + F.pad(weight.new_ones(dim, 1, 1, 1), (3,) * 4)  # identity at the centre
         bias = self.proj7.bias + self.proj5.bias + self.proj3.bias
         grid = canvas.view(b, side, side, dim).permute(0, 3, 1, 2)  # (B, E, S, S), channels-last memory
-        with torch.autocast(tokens.device.type, enabled=False):  # bf16 depthwise backward is slow on CPU
+        with torch.autocast(canvas.device.type, enabled=False):  # bf16 depthwise backward is slow on CPU
             out = F.conv2d(grid.float(), weight.float(), bias.float(), padding=3, groups=dim)
-        out = out.permute(0, 2, 3, 1).reshape(b, side * side, dim).to(tokens.dtype)
-        return out.gather(1, flat.unsqueeze(-1).expand(b, length, dim)) * mask.unsqueeze(-1)  # (B, L, E)
+        return out.permute(0, 2, 3, 1).reshape(b, side * side, dim).to(canvas.dtype)
 
 
 @register_aggregator("transmil", config=TransMILConfig)
@@ -197,34 +265,23 @@ class TransMIL(MILAggregator):
 
     def pool(self, x: Tensor, ptr: Tensor, index: Tensor, coords: Tensor | None, labels: Tensor | None) -> MILOutput:
         h = self.fc(autocast_input(x))  # (N, E)
-        sizes = ptr_to_sizes(ptr)
-        large = (sizes + 1 > self.config.exact_max_tokens).tolist()
-        if not any(large):
-            tokens, mask = to_padded(h, ptr, index)  # (B, L, E), (B, L)
-            embedding, att = self._encode(tokens, mask, sizes, exact=True)
-            return self._output(embedding, att[mask])
-        # mixed batch: small bags together (exact), each large bag alone (Nystrom)
-        offsets, parts, order = ptr.tolist(), [], []
-        small = [b for b, big in enumerate(large) if not big]
-        if small:
-            rows = torch.cat([torch.arange(offsets[b], offsets[b + 1]) for b in small]).to(x.device)
-            sub_ptr = F.pad(sizes[small].cumsum(0), (1, 0))
-            tokens, mask = to_padded(h[rows], sub_ptr)
-            emb, att = self._encode(tokens, mask, sizes[small], exact=True)
-            parts.append((emb, att[mask]))
-            order.extend(small)
-        for b in (b for b, big in enumerate(large) if big):
-            tokens = h[offsets[b] : offsets[b + 1]].unsqueeze(0)  # (1, n, E)
-            emb, att = self._encode(tokens, None, sizes[b : b + 1], exact=False)
-            parts.append((emb, att[0]))
-            order.append(b)
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        embedding = torch.cat([p[0] for p in parts])[inverse.to(x.device)]
-        row_order = torch.cat([torch.arange(offsets[b], offsets[b + 1]) for b in order]).to(x.device)
-        att_cat = torch.cat([p[1] for p in parts])
-        attention = torch.empty_like(att_cat).index_copy(0, row_order, att_cat)
-        return self._output(embedding, attention)
+        b, n = ptr.numel() - 1, h.shape[0]
+        # packed sequence: bag b's class token at row ptr[b] + b, its instances right after it
+        cls_rows = ptr[:-1] + torch.arange(b, device=ptr.device)  # (B,)
+        inst_rows = torch.arange(n, device=ptr.device) + index + 1  # (N,)
+        seq = h.new_zeros(n + b, h.shape[1])
+        seq = seq.index_copy(0, cls_rows, self.cls_token[0].to(h.dtype).expand(b, -1)).index_copy(0, inst_rows, h)
+        sptr = (ptr + torch.arange(b + 1, device=ptr.device)).tolist()
+        seq, weights = self.layers[0].forward_packed(seq, sptr, self.config.exact_max_tokens)
+        total = weights
+        seq = seq.index_copy(0, inst_rows, self.ppeg.forward_packed(seq.index_select(0, inst_rows), ptr, index))
+        for layer in self.layers[1:]:
+            seq, weights = layer.forward_packed(seq, sptr, self.config.exact_max_tokens)
+            total = [t + w for t, w in zip(total, weights, strict=True)]
+        embedding = self.norm(seq.index_select(0, cls_rows))  # (B, E)
+        att = [t[:, 1:] / t[:, 1:].sum(-1, keepdim=True).clamp_min(1e-30) for t in total]  # drop the class token
+        attention = torch.cat([a.mean(dim=0) for a in att]) if att else h.new_zeros(0, dtype=torch.float32)
+        return self._output(embedding, attention)  # (N,) attention, heads and layers averaged
 
     def pool_padded(
         self, x: Tensor, mask: Tensor, ptr: Tensor, coords: Tensor | None, labels: Tensor | None
@@ -233,23 +290,19 @@ class TransMIL(MILAggregator):
         if bool((sizes + 1 > self.config.exact_max_tokens).any()):
             return self.forward(x[mask], ptr)
         tokens = self.fc(autocast_input(x)) * mask.unsqueeze(-1)  # (B, L, E)
-        embedding, att = self._encode(tokens, mask, sizes, exact=True)
+        embedding, att = self._encode(tokens, mask, sizes)
         return self._output(embedding, att[mask])
 
-    def _encode(self, tokens: Tensor, mask: Tensor | None, sizes: Tensor, exact: bool) -> tuple[Tensor, Tensor]:
-        """Instance tokens ``(B, L, E)`` -> class embedding ``(B, E)`` and instance attention ``(B, L)``."""
-        b, length, _ = tokens.shape
-        full_mask = None
-        if mask is not None and not bool(mask.all()):
-            full_mask = F.pad(mask, (1, 0), value=True)  # (B, 1 + L)
-        if mask is None:
-            mask = torch.ones(b, length, dtype=torch.bool, device=tokens.device)
+    def _encode(self, tokens: Tensor, mask: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
+        """Padded instance tokens ``(B, L, E)`` -> class embedding ``(B, E)`` and instance attention ``(B, L)``."""
+        b = tokens.shape[0]
+        full_mask = None if bool(mask.all()) else F.pad(mask, (1, 0), value=True)  # (B, 1 + L)
         x = torch.cat([self.cls_token.expand(b, 1, -1).to(tokens.dtype), tokens], dim=1)  # (B, 1+L, E)
-        x, cls_att = self.layers[0](x, full_mask, exact)
+        x, cls_att = self.layers[0](x, full_mask)
         total = cls_att
         x = torch.cat([x[:, :1], self.ppeg(x[:, 1:], mask, sizes)], dim=1)
         for layer in self.layers[1:]:
-            x, cls_att = layer(x, full_mask, exact)
+            x, cls_att = layer(x, full_mask)
             total = total + cls_att
         embedding = self.norm(x[:, 0])  # (B, E)
         att = total[:, :, 1:]  # (B, H, L): drop the class token's attention to itself

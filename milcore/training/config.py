@@ -19,7 +19,7 @@ WEIGHTINGS = ("balanced", "none")
 SAMPLERS = ("shuffle", "balanced")
 MONITORS = ("val_loss", "val_balanced_accuracy")
 INPUT_NORMS = ("none", "standardize")
-AMP_MODES = ("auto", "bf16", "fp16", "off")
+AMP_MODES = ("auto", "native", "bf16", "fp16", "off")
 
 #: Top-level keys of a run's ``config.yaml`` besides ``train``: it may be given as ``--config`` to train
 #: again with its options; these keys record the run and are not options.
@@ -52,7 +52,9 @@ class TrainConfig(Config):
         patience: epochs without validation improvement before stopping.
         min_epochs: never stop before this epoch.
         monitor: validation quantity for early stopping and best-epoch selection.
-        amp: ``auto`` (bfloat16 autocast on CUDA, off on CPU), ``bf16``, ``fp16`` or ``off``.
+        amp: ``auto`` (bfloat16 autocast on CUDA, off on CPU), ``native`` (bfloat16 wherever the device
+            computes it natively: CUDA, or a CPU with AVX512-BF16 or AMX; full precision elsewhere),
+            ``bf16``, ``fp16`` or ``off``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         seed: random seed (weights, batching, sub-sampling).
         memory_budget_gb: bags whose features fit this budget are held in memory; otherwise they are

@@ -17,8 +17,14 @@ import numpy as np
 import torch
 from torch import nn
 
-#: ``TrainConfig.amp`` values and the autocast dtype they select (``auto``: bfloat16 on CUDA, off elsewhere).
+#: ``TrainConfig.amp`` values and the autocast dtype they select (``auto``: bfloat16 on CUDA, off elsewhere;
+#: ``native``: bfloat16 wherever the device computes it natively, see :func:`native_bf16`).
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+#: CPU features that make bfloat16 matrix products faster than float32 (AVX512-BF16 dot products, AMX
+#: tiles). Without them bf16 autocast is emulated: an ABMIL training step was ~10x slower than float32
+#: on an AVX2-only CPU, while with AVX512-BF16 it is ~3x faster (``benchmarks/README.md``, bench speed).
+NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 def epoch_order(labels: np.ndarray, num_classes: int, balanced: bool, rng: np.random.Generator) -> np.ndarray:
@@ -31,11 +37,49 @@ def epoch_order(labels: np.ndarray, num_classes: int, balanced: bool, rng: np.ra
     return rng.choice(len(labels), size=len(labels), replace=True, p=p / p.sum())
 
 
+def cpu_flags() -> frozenset[str]:
+    """Instruction-set features of this CPU (lower case, as ``/proc/cpuinfo`` spells them).
+
+    Read from torch's own CPU detection where it offers one, else from ``/proc/cpuinfo``; empty when
+    neither is available (then no CPU counts as having native bf16).
+    """
+    try:
+        caps = torch._C._cpu._get_cpu_capability()  # a dict of feature -> bool in torch >= 2.3
+        return frozenset(k.lower() for k, v in caps.items() if v is True)
+    except (AttributeError, RuntimeError, TypeError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.cache
+def native_bf16(device_type: str) -> bool:
+    """Whether ``device_type`` computes bfloat16 matrix products natively (so bf16 autocast pays).
+
+    CUDA: ``torch.cuda.is_bf16_supported()``; CPU: one of :data:`NATIVE_BF16_CPU_FLAGS` (decided from the
+    CPU's features, never by timing, so the same machine always trains the same way).
+    """
+    if device_type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device_type == "cpu":
+        return any(flag in cpu_flags() for flag in NATIVE_BF16_CPU_FLAGS)
+    return False
+
+
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``amp`` on ``device`` (None: full precision). ``bf16`` and ``fp16`` work on the
-    CPU as well (slower there than float32; useful to test the mixed-precision path without a GPU)."""
+    CPU as well (emulated, hence slow, on a CPU without native bf16; useful to test the mixed-precision
+    path without a GPU); ``native`` is bfloat16 only where :func:`native_bf16` holds."""
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
+    if amp == "native":
+        return torch.bfloat16 if native_bf16(device.type) else None
     return AMP_DTYPES[amp]
 
 

@@ -74,3 +74,34 @@ def test_padding_never_leaks_into_a_bag() -> None:
         a, b = model.forward_padded(dense, mask), model.forward_padded(noisy, mask)
     torch.testing.assert_close(a.logits, b.logits)
     torch.testing.assert_close(a.attention, b.attention)
+
+
+def test_explicit_and_fused_exact_attention_agree_in_both_dtypes() -> None:
+    """Both forms of exact attention (plain products below EXPLICIT_MAX_TOKENS, the fused kernel above)."""
+    from milcore.models import transmil
+
+    torch.manual_seed(0)
+    for length in (7, 150, 400):
+        q, k, v = (torch.randn(1, 2, length, 8) for _ in range(3))
+        ref = F.scaled_dot_product_attention(q, k, v)
+        torch.testing.assert_close(transmil._exact_attention(q, k, v, 0.0), ref, atol=1e-5, rtol=1e-4)
+        qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+        out = transmil._exact_attention(qb, kb, vb, 0.0).float()
+        torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
+
+
+def test_packed_path_equals_padded_path_on_mixed_bag_sizes() -> None:
+    """The packed path runs without padding; the padded path masks: same logits, attention, gradients."""
+    torch.manual_seed(0)
+    model = create_aggregator("transmil", in_dim=6, num_classes=2, dim=16, num_heads=2).eval()
+    sizes = [1, 17, 5, 40]
+    ptr = F.pad(torch.tensor(sizes).cumsum(0), (1, 0))
+    x = torch.randn(int(ptr[-1]), 6, requires_grad=True)
+    packed = model(x, ptr)
+    dense, mask = to_padded(x, ptr)
+    padded = model.forward_padded(dense, mask)
+    torch.testing.assert_close(packed.logits, padded.logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(packed.attention, padded.attention, atol=1e-6, rtol=1e-4)
+    (g_packed,) = torch.autograd.grad(packed.logits.sum(), x)
+    (g_padded,) = torch.autograd.grad(padded.logits.sum(), x)
+    torch.testing.assert_close(g_packed, g_padded, atol=1e-5, rtol=1e-4)
