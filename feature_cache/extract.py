@@ -354,8 +354,13 @@ def make_stain_normalizer(method: str | None, reference: str | None) -> Any:
     return StainNormalizer(method, target)
 
 
-def extract(config: ExtractConfig) -> ExtractSummary:
+def extract(config: ExtractConfig, bags: list[str] | None = None) -> ExtractSummary:
     """Run one extraction (see the module docstring).
+
+    Args:
+        config: the run.
+        bags: the bags of this shard (default: every ``count``-th bag of the source from ``index``);
+            :func:`feature_cache.distributed.extract_distributed` passes a cell-count-balanced set.
 
     Raises:
         UserError: unreadable input, unknown source or encoder, a bad device or encoder option,
@@ -380,7 +385,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     stain = make_stain_normalizer(config.stain_norm, config.stain_reference)
     source = create_source(config.source, config.input, **_source_options(config))
     all_bags = source.bag_ids()
-    bags = all_bags[index::count]
+    bags = all_bags[index::count] if bags is None else list(bags)
     encoder = create_encoder(config.encoder, weights=config.weights, device=device, **encoder_options)
     cuda = encoder.device.type == "cuda"
     batch_size = config.batch_size or (256 if cuda else 64)

@@ -98,7 +98,15 @@ def run(args: argparse.Namespace) -> int:
         encoder_options=options, source_options=source_options, overwrite=args.overwrite,
         accept_unrecorded=args.accept_unrecorded, stain_norm=args.stain_norm, stain_reference=args.stain_reference,
     )  # fmt: skip
-    summary = extract(config)
+    from feature_cache.distributed import detect_rank, extract_distributed
+
+    rank = detect_rank()
+    if config.shard is None and rank.distributed:  # launched by torchrun: balanced shards, rank 0 merges
+        summary = extract_distributed(config, rank)
+        if summary is None:
+            return 0
+    else:
+        summary = extract(config)
     log.info("bank: %s (%d bags written, %d already there, %d cells, %.0f cells/s)", summary.bank,
              summary.bags_written, summary.bags_skipped, summary.cells, summary.cells_per_second)  # fmt: skip
     return 0
