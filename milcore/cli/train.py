@@ -75,6 +75,13 @@ def run(args: argparse.Namespace) -> int:
     get_aggregator_entry(config.model)  # unknown names fail before any work, with close matches
     spec = RunSpec(bank=args.bank, cohort=args.cohort, task=args.task, folds=args.folds, seed=config.seed,
                    cells=args.cells)  # split seed = training seed (--seed, else the --config file's)  # fmt: skip
+    from feature_cache.distributed import detect_rank
+
+    if detect_rank().distributed and args.fold is None:
+        from feature_cache.errors import InvalidArgumentError
+
+        raise InvalidArgumentError("under torchrun, milcore train trains one fold with DDP: add --fold K (and join "
+                                   "the folds with milcore report merge)")  # fmt: skip
     if args.fold is not None:
         from milcore.crossval.run import train_fold_run
 

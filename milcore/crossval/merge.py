@@ -95,7 +95,7 @@ def check_fold_runs(runs: Sequence[str | Path]) -> tuple[dict[str, Any], dict[in
     if missing:
         raise UserError(f"report merge: fold(s) {', '.join(map(str, missing))} of {k} missing; train them with "
                         f"milcore train ... --fold K (same options) and pass their run folders")  # fmt: skip
-    shared = {key: value for key, value in first_record.items() if key != "fold"}
+    shared = {key: value for key, value in first_record.items() if key not in ("fold", "world_size")}
     return shared, by_fold
 
 
