@@ -6,15 +6,50 @@ flags from these fields and from :data:`BENCH_TRAIN`, so each default is declare
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 
 from feature_cache.config import Config, option
-from milcore.bench import DEFAULT_MODELS, DEFAULT_PEERS
+from feature_cache.errors import UserError
+from milcore.bench import DEFAULT_PEERS
+from milcore.metrics import SCALAR_METRICS
 from milcore.training.config import TrainConfig
 
 #: Training defaults of a benchmark (shorter than a cross-validated run's: every model x fold x seed is
-#: trained); ``BenchSpec.train`` and the ``milcore bench`` flags start from these.
-BENCH_TRAIN = TrainConfig(epochs=20, patience=5)
+#: trained); ``BenchSpec.train`` and the ``milcore bench`` flags start from these. ``amp="native"``:
+#: bfloat16 autocast where the device computes it natively (a CPU with AVX512-BF16 or AMX, CUDA), full
+#: precision elsewhere (``benchmarks/README.md``, "Full benchmark speed", for what it buys and costs).
+BENCH_TRAIN = TrainConfig(epochs=20, patience=5, amp="native")
+#: Every registered aggregator (``--models`` takes names and ``fnmatch`` patterns).
+ALL_MODELS = ("*",)
+
+
+@dataclass(frozen=True)
+class TuneSpec(Config):
+    """Equal tuning budgets (:mod:`milcore.bench.tune`): nested patient-level CV with Optuna.
+
+    Attributes:
+        trials: Optuna trials per model and outer fold (0: no tuning); the first trial is the model's
+            defaults, so a tuned model is the default one unless another setting scored better.
+        inner_folds: patient-level folds made inside each outer fold's training + validation bags.
+        metric: what a trial maximises (or minimises, for a lower-is-better metric): the metric of the
+            pooled out-of-fold predictions of the inner folds.
+        prune: stop a trial after an inner fold when its running score is below the median of the
+            earlier trials at that fold (Optuna's ``MedianPruner``, after the first 5 trials).
+        min_gain: a trial replaces the defaults only when its inner-CV score beats theirs by at least this
+            much (0: any better score; a small margin keeps selection noise from replacing the defaults).
+        search: restrictions of the search space, ``{"[model.]key": "value" | "low:high" | "a,b,c"}``;
+            every value must lie inside the model's declared space (or the shared one).
+    """
+
+    config_key = "tuning option"
+
+    trials: int = option(0, low=0)
+    inner_folds: int = option(3, low=3)
+    metric: str = option("auroc", choices=SCALAR_METRICS)
+    prune: bool = True
+    min_gain: float = option(0.01, low=0)
+    search: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -25,12 +60,16 @@ class BenchSpec(Config):
         bank: feature bank path.
         cohort: cohort table path.
         task: label column.
-        models: our aggregator names (``milcore.models.list_aggregators()``).
-        peers: torchmil models to run beside them (``abmil``, ``transmil``, ``dsmil``).
+        models: our aggregator names or ``fnmatch`` patterns (default ``*``: every registered aggregator,
+            ``milcore.models.list_aggregators()``).
+        peers: torchmil models to run beside them (``milcore.bench.PEER_MODELS``).
         folds: cross-validation folds.
         seeds: each seed gives its own splits, weights and batching (shared by all models).
         train: training settings (``model`` and ``seed`` are set per run; ``model_args`` apply to every
             model, so leave them empty unless every model has those fields).
+        tune: tuning budget (``trials`` 0: default settings only).
+        workers: worker processes training runs in parallel, one torch thread each (0: one per available
+            CPU core; 1: everything in this process). Rows do not depend on it.
         ood_site: a value of ``site_column`` whose bags are held out of CV and predicted by every fold model.
         site_column: cohort column holding the acquisition site.
         cells: instance ground truth; ``None`` looks for ``cells.csv`` beside the cohort.
@@ -42,12 +81,36 @@ class BenchSpec(Config):
     bank: str
     cohort: str
     task: str
-    models: tuple[str, ...] = DEFAULT_MODELS
+    models: tuple[str, ...] = ALL_MODELS
     peers: tuple[str, ...] = DEFAULT_PEERS
     folds: int = option(5, low=3)
     seeds: tuple[int, ...] = option((0, 1, 2), low=0, min_items=1)
     train: TrainConfig = field(default_factory=lambda: BENCH_TRAIN)
+    tune: TuneSpec = field(default_factory=TuneSpec)
+    workers: int = option(0, low=0)
     ood_site: str | None = None
     site_column: str = "site"
     cells: str | None = None
     group_column: str = "patient"
+
+
+def expand_models(models: tuple[str, ...], where: str = "--models") -> tuple[str, ...]:
+    """Names and ``fnmatch`` patterns -> registered aggregator names, in the order given (each once).
+
+    Raises:
+        UserError: a pattern that matches no registered aggregator (a plain unknown name is left for
+            :func:`milcore.bench.aggregators.check_models`, which suggests close matches).
+    """
+    from milcore.models import list_aggregators
+
+    out: list[str] = []
+    for name in models:
+        if any(c in name for c in "*?["):
+            found = [n for n in list_aggregators() if fnmatch.fnmatchcase(n, name)]
+            if not found:
+                raise UserError(f"{where}: no registered aggregator matches {name!r} "
+                                f"(registered: {', '.join(list_aggregators())})")  # fmt: skip
+            out += found
+        else:
+            out.append(name)
+    return tuple(dict.fromkeys(out))

@@ -29,15 +29,18 @@ def _num(value: float | None, digits: int = 1) -> str:
 
 
 def model_label(row: dict[str, Any]) -> str:
-    """``abmil`` for our models, ``torchmil abmil`` for a peer (a summary row or a run row)."""
-    return row["model"] if row["impl"] == "milcore" else f"torchmil {row['model']}"
+    """``abmil`` for our models, ``torchmil abmil`` for a peer, ``... (tuned)`` for a tuned row (a summary row
+    or a run row)."""
+    name = row["model"] if row["impl"] == "milcore" else f"torchmil {row['model']}"
+    return name + (" (tuned)" if row.get("variant") == "tuned" else "")
 
 
 def _at_chance(result: dict[str, Any], row: dict[str, Any]) -> bool:
     from milcore.report.caveats import CHANCE_CODES
 
     return any(w["code"] in CHANCE_CODES and w.get("scope") != "ood" and w.get("model") == row["model"]
-               and w.get("impl") == row["impl"] for w in result.get("warnings", []))  # fmt: skip
+               and w.get("impl") == row["impl"] and w.get("variant", "default") == row.get("variant", "default")
+               for w in result.get("warnings", []))  # fmt: skip
 
 
 def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -47,6 +50,10 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     headers = ["model", *[h for _, h in shown], "train bags/s", "infer ms/bag", "peak MB", "params", "runs"]
     rows = []
     for s in summary:
+        if s.get("status") == "failed":
+            rows.append([model_label(s), f"FAILED ({s['failed_runs']} of {s['runs']} runs)",
+                         *["-"] * (len(shown) - 1), "-", "-", "-", "-", str(s["runs"] - s["failed_runs"])])  # fmt: skip
+            continue
         if "metrics" not in s:
             rows.append([model_label(s), *[s["status"]] * len(shown), "-", "-", "-", "-", "0"])
             continue
@@ -63,8 +70,61 @@ def markdown_table(result: dict[str, Any]) -> str:
     headers, rows = table_rows(result)
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    failures = failure_lines(result)
+    if failures:
+        lines += ["", *failures]
+    if result.get("tuning"):
+        lines += ["", tuning_budget_line(result), ""]
+        headers, rows = tuning_rows(result)
+        lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", *peer_lines(result), "", run_line(result)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def failure_lines(result: dict[str, Any]) -> list[str]:
+    """One line per failed run: which model, seed and fold, and the error."""
+    folds = result["spec"]["folds"]
+    return [f"- FAILED: {model_label(s)} seed {f['seed']} fold {f['fold'] + 1}/{folds}: {f['error']}"
+            for s in result["summary"] if s.get("status") == "failed" for f in s["failures"]]  # fmt: skip
+
+
+def tuning_budget_line(result: dict[str, Any]) -> str:
+    """The tuning budget every model got, in one sentence."""
+    b = result["tuning"]["budget"]
+    shared = ", ".join(f"{k} {v}" for k, v in b["shared"].items())
+    return (f"Tuning budget, the same for every model: {b['trials']} Optuna trials per outer fold ({b['sampler']}; "
+            f"pruner: {b['pruner']}), each trial a {b['inner_folds']}-fold patient-level CV inside the outer fold's "
+            f"training + validation bags (its test bags never seen), maximising the pooled inner out-of-fold "
+            f"{label(b['metric'])} (a trial replaces the defaults only when it beats them by at least "
+            f"{b.get('min_gain', 0):g}); at most {b['max_fits_per_model_and_fold']} fits per model and outer fold. "
+            f"Shared dimensions: {shared} (dropout where the model has one); each aggregator adds its declared "
+            f"space (bench.json tuning.budget.spaces).")  # fmt: skip
+
+
+def tuning_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Default vs tuned per model: means over the paired (seed, fold) runs, the difference and its 95% CI."""
+    comp = result["tuning"]["comparison"]
+    metrics = [m for m in ("balanced_accuracy", "auroc") if any(m in c for c in comp.values())]
+    headers = ["model"]
+    for m in metrics:
+        short = label(m, short=True)
+        headers += [f"{short} default", f"{short} tuned", f"{short} tuned - default [95% CI]"]
+    headers += ["kept defaults", "tuned below default"]
+    rows = []
+    for c in comp.values():
+        row = [model_label({"impl": c["impl"], "model": c["model"]})]
+        below = []
+        for m in metrics:
+            e = c[m]
+            lo, hi = e["difference_ci95"]
+            ci = f"[{lo:+.3f}, {hi:+.3f}]" if math.isfinite(lo) else "[n/a]"
+            row += [f"{e['default']:.3f}", f"{e['tuned']:.3f}", f"{e['difference']:+.3f} {ci}"]
+            if e["below"]:
+                below.append(label(m, short=True))
+        row += [f"{c['kept_defaults']} of {c['pairs']}", ", ".join(below) or "no"]
+        rows.append(row)
+    return headers, rows
 
 
 def run_line(result: dict[str, Any]) -> str:
@@ -74,8 +134,12 @@ def run_line(result: dict[str, Any]) -> str:
     cpu = result.get("cpu_seconds")
     start = f"{before[0]:.1f}" if before else "nan"
     end = f"{load[0]:.1f}" if load else "nan"
-    return (f"Run: {result['seconds']:.0f} s wall" + (f", {cpu:.0f} s process CPU" if cpu is not None else "")
-            + f", {plural(result['torch_threads'], 'torch thread')}, {result['machine'].get('cpus', '?')} CPUs; "
+    workers = result.get("workers", 1)
+    how = f"{plural(workers, 'worker process', 'worker processes')} x 1 torch thread" if workers > 1 else (
+        plural(result["torch_threads"], "torch thread"))
+    precision = f", {result['precision']}" if result.get("precision") else ""
+    return (f"Run: {result['seconds']:.0f} s wall" + (f", {cpu:.0f} s CPU (all processes)" if cpu is not None else "")
+            + f", {how}{precision}, {result['machine'].get('cpus', '?')} CPUs; "
             f"load average (1 min) {start} at start, {end} at end")  # fmt: skip
 
 
@@ -141,9 +205,19 @@ def build_report(result: dict[str, Any]):
     rep.heading("Accuracy and cost")
     rep.table(headers, rows, caption="train bags/s: bags per second of optimisation (validation passes excluded); "
                                      "peak MB: peak memory growth of one fit (largest over runs)")  # fmt: skip
+    failures = failure_lines(result)
+    if failures:
+        rep.heading("Failed runs")
+        rep.bullets([f.removeprefix("- ") for f in failures])
+    if result.get("tuning"):
+        rep.heading("Tuned vs default (nested CV, equal budgets)")
+        rep.paragraph(tuning_budget_line(result))
+        headers, rows = tuning_rows(result)
+        rep.table(headers, rows, caption="paired over the same seeds and outer folds; 'kept defaults': outer folds "
+                                         "where no trial beat the model's defaults in the inner CV")  # fmt: skip
     if result.get("peers"):
         rep.heading("Ours vs torchmil (same bags, splits, loop and budget)")
-        rep.bullets(peer_lines(result))
+        rep.bullets([p.removeprefix("- ") for p in peer_lines(result)])
     done = [s for s in result["summary"] if "metrics" in s]
     if done:
         costs = (("train_bags_per_s", "training bags/s (log)"), ("infer_ms_per_bag", "inference ms/bag (log)"))

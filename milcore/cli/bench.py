@@ -19,9 +19,12 @@ HELP = "benchmark aggregators, bank I/O and extraction side by side"
 log = logging.getLogger("milcore")
 
 
-#: ``BenchSpec`` fields and training options (``BENCH_TRAIN`` fields) given as flags by the suites that train.
-BENCH_OPTIONS = ("models", "peers", "folds", "seeds")
-BENCH_TRAIN_OPTIONS = ("epochs", "patience", "lr", "batch_instances", "instance_dropout", "input_norm", "device")
+#: ``BenchSpec`` fields, training options (``BENCH_TRAIN`` fields) and tuning options (``TuneSpec`` fields)
+#: given as flags by the suites that train.
+BENCH_OPTIONS = ("models", "peers", "folds", "seeds", "workers")
+BENCH_TRAIN_OPTIONS = ("epochs", "patience", "lr", "batch_instances", "instance_dropout", "input_norm", "amp",
+                       "device")  # fmt: skip
+TUNE_OPTIONS = ("trials", "inner_folds", "metric", "prune", "min_gain")
 
 
 def _training_options(p: argparse.ArgumentParser) -> None:
@@ -29,7 +32,10 @@ def _training_options(p: argparse.ArgumentParser) -> None:
     from milcore.cli._types import FOLDS_HELP, add_config_options, int_at_least
 
     add_config_options(p, BenchSpec, BENCH_OPTIONS, metavars={"models": "NAMES", "peers": "NAMES", "seeds": "S,T"},
-                       helps={"models": "our aggregators, comma-separated ('milcore models' lists them)",
+                       helps={"models": "our aggregators, comma-separated names or patterns ('milcore models' lists "
+                                        "them; * is every registered aggregator)",
+                              "workers": "worker processes training in parallel, one torch thread each (0: one per "
+                                         "available core; 1: this process only)",
                               "peers": "torchmil models run beside ours: abmil,dsmil,transmil or none (torchmil's "
                                        "TransMIL trains at a few bags/s on CPU)",
                               "folds": FOLDS_HELP, "seeds": "comma-separated seeds"})  # fmt: skip
@@ -37,7 +43,24 @@ def _training_options(p: argparse.ArgumentParser) -> None:
                        helps={"epochs": "maximum epochs per fit",
                               "input_norm": "standardise features with each training fold's statistics (real-cell "
                                             "features need it)"})  # fmt: skip
-    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int_at_least(1), default=None,
+                   help="torch CPU threads, shared by the worker processes (default: torch's)")  # fmt: skip
+    from milcore.bench.config import TuneSpec
+
+    add_config_options(p, TuneSpec, TUNE_OPTIONS, flags={"trials": "--tune", "metric": "--tune-metric",
+                                                         "prune": "--tune-prune", "min_gain": "--tune-min-gain"},
+                       metavars={"trials": "N"},
+                       helps={"trials": "also tune every model with N Optuna trials per outer fold (nested "
+                                        "patient-level CV; the same budget for every model; 0: no tuning)",
+                              "inner_folds": "inner folds of the tuning's nested CV",
+                              "metric": "what the tuning optimises (pooled inner out-of-fold predictions)",
+                              "prune": "median pruning of unpromising trials after each inner fold",
+                              "min_gain": "a trial replaces the defaults only when it beats them by this much in "
+                                          "the inner CV"})  # fmt: skip
+    p.add_argument("--search", action="append", default=None, metavar="[MODEL.]KEY=SPEC",
+                   help="restrict the tuning's search space: VALUE fixes, LOW:HIGH narrows, A,B,C picks choices; "
+                        "KEY is a shared dimension (lr, weight_decay, dropout, instance_dropout) or, after MODEL., "
+                        "one the aggregator declares ('milcore models NAME'); repeatable")  # fmt: skip
 
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -69,6 +92,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
             p.add_argument("--npz", default=None, help="bloodmnist.npz (default ../shared/data/bloodmnist)")
             p.add_argument("--witness", default="immature_granulocyte", help="cell type of positive bags")
             p.add_argument("--rate", type=float, default=0.05, help="witness fraction in positive bags (default 0.05)")
+            p.add_argument("--witnesses", type=_count_range, default=None, metavar="LOW-HIGH",
+                           help="rare-witness suite instead: bags of 20-60 cells holding LOW-HIGH witnesses, trained "
+                                "on train-split bags and tested on test-split bags (e.g. 1-3)")  # fmt: skip
         _training_options(p)
         _out_options(p, required=True)
         p.set_defaults(func=run)
@@ -85,6 +111,18 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     _training_options(p)
     _out_options(p, required=False)
     p.set_defaults(func=run)
+
+
+def _count_range(text: str) -> tuple[int, int]:
+    """``"1-3"`` -> ``(1, 3)``; ``"2"`` -> ``(2, 2)``."""
+    lo, _, hi = text.partition("-")
+    try:
+        low, high = int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW-HIGH whole numbers, e.g. 1-3, got {text!r}") from None
+    if not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LOW <= HIGH, got {text!r}")
+    return low, high
 
 
 def _out_options(p: argparse.ArgumentParser, required: bool) -> None:
@@ -106,17 +144,42 @@ def _check_out(out: Path, overwrite: bool, create: bool = True) -> None:
 
 def _template(args: argparse.Namespace, bank: str = "", cohort: str = "", task: str = ""):
     from feature_cache.devices import resolve_device
+    from feature_cache.errors import InvalidArgumentError
     from milcore.bench.aggregators import check_models
-    from milcore.bench.config import BENCH_TRAIN, BenchSpec
+    from milcore.bench.config import BENCH_TRAIN, BenchSpec, TuneSpec, expand_models
     from milcore.cli._types import config_values
 
     resolve_device(args.device)  # before any output exists
-    check_models(args.models, args.peers)
+    models = expand_models(args.models)
+    check_models(models, args.peers)
     train = BENCH_TRAIN.replace(**config_values(args, BENCH_TRAIN_OPTIONS))
     train = train.replace(min_epochs=min(train.min_epochs, train.epochs))
-    return BenchSpec(bank=bank, cohort=cohort, task=task, train=train, **config_values(args, BENCH_OPTIONS),
-                     ood_site=getattr(args, "ood_site", None), site_column=getattr(args, "site_column", "site"),
-                     cells=getattr(args, "cells", None))  # fmt: skip
+    tune = TuneSpec(**config_values(args, TUNE_OPTIONS), search=_search_options(getattr(args, "search", None)))
+    spec = BenchSpec(bank=bank, cohort=cohort, task=task, train=train, tune=tune,
+                     **config_values(args, BENCH_OPTIONS), ood_site=getattr(args, "ood_site", None),
+                     site_column=getattr(args, "site_column", "site"), cells=getattr(args, "cells", None))  # fmt: skip
+    if tune.search and not tune.trials:
+        raise InvalidArgumentError("--search restricts the tuning's search space: pass --tune N as well")
+    if tune.trials:
+        from milcore.bench.tune import check_tune_spec
+
+        check_tune_spec(spec.replace(models=models))  # before any output exists
+    return spec
+
+
+def _search_options(values: list[str] | None) -> dict[str, str]:
+    """``--search [MODEL.]KEY=SPEC`` options -> ``{"[MODEL.]KEY": "SPEC"}`` (each key once)."""
+    from feature_cache.errors import InvalidArgumentError
+
+    out: dict[str, str] = {}
+    for text in values or []:
+        key, sep, spec = text.partition("=")
+        if not sep or not key.strip() or not spec.strip():
+            raise InvalidArgumentError(f"--search {text}: expected [MODEL.]KEY=SPEC, e.g. abmil.embed_dim=64:256")
+        if key.strip() in out:
+            raise InvalidArgumentError(f"--search {key.strip()}: given twice")
+        out[key.strip()] = spec.strip()
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,20 +218,35 @@ def _run(args: argparse.Namespace) -> int:
         paths = write_outputs(result, out)
         print(markdown_table(result), end="")
         log.info("wrote %s, %s and %s (%.0f s)", paths["json"], paths["table"], paths["html"], result["seconds"])
-        return 0
+        return _failed_code(result)
     from milcore.bench.suites import bloodmnist_suite, synthetic_suite
 
     if args.suite == "synthetic":
         results = synthetic_suite(out, spec, size=args.size, device=args.device)
         for name, result in results.items():
             print(f"## {name}\n\n{markdown_table(result)}")
-        return 0
+        return max((_failed_code(r) for r in results.values()), default=0)
     if args.suite == "bloodmnist-bags":
-        result = bloodmnist_suite(out, spec, size=args.size, npz=args.npz, witness=args.witness, rate=args.rate,
-                                  device=args.device)  # fmt: skip
+        if args.witnesses is not None:
+            from milcore.bench.suites import rare_witness_suite
+
+            result = rare_witness_suite(out, spec, size=args.size, npz=args.npz, witness=args.witness,
+                                        witnesses=args.witnesses, device=args.device)  # fmt: skip
+        else:
+            result = bloodmnist_suite(out, spec, size=args.size, npz=args.npz, witness=args.witness, rate=args.rate,
+                                      device=args.device)  # fmt: skip
         print(markdown_table(result))
-        return 0
+        return _failed_code(result)
     return _run_all(out, spec, args)
+
+
+def _failed_code(result: dict) -> int:
+    """1 (with one line naming them) when some models failed; their rows say so in the outputs."""
+    failed = result.get("failed") or []
+    if failed:
+        log.error("%d model(s) failed (see the table): %s", len(failed), ", ".join(failed))
+        return 1
+    return 0
 
 
 def _run_all(out: Path, spec, args: argparse.Namespace) -> int:
