@@ -66,10 +66,44 @@ def build_torchmil(tm: Any, name: str, in_dim: int) -> nn.Module:
     if name == "dsmil":
         return tm.DSMIL(in_shape=(in_dim,), att_dim=128, nonlinear_q=True)
     if name == "clam_sb":
-        return tm.CLAM_SB(in_shape=(in_dim,), att_dim=128, gated=True, k_sample=8)
+        model = tm.CLAM_SB(in_shape=(in_dim,), att_dim=128, gated=True, k_sample=8)
+        model.inst_loss_fn = SmoothTop1SVM()  # torchmil 1.0.2's mixes rows and fails on confident ones
+        return model
     if name == "dtfd":
         return tm.DTFDMIL(in_shape=(in_dim,), att_dim=128, n_groups=4, distill_mode="afs")
     raise ValueError(f"no torchmil adapter for {name!r} (available: {', '.join(PEER_MODELS)})")
+
+
+class SmoothTop1SVM(nn.Module):
+    """Smooth top-1 SVM loss (Berrada, Zisserman, Kumar, ICLR 2018), CLAM's default instance loss, row by row.
+
+    Per row with scores ``x (C,)`` and target ``y``: ``m = x + [c != y] - x_y``; the loss is ``max(m)``
+    where the top score leads the next by at least ``tau * log(thresh)`` (the reference's switch to the
+    hard loss) and ``tau * logsumexp(m / tau)`` elsewhere, averaged over rows. Written here because
+    torchmil 1.0.2's ``SmoothTop1SVM``, called as its CLAM calls it (targets ``(n, 1)``), broadcasts every
+    target against every row (``(n, n, C)``: a wrong loss) and raises once more than two rows are confident,
+    which stops a CLAM-SB fit after a few epochs; the ``topk`` package of the reference is not a dependency.
+
+    Args:
+        alpha: margin.
+        tau: temperature.
+        thresh: switch to the hard loss where the top-2 gap is at least ``tau * log(thresh)``.
+    """
+
+    def __init__(self, alpha: float = 1.0, tau: float = 1.0, thresh: float = 1e3) -> None:
+        super().__init__()
+        self.alpha, self.tau, self.thresh = alpha, tau, thresh
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean loss of scores ``x (n, C)`` against targets ``y`` (``(n,)`` or ``(n, 1)``)."""
+        x = x.float()
+        y = y.long().view(-1, 1)  # (n, 1)
+        classes = torch.arange(x.shape[1], device=x.device)
+        margin = x + self.alpha * (classes[None, :] != y).float() - x.gather(1, y)  # (n, C)
+        top = x.detach().topk(2, dim=1).values  # (n, 2)
+        hard = (top[:, 0] - top[:, 1]) >= self.tau * float(np.log(self.thresh))  # (n,)
+        smooth = self.tau * torch.logsumexp(margin / self.tau, dim=1)  # (n,)
+        return torch.where(hard, margin.amax(dim=1), smooth).mean()
 
 
 def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -58,3 +58,35 @@ def test_dtfd_peer_is_reproducible_from_torch_seed() -> None:
         model = TorchmilAggregator("dtfd", 12, 2).train()
         outs.append(model(x, ptr, labels=labels).aux_losses["tier1"])
     torch.testing.assert_close(outs[0], outs[1])
+
+
+def _smooth_top1_svm(x: torch.Tensor, y: torch.Tensor, thresh: float = 1e3) -> torch.Tensor:
+    """Berrada et al.'s smooth top-1 SVM (alpha = tau = 1), row by row: the hard max where the top score
+    leads the next by >= log(thresh), log-sum-exp elsewhere; mean over rows."""
+    terms = []
+    for row, label in zip(x, y.long().view(-1), strict=True):
+        margin = row + (torch.arange(len(row)) != label).float() - row[label]  # (C,)
+        top = row.topk(2).values
+        terms.append(margin.max() if top[0] - top[1] >= torch.log(torch.tensor(thresh)) else margin.logsumexp(0))
+    return torch.stack(terms).mean()
+
+
+def test_clam_peer_instance_loss_is_smooth_top1_svm_per_row_even_when_confident() -> None:
+    """torchmil 1.0.2's SmoothTop1SVM, called as its CLAM does (targets ``(n, 1)``), broadcasts the targets
+    against every row (a wrong loss) and raises once more than two rows are confident ("size of tensor a
+    (2) must match ... b (4)": it stopped our CLAM-SB benchmark). The peer's loss is the reference's."""
+    loss_fn = TorchmilAggregator("clam_sb", 12, 3).peers[0].inst_loss_fn
+    y = torch.tensor([1, 0, 1, 0, 1])
+    for x in (torch.tensor([[0.0, 1.0], [0.5, 0.0], [2.0, 0.0], [0.0, 0.3], [1.0, 1.0]]),  # smooth rows only
+              torch.tensor([[0.0, 10.0], [10.0, 0.0], [0.0, 9.0], [8.0, 0.0], [0.0, 1.0]]),  # 4 hard rows
+              torch.tensor([[0.0, 10.0], [10.0, 0.0], [0.0, 9.0], [8.0, 0.0], [0.0, 8.0]])):  # hard only  # fmt: skip
+        torch.testing.assert_close(loss_fn(x, y.unsqueeze(-1).float()), _smooth_top1_svm(x, y))
+    torch.manual_seed(0)  # end to end: a confident instance classifier trains
+    model = TorchmilAggregator("clam_sb", 12, 3).train()
+    x, ptr, labels = torch.randn(45, 12), torch.tensor([0, 3, 20, 45]), torch.tensor([0, 1, 2])
+    model(x, ptr)  # materialises torchmil's lazy layers
+    with torch.no_grad():
+        for head in model.peers[0].inst_classifiers:
+            for p in head.parameters():
+                p.mul_(100.0)
+    assert torch.isfinite(model(x, ptr, labels=labels).aux_losses["instance"])
