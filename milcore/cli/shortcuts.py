@@ -12,7 +12,7 @@ import logging
 
 HELP = ("fit site, date, bag size, image size, colour statistics and the stored metadata alone with the run's "
         "patient-level folds; flag any that comes close to the aggregator")  # fmt: skip
-OPTIONS = ("alpha", "min_share", "permutations", "max_crops", "seed")
+OPTIONS = ("alpha", "min_share", "permutations", "max_crops", "seed", "ignore")
 
 log = logging.getLogger("milcore")
 
@@ -35,7 +35,9 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     add_config_options(p, ShortcutConfig, OPTIONS,
                        helps={"alpha": "significance level of each check's permutation test",
                               "min_share": "flag a significant check reaching this share of the model's gain over "
-                                           "chance"})  # fmt: skip
+                                           "chance",
+                              "ignore": "cohort columns left out of the checks (comma-separated; named as skipped)"},
+                       metavars={"ignore": "COL,..."})  # fmt: skip
     p.set_defaults(func=run)
 
 

@@ -14,7 +14,8 @@ run, and its out-of-fold balanced accuracy is set beside the aggregator's:
 - ``metadata:<column>``: every other stored cohort column (sex, age, scanner...), one check each.
 
 A check is **flagged** when its balanced accuracy is significantly above chance (a permutation test of
-its out-of-fold predictions against shuffled labels, ``p < alpha``) AND it reaches at least ``min_share``
+its out-of-fold predictions against shuffled labels, Holm-corrected over the checks of the run so that
+a clean cohort is not flagged by one of many tests, ``p_holm < alpha``) AND it reaches at least ``min_share``
 of the aggregator's gain over chance: ``(BA_check - 1/C) / (BA_model - 1/C) >= min_share``. A signal
 that is absent (no site column, no crops, a constant value, an id-like column) is skipped and named.
 The result (``shortcuts.json`` in the run folder) is read by the model passport.
@@ -58,6 +59,7 @@ class ShortcutConfig(Config):
         bins: quantile bins of each numeric signal (beside its standardised value).
         c: inverse L2 strength of the logistic regressions.
         seed: crop sampling and permutation seed.
+        ignore: cohort columns left out of the checks (e.g. a synthetic cohort's ground-truth columns).
     """
 
     config_key = "shortcut option"
@@ -69,6 +71,7 @@ class ShortcutConfig(Config):
     bins: int = option(4, low=2, high=20)
     c: float = option(1.0, low=0, low_open=True)
     seed: int = option(0, low=0)
+    ignore: tuple[str, ...] = option(())
 
 
 @dataclass
@@ -165,6 +168,20 @@ def permutation_p(y: np.ndarray, pred: np.ndarray, n_classes: int, permutations:
     return float((1 + np.sum(null >= observed - 1e-12)) / (1 + permutations))
 
 
+def holm(p: Sequence[float]) -> list[float]:
+    """Holm-adjusted p-values (step-down, monotone, capped at 1).
+
+    Written here because ``milcore.audit.statistics.adjust_pvalues`` sits in a layer above the trust layer.
+    """
+    p_arr = np.asarray(p, dtype=float)
+    order = np.argsort(p_arr, kind="stable")
+    m = len(p_arr)
+    stepped = np.maximum.accumulate((m - np.arange(m)) * p_arr[order]) if m else p_arr
+    out = np.empty(m)
+    out[order] = np.minimum(stepped, 1.0)
+    return out.tolist()
+
+
 def _design(signal: Signal, train: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
     """Features of a signal for one fold, fitted on the training rows: one-hot categories, standardised and
     quantile-binned numbers (NaN imputed by the training median)."""
@@ -246,11 +263,13 @@ def run_checks(signals: Sequence[Signal], y: np.ndarray, folds: np.ndarray, mode
         ba = balanced_accuracy(y, pred, n_classes)
         p = permutation_p(y, pred, n_classes, config.permutations, config.seed + i)
         share = (ba - chance) / gain if gain > 1e-9 else (np.inf if ba > chance else 0.0)
-        flagged = bool(p < config.alpha and share >= config.min_share)
         checks.append({"name": s.name, "columns": list(s.columns), "source": s.source,
                        "balanced_accuracy": round(float(ba), 4), "p_value": round(p, 5),
-                       "share_of_model": round(float(share), 3) if np.isfinite(share) else None,
-                       "flagged": flagged})  # fmt: skip
+                       "share_of_model": round(float(share), 3) if np.isfinite(share) else None})  # fmt: skip
+    for c, p_holm in zip(checks, holm([c["p_value"] for c in checks]), strict=True):
+        share = np.inf if c["share_of_model"] is None else c["share_of_model"]
+        c["p_holm"] = round(p_holm, 5)
+        c["flagged"] = bool(p_holm < config.alpha and share >= config.min_share)
     return ShortcutResult(float(model_ba), chance, checks, skip, len(y), list(classes), config)
 
 
@@ -300,20 +319,22 @@ def _dates(col: np.ndarray) -> tuple[np.ndarray, int]:
     return days, bad
 
 
-def cohort_signals(columns: Mapping[str, np.ndarray], where: str, exclude: Sequence[str] = ()
-                   ) -> tuple[list[Signal], list[dict[str, str]]]:  # fmt: skip
+def cohort_signals(columns: Mapping[str, np.ndarray], where: str, exclude: Sequence[str] = (),
+                   ignore: Sequence[str] = ()) -> tuple[list[Signal], list[dict[str, str]]]:  # fmt: skip
     """Site, date and the other stored columns of a cohort table (rows aligned with the patients).
 
     Args:
         columns: column name -> (B,) strings (``""`` = missing), the label column excluded.
         where: the table's path, for messages.
         exclude: columns that are not metadata (the label, the patient grouping).
+        ignore: columns the user left out (named among the skipped checks).
 
     Returns:
         The signals, and the checks skipped with their reason (no site column, no date column, unparseable
         dates, id-like columns).
     """
-    signals, skipped = [], []
+    signals: list[Signal] = []
+    skipped = [{"name": f"metadata:{c}", "reason": "left out by the user (ignore)"} for c in ignore if c in columns]
     site = _first(columns, SITE_COLUMNS)
     if site is None:
         skipped.append({"name": "site", "reason": f"{where} has no site column ({', '.join(SITE_COLUMNS)})"})
@@ -329,7 +350,7 @@ def cohort_signals(columns: Mapping[str, np.ndarray], where: str, exclude: Seque
                             "ISO dates (YYYY-MM-DD)"})  # fmt: skip
         else:
             signals.append(Signal("date", days.astype(object).reshape(-1, 1), ("num",), (date,), where))
-    taken = {site, date, *exclude, *ID_COLUMNS}
+    taken = {site, date, *exclude, *ID_COLUMNS, *ignore}
     for name, col in columns.items():
         if name in taken or name.lower() in taken:
             continue
@@ -457,7 +478,8 @@ def check_shortcuts(run: str | Path, cohort: str | Path | None = None, crops: st
     y = table.labels[keep]
     folds = table.folds[keep]
     columns = {c: np.asarray(v)[rows] for c, v in co.columns.items()}
-    signals, skipped = cohort_signals(columns, str(cohort_path), exclude=(task, co.group_column or ""))
+    signals, skipped = cohort_signals(columns, str(cohort_path), exclude=(task, co.group_column or ""),
+                                       ignore=config.ignore)
     bank_path = cfg.get("bank")
     if bank_path and Path(bank_path).exists():
         from feature_cache.bank import open_reader

@@ -41,6 +41,14 @@ def test_balanced_accuracy_matches_scikit_learn() -> None:
     assert np.allclose(balanced_accuracy(many, p, 3), [balanced_accuracy_score(r, p) for r in many])
 
 
+def test_holm_matches_the_audits_correction() -> None:
+    from milcore.audit.statistics import adjust_pvalues
+    from milcore.trust.shortcuts import holm
+
+    p = [0.01, 0.04, 0.03, 0.5, 0.002]
+    assert np.allclose(holm(p), adjust_pvalues(p, "holm"))
+
+
 def test_run_checks_flags_a_confound_and_skips_a_constant() -> None:
     rng = np.random.default_rng(1)
     y = np.repeat([0, 1], 30)
@@ -63,7 +71,8 @@ def test_run_checks_flags_a_confound_and_skips_a_constant() -> None:
 def test_planted_site_confound_flagged_and_passport_reads_it(run_copy: Path, planted: dict, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     cohort = _cohort_with(planted, tmp_path, "label")
-    rc = main(["audit", "shortcuts", "--run", str(run_copy), "--cohort", str(cohort), "--permutations", "200"])
+    rc = main(["audit", "shortcuts", "--run", str(run_copy), "--cohort", str(cohort), "--permutations", "200",
+               "--ignore", "age"])
     err = capsys.readouterr().err
     assert rc == 0, err
     data = json.loads((run_copy / "shortcuts.json").read_text())
@@ -72,7 +81,8 @@ def test_planted_site_confound_flagged_and_passport_reads_it(run_copy: Path, pla
     assert "no date column" in skipped["date"]  # the cohort has no date: skipped and named
     assert "no crops" in skipped["colour"] and "no crops" in skipped["image_size"]
     names = {c["name"] for c in data["checks"]}
-    assert {"site", "bag_size", "metadata:sex", "metadata:age"} <= names
+    assert {"site", "bag_size", "metadata:sex"} <= names and "metadata:age" not in names
+    assert "left out" in skipped["metadata:age"]
     assert (run_copy / "shortcuts.html").exists() and (run_copy / "shortcuts.md").exists()
     assert main(["passport", str(run_copy)]) == 0
     passport = json.loads((run_copy / "passport.json").read_text())
