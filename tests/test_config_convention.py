@@ -60,6 +60,9 @@ REQUIRED: dict[str, dict[str, Any]] = {
     "SyntheticData": {"cohorts": [{"task": "aml", "patients": 4}]},
     "ContinualData": {"bank": "b.h5", "cohort": "c.csv", "classes": ["a", "b"]},
     "SynthCase": {"name": "aml", "task": "aml"},
+    "SupervisedConfig": {"data": "cells.npz", "out": "enc"},
+    "SSLConfig": {"data": "cells.npz", "out": "enc"},
+    "ProbeConfig": {"data": "cells.npz", "encoder": "toy"},
     "ContinualConfig": {"data": {"bank": "b.h5", "cohort": "c.csv"}, "scenario": {"kind": "temporal", "periods": 2},
                         "strategies": {"finetune": {}, "ranked": {"strategy": "milreplay", "random_share": 0.0}}},
 }  # fmt: skip

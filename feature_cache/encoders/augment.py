@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
-from torch import nn
-from torch.nn import functional as F
+from typing import TYPE_CHECKING
 
 from feature_cache.config import Config, option
-from feature_cache.encoders.stain import hed_to_rgb, rgb_to_hed
+
+if TYPE_CHECKING:  # torch is imported where used: the CLI reads AugmentConfig without loading torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -65,22 +64,25 @@ class AugmentConfig(Config):
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator | None, *shape: int) -> torch.Tensor:
+    import torch
+
     return torch.rand((n, *shape), generator=gen) * (high - low) + low
 
 
-class Augment(nn.Module):
-    """Random augmentation of a batch of crops (see the module docstring).
+class Augment:
+    """Random augmentation of a batch of crops (see the module docstring); holds no parameters.
 
     Args:
         config: the augmentation settings.
     """
 
     def __init__(self, config: AugmentConfig | None = None) -> None:
-        super().__init__()
         self.config = config or AugmentConfig()
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(N, 3, S, S) 0..255 -> (N, 3, S, S) float 0..255; random draws from ``generator`` (CPU)."""
+        from feature_cache.encoders.stain import hed_to_rgb, rgb_to_hed
+
         c, n = self.config, x.shape[0]
         x = x.float()
         if c.dihedral:
@@ -101,6 +103,8 @@ class Augment(nn.Module):
         return x.clamp(0, 255)
 
     def _dihedral(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        import torch
+
         k = torch.randint(0, 4, (x.shape[0],), generator=gen)
         flip = torch.rand(x.shape[0], generator=gen) < 0.5
         out = torch.empty_like(x)
@@ -113,6 +117,9 @@ class Augment(nn.Module):
         return out
 
     def _affine(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        import torch
+        from torch.nn import functional as F
+
         c, n = self.config, x.shape[0]
         if not c.rotate and c.scale == (1.0, 1.0) and c.translate == 0:
             return x
@@ -126,6 +133,9 @@ class Augment(nn.Module):
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
     def _blur(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        import torch
+        from torch.nn import functional as F
+
         c, n = self.config, x.shape[0]
         sigma = _uniform(n, 0.1, c.blur_sigma, gen) * (torch.rand(n, generator=gen) < c.blur_p)
         radius = max(1, math.ceil(2 * c.blur_sigma))

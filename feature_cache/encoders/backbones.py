@@ -10,11 +10,12 @@ Each backbone is a registered encoder too, so the weights it writes load with ``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from feature_cache.errors import InvalidArgumentError
+
+if TYPE_CHECKING:  # the CLI reads BACKBONES without loading torch
+    from torch import nn
 
 BACKBONES = ("compact_cnn", "efficientnet_lite0")
 #: Smallest input side each backbone takes (downsampling stages).

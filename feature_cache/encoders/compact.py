@@ -67,7 +67,7 @@ def build(width: int = 32) -> tuple[CompactCNN, InputNorm]:
     return CompactCNN(width), InputNorm(MEAN, STD)
 
 
-@register_encoder(NAME, requires_weights=True, options=OPTIONS)
+@register_encoder("compact_cnn", requires_weights=True, options=OPTIONS)  # a literal: found without import
 def compact_cnn(
     weights: str | Path | None = None,
     device: str | torch.device | None = None,

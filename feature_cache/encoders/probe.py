@@ -19,11 +19,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from feature_cache.config import Config, option
+
+if TYPE_CHECKING:  # numpy is imported where used: the CLI reads the config without loading numpy
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ def evaluate(y: np.ndarray, prob: np.ndarray, classes: tuple[str, ...], n_boot: 
         ``{"accuracy": {"value", "ci95"}, "balanced_accuracy": ..., "macro_f1": ..., "auroc": {class:
         {"value", "ci95"}}, "macro_auroc": ..., "confusion": [[...]], "n": n}``.
     """
+    import numpy as np
     from sklearn.metrics import confusion_matrix
 
     k = len(classes)
@@ -141,6 +143,8 @@ def evaluate(y: np.ndarray, prob: np.ndarray, classes: tuple[str, ...], n_boot: 
 
 def _full_proba(model: Any, x: np.ndarray, k: int) -> np.ndarray:
     """``predict_proba`` with a column for every class (a fold may miss one)."""
+    import numpy as np
+
     prob = np.zeros((len(x), k))
     prob[:, model.classes_] = model.predict_proba(x)
     return prob
@@ -159,6 +163,7 @@ def probe_split(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_
 
 def probe_cv(x: np.ndarray, y: np.ndarray, classes: tuple[str, ...], config: ProbeConfig) -> dict[str, Any]:
     """Both probes in stratified k-fold cross-validation; metrics of the pooled out-of-fold predictions."""
+    import numpy as np
     from sklearn.model_selection import StratifiedKFold
 
     k = len(classes)
@@ -191,6 +196,8 @@ def run_probe(config: ProbeConfig) -> dict[str, Any]:
             ``protocol="split"`` on data without train and test splits, or too few cells per class for
             the folds.
     """
+    import numpy as np
+
     from feature_cache.devices import resolve_device
     from feature_cache.encoders import check_encoder_options, create_encoder
     from feature_cache.encoders.celldata import read_cells

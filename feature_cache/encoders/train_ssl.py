@@ -23,8 +23,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from feature_cache.config import Config, option
 from feature_cache.encoders.augment import AugmentConfig
 from feature_cache.encoders.backbones import BACKBONES
@@ -88,6 +86,8 @@ class SSLConfig(Config):
 
 
 def _prepare(config: SSLConfig):
+    import numpy as np
+
     from feature_cache.encoders.backbones import MIN_INPUT
     from feature_cache.encoders.celldata import check_sizes, read_cells
     from feature_cache.errors import UserError
@@ -141,6 +141,7 @@ def train_ssl(config: SSLConfig) -> TrainResult:
     Raises:
         UserError: bad data, a missing device, or a run folder holding another recipe.
     """
+    import numpy as np
     import torch
     from torch.nn import functional as F
 

@@ -19,13 +19,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from feature_cache.config import Config, option
 from feature_cache.encoders.augment import AugmentConfig
 from feature_cache.encoders.backbones import BACKBONES
+
+if TYPE_CHECKING:  # numpy is imported where used: the CLI reads the config without loading numpy
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ class TrainResult:
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``(train_idx, val_idx)``: ``fraction`` of each class (at least one crop each) held out."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     val = []
     for c in np.unique(labels):
@@ -119,6 +122,7 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
 def to_tensor(cells: Any, size: int, resample: str = "bilinear"):
     """Every crop resized (shorter side, centre crop) to (n, 3, size, size) uint8."""
+    import numpy as np
     import torch
 
     from feature_cache.encoders.base import ResizeCrop
@@ -130,6 +134,7 @@ def to_tensor(cells: Any, size: int, resample: str = "bilinear"):
 
 def classify_metrics(y: np.ndarray, prob: np.ndarray, n_classes: int) -> dict[str, float]:
     """Accuracy, balanced accuracy, macro-F1 and cross-entropy of predicted probabilities."""
+    import numpy as np
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
     pred = prob.argmax(1)
@@ -142,6 +147,8 @@ def classify_metrics(y: np.ndarray, prob: np.ndarray, n_classes: int) -> dict[st
 
 def _prepare(config: SupervisedConfig):
     """Read and check the data; split it (nothing written)."""
+    import numpy as np
+
     from feature_cache.encoders.backbones import MIN_INPUT
     from feature_cache.encoders.celldata import check_sizes, read_cells
     from feature_cache.errors import UserError
@@ -174,6 +181,7 @@ def train_supervised(config: SupervisedConfig) -> TrainResult:
         UserError: bad data (missing, corrupt, 16-bit or too-small crops, a single class), a device
             that does not exist, or a run folder holding another recipe; all checked before writing.
     """
+    import numpy as np
     import torch
     from torch.nn import functional as F
 

@@ -19,7 +19,25 @@ def _params() -> list:
     return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in list_encoders()]
 
 
+def _compact_checkpoint(root: Path) -> Path:
+    """A random ``compact_cnn`` weights file (width 8, 28 px), as ``milcore encoder train`` writes it."""
+    import torch
+
+    from feature_cache.encoders.card import save_weights
+    from feature_cache.encoders.compact import build
+
+    path = root / "compact_cnn.safetensors"
+    if not path.exists():
+        torch.manual_seed(0)
+        net, _ = build(8)
+        save_weights(path, net.state_dict(), "compact_cnn", {"image_size": 28, "width": 8})
+    return path
+
+
 def _build(name: str, vit_checkpoint: Callable[..., Path]):
+    if name == "compact_cnn":  # trained by milcore encoder train: its own weights format, not a ViT
+        path = _compact_checkpoint(vit_checkpoint("vit_small_patch14_dinov2").parent)
+        return create_encoder(name, weights=path, device="cpu")
     if encoder_spec(name).requires_weights:
         path = vit_checkpoint(name, half=name in SLOW)
         return create_encoder(name, weights=path, device="cpu", image_size=70)
