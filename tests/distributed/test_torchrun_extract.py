@@ -106,3 +106,22 @@ def test_killed_rank_and_other_world_size_resume(cohort: Path, single: Path, tmp
     assert not existing_shards(out)
     again = _torchrun(cohort, out)  # a finished bank: nothing to do
     assert again.returncode == 0 and "nothing to do" in again.stderr
+
+
+def test_merge_refuses_shards_of_another_encoder_or_precision(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from feature_cache.bank import EncoderInfo
+    from feature_cache.bank.errors import BankError
+    from feature_cache.distributed import merge_shards
+
+    info = EncoderInfo(name="toy", version="1", weights_sha256="", transform="t", dim=4, compute_dtype="float32")
+    others = {"b.h5": replace(info, name="other"), "c.h5": replace(info, compute_dtype="bfloat16")}
+    with open_writer(tmp_path / "a.h5", info, mode="x") as w:
+        w.append("p0", np.zeros((3, 4), np.float32))
+    for name, other in others.items():
+        with open_writer(tmp_path / name, other, mode="x") as w:
+            w.append("p1", np.zeros((3, 4), np.float32))
+        with pytest.raises(BankError, match=name):
+            merge_shards([tmp_path / "a.h5", tmp_path / name], tmp_path / "out.h5", ["p0", "p1"])
+        assert not (tmp_path / "out.h5").exists()
