@@ -385,6 +385,7 @@ def extract(config: ExtractConfig, bags: list[str] | None = None) -> ExtractSumm
     stain = make_stain_normalizer(config.stain_norm, config.stain_reference)
     source = create_source(config.source, config.input, **_source_options(config))
     all_bags = source.bag_ids()
+    assigned = bags is not None  # by a distributed run, whose rank 0 merges the shards itself
     bags = all_bags[index::count] if bags is None else list(bags)
     encoder = create_encoder(config.encoder, weights=config.weights, device=device, **encoder_options)
     cuda = encoder.device.type == "cuda"
@@ -474,7 +475,7 @@ def extract(config: ExtractConfig, bags: list[str] | None = None) -> ExtractSumm
     if failures:
         log.warning("%s: %d unreadable items (images, regions or bags) were SKIPPED, not encoded; each is named in %s",
                     out, failures, log_path)  # fmt: skip
-    if count > 1:
+    if count > 1 and not assigned:
         shards = " ".join(str(shard_path(config.out, i, count)) for i in range(count))
         log.info("shard %d/%d done; join the shards with: milcore bank merge %s --out %s", index, count, shards,
                  config.out)  # fmt: skip
