@@ -250,6 +250,9 @@ def train_fold_run(spec: RunSpec, config: TrainConfig, out: str | Path, fold: in
     out = Path(out)
     rank = detect_rank()
     if rank.distributed:  # torchrun: DDP over the ranks, rank 0 writes
+        if resume:
+            raise InvalidArgumentError("--resume: a fold trained under torchrun restarts (drop --resume, add "
+                                       "--overwrite); resuming is single-process only")  # fmt: skip
         return _train_fold_ddp(spec, config, out, fold, rank, overwrite=overwrite)
     plan = _plan(spec, config, out, overwrite=overwrite, resume=resume)
     assert plan.resolved is not None

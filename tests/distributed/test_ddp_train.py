@@ -65,3 +65,12 @@ def test_torchrun_train_needs_a_fold(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     monkeypatch.setenv("WORLD_SIZE", "2")
     rc = main(["train", "--bank", "b.h5", "--cohort", "c.csv", "--task", "dx", "--out", str(tmp_path / "x")])
     assert rc == 2 and "add --fold K" in capsys.readouterr().err
+
+
+def test_torchrun_train_refuses_resume(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rc = main(["train", "--bank", "b.h5", "--cohort", "c.csv", "--task", "dx", "--fold", "0", "--resume",
+               "--out", str(tmp_path / "x")])  # fmt: skip
+    assert rc == 2 and "single-process only" in capsys.readouterr().err
