@@ -113,7 +113,8 @@ def rank_cells(attention: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def explain_run(run: str | Path, crops: str | Path | None = None, out: str | Path | None = None,
                 top_k: int = 8, max_patients: int = 12, seed: int = 0, *, similar: int = 0,
-                similar_crops: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
+                similar_crops: str | Path | None = None, attributes: str | Path | None = None,
+                pixels: Any = None) -> dict[str, Any]:  # fmt: skip
     """Write galleries and the attention projection for a training run (or a prediction folder).
 
     Args:
@@ -127,13 +128,17 @@ def explain_run(run: str | Path, crops: str | Path | None = None, out: str | Pat
             diagnoses and characteristic cells) and the training cells closest to its top cells
             (:mod:`milcore.trust.retrieval`); 0: none.
         similar_crops: crop root of the training patients (default: the run's cohort folder when it holds them).
+        attributes: a cell table with WBCAtt-style attribute columns (``cells.csv``) or attribute heads
+            (``.json``): per patient shown, the attributes its top cells carry (:mod:`milcore.trust.concepts`).
+        pixels: a :class:`~milcore.trust.pixels.PixelConfig`: Grad-CAM / integrated-gradient overlays of the top
+            cells, scored by the pointing game on a synthetic cohort's masks; ``None``: none.
 
     Returns:
         The content of ``explain.json`` (also written, with ``explain.html`` and ``explain.md``).
     """
     out = Path(out) if out is not None else Path(run) / "explain"
     rep, summary = build_explanations(run, crops, top_k, max_patients, seed, similar=similar,
-                                      similar_crops=similar_crops)  # fmt: skip
+                                      similar_crops=similar_crops, attributes=attributes, pixels=pixels)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "explain.json").write_text(json.dumps(summary, indent=2))
     html, _ = rep.write(out, "explain")
@@ -142,8 +147,9 @@ def explain_run(run: str | Path, crops: str | Path | None = None, out: str | Pat
 
 
 def build_explanations(run: str | Path, crops: str | Path | None = None, top_k: int = 8, max_patients: int = 12,
-                       seed: int = 0, *, similar: int = 0,
-                       similar_crops: str | Path | None = None) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+                       seed: int = 0, *, similar: int = 0, similar_crops: str | Path | None = None,
+                       attributes: str | Path | None = None,
+                       pixels: Any = None) -> tuple[Any, dict[str, Any]]:  # fmt: skip
     """The explanation :class:`~milcore.report.Report` and its JSON summary (see :func:`explain_run`)."""
     from feature_cache.bank import open_reader
     from milcore.data.predictions import prediction_sources, read_attention, read_predictions
@@ -265,6 +271,15 @@ def build_explanations(run: str | Path, crops: str | Path | None = None, top_k: 
     summary["crops"] = str(crops_root) if crops_root is not None else None
     trust_sections(rep, summary, run, sources, table, [table.bag_ids[i] for i in chosen], bank, similar=similar,
                    similar_crops=similar_crops, cells_per_case=min(top_k, 4))  # fmt: skip
+    shown = [table.bag_ids[i] for i in chosen]
+    if attributes is not None:
+        from milcore.explain_cells import attribute_section
+
+        attribute_section(rep, summary, run, sources, table, shown, bank, attention, attributes, top_k)
+    if pixels is not None:
+        from milcore.explain_cells import pixel_section
+
+        pixel_section(rep, summary, run, table, shown, bank, attention, crops_root, pixels)
     return rep, summary
 
 

@@ -28,6 +28,17 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
                    "first use); refused for a bank from another encoder")  # fmt: skip
     p.add_argument("--similar-crops", default=None, metavar="ROOT",
                    help="crop root of the training patients (default: the run's cohort folder when it holds them)")
+    p.add_argument("--attributes", default=None, metavar="CELLS_CSV|HEADS.json",
+                   help="morphological attributes of each patient's top cells: a cell table with WBCAtt-style "
+                   "attribute columns (a synthetic cohort's cells.csv; heads trained on the run's bank, held-out "
+                   "macro-F1 reported, RUN/concepts.json written for the passport) or saved heads (.json)")  # fmt: skip
+    p.add_argument("--pixels", nargs="?", const="gradcam,integrated_gradients", default=None, metavar="METHODS",
+                   help="pixel explanations of the top cells (gradcam, integrated_gradients; default both) through "
+                   "encoder and aggregator, as overlays, scored by the pointing game where the synthetic masks exist; "
+                   "needs the crops and the bank's encoder (skipped with a note otherwise)")  # fmt: skip
+    p.add_argument("--pixel-cells", type=int_at_least(1), default=3, metavar="K",
+                   help="top cells explained per patient with --pixels (default 3)")
+    p.add_argument("--device", default="cpu", help="device of the pixel explanations (cpu, cuda, auto)")
     p.set_defaults(func=run)
 
 
@@ -38,8 +49,17 @@ def run(args: argparse.Namespace) -> int:
     from milcore.explain import explain_run
 
     out = Path(args.out) if args.out else Path(args.run) / "explain"
+    pixels = None
+    if args.pixels is not None:
+        from feature_cache.devices import resolve_device
+        from milcore.trust.pixels import PixelConfig
+
+        methods = tuple(m.strip() for m in args.pixels.split(",") if m.strip())
+        pixels = PixelConfig.from_dict({"methods": methods, "cells_per_patient": args.pixel_cells,
+                                        "device": str(resolve_device(args.device))})  # fmt: skip
     summary = explain_run(args.run, args.crops, out, top_k=args.top, max_patients=args.patients,
-                          similar=args.similar, similar_crops=args.similar_crops)  # fmt: skip
+                          similar=args.similar, similar_crops=args.similar_crops, attributes=args.attributes,
+                          pixels=pixels)  # fmt: skip
     log.info("explained %d patients: %s/explain.html (JSON: explain.json)", len(summary["patients"]), out)
     if summary.get("missing_crops"):
         log.warning("%d gallery tiles have no crop under %s (crossed grey tiles; listed in explain.json)",
@@ -48,6 +68,15 @@ def run(args: argparse.Namespace) -> int:
         log.info("%s", summary["abstention"]["sentence"])
     if summary.get("similar"):
         log.info("similar training cases for %d patients (explain.json: 'similar')", len(summary["similar"]))
+    if summary.get("concepts"):
+        f1 = summary["concepts"]["macro_f1"]
+        log.info("attributes of the top cells for %d patients (heads' held-out macro-F1 %s)",
+                 sum("attributes" in p for p in summary["patients"].values()), "n/a" if f1 is None else f"{f1:.3f}")
+    if summary.get("pixels"):
+        for note in summary["pixels"]["notes"]:
+            log.warning("pixels: %s", note)
+        for m, s in summary["pixels"]["pointing_game"].items():
+            log.info("pointing game (%s): %d/%d cells (%.2f)", m, s["hits"], s["cells"], s["accuracy"])
     if summary.get("partial"):
         log.warning("PARTIAL: these predictions come from an %s", summary["ensemble"])
     return 0
