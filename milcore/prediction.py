@@ -336,7 +336,7 @@ def predict(source: Any, bank_path: str | Path, *, out: str | Path | None = None
         referred = set(referral["referred_ids"])
         columns["referred"] = [int(b in referred) for b in ids]
     if out is not None:
-        _write_folder(out, overwrite, table, attention, meta, metrics, columns)
+        _write_folder(out, overwrite, table, attention, meta, metrics, columns, uncertainty)
     return PredictionRun(table, ckset, ck_task, metrics, meta, dict(zip(ids, attention, strict=True)), out,
                          uncertainty, referral)  # fmt: skip
 
@@ -379,8 +379,10 @@ def _uncertainty(table: PredictionTable, probas: list[np.ndarray], models: list,
 
 
 def _write_folder(out: Path, overwrite: bool, table: PredictionTable, attention: list[np.ndarray], meta: dict,
-                  metrics: dict | None, columns: dict[str, Any] | None = None) -> None:  # fmt: skip
-    """Write the prediction folder under a temporary name, then move it into place."""
+                  metrics: dict | None, columns: dict[str, Any] | None = None,
+                  uncertainty: Uncertainty | None = None) -> None:  # fmt: skip
+    """Write the prediction folder (and, with ``uncertainty``, its report) under a temporary name, then move it
+    into place."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -393,6 +395,11 @@ def _write_folder(out: Path, overwrite: bool, table: PredictionTable, attention:
         (tmp / "predictions.json").write_text(json.dumps(meta, indent=2))
         if metrics is not None:
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        if uncertainty is not None:
+            from milcore.trust.abstention_report import prediction_report
+
+            prediction_report(tmp, list(table.bag_ids), list(table.classes), table.proba, table.labels,
+                              uncertainty.scores, meta, metrics)  # fmt: skip
         if out.exists():
             check_out(out, overwrite)  # still allowed (nothing appeared meanwhile)
             old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -21,6 +21,7 @@ from milcore.report.caveats import (
     temperature_warnings,
 )
 from milcore.report.glossary import RUN_TERMS, UNCERTAINTY_TERMS, add_glossary
+from milcore.trust.abstention_report import uncertainty_section
 
 log = logging.getLogger(__name__)
 
@@ -126,61 +127,3 @@ def write_run_report(out: Path, metrics: dict[str, Any], table, history_of: dict
                        *(UNCERTAINTY_TERMS if metrics.get("uncertainty") else ())])  # fmt: skip
     html, md = rep.write(out, "report")
     return html, md
-
-
-def uncertainty_section(rep: Report, summary: dict[str, Any], patients: int) -> None:
-    """Risk-coverage curves, AURC against a random ranking, balanced accuracy at each coverage, and how many
-    patients a referral threshold sends for review (``metrics.json["uncertainty"]``)."""
-    scores = summary.get("scores") or {}
-    rep.heading("Uncertainty and abstention")
-    if not scores:
-        rep.paragraph("No uncertainty score could be evaluated (no labelled out-of-fold prediction).")
-        return
-    best = summary.get("best")
-    rep.paragraph("Patients ranked from most to least certain (out-of-fold). Keeping only the most certain ones and "
-                  "referring the others for manual review trades coverage for accuracy. Scores are scaled to 0 "
-                  "(certain) .. 1 (maximally uncertain); a random ranking's AURC is the error rate.")  # fmt: skip
-    coverages = list(next(iter(scores.values()))["at_coverage"])
-    rows = []
-    for name, v in scores.items():
-        rows.append([name + (" (best)" if name == best else ""), fmt(v["aurc"]), fmt(v["random_aurc"]),
-                     fmt(v["oracle_aurc"]), *[fmt(v["at_coverage"][c]["balanced_accuracy"]) for c in coverages]])
-    rep.table(["score", "AURC", "random", "ideal", *[f"BA at {float(c):.0%}" for c in coverages]], rows,
-              caption="AURC: mean error rate over all coverages (lower is better); BA: balanced accuracy of the kept "
-                      "patients at that coverage.")  # fmt: skip
-    grid = np.linspace(0.05, 1.0, 20)
-    series, ba_series = {}, {}
-    for name, v in scores.items():
-        curve = v["curve"]
-        series[name] = np.interp(grid, curve["coverage"], curve["risk"]).tolist()
-        ba_series[name] = np.interp(grid, curve["coverage"], curve["balanced_accuracy"]).tolist()
-    first = next(iter(scores.values()))
-    series["random ranking"] = [first["random_aurc"]] * len(grid)
-    rep.figure(plots.lines_figure(grid.tolist(), series, "coverage (share of patients kept)", "error rate of the kept",
-                                  "Risk-coverage"), "Error rate of the patients kept, most certain first.")  # fmt: skip
-    rep.figure(plots.lines_figure(grid.tolist(), ba_series, "coverage (share of patients kept)",
-                                  "balanced accuracy of the kept", "Balanced accuracy vs coverage"),
-               "Balanced accuracy of the patients kept, most certain first.")  # fmt: skip
-    v = scores.get(best, first)
-    name = best if best in scores else next(iter(scores))
-    lines = []
-    at80 = v["at_coverage"].get("0.8")
-    if at80:
-        k = patients - round(at80["coverage"] * patients)
-        lines.append(f"At 80% coverage by {name} (referring the patients above {fmt(at80['threshold'])}): {k} of "
-                     f"{plural(patients, 'patient')} referred for review; balanced accuracy of the rest "
-                     f"{fmt(at80['balanced_accuracy'])} (all: {fmt(v['at_coverage']['1']['balanced_accuracy'])}).")
-    for target, hit in v["coverage_for_balanced_accuracy"].items():
-        if hit is None:
-            lines.append(f"Balanced accuracy {target} is not reached at any coverage by {name}.")
-        else:
-            lines.append(f"Balanced accuracy {target}: 'milcore predict --abstain-score {name} --abstain-above "
-                         f"{hit['threshold']:.3g}' kept {hit['coverage']:.0%} here ({hit['referred']} of "
-                         f"{plural(patients, 'patient')} referred for review; balanced accuracy "
-                         f"{fmt(hit['balanced_accuracy'])}).")  # fmt: skip
-    rep.bullets(lines)
-    skipped = summary.get("skipped") or {}
-    if skipped:
-        rep.paragraph("Not computed: " + "; ".join(f"{k}: {why}" for k, why in skipped.items()) + ".", css="muted")
-    rep.paragraph("Thresholds chosen on these out-of-fold predictions are optimistic for new patients: check the "
-                  "share referred on the next cohort.", css="note")  # fmt: skip

@@ -458,6 +458,24 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return "–" if x is None else fmt(x, digits)
 
 
+#: What the abstention table of ``passport.md`` shows, for a reader without the glossary.
+UNCERTAINTY_NOTE = (
+    "Each score ranks the patients from most to least certain (0 = certain, 1 = maximally uncertain); referring "
+    "the most uncertain ones for manual review raises the balanced accuracy (BA) of the patients kept. AURC is the "
+    "mean error rate of the kept patients over all referral levels (lower is better); a random referral order gives "
+    "the random AURC. 'keep for BA ≥ x': the most patients a threshold U can keep with that BA (patients with a "
+    "score above U are referred). Measured on the out-of-fold predictions; the risk-coverage plot is in report.html."
+)
+
+
+def _reach(target: Mapping[str, Any] | None, n: int) -> str:
+    """``"52 of 60 (refer 8; U ≤ 0.412)"`` or ``"not reached"``."""
+    if not target:
+        return "not reached"
+    referred = int(target["referred"])
+    return f"{n - referred} of {n} (refer {referred}; U ≤ {float(target['threshold']):.3g})"
+
+
 def render_markdown(passport: Mapping[str, Any]) -> str:
     """``passport.md``: the passport for a reader."""
     from milcore.metrics import label
@@ -519,16 +537,17 @@ def render_markdown(passport: Mapping[str, Any]) -> str:
     unc = p["uncertainty"]
     rep.heading("Uncertainty and abstention")
     if unc["status"] == "computed" and unc["scores"]:
+        rep.paragraph(UNCERTAINTY_NOTE)
+        targets = list(dict.fromkeys(t for v in unc["scores"].values() for t in v["coverage_for_balanced_accuracy"]))
         rows = []
         for name, v in unc["scores"].items():
             at = v["at_coverage"]
-            target = next((t for t in v["coverage_for_balanced_accuracy"].values() if t), None)
-            reach = (f"{_fmt(target['coverage'], 2)} at U = {_fmt(target['threshold'])} (BA "
-                     f"{_fmt(target['target'], 2)})" if target else "not reached")  # fmt: skip
             rows.append([name + (" (best)" if name == unc["best"] else ""), _fmt(v["aurc"]), _fmt(v["random_aurc"]),
                          _fmt(at.get("1", {}).get("balanced_accuracy")),
-                         _fmt(at.get("0.8", {}).get("balanced_accuracy")), reach])  # fmt: skip
-        rep.table(["score", "AURC", "random AURC", "BA all", "BA at 80% coverage", "coverage for target BA"], rows)
+                         _fmt(at.get("0.8", {}).get("balanced_accuracy"))]
+                        + [_reach(v["coverage_for_balanced_accuracy"].get(t), v["n"]) for t in targets])  # fmt: skip
+        rep.table(["score", "AURC", "random AURC", "BA all", "BA at 80% coverage"]
+                  + [f"keep for BA ≥ {float(t):.2f}" for t in targets], rows)  # fmt: skip
         for name, why in unc["skipped"].items():
             rep.paragraph(f"{name}: not computed ({why}).", css="muted")
     else:

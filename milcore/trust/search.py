@@ -10,7 +10,9 @@ queries are L2-normalised, so the inner product is the cosine similarity.
 * ``faiss-ivf``: ``faiss.IndexIVFFlat`` (approximate: ``nlist`` k-means cells, ``nprobe`` of them searched),
   sub-linear query time for large indexes.
 * ``auto``: ``exact`` up to :data:`EXACT_MAX_VECTORS` vectors, ``faiss-ivf`` beyond (``exact`` when faiss is
-  not installed). ``benchmarks/bench_trust.py scaling`` measures where each pays off.
+  not installed). ``benchmarks/bench_trust.py scaling`` measures where each pays off: the search structure is
+  built anew each time an index is loaded, and training the IVF cells costs minutes at a few hundred thousand
+  vectors (one exact query there: about 0.1 s), so IVF only pays off for thousands of queries per load.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from feature_cache.errors import InvalidArgumentError, UserError
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "exact", "faiss", "faiss-ivf")
-#: ``auto`` searches exactly up to this many vectors (benchmarks/README.md, "Trust layer": exact numpy stays
-#: under a few ms per query there), and with faiss IVF beyond.
-EXACT_MAX_VECTORS = 200_000
+#: ``auto`` searches exactly up to this many vectors (2M x 128-d float32: 1 GB), and with faiss IVF beyond
+#: (benchmarks/README.md, "Trust layer": at 300k vectors IVF took 196 s to build, an exact query 0.11 s).
+EXACT_MAX_VECTORS = 2_000_000
 #: Query rows per block of the exact search (bounds the (Q, N) similarity block to ~256 MB at N = 250k).
 _BLOCK_BYTES = 256 << 20
 

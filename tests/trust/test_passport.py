@@ -120,3 +120,19 @@ def test_passport_of_an_unfinished_run_is_refused(run_copy: Path, capsys: pytest
     (run_copy / "metrics.json").unlink()
     assert main(["passport", str(run_copy)]) == 2
     assert "is the run finished" in capsys.readouterr().err
+
+
+def test_passport_md_says_what_each_referral_target_costs(dropout_run: Path) -> None:
+    """The abstention table names each balanced-accuracy target, the patients kept and referred, and says what
+    AURC means, so a hematologist can read it without the glossary."""
+    passport = json.loads((dropout_run / "passport.json").read_text())
+    md = (dropout_run / "passport.md").read_text()
+    section = md.split("## Uncertainty and abstention", 1)[1].split("\n## ", 1)[0]
+    assert "keep for BA ≥ 0.90" in section and "keep for BA ≥ 0.95" in section
+    assert "AURC" in section and "lower is better" in section and "report.html" in section
+    for v in passport["uncertainty"]["scores"].values():
+        n = v["n"]
+        reach = v["coverage_for_balanced_accuracy"]["0.9"]
+        if reach:
+            kept = n - reach["referred"]
+            assert f"{kept} of {n} (refer {reach['referred']}" in section

@@ -27,11 +27,13 @@ def test_exact_and_faiss_flat_find_the_true_neighbours() -> None:
     truth = _brute(x, q, 5)
     sims, idx = ExactSearch(x).search(q, 5)
     assert np.array_equal(idx, truth) and np.all(np.diff(sims, axis=1) <= 1e-6)
+    pytest.importorskip("faiss")  # the 'search' extra
     _, fidx = FaissSearch(x).search(q, 5)
     assert np.array_equal(fidx, truth)
 
 
 def test_faiss_ivf_recall_on_clustered_vectors() -> None:
+    pytest.importorskip("faiss")
     rng = np.random.default_rng(1)
     centres = rng.normal(size=(40, 32)) * 4
     x = centres[rng.integers(0, 40, 20_000)] + rng.normal(size=(20_000, 32))
@@ -52,6 +54,13 @@ def test_fewer_vectors_than_k_are_padded_and_auto_is_exact() -> None:
     assert idx[0, 0] == 0 and list(idx[0, 3:]) == [-1, -1] and np.isneginf(sims[0, 3:]).all()
     with pytest.raises(InvalidArgumentError, match="search backend"):
         make_search(x, "annoy")
+
+
+def test_auto_searches_a_million_vectors_exactly() -> None:
+    """The index is searched anew at every load: training IVF cells costs minutes where an exact query of a
+    million vectors costs a fraction of a second (benchmarks/README.md, 'Trust layer'), so auto stays exact."""
+    search = make_search(np.random.default_rng(0).normal(size=(1_000_000, 2)).astype(np.float32))
+    assert search.backend == "exact"
 
 
 # ----------------------------------------------------------------------------- the index

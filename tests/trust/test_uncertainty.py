@@ -211,6 +211,11 @@ def test_predict_refers_uncertain_patients(dropout_run: Path, planted: dict, tmp
     assert metrics["abstention"]["referred"] == k and metrics["abstention"]["accepted"]["n"] == 18 - k
     assert set(metrics["uncertainty"]["scores"]) == {"entropy", "least_confidence", "disagreement", "mc_dropout"}
     assert f"{k} of 18 patients referred for review (entropy above 0.3)" in capsys.readouterr().err
+    report = (out / "report.md").read_text()  # the prediction folder's report says how many and shows the curve
+    assert (out / "report.html").exists() and "## Referred for review" in report
+    assert f"{k} of 18 patients referred for review (entropy above 0.3)" in report
+    assert all(b in report for b in meta["abstention"]["referred_ids"])
+    assert "## Uncertainty and abstention" in report and "report_files/" in report and "out-of-fold" not in report
 
 
 @pytest.mark.parametrize(("args", "message"), [
