@@ -55,22 +55,39 @@ def _machine() -> dict[str, Any]:
     return machine_info()
 
 
-def train_supervised_encoder(npz: Path, work: Path, quick: bool, threads: int) -> Any:
+def _recipe(base: dict[str, Any], overrides: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The recipe with the command line's overrides, and a run-folder name that tells recipes apart."""
+    recipe = dict(base, **{k: v for k, v in overrides.items() if v is not None})
+    changed = "".join(f"_{k}{v}" for k, v in sorted(recipe.items()) if base.get(k) != v)
+    return recipe, changed
+
+
+def train_supervised_encoder(npz: Path, work: Path, quick: bool, threads: int, **overrides: Any) -> Any:
     """The supervised BloodMNIST encoder (resumed or reused when ``work`` already holds it)."""
     from feature_cache.encoders.train_supervised import SupervisedConfig, train_supervised
 
-    recipe = dict(SUPERVISED, epochs=1, max_cells=600) if quick else SUPERVISED
-    return train_supervised(SupervisedConfig(data=str(npz), out=str(work / ("sup_quick" if quick else "bm_compact")),
-                                             device="cpu", threads=threads, **recipe))  # fmt: skip
+    recipe, tag = _recipe(SUPERVISED, dict(overrides, epochs=1, max_cells=600) if quick else overrides)
+    return train_supervised(SupervisedConfig(data=str(npz), out=str(work / f"bm_compact{tag}"), device="cpu",
+                                             threads=threads, **recipe))  # fmt: skip
 
 
-def train_ssl_encoder(npz: Path, work: Path, quick: bool, threads: int) -> Any:
+def train_ssl_encoder(npz: Path, work: Path, quick: bool, threads: int, **overrides: Any) -> Any:
     """The SimCLR BloodMNIST encoder (train split, labels unused)."""
     from feature_cache.encoders.train_ssl import SSLConfig, train_ssl
 
-    recipe = dict(SSL, epochs=1, max_cells=300) if quick else SSL
-    return train_ssl(SSLConfig(data=str(npz), out=str(work / ("ssl_quick" if quick else "bm_simclr")), device="cpu",
-                               threads=threads, **recipe))  # fmt: skip
+    recipe, tag = _recipe(SSL, dict(overrides, epochs=1, max_cells=300) if quick else overrides)
+    return train_ssl(SSLConfig(data=str(npz), out=str(work / f"bm_simclr{tag}"), device="cpu", threads=threads,
+                               **recipe))  # fmt: skip
+
+
+def _sup(args: argparse.Namespace) -> Any:
+    return train_supervised_encoder(args.npz, args.work, args.quick, args.threads, epochs=args.epochs,
+                                    max_cells=args.max_cells, width=args.width)  # fmt: skip
+
+
+def _ssl(args: argparse.Namespace) -> Any:
+    return train_ssl_encoder(args.npz, args.work, args.quick, args.threads, epochs=args.ssl_epochs,
+                             max_cells=args.ssl_cells, width=args.width)  # fmt: skip
 
 
 def split_features(npz: Path, encoder: str, weights: Path | None, split: str, cache: Path, image_size: int = 96):
@@ -106,7 +123,7 @@ def _ci(m: dict[str, Any]) -> str:
 def bench_supervised(args: argparse.Namespace) -> tuple[dict, str]:
     """Supervised encoder vs MedMNIST's ResNet-18 vs the ImageNet probe on BloodMNIST's test split."""
     n_boot = 50 if args.quick else 1000
-    result = train_supervised_encoder(args.npz, args.work, args.quick, args.threads)
+    result = _sup(args)
     card = result.card
     xs = {s: split_features(args.npz, "compact_cnn", result.weights, s, args.cache) for s in ("train", "test")}
     own_probe = _probe(xs["train"][0], xs["train"][1], xs["test"][0], xs["test"][1], n_boot)
@@ -144,7 +161,7 @@ def bench_supervised(args: argparse.Namespace) -> tuple[dict, str]:
 def bench_ssl(args: argparse.Namespace) -> tuple[dict, str]:
     """SimCLR encoder (train split, no labels) vs ImageNet features, probed train -> test."""
     n_boot = 50 if args.quick else 1000
-    result = train_ssl_encoder(args.npz, args.work, args.quick, args.threads)
+    result = _ssl(args)
     rows = []
     for name, enc, weights in (("SimCLR compact_cnn (train split, labels unused)", "compact_cnn", result.weights),
                                ("ImageNet efficientnet_lite0 (96 px)", "efficientnet_lite0", None)):  # fmt: skip
@@ -178,9 +195,8 @@ def bench_bags(args: argparse.Namespace) -> tuple[dict, str]:
     from milcore.prediction import evaluate_predictions, predict
     from milcore.training.config import RunSpec, TrainConfig
 
-    sup = train_supervised_encoder(args.npz, args.work, args.quick, args.threads)
-    ssl = train_ssl_encoder(args.npz, args.work, args.quick, args.threads)
-    n_train, n_test, epochs = (20, 10, 2) if args.quick else (args.train_bags, args.test_bags, 40)
+    sup, ssl = _sup(args), _ssl(args)
+    n_train, n_test, epochs = (20, 10, 2) if args.quick else (args.train_bags, args.test_bags, args.bag_epochs)
     encoders = [("ImageNet efficientnet_lite0 (96 px)", "efficientnet_lite0", None),
                 ("supervised compact_cnn", "compact_cnn", sup.weights),
                 ("SimCLR compact_cnn", "compact_cnn", ssl.weights)]
@@ -267,7 +283,7 @@ def bench_sites(args: argparse.Namespace) -> tuple[dict, str]:
     from feature_cache.encoders.train_supervised import SupervisedConfig, train_supervised
 
     seeds = [0] if args.quick else list(range(args.seeds))
-    patients, per_site, epochs = (12, 300, 1) if args.quick else (120, 2000, 6)
+    patients, per_site, epochs = (12, 300, 1) if args.quick else (args.patients, args.per_site, args.site_epochs)
     conditions = {"none": (0.0, False), "hed_jitter": (0.1, False), "reinhard": (0.0, True), "both": (0.1, True)}
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -403,6 +419,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/milcore_bench_encoders"),
                         help="resumable training runs and the encoded-split cache")
     parser.add_argument("--cache", type=Path, default=None, help="ImageNet features cache (default WORK/cache)")
+    parser.add_argument("--epochs", type=int, default=None, help="supervised epochs (default: the recipe's)")
+    parser.add_argument("--max-cells", type=int, default=None, help="supervised training cells (default all)")
+    parser.add_argument("--width", type=int, default=None, help="compact_cnn width (default: the recipe's, 32)")
+    parser.add_argument("--ssl-epochs", type=int, default=None, help="SimCLR epochs (default: the recipe's)")
+    parser.add_argument("--ssl-cells", type=int, default=None, help="SimCLR training cells (default: the recipe's)")
+    parser.add_argument("--bag-epochs", type=int, default=40, help="ABMIL epochs per fold (bags)")
+    parser.add_argument("--patients", type=int, default=120, help="synthetic patients (sites)")
+    parser.add_argument("--per-site", type=int, default=2000, help="cells drawn per site (sites)")
+    parser.add_argument("--site-epochs", type=int, default=6, help="classifier epochs (sites)")
     parser.add_argument("--train-bags", type=int, default=400)
     parser.add_argument("--test-bags", type=int, default=200)
     parser.add_argument("--seeds", type=int, default=3)
