@@ -73,6 +73,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     failures = failure_lines(result)
     if failures:
         lines += ["", *failures]
+    if result.get("rare_witness"):
+        lines += ["", *rare_witness_lines(result)]
     if result.get("tuning"):
         lines += ["", tuning_budget_line(result), ""]
         headers, rows = tuning_rows(result)
@@ -80,6 +82,43 @@ def markdown_table(result: dict[str, Any]) -> str:
         lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", *peer_lines(result), "", run_line(result)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def rare_witness_lines(result: dict[str, Any]) -> list[str]:
+    """The rare-witness table (test-split bags): bag AUROC and attention instance-AUROC with CIs, gap, vs ABMIL."""
+
+    def ci(entry: dict[str, Any] | None) -> str:
+        if not entry or entry.get("mean", entry.get("difference")) is None:
+            return "n/a"
+        value = entry.get("mean", entry.get("difference"))
+        bounds = entry.get("ci95")
+        sign = "+" if "difference" in entry else ""
+        text = f"{value:{sign}.3f}"
+        return text + (f" [{bounds[0]:{sign}.3f}, {bounds[1]:{sign}.3f}]" if bounds else "")
+
+    rw, case = result["rare_witness"], result.get("case", {})
+    lo, hi = case.get("witnesses", ["?", "?"])
+    lines = [f"Rare witnesses: test-split bags ({case.get('test_bags', '?')} bags of {case.get('bag_range', ['?'])[0]}-"
+             f"{case.get('bag_range', ['?', '?'])[-1]} cells, {lo}-{hi} {case.get('witness', 'witness')} cells in a "
+             f"positive bag), models trained on {case.get('train_bags', '?')} train-split bags; mean over folds x "
+             "seeds [bootstrap 95% CI]", "",
+             "| model | bag AUROC | attention inst. AUROC | inst. - bag | bag AUROC - abmil (paired) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for m in rw["models"]:
+        gap = "n/a" if m["gap"] is None else f"{m['gap']:+.3f}"
+        lines.append(f"| {model_label(m)} | {ci(m['bag_auroc'])} | {ci(m['instance_auroc'])} | {gap} | "
+                     f"{ci(m.get('vs_abmil'))} |")  # fmt: skip
+    t = rw.get("targets", {})
+    if t:
+        within, above = t.get("bag_within_0.05_of_instance"), t.get("at_least_0.05_above_abmil")
+        parts = [f"best bag AUROC: {t['best_model']}"]
+        if within:
+            parts.append(f"its instance - bag gap {within['gap']:+.3f} ({'met' if within['met'] else 'NOT met'}: "
+                         "|gap| <= 0.05)")  # fmt: skip
+        if above:
+            parts.append(f"{above['difference']:+.3f} above abmil ({'met' if above['met'] else 'NOT met'}: >= +0.05)")
+        lines += ["", "Targets: " + "; ".join(parts)]
+    return lines
 
 
 def failure_lines(result: dict[str, Any]) -> list[str]:

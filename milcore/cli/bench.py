@@ -209,6 +209,10 @@ def _run(args: argparse.Namespace) -> int:
         from milcore.bench.suites import bloodmnist_npz
 
         args.npz = str(bloodmnist_npz(args.npz))  # before any output exists
+        if args.witnesses is not None:
+            from milcore.bench.rare_witness import check_rare_options
+
+            check_rare_options(args.witness, args.witnesses)
     out = Path(args.out) if args.out else Path("benchmarks/results") / time.strftime("%Y-%m-%d")
     _check_out(out, args.overwrite, create=args.suite != "aggregators")
     if args.suite == "aggregators":
@@ -228,7 +232,7 @@ def _run(args: argparse.Namespace) -> int:
         return max((_failed_code(r) for r in results.values()), default=0)
     if args.suite == "bloodmnist-bags":
         if args.witnesses is not None:
-            from milcore.bench.suites import rare_witness_suite
+            from milcore.bench.rare_witness import rare_witness_suite
 
             result = rare_witness_suite(out, spec, size=args.size, npz=args.npz, witness=args.witness,
                                         witnesses=args.witnesses, device=args.device)  # fmt: skip

@@ -1,0 +1,149 @@
+"""Speed of the full default aggregator benchmark, profiled one fit per model, and what each change bought.
+
+The full default benchmark (``milcore bench aggregators`` on the demo AML bank: every registered
+aggregator x 5 folds x 3 seeds, ``BENCH_TRAIN``) is projected from one measured fit per model (seed 0,
+outer fold 1) as ``15 x`` the sum of the fits' process CPU seconds; wall-clock on two idle cores with
+the benchmark's two worker processes is that over 2. In the same run, for the models named by
+``--compare`` it also trains the same fit in float32 (``amp=off``) beside ``amp=native`` (bfloat16
+autocast where the CPU has AVX512-BF16/AMX), and times TransMIL's forward + backward on real bags
+through the packed path (no padding) and the padded path (``forward_padded``), in float32 and bf16.
+
+On a machine shared with other jobs, wall-clock is inflated by the load; process CPU seconds much
+less so (they still grow somewhat with cache and memory-bandwidth contention). The load average is
+recorded before and after.
+
+Usage: ``python benchmarks/bench_speed.py --bank runs/demo/bank.h5 --cohort runs/demo/cohort/cohort.csv
+--task aml [--models a,b] [--compare abmil,transmil] [--out benchmarks/results/bench_speed]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger("bench_speed")
+
+
+def _fit(model: str, amp: str, ctx: dict[str, Any]) -> dict[str, Any]:
+    from milcore.bench.aggregators import Task, run_task
+
+    spec = ctx["spec"]
+    ctx = {**ctx, "spec": spec.replace(train=replace(spec.train, amp=amp))}
+    row = run_task(Task(model, False, 0, 0), ctx)
+    keep = ("status", "error", "cpu_s", "fit_s", "epochs_run", "best_epoch", "balanced_accuracy", "auroc",
+            "train_bags_per_s")  # fmt: skip
+    return {"model": model, "amp": amp, **{k: row.get(k) for k in keep}}
+
+
+def _transmil_paths(ctx: dict[str, Any], reps: int = 3) -> list[dict[str, Any]]:
+    """Forward + backward CPU seconds of one TransMIL batch of real bags, packed vs padded, fp32 vs bf16."""
+    from milcore.models import create_aggregator
+    from milcore.ops import to_padded
+
+    store = ctx["store"]
+    fold = ctx["folds"][0][0]
+    index = [store.bag_ids.index(b) for b in fold.train[:8]] if hasattr(store, "bag_ids") else list(range(8))
+    batch = store.gather(np.asarray(index))
+    x, ptr = batch.x.float(), batch.ptr
+    torch.manual_seed(0)
+    model = create_aggregator("transmil", in_dim=x.shape[1], num_classes=len(ctx["classes"])).train()
+    out = []
+    for dtype in (None, torch.bfloat16):
+        for path in ("packed", "padded"):
+            best = float("inf")
+            for _ in range(reps):
+                model.zero_grad()
+                t0 = time.process_time()
+                with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                    res = model(x, ptr) if path == "packed" else model.forward_padded(*to_padded(x, ptr))
+                res.logits.float().sum().backward()
+                best = min(best, time.process_time() - t0)
+            out.append({"path": path, "dtype": "bf16" if dtype else "fp32", "cpu_s": best,
+                        "bags": int(ptr.numel() - 1), "cells": int(ptr[-1])})  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from milcore.bench.aggregators import _load
+    from milcore.bench.config import BENCH_TRAIN, BenchSpec
+    from milcore.models import list_aggregators
+    from milcore.training.loop import autocast_dtype, cpu_flags
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bank", required=True)
+    p.add_argument("--cohort", required=True)
+    p.add_argument("--task", required=True)
+    p.add_argument("--models", default=None, help="comma-separated (default: every registered aggregator)")
+    p.add_argument("--compare", default="abmil,transmil", help="models also trained in float32")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="benchmarks/results/bench_speed")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    models = args.models.split(",") if args.models else list_aggregators()
+    compare = [m for m in args.compare.split(",") if m]
+    spec = BenchSpec(args.bank, args.cohort, args.task, models=tuple(models), peers=(), seeds=(0,), train=BENCH_TRAIN)
+    ctx = {"spec": spec, "tm": None, **_load(spec)}
+    load_before = list(os.getloadavg())
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    native = "bf16" if autocast_dtype("native", torch.device("cpu")) is not None else "fp32"
+    _fit("mean", "off", ctx)  # warm-up (first-touch of the bags, kernels): not counted
+    fits = []
+    for model in models:
+        fits.append(_fit(model, "native", ctx))
+        if model in compare:
+            fits.append(_fit(model, "off", ctx))
+        log.info("%s", fits[-1])
+    paths = _transmil_paths(ctx)
+    per_model = {f["model"]: f["cpu_s"] for f in fits if f["amp"] == "native" and f["cpu_s"] is not None}
+    fits_per_model = 5 * 3
+    projected_cpu = fits_per_model * sum(per_model.values())
+    fp32_model = {f["model"]: f["cpu_s"] for f in fits if f["amp"] == "off" and f["cpu_s"] is not None}
+    result = {
+        "benchmark": "speed", "bank": args.bank, "task": args.task, "threads": args.threads,
+        "native_bf16_cpu": native == "bf16", "cpu_flags": sorted(f for f in cpu_flags() if "bf16" in f or "amx" in f),
+        "fits": fits, "transmil_paths": paths,
+        "projection": {"fits": fits_per_model * len(per_model), "cpu_s": projected_cpu,
+                       "wall_s_two_idle_cores": projected_cpu / 2, "target_s": 900,
+                       "per_model_cpu_s": per_model, "per_model_fp32_cpu_s": fp32_model},
+        "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
+        "load_average_before": load_before, "load_average_after": list(os.getloadavg()),
+    }  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"| model | CPU s per fit (amp native = {native}) | CPU s fp32 | epochs | bal. acc. |",
+             "|---|---|---|---|---|"]
+    for m in models:
+        nat = next(f for f in fits if f["model"] == m and f["amp"] == "native")
+        fp = next((f for f in fits if f["model"] == m and f["amp"] == "off"), None)
+        lines.append(f"| {m} | {nat['cpu_s'] or float('nan'):.1f} | {fp['cpu_s']:.1f} | {nat['epochs_run']} | "
+                     f"{nat['balanced_accuracy'] or float('nan'):.3f} |" if fp else
+                     f"| {m} | {nat['cpu_s'] or float('nan'):.1f} | - | {nat['epochs_run']} | "
+                     f"{nat['balanced_accuracy'] or float('nan'):.3f} |")  # fmt: skip
+    lines += ["", "| TransMIL fwd+bwd, 8 real bags | fp32 CPU s | bf16 CPU s |", "|---|---|---|"]
+    for path in ("packed", "padded"):
+        v = {r["dtype"]: r["cpu_s"] for r in paths if r["path"] == path}
+        lines.append(f"| {path} | {v['fp32']:.3f} | {v['bf16']:.3f} |")
+    proj = result["projection"]
+    lines += ["", f"Projected full default benchmark ({proj['fits']} fits): {proj['cpu_s']:.0f} CPU s, "
+              f"{proj['wall_s_two_idle_cores']:.0f} s wall on 2 idle cores (target 900 s). This run: "
+              f"{result['seconds']:.0f} s wall, {result['cpu_seconds']:.0f} s CPU, load average (1 min) "
+              f"{load_before[0]:.1f} -> {result['load_average_after'][0]:.1f}"]  # fmt: skip
+    table = "\n".join(lines) + "\n"
+    (out / "bench.json").write_text(json.dumps(result, indent=1, default=float))
+    (out / "table.md").write_text(table)
+    print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
