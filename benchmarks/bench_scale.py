@@ -9,8 +9,8 @@ log-normal and clipped to a 100x range, so 30 M rows are 100,000 bags), the scri
    ranks write (synthetic features instead of encoded crops: the toy encoder would spend hours on 30 M
    crops on 2 cores and the bank does not know the difference);
 2. merges them in a fresh process with :func:`feature_cache.distributed.merge_shards` (what rank 0
-   runs): wall time and the process's peak resident memory (``ru_maxrss``); a streamed merge keeps it
-   flat in the number of rows;
+   runs): wall time, the resident memory before the merge (interpreter, imports, the bag order) and
+   its peak during the merge (``VmRSS`` sampled every 50 ms); a streamed merge keeps it flat in rows;
 3. records the merged bank's size on disk;
 4. reads ``--reads`` random whole bags in a fresh process (bags/s, rows/s, MB/s; page cache warm:
    the bank was just written and fits in memory on this machine), best of three passes;
@@ -18,7 +18,9 @@ log-normal and clipped to a 100x range, so 30 M rows are 100,000 bags), the scri
    (:class:`milcore.training.distributed.DistributedBagSampler`, ``--batch-instances`` per global
    batch), packed as ``x (N, D)`` + ``ptr`` the way training gets them: rows/s of both together.
 
-Prints a table and writes ``OUT/bench.json`` with the load average sampled around each step.
+``--bags N`` keeps the number of bags fixed (cells per bag grow with the rows) to separate what grows
+with rows from what grows with bags. Prints a table and writes ``OUT/bench.json`` with the load
+average sampled around each step.
 
 Usage:
     python benchmarks/bench_scale.py [--rows 1e6,3e6,10e6,30e6] [--dir /tmp/milcore_scale]
@@ -81,18 +83,32 @@ def write_shards(folder: Path, sizes: np.ndarray, shards: int) -> tuple[list[Pat
 
 
 CHILD_MERGE = """
-import json, resource, sys, time
+import json, resource, sys, threading, time
 sys.path.insert(0, {repo!r})
 from feature_cache.bank import open_reader
 from feature_cache.distributed import merge_shards
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
 shards, out = {shards!r}, {out!r}
 order = sorted(b for p in shards for b in open_reader(p).bag_ids())
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = rss_mb()
+peak = [before]
+done = threading.Event()
+def watch():
+    while not done.wait(0.05):
+        peak[0] = max(peak[0], rss_mb())
+threading.Thread(target=watch, daemon=True).start()
 t0 = time.perf_counter()
 merge_shards(shards, out, order)
 seconds = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"seconds": seconds, "peak_rss_mb": peak / 1024, "rss_before_merge_mb": base / 1024}}))
+done.set()
+peak[0] = max(peak[0], rss_mb())
+print(json.dumps({{"seconds": seconds, "rss_before_merge_mb": before, "peak_rss_during_merge_mb": peak[0],
+                  "merge_rss_growth_mb": peak[0] - before,
+                  "process_high_water_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
 
 CHILD_READ = """
@@ -162,6 +178,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1e6,3e6,10e6,30e6", help="comma-separated row counts")
     ap.add_argument("--mean-cells", type=int, default=300)
+    ap.add_argument("--bags", type=int, default=0,
+                    help="fixed number of bags at every scale (cells per bag grow with rows); 0: rows / --mean-cells")
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--reads", type=int, default=20000, help="random whole-bag reads per pass")
     ap.add_argument("--batch-instances", type=int, default=16384)
@@ -177,7 +195,8 @@ def main() -> int:
         folder = Path(args.dir) / f"rows{rows}"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        sizes = bag_sizes(rows, args.mean_cells, seed=rows % 1000)
+        mean = args.mean_cells if args.bags <= 0 else max(1, rows // args.bags)  # --bags: fixed bag count
+        sizes = bag_sizes(rows, mean, seed=rows % 1000)
         row = {"rows": int(sizes.sum()), "bags": len(sizes), "bag_size_min_max": [int(sizes.min()), int(sizes.max())],
                "load_before": load()}  # fmt: skip
         shards, row["write_shards_s"] = write_shards(folder, sizes, args.shards)
@@ -193,7 +212,7 @@ def main() -> int:
         row["load_after_reads"] = load()
         rows_out.append(row)
         print(f"{row['rows']:>11,} rows {row['bags']:>7,} bags: merge {row['merge']['seconds']:.1f} s, peak RSS "
-              f"{row['merge']['peak_rss_mb']:.0f} MB, bank {row['bank_bytes'] / 1e9:.2f} GB, random reads "
+              f"{row['merge']['peak_rss_during_merge_mb']:.0f} MB, bank {row['bank_bytes'] / 1e9:.2f} GB, random reads "
               f"{row['random_read']['bags_per_s']:.0f} bags/s, 2-proc input "
               f"{row['train_input_2proc']['rows_per_s']:.3g} rows/s (load {row['load_after_reads']})",
               flush=True)  # fmt: skip
@@ -201,14 +220,15 @@ def main() -> int:
         (out / "bench.json").write_text(json.dumps({"args": vars(args), "scales": rows_out,
                                                      "machine": {"cpu_count": os.cpu_count()}}, indent=2))  # fmt: skip
     base = rows_out[0]
-    print("\n| rows | bags | write shards s | merge s | merge peak RSS MB | bank GB | random bags/s | vs first | "
-          "2-proc input rows/s | load |")
+    print("\n| rows | bags | write shards s | merge s | merge RSS MB (before -> peak) | bank GB | "
+          "random bags/s | vs first | 2-proc input rows/s | load |")
     print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for r in rows_out:
         ratio = r["random_read"]["bags_per_s"] / base["random_read"]["bags_per_s"]
         r["random_read_vs_first"] = ratio
         print(f"| {r['rows']:,} | {r['bags']:,} | {r['write_shards_s']:.1f} | {r['merge']['seconds']:.1f} | "
-              f"{r['merge']['peak_rss_mb']:.0f} | {r['bank_bytes'] / 1e9:.2f} | {r['random_read']['bags_per_s']:.0f} | "
+              f"{r['merge']['rss_before_merge_mb']:.0f} -> {r['merge']['peak_rss_during_merge_mb']:.0f} | "
+              f"{r['bank_bytes'] / 1e9:.2f} | {r['random_read']['bags_per_s']:.0f} | "
               f"{ratio:.2f} | {r['train_input_2proc']['rows_per_s']:.3g} | {r['load_after_reads']} |")  # fmt: skip
     (out / "bench.json").write_text(json.dumps({"args": vars(args), "scales": rows_out,
                                                  "machine": {"cpu_count": os.cpu_count()}}, indent=2))  # fmt: skip
