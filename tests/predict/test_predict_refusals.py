@@ -182,7 +182,8 @@ def test_nan_predictions_on_disk_are_refused_by_readers(finished_run: Path, plan
                     "--cohort", str(planted["cohort"]), "--task", "dx", "-q") == 0  # fmt: skip
     lines = (out / "predictions.csv").read_text().splitlines()
     cells = lines[1].split(",")
-    cells[-1] = "nan"
+    last_prob = max(i for i, name in enumerate(lines[0].split(",")) if name.startswith("prob_"))
+    cells[last_prob] = "nan"  # a probability column (uncertainty and referral columns follow them)
     (out / "predictions.csv").write_text("\n".join([lines[0], ",".join(cells), *lines[2:]]) + "\n")
     assert main(["audit", "--run", str(out), "--cohort", str(planted["cohort"]), "--out", str(tmp_path / "a")]) == 2
     assert "non-finite probabilities" in capsys.readouterr().err
