@@ -12,7 +12,9 @@ torchmil's models are binary (one logit per bag) and take dense ``(B, N_max, D)`
 
 DSMIL trains on its bag-classifier logit plus its max-instance loss (as torchmil's ``compute_loss``) and
 predicts ``(bag + max instance) / 2`` (as its ``predict``). TransMIL takes no mask in torchmil, so bags go
-through it one at a time (padding would feed zero rows to its attention). CLAM-SB adds its instance loss
+through it one at a time (padding would feed zero rows to its attention). CLAM-SB gets the reference's
+embedding layer as its ``feat_ext`` (torchmil's default, none, leaves its instance loss unconnected to the
+attention and the bag classifier: ABMIL plus dead weight), and adds its instance loss
 (``compute_inst_loss``: smooth top-1 SVM on the top/bottom ``k_sample`` cells, classifier 0 for label-0
 bags and 1 for the others, as torchmil defines it) with weight 1 as its ``compute_loss`` does, averaged
 over bags (torchmil sums it over the batch, which would weigh it by the batch size) and given the padding
@@ -42,6 +44,9 @@ from milcore.bench import PEER_MODELS
 from milcore.models.output import MILOutput
 from milcore.ops import to_padded
 
+#: Width of the embedding layer given to torchmil's CLAM-SB (our ``clam_sb``'s default ``embed_dim``).
+CLAM_EMBED_DIM = 256
+
 
 def import_torchmil() -> Any | None:
     """``torchmil.models`` or ``None`` when torchmil is not installed (or fails to import)."""
@@ -56,7 +61,10 @@ def build_torchmil(tm: Any, name: str, in_dim: int) -> nn.Module:
 
     ABMIL: gated attention, attention dim 128, no embedding layer (Ilse et al.). TransMIL: torchmil's
     defaults (512 wide, 4 heads, Nystrom with 256 landmarks). DSMIL: attention dim 128, non-linear query.
-    CLAM-SB: gated attention, attention dim 128, ``k_sample`` 8 (CLAM's), smooth top-1 SVM instance loss.
+    CLAM-SB: ``Linear -> ReLU`` embedding of width 256 as ``feat_ext`` (the reference's ``fc`` layer at our
+    CLAM's width: without it torchmil's instance loss sees raw features and never reaches the attention
+    or the bag classifier), gated attention, attention dim 128, ``k_sample`` 8 (CLAM's), smooth top-1
+    SVM instance loss.
     DTFD-MIL: attention dim 128, 4 pseudo-bags, ``"afs"`` distillation (our defaults).
     """
     if name == "abmil":
@@ -66,7 +74,8 @@ def build_torchmil(tm: Any, name: str, in_dim: int) -> nn.Module:
     if name == "dsmil":
         return tm.DSMIL(in_shape=(in_dim,), att_dim=128, nonlinear_q=True)
     if name == "clam_sb":
-        model = tm.CLAM_SB(in_shape=(in_dim,), att_dim=128, gated=True, k_sample=8)
+        embed = nn.Sequential(nn.Linear(in_dim, CLAM_EMBED_DIM), nn.ReLU())  # the reference's fc layer
+        model = tm.CLAM_SB(in_shape=(in_dim,), att_dim=128, gated=True, k_sample=8, feat_ext=embed)
         model.inst_loss_fn = SmoothTop1SVM()  # torchmil 1.0.2's mixes rows and fails on confident ones
         return model
     if name == "dtfd":

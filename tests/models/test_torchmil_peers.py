@@ -90,3 +90,15 @@ def test_clam_peer_instance_loss_is_smooth_top1_svm_per_row_even_when_confident(
             for p in head.parameters():
                 p.mul_(100.0)
     assert torch.isfinite(model(x, ptr, labels=labels).aux_losses["instance"])
+
+
+def test_clam_peer_instance_loss_reaches_its_attention() -> None:
+    """CLAM's clustering loss trains the embedding its attention reads (Lu et al.'s shared ``fc`` layer);
+    torchmil's CLAM_SB without a ``feat_ext`` feeds it raw features, so the loss trained only its own
+    instance classifiers and the peer was ABMIL plus dead weight. The peer carries the embedding."""
+    torch.manual_seed(0)
+    model = TorchmilAggregator("clam_sb", 12, 3).train()
+    x, ptr, labels = torch.randn(45, 12), torch.tensor([0, 3, 20, 45]), torch.tensor([0, 1, 2])
+    model(x, ptr, labels=labels).aux_losses["instance"].backward()
+    embedding = model.peers[0].feat_ext
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in embedding.parameters())
