@@ -11,7 +11,8 @@ bag balanced accuracy and attention instance-AUROC against the 0.95 target, and 
 ``dtfd`` beside torchmil's (``--peers clam_sb,dtfd``) on the same folds and seeds, and checks the target
 "within the CI of its torchmil counterpart at >= 1.5x its training bags/s": the paired difference of
 balanced accuracy over (seed, fold) with its 95% bootstrap CI (a match when it contains 0) and the ratio of
-median training bags/s (``milcore.bench.aggregators.compare_peers``).
+median training bags/s (``milcore.bench.aggregators.compare_peers``), and the load-independent ratio of
+fit CPU seconds per trained bag (:func:`cpu_cost_ratio`).
 
 Usage::
 
@@ -28,6 +29,7 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -108,6 +110,9 @@ def run_peers(bench: Path) -> dict[str, Any]:
         out[name] = {**p, "within_ci": bool(lo <= 0 <= hi) if math.isfinite(lo) else None,
                      "speed_target": SPEED_TARGET, "meets_speed": p["speed_ratio"] >= SPEED_TARGET,
                      "meets_target": bool(lo <= 0 <= hi) and p["speed_ratio"] >= SPEED_TARGET}  # fmt: skip
+    for name, cost in cpu_cost_ratio(rows).items():
+        if name in out:
+            out[name]["cpu_speed_ratio"] = cost
     summary = {f"{s['impl']}:{s['model']}": s for s in data.get("summary", []) if "metrics" in s}
     return {"source": str(bench), "spec": data.get("spec"), "seconds": data.get("seconds"),
             "cpu_seconds": data.get("cpu_seconds"), "load_average_after": data.get("load_average_after"),
@@ -116,17 +121,41 @@ def run_peers(bench: Path) -> dict[str, Any]:
                 "balanced_accuracy", "auroc", "instance_auroc", "train_bags_per_s")} for k, s in summary.items()}}
 
 
+def cpu_cost_ratio(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per model with both implementations: torchmil's median fit CPU seconds per trained bag over ours.
+
+    Process CPU time does not depend on how many other jobs share the cores, so this ratio is the
+    load-independent companion of the wall-clock bags/s ratio (it counts the whole fit, validation passes
+    and calibration included, per bag of training: ``cpu_s / (epochs_run * n_train)``).
+    """
+    cost: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r.get("cpu_s") and r.get("epochs_run") and r.get("n_train"):
+            cost.setdefault((r["impl"], r["model"]), []).append(r["cpu_s"] / (r["epochs_run"] * r["n_train"]))
+    out = {}
+    for (impl, model), ours in cost.items():
+        theirs = cost.get(("torchmil", model))
+        if impl == "milcore" and theirs:
+            out[model] = statistics.median(theirs) / statistics.median(ours)
+    return out
+
+
 def peers_table(result: dict[str, Any]) -> str:
     lines = ["| model | pairs | BA ours - torchmil [95% CI] | within CI | train bags/s ours / torchmil | ratio | "
-             ">= 1.5x | target |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "CPU ratio | >= 1.5x | target |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, p in result["pairs"].items():
         lo, hi = p["difference_ci95"]
         lines.append(f"| {name} | {p['pairs']} | {p['difference_mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
                      f"{'yes' if p['within_ci'] else 'no'} | {p['train_bags_per_s_ours']:.1f} / "
                      f"{p['train_bags_per_s_theirs']:.1f} | {p['speed_ratio']:.2f}x | "
+                     f"{_ratio(p.get('cpu_speed_ratio'))} | "
                      f"{'yes' if p['meets_speed'] else 'no'} | "
                      f"{'met' if p['meets_target'] else 'not met'} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,8 @@ def test_learning_part_writes_rows_per_model_and_seed(bench, tmp_path, monkeypat
 
 def _run(impl: str, seed: int, fold: int, ba: float, rate: float) -> dict:
     return {"model": "clam_sb", "impl": impl, "seed": seed, "fold": fold, "balanced_accuracy": ba,
-            "train_bags_per_s": rate}  # fmt: skip
+            "train_bags_per_s": rate, "cpu_s": 100.0 / rate, "epochs_run": 10 if fold else 5,
+            "n_train": 20}  # fmt: skip
 
 
 def test_peers_part_judges_ci_and_speed(bench, tmp_path) -> None:
@@ -51,4 +52,6 @@ def test_peers_part_judges_ci_and_speed(bench, tmp_path) -> None:
     assert bench.main(["peers", "--bench", str(tmp_path / "bench.json"), "--out", str(tmp_path / "out")]) == 0
     pair = json.loads((tmp_path / "out" / "bench.json").read_text())["pairs"]["clam_sb"]
     assert pair["within_ci"] and pair["speed_ratio"] == pytest.approx(2.0) and pair["meets_target"]
+    assert pair["cpu_speed_ratio"] == pytest.approx(2.0)  # CPU s per trained bag: torchmil's / ours
+    assert "| 2.00x |" in (tmp_path / "out" / "table.md").read_text()
     assert bench.main(["peers", "--bench", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o2")]) == 2
