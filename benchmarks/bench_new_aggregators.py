@@ -32,6 +32,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from milcore.report.bench_io import machine_info, save_bench
 NEW = ("clam_sb", "clam_mb", "dtfd", "acmil", "rrt", "ilra", "wikg")
 TARGET = 0.95
 SPEED_TARGET = 1.5
+PEER = "torchmil:"
 TEST = Path(__file__).resolve().parents[1] / "tests" / "models" / "test_learning.py"
 
 
@@ -52,10 +54,55 @@ def _learning_module():
     return module
 
 
-def run_learning(models: list[str], seeds: list[int]) -> dict[str, Any]:
-    """BA and attention instance-AUROC of each model on the learning check, per data seed."""
+def _build(name: str, check: Any) -> torch.nn.Module:
+    """Our aggregator ``name`` at the learning check's width, or torchmil's ``torchmil:NAME`` peer."""
+    if name.startswith(PEER):
+        from milcore.bench.peers import TorchmilAggregator
+
+        model = TorchmilAggregator(name[len(PEER) :], check.D, 3)
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, check.D), torch.tensor([0, 2]))  # materialises torchmil's lazy layers
+        return model
     from milcore.models import create_aggregator
 
+    return create_aggregator(name, in_dim=check.D, num_classes=3, **check.SMALL.get(name, {"embed_dim": 64}))
+
+
+def bootstrap_ci(model: Any, x, ptr, labels, witness, resamples: int = 200) -> tuple[list[float], list[float]]:
+    """95% percentile CIs of bag balanced accuracy and attention instance-AUROC, resampling test bags.
+
+    The scores are those of ``tests/models/test_learning.py::scores`` (attention x bag size; DSMIL's
+    column of the bag's class); a resample draws bags with replacement and keeps all their cells.
+    """
+    import numpy as np
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    with torch.no_grad():
+        out = model.eval()(x, ptr)
+    pred, y = out.logits.argmax(1).numpy(), labels.numpy()
+    sizes = (ptr[1:] - ptr[:-1]).tolist()
+    att = out.attention.float()
+    index = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    if att.dim() == 2:
+        att = att[torch.arange(att.shape[0]), labels[index]]
+    cell = (att * torch.tensor(sizes, dtype=torch.float32)[index]).numpy()
+    cells = [np.arange(int(ptr[b]), int(ptr[b + 1])) for b in range(len(sizes))]
+    rng = np.random.default_rng(0)
+    bas, aus = [], []
+    warnings.filterwarnings("ignore", "y_pred contains classes not in y_true", UserWarning)
+    for _ in range(resamples):
+        bags = rng.integers(0, len(sizes), len(sizes))
+        bas.append(balanced_accuracy_score(y[bags], pred[bags]))
+        rows = np.concatenate([cells[b] for b in bags if y[b] > 0])
+        w = witness.numpy()[rows]
+        if w.any() and not w.all():
+            aus.append(roc_auc_score(w, cell[rows]))
+    ci = lambda v: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]  # noqa: E731
+    return ci(bas), ci(aus)
+
+
+def run_learning(models: list[str], seeds: list[int]) -> dict[str, Any]:
+    """BA and attention instance-AUROC (with bootstrap CIs) of each model on the learning check, per data seed."""
     check = _learning_module()
     rows = []
     for seed in seeds:
@@ -64,12 +111,14 @@ def run_learning(models: list[str], seeds: list[int]) -> dict[str, Any]:
         control = check.make_control_sampler(*train[:3])
         for name in models:
             torch.manual_seed(0)
-            model = create_aggregator(name, in_dim=check.D, num_classes=3, **check.SMALL.get(name, {"embed_dim": 64}))
+            model = _build(name, check)
             t0, cpu0 = time.perf_counter(), time.process_time()
             check.train(model, *train[:3], control=control)
             seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
             ba, auroc = check.scores(model, *test)
+            ba_ci, auroc_ci = bootstrap_ci(model, *test)
             rows.append({"model": name, "seed": seed, "balanced_accuracy": ba, "instance_auroc": auroc,
+                         "balanced_accuracy_ci95": ba_ci, "instance_auroc_ci95": auroc_ci,
                          "train_s": seconds, "train_cpu_s": cpu})  # fmt: skip
             print(f"seed {seed} {name:8s} BA {ba:.3f} instance-AUROC {auroc:.3f} ({seconds:.1f} s)", flush=True)
     summary = {}
@@ -84,14 +133,19 @@ def run_learning(models: list[str], seeds: list[int]) -> dict[str, Any]:
 
 
 def learning_table(result: dict[str, Any], seeds: list[int]) -> str:
-    head = "| model | " + " | ".join(f"seed {s}: BA / inst. AUROC" for s in seeds) + " | min BA | min AUROC | >= 0.95 |"
-    lines = [head, "|---" * (len(seeds) + 4) + "|"]
+    head = "| model | " + " | ".join(f"seed {s}: BA / inst. AUROC" for s in seeds)
+    head += f" | seed {seeds[0]} BA [95% CI] | seed {seeds[0]} inst. AUROC [95% CI] | min BA | min AUROC | >= 0.95 |"
+    lines = [head, "|---" * (len(seeds) + 6) + "|"]
     for name, s in result["summary"].items():
         cells = []
         for seed in seeds:
             r = next(r for r in result["rows"] if r["model"] == name and r["seed"] == seed)
             cells.append(f"{r['balanced_accuracy']:.3f} / {r['instance_auroc']:.3f}")
         ok = "yes" if s["meets_target_every_seed"] else "no"
+        first = next(r for r in result["rows"] if r["model"] == name and r["seed"] == seeds[0])
+        for key in ("balanced_accuracy", "instance_auroc"):
+            lo, hi = first[f"{key}_ci95"] if first[f"{key}_ci95"] else (math.nan, math.nan)
+            cells.append(f"{first[key]:.3f} [{lo:.3f}, {hi:.3f}]")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['balanced_accuracy_min']:.3f} | "
                      f"{s['instance_auroc_min']:.3f} | {ok} |")  # fmt: skip
     return "\n".join(lines)
@@ -114,11 +168,23 @@ def run_peers(bench: Path) -> dict[str, Any]:
         if name in out:
             out[name]["cpu_speed_ratio"] = cost
     summary = {f"{s['impl']}:{s['model']}": s for s in data.get("summary", []) if "metrics" in s}
-    return {"source": str(bench), "spec": data.get("spec"), "seconds": data.get("seconds"),
-            "cpu_seconds": data.get("cpu_seconds"), "load_average_after": data.get("load_average_after"),
-            "machine": data.get("machine"), "pairs": out,
-            "models": {k: {m: v["mean"] for m, v in s["metrics"].items() if m in (
-                "balanced_accuracy", "auroc", "instance_auroc", "train_bags_per_s")} for k, s in summary.items()}}
+    return {
+        "source": str(bench),
+        "spec": data.get("spec"),
+        "seconds": data.get("seconds"),
+        "cpu_seconds": data.get("cpu_seconds"),
+        "load_average_after": data.get("load_average_after"),
+        "machine": data.get("machine"),
+        "pairs": out,
+        "models": {
+            k: {
+                m: v["mean"]
+                for m, v in s["metrics"].items()
+                if m in ("balanced_accuracy", "auroc", "instance_auroc", "train_bags_per_s")
+            }
+            for k, s in summary.items()
+        },
+    }
 
 
 def cpu_cost_ratio(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -162,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = p.add_subparsers(dest="part", required=True)
     lp = sub.add_parser("learning", help="the 5%% witness learning check on several data seeds")
-    lp.add_argument("--models", default=",".join((*NEW, "abmil")), help="comma-separated aggregators")
+    lp.add_argument("--models", default=",".join((*NEW, "abmil")),
+                    help="comma-separated aggregators; torchmil:NAME for a torchmil peer")  # fmt: skip
     lp.add_argument("--seeds", default="0,1,2,3", help="data seeds (the test uses 0)")
     pp = sub.add_parser("peers", help="peer targets from a 'milcore bench aggregators' bench.json")
     pp.add_argument("--bench", required=True, type=Path, help="bench.json of a run with --peers clam_sb,dtfd")

@@ -30,11 +30,21 @@ def test_learning_part_writes_rows_per_model_and_seed(bench, tmp_path, monkeypat
     tiny.make_bags = lambda num_bags, seed: real.make_bags(9, seed)
     tiny.train = lambda model, x, ptr, labels, control=None: real.train(model, x, ptr, labels, epochs=1)
     monkeypatch.setattr(bench, "_learning_module", lambda: tiny)
-    assert bench.main(["learning", "--models", "dtfd,clam_sb", "--seeds", "0,1", "--out", str(tmp_path)]) == 0
+    models = ("dtfd", "clam_sb", "torchmil:clam_sb") if bench_peers_installed() else ("dtfd", "clam_sb")
+    assert bench.main(["learning", "--models", ",".join(models), "--seeds", "0,1", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "bench.json").read_text())
-    assert {(r["model"], r["seed"]) for r in data["rows"]} == {(m, s) for m in ("dtfd", "clam_sb") for s in (0, 1)}
-    assert set(data["summary"]) == {"dtfd", "clam_sb"} and data["target"] == 0.95
+    assert {(r["model"], r["seed"]) for r in data["rows"]} == {(m, s) for m in models for s in (0, 1)}
+    assert set(data["summary"]) == set(models) and data["target"] == 0.95
+    for r in data["rows"]:  # bootstrap CIs over test bags hold the point estimate
+        lo, hi = r["balanced_accuracy_ci95"]
+        assert lo <= r["balanced_accuracy"] <= hi
     assert "| dtfd |" in (tmp_path / "table.md").read_text()
+
+
+def bench_peers_installed() -> bool:
+    from milcore.bench.peers import import_torchmil
+
+    return import_torchmil() is not None
 
 
 def _run(impl: str, seed: int, fold: int, ba: float, rate: float) -> dict:
