@@ -25,6 +25,7 @@ import heapq
 import logging
 import os
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -198,10 +199,13 @@ def merge_shards(shards: Sequence[str | Path], out: str | Path, order: Sequence[
     return {"bags": n, "shards": [str(p) for p in shards], "output": str(out)}
 
 
-def _group(backend: str) -> Any:
-    """Join the default process group (once per process)."""
+def _group(backend: str, local_rank: int = 0) -> Any:
+    """Join the default process group (once per process); NCCL ranks first take their machine's GPU."""
+    import torch
     import torch.distributed as dist
 
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     return dist
@@ -230,7 +234,6 @@ def extract_distributed(config: Any, rank: RankInfo | None = None) -> Any:
     if device.type == "cuda" and config.device in ("auto", "cuda"):
         device_name = f"cuda:{rank.local_rank}"  # one GPU per process on its machine
         config = replace(config, device=device_name)
-    dist = _group("nccl" if device.type == "cuda" else "gloo")
     source = create_source(config.source, config.input, **_source_options(config))
     all_bags = source.bag_ids()
     if out.exists() and not journal_dir(out).exists() and not config.overwrite:
@@ -238,12 +241,21 @@ def extract_distributed(config: Any, rank: RankInfo | None = None) -> Any:
             lacking = [b for b in all_bags if b not in bank]
         if not lacking:
             log.info("%s: every bag of %s is already in the bank; nothing to do", out, config.input)
-            dist.barrier()
-            return None
+            return None  # every rank sees the same bank and returns here
         raise UserError(f"{out}: a finished bank without {len(lacking)} bag(s) of the input (e.g. {lacking[0]}); "
                         "a distributed run writes a new bank: use a new --out (or --overwrite), or extend this one "
                         "with a single-process 'milcore extract'")  # fmt: skip
     found = existing_shards(out)
+    interrupted = journal_dir(out).exists()
+    if interrupted and not found and not config.overwrite:
+        raise UserError(f"{out}: an unfinished write with no shard beside it (not a distributed run's merge): "
+                        f"finish it with 'milcore bank verify --recover {out}', or resume it with a "
+                        "single-process 'milcore extract'")  # fmt: skip
+    # every check that needs no other rank is done: join the others
+    dist = _group("nccl" if device.type == "cuda" else "gloo", rank.local_rank)
+    if interrupted and rank.main:  # a merge interrupted on rank 0: the shards are intact (deleted after a merge)
+        log.warning("%s: an interrupted merge found; it is redone from the shards", out)
+        shutil.rmtree(journal_dir(out))
     if config.overwrite:  # re-extract everything: earlier shards are not reused
         if rank.main:
             for path in (p for paths in found.values() for p in paths):
@@ -267,6 +279,7 @@ def extract_distributed(config: Any, rank: RankInfo | None = None) -> Any:
         target = out
         if config.overwrite and out.exists():
             target = out.with_name(f"{out.stem}.merging{out.suffix}")
+            _remove_bank(target)  # left by an interrupted merge
         result = merge_shards(shards, target, all_bags)
         if target != out:
             _replace_bank(target, out)
@@ -318,8 +331,6 @@ def _finish_earlier_shards(found: dict[int, list[Path]], world_size: int, source
 
 def _remove_bank(path: Path) -> None:
     """Delete a shard bank and any unfinished write of it."""
-    import shutil
-
     from feature_cache.bank.journal import journal_dir
 
     if path.is_dir():

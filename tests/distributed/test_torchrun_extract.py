@@ -99,9 +99,14 @@ def test_killed_rank_and_other_world_size_resume(cohort: Path, single: Path, tmp
         copy_bags(before, writer, [bags[3]])
         writer.abandon()  # killed: bag 3 committed to the journal, the bank not finished
     assert (out.parent / (shard_path(out, 1, 3).name + ".journal")).exists()
+    with open_reader(single) as before:  # and rank 0 died while merging: an unfinished write of the bank itself
+        writer = open_writer(out, before.info, mode="x")
+        copy_bags(before, writer, [bags[0]])
+        writer.abandon()
     done = _torchrun(cohort, out)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "earlier 3-process run" in done.stderr and "interrupted rank's shard" in done.stderr
+    assert "interrupted merge found" in done.stderr
     _same_bank(single, out)
     assert not existing_shards(out)
     again = _torchrun(cohort, out)  # a finished bank: nothing to do
@@ -125,3 +130,16 @@ def test_merge_refuses_shards_of_another_encoder_or_precision(tmp_path: Path) ->
         with pytest.raises(BankError, match=name):
             merge_shards([tmp_path / "a.h5", tmp_path / name], tmp_path / "out.h5", ["p0", "p1"])
         assert not (tmp_path / "out.h5").exists()
+
+
+def test_unfinished_bank_without_shards_is_refused(cohort: Path, single: Path, tmp_path: Path) -> None:
+    from feature_cache.distributed import extract_distributed
+
+    out = tmp_path / "bank.h5"
+    with open_reader(single) as before:
+        writer = open_writer(out, before.info, mode="x")
+        copy_bags(before, writer, [before.bag_ids()[0]])
+        writer.abandon()
+    cfg = ExtractConfig(source="crops", input=str(cohort), encoder="toy", out=str(out), num_workers=0, device="cpu")
+    with pytest.raises(UserError, match="no shard beside it"):
+        extract_distributed(cfg, RankInfo(0, 2))
