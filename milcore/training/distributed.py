@@ -13,7 +13,9 @@ the same on every rank; only rank 0 writes (checkpoints are the caller's, on ran
 
 Not supported (refused in one line): the Bag Embedding Loss, models with epoch hooks that sample
 control cells (AMiL), fp16 loss scaling. Auxiliary losses a model returns are weighted by each rank's
-share of the batch's bags (exact for per-bag means).
+share of the batch's bags (exact for per-bag means). Random draws inside a model (dropout, instance
+masking) come from each rank's own generator, so such models match single-process training in
+distribution rather than to the digit.
 """
 
 from __future__ import annotations
