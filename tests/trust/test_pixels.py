@@ -108,6 +108,7 @@ def toy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow  # synthesis, extraction and a training run: about 30 s on an idle 2-core machine
 def test_overlays_and_pointing_game_on_a_synthetic_cohort(toy_run: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     out = tmp_path / "ex"
