@@ -123,10 +123,15 @@ def test_ssl_loss_decreases_and_weights_extract(tree: Path, tmp_path: Path) -> N
     assert enc.encode(np.zeros((2, 20, 20, 3), np.uint8)).shape == (2, 32)
 
 
-def test_nt_xent_is_the_simclr_loss() -> None:
-    """pytorch-metric-learning's NTXentLoss equals the SimCLR formula written out here."""
+def test_nt_xent_is_the_simclr_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The NT-Xent loss equals the SimCLR formula written out here, whatever the views' order, without
+    pytorch-metric-learning (whose NTXentLoss needs O(batch^3) memory: 2.5 GB at a batch of 256)."""
+    import sys
+
     from feature_cache.encoders.train_ssl import nt_xent_loss
 
+    monkeypatch.setitem(sys.modules, "pytorch_metric_learning", None)  # not needed
+    monkeypatch.setitem(sys.modules, "pytorch_metric_learning.losses", None)
     torch.manual_seed(0)
     z = torch.nn.functional.normalize(torch.randn(12, 5), dim=1)
     labels = torch.arange(6).repeat(2)
@@ -135,6 +140,21 @@ def test_nt_xent_is_the_simclr_loss() -> None:
     pos = torch.cat([torch.arange(6, 12), torch.arange(6)])
     manual = torch.nn.functional.cross_entropy(sim, pos)
     torch.testing.assert_close(nt_xent_loss(0.2)(z, labels), manual, rtol=1e-5, atol=1e-5)
+    perm = torch.randperm(12)
+    torch.testing.assert_close(nt_xent_loss(0.2)(z[perm], labels[perm]), manual, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="exactly twice"):
+        nt_xent_loss(0.2)(z, torch.arange(12))
+
+
+def test_nt_xent_matches_pytorch_metric_learning() -> None:
+    losses = pytest.importorskip("pytorch_metric_learning.losses")
+    from feature_cache.encoders.train_ssl import nt_xent_loss
+
+    torch.manual_seed(1)
+    z = torch.nn.functional.normalize(torch.randn(16, 7), dim=1)
+    labels = torch.arange(8).repeat(2)
+    want = losses.NTXentLoss(temperature=0.3)(z, labels)
+    torch.testing.assert_close(nt_xent_loss(0.3)(z, labels), want, rtol=1e-5, atol=1e-5)
 
 
 def test_cli_train_from_csv_and_channels_last_path(tmp_path: Path) -> None:
