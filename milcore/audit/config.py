@@ -75,6 +75,9 @@ class AuditConfig(Config):
         min_group_size: groups with fewer patients are reported as ``insufficient`` and not tested.
         primary_metric: the metric whose gaps on single-attribute groups form the primary family of tests
             (chosen by measured power: benchmarks/README.md, "Bias audits").
+        primary_attributes: the attributes whose groups form the primary family (empty: every audited one);
+            the others' groups join the secondary family. Pre-specifying the question (e.g. ``sex``) makes
+            a smaller family, which finds smaller gaps.
         test_metrics: the metrics whose gaps are tested; with the per-class recall and FPR
             (``per_class=True``) and every intersection they form the secondary family.
         per_class: also test per-class recall (TPR) and FPR gaps.
@@ -100,6 +103,7 @@ class AuditConfig(Config):
     intersections: bool = True
     min_group_size: int = option(10, low=2)
     primary_metric: str = option("balanced_brier", choices=_metrics)
+    primary_attributes: tuple[str, ...] = option((), choices=ATTRIBUTES)
     test_metrics: tuple[str, ...] = option(("balanced_accuracy", "balanced_brier", "balanced_log_loss", "macro_f1",
                                             "auroc", "ece"), choices=_metrics)  # fmt: skip
     per_class: bool = True
@@ -114,7 +118,11 @@ class AuditConfig(Config):
     seed: int = option(0, low=0)
 
     def validate(self) -> None:
-        """Age bands are non-empty and do not overlap."""
+        """Age bands are non-empty and do not overlap; primary attributes are audited."""
+        extra = [a for a in self.primary_attributes if a not in self.attributes]
+        if extra:
+            raise InvalidArgumentError(f"primary_attributes: {', '.join(extra)} not among the audited attributes "
+                                       f"({', '.join(self.attributes)})")  # fmt: skip
         for lo, hi in self.age_bands:
             if lo > hi:
                 raise InvalidArgumentError(f"age_bands: band {lo}-{hi} is empty")

@@ -2,18 +2,18 @@
 
 Each group is compared with the rest of the patients whose attribute is known (``gap = metric(group) -
 metric(rest)``, tested by permutation within classes, see :mod:`milcore.audit.statistics`), and described
-against the overall cohort and the best group of its attribute (gaps and ratios with bootstrap CIs); a
-group without ``min_group_size`` other patients to compare with (the only site) has status
-``no_comparison``. When a class is missing from the group or from the rest, the group's comparisons use
-the classes both sides have (``classes_compared``) and the tests that cannot be run are listed with their
-reason (``skipped_tests`` of the group). Two families of tests are corrected separately, each at
-``alpha``: the *primary* family (``primary_metric`` on single-attribute groups, the pre-specified question)
-and the *secondary* family (the other metrics, per-class recall and FPR, intersections and the parity
-differences). A comparison is ``flagged`` when its corrected p-value is below ``alpha`` and the group is
-worse than the rest; every comparison carries its minimum detectable effect (``mde``: the gap its test
-would find with ``mde_power`` at the family's alpha), which the summary prints beside every primary
-verdict that is not a flag. Groups below ``min_group_size`` are ``insufficient``: shown, never tested, no
-MDE. Groups without a patient (an empty intersection) are left out and listed in ``empty_groups``.
+against the overall cohort and the best group of its attribute (gaps and ratios with bootstrap CIs); a group
+without ``min_group_size`` other patients to compare with (the only site) has status ``no_comparison``. When a
+class is missing from the group or from the rest, the group's comparisons use the classes both sides have
+(``classes_compared``) and the tests that cannot be run are listed with their reason (``skipped_tests`` of the
+group). Two families of tests are corrected separately, each at ``alpha``: the *primary* family
+(``primary_metric`` on single-attribute groups of the ``primary_attributes``, the pre-specified question) and
+the *secondary* family (the other metrics, per-class recall and FPR, intersections, the other attributes and
+the parity differences). A comparison is ``flagged`` when its corrected p-value is below ``alpha`` and the
+group is worse than the rest; every comparison carries its minimum detectable effect (``mde``: the gap its
+test would find with ``mde_power`` at the family's alpha), which the summary prints beside every primary
+verdict that is not a flag. Groups below ``min_group_size`` are ``insufficient``: shown, never tested, no MDE.
+Groups without a patient (an empty intersection) are left out and listed in ``empty_groups``.
 
 The audit also says when its answer cannot be read as reassurance (``warnings``, the rules of
 :mod:`milcore.report.caveats`): when the overall model is not distinguishable from chance, subgroup
@@ -148,7 +148,7 @@ def audit_predictions(pred: LabelledPredictions, classes: list[str], groups: Gro
                 test = tested[m]
                 entry = {
                     "group": g.name, "attribute": g.attribute, "level": g.level, "metric": m,
-                    "family": "primary" if (m == config.primary_metric and g.level == "attribute") else "secondary",
+                    "family": "primary" if _primary(g, m, config) else "secondary",
                     "n_group": g.size, "n_rest": int(g.rest.sum()),
                     "value": _num(value), "rest": _num(rest),
                     "gap": _num(value - rest), "gap_ci95": _ci(info["boot"][m] - info["rest_boot"][m], alpha),
@@ -320,6 +320,13 @@ def _why_untestable(metric: str, value: float, rest: float) -> str:
     if metric.startswith("fpr["):
         return f"no patient outside class {metric[4:-1]} in {side}"
     return f"{label(metric)} is undefined for {side}"
+
+
+def _primary(g: Subgroup, metric: str, config: AuditConfig) -> bool:
+    """Whether a comparison belongs to the primary family: the primary metric on a single-attribute group of a
+    primary attribute (every audited attribute when none is named)."""
+    return (metric == config.primary_metric and g.level == "attribute"
+            and (not config.primary_attributes or g.attribute in config.primary_attributes))  # fmt: skip
 
 
 def _other_side(g: Subgroup, members: list[Subgroup]) -> Subgroup | None:

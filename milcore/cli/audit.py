@@ -19,8 +19,8 @@ log = logging.getLogger("milcore")
 
 #: ``AuditConfig`` fields given as flags by ``audit`` and ``audit experiment`` (the rest: ``audit`` alone).
 SHARED_AUDIT_OPTIONS = ("age_bands", "min_group_size", "alpha", "n_boot", "seed")
-RUN_AUDIT_OPTIONS = ("attributes", "intersections", "n_perm", "correction", "primary_metric", "alternative",
-                     "permute_within_class", "mde_power")
+RUN_AUDIT_OPTIONS = ("attributes", "intersections", "n_perm", "correction", "primary_metric", "primary_attributes",
+                     "alternative", "permute_within_class", "mde_power")
 #: Flags named before the config convention (``milcore run`` experiments use them).
 AUDIT_FLAGS = {"min_group_size": "--min-group", "n_boot": "--boot", "n_perm": "--permutations"}
 #: ``ExperimentSpec`` fields and training options (``TrainConfig`` fields) of ``audit experiment``.

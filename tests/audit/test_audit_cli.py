@@ -144,9 +144,10 @@ def test_issue19_flags_reach_the_audit(biased, tmp_path: Path, capsys: pytest.Ca
     assert main(["-q", "audit", "--run", str(run), "--cohort", str(cohort), "--out", str(out), "--permutations",
                  "200", "--boot", "20", "--no-intersections", "--attributes", "sex", "--primary-metric",
                  "balanced_accuracy", "--alternative", "two-sided", "--no-permute-within-class",
-                 "--mde-power", "0.9"]) == 0  # fmt: skip
+                 "--mde-power", "0.9", "--primary-attributes", "sex"]) == 0  # fmt: skip
     audit = json.loads((out / "audit.json").read_text())
     assert audit["config"]["mde_power"] == 0.9 and audit["config"]["permute_within_class"] is False
+    assert audit["config"]["primary_attributes"] == ["sex"]
     f = next(c for c in audit["comparisons"] if c["group"] == "sex=F" and c["family"] == "primary")
     assert f["metric"] == "balanced_accuracy" and f["alternative"] == "two-sided"
     assert audit["families"]["primary"]["tests"] == 1  # two-sided: one test for the two sexes
@@ -154,3 +155,8 @@ def test_issue19_flags_reach_the_audit(biased, tmp_path: Path, capsys: pytest.Ca
                  "--alternative", "less"]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert any("--alternative" in line and "worse" in line for line in err)
+    assert main(["-q", "audit", "--run", str(run), "--cohort", str(cohort), "--out", str(tmp_path / "bad2"),
+                 "--attributes", "sex", "--primary-attributes", "age"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "primary_attributes" in err[0] and "age" in err[0]
+    assert not (tmp_path / "bad2").exists()  # refused before anything was written

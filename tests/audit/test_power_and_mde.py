@@ -156,3 +156,31 @@ def test_mde_is_capped_by_the_metric_range() -> None:
     assert f["mde"] is None and "no gap within the metric's range" in f["mde_note"]
     line = next(q["text"] for q in audit["summary"]["not_flagged"] if q["group"] == "sex=F")
     assert "a gap of any size could go unseen" in line
+
+
+def test_a_pre_specified_primary_attribute_makes_a_smaller_family() -> None:
+    """primary_attributes=("sex",): the age bands' tests move to the secondary family, the primary family holds
+    the two one-sided sex tests (so each passes at alpha / 2, not alpha / 7); naming an attribute not audited
+    is a one-line error."""
+    from feature_cache.errors import InvalidArgumentError
+
+    rng = np.random.default_rng(6)
+    n = 300
+    y = rng.integers(0, 4, n)
+    proba = rng.dirichlet(np.ones(4), n)
+    proba[np.arange(n), y] += 0.8
+    proba /= proba.sum(1, keepdims=True)
+    cols = {"sex": rng.choice(["F", "M"], n).astype(object), "age": rng.integers(20, 86, n).astype(str).astype(object)}
+    runs = {}
+    for primary in ((), ("sex",)):
+        cfg = AuditConfig(attributes=("sex", "age"), primary_attributes=primary, **(FAST | {"per_class": False}))
+        runs[primary] = audit_predictions(LabelledPredictions(y, proba), CLASSES, build_groups(cols, n, cfg), cfg)
+    every, sex = runs[()], runs[("sex",)]
+    assert every["families"]["primary"]["tests"] == 6  # 2 sexes + 4 testable age bands
+    assert sex["families"]["primary"]["tests"] == 2
+    assert {c["attribute"] for c in sex["comparisons"] if c["family"] == "primary"} == {"sex"}
+    f_all, f_sex = _row(every, "sex=F", "balanced_brier"), _row(sex, "sex=F", "balanced_brier")
+    assert f_sex["mde"] < f_all["mde"]  # a smaller family detects smaller gaps
+    assert all(q["group"].startswith("sex=") for q in sex["summary"]["not_flagged"])
+    with pytest.raises(InvalidArgumentError, match="primary_attributes"):
+        AuditConfig(attributes=("sex",), primary_attributes=("age",))
