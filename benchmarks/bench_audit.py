@@ -13,12 +13,15 @@ its cells are pooled by kind (each class's diagnostic cells, using ``cells.csv``
 and every seed draws new patients exactly as ``milcore synth`` does (balanced classes, random sex, age
 N(58, 16), log-normal bag sizes and diagnostic-cell rates; ``--bias sex=F:FACTOR`` scales the female
 diseased patients' diagnostic-cell rate), writes a bank and a cohort table, cross-validates ABMIL with
-``train_run`` and audits the out-of-fold predictions with ``audit_run``. A seed "flags" when the primary
-family (balanced accuracy, single-attribute groups, Holm) flags ``sex=F``; any other primary or
-secondary flag is counted as well.
+``train_run`` and audits the out-of-fold predictions. A seed "flags" when the primary family (the
+test's primary metric on the single-attribute groups of the primary attributes, Holm) flags ``sex=F``;
+any other primary or secondary flag is counted as well. ``stats`` does the same on simulated labelled
+predictions (the statistics level: no training), which is what the issue-19 grid in benchmarks/README.md
+is.
 
     python benchmarks/bench_audit.py power --out runs/bench_audit            # train (resumable), audit old and new
     python benchmarks/bench_audit.py stats --out runs/bench_audit_stats      # the statistics alone, by cohort size
+                                                                             # (--primary-attributes sex: sex primary)
     python benchmarks/bench_audit.py experiment --out runs/bench_audit_exp   # time 'milcore audit experiment'
 """
 
@@ -142,8 +145,9 @@ def candidate_family(audit: dict, metric: str, group: str = "sex=F") -> dict:
     from milcore.audit.statistics import adjust_pvalues, minimum_detectable_effect
 
     config = audit["config"]
+    primary = config.get("primary_attributes") or config["attributes"]
     rows = [c for c in audit["comparisons"] if c["metric"] == metric and c["level"] == "attribute"
-            and c["p_value"] is not None]  # fmt: skip
+            and c["attribute"] in primary and c["p_value"] is not None]  # fmt: skip
     keys: dict[str, float] = {}
     for r in rows:
         keys.setdefault(r["test_key"], r["p_value"])
@@ -334,6 +338,7 @@ def stats(args: argparse.Namespace) -> int:
     rows = []
     classes = [f"c{i}" for i in range(5)]
     attributes = tuple(args.attributes.split(","))
+    primary = tuple(args.primary_attributes.split(",")) if args.primary_attributes else ()
     for model in args.models:
         for n in args.patients:
             for gap in args.gaps:
@@ -344,7 +349,8 @@ def stats(args: argparse.Namespace) -> int:
                     pred = LabelledPredictions(y, proba)
                     groups = build_groups(cols, n, AuditConfig(attributes=attributes, intersections=False))
                     r = audit_both(pred, classes, groups, seed, attributes=attributes, intersections=False,
-                                   per_class=False, n_boot=args.boot, n_perm=args.permutations)  # fmt: skip
+                                   per_class=False, n_boot=args.boot, n_perm=args.permutations,
+                                   primary_attributes=primary)  # fmt: skip
                     r["gap_F_minus_M"] = weighted_ba(pred, cols["sex"] == "F")
                     per_seed.append(r)
                 row = {"level": "statistics (simulated predictions)", "model": model, "patients": n,
@@ -355,7 +361,7 @@ def stats(args: argparse.Namespace) -> int:
                 rows.append(row)
                 log.info("%s", row)
     lines = [f"audit statistics alone (simulated predictions, 5 classes, men {BASE_ACCURACY:.0%} correct; audited by "
-             f"{args.attributes}; {args.seeds} seeds per row)", "",
+             f"{args.attributes}, primary {args.primary_attributes or 'all'}; {args.seeds} seeds per row)", "",
              "| level | model | patients | planted gap | observed BA gap | " + " | ".join(_COLUMNS)
              + " | MDE bal. acc. | MDE bal. Brier | MDE bal. log-loss |",
              "|---|---|---:|---:|---:|" + "---:|" * (len(_COLUMNS) + 3)]  # fmt: skip
@@ -416,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--boot", type=int, default=50, help="bootstrap resamples (CIs are not used here)")
     st.add_argument("--permutations", type=int, default=2000)
     st.add_argument("--attributes", default="sex,age", help="audited columns (the primary family's groups)")
+    st.add_argument("--primary-attributes", default="", help="pre-specified primary attributes (default: all)")
     st.add_argument("--threads", type=int, default=1)
     st.set_defaults(func=stats)
     e = sub.add_parser("experiment")
