@@ -584,8 +584,11 @@ def _mde_range(quiet: list[dict[str, Any]], config: AuditConfig) -> str:
         span = (f"{format_gap(lo['metric'], lo['mde'])} ({lo['group']})" if lo["mde"] == hi["mde"] else
                 f"{format_gap(lo['metric'], lo['mde'])} ({lo['group']}) to {format_gap(hi['metric'], hi['mde'])} "
                 f"({hi['group']})")  # fmt: skip
+        ba = [c["mde_balanced_accuracy"] for c in sized if c.get("mde_balanced_accuracy") is not None]
+        in_ba = (f" (about {100 * min(ba):.1f} to {100 * max(ba):.1f} points of balanced accuracy, if the model's "
+                 "confidence in the true class fell evenly)") if ba else ""  # fmt: skip
         parts.append(f"with {config.mde_power:.0%} power the primary tests find a {label(config.primary_metric)} "
-                     f"{worse} by {span}, and smaller gaps could go unseen")  # fmt: skip
+                     f"{worse} by {span}{in_ba}, and smaller gaps could go unseen")  # fmt: skip
     if unsized:
         parts.append(f"for {', '.join(unsized)} no gap within the metric's range is found with "
                      f"{config.mde_power:.0%} power")  # fmt: skip

@@ -138,6 +138,10 @@ def test_every_primary_verdict_that_is_not_a_flag_carries_its_mde() -> None:
     small, big = min(sizes.values()), max(sizes.values())
     assert small[1] > big[1]  # smaller groups: larger detectable gaps
     assert "not evidence of fairness" in audit["summary"]["headline"]
+    # a Brier score MDE means little to a reader: the headline also gives it in balanced-accuracy points
+    ba = [c["mde_balanced_accuracy"] for c in quiet if c.get("mde_balanced_accuracy") is not None]
+    assert ba and f"{100 * min(ba):.1f} to {100 * max(ba):.1f} points of balanced accuracy" in (
+        audit["summary"]["headline"])
     tiny = next(g for g in audit["groups"] if g["name"] == "age=87-130")
     assert tiny["status"] == "insufficient" and not any(c["group"] == "age=87-130" for c in audit["comparisons"])
     assert not any(q["group"] == "age=87-130" for q in audit["summary"]["not_flagged"])
