@@ -72,6 +72,29 @@ def _transmil_paths(ctx: dict[str, Any], reps: int = 3) -> list[dict[str, Any]]:
     return out
 
 
+def attention_forms(lengths: tuple[int, ...] = (200, 600, 1500), reps: int = 5) -> list[dict[str, Any]]:
+    """Forward + backward CPU seconds of exact attention of one 8-head, 64-d bag: plain products vs the fused
+    kernel (``scaled_dot_product_attention``), float32 and bfloat16 (what ``EXPLICIT_MAX_TOKENS`` decides)."""
+    import torch.nn.functional as F
+
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for n in lengths:
+            q, k, v = (torch.randn(1, 8, n, 64, dtype=dtype, requires_grad=True) for _ in range(3))
+            for name in ("plain", "fused"):
+                best = float("inf")
+                for _ in range(reps):
+                    t0 = time.process_time()
+                    if name == "plain":
+                        res = ((q @ k.transpose(-1, -2)) * 0.125).softmax(-1) @ v
+                    else:
+                        res = F.scaled_dot_product_attention(q, k, v)
+                    res.float().sum().backward()
+                    best = min(best, time.process_time() - t0)
+                out.append({"dtype": str(dtype).removeprefix("torch."), "tokens": n, "form": name, "cpu_s": best})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from milcore.bench.aggregators import _load
     from milcore.bench.config import BENCH_TRAIN, BenchSpec
@@ -79,16 +102,30 @@ def main(argv: list[str] | None = None) -> int:
     from milcore.training.loop import autocast_dtype, cpu_flags
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bank", required=True)
-    p.add_argument("--cohort", required=True)
-    p.add_argument("--task", required=True)
+    p.add_argument("--bank")
+    p.add_argument("--cohort")
+    p.add_argument("--task")
     p.add_argument("--models", default=None, help="comma-separated (default: every registered aggregator)")
     p.add_argument("--compare", default="abmil,transmil", help="models also trained in float32")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/bench_speed")
+    p.add_argument("--attention-only", action="store_true", help="only the exact-attention forms (seconds)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
+    if args.attention_only:
+        rows = attention_forms()
+        load = list(os.getloadavg())
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "attention.json").write_text(json.dumps({"rows": rows, "threads": args.threads,
+                                                                   "load_average": load}, indent=1))  # fmt: skip
+        lines = ["| dtype | tokens | plain CPU s | fused CPU s |", "|---|---|---|---|"]
+        for r in rows[::2]:
+            fused = next(x for x in rows if x["dtype"] == r["dtype"] and x["tokens"] == r["tokens"]
+                         and x["form"] == "fused")  # fmt: skip
+            lines.append(f"| {r['dtype']} | {r['tokens']} | {r['cpu_s']:.4f} | {fused['cpu_s']:.4f} |")
+        print("\n".join(lines) + f"\nload average (1 min) {load[0]:.1f}")
+        return 0
     models = args.models.split(",") if args.models else list_aggregators()
     compare = [m for m in args.compare.split(",") if m]
     spec = BenchSpec(args.bank, args.cohort, args.task, models=tuple(models), peers=(), seeds=(0,), train=BENCH_TRAIN)

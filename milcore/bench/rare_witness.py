@@ -171,7 +171,7 @@ def rare_witness_suite(out: str | Path, template: BenchSpec, size: str = "cpu", 
     """
     from milcore.bench.aggregators import run_benchmark
     from milcore.bench.report import write_outputs
-    from milcore.bench.suites import BLOODMNIST_NPZ, _extract, bloodmnist_npz
+    from milcore.bench.suites import BLOODMNIST_NPZ, bloodmnist_npz
 
     if size not in RARE_SIZES:
         raise InvalidArgumentError(f"unknown suite size {size!r} (choose from {', '.join(RARE_SIZES)})")
@@ -187,12 +187,12 @@ def rare_witness_suite(out: str | Path, template: BenchSpec, size: str = "cpu", 
         parts[split] = make_rare_witness_bags(npz, out / f"bags_{split}", split, cfg[f"{split}_bags"], witness,
                                               witnesses, bag_range, seed)  # fmt: skip
     bank = out / "bank.h5"
-    _extract("bloodmnist", parts["train"], bank, cfg["encoder"], cfg["image_size"], device)
     from feature_cache.extract import ExtractConfig, extract
 
     options = {"image_size": cfg["image_size"]} if cfg["image_size"] else {}
-    extract(ExtractConfig(source="bloodmnist", input=str(parts["test"]), encoder=cfg["encoder"], out=str(bank),
-                          device=device, encoder_options=options))  # appended: the test split's bags  # fmt: skip
+    for split in ("train", "test"):  # one bank; a rerun resumes (every stored bag's origin is checked first)
+        extract(ExtractConfig(source="bloodmnist", input=str(parts[split]), encoder=cfg["encoder"], out=str(bank),
+                              device=device, encoder_options=options))  # fmt: skip
     cohort = _concat_csv([parts[s] / "cohort.csv" for s in ("train", "test")], out / "cohort.csv")
     cells = _concat_csv([parts[s] / "cells.csv" for s in ("train", "test")], out / "cells.csv")
     spec = replace(template, bank=str(bank), cohort=str(cohort), task="left_shift", ood_site="test",

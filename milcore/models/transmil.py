@@ -154,11 +154,12 @@ class _AttentionLayer(nn.Module):
 
 #: Largest bag (tokens) whose exact attention is computed as ``softmax(q k^T) v`` in plain matrix products
 #: rather than by the fused kernel, per compute dtype. Forward + backward of one 8-head, 64-d bag on one
-#: CPU thread (``/tmp``-free microbenchmark, see ``benchmarks/README.md``, TransMIL speed): in bfloat16
-#: the plain products are 2.9x faster at 600 tokens and even at 2,048 (0.29 vs 0.30 s); in float32 the
-#: fused kernel wins from about 170 tokens (600: 0.031 vs 0.054 s). The plain form stores the
-#: ``(H, L, L)`` weights for the backward pass, so it is kept below 2,048 tokens.
-EXPLICIT_MAX_TOKENS = {torch.bfloat16: 2048, torch.float16: 2048, torch.float32: 160}
+#: CPU thread (``python benchmarks/bench_speed.py --attention-only``; ``benchmarks/README.md``, issue 18
+#: speed): in bfloat16 the plain products are 2.9x faster at 600 tokens (0.011 vs 0.033 s) and the fused
+#: kernel is ahead again at 1,500 (0.163 vs 0.142 s); in float32 they tie at 200 tokens and the fused
+#: kernel wins above (600: 0.035 vs 0.031 s). The plain form also stores the ``(H, L, L)`` weights for
+#: the backward pass.
+EXPLICIT_MAX_TOKENS = {torch.bfloat16: 1024, torch.float16: 1024, torch.float32: 160}
 
 
 def _exact_attention(q: Tensor, k: Tensor, v: Tensor, dropout: float) -> Tensor:
