@@ -212,10 +212,10 @@ def bench_bags(args: argparse.Namespace) -> tuple[dict, str]:
             for s in ("train", "test"):
                 x, y, info = split_features(args.npz, enc, weights, s, args.cache)
                 banks[s] = write_bag_bank(folders[s], x, y, info, work / f"{s}_{i}.h5")
-            spec = RunSpec(str(banks["train"]), str(folders["train"] / "cohort.csv"), "left_shift", folds=5,
+            spec = RunSpec(str(banks["train"]), str(folders["train"] / "cohort.csv"), "left_shift", folds=args.folds,
                            seed=args.seed, n_boot=200)  # fmt: skip
             config = TrainConfig(model="abmil", epochs=epochs, seed=args.seed, model_args={"dropout": MODEL_DROPOUT},
-                                 **RECIPE)  # fmt: skip
+                                 num_workers=args.num_workers, **RECIPE)  # fmt: skip
             run = work / f"run_{i}"
             cv = train_run(spec, config, run, overwrite=True).metrics
             checkpoints = sorted(p.parent for p in run.glob("fold_*/checkpoint.json"))
@@ -228,8 +228,8 @@ def bench_bags(args: argparse.Namespace) -> tuple[dict, str]:
                          "seconds": time.perf_counter() - t0})  # fmt: skip
     out = {"benchmark": "encoders_bags", "setup": {"train_bags": n_train, "test_bags": n_test, "epochs": epochs,
            "witness": "immature_granulocyte 5%", "bag_size": "50-400", "model": "abmil", "recipe": RECIPE,
-           "seed": args.seed}, "rows": rows, "targets": {"test_auroc": 0.95, "test_instance_auroc": 0.9},
-           "quick": args.quick}  # fmt: skip
+           "folds": args.folds, "seed": args.seed}, "rows": rows,
+           "targets": {"test_auroc": 0.95, "test_instance_auroc": 0.9}, "quick": args.quick}  # fmt: skip
     lines = ["| features | CV AUROC | test bag AUROC [95% CI] | test bal. acc. | test instance-AUROC |",
              "|---|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
@@ -428,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patients", type=int, default=120, help="synthetic patients (sites)")
     parser.add_argument("--per-site", type=int, default=2000, help="cells drawn per site (sites)")
     parser.add_argument("--site-epochs", type=int, default=6, help="classifier epochs (sites)")
+    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (bags)")
+    parser.add_argument("--num-workers", type=int, default=2, help="bag loader workers (bags)")
     parser.add_argument("--train-bags", type=int, default=400)
     parser.add_argument("--test-bags", type=int, default=200)
     parser.add_argument("--seeds", type=int, default=3)
