@@ -3,8 +3,9 @@
 ``targets``: per seed, a training cohort and a held-out cohort are drawn at the feature level from one
 extracted synthetic AML bank (``morphology`` encoder; cells pooled by kind exactly as
 ``benchmarks/bench_audit.py`` does, diagnostic-cell rates log-normal around 0.06, bag sizes around 100).
-ABMIL (dropout 0.25, so MC-dropout is available; standardised inputs) is cross-validated on the training
-cohort with ``train_run`` (5 folds); the run's fold ensemble predicts the held-out cohort with ``predict``
+ABMIL (dropout 0.25, so MC-dropout is available; standardised inputs; 15 epochs) is cross-validated on the
+120-patient training cohort with ``train_run`` (5 folds); the run's fold ensemble predicts the 100 held-out
+patients with ``predict``
 (entropy, least confidence, fold-ensemble disagreement, MC-dropout); the run's similar-case index retrieves
 the 5 most similar training patients of every held-out patient. Measured per seed:
 
@@ -20,7 +21,7 @@ classifier.
 the index size, with the IVF recall@10 against the exact neighbours, on clustered random vectors.
 
     python benchmarks/bench_trust.py targets --out runs/bench_trust --seeds 5
-    python benchmarks/bench_trust.py scaling --out runs/bench_trust_scaling --sizes 1000,10000,100000,1000000
+    python benchmarks/bench_trust.py scaling --out runs/bench_trust_scaling --sizes 1000,10000,100000,300000
 """
 
 from __future__ import annotations
@@ -267,12 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("targets")
     t.add_argument("--out", default="runs/bench_trust")
     t.add_argument("--seeds", type=int, default=5)
-    t.add_argument("--train-patients", type=int, default=300)
-    t.add_argument("--test-patients", type=int, default=200)
-    t.add_argument("--epochs", type=int, default=25)
+    t.add_argument("--train-patients", type=int, default=120)
+    t.add_argument("--test-patients", type=int, default=100)
+    t.add_argument("--epochs", type=int, default=15)
     t.add_argument("--dropout", type=float, default=0.25)
     t.add_argument("--folds", type=int, default=5)
-    t.add_argument("--patience", type=int, default=6)
+    t.add_argument("--patience", type=int, default=5)
     t.add_argument("--base-patients", type=int, default=100)
     t.add_argument("--base-seed", type=int, default=100)
     t.add_argument("--threads", type=int, default=2)
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("scaling")
     s.add_argument("--out", default="runs/bench_trust_scaling")
     s.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")],
-                   default=[1000, 10_000, 100_000, 1_000_000])  # fmt: skip
+                   default=[1000, 10_000, 100_000, 300_000])  # fmt: skip
     s.add_argument("--dim", type=int, default=128)
     s.add_argument("--queries", type=int, default=200)
     s.add_argument("--threads", type=int, default=2)

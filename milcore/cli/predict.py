@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                  result.referral["sentence"], args.out)  # fmt: skip
     if result.checkpoints.partial:
         log.warning("PARTIAL: these predictions come from an %s", result.checkpoints.describe())
-    log.info("wrote %s/predictions.csv, attention.h5 and predictions.json", args.out)
+    log.info("wrote %s/predictions.csv, attention.h5, predictions.json and report.html", args.out)
     if result.metrics is not None:
         m, v = result.metrics, result.metrics["metrics"]
         inst = f", instance-AUROC {m['instance']['instance_auroc']:.3f}" if "instance" in m else ""
