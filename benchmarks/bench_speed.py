@@ -135,11 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     native = "bf16" if autocast_dtype("native", torch.device("cpu")) is not None else "fp32"
     _fit("mean", "off", ctx)  # warm-up (first-touch of the bags, kernels): not counted
     fits = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for model in models:
-        fits.append(_fit(model, "native", ctx))
-        if model in compare:
-            fits.append(_fit(model, "off", ctx))
-        log.info("%s", fits[-1])
+        for amp in ("native", "off") if model in compare else ("native",):
+            fits.append(_fit(model, amp, ctx))
+            log.info("%s", fits[-1])
+            (out / "fits.partial.json").write_text(json.dumps(fits, indent=1, default=float))  # survives a kill
     paths = _transmil_paths(ctx)
     per_model = {f["model"]: f["cpu_s"] for f in fits if f["amp"] == "native" and f["cpu_s"] is not None}
     fits_per_model = 5 * 3
@@ -155,8 +157,6 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
         "load_average_before": load_before, "load_average_after": list(os.getloadavg()),
     }  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     lines = [f"| model | CPU s per fit (amp native = {native}) | CPU s fp32 | epochs | bal. acc. |",
              "|---|---|---|---|---|"]
     for m in models:
