@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from feature_cache.errors import UserError
+from milcore.explain_cells import montage, rank_cells
 
 log = logging.getLogger(__name__)
 
@@ -29,22 +30,6 @@ def find_crop(root: Path, bag_id: str, cell_id: str) -> Path | None:
         if p.exists():
             return p
     return None
-
-
-def montage(images: list[np.ndarray], ncols: int = 8, size: int = 64, pad: int = 2) -> np.ndarray:
-    """Tile RGB crops (resized to ``size``) into one (H, W, 3) uint8 image on a white background."""
-    from PIL import Image
-
-    n = max(len(images), 1)
-    rows = (n + ncols - 1) // ncols
-    cols = min(n, ncols)
-    out = np.full((rows * (size + pad) + pad, cols * (size + pad) + pad, 3), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        tile = np.asarray(Image.fromarray(np.asarray(img, dtype=np.uint8)).convert("RGB").resize((size, size)))
-        r, c = divmod(i, ncols)
-        y, x = pad + r * (size + pad), pad + c * (size + pad)
-        out[y : y + size, x : x + size] = tile
-    return out
 
 
 def _missing_tile(size: int) -> np.ndarray:
@@ -102,13 +87,6 @@ def gallery_tiles(root: Path, cells: list[tuple[str, str]], title: str, *, expli
         log.warning("%s: %d of %d crops MISSING in the gallery '%s' (drawn as crossed grey tiles), e.g. %s", root,
                     len(missing), len(cells), title, ", ".join(missing[:3]))  # fmt: skip
     return [im if im is not None else _missing_tile(size) for im in images], missing
-
-
-def rank_cells(attention: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the ``k`` highest- and ``k`` lowest-attention cells (highest first / lowest first)."""
-    a = attention if attention.ndim == 1 else attention.mean(axis=1)
-    order = np.argsort(-a, kind="stable")
-    return order[:k], order[::-1][:k]
 
 
 def explain_run(run: str | Path, crops: str | Path | None = None, out: str | Path | None = None,

@@ -1,6 +1,8 @@
 """The cell-level trust sections of ``milcore explain``: morphological attributes of the top cells
 (:mod:`milcore.trust.concepts`) and pixel-level overlays scored by the pointing game
-(:mod:`milcore.trust.pixels`, :mod:`milcore.trust.pixel_run`)."""
+(:mod:`milcore.trust.pixels`, :mod:`milcore.trust.pixel_run`); and the two cell helpers both these sections
+and the galleries of :mod:`milcore.explain` use (``montage``, ``rank_cells``), kept here so that ``explain``
+sits above this module and no import runs the other way."""
 
 from __future__ import annotations
 
@@ -11,6 +13,29 @@ from typing import Any
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+
+def montage(images: list[np.ndarray], ncols: int = 8, size: int = 64, pad: int = 2) -> np.ndarray:
+    """Tile RGB crops (resized to ``size``) into one (H, W, 3) uint8 image on a white background."""
+    from PIL import Image
+
+    n = max(len(images), 1)
+    rows = (n + ncols - 1) // ncols
+    cols = min(n, ncols)
+    out = np.full((rows * (size + pad) + pad, cols * (size + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        tile = np.asarray(Image.fromarray(np.asarray(img, dtype=np.uint8)).convert("RGB").resize((size, size)))
+        r, c = divmod(i, ncols)
+        y, x = pad + r * (size + pad), pad + c * (size + pad)
+        out[y : y + size, x : x + size] = tile
+    return out
+
+
+def rank_cells(attention: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the ``k`` highest- and ``k`` lowest-attention cells (highest first / lowest first)."""
+    a = attention if attention.ndim == 1 else attention.mean(axis=1)
+    order = np.argsort(-a, kind="stable")
+    return order[:k], order[::-1][:k]
 
 
 def attribute_section(rep: Any, summary: dict[str, Any], run: Path, sources: dict[str, Any], table: Any,
@@ -24,7 +49,6 @@ def attribute_section(rep: Any, summary: dict[str, Any], run: Path, sources: dic
         source: a cell table with attribute columns (heads trained on the run's bags) or a heads ``.json``.
         top_k: top-attention cells described per patient.
     """
-    from milcore.explain import rank_cells
     from milcore.report.files import write_json_atomic
     from milcore.trust.concepts import concepts_json, describe_top_cells, load_or_fit_heads
 
@@ -84,8 +108,6 @@ def pixel_section(rep: Any, summary: dict[str, Any], run: Path, table: Any, show
         rep.table(["method", "cells", "pointing-game accuracy", "chance (centre)", "chance (random point)"],
                   [[METHOD_LABELS[m], s["cells"], f"{s['accuracy']:.2f}", f"{s['chance_centre']:.2f}",
                     f"{s['chance_random_point']:.2f}"] for m, s in pg.items()])  # fmt: skip
-    from milcore.explain import montage
-
     for b, cells in result.by_bag().items():
         tiles = []
         for c in cells:
