@@ -109,7 +109,7 @@ def test_valid_experiments_load_exactly_and_one_bad_key_is_named(steps: list, ou
     name, argvs = result
     assert name == "fuzz" and argvs == [_expected(c, o, out) for c, o in steps]
     i = data.draw(st.integers(0, len(steps) - 1))
-    bad = data.draw(st.sampled_from(["epoch", "fold", "bogus_key", "cohorts"]))
+    bad = data.draw(st.sampled_from(["epoch", "foldz", "bogus_key", "cohorts"]))
     doc["steps"][i] = {steps[i][0]: {**steps[i][1], bad: 1}}
     path, result = _load(yaml.safe_dump(doc))
     assert isinstance(result, UserError), f"unknown key {bad!r} accepted"
