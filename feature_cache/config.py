@@ -438,10 +438,14 @@ class Config:
         return {f.name: option_spec(f).help or doc.get(f.name, "") for f in dataclasses.fields(cls)}
 
     @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        """Field -> default value (fields without one are left out)."""
+    def defaults(cls, names: Iterable[str] | None = None) -> dict[str, Any]:
+        """Field -> default value (fields without one are left out); only ``names`` when given, so that a
+        nested config's default factory runs only when that field is asked for."""
+        wanted = None if names is None else set(names)
         out = {}
         for f in dataclasses.fields(cls):
+            if wanted is not None and f.name not in wanted:
+                continue
             if f.default is not dataclasses.MISSING:
                 out[f.name] = f.default
             elif f.default_factory is not dataclasses.MISSING:

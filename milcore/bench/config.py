@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from feature_cache.config import Config, option
 from feature_cache.errors import UserError
 from milcore.bench import DEFAULT_PEERS
-from milcore.metrics import SCALAR_METRICS
 from milcore.training.config import TrainConfig
 
 #: Training defaults of a benchmark (shorter than a cross-validated run's: every model x fold x seed is
@@ -22,6 +21,13 @@ from milcore.training.config import TrainConfig
 BENCH_TRAIN = TrainConfig(epochs=20, patience=5, amp="native")
 #: Every registered aggregator (``--models`` takes names and ``fnmatch`` patterns).
 ALL_MODELS = ("*",)
+
+
+def _scalar_metrics() -> tuple[str, ...]:
+    """The metrics a trial can optimise (the metric table's scalar ones; imported when first needed)."""
+    from milcore.metrics import SCALAR_METRICS
+
+    return SCALAR_METRICS
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,7 @@ class TuneSpec(Config):
 
     trials: int = option(0, low=0)
     inner_folds: int = option(3, low=3)
-    metric: str = option("auroc", choices=SCALAR_METRICS)
+    metric: str = option("auroc", choices=_scalar_metrics)
     prune: bool = True
     min_gain: float = option(0.01, low=0)
     search: dict[str, str] = field(default_factory=dict)

@@ -97,6 +97,28 @@ class _Switch(argparse.BooleanOptionalAction):
         self.help = help_text
 
 
+class _LazyChoices(Sequence):
+    """argparse ``choices`` computed on first use (membership test, iteration or help), not when declared."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._values: tuple[Any, ...] | None = None
+
+    def _all(self) -> tuple[Any, ...]:
+        if self._values is None:
+            self._values = tuple(self._make())
+        return self._values
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._all()[i]
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._all()
+
+
 def _show(value: Any) -> str:
     """A default as a user types it: ``0.0005``, ``abmil,amil``, ``on``."""
     if isinstance(value, bool):
@@ -178,7 +200,7 @@ def add_config_options(
     test can check that each flag's default is the field's.
     """
     cls = config if isinstance(config, type) else type(config)
-    defaults = cls.defaults() if isinstance(config, type) else {n: getattr(config, n) for n in cls.field_names()}
+    defaults = cls.defaults(names) if isinstance(config, type) else {n: getattr(config, n) for n in cls.field_names()}
     doc = cls.field_help()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
@@ -200,8 +222,15 @@ def add_config_options(
         else:
             if typing.get_origin(hint) in (dict, Mapping) or hint in (dict, Mapping):
                 raise ValueError(f"{cls.__name__}.{name} is a mapping: give it as KEY=VALUE options instead")
-            choices = option_spec(fields[name]).allowed()
-            if choices is not None and typing.get_origin(hint) is not tuple:
+            spec = option_spec(fields[name])
+            if callable(spec.choices) and typing.get_origin(hint) is not tuple:
+                # a lazy list (e.g. the metric table's names): resolved when parsed or when help is shown,
+                # so building the parser (``milcore --help``) imports nothing heavy
+                kwargs["choices"] = _LazyChoices(spec.choices)
+                flag = option_strings[0].lstrip("-").replace("-", "_").upper()
+                kwargs["metavar"] = (metavars or {}).get(name) or flag
+                kwargs["help"] += " (one of: %(choices)s)"
+            elif (choices := spec.allowed()) is not None and typing.get_origin(hint) is not tuple:
                 kwargs["choices"] = choices
             elif (metavars or {}).get(name):
                 kwargs["metavar"] = metavars[name]

@@ -20,7 +20,7 @@ log = logging.getLogger("milcore")
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     """Register ``shortcuts`` under the ``audit`` sub-parsers."""
     from milcore.cli._types import add_config_options
-    from milcore.trust.shortcuts import ShortcutConfig
+    from milcore.trust.shortcut_config import ShortcutConfig
 
     p = sub.add_parser("shortcuts", parents=parents, help=HELP, description=HELP[0].upper() + HELP[1:] + ". Writes "
                        "shortcuts.json (read by the model passport: run 'milcore passport RUN' after) and "

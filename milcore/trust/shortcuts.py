@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from feature_cache.config import Config, option
 from feature_cache.errors import UserError
+from milcore.trust.shortcut_config import ShortcutConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,33 +45,6 @@ DATE_COLUMNS = ("date", "acquisition_date", "scan_date", "collection_date")
 #: Cohort columns that are never metadata checks (ids, groupings).
 ID_COLUMNS = ("bag_id", "patient_id", "patient", "slide_id", "case_id", "split", "fold")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-
-
-@dataclass(frozen=True)
-class ShortcutConfig(Config):
-    """How shortcut checks are fitted and flagged.
-
-    Attributes:
-        alpha: a check is significant when its permutation p-value is below this.
-        min_share: ...and flagged when it reaches this share of the aggregator's gain over chance.
-        permutations: label permutations of each check's significance test.
-        max_crops: crops sampled per patient for image size and colour statistics.
-        bins: quantile bins of each numeric signal (beside its standardised value).
-        c: inverse L2 strength of the logistic regressions.
-        seed: crop sampling and permutation seed.
-        ignore: cohort columns left out of the checks (e.g. a synthetic cohort's ground-truth columns).
-    """
-
-    config_key = "shortcut option"
-
-    alpha: float = option(0.05, low=0, high=1, low_open=True)
-    min_share: float = option(0.6, low=0, high=1)
-    permutations: int = option(2000, low=50)
-    max_crops: int = option(24, low=1)
-    bins: int = option(4, low=2, high=20)
-    c: float = option(1.0, low=0, low_open=True)
-    seed: int = option(0, low=0)
-    ignore: tuple[str, ...] = option(())
 
 
 @dataclass

@@ -96,3 +96,17 @@ def test_option_of_the_other_mode_is_refused(tmp_path: Path, capsys, flag: list[
     tree = write_class_tree(tmp_path / "t", n_per_class=4, size=20)
     assert _train(tree, tmp_path / "out", *flag) == 2
     _one_line(capsys, "--temperature", "ssl")
+
+
+def test_weights_and_card_get_the_usual_file_mode(tmp_path) -> None:
+    """Atomic writes go through mkstemp (mode 0600); the finished files must be readable like any output."""
+    import os
+
+    from feature_cache.encoders.card import write_text_atomic
+
+    umask = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "card.json", "{}")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "card.json").stat().st_mode & 0o777 == 0o644
