@@ -246,8 +246,12 @@ def _load(spec: BenchSpec) -> dict[str, Any]:
 
         truth = load_cell_truth(cells, bank, ids + ood_ids)
     ood = store.view(ood_ids) if ood_ids else None
-    return {"bank": bank, "classes": classes, "folds": folds, "label_of": label_of, "group_of": group_of,
-            "store": store, "dim": int(bank.dim), "truth": truth, "ood": ood, "n_bags": len(ids),
+    from milcore.data.inputs import bank_fingerprint, labels_fingerprint
+
+    inputs = {"bank_fingerprint": bank_fingerprint(bank, ids + ood_ids),
+              "labels_fingerprint": labels_fingerprint(cohort)}  # what a merge of --fold parts compares
+    return {"inputs": inputs, "bank": bank, "classes": classes, "folds": folds, "label_of": label_of,
+            "group_of": group_of, "store": store, "dim": int(bank.dim), "truth": truth, "ood": ood, "n_bags": len(ids),
             "n_ood": len(ood_ids), "ood_ids": ood_ids, "encoder": bank.info.to_dict(),
             "class_counts": class_counts}  # fmt: skip
 
@@ -360,11 +364,12 @@ def bench_warnings(rows: list[dict[str, Any]], summary: list[dict[str, Any]], cl
 
 
 def plan_tasks(spec: BenchSpec, with_peers: bool, n_folds: dict[int, int]) -> list[Task]:
-    """Every (seed, fold, model[, tuned]) of ``spec``, seed by seed, fold by fold, ours then the peers."""
+    """Every (seed, fold, model[, tuned]) of ``spec``, seed by seed, fold by fold, ours then the peers
+    (only fold ``spec.fold`` of each seed when it is set)."""
     models = [(m, False) for m in spec.models] + ([(m, True) for m in spec.peers] if with_peers else [])
     variants = VARIANTS if spec.tune.trials > 0 else VARIANTS[:1]
     return [Task(m, peer, seed, f, v) for seed in spec.seeds for f in range(n_folds[seed]) for m, peer in models
-            for v in variants]  # fmt: skip
+            for v in variants if spec.fold is None or f == spec.fold]  # fmt: skip
 
 
 def available_cores() -> int:
@@ -464,15 +469,24 @@ def run_benchmark(spec: BenchSpec) -> dict[str, Any]:
 
     The size of the job (models x folds x seeds trainings) is logged before the first training, and the
     expected duration once the first training is measured; a progress display counts trainings.
+
+    With ``spec.fold`` set, only that outer fold of every seed is run (one task of a job array): the
+    payload records the whole spec (with ``fold``), the fingerprints of the bank and labels (``inputs``)
+    and every fold's split assignment, so :func:`milcore.bench.merge.merge_benches` can check and join
+    the parts into the payload of the whole benchmark.
+
+    Raises:
+        InvalidArgumentError: ``spec.fold`` outside ``0 .. spec.folds - 1`` (before anything is read).
     """
     import resource
 
     from feature_cache.progress import WorkEstimate, progress
-    from milcore.bench.config import expand_models
+    from milcore.bench.config import check_fold, expand_models
     from milcore.bench.peers import import_torchmil
     from milcore.report.bench_io import machine_info
     from milcore.report.document import plural
 
+    check_fold(spec)
     spec = spec.replace(models=expand_models(spec.models))  # '*' (the default): every registered aggregator
     check_models(spec.models, spec.peers)
     if spec.tune.trials:
@@ -490,7 +504,8 @@ def run_benchmark(spec: BenchSpec) -> dict[str, Any]:
     n_peers = len(spec.peers) if tm is not None else 0
     models = plural(n_models, "model") + (f" ({n_peers} torchmil)" if n_peers else "")
     tuned = f", each also tuned ({spec.tune.trials} trials)" if spec.tune.trials else ""
-    plan_text = f"bench: {models}{tuned} x {plural(spec.folds, 'fold')} x {plural(len(spec.seeds), 'seed')}"
+    folds = plural(spec.folds, "fold") if spec.fold is None else f"fold {spec.fold} of {spec.folds}"
+    plan_text = f"bench: {models}{tuned} x {folds} x {plural(len(spec.seeds), 'seed')}"
     detail = (f" of up to {plural(spec.train.epochs, 'epoch')} each, on {plural(ctx['n_bags'], 'bag')}, "
               f"{workers} {how}")  # fmt: skip
     estimate = WorkEstimate(len(tasks), "training", plan_text, detail)
@@ -503,34 +518,49 @@ def run_benchmark(spec: BenchSpec) -> dict[str, Any]:
 
     rows = execute(tasks, ctx, workers, done)
     bar.close()
-    keys = list(dict.fromkeys(_key(r) for r in rows))
-    summary = [summarize(rows, k) for k in keys]
-    warnings = bench_warnings(rows, summary, ctx["class_counts"], spec.folds)
+    derived = summarize_runs(rows, spec, ctx["class_counts"], peers_installed=tm is not None)
     from milcore.report.caveats import log_warnings
 
-    log_warnings(log, warnings)
-    summary += [{"impl": "torchmil", "model": m, "status": "not installed"} for m in spec.peers if tm is None]
+    log_warnings(log, derived["warnings"])
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     children_cpu = (children.ru_utime + children.ru_stime) - (children0.ru_utime + children0.ru_stime)
     result = {
         "benchmark": "aggregators", "spec": spec.to_dict(), "classes": ctx["classes"], "bags": ctx["n_bags"],
-        "ood_bags": ctx["n_ood"], "encoder": ctx["encoder"], "instance_ground_truth": ctx["truth"] is not None,
+        "inputs": ctx["inputs"], "ood_bags": ctx["n_ood"], "encoder": ctx["encoder"],
+        "instance_ground_truth": ctx["truth"] is not None,
         "torchmil": _torchmil_version() if tm is not None else ("not installed" if spec.peers else "not requested"),
         "machine": machine_info(), "torch_threads": _threads(), "workers": workers,
-        "precision": _precision(spec), "runs": rows, "summary": summary,
-        "peers": compare_peers(rows), "splits": {str(s): [asdict(f) for f in fs] for s, fs in ctx["folds"].items()},
+        "precision": _precision(spec), "runs": rows, "summary": derived["summary"], "peers": derived["peers"],
+        "splits": {str(s): [asdict(f) for f in fs] for s, fs in ctx["folds"].items()},
         "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0 + children_cpu,
         "load_average_before": load_before, "load_average_after": _load_average(),
-        "class_counts": ctx["class_counts"], "warnings": warnings,
-        "failed": [f"{s['impl']}:{s['model']}:{s['variant']}" for s in summary if s.get("status") == "failed"],
+        "class_counts": ctx["class_counts"], "warnings": derived["warnings"], "failed": derived["failed"],
     }  # fmt: skip
-    if spec.tune.trials:
-        from milcore.bench.tune import compare_tuning, tuning_budget
-
-        result["tuning"] = {"budget": tuning_budget(spec), "comparison": compare_tuning(rows)}
+    if "tuning" in derived:
+        result["tuning"] = derived["tuning"]
     if ctx["ood_ids"]:
         result["ood_bag_ids"] = ctx["ood_ids"]
     return result
+
+
+def summarize_runs(rows: list[dict[str, Any]], spec: BenchSpec, class_counts: dict[str, int], *,
+                   peers_installed: bool) -> dict[str, Any]:  # fmt: skip
+    """What ``bench.json`` derives from its runs: ``summary``, ``warnings``, ``peers``, ``failed`` (and ``tuning``).
+
+    Used by :func:`run_benchmark` and by :func:`milcore.bench.merge.merge_benches`, so a benchmark joined
+    from the parts of a job array is summarised exactly as the one run in a single process.
+    """
+    keys = list(dict.fromkeys(_key(r) for r in rows))
+    summary = [summarize(rows, k) for k in keys]
+    warnings = bench_warnings(rows, summary, class_counts, spec.folds)
+    summary += [{"impl": "torchmil", "model": m, "status": "not installed"} for m in spec.peers if not peers_installed]
+    out = {"summary": summary, "peers": compare_peers(rows), "warnings": warnings,
+           "failed": [f"{s['impl']}:{s['model']}:{s['variant']}" for s in summary if s.get("status") == "failed"]}
+    if spec.tune.trials:
+        from milcore.bench.tune import compare_tuning, tuning_budget
+
+        out["tuning"] = {"budget": tuning_budget(spec), "comparison": compare_tuning(rows)}
+    return out
 
 
 def _precision(spec: BenchSpec) -> str:

@@ -10,7 +10,7 @@ import fnmatch
 from dataclasses import dataclass, field
 
 from feature_cache.config import Config, option
-from feature_cache.errors import UserError
+from feature_cache.errors import InvalidArgumentError, UserError
 from milcore.bench import DEFAULT_PEERS
 from milcore.training.config import TrainConfig
 
@@ -71,6 +71,10 @@ class BenchSpec(Config):
         peers: torchmil models to run beside them (``milcore.bench.PEER_MODELS``).
         folds: cross-validation folds.
         seeds: each seed gives its own splits, weights and batching (shared by all models).
+        fold: run only this outer fold (0 .. ``folds`` - 1) of every seed, e.g. one task of a job array;
+            ``None``: every fold. The folds are made as the whole benchmark makes them, so the parts of a
+            job array joined by :func:`milcore.bench.merge.merge_benches` (``milcore report merge``) give
+            the whole benchmark.
         train: training settings (``model`` and ``seed`` are set per run; ``model_args`` apply to every
             model, so leave them empty unless every model has those fields).
         tune: tuning budget (``trials`` 0: default settings only).
@@ -91,6 +95,7 @@ class BenchSpec(Config):
     peers: tuple[str, ...] = DEFAULT_PEERS
     folds: int = option(5, low=3)
     seeds: tuple[int, ...] = option((0, 1, 2), low=0, min_items=1)
+    fold: int | None = None
     train: TrainConfig = field(default_factory=lambda: BENCH_TRAIN)
     tune: TuneSpec = field(default_factory=TuneSpec)
     workers: int = option(0, low=0)
@@ -98,6 +103,14 @@ class BenchSpec(Config):
     site_column: str = "site"
     cells: str | None = None
     group_column: str = "patient"
+
+
+def check_fold(spec: BenchSpec) -> None:
+    """Raise :class:`InvalidArgumentError` when ``spec.fold`` is not one of the ``spec.folds`` folds (the wording
+    of ``milcore train --fold``)."""
+    if spec.fold is not None and not 0 <= spec.fold < spec.folds:
+        raise InvalidArgumentError(f"--fold {spec.fold}: out of range, --folds {spec.folds} has folds 0 to "
+                                   f"{spec.folds - 1}")  # fmt: skip
 
 
 def expand_models(models: tuple[str, ...], where: str = "--models") -> tuple[str, ...]:

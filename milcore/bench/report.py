@@ -81,7 +81,26 @@ def markdown_table(result: dict[str, Any]) -> str:
         lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", *peer_lines(result), "", run_line(result)]
+    part = part_line(result)
+    if part:
+        lines += ["", part]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def part_line(result: dict[str, Any]) -> str:
+    """What a part of a job array holds (``--fold K``), or which parts a merged benchmark joins; else ``""``."""
+    spec = result["spec"]
+    if spec.get("fold") is not None:
+        k = spec["folds"]
+        return (f"Part of a job array: fold {spec['fold']} of {k} (--fold {spec['fold']}; folds 0 to {k - 1}) of seeds "
+                f"{', '.join(map(str, spec['seeds']))}; the means above are over this fold only. Join the parts with "
+                "milcore report merge PART ... --out BENCH.")  # fmt: skip
+    if result.get("parts"):
+        return (f"Merged from {plural(len(result['parts']), 'part')} (milcore report merge): "
+                + "; ".join(f"{p['folder']} (seeds {', '.join(map(str, p['seeds']))}, "
+                            + ("every fold" if p.get("fold") is None else f"fold {p['fold']}") + ")"
+                            for p in result["parts"]) + ".")  # fmt: skip
+    return ""
 
 
 def rare_witness_lines(result: dict[str, Any]) -> list[str]:
@@ -167,7 +186,15 @@ def tuning_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def run_line(result: dict[str, Any]) -> str:
-    """Wall and process CPU time of the whole benchmark, threads and the machine's load."""
+    """Wall and process CPU time of the whole benchmark, threads and the machine's load (for a merged benchmark:
+    summed over its jobs, with each job's load)."""
+    if result.get("parts"):
+        loads = [f"{p['load_average_before'][0]:.1f}-{p['load_average_after'][0]:.1f}"
+                 if p.get("load_average_before") and p.get("load_average_after") else "nan"
+                 for p in result["parts"]]  # fmt: skip
+        return (f"Run: {plural(len(result['parts']), 'job')} (parts of a job array): {result['seconds']:.0f} s wall "
+                f"and {result.get('cpu_seconds') or 0:.0f} s CPU summed over them (they may have run at the same time, "
+                f"on other machines); load average (1 min) per job at start-end: {', '.join(loads)}")  # fmt: skip
     load = result.get("load_average_after") or []
     before = result.get("machine", {}).get("load_average") or []
     cpu = result.get("cpu_seconds")
@@ -240,6 +267,9 @@ def build_report(result: dict[str, Any]):
                   f"mean ± sd over folds and seeds. torchmil: {result['torchmil']}."
                   + (f" Out of distribution: site {spec['ood_site']} ({plural(result['ood_bags'], 'bag')}) held out."
                      if spec.get("ood_site") is not None else ""))  # fmt: skip
+    part = part_line(result)
+    if part:
+        rep.paragraph(part)
     headers, rows = table_rows(result)
     rep.heading("Accuracy and cost")
     rep.table(headers, rows, caption="train bags/s: bags per second of optimisation (validation passes excluded); "
@@ -267,7 +297,13 @@ def build_report(result: dict[str, Any]):
                 rep.figure(scatter_figure(points, xlabel, "balanced accuracy", "Accuracy vs cost", logx=True),
                            caption=f"balanced accuracy vs {xlabel}", name=f"accuracy_vs_{cost}")  # fmt: skip
     rep.heading("Machine")
-    rep.paragraph(json.dumps(result["machine"]) + f"; torch threads {result['torch_threads']}; "
-                  f"{result['seconds']:.0f} s in all")  # fmt: skip
+    if result.get("parts"):
+        rep.paragraph(run_line(result))
+        rep.bullets([f"{p['folder']}: {json.dumps(p.get('machine'))}; torch threads {p.get('torch_threads')}; "
+                     f"{p.get('seconds') or 0:.0f} s wall, {p.get('cpu_seconds') or 0:.0f} s CPU"
+                     for p in result["parts"]])  # fmt: skip
+    else:
+        rep.paragraph(json.dumps(result["machine"]) + f"; torch threads {result['torch_threads']}; "
+                      f"{result['seconds']:.0f} s in all")  # fmt: skip
     add_glossary(rep, BENCH_TERMS)
     return rep

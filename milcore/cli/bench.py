@@ -5,6 +5,9 @@ every model on the same patient-level splits and seeds and writes ``DIR/bench.js
 ``DIR/report.html``/``report.md`` (accuracy-vs-cost plots). ``synthetic`` and ``bloodmnist-bags`` build their
 cohorts first; ``io`` and ``extract`` run the bank and extraction benchmark scripts; ``all`` runs every suite
 at its CPU size into ``benchmarks/results/<date>/``.
+
+``bench aggregators ... --fold K`` runs only outer fold K of every model and seed (one task of a job array);
+``milcore report merge`` joins such folders into the folder of the whole benchmark (``docs/scaling.md``).
 """
 
 from __future__ import annotations
@@ -80,6 +83,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
                        helps={"ood_site": "hold this site out of CV and report it (OOD)",
                               "site_column": "cohort column of the site",
                               "cells": "instance ground truth (default: cells.csv beside the cohort)"})  # fmt: skip
+    p.add_argument("--fold", type=int, default=None, metavar="K",
+                   help="run only fold K (0 .. --folds - 1) of every model and seed into --out, e.g. one task of a "
+                        "job array; join the folds with 'milcore report merge'")  # fmt: skip
     _training_options(p)
     _out_options(p, required=True)
     p.set_defaults(func=run)
@@ -146,7 +152,7 @@ def _template(args: argparse.Namespace, bank: str = "", cohort: str = "", task: 
     from feature_cache.devices import resolve_device
     from feature_cache.errors import InvalidArgumentError
     from milcore.bench.aggregators import check_models
-    from milcore.bench.config import BENCH_TRAIN, BenchSpec, TuneSpec, expand_models
+    from milcore.bench.config import BENCH_TRAIN, BenchSpec, TuneSpec, check_fold, expand_models
     from milcore.cli._types import config_values
 
     resolve_device(args.device)  # before any output exists
@@ -157,7 +163,9 @@ def _template(args: argparse.Namespace, bank: str = "", cohort: str = "", task: 
     tune = TuneSpec(**config_values(args, TUNE_OPTIONS), search=_search_options(getattr(args, "search", None)))
     spec = BenchSpec(bank=bank, cohort=cohort, task=task, train=train, tune=tune,
                      **config_values(args, BENCH_OPTIONS), ood_site=getattr(args, "ood_site", None),
-                     site_column=getattr(args, "site_column", "site"), cells=getattr(args, "cells", None))  # fmt: skip
+                     site_column=getattr(args, "site_column", "site"), cells=getattr(args, "cells", None),
+                     fold=getattr(args, "fold", None))  # fmt: skip
+    check_fold(spec)  # before any output exists
     if tune.search and not tune.trials:
         raise InvalidArgumentError("--search restricts the tuning's search space: pass --tune N as well")
     if tune.trials:
@@ -222,6 +230,9 @@ def _run(args: argparse.Namespace) -> int:
         paths = write_outputs(result, out)
         print(markdown_table(result), end="")
         log.info("wrote %s, %s and %s (%.0f s)", paths["json"], paths["table"], paths["html"], result["seconds"])
+        if spec.fold is not None:
+            log.info("fold %d of %d done; join the folds with: milcore report merge BENCH_0 ... BENCH_%d --out BENCH",
+                     spec.fold, spec.folds, spec.folds - 1)  # fmt: skip
         return _failed_code(result)
     from milcore.bench.suites import bloodmnist_suite, synthetic_suite
 
