@@ -198,3 +198,18 @@ def test_an_occupied_out_is_not_overwritten(benches: dict[str, Path], tmp_path: 
     assert (out / "keep.txt").read_text() == "x"
     _refused([*_parts(benches, "f0", "f1", "f2s0", "f2s1"), "--out", str(benches["f0"])], capsys,
              "also an input")  # fmt: skip
+
+
+def test_fold_parts_with_tuning_merge_to_the_tuned_benchmark(bench_bank: dict, tmp_path: Path) -> None:
+    """``--tune N`` tunes inside each outer fold (nested CV), so a fold part tunes its fold as the whole run does."""
+    tune = ("--models", "mean", "--seeds", "0", "--tune", "2", "--inner-folds", "3")
+    assert main(_agg(bench_bank, tmp_path / "whole", *tune)) == 0
+    for k in range(3):
+        assert main(_agg(bench_bank, tmp_path / f"f{k}", *tune, "--fold", str(k))) == 0
+    part = _load(tmp_path / "f1")
+    assert [(r["fold"], r["variant"]) for r in part["runs"]] == [(1, "default"), (1, "tuned")]
+    out = tmp_path / "merged"
+    assert main(["report", "merge", *(str(tmp_path / f"f{k}") for k in (2, 0, 1)), "--out", str(out)]) == 0
+    merged, whole = _load(out), _load(tmp_path / "whole")
+    assert _learnt(merged["runs"]) == _learnt(whole["runs"]) and _learnt(merged["summary"]) == _learnt(whole["summary"])
+    assert merged["tuning"] == whole["tuning"]
