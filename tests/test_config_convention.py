@@ -60,6 +60,7 @@ REQUIRED: dict[str, dict[str, Any]] = {
     "SyntheticData": {"cohorts": [{"task": "aml", "patients": 4}]},
     "ContinualData": {"bank": "b.h5", "cohort": "c.csv", "classes": ["a", "b"]},
     "SynthCase": {"name": "aml", "task": "aml"},
+    "EncoderTrainConfig": {"data": "cells.npz", "out": "enc"},
     "SupervisedConfig": {"data": "cells.npz", "out": "enc"},
     "SSLConfig": {"data": "cells.npz", "out": "enc"},
     "ProbeConfig": {"data": "cells.npz", "encoder": "toy"},

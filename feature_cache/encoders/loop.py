@@ -170,6 +170,22 @@ def _clone(modules: Mapping[str, nn.Module]) -> dict[str, dict[str, torch.Tensor
     return {k: {n: t.detach().cpu().clone() for n, t in m.state_dict().items()} for k, m in modules.items()}
 
 
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> Any:
+    """Learning rate stepped per batch: linear warm-up over ``warmup_steps`` to the optimiser's rate, then a
+    cosine decay to zero at ``total_steps`` (a ``torch`` ``LambdaLR``; its state resumes with the run)."""
+    import math
+
+    total, warm = max(1, int(total_steps)), max(0, int(warmup_steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def fit(
     run: RunFolder,
     saved: dict[str, Any] | None,
@@ -182,6 +198,7 @@ def fit(
     train_one: Callable[[int], float],
     validate: Callable[[], dict[str, float]],
     score: Callable[[dict[str, float]], float],
+    min_epochs: int = 0,
 ) -> LoopState:
     """Train epoch by epoch, validating, keeping the best weights, saving state, stopping early.
 
@@ -189,10 +206,13 @@ def fit(
         run: the run folder.
         saved: the state :meth:`RunFolder.check` returned (resume) or ``None``.
         modules: the trained networks by name (their best weights are kept).
-        optimizer, scheduler: stepped by ``train_one`` (scheduler once per epoch here).
+        optimizer, scheduler: stepped by ``train_one`` (the scheduler per batch, :func:`warmup_cosine`);
+            saved and restored here.
         generator: the random generator of batches and augmentations (its state is saved).
         epochs: maximum epochs.
         patience: epochs without a better validation score before stopping (0: never stop early).
+        min_epochs: never stop early before this epoch (the high-learning-rate start of a cosine schedule
+            is noisy: a 40-epoch run stopped there at epoch 12 with patience 5).
         train_one: trains one epoch, returns the mean training loss.
         validate: validation metrics of the current weights.
         score: the number to maximise from the metrics.
@@ -216,8 +236,6 @@ def fit(
     while not state.finished and state.epoch < epochs:
         t0 = time.perf_counter()
         loss = train_one(state.epoch)
-        if scheduler is not None:
-            scheduler.step()
         metrics = validate()
         value = score(metrics)
         state.epoch += 1
@@ -231,7 +249,7 @@ def fit(
             state.bad_epochs += 1
         log.info("epoch %d/%d: train loss %.4f, %s (%.1f s)", state.epoch, epochs, loss,
                  ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), time.perf_counter() - t0)  # fmt: skip
-        if patience and state.bad_epochs >= patience:
+        if patience and state.bad_epochs >= patience and state.epoch >= min_epochs:
             log.info("early stop: no better validation score for %d epochs (best at epoch %d)", patience,
                      state.best_epoch)  # fmt: skip
             state.finished = True

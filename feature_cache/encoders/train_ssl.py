@@ -23,66 +23,33 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from feature_cache.config import Config, option
+from feature_cache.config import option
 from feature_cache.encoders.augment import AugmentConfig
-from feature_cache.encoders.backbones import BACKBONES
-from feature_cache.encoders.train_supervised import NOT_RECIPE, TrainResult, to_tensor
+from feature_cache.encoders.train_config import NOT_RECIPE, EncoderTrainConfig
+from feature_cache.encoders.train_supervised import TrainResult, to_tensor
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SSLConfig(Config):
-    """One self-supervised (SimCLR) training run.
+class SSLConfig(EncoderTrainConfig):
+    """One self-supervised (SimCLR) training run (the shared settings:
+    :class:`~.train_config.EncoderTrainConfig`; labels in ``data`` are never read).
 
     Attributes:
-        data: folder of crops (searched recursively), CSV (path[, split]) or MedMNIST ``.npz`` (its
-            ``train`` split is trained on, ``val`` held out, ``test`` never read).
-        out: output folder.
-        backbone: ``compact_cnn`` or ``efficientnet_lite0``.
-        image_size: input side.
-        width: first-stage channels of ``compact_cnn``.
-        pretrained: start ``efficientnet_lite0`` from ImageNet.
-        epochs: maximum epochs.
-        batch_size: crops per step (2 views each).
-        lr: AdamW learning rate (cosine schedule).
-        weight_decay: AdamW weight decay.
+        batch_size: crops per step (two views each: 2 x batch_size - 2 negatives per positive pair).
+        patience: epochs without a lower held-out NT-Xent loss before stopping (0: train all epochs); the
+            epoch with the lowest held-out loss is kept either way.
+        augment: the view augmentations (stronger than supervised training's: :meth:`AugmentConfig.ssl`).
         temperature: NT-Xent temperature.
         proj_dim: projection head output size.
-        val_fraction: held-out fraction when the data has no ``val`` split.
-        patience: epochs without a lower held-out loss before stopping (0: train all epochs); the epoch
-            with the lowest held-out loss is kept either way.
-        max_upscale: largest enlargement of a crop to the input size.
-        max_cells: train on at most this many crops (0: all).
-        augment: the view augmentations.
-        seed, device, amp, channels_last, threads, overwrite: as in supervised training.
     """
 
-    config_key = "encoder training option"
-
-    data: str
-    out: str
-    backbone: str = option("compact_cnn", choices=BACKBONES)
-    image_size: int = option(28, low=16, high=512)
-    width: int = option(32, low=4, high=256)
-    pretrained: bool = True
-    epochs: int = option(30, low=1)
     batch_size: int = option(256, low=4)
-    lr: float = option(2e-3, low=0, low_open=True)
-    weight_decay: float = option(1e-4, low=0)
+    patience: int = option(0, low=0)
+    augment: AugmentConfig = field(default_factory=AugmentConfig.ssl)
     temperature: float = option(0.2, low=0.01, high=2.0)
     proj_dim: int = option(128, low=8)
-    val_fraction: float = option(0.1, low=0, high=0.5, low_open=True)
-    patience: int = option(0, low=0)
-    max_upscale: float = option(4.0, low=1)
-    max_cells: int = option(0, low=0)
-    augment: AugmentConfig = field(default_factory=AugmentConfig.ssl)
-    seed: int = option(0, low=0)
-    device: str = "auto"
-    amp: bool = True
-    channels_last: bool | None = None
-    threads: int = option(0, low=0)
-    overwrite: bool = False
 
 
 def _prepare(config: SSLConfig):
@@ -160,7 +127,7 @@ def train_ssl(config: SSLConfig) -> TrainResult:
     from feature_cache.encoders.augment import Augment
     from feature_cache.encoders.backbones import build_backbone
     from feature_cache.encoders.card import read_card, save_weights, write_card
-    from feature_cache.encoders.loop import RunFolder, fit, load_average, precision_for
+    from feature_cache.encoders.loop import RunFolder, fit, load_average, precision_for, warmup_cosine
 
     device = resolve_device(config.device, option="--device")
     loss_fn = nt_xent_loss(config.temperature)
@@ -185,10 +152,10 @@ def train_ssl(config: SSLConfig) -> TrainResult:
     batch = min(config.batch_size, len(x_train))
     optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=config.lr,
                                   weight_decay=config.weight_decay)  # fmt: skip
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    steps = max(1, len(x_train) // batch)
+    scheduler = warmup_cosine(optimizer, steps * config.epochs, steps * config.warmup_epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=prec.scaler)
     gen = torch.Generator().manual_seed(config.seed)
-    steps = max(1, len(x_train) // batch)
     run.start()
 
     def views_loss(xb: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -211,6 +178,7 @@ def train_ssl(config: SSLConfig) -> TrainResult:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            scheduler.step()
             total += float(loss.detach())
         return total / steps
 
@@ -234,7 +202,7 @@ def train_ssl(config: SSLConfig) -> TrainResult:
         return -m["val_loss"] if np.isfinite(m["val_loss"]) else float("-inf")
 
     state = fit(run, saved, {"model": model, "head": head}, optimizer, scheduler, gen, config.epochs,
-                config.patience, train_one, validate, score)  # fmt: skip
+                config.patience, train_one, validate, score, min_epochs=config.stop_from)  # fmt: skip
     # the epoch with the lowest held-out loss is kept (no label is involved in choosing it)
     metrics = {"best_epoch": state.best_epoch, **state.history[state.best_epoch - 1]} if state.history else {}
     sha = save_weights(run.weights, backbone.weights_state(), config.backbone, backbone.options)

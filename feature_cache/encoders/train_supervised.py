@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from feature_cache.config import Config, option
-from feature_cache.encoders.augment import AugmentConfig
-from feature_cache.encoders.backbones import BACKBONES
+from feature_cache.config import option
+from feature_cache.encoders.train_config import NOT_RECIPE, EncoderTrainConfig
 
 if TYPE_CHECKING:  # numpy is imported where used: the CLI reads the config without loading numpy
     import numpy as np
@@ -32,64 +31,19 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SupervisedConfig(Config):
-    """One supervised training run.
+class SupervisedConfig(EncoderTrainConfig):
+    """One supervised training run (the shared settings: :class:`~.train_config.EncoderTrainConfig`).
 
     Attributes:
-        data: class-per-folder crop tree, CSV (path, label[, split]) or MedMNIST ``.npz``.
-        out: output folder (weights, card, resumable state).
-        backbone: ``compact_cnn`` (from scratch) or ``efficientnet_lite0`` (fine-tuned).
-        image_size: network input side in pixels.
-        width: first-stage channels of ``compact_cnn``.
-        pretrained: start ``efficientnet_lite0`` from its ImageNet weights.
-        epochs: maximum epochs.
-        batch_size: crops per step.
-        lr: AdamW learning rate (cosine schedule).
-        weight_decay: AdamW weight decay.
         balance: ``sampler`` (classes drawn equally often), ``loss`` (class-weighted loss) or ``none``.
         label_smoothing: cross-entropy label smoothing.
-        val_fraction: held-out fraction (stratified) when the data has no ``val`` split.
-        patience: epochs without better validation balanced accuracy before stopping (0: never).
-        max_upscale: largest enlargement of a crop to the input size (smaller crops are refused).
-        max_cells: use at most this many training crops (0: all), stratified; for quick runs.
-        augment: augmentation settings.
-        seed: random seed.
-        device: ``auto``, ``cpu``, ``cuda``...
-        amp: mixed precision on CUDA.
-        channels_last: channels-last memory format (default: on CUDA).
-        threads: CPU threads for torch (0: torch's default).
-        overwrite: start afresh instead of resuming.
+        ema: decay of an exponential moving average of the weights, updated every step, that is validated
+            and kept instead of the raw weights (0: off; 0.999 is usual).
     """
 
-    config_key = "encoder training option"
-
-    data: str
-    out: str
-    backbone: str = option("compact_cnn", choices=BACKBONES)
-    image_size: int = option(28, low=16, high=512)
-    width: int = option(32, low=4, high=256)
-    pretrained: bool = True
-    epochs: int = option(30, low=1)
-    batch_size: int = option(128, low=2)
-    lr: float = option(2e-3, low=0, low_open=True)
-    weight_decay: float = option(1e-4, low=0)
     balance: str = option("sampler", choices=("sampler", "loss", "none"))
     label_smoothing: float = option(0.0, low=0, high=0.5)
-    val_fraction: float = option(0.1, low=0, high=0.5, low_open=True)
-    patience: int = option(6, low=0)
-    max_upscale: float = option(4.0, low=1)
-    max_cells: int = option(0, low=0)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    seed: int = option(0, low=0)
-    device: str = "auto"
-    amp: bool = True
-    channels_last: bool | None = None
-    threads: int = option(0, low=0)
-    overwrite: bool = False
-
-
-#: Settings that do not change the result (may differ when resuming).
-NOT_RECIPE = ("data", "out", "device", "overwrite", "threads")
+    ema: float = option(0.0, low=0, high=0.9999)
 
 
 @dataclass
@@ -189,7 +143,7 @@ def train_supervised(config: SupervisedConfig) -> TrainResult:
     from feature_cache.encoders.augment import Augment
     from feature_cache.encoders.backbones import build_backbone
     from feature_cache.encoders.card import save_weights, write_card
-    from feature_cache.encoders.loop import RunFolder, fit, load_average, precision_for
+    from feature_cache.encoders.loop import RunFolder, fit, load_average, precision_for, warmup_cosine
 
     device = resolve_device(config.device, option="--device")
     cells, train, val, test = _prepare(config)
@@ -222,10 +176,14 @@ def train_supervised(config: SupervisedConfig) -> TrainResult:
     draw = torch.as_tensor(1.0 / np.maximum(counts, 1))[y_train] if config.balance == "sampler" else None
     params = [*model.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    steps = max(1, len(x_train) // config.batch_size)
+    scheduler = warmup_cosine(optimizer, steps * config.epochs, steps * config.warmup_epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=prec.scaler)
     gen = torch.Generator().manual_seed(config.seed)
-    steps = max(1, len(x_train) // config.batch_size)
+    # the averaged copy is validated and kept (backbone and head together; batch-norm statistics averaged too)
+    ema = (torch.optim.swa_utils.AveragedModel(torch.nn.Sequential(model, head), use_buffers=True,
+                                               multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema))
+           if config.ema else None)  # fmt: skip
     run.start()
 
     def train_one(epoch: int) -> float:
@@ -247,17 +205,20 @@ def train_supervised(config: SupervisedConfig) -> TrainResult:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(torch.nn.Sequential(model, head))
             total += float(loss.detach())
         return total / steps
 
     def probabilities(x: torch.Tensor) -> np.ndarray:
-        model.eval()
-        head.eval()
+        net = ema.module if ema is not None else torch.nn.Sequential(model, head)
+        net.eval()
         out = []
         with torch.inference_mode(), prec.context(device):
             for s in range(0, len(x), 512):
                 xb = x[s : s + 512].to(device).float().contiguous(memory_format=memory)
-                out.append(torch.softmax(head(model(xb)).float(), 1).cpu())
+                out.append(torch.softmax(net(xb).float(), 1).cpu())
         return torch.cat(out).numpy()
 
     def validate() -> dict[str, float]:
@@ -270,8 +231,13 @@ def train_supervised(config: SupervisedConfig) -> TrainResult:
     def score(m: dict[str, float]) -> float:  # balanced accuracy; the loss only breaks ties
         return m["val_balanced_accuracy"] - 1e-6 * m["val_loss"]
 
-    state = fit(run, saved, {"model": model, "head": head}, optimizer, scheduler, gen, config.epochs,
-                config.patience, train_one, validate, score)
+    modules = {"model": model, "head": head, **({"ema": ema} if ema is not None else {})}
+    state = fit(run, saved, modules, optimizer, scheduler, gen, config.epochs, config.patience, train_one, validate,
+                score, min_epochs=config.stop_from)  # fmt: skip
+    if ema is not None:  # the averaged weights are the ones validated, kept and written
+        averaged = ema.module
+        model.load_state_dict(averaged[0].state_dict())
+        head.load_state_dict(averaged[1].state_dict())
     metrics = {"best_epoch": state.best_epoch, **state.history[state.best_epoch - 1]} if state.history else {}
     if test is not None:
         metrics.update({f"test_{k}": v for k, v in

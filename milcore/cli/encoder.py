@@ -25,11 +25,11 @@ from pathlib import Path
 HELP = "train cell encoders (supervised or self-supervised) on single cells, and probe any encoder"
 log = logging.getLogger("milcore")
 
-#: flags shared by both training modes (read from SupervisedConfig; SSL-only and supervised-only below)
+#: flags shared by both training modes (declared and documented by EncoderTrainConfig; mode-only flags below)
 SHARED = ("backbone", "image_size", "width", "pretrained", "epochs", "batch_size", "lr", "weight_decay",
-          "val_fraction", "patience", "max_upscale", "max_cells", "seed", "device", "amp", "threads",
-          "overwrite")  # fmt: skip
-SUPERVISED_ONLY = ("balance", "label_smoothing")
+          "warmup_epochs", "val_fraction", "patience", "min_epochs", "max_upscale", "max_cells", "seed", "device",
+          "amp", "threads", "overwrite")  # fmt: skip
+SUPERVISED_ONLY = ("balance", "label_smoothing", "ema")
 SSL_ONLY = ("temperature", "proj_dim")
 PROBE = ("protocol", "folds", "knn_k", "c", "max_iter", "n_boot", "max_cells", "batch_size", "device", "seed")
 
@@ -37,6 +37,7 @@ PROBE = ("protocol", "folds", "knn_k", "c", "max_iter", "n_boot", "max_cells", "
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     """Register ``encoder train`` and ``encoder probe``."""
     from feature_cache.encoders.probe import ProbeConfig
+    from feature_cache.encoders.train_config import EncoderTrainConfig
     from feature_cache.encoders.train_ssl import SSLConfig
     from feature_cache.encoders.train_supervised import SupervisedConfig
     from feature_cache.registry import RegistryChoices
@@ -54,10 +55,12 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     t.add_argument("--out", required=True, help="output folder (weights, card, resumable state)")
     t.add_argument("--mode", choices=("supervised", "ssl"), default="supervised",
                    help="supervised (needs labels) or ssl (SimCLR; labels ignored) (default supervised)")
-    add_config_options(t, SupervisedConfig, SHARED + SUPERVISED_ONLY, keep_unset=True,
-                       helps={"batch_size": "crops per step (default 128; ssl 256)",
-                              "patience": "epochs without improvement before stopping (default 6; ssl 0: "
-                                          "never)"})  # fmt: skip
+    ssl = SSLConfig.defaults(("batch_size", "patience"))
+    add_config_options(t, EncoderTrainConfig, SHARED, keep_unset=True,
+                       helps={"batch_size": f"crops per step (--mode ssl: {ssl['batch_size']}, two views each)",
+                              "patience": "epochs without a better validation score before stopping, 0: never "
+                                          f"(--mode ssl: {ssl['patience']}); the best epoch is kept"})  # fmt: skip
+    add_config_options(t, SupervisedConfig, SUPERVISED_ONLY, keep_unset=True)
     add_config_options(t, SSLConfig, SSL_ONLY, keep_unset=True)
     t.add_argument("--augment", action="append", default=None, metavar="KEY=VALUE",
                    help="augmentation setting, e.g. hed_sigma=0.1, rotate=false, scale=[0.8,1.2] (repeatable; keys: "

@@ -72,12 +72,14 @@ def test_rerun_of_a_finished_run_is_a_no_op(trained) -> None:
     assert again.card["weights_sha256"] == result.card["weights_sha256"]
 
 
-def test_killed_run_resumes_to_the_same_weights(tree: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_killed_run_resumes_to_the_same_weights(tree: Path, tmp_path: Path, monkeypatch, ema: float) -> None:
+    """Also with weight averaging (its average, the one kept, is part of the saved state)."""
     from feature_cache.encoders import loop
     from feature_cache.encoders.weights import load_state_dict_file
 
     def config(out: Path) -> SupervisedConfig:
-        return SupervisedConfig(data=str(tree), out=str(out), epochs=3, patience=0, **TINY)
+        return SupervisedConfig(data=str(tree), out=str(out), epochs=3, patience=0, ema=ema, **TINY)
 
     straight = train_supervised(config(tmp_path / "straight"))
     saves = {"n": 0}
@@ -99,6 +101,18 @@ def test_killed_run_resumes_to_the_same_weights(tree: Path, tmp_path: Path, monk
     a, b = load_state_dict_file(straight.weights), load_state_dict_file(resumed.weights)
     for k in a:
         torch.testing.assert_close(a[k], b[k])
+
+
+def test_weight_average_is_what_is_validated_and_written(tree: Path, tmp_path: Path) -> None:
+    from feature_cache.encoders.weights import load_state_dict_file
+
+    runs = {ema: train_supervised(SupervisedConfig(data=str(tree), out=str(tmp_path / f"e{ema}"), epochs=3,
+                                                   patience=0, ema=ema, **TINY))
+            for ema in (0.0, 0.5)}  # fmt: skip
+    plain, averaged = (load_state_dict_file(runs[e].weights) for e in (0.0, 0.5))
+    assert any(not torch.equal(plain[k], averaged[k]) for k in plain)  # same seed, same steps: only the average
+    assert runs[0.5].card["recipe"]["ema"] == 0.5
+    assert runs[0.0].card["history"][-1]["train_loss"] == pytest.approx(runs[0.5].card["history"][-1]["train_loss"])
 
 
 def test_resume_with_another_recipe_is_refused_naming_the_keys(trained, capsys) -> None:
