@@ -83,9 +83,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
                        helps={"ood_site": "hold this site out of CV and report it (OOD)",
                               "site_column": "cohort column of the site",
                               "cells": "instance ground truth (default: cells.csv beside the cohort)"})  # fmt: skip
-    p.add_argument("--fold", type=int, default=None, metavar="K",
-                   help="run only fold K (0 .. --folds - 1) of every model and seed into --out, e.g. one task of a "
-                        "job array; join the folds with 'milcore report merge'")  # fmt: skip
+    add_config_options(p, BenchSpec, ("fold",), metavars={"fold": "K"},
+                       helps={"fold": "run only fold K (0 .. --folds - 1) of every model and seed into --out, e.g. one "
+                                      "task of a job array; join the folds with 'milcore report merge'"})  # fmt: skip
     _training_options(p)
     _out_options(p, required=True)
     p.set_defaults(func=run)
