@@ -3,7 +3,7 @@
 Each part is a folder written by ``milcore bench aggregators``: its ``bench.json`` records the whole
 spec (with ``fold`` when only one outer fold ran, and the ``seeds`` it ran), the fingerprints of the bank
 and labels (``inputs``) and every fold's split assignment. :func:`check_parts` checks, before anything
-is written, that the parts benchmark the same thing (spec apart from ``fold``, ``seeds`` and ``workers``;
+is written, that the parts benchmark the same thing (spec apart from :data:`PART_KEYS`;
 the training options apart from where they ran, :data:`~milcore.crossval.resume.RESUMABLE_CHANGES`;
 bank, labels, classes, precision, torchmil version), with equal splits for a seed they share, and that
 together they hold every (seed, fold) pair of their seeds exactly once. :func:`merge_parts` then orders
@@ -26,8 +26,10 @@ from feature_cache.errors import OutputExistsError, UserError
 
 log = logging.getLogger(__name__)
 
-#: ``spec`` entries that may differ between parts: what each part holds, and how many processes it used.
-PART_KEYS = ("fold", "seeds", "workers")
+#: ``spec`` entries that may differ between parts: what each part holds, how many processes it used, and the
+#: paths of the bank and cohort (compared through their fingerprints, ``inputs``: a job on another machine may
+#: mount them elsewhere; the merged spec keeps the first part's paths).
+PART_KEYS = ("fold", "seeds", "workers", "bank", "cohort")
 #: Top-level ``bench.json`` entries that must be equal across parts (with ``spec`` and the splits).
 SAME_KEYS = ("benchmark", "inputs", "classes", "bags", "ood_bags", "ood_bag_ids", "encoder", "instance_ground_truth",
              "torchmil", "precision", "class_counts")  # fmt: skip

@@ -168,6 +168,15 @@ def test_parts_of_other_benchmarks_are_refused(benches: dict[str, Path], tmp_pat
     assert not (tmp_path / "m").exists()
 
 
+def test_a_bank_at_another_path_with_the_same_content_merges(benches: dict[str, Path], tmp_path: Path) -> None:
+    """Jobs on other machines may mount the bank elsewhere: paths are compared through the fingerprints."""
+    moved = _edited(benches["f1"], tmp_path / "moved", lambda p: p["spec"].update(bank="/elsewhere/bank.h5",
+                                                                                    cohort="/elsewhere/cohort.csv"))
+    out = tmp_path / "m"
+    assert main(["report", "merge", *_parts(benches, "f0", "f2s0", "f2s1"), str(moved), "--out", str(out)]) == 0
+    assert _load(out)["spec"]["bank"] == _load(benches["f0"])["spec"]["bank"]
+
+
 def test_other_splits_are_refused(benches: dict[str, Path], tmp_path: Path, capsys) -> None:
     def swap(p: dict) -> None:
         folds = p["splits"]["0"]
