@@ -135,8 +135,9 @@ def one_seed(pools: CellPools, root: Path, patients: int, seed: int, factor: flo
     return row
 
 
-def candidate_family(audit: dict, metric: str, group: str = "sex=F") -> dict:
-    """The primary family the audit would have had with ``metric`` as its primary metric, read from its p-values.
+def candidate_family(audit: dict, metric: str, group: str = "sex=F", correction: str | None = None) -> dict:
+    """The primary family the audit would have had with ``metric`` as its primary metric, read from its p-values
+    (corrected by ``correction``, default the audit's).
 
     Returns:
         ``flagged`` (``group`` flagged), ``any`` (any group flagged), ``tests``, and ``group``'s ``p``,
@@ -151,7 +152,7 @@ def candidate_family(audit: dict, metric: str, group: str = "sex=F") -> dict:
     keys: dict[str, float] = {}
     for r in rows:
         keys.setdefault(r["test_key"], r["p_value"])
-    adjusted = dict(zip(keys, adjust_pvalues(list(keys.values()), config["correction"]), strict=True))
+    adjusted = dict(zip(keys, adjust_pvalues(list(keys.values()), correction or config["correction"]), strict=True))
     flagged = {r["group"] for r in rows if adjusted[r["test_key"]] < config["alpha"] and r["worse"]}
     mine = next(r for r in rows if r["group"] == group)
     mde = minimum_detectable_effect(mine["null_sd"] if mine.get("null_sd") is not None else float("nan"),
@@ -161,24 +162,41 @@ def candidate_family(audit: dict, metric: str, group: str = "sex=F") -> dict:
             "gap": mine["gap"], "mde": mde}  # fmt: skip
 
 
+#: The audits compared on the same predictions (issue 19): the test before issue 19, then the class-stratified
+#: one-sided Brier tests corrected by Westfall-Young step-down min-P on joint permutations, with the primary
+#: family's alpha shared equally by test or by attribute. Holm on the same tests is read from the ``wy`` audit.
+VARIANTS = {"old": OLD_TEST,
+            "wy": {"primary_metric": "balanced_brier", "correction": "westfall-young", "primary_weights": "tests"},
+            "wy_attr": {"primary_metric": "balanced_brier", "correction": "westfall-young",
+                        "primary_weights": "attributes"}}  # fmt: skip
+
+
 def audit_both(pred, classes: list[str], groups, seed: int, **overrides) -> dict:
-    """Audit the same predictions with the old test and the new defaults; the flags each would raise."""
+    """Audit the same predictions with every test of :data:`VARIANTS`; the flags each would raise.
+
+    ``candidates`` holds the Holm primary family of each candidate metric read from the ``wy`` audit's p-values
+    (for the Brier score: Holm on the very permutations Westfall-Young used).
+    """
     from milcore.audit.config import AuditConfig
     from milcore.audit.stratified import audit_predictions
 
     out: dict = {}
-    for name, changes in (("old", OLD_TEST), ("new", {})):
+    for name, changes in VARIANTS.items():
         config = AuditConfig(**{**overrides, **changes, "seed": seed})
         t0 = time.perf_counter()
         audit = audit_predictions(pred, classes, groups, config) | {"config": config.to_dict()}
         seconds = time.perf_counter() - t0
         f = next(c for c in audit["comparisons"] if c["group"] == "sex=F" and c["family"] == "primary")
+        secondary = any(c["flagged"] for c in audit["comparisons"] + audit["parity"] if c["family"] == "secondary")
         out[name] = {"primary_metric": config.primary_metric, "female_flagged": f["flagged"],
                      "any_primary_flag": bool(audit["summary"]["primary_flagged"]),
-                     "any_flag": bool(audit["summary"]["flagged_groups"]), "p_corrected": f["p_corrected"],
-                     "mde": f.get("mde"), "seconds": seconds}  # fmt: skip
-        if name == "new":
-            out["candidates"] = {m: candidate_family(audit, m) for m in CANDIDATES}
+                     "any_flag": bool(audit["summary"]["flagged_groups"]) or secondary,
+                     "p_corrected": f["p_corrected"], "mde": f.get("mde"), "seconds": seconds}  # fmt: skip
+        if name == "wy":
+            out["candidates"] = {m: candidate_family(audit, m, correction="holm") for m in CANDIDATES}
+            out["holm"] = {"female_flagged": out["candidates"]["balanced_brier"]["flagged"],
+                           "any_flag": out["candidates"]["balanced_brier"]["any"] or secondary,
+                           "mde": out["candidates"]["balanced_brier"]["mde"]}  # fmt: skip
     return out
 
 
@@ -258,10 +276,17 @@ def power(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Columns of the power tables: F flagged by each test, any primary flag of the old and new audits, any flag.
-_COLUMNS = {"old: F flagged": ("old", "female_flagged"), "old: any flag": ("old", "any_flag"),
-            **{f"new {m.replace('balanced_', 'bal. ')}: F flagged": ("candidates", m) for m in CANDIDATES},
-            "new: any flag": ("new", "any_flag")}  # fmt: skip
+#: Columns of the power tables: F flagged by each test (Holm families of the candidate metrics read from the
+#: Westfall-Young audit's p-values), and any flag of either family (the false-alarm rate on unbiased cohorts).
+_COLUMNS = {"old: F flagged": ("old", "female_flagged"),
+            **{f"Holm {m.replace('balanced_', 'bal. ')}: F flagged": ("candidates", m) for m in CANDIDATES},
+            "WY Brier: F flagged": ("wy", "female_flagged"), "WY Brier by attribute: F flagged": ("wy_attr",
+                                                                                                  "female_flagged"),
+            "old: any flag": ("old", "any_flag"), "Holm Brier: any flag": ("holm", "any_flag"),
+            "WY Brier: any flag": ("wy", "any_flag"), "WY by attribute: any flag": ("wy_attr", "any_flag")}  # fmt: skip
+#: MDE columns (sex=F, 80% power): name -> (side, metric).
+_MDES = {"MDE bal. acc. (Holm)": ("candidates", "balanced_accuracy"), "MDE Brier (Holm)": ("holm", None),
+         "MDE Brier (WY)": ("wy", None), "MDE Brier (WY by attribute)": ("wy_attr", None)}  # fmt: skip
 
 
 def _rates(rs: list[dict]) -> dict:
@@ -271,11 +296,11 @@ def _rates(rs: list[dict]) -> dict:
             out[name] = float(np.mean([r["candidates"][key]["flagged"] for r in rs]))
         else:
             out[name] = float(np.mean([r[side][key] for r in rs]))
-    for m in CANDIDATES:
-        mdes = [r["candidates"][m]["mde"] for r in rs]
-        out[f"mde_{m}"] = float(np.nanmean(mdes)) if np.isfinite(mdes).any() else None
-    out["seconds_audit_old"] = float(np.mean([r["old"]["seconds"] for r in rs]))
-    out["seconds_audit_new"] = float(np.mean([r["new"]["seconds"] for r in rs]))
+    for name, (side, key) in _MDES.items():
+        mdes = np.asarray([np.nan if (v := (r[side][key] if key else r[side])["mde"]) is None else v for r in rs])
+        out[name] = float(np.nanmean(mdes)) if np.isfinite(mdes).any() else None
+    for side in VARIANTS:
+        out[f"seconds_audit_{side}"] = float(np.mean([r[side]["seconds"] for r in rs]))
     return out
 
 
@@ -339,12 +364,24 @@ def stats(args: argparse.Namespace) -> int:
     classes = [f"c{i}" for i in range(5)]
     attributes = tuple(args.attributes.split(","))
     primary = tuple(args.primary_attributes.split(",")) if args.primary_attributes else ()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds_path = out / "seeds.jsonl"  # one line per audited seed: an interrupted grid resumes where it stopped
+    done = {}
+    if seeds_path.exists():
+        for line in seeds_path.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["model"], r["patients"], r["planted_gap"], r["seed"], r["attributes"], r["primary"])] = r
     for model in args.models:
         for n in args.patients:
             for gap in args.gaps:
                 per_seed = []
                 t0 = time.perf_counter()
                 for seed in range(args.seeds):
+                    key = (model, n, gap, seed, args.attributes, args.primary_attributes)
+                    if key in done:
+                        per_seed.append(done[key])
+                        continue
                     y, proba, cols = simulated_predictions(n, seed, gap, model)
                     pred = LabelledPredictions(y, proba)
                     groups = build_groups(cols, n, AuditConfig(attributes=attributes, intersections=False))
@@ -352,6 +389,10 @@ def stats(args: argparse.Namespace) -> int:
                                    per_class=False, n_boot=args.boot, n_perm=args.permutations,
                                    primary_attributes=primary)  # fmt: skip
                     r["gap_F_minus_M"] = weighted_ba(pred, cols["sex"] == "F")
+                    r |= dict(zip(("model", "patients", "planted_gap", "seed", "attributes", "primary"), key,
+                                  strict=True))
+                    with open(seeds_path, "a") as fh:
+                        fh.write(json.dumps(r) + "\n")
                     per_seed.append(r)
                 row = {"level": "statistics (simulated predictions)", "model": model, "patients": n,
                        "planted_gap": gap, "seeds": args.seeds,
@@ -362,16 +403,14 @@ def stats(args: argparse.Namespace) -> int:
                 log.info("%s", row)
     lines = [f"audit statistics alone (simulated predictions, 5 classes, men {BASE_ACCURACY:.0%} correct; audited by "
              f"{args.attributes}, primary {args.primary_attributes or 'all'}; {args.seeds} seeds per row)", "",
-             "| level | model | patients | planted gap | observed BA gap | " + " | ".join(_COLUMNS)
-             + " | MDE bal. acc. | MDE bal. Brier | MDE bal. log-loss |",
-             "|---|---|---:|---:|---:|" + "---:|" * (len(_COLUMNS) + 3)]  # fmt: skip
+             "| model | patients | planted gap | observed BA gap | " + " | ".join(_COLUMNS) + " | "
+             + " | ".join(_MDES) + " |", "|---|---:|---:|---:|" + "---:|" * (len(_COLUMNS) + len(_MDES))]  # fmt: skip
     for r in rows:
-        mdes = " | ".join("–" if r[f"mde_{m}"] is None else f"{r[f'mde_{m}']:.3f}" for m in CANDIDATES)
-        lines.append(f"| statistics | {r['model']} | {r['patients']} | {r['planted_gap']:.2f} | "
-                     f"{r['mean_observed_ba_gap']:+.3f} | "
+        mdes = " | ".join("–" if r[k] is None else f"{r[k]:.3f}" for k in _MDES)
+        lines.append(f"| {r['model']} | {r['patients']} | {r['planted_gap']:.2f} | {r['mean_observed_ba_gap']:+.3f} | "
                      + " | ".join(_cell(r, k) for k in _COLUMNS) + f" | {mdes} |")  # fmt: skip
     save_bench(args.out, {"benchmark": "audit_stats", "machine": machine_info(), "args": vars(args) | {"func": None},
-                          "old_test": OLD_TEST, "candidates": CANDIDATES, "rows": rows}, "\n".join(lines))  # fmt: skip
+                          "variants": VARIANTS, "candidates": CANDIDATES, "rows": rows}, "\n".join(lines))  # fmt: skip
     return 0
 
 

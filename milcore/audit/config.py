@@ -19,7 +19,9 @@ from milcore.training.config import TrainConfig
 #: bias; the other cut points split the adult range into bands of similar width.
 DEFAULT_AGE_BANDS: tuple[tuple[int, int], ...] = ((0, 45), (46, 59), (60, 71), (72, 86), (87, 130))
 ATTRIBUTES = ("sex", "age", "site")
-CORRECTIONS = ("holm", "bonferroni", "bh")
+CORRECTIONS = ("holm", "bonferroni", "bh", "westfall-young")
+#: How the primary family's alpha is shared among its tests (``AuditConfig.primary_weights``).
+PRIMARY_WEIGHTS = ("tests", "attributes")
 #: What a gap test looks for: the group worse than the rest (one-sided: a flag is a claim that a group is
 #: worse), or a difference either way (two-sided, the test before issue 19).
 ALTERNATIVES = ("worse", "two-sided")
@@ -82,8 +84,12 @@ class AuditConfig(Config):
             (``per_class=True``) and every intersection they form the secondary family.
         per_class: also test per-class recall (TPR) and FPR gaps.
         alpha: family-wise significance level of each family.
-        correction: multiple-comparison correction within each family: ``holm``, ``bonferroni`` or
-            ``bh`` (Benjamini-Hochberg FDR).
+        correction: multiple-comparison correction within each family: ``holm``, ``bonferroni``, ``bh``
+            (Benjamini-Hochberg FDR) or ``westfall-young`` (step-down min-P on permutations shared by every test
+            of the primary family, which accounts for their dependence; the secondary family then gets Holm).
+        primary_weights: how the primary family's alpha is shared: ``tests`` equally among its tests,
+            ``attributes`` equally among the audited attributes and then among each attribute's tests (cutting
+            age into more bands then does not dilute the sex tests; weighted Holm / Westfall-Young).
         alternative: ``worse`` tests whether each group is worse than the rest (one-sided; both groups of a
             two-valued attribute are tests of the family), ``two-sided`` whether it differs either way.
         permute_within_class: shuffle group membership within each true class, so every permutation keeps the
@@ -109,6 +115,7 @@ class AuditConfig(Config):
     per_class: bool = True
     alpha: float = option(0.05, low=0, high=1, low_open=True, high_open=True)
     correction: str = option("holm", choices=CORRECTIONS)
+    primary_weights: str = option("tests", choices=PRIMARY_WEIGHTS)
     alternative: str = option("worse", choices=ALTERNATIVES)
     permute_within_class: bool = True
     mde_power: float = option(0.8, low=0, high=1, low_open=True, high_open=True)

@@ -36,12 +36,15 @@ from milcore.audit.groups import GroupSet, Subgroup
 from milcore.audit.statistics import (
     PermutationTest,
     adjust_pvalues,
+    class_permutations,
     minimum_detectable_effect,
     percentile_ci,
     permutation_masks,
     sequential_permutation_test,
     stratified_counts,
     stratified_permutation_masks,
+    westfall_young,
+    westfall_young_threshold,
 )
 from milcore.metrics import GROUP_METRICS, get_metric, higher_is_better, label
 from milcore.metrics.weighted import LabelledPredictions, flatten, parity_differences, weighted_metrics
@@ -171,7 +174,8 @@ def audit_predictions(pred: LabelledPredictions, classes: list[str], groups: Gro
         if len(sufficient) >= 2:
             parity += _parity(pred, sufficient, attribute, counts, config, rng)
     bar.close()
-    families = _correct(comparisons, parity, config)
+    joint = _joint_primary(pred, classes, comparisons, compares, config, rng)
+    families = _correct(comparisons, parity, config, joint)
     _translate_mde(pred, comparisons, compares, config)
     support = np.bincount(pred.y_true, minlength=pred.num_classes)
     warnings = audit_warnings(overall, chance_classes(support, pred.num_classes), group_rows, config)
@@ -422,16 +426,108 @@ def _parity(pred: LabelledPredictions, members: list[Subgroup], attribute: str, 
              "null_sd": _num(tests[k].null_sd), "null_mean": _num(tests[k].null_mean)} for k in observed]  # fmt: skip
 
 
-def _correct(comparisons: list[dict[str, Any]], parity: list[dict[str, Any]], config: AuditConfig) -> dict[str, Any]:
-    """Adjust p-values within each family (one test per ``test_key``); set ``p_corrected``, ``flagged`` and ``mde``."""
+@dataclass
+class JointFamily:
+    """The primary family tested on joint permutations (``correction="westfall-young"``).
+
+    Attributes:
+        adjusted: test key -> Westfall-Young step-down min-P adjusted p-value.
+        raw: test key -> the test's own p-value on the same permutations.
+        null_sd: test key -> spread of its statistic over the permutations.
+        threshold: test key -> the raw p-value it must pass at the first step (for the MDE).
+        permutations: joint permutations drawn.
+    """
+
+    adjusted: dict[str, float]
+    raw: dict[str, float]
+    null_sd: dict[str, float]
+    threshold: dict[str, float]
+    permutations: int
+
+
+def family_weights(rows: dict[str, dict[str, Any]], family: str, config: AuditConfig) -> np.ndarray | None:
+    """Weights of a family's tests (one row per test key): ``None`` (equal) unless the primary family shares its
+    alpha by attribute (``primary_weights="attributes"``): 1 / (attributes x that attribute's tests)."""
+    if family != "primary" or config.primary_weights == "tests" or not rows:
+        return None
+    per_attribute: dict[str, int] = {}
+    for r in rows.values():
+        per_attribute[r["attribute"]] = per_attribute.get(r["attribute"], 0) + 1
+    return np.asarray([1.0 / (len(per_attribute) * per_attribute[r["attribute"]]) for r in rows.values()])
+
+
+def family_correction(config: AuditConfig, family: str) -> str:
+    """The correction a family gets: Westfall-Young needs joint permutations, which the primary family has (one
+    metric on the single-attribute groups); the secondary family (many metrics, intersections, parity) gets Holm."""
+    if config.correction == "westfall-young" and family != "primary":
+        return "holm"
+    return config.correction
+
+
+def _joint_primary(pred: LabelledPredictions, classes: list[str], comparisons: list[dict[str, Any]],
+                   compares: dict[str, Compared], config: AuditConfig,
+                   rng: np.random.Generator) -> JointFamily | None:  # fmt: skip
+    """Test every primary comparison on the same permutations (patients shuffled within their true class, all
+    attributes together) and adjust them by Westfall-Young step-down min-P; ``None`` for the other corrections."""
+    if config.correction != "westfall-young":
+        return None
+    rows: dict[str, dict[str, Any]] = {}
+    for r in comparisons:
+        if r["family"] == "primary" and r["p_value"] is not None:
+            rows.setdefault(r["test_key"], r)
+    if not rows:
+        return None
+    metric = config.primary_metric
+    one_sided = config.alternative == "worse"
+    sign = 1.0 if not higher_is_better(metric) else -1.0  # sign * gap > 0: the group is worse
+    perms = class_permutations(rng, pred.y_true, config.n_perm)  # (B, n)
+    observed, null = [], []
+    for r in rows.values():
+        c = compares[r["group"]]
+        W = np.concatenate([c.group[perms], c.rest[perms]]).astype(float)  # (2B, n)
+        values = flatten(weighted_metrics(pred, W, metric == "auroc"), classes)[metric]
+        gap = values[: len(perms)] - values[len(perms):]  # (B,)
+        observed.append(sign * r["gap"] if one_sided else r["gap"])
+        null.append(sign * gap if one_sided else gap)
+    obs, nulls = np.asarray(observed, dtype=float), np.stack(null, axis=1)  # (m,), (B, m)
+    weights = family_weights(rows, "primary", config)
+    adjusted = westfall_young(obs, nulls, two_sided=not one_sided, weights=weights)
+    from milcore.audit.statistics import permutation_pvalues
+
+    raw = permutation_pvalues(obs, nulls, two_sided=not one_sided)
+    sd = np.nanstd(nulls, axis=0, ddof=1)
+    keys = list(rows)
+    return JointFamily(dict(zip(keys, adjusted.tolist(), strict=True)), dict(zip(keys, raw.tolist(), strict=True)),
+                       dict(zip(keys, sd.tolist(), strict=True)),
+                       dict(zip(keys, westfall_young_threshold(nulls, config.alpha, not one_sided, weights).tolist(),
+                                strict=True)), len(perms))  # fmt: skip
+
+
+def _correct(comparisons: list[dict[str, Any]], parity: list[dict[str, Any]], config: AuditConfig,
+             joint: JointFamily | None = None) -> dict[str, Any]:  # fmt: skip
+    """Adjust p-values within each family (one test per ``test_key``); set ``p_corrected``, ``flagged`` and ``mde``.
+
+    With ``joint`` (Westfall-Young), the primary rows take its p-values, null spreads and adjusted p-values.
+    """
     families: dict[str, Any] = {}
     rows = comparisons + parity
     for family in ("primary", "secondary"):
-        keys: dict[str, float] = {}
+        correction = family_correction(config, family)
+        use_joint = joint is not None and family == "primary"
+        first: dict[str, dict[str, Any]] = {}
         for r in rows:
             if r["family"] == family and r["p_value"] is not None:
-                keys.setdefault(r["test_key"], r["p_value"])
-        adjusted = dict(zip(keys, adjust_pvalues(list(keys.values()), config.correction), strict=True))
+                if use_joint:
+                    r.update(p_value=_num(joint.raw[r["test_key"]]), null_sd=_num(joint.null_sd[r["test_key"]]),
+                             permutations=joint.permutations, joint_permutations=True)  # fmt: skip
+                first.setdefault(r["test_key"], r)
+        keys = {k: r["p_value"] for k, r in first.items()}
+        weights = family_weights(first, family, config)
+        share = dict(zip(keys, (weights / weights.sum()).tolist(), strict=True)) if weights is not None else {}
+        if use_joint:
+            adjusted = {k: joint.adjusted[k] for k in keys}
+        else:
+            adjusted = dict(zip(keys, adjust_pvalues(list(keys.values()), correction, weights), strict=True))
         for r in rows:
             if r["family"] == family:
                 p = adjusted.get(r["test_key"], math.nan)
@@ -439,11 +535,20 @@ def _correct(comparisons: list[dict[str, Any]], parity: list[dict[str, Any]], co
                 significant = bool(np.isfinite(p) and p < config.alpha)
                 r["flagged"] = significant and r.get("worse", True)
                 if r["p_value"] is not None:
-                    _set_mde(r, len(keys), config)
-        families[family] = {"tests": len(keys), "correction": config.correction, "alpha": config.alpha,
+                    threshold = (joint.threshold[r["test_key"]] if use_joint else
+                                 config.alpha * share[r["test_key"]] if share else None)  # fmt: skip
+                    _set_mde(r, len(keys), config, threshold)
+        families[family] = {"tests": len(keys), "correction": correction, "alpha": config.alpha,
                             "alternative": config.alternative, "permute_within_class": config.permute_within_class,
-                            "mde_power": config.mde_power, "alpha_per_test": config.alpha / max(len(keys), 1),
+                            "mde_power": config.mde_power, "weights": config.primary_weights
+                            if family == "primary" else "tests",
+                            "alpha_per_test": config.alpha / max(len(keys), 1),
                             "flagged": sum(1 for r in rows if r["family"] == family and r["flagged"])}  # fmt: skip
+        if use_joint or share:
+            families[family]["alpha_per_test"] = {k: _num(joint.threshold[k] if use_joint else config.alpha * share[k])
+                                                  for k in keys}  # fmt: skip
+        if use_joint:
+            families[family]["joint_permutations"] = joint.permutations
     return families
 
 
@@ -462,14 +567,16 @@ def _translate_mde(pred: LabelledPredictions, comparisons: list[dict[str, Any]],
                                                              r["mde"]))  # fmt: skip
 
 
-def _set_mde(row: dict[str, Any], tests: int, config: AuditConfig) -> None:
+def _set_mde(row: dict[str, Any], tests: int, config: AuditConfig, threshold: float | None = None) -> None:
     """The row's minimum detectable effect: the gap (or parity difference) its test finds with ``mde_power`` when
-    it is the family's one real effect (p below alpha / tests), from the spread of its own permutation null."""
+    it is the family's one real effect (p below alpha / tests, or below the Westfall-Young first-step
+    ``threshold``), from the spread of its own permutation null."""
     parity = "null_mean" in row
     two_sided = config.alternative == "two-sided" and not parity
     sd = math.nan if row.get("null_sd") is None else row["null_sd"]
     mde = minimum_detectable_effect(sd, config.alpha, tests, config.mde_power, two_sided,
-                                    null_mean=(row["null_mean"] or 0.0) if parity else 0.0)  # fmt: skip
+                                    null_mean=(row["null_mean"] or 0.0) if parity else 0.0,
+                                    p_threshold=threshold)  # fmt: skip
     if parity:
         room = 1.0
     else:

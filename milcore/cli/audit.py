@@ -19,8 +19,8 @@ log = logging.getLogger("milcore")
 
 #: ``AuditConfig`` fields given as flags by ``audit`` and ``audit experiment`` (the rest: ``audit`` alone).
 SHARED_AUDIT_OPTIONS = ("age_bands", "min_group_size", "alpha", "n_boot", "seed")
-RUN_AUDIT_OPTIONS = ("attributes", "intersections", "n_perm", "correction", "primary_metric", "primary_attributes",
-                     "alternative", "permute_within_class", "mde_power")
+RUN_AUDIT_OPTIONS = ("attributes", "intersections", "n_perm", "correction", "primary_weights", "primary_metric",
+                     "primary_attributes", "alternative", "permute_within_class", "mde_power")
 #: Flags named before the config convention (``milcore run`` experiments use them).
 AUDIT_FLAGS = {"min_group_size": "--min-group", "n_boot": "--boot", "n_perm": "--permutations"}
 #: ``ExperimentSpec`` fields and training options (``TrainConfig`` fields) of ``audit experiment``.
@@ -54,7 +54,12 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
                               "alternative": "worse: is each group worse than the rest (one-sided); two-sided: "
                                              "does it differ either way",
                               "permute_within_class": "shuffle group membership within each true class",
-                              "mde_power": "power of the minimum detectable effect beside every verdict"})  # fmt: skip
+                              "mde_power": "power of the minimum detectable effect beside every verdict",
+                              "correction": "multiple-comparison correction within each family (westfall-young: "
+                                            "step-down min-P on permutations shared by the primary family's tests; "
+                                            "the secondary family then gets holm)",
+                              "primary_weights": "share the primary family's alpha equally among its tests, or "
+                                                 "among the audited attributes first"})  # fmt: skip
     _audit_options(p)
     p.set_defaults(func=run)
     sub = p.add_subparsers(dest="audit_command", metavar="{experiment,shortcuts}", parser_class=type(p))
