@@ -171,8 +171,11 @@ VARIANTS = {"old": OLD_TEST,
                         "primary_weights": "attributes"}}  # fmt: skip
 
 
-def audit_both(pred, classes: list[str], groups, seed: int, **overrides) -> dict:
+def audit_both(pred, classes: list[str], groups, seed: int, target: str = "sex=F", **overrides) -> dict:
     """Audit the same predictions with every test of :data:`VARIANTS`; the flags each would raise.
+
+    ``female_flagged`` (the key of the stored results) says whether ``target`` (``sex=F`` unless another planted
+    group is named) was flagged.
 
     ``candidates`` holds the Holm primary family of each candidate metric read from the ``wy`` audit's p-values
     (for the Brier score: Holm on the very permutations Westfall-Young used).
@@ -186,14 +189,14 @@ def audit_both(pred, classes: list[str], groups, seed: int, **overrides) -> dict
         t0 = time.perf_counter()
         audit = audit_predictions(pred, classes, groups, config) | {"config": config.to_dict()}
         seconds = time.perf_counter() - t0
-        f = next(c for c in audit["comparisons"] if c["group"] == "sex=F" and c["family"] == "primary")
+        f = next(c for c in audit["comparisons"] if c["group"] == target and c["family"] == "primary")
         secondary = any(c["flagged"] for c in audit["comparisons"] + audit["parity"] if c["family"] == "secondary")
         out[name] = {"primary_metric": config.primary_metric, "female_flagged": f["flagged"],
                      "any_primary_flag": bool(audit["summary"]["primary_flagged"]),
                      "any_flag": bool(audit["summary"]["flagged_groups"]) or secondary,
                      "p_corrected": f["p_corrected"], "mde": f.get("mde"), "seconds": seconds}  # fmt: skip
         if name == "wy":
-            out["candidates"] = {m: candidate_family(audit, m, correction="holm") for m in CANDIDATES}
+            out["candidates"] = {m: candidate_family(audit, m, target, correction="holm") for m in CANDIDATES}
             out["holm"] = {"female_flagged": out["candidates"]["balanced_brier"]["flagged"],
                            "any_flag": out["candidates"]["balanced_brier"]["any"] or secondary,
                            "mde": out["candidates"]["balanced_brier"]["mde"]}  # fmt: skip
@@ -218,6 +221,16 @@ def audit_folder(root: Path, row: dict) -> dict:
     female = groups.values["sex"] == "F"
     ba = weighted_ba(pred, female)
     return row | both | {"gap_F_minus_M": ba}
+
+
+def _members(cols: dict, target: str) -> np.ndarray:
+    """(n,) bool: the patients of ``target`` (``sex=F``, ``age=72-86``) in simulated cohort columns."""
+    column, _, level = target.partition("=")
+    if column == "sex":
+        return cols["sex"] == level
+    lo, hi = (int(v) for v in level.split("-"))
+    age = cols["age"].astype(int)
+    return (age >= lo) & (age <= hi)
 
 
 def weighted_ba(pred, female: np.ndarray) -> float:
@@ -313,8 +326,9 @@ BASE_ACCURACY = 0.85
 
 
 def simulated_predictions(n: int, seed: int, gap: float, model: str = "flip", base: float = BASE_ACCURACY,
-                          classes: int = 5):  # fmt: skip
-    """Labels, probabilities and cohort columns where women's balanced accuracy is ``gap`` below men's.
+                          classes: int = 5, target: str = "sex=F"):  # fmt: skip
+    """Labels, probabilities and cohort columns where women's balanced accuracy is ``gap`` below men's (or, with
+    ``target="age=LO-HI"``, that age band's below the other patients').
 
     ``flip``: each patient is right with probability ``base`` (men) or ``base - gap`` (women), and the
     probabilities carry nothing else about sex (how confident the model is does not depend on it).
@@ -328,15 +342,21 @@ def simulated_predictions(n: int, seed: int, gap: float, model: str = "flip", ba
     y = rng.integers(0, classes, n)
     sex = rng.choice(["F", "M"], n)
     age = np.clip(np.rint(rng.normal(58, 16, n)), 18, 90).astype(int)
+    column, _, level = target.partition("=")
+    if column == "sex":
+        hit = sex == level
+    else:
+        lo, hi = (int(v) for v in level.split("-"))
+        hit = (age >= lo) & (age <= hi)
     if model == "flip":
-        correct = rng.random(n) < np.where(sex == "F", base - gap, base)
+        correct = rng.random(n) < np.where(hit, base - gap, base)
         pred = np.where(correct, y, (y + rng.integers(1, classes, n)) % classes)
         logits = rng.normal(0, 0.6, (n, classes))
         logits[np.arange(n), pred] += 2.0
         proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     elif model == "margin":
         logits = rng.normal(0, 1, (n, classes))
-        logits[np.arange(n), y] += np.where(sex == "F", _margin(base - gap, classes), _margin(base, classes))
+        logits[np.arange(n), y] += np.where(hit, _margin(base - gap, classes), _margin(base, classes))
         proba = softmax(logits, fit_temperature(logits, y))
     else:
         raise ValueError(f"unknown model {model!r}")
@@ -371,38 +391,41 @@ def stats(args: argparse.Namespace) -> int:
     if seeds_path.exists():
         for line in seeds_path.read_text().splitlines():
             r = json.loads(line)
-            done[(r["model"], r["patients"], r["planted_gap"], r["seed"], r["attributes"], r["primary"])] = r
+            done[(r["model"], r["patients"], r["planted_gap"], r["seed"], r["attributes"], r["primary"])
+                 + ((r["target"],) if "target" in r else ())] = r
     for model in args.models:
         for n in args.patients:
             for gap in args.gaps:
                 per_seed = []
                 t0 = time.perf_counter()
                 for seed in range(args.seeds):
-                    key = (model, n, gap, seed, args.attributes, args.primary_attributes)
+                    key = (model, n, gap, seed, args.attributes, args.primary_attributes) + (
+                        (args.target,) if args.target != "sex=F" else ())  # fmt: skip
                     if key in done:
                         per_seed.append(done[key])
                         continue
-                    y, proba, cols = simulated_predictions(n, seed, gap, model)
+                    y, proba, cols = simulated_predictions(n, seed, gap, model, target=args.target)
                     pred = LabelledPredictions(y, proba)
                     groups = build_groups(cols, n, AuditConfig(attributes=attributes, intersections=False))
                     r = audit_both(pred, classes, groups, seed, attributes=attributes, intersections=False,
                                    per_class=False, n_boot=args.boot, n_perm=args.permutations,
-                                   primary_attributes=primary)  # fmt: skip
-                    r["gap_F_minus_M"] = weighted_ba(pred, cols["sex"] == "F")
-                    r |= dict(zip(("model", "patients", "planted_gap", "seed", "attributes", "primary"), key,
-                                  strict=True))
+                                   primary_attributes=primary, target=args.target)  # fmt: skip
+                    r["gap_F_minus_M"] = weighted_ba(pred, _members(cols, args.target))
+                    r |= dict(zip(("model", "patients", "planted_gap", "seed", "attributes", "primary", "target"),
+                                  key, strict=False))
                     with open(seeds_path, "a") as fh:
                         fh.write(json.dumps(r) + "\n")
                     per_seed.append(r)
                 row = {"level": "statistics (simulated predictions)", "model": model, "patients": n,
-                       "planted_gap": gap, "seeds": args.seeds,
+                       "target": args.target, "planted_gap": gap, "seeds": args.seeds,
                        "attributes": args.attributes,
                        "mean_observed_ba_gap": float(np.mean([r["gap_F_minus_M"] for r in per_seed])),
                        "seconds": time.perf_counter() - t0} | _rates(per_seed)  # fmt: skip
                 rows.append(row)
                 log.info("%s", row)
-    lines = [f"audit statistics alone (simulated predictions, 5 classes, men {BASE_ACCURACY:.0%} correct; audited by "
-             f"{args.attributes}, primary {args.primary_attributes or 'all'}; {args.seeds} seeds per row)", "",
+    lines = [f"audit statistics alone (simulated predictions, 5 classes, {BASE_ACCURACY:.0%} correct outside the "
+             f"planted group {args.target} ('F' in the columns); audited by {args.attributes}, primary "
+             f"{args.primary_attributes or 'all'}; {args.seeds} seeds per row)", "",
              "| model | patients | planted gap | observed BA gap | " + " | ".join(_COLUMNS) + " | "
              + " | ".join(_MDES) + " |", "|---|---:|---:|---:|" + "---:|" * (len(_COLUMNS) + len(_MDES))]  # fmt: skip
     for r in rows:
@@ -462,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--permutations", type=int, default=2000)
     st.add_argument("--attributes", default="sex,age", help="audited columns (the primary family's groups)")
     st.add_argument("--primary-attributes", default="", help="pre-specified primary attributes (default: all)")
+    st.add_argument("--target", default="sex=F", help="the group whose accuracy is lowered: sex=F or an age band "
+                    "such as age=72-86 (the price of sharing alpha by attribute)")
     st.add_argument("--threads", type=int, default=1)
     st.set_defaults(func=stats)
     e = sub.add_parser("experiment")

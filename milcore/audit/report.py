@@ -14,7 +14,7 @@ from milcore.report.caveats import add_warnings
 from milcore.report.glossary import AUDIT_TERMS, add_glossary
 
 #: Correction names as the glossary spells them.
-_CORRECTIONS = {"holm": "Holm", "bonferroni": "Bonferroni", "bh": "BH"}
+_CORRECTIONS = {"holm": "Holm", "bonferroni": "Bonferroni", "bh": "BH", "westfall-young": "Westfall-Young"}
 
 
 def _nan(x: Any) -> float:
@@ -50,9 +50,8 @@ def add_audit_sections(rep: Report, audit: dict[str, Any]) -> None:
         f"rest). Gaps are tested by permutation ({config['n_perm']} at most"
         + (", group membership shuffled within each true class, so the class mix of the groups plays no part"
            if within else "") + "; "
-        + ("one-sided: is the group worse than the rest?" if one_sided else "two-sided") + ") and corrected with "
-        f"{_CORRECTIONS.get(config['correction'], config['correction'])} within two families at alpha "
-        f"{config['alpha']}: the primary family "
+        + ("one-sided: is the group worse than the rest?" if one_sided else "two-sided") + ") and corrected "
+        + _how_corrected(config) + f" within two families at alpha {config['alpha']}: the primary family "
         f"({label(config['primary_metric'])} of single-attribute groups"
         + (f" of {', '.join(config['primary_attributes'])}" if config.get("primary_attributes") else "") + ", "
         f"{plural(fam['primary']['tests'], 'test')}) and the secondary family (other metrics, per-class recall and "
@@ -172,6 +171,21 @@ def _n(audit: dict[str, Any], name: str) -> int:
     return next(int(g["n"]) for g in audit["groups"] if g["name"] == name)
 
 
+def _how_corrected(config: dict[str, Any]) -> str:
+    """``with Holm`` or, for Westfall-Young, which family gets what (and how the primary alpha is shared)."""
+    name = _CORRECTIONS.get(config["correction"], config["correction"])
+    if config["correction"] == "westfall-young":
+        text = ("with Westfall-Young step-down min-P in the primary family (all its tests on the same "
+                f"{config['n_perm']} within-class shuffles, so their dependence is accounted for) and Holm in the "
+                "secondary family")  # fmt: skip
+    else:
+        text = f"with {name}"
+    if config.get("primary_weights") == "attributes":
+        text += ("; the primary family's alpha is shared equally among the audited attributes, then among each "
+                 "attribute's groups")  # fmt: skip
+    return text
+
+
 def write_audit_report(out: Path, audit: dict[str, Any]) -> tuple[Path, Path]:
     """Render ``audit.html`` and ``audit.md`` (+ ``audit_files/``) for a stratified audit."""
     from milcore.report.files import write_report_atomic
@@ -179,5 +193,5 @@ def write_audit_report(out: Path, audit: dict[str, Any]) -> tuple[Path, Path]:
     rep = Report(f"Bias audit of {audit['input']['run']}")
     add_audit_sections(rep, audit)
     add_glossary(rep, [*AUDIT_TERMS, "log-loss", "Brier score", "minimum detectable effect",
-                       _CORRECTIONS.get(audit["config"]["correction"], "Holm")])  # fmt: skip
+                       _CORRECTIONS.get(audit["config"]["correction"], "Holm"), "Holm"])  # fmt: skip
     return write_report_atomic(Path(out), rep, "audit")

@@ -591,6 +591,13 @@ def _set_mde(row: dict[str, Any], tests: int, config: AuditConfig, threshold: fl
         row["mde_note"] = "no permutation spread to size an effect from"
 
 
+def correction_name(config: AuditConfig) -> str:
+    """``holm``, or ``Westfall-Young (primary family; Holm in the secondary)``, for the headline."""
+    if config.correction == "westfall-young":
+        return "Westfall-Young (primary family; Holm in the secondary)"
+    return config.correction
+
+
 def summarize(comparisons: list[dict[str, Any]], parity: list[dict[str, Any]], config: AuditConfig,
               warnings: list[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
     """Plain-language summary naming the groups where the model is significantly worse.
@@ -639,7 +646,7 @@ def summarize(comparisons: list[dict[str, Any]], parity: list[dict[str, Any]], c
         head = f"The model is significantly worse (corrected p < {config.alpha}) for: {', '.join(groups)}."
     else:
         head = (
-            f"No subgroup is significantly worse than the other patients after {config.correction} correction "
+            f"No subgroup is significantly worse than the other patients after {correction_name(config)} correction "
             f"(alpha {config.alpha}). This is not evidence of fairness: " + _mde_range(quiet, config)
         )
     return {"flagged_groups": groups, "primary_flagged": sorted({c["group"] for c in primary}), "headline": head,

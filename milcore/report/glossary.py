@@ -38,6 +38,9 @@ GLOSSARY: dict[str, str] = {
     "runs from 0 (certain and right) to 1 (certain and wrong); class-balanced like the log-loss.",
     "Holm": "Holm's step-down correction of p-values for many tests, keeping the chance of any false flag "
     "in a family of tests at alpha.",
+    "Westfall-Young": "a step-down correction that shuffles group membership once for all the tests of a family "
+    "and compares each p-value with the smallest one the shuffles produce: the chance of any false flag stays at "
+    "alpha, and tests that move together (overlapping groups) are not counted twice.",
     "Bonferroni": "a correction multiplying each p-value by the number of tests, keeping the chance of any "
     "false flag at alpha (stricter than Holm).",
     "BH": "Benjamini-Hochberg: a correction keeping the expected share of false flags among the flagged "

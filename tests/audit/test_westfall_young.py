@@ -146,3 +146,22 @@ def test_weights_by_attribute_under_holm_set_each_tests_share() -> None:
     assert sum(shares.values()) == pytest.approx(0.05)
     assert {round(v, 6) for v in shares.values()} == {round(0.05 / 4, 6), round(0.05 / 8, 6)}
     assert audit["families"]["secondary"]["weights"] == "tests"
+
+
+def test_cli_audit_with_westfall_young_says_how_it_corrected(tmp_path, audit_case) -> None:
+    import json
+
+    from milcore.cli import main
+
+    run, cohort = audit_case(tmp_path, 200, 5, 0.8, 0.8)
+    out = tmp_path / "audit"
+    assert main(["-q", "audit", "--run", str(run), "--cohort", str(cohort), "--out", str(out), "--permutations", "300",
+                 "--boot", "30", "--no-intersections", "--correction", "westfall-young", "--primary-weights",
+                 "attributes"]) == 0  # fmt: skip
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["config"]["correction"] == "westfall-young" and audit["config"]["primary_weights"] == "attributes"
+    assert audit["families"]["primary"]["correction"] == "westfall-young"
+    md = (out / "audit.md").read_text()
+    assert "Westfall-Young step-down min-P in the primary family" in md and "shared equally among the audited" in md
+    assert "**Westfall-Young**" in md or "Westfall-Young:" in md  # the glossary explains it
+    assert "after Westfall-Young (primary family; Holm in the secondary) correction" in audit["summary"]["headline"]
