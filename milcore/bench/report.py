@@ -92,12 +92,12 @@ def part_line(result: dict[str, Any]) -> str:
     spec = result["spec"]
     if spec.get("fold") is not None:
         k = spec["folds"]
-        return (f"Part of a job array: fold {spec['fold']} of {k} (--fold {spec['fold']}; folds 0 to {k - 1}) of seeds "
-                f"{', '.join(map(str, spec['seeds']))}; the means above are over this fold only. Join the parts with "
-                "milcore report merge PART ... --out BENCH.")  # fmt: skip
+        return (f"Part of a job array: fold {spec['fold']} of {k} (--fold {spec['fold']}; folds 0 to {k - 1}) of "
+                f"{_seeds(spec['seeds'])}; the means above are over this fold only. Join the parts with milcore report "
+                "merge PART ... --out BENCH.")  # fmt: skip
     if result.get("parts"):
         return (f"Merged from {plural(len(result['parts']), 'part')} (milcore report merge): "
-                + "; ".join(f"{p['folder']} (seeds {', '.join(map(str, p['seeds']))}, "
+                + "; ".join(f"{p['folder']} ({_seeds(p['seeds'])}, "
                             + ("every fold" if p.get("fold") is None else f"fold {p['fold']}") + ")"
                             for p in result["parts"]) + ".")  # fmt: skip
     return ""
@@ -183,6 +183,11 @@ def tuning_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         row += [f"{c['kept_defaults']} of {c['pairs']}", ", ".join(below) or "no"]
         rows.append(row)
     return headers, rows
+
+
+def _seeds(seeds: list[int]) -> str:
+    """``seed 0`` or ``seeds 0, 1, 2``."""
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
 
 
 def run_line(result: dict[str, Any]) -> str:

@@ -66,7 +66,7 @@ def test_a_fold_part_holds_one_fold_and_records_what_a_merge_checks(benches: dic
     assert [r["model"] for r in part["runs"]] == ["mean", "abmil"] * 2
     assert part["splits"] == whole["splits"], "every fold's split assignment, not only the part's"
     assert part["inputs"] == whole["inputs"] and len(part["inputs"]["bank_fingerprint"]) == 64
-    assert "Part of a job array: fold 1 of 3 (--fold 1; folds 0 to 2) of seeds 0, 1" in (
+    assert "Part of a job array: fold 1 of 3 (--fold 1; folds 0 to 2) of seeds 0, 1;" in (
         benches["f1"] / "table.md").read_text()
 
 
@@ -175,6 +175,24 @@ def test_a_bank_at_another_path_with_the_same_content_merges(benches: dict[str, 
     out = tmp_path / "m"
     assert main(["report", "merge", *_parts(benches, "f0", "f2s0", "f2s1"), str(moved), "--out", str(out)]) == 0
     assert _load(out)["spec"]["bank"] == _load(benches["f0"])["spec"]["bank"]
+
+
+def test_a_failed_run_in_a_part_fails_its_model_in_the_merge(benches: dict[str, Path], tmp_path: Path,
+                                                              capsys) -> None:  # fmt: skip
+    def fail(p: dict) -> None:
+        row = p["runs"][1]
+        p["runs"][1] = {k: row[k] for k in ("model", "impl", "variant", "seed", "fold")} | {
+            "status": "failed", "error": "RuntimeError: out of memory"}
+
+    broken = _edited(benches["f1"], tmp_path / "broken", fail)
+    out = tmp_path / "m"
+    assert main(["report", "merge", *_parts(benches, "f0", "f2s0", "f2s1"), str(broken), "--out", str(out)]) == 1
+    merged = _load(out)
+    abmil = next(s for s in merged["summary"] if s["model"] == "abmil")
+    assert abmil["status"] == "failed" and abmil["failures"] == [{"seed": 0, "fold": 1,
+                                                                  "error": "RuntimeError: out of memory"}]
+    assert merged["failed"] == ["milcore:abmil:default"]
+    assert "FAILED: abmil seed 0 fold 2/3: RuntimeError: out of memory" in (out / "table.md").read_text()
 
 
 def test_other_splits_are_refused(benches: dict[str, Path], tmp_path: Path, capsys) -> None:
