@@ -544,9 +544,9 @@ def _correct(comparisons: list[dict[str, Any]], parity: list[dict[str, Any]], co
                             if family == "primary" else "tests",
                             "alpha_per_test": config.alpha / max(len(keys), 1),
                             "flagged": sum(1 for r in rows if r["family"] == family and r["flagged"])}  # fmt: skip
-        if use_joint or share:
-            families[family]["alpha_per_test"] = {k: _num(joint.threshold[k] if use_joint else config.alpha * share[k])
-                                                  for k in keys}  # fmt: skip
+        families[family]["first_step_p"] = {  # the raw p-value each test must pass when it is the one real effect
+            k: _num(joint.threshold[k] if use_joint else config.alpha * share[k] if share else
+                    config.alpha / len(keys)) for k in keys}  # fmt: skip
         if use_joint:
             families[family]["joint_permutations"] = joint.permutations
     return families

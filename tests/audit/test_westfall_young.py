@@ -125,7 +125,7 @@ def test_the_audit_corrects_its_primary_family_by_westfall_young(weights: str) -
     assert all(c["joint_permutations"] and c["permutations"] == 500 for c in primary)
     f = next(c for c in primary if c["group"] == "sex=F")
     assert f["flagged"] and f["p_corrected"] < 0.01 and "sex=F" in audit["summary"]["primary_flagged"]
-    thresholds = fam["primary"]["alpha_per_test"]
+    thresholds = fam["primary"]["first_step_p"]
     for c in primary:  # each MDE is sized at the p-value its test must pass in this very procedure
         assert c["mde"] == pytest.approx(minimum_detectable_effect(c["null_sd"], 0.05, 6, 0.8,
                                                                    p_threshold=thresholds[c["test_key"]]))  # fmt: skip
@@ -142,10 +142,12 @@ def test_weights_by_attribute_under_holm_set_each_tests_share() -> None:
     cfg = AuditConfig(attributes=("sex", "age"), primary_weights="attributes", n_boot=30, n_perm=300,
                       per_class=False, intersections=False)  # fmt: skip
     audit = audit_predictions(pred, list("abcd"), build_groups(cols, len(pred), cfg), cfg)
-    shares = audit["families"]["primary"]["alpha_per_test"]
+    shares = audit["families"]["primary"]["first_step_p"]
     assert sum(shares.values()) == pytest.approx(0.05)
     assert {round(v, 6) for v in shares.values()} == {round(0.05 / 4, 6), round(0.05 / 8, 6)}
     assert audit["families"]["secondary"]["weights"] == "tests"
+    secondary = audit["families"]["secondary"]
+    assert secondary["alpha_per_test"] == pytest.approx(0.05 / secondary["tests"])
 
 
 def test_cli_audit_with_westfall_young_says_how_it_corrected(tmp_path, audit_case) -> None:
