@@ -12,7 +12,12 @@
 - Minimum detectable effect (:func:`minimum_detectable_effect`): the gap a test finds with the given power
   at its share of the family's alpha, ``(z_{1 - alpha / (k m)} + z_power) * sd0`` with ``sd0`` the spread
   of the permutation null of that very test (normal approximation; ``k`` = 2 when two-sided).
-- Corrections: Holm (step-down, family-wise error), Bonferroni, Benjamini-Hochberg (false discovery rate).
+- Corrections: Holm (step-down, family-wise error), Bonferroni, Benjamini-Hochberg (false discovery rate), each
+  optionally weighted, and Westfall-Young step-down min-P (:func:`westfall_young`, Westfall & Young 1993) on
+  joint permutations (:func:`class_permutations`: one within-class shuffle moves every group of a family),
+  which uses the tests' real joint null: never less power than Holm on the same permutations, more where
+  tests are positively dependent. Written here: statsmodels' ``multipletests`` has no permutation-based
+  procedure, and no maintained Python package found offers step-down min-P for arbitrary statistics.
 - Trends and paired effects over seeds: ordinary least squares slope with a t-test; mean differences with
   a t-interval and a one-sample t-test.
 """

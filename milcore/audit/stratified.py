@@ -9,10 +9,15 @@ class is missing from the group or from the rest, the group's comparisons use th
 group). Two families of tests are corrected separately, each at ``alpha``: the *primary* family
 (``primary_metric`` on single-attribute groups of the ``primary_attributes``, the pre-specified question) and
 the *secondary* family (the other metrics, per-class recall and FPR, intersections, the other attributes and
-the parity differences). A comparison is ``flagged`` when its corrected p-value is below ``alpha`` and the
-group is worse than the rest; every comparison carries its minimum detectable effect (``mde``: the gap its
-test would find with ``mde_power`` at the family's alpha), which the summary prints beside every primary
-verdict that is not a flag. Groups below ``min_group_size`` are ``insufficient``: shown, never tested, no MDE.
+the parity differences). With ``correction="westfall-young"`` the primary family is tested again on joint
+permutations (every patient's attributes moved together to another patient of the same class, so every group of
+the family is shuffled by the same draw) and corrected by Westfall-Young step-down min-P; the secondary family
+gets Holm. ``primary_weights="attributes"`` shares the primary family's alpha equally among the attributes
+first (weighted Holm / Westfall-Young). A comparison is ``flagged`` when its corrected p-value is below
+``alpha`` and the group is worse than the rest; every comparison carries its minimum detectable effect
+(``mde``: the gap its test would find with ``mde_power`` at the p-value its procedure asks of it when it is the
+family's one real effect), which the summary prints beside every primary verdict that is not a flag. Groups
+below ``min_group_size`` are ``insufficient``: shown, never tested, no MDE.
 Groups without a patient (an empty intersection) are left out and listed in ``empty_groups``.
 
 The audit also says when its answer cannot be read as reassurance (``warnings``, the rules of
