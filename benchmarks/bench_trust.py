@@ -61,7 +61,7 @@ def one_seed(pools, root: Path, seed: int, args: argparse.Namespace) -> dict:
     from milcore.data.store import open_bags
     from milcore.prediction import predict
     from milcore.training.config import RunSpec, TrainConfig
-    from milcore.trust.retrieval import build_index, similar_cases
+    from milcore.trust.retrieval import CENTER, VOTE, VOTES, build_index, similar_cases
     from milcore.trust.uncertainty import selective_summary
 
     t0 = time.perf_counter()
@@ -86,7 +86,14 @@ def one_seed(pools, root: Path, seed: int, args: argparse.Namespace) -> dict:
     truth = dict(zip(bags.bag_ids, bags.labels.tolist(), strict=True))
     pred_of = dict(zip(new.table.bag_ids, new.table.predicted.tolist(), strict=True))
     classes = list(new.table.classes)
-    majority = np.asarray([classes.index(m.majority()) == truth[m.bag_id] for m in matches])
+    variants = {}  # every (centring, vote) pair, the library's default among them
+    for center in (False, True):
+        found = matches if center == CENTER else similar_cases(
+            build_index(folder / "run", device="cpu", center=center), folder / "run", bags, k=5, device="cpu")
+        for vote in VOTES:
+            variants[f"{'centred' if center else 'raw'}/{vote}"] = float(np.mean(
+                [classes.index(m.majority(vote)) == truth[m.bag_id] for m in found]))  # fmt: skip
+    majority = np.asarray([classes.index(m.majority(VOTE)) == truth[m.bag_id] for m in matches])
     classifier = np.asarray([pred_of[m.bag_id] == truth[m.bag_id] for m in matches])
     from milcore.metrics.classification import balanced_accuracy
 
@@ -106,6 +113,7 @@ def one_seed(pools, root: Path, seed: int, args: argparse.Namespace) -> dict:
                           y, np.asarray([pred_of[m.bag_id] for m in matches]), len(classes)),
                       "agreement": float(np.mean([classes.index(m.majority()) == pred_of[m.bag_id]
                                                   for m in matches])),
+                      "default": f"{'centred' if CENTER else 'raw'}/{VOTE}", "variants": variants,
                       "index_patients": len(index), "index_cells": len(index.cell_owner),
                       "seconds_build": t_index, "seconds_query": t_query},
         "seconds_train": t_train, "seconds_total": time.perf_counter() - t0, "load_average": _load(),
@@ -154,6 +162,14 @@ def summarize(rows: list[dict]) -> dict:
     }
     retrieval = {"majority_accuracy": _ms(maj), "classifier_accuracy": _ms(clf),
                  "seeds_majority_at_least_classifier": int(sum(m >= c for m, c in zip(maj, clf, strict=True)))}
+    names = [v for v in rows[0]["retrieval"].get("variants", {}) if all(v in r["retrieval"].get("variants", {})
+                                                                       for r in rows)]  # fmt: skip
+    retrieval["variants"] = {v: {"accuracy": _ms([r["retrieval"]["variants"][v] for r in rows]),
+                                 "minus_classifier": _ms([r["retrieval"]["variants"][v] - c
+                                                          for r, c in zip(rows, clf, strict=True)]),
+                                 "seeds_at_least_classifier": int(sum(r["retrieval"]["variants"][v] >= c
+                                                                      for r, c in zip(rows, clf, strict=True)))}
+                             for v in names}  # fmt: skip
     return {"scores": per_score, "best": best, "retrieval": retrieval, "targets": targets, "seeds": len(rows)}
 
 
@@ -174,7 +190,7 @@ def targets(args: argparse.Namespace) -> int:
     if path.exists():
         done = {json.loads(line)["seed"]: json.loads(line) for line in path.read_text().splitlines()}
     rows = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         if seed not in done:
             done[seed] = one_seed(pools, root, seed, args)
             with open(path, "a") as f:
@@ -199,11 +215,15 @@ def targets(args: argparse.Namespace) -> int:
                  f"{r['majority_accuracy'][1]:.3f}, classifier {r['classifier_accuracy'][0]:.3f} ± "
                  f"{r['classifier_accuracy'][1]:.3f} (majority >= classifier in "
                  f"{r['seeds_majority_at_least_classifier']}/{len(rows)} seeds)")  # fmt: skip
+    for v, x in r["variants"].items():
+        lines.append(f"  retrieval {v}: {x['accuracy'][0]:.3f} ± {x['accuracy'][1]:.3f}, minus classifier "
+                     f"{100 * x['minus_classifier'][0]:+.1f} ± {100 * x['minus_classifier'][1]:.1f} points, >= "
+                     f"classifier in {x['seeds_at_least_classifier']}/{len(rows)} seeds")  # fmt: skip
     lines.append("targets: " + ", ".join(f"{k}={v}" for k, v in summary["targets"].items()))
     result = {"benchmark": "trust_targets", "machine": machine_info(), "load_average_start": load_start,
               "args": {k: v for k, v in vars(args).items() if k != "func"}, "summary": summary, "rows": rows}
     save_bench(root, result, "\n".join(lines))
-    _publish(args, "targets", result)
+    _publish(args, args.name, result)
     return 0
 
 
@@ -268,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("targets")
     t.add_argument("--out", default="runs/bench_trust")
     t.add_argument("--seeds", type=int, default=5)
+    t.add_argument("--first-seed", type=int, default=0,
+                   help="seeds first-seed .. first-seed + seeds - 1 (choose settings on other seeds than you report)")
+    t.add_argument("--name", default="targets", help="result file name under --results")
     t.add_argument("--train-patients", type=int, default=120)
     t.add_argument("--test-patients", type=int, default=100)
     t.add_argument("--epochs", type=int, default=15)

@@ -171,7 +171,7 @@ def predict(source: Any, bank_path: str | Path, *, out: str | Path | None = None
             allow_partial: bool = False, allow_task_rename: bool = False, overwrite: bool = False,
             batch_instances: int = 16384, device: str = "auto", n_boot: int = 1000,
             abstain_above: float | None = None, abstain_score: str = DEFAULT_SCORE,
-            mc_samples: int | None = None) -> PredictionRun:  # fmt: skip
+            mc_samples: int | None = None, coverage_targets: Sequence[float] = ()) -> PredictionRun:  # fmt: skip
     """Apply one model, or the mean of several (a fold ensemble), to every bag of a bank.
 
     Everything is checked before the first byte is written: ``out``, run completeness, each
@@ -204,6 +204,8 @@ def predict(source: Any, bank_path: str | Path, *, out: str | Path | None = None
             (models with dropout).
         mc_samples: Monte-Carlo dropout passes per model with dropout (default
             :data:`~milcore.trust.uncertainty.MC_SAMPLES`; 0 skips MC-dropout).
+        coverage_targets: balanced accuracies (each in ``(0, 1]``) whose coverage is reported beside the
+            default 0.90 and 0.95 ("the coverage at which balanced accuracy reaches X").
 
     Every patient gets the uncertainty scores the models allow (``uncertainty_<score>`` columns of
     ``predictions.csv``); with a labelled cohort, ``metrics.json["uncertainty"]`` holds their risk-coverage
@@ -229,6 +231,7 @@ def predict(source: Any, bank_path: str | Path, *, out: str | Path | None = None
     if abstain_above is not None:
         abstain_above = unc.check_threshold(abstain_above)
     unc.check_score_name(abstain_score)
+    targets = unc.check_coverage_targets(coverage_targets)
     mc_samples = unc.MC_SAMPLES if mc_samples is None else int(mc_samples)
     if mc_samples < 0:
         raise InvalidArgumentError(f"--mc-samples {mc_samples}: must be 0 (off) or more")
@@ -317,7 +320,7 @@ def predict(source: Any, bank_path: str | Path, *, out: str | Path | None = None
     if cohort is not None and (labels >= 0).any():
         metrics = score_predictions(table, attention, bank, task or "", cohort, cells, n_boot=n_boot)
         metrics["ensemble"] = ckset.describe()
-        metrics["uncertainty"] = unc.selective_summary(labels, table.proba, uncertainty)
+        metrics["uncertainty"] = unc.selective_summary(labels, table.proba, uncertainty, targets=targets)
         if referral is not None:
             metrics["abstention"] = {k: v for k, v in referral.items() if k != "referred_ids"}
     meta = {

@@ -48,6 +48,10 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
                    "needs a fold ensemble, mc_dropout models with dropout)")  # fmt: skip
     p.add_argument("--mc-samples", type=int_at_least(0), default=MC_SAMPLES, metavar="N",
                    help=f"Monte-Carlo dropout passes per model with dropout (default {MC_SAMPLES}; 0: off)")
+    p.add_argument("--coverage-target", type=float, action="append", default=[], metavar="X",
+                   help="with a labelled --cohort: also report the coverage at which balanced accuracy reaches X "
+                   "(0 < X <= 1; repeatable; 0.90 and 0.95 are always reported) and the --abstain-above U that "
+                   "gets there")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=run)
 
@@ -60,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
                             cells=args.cells, allow_partial=args.allow_partial,
                             allow_task_rename=args.allow_task_rename, overwrite=args.overwrite,
                             device=args.device, abstain_above=args.abstain_above,
-                            abstain_score=args.abstain_score, mc_samples=args.mc_samples)  # fmt: skip
+                            abstain_score=args.abstain_score, mc_samples=args.mc_samples,
+                            coverage_targets=args.coverage_target)  # fmt: skip
     table = result.table
     counts = ", ".join(f"{c}: {int((table.predicted == i).sum())}" for i, c in enumerate(table.classes))
     log.info("predicted %d bags: %s (%s)", len(table.bag_ids), counts, result.checkpoints.describe())

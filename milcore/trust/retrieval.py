@@ -45,6 +45,11 @@ INDEX_FORMAT = "milcore-case-index"
 INDEX_VERSION = 1
 #: Characteristic cells kept per training patient.
 TOP_CELLS = 8
+#: Bag embeddings are centred per fold before the cosine (chosen by measurement: benchmarks/README.md, issue 16).
+CENTER = True
+#: How the retrieved cases vote: ``count`` (ties: summed similarity) or ``similarity`` (summed similarity).
+VOTE = "count"
+VOTES = ("count", "similarity")
 
 
 # ----------------------------------------------------------------------------- the models of a run
@@ -165,7 +170,8 @@ class CaseIndex:
         patients: (P,) training patients.
         labels: (P,) their class index.
         members: fold -> (n_f,) indices into ``patients`` of the bags the fold model trained on.
-        embeddings: fold -> (n_f, E) the fold model's unit-norm embeddings of those bags.
+        embeddings: fold -> (n_f, E) the fold model's unit-norm embeddings of those bags (centred first
+            when ``centers`` holds the fold).
         cell_owner: (M,) index into ``patients`` of each characteristic cell.
         cell_ids: (M,) cell ids (bank ``cell_id`` column, else the row within the bag).
         cell_attention: (M,) relative attention (attention x cells in the bag; 1 = uniform).
@@ -173,6 +179,10 @@ class CaseIndex:
         checksums: fold -> checkpoint checksum of the models the index was built from.
         source: where it was built from (run folder, bank, cohort).
         backend: search backend (:data:`milcore.trust.search.BACKENDS`).
+        centers: fold -> (E,) mean embedding of the fold's training bags, subtracted from the training and
+            the query embeddings before they are normalised (cosine of centred embeddings: the bag embeddings
+            of a ReLU MLP are non-negative, so uncentred cosines all crowd near 1). Empty: uncentred (an index
+            written before centring existed).
     """
 
     encoder: dict[str, Any]
@@ -189,6 +199,7 @@ class CaseIndex:
     checksums: dict[str, str]
     source: dict[str, Any] = field(default_factory=dict)
     backend: str = "auto"
+    centers: dict[int, np.ndarray] = field(default_factory=dict)
     _searches: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -223,6 +234,11 @@ class CaseIndex:
             self._searches[fold] = make_search(np.asarray(vectors, dtype=np.float32), self.backend)
         return self._searches[fold].search(queries, k)
 
+    def query_vectors(self, fold: int, embeddings: np.ndarray) -> np.ndarray:
+        """(Q, E) a fold model's embeddings of query bags, centred like the fold's training embeddings."""
+        x = np.asarray(embeddings, dtype=np.float32)
+        return x - self.centers[fold] if fold in self.centers else x
+
     def cells_of(self, patient: int, n: int) -> list[tuple[str, float]]:
         """The ``n`` most characteristic cells of a training patient: ``(cell_id, relative attention)``."""
         rows = np.flatnonzero(self.cell_owner == patient)
@@ -249,6 +265,8 @@ class CaseIndex:
                     g = f.create_group(f"folds/{k}")
                     g.create_dataset("members", data=np.asarray(self.members[k], dtype=np.int64))
                     g.create_dataset("embeddings", data=np.asarray(self.embeddings[k], dtype=np.float32))
+                    if k in self.centers:
+                        g.create_dataset("center", data=np.asarray(self.centers[k], dtype=np.float32))
                 c = f.create_group("cells")
                 c.create_dataset("owner", data=np.asarray(self.cell_owner, dtype=np.int64))
                 c.create_dataset("cell_id", data=np.asarray([str(x) for x in self.cell_ids], dtype=object),
@@ -281,16 +299,19 @@ class CaseIndex:
                 patients = [p.decode() if isinstance(p, bytes) else str(p) for p in f["patients"][:]]
                 members = {int(k): f[f"folds/{k}/members"][:] for k in f["folds"]}
                 embeddings = {int(k): f[f"folds/{k}/embeddings"][:] for k in f["folds"]}
+                centers = {int(k): f[f"folds/{k}/center"][:] for k in f["folds"] if "center" in f[f"folds/{k}"]}
                 cells = f["cells"]
                 index = cls(meta["encoder"], list(meta["classes"]), meta.get("task"), patients, f["labels"][:],
                             members, embeddings, cells["owner"][:],
                             np.asarray([c.decode() if isinstance(c, bytes) else str(c) for c in cells["cell_id"][:]]),
                             cells["attention"][:], cells["features"][:].astype(np.float32),
-                            dict(meta.get("checksums", {})), dict(meta.get("source", {})), backend)  # fmt: skip
+                            dict(meta.get("checksums", {})), dict(meta.get("source", {})), backend,
+                            centers)  # fmt: skip
         except (OSError, KeyError, ValueError, TypeError) as exc:
             raise UserError(f"{path}: unreadable similar-case index ({exc})") from exc
         bad = [k for k in members if len(members[k]) != len(embeddings[k]) or
-               (len(members[k]) and members[k].max() >= len(patients))]  # fmt: skip
+               (len(members[k]) and members[k].max() >= len(patients)) or
+               (k in centers and centers[k].shape != embeddings[k].shape[1:])]  # fmt: skip
         if bad or len(index.labels) != len(patients) or (len(index.cell_owner) and
                                                          index.cell_owner.max() >= len(patients)):  # fmt: skip
             raise UserError(f"{path}: inconsistent similar-case index (folds {bad or 'ok'}); rebuild it")
@@ -298,7 +319,7 @@ class CaseIndex:
 
 
 def build_index(source: Any, data: FeatureStore | None = None, *, top_cells: int = TOP_CELLS, device: str = "auto",
-                backend: str = "auto", batch_instances: int = 16384) -> CaseIndex:  # fmt: skip
+                backend: str = "auto", batch_instances: int = 16384, center: bool = CENTER) -> CaseIndex:  # fmt: skip
     """Build the similar-case index of a run: each fold model's embeddings of its training bags, and every
     training patient's ``top_cells`` highest-attention cells.
 
@@ -310,6 +331,7 @@ def build_index(source: Any, data: FeatureStore | None = None, *, top_cells: int
         device: where the fold models embed.
         backend: search backend of the returned index.
         batch_instances: cells per forward pass.
+        center: compare centred embeddings (each fold's training mean subtracted; :attr:`CaseIndex.centers`).
 
     Raises:
         UserError: the bank's encoder differs from the models' (refused), the bank lacks training bags, no
@@ -340,12 +362,15 @@ def build_index(source: Any, data: FeatureStore | None = None, *, top_cells: int
                         f"{', '.join(missing[:3])}); is this the bank and cohort the run was trained on?")  # fmt: skip
     patients = [b for b in data.bag_ids if b in trained]
     pos = {b: i for i, b in enumerate(patients)}
-    members, embeddings = {}, {}
+    members, embeddings, centers = {}, {}, {}
     att_sum: dict[str, np.ndarray] = {}
     att_count: Counter[str] = Counter()
     for fm in models.folds:
         emb, att = _embed(fm, data.view(fm.train), dev, batch_instances, len(models.classes))
         members[fm.fold] = np.asarray([pos[b] for b in fm.train], dtype=np.int64)
+        if center:
+            centers[fm.fold] = emb.mean(axis=0).astype(np.float32)  # (E,)
+            emb = emb - centers[fm.fold]
         embeddings[fm.fold] = normalize(emb)
         for b, a in zip(fm.train, att, strict=True):
             att_sum[b] = att_sum[b] + a if b in att_sum else a.astype(np.float64)
@@ -367,7 +392,7 @@ def build_index(source: Any, data: FeatureStore | None = None, *, top_cells: int
                       features, models.checksums(),
                       {"run": str(models.run) if models.run else None, "bank": where,
                        "cohort": str(getattr(data.cohort, "path", "")) or None, "top_cells": top_cells},
-                      backend)  # fmt: skip
+                      backend, centers)  # fmt: skip
     log.info("similar-case index: %s", index.describe())
     return index
 
@@ -389,7 +414,9 @@ def index_for_run(run: str | Path, *, rebuild: bool = False, device: str = "auto
         except UserError as exc:
             log.warning("%s; rebuilding it", exc)
         else:
-            return index, models
+            if bool(index.centers) == CENTER:
+                return index, models
+            log.warning("%s: built with%s centred embeddings; rebuilding it", path, "out" if CENTER else "")
     index = build_index(run, device=device, backend=backend, top_cells=top_cells)
     try:
         index.save(path)
@@ -443,15 +470,25 @@ class CaseMatches:
     cells: list[CellMatch]
     folds: list[int]
 
-    def majority(self) -> str | None:
-        """The most frequent diagnosis of the retrieved cases (ties: the larger summed similarity)."""
+    def majority(self, vote: str = VOTE) -> str | None:
+        """The diagnosis the retrieved cases vote for.
+
+        Args:
+            vote: ``count``: the most frequent diagnosis (ties: the larger summed similarity); ``similarity``:
+                the largest summed similarity, each case weighing ``(1 + cosine) / 2`` (distance-weighted
+                k-NN, Dudani 1976).
+        """
+        if vote not in VOTES:
+            raise ValueError(f"vote {vote!r}: choose from {', '.join(VOTES)}")
         if not self.cases:
             return None
         votes: dict[str, list[float]] = {}
         for c in self.cases:
             v = votes.setdefault(c.label, [0, 0.0])
             v[0] += 1
-            v[1] += c.similarity
+            v[1] += (1.0 + c.similarity) / 2.0
+        if vote == "similarity":
+            return max(votes, key=lambda lab: (votes[lab][1], votes[lab][0]))
         return max(votes, key=lambda lab: (votes[lab][0], votes[lab][1]))
 
     def to_dict(self) -> dict[str, Any]:
@@ -510,6 +547,7 @@ def similar_cases(index: CaseIndex, models: RunModels | Any, bags: FeatureStore,
         if not rows:
             continue
         emb, att = _embed(fm, bags.view([bags.bag_ids[i] for i in rows]), dev, batch_instances, len(models.classes))
+        emb = index.query_vectors(fold, emb)
         n_f = len(index.members[fold])
         s, idx = index.search(fold, emb, min(n_f, max(4 * k, 64)))
         for j, i in enumerate(rows):

@@ -239,6 +239,22 @@ def check_threshold(value: float, option: str = "--abstain-above") -> float:
     return u
 
 
+def check_coverage_targets(values: Sequence[float], option: str = "--coverage-target") -> tuple[float, ...]:
+    """Balanced-accuracy levels for "the coverage at which balanced accuracy reaches X", each in ``(0, 1]``
+    (one-line error otherwise), merged with the default :data:`TARGETS`, sorted, without repeats."""
+    out = list(TARGETS)
+    for value in values:
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"{option} {value!r}: not a number (a balanced accuracy in (0, 1])") from None
+        if not math.isfinite(x) or not 0.0 < x <= 1.0:
+            raise InvalidArgumentError(f"{option} {value}: a balanced accuracy must lie in (0, 1] (e.g. 0.97 for "
+                                       "97%)")  # fmt: skip
+        out.append(x)
+    return tuple(sorted(set(out)))
+
+
 def check_score_name(name: str, option: str = "--abstain-score") -> str:
     """``name`` if it is one of :data:`SCORES` (one-line error otherwise)."""
     if name not in SCORES:

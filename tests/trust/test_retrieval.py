@@ -123,6 +123,52 @@ def test_majority_vote_breaks_ties_by_similarity() -> None:
     assert CaseMatches("q", [], [], []).majority() is None
 
 
+def test_similarity_vote_weighs_each_case_by_its_cosine() -> None:
+    from milcore.trust.retrieval import CaseMatches, SimilarCase
+
+    cases = [SimilarCase("a", "AML", 0.9, 1, []), SimilarCase("b", "AML", 0.8, 1, []),
+             SimilarCase("c", "control", -0.9, 1, []), SimilarCase("d", "control", -0.8, 1, []),
+             SimilarCase("e", "control", -0.7, 1, [])]  # fmt: skip
+    m = CaseMatches("q", cases, [], [0])
+    assert m.majority("count") == "control"  # 3 votes to 2
+    assert m.majority("similarity") == "AML"  # 0.95 + 0.90 > 0.05 + 0.10 + 0.15
+    with pytest.raises(ValueError, match="vote 'most'"):
+        m.majority("most")
+
+
+def test_centred_index_subtracts_each_folds_training_mean(index_and_models, dropout_run: Path,
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    """Bag embeddings of a ReLU MLP are non-negative: uncentred cosines crowd near 1. The index subtracts each
+    fold's training mean from training and query embeddings alike, and keeps the means on disk."""
+    from milcore.data.store import open_bags
+    from milcore.trust.retrieval import CaseIndex, _embed, build_index
+
+    _, models = index_and_models
+    index = build_index(dropout_run, device="cpu", center=True)
+    assert sorted(index.centers) == sorted(fm.fold for fm in models.folds)
+    fm = models.folds[0]
+    data = open_bags(models.bank, models.cohort, models.task)
+    raw, _ = _embed(fm, data.view(fm.train), "cpu", 16384, len(models.classes))  # (n_f, E)
+    assert np.allclose(index.centers[fm.fold], raw.mean(0), atol=1e-5)
+    centred = raw - raw.mean(0)
+    assert np.allclose(index.embeddings[fm.fold], centred / np.linalg.norm(centred, axis=1, keepdims=True), atol=1e-5)
+    assert np.allclose(index.query_vectors(fm.fold, raw), centred, atol=1e-6)
+    index.save(tmp_path / "index.h5")
+    again = CaseIndex.load(tmp_path / "index.h5")
+    assert all(np.allclose(again.centers[k], index.centers[k]) for k in index.centers)
+    plain = build_index(dropout_run, device="cpu", center=False)
+    assert plain.centers == {} and np.allclose(plain.query_vectors(0, raw), raw)
+    assert np.allclose(plain.embeddings[fm.fold], raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_a_stored_index_of_the_other_centring_is_rebuilt(run_copy: Path) -> None:
+    from milcore.trust.retrieval import CENTER, INDEX_FILE, build_index, index_for_run
+
+    build_index(run_copy, device="cpu", center=not CENTER).save(run_copy / INDEX_FILE)  # e.g. written before centring
+    index, _ = index_for_run(run_copy, device="cpu")
+    assert bool(index.centers) == CENTER  # not silently searched the other way
+
+
 def test_index_on_another_encoders_bank_is_refused(index_and_models, planted_factory, tmp_path: Path,
                                                    dropout_run: Path) -> None:  # fmt: skip
     from feature_cache.bank.errors import EncoderMismatchError

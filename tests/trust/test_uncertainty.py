@@ -218,7 +218,36 @@ def test_predict_refers_uncertain_patients(dropout_run: Path, planted: dict, tmp
     assert "## Uncertainty and abstention" in report and "report_files/" in report and "out-of-fold" not in report
 
 
+def test_predict_reports_the_coverage_for_a_requested_balanced_accuracy(dropout_run: Path, planted: dict,
+                                                                      tmp_path: Path) -> None:  # fmt: skip
+    from milcore.trust.uncertainty import risk_coverage
+
+    out = tmp_path / "pred"
+    rc = main(["predict", "--checkpoint", str(dropout_run), "--bank", str(planted["bank"]), "--cohort",
+               str(planted["cohort"]), "--task", "dx", "--out", str(out), "--mc-samples", "0",
+               "--coverage-target", "0.8", "--coverage-target", "0.975"])  # fmt: skip
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    entropy = metrics["uncertainty"]["scores"]["entropy"]
+    assert list(entropy["coverage_for_balanced_accuracy"]) == ["0.8", "0.9", "0.95", "0.975"]
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    classes = json.loads((out / "predictions.json").read_text())["classes"]
+    labels = np.asarray([classes.index(r["label"]) for r in rows])
+    proba = np.asarray([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
+    rc_ = risk_coverage(labels, proba, np.asarray([float(r["uncertainty_entropy"]) for r in rows]), "entropy")
+    for t in (0.8, 0.975):
+        got, want = entropy["coverage_for_balanced_accuracy"][f"{t:g}"], rc_.coverage_for(t)  # csv rounds to 1e-6
+        assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], abs=2e-6) for k in got)
+    report = (out / "report.md").read_text()
+    assert "Balanced accuracy 0.975" in report and "Balanced accuracy 0.8" in report
+
+
 @pytest.mark.parametrize(("args", "message"), [
+    (["--coverage-target", "0"], "--coverage-target 0.0: a balanced accuracy must lie in (0, 1]"),
+    (["--coverage-target", "1.5"], "--coverage-target 1.5: a balanced accuracy must lie in (0, 1]"),
+    (["--coverage-target", "nan"], "must lie in (0, 1]"),
+    (["--coverage-target", "high"], "invalid float value"),
     (["--abstain-above", "1.2"], "--abstain-above 1.2: outside the range"),
     (["--abstain-above", "-1"], "outside the range"),
     (["--abstain-above", "0.5", "--abstain-score", "disagreement", "--single"], "two or more models"),
