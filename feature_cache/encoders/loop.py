@@ -135,21 +135,39 @@ class Precision:
         return torch.autocast(device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None)
 
 
+#: CPU features that compute bfloat16 products natively (elsewhere bf16 autocast is emulated and slower).
+NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), read from ``/proc/cpuinfo``.
+
+    The same rule as ``milcore.training.loop.native_bf16`` (which the feature side may not import).
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(flag in flags for flag in NATIVE_BF16_CPU_FLAGS)
+
+
 def precision_for(device: torch.device, amp: bool = True, channels_last: bool | None = None) -> Precision:
     """AMP and memory format for a device.
 
     CUDA: bfloat16 autocast where supported, else float16 with a gradient scaler; channels-last (tensor
-    cores). CPU: float32 (bfloat16 convolutions are slower than float32 on most CPUs), contiguous
-    unless ``channels_last`` says otherwise.
+    cores). CPU with native bfloat16 (:func:`native_bf16_cpu`): bfloat16 autocast and channels-last (a
+    ``compact_cnn`` training step at 28 px ran 2.5x faster than float32 on an AVX512-BF16 CPU); other
+    CPUs: float32, contiguous (emulated bfloat16 is slower). ``channels_last`` overrides the format.
     """
-    cuda = device.type == "cuda"
-    if cuda and amp:
+    dtype: torch.dtype | None = None
+    scaler = False
+    if amp and device.type == "cuda":
         bf16 = torch.cuda.is_bf16_supported()
-        dtype: torch.dtype | None = torch.bfloat16 if bf16 else torch.float16
-        scaler = not bf16
-    else:
-        dtype, scaler = None, False
-    return Precision(dtype, scaler, cuda if channels_last is None else bool(channels_last))
+        dtype, scaler = (torch.bfloat16 if bf16 else torch.float16), not bf16
+    elif amp and device.type == "cpu" and native_bf16_cpu():
+        dtype = torch.bfloat16
+    return Precision(dtype, scaler, dtype is not None if channels_last is None else bool(channels_last))
 
 
 @dataclass

@@ -44,8 +44,9 @@ class EncoderTrainConfig(Config):
         augment: augmentation settings.
         seed: random seed (initialisation, batches, augmentations).
         device: ``auto``, ``cpu``, ``cuda``...
-        amp: mixed precision on CUDA (bfloat16 where supported).
-        channels_last: channels-last memory format (default: on CUDA).
+        amp: mixed precision: bfloat16 (float16 where unsupported) on CUDA, bfloat16 on CPUs that compute
+            it natively (AVX512-BF16, AMX); validation and the written weights stay float32.
+        channels_last: channels-last memory format (default: where mixed precision is used).
         threads: CPU threads for torch (0: torch's default).
         overwrite: start afresh instead of resuming.
     """

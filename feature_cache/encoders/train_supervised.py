@@ -215,7 +215,7 @@ def train_supervised(config: SupervisedConfig) -> TrainResult:
         net = ema.module if ema is not None else torch.nn.Sequential(model, head)
         net.eval()
         out = []
-        with torch.inference_mode(), prec.context(device):
+        with torch.inference_mode():  # float32, as the registered encoder extracts
             for s in range(0, len(x), 512):
                 xb = x[s : s + 512].to(device).float().contiguous(memory_format=memory)
                 out.append(torch.softmax(net(xb).float(), 1).cpu())

@@ -127,7 +127,8 @@ def test_resume_with_another_recipe_is_refused_naming_the_keys(trained, capsys) 
 def test_ssl_loss_decreases_and_weights_extract(tree: Path, tmp_path: Path) -> None:
     from feature_cache.encoders import create_encoder
 
-    config = SSLConfig(data=str(tree), out=str(tmp_path / "ssl"), epochs=4, lr=5e-3, patience=0,
+    # 3 steps an epoch: no warm-up (a quarter of this tiny run at a low rate leaves the loss noise-level)
+    config = SSLConfig(data=str(tree), out=str(tmp_path / "ssl"), epochs=4, lr=5e-3, patience=0, warmup_epochs=0,
                        augment=AugmentConfig.ssl(), **TINY)  # fmt: skip
     result = train_ssl(config)
     losses = [h["train_loss"] for h in result.card["history"]]
@@ -194,9 +195,22 @@ def test_precision_on_cuda_is_amp_and_channels_last(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     p = precision_for(torch.device("cuda"))
     assert p.autocast is torch.float16 and p.scaler
-    cpu = precision_for(torch.device("cpu"))
-    assert cpu.autocast is None and not cpu.channels_last
     assert precision_for(torch.device("cuda"), amp=False).autocast is None
+
+
+def test_precision_on_cpu_is_bf16_only_where_native(monkeypatch) -> None:
+    """bf16 autocast + channels-last made a compact_cnn training step 2.5x faster on an AVX512-BF16 CPU;
+    without native bf16 it is emulated (slower), so float32 stays."""
+    from feature_cache.encoders import loop
+
+    monkeypatch.setattr(loop, "native_bf16_cpu", lambda: False)
+    cpu = loop.precision_for(torch.device("cpu"))
+    assert cpu.autocast is None and not cpu.channels_last and not cpu.scaler
+    monkeypatch.setattr(loop, "native_bf16_cpu", lambda: True)
+    cpu = loop.precision_for(torch.device("cpu"))
+    assert cpu.autocast is torch.bfloat16 and cpu.channels_last and not cpu.scaler
+    assert loop.precision_for(torch.device("cpu"), amp=False).autocast is None
+    assert not loop.precision_for(torch.device("cpu"), channels_last=False).channels_last
 
 
 def test_weights_of_another_architecture_are_refused(trained, tree: Path, tmp_path: Path, capsys) -> None:
