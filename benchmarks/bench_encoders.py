@@ -195,11 +195,18 @@ def bench_bags(args: argparse.Namespace) -> tuple[dict, str]:
     from milcore.prediction import evaluate_predictions, predict
     from milcore.training.config import RunSpec, TrainConfig
 
-    sup, ssl = _sup(args), _ssl(args)
+    wanted = [w.strip() for w in args.bag_encoders.split(",") if w.strip()]
+    unknown = sorted(set(wanted) - {"imagenet", "supervised", "ssl"})
+    if unknown:
+        raise SystemExit(f"--bag-encoders: unknown {', '.join(unknown)} (choose from imagenet, supervised, ssl)")
     n_train, n_test, epochs = (20, 10, 2) if args.quick else (args.train_bags, args.test_bags, args.bag_epochs)
-    encoders = [("ImageNet efficientnet_lite0 (96 px)", "efficientnet_lite0", None),
-                ("supervised compact_cnn", "compact_cnn", sup.weights),
-                ("SimCLR compact_cnn", "compact_cnn", ssl.weights)]
+    encoders = []
+    if "imagenet" in wanted:
+        encoders.append(("ImageNet efficientnet_lite0 (96 px)", "efficientnet_lite0", None))
+    if "supervised" in wanted:
+        encoders.append(("supervised compact_cnn", "compact_cnn", _sup(args).weights))
+    if "ssl" in wanted:
+        encoders.append(("SimCLR compact_cnn", "compact_cnn", _ssl(args).weights))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -425,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ssl-epochs", type=int, default=None, help="SimCLR epochs (default: the recipe's)")
     parser.add_argument("--ssl-cells", type=int, default=None, help="SimCLR training cells (default: the recipe's)")
     parser.add_argument("--bag-epochs", type=int, default=40, help="ABMIL epochs per fold (bags)")
+    parser.add_argument("--bag-encoders", default="imagenet,supervised,ssl",
+                        help="comma-separated features to compare (bags): imagenet, supervised, ssl")
     parser.add_argument("--patients", type=int, default=120, help="synthetic patients (sites)")
     parser.add_argument("--per-site", type=int, default=2000, help="cells drawn per site (sites)")
     parser.add_argument("--site-epochs", type=int, default=6, help="classifier epochs (sites)")

@@ -33,6 +33,8 @@ OPTIONS = (
     EncoderOption("weights_sha256", "str", pattern="[0-9a-fA-F]{64}", help="expected SHA-256 of the weights file"),
     EncoderOption("image_size", "int", low=MIN_SIZE, high=512, help="input side in pixels (default: as trained)"),
     EncoderOption("width", "int", low=4, high=256, help="channels of the first stage (default: as trained)"),
+    EncoderOption("tta", "bool", help="average the features over the 8 rotations/flips of each crop (default: as "
+                  "trained)"),
 )
 
 
@@ -62,6 +64,29 @@ class CompactCNN(nn.Module):
         return self.features(x).mean(dim=(2, 3))  # (N, 8w)
 
 
+class DihedralMean(nn.Module):
+    """Test-time averaging over the dihedral group: the mean of ``net`` over the 4 rotations by 90 degrees
+    of each crop and of its mirror image (cells have no orientation), (N, 3, S, S) -> (N, dim); 8x the
+    cost, exactly invariant to those rotations and flips.
+
+    Args:
+        net: the network to average (its ``dim`` is kept).
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.dim = net.dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = None
+        for view in (x, torch.flip(x, dims=(3,))):
+            for k in range(4):
+                y = self.net(torch.rot90(view, k, dims=(2, 3)))  # (N, dim)
+                total = y if total is None else total + y
+        return total / 8
+
+
 def build(width: int = 32) -> tuple[CompactCNN, InputNorm]:
     """A fresh (randomly initialised) network and its input normalisation."""
     return CompactCNN(width), InputNorm(MEAN, STD)
@@ -74,6 +99,7 @@ def compact_cnn(
     weights_sha256: str | None = None,
     image_size: int | None = None,
     width: int | None = None,
+    tta: bool | None = None,
 ) -> Encoder:
     """The compact CNN with trained weights.
 
@@ -83,15 +109,18 @@ def compact_cnn(
         weights_sha256: expected SHA-256 of ``weights`` (checked when given).
         image_size: input side; default: the size recorded in the weights file (else 28).
         width: first-stage channels; default: as recorded (else 32).
+        tta: dihedral test-time averaging (:class:`DihedralMean`); default: as recorded (else off).
 
     Raises:
         UserError: missing file, wrong hash, weights trained as another architecture or of another width.
     """
     path = Path(weights)  # requires_weights: create_encoder refuses None before calling
-    opts = trained_options(path, NAME, {"image_size": image_size, "width": width})
+    opts = trained_options(path, NAME, {"image_size": image_size, "width": width, "tta": tta})
     sha = check_sha256(path, weights_sha256)
     net, norm = build(int(opts.get("width", 32)))
     load_strict(net, load_state_dict_file(path), path, f"{NAME} (width {net.dim // 8})")
     size = int(opts.get("image_size", 28))
-    return finish(NAME, net, ResizeCrop(size, "bilinear"), norm, version=VERSION, weights_sha256=sha, dim=net.dim,
-                  device=device, extra=f"width={net.dim // 8};pool=mean")  # fmt: skip
+    averaged = bool(opts.get("tta", False))
+    extra = f"width={net.dim // 8};pool=mean" + (";tta=d8" if averaged else "")  # no tta: the fingerprint as before
+    return finish(NAME, DihedralMean(net) if averaged else net, ResizeCrop(size, "bilinear"), norm, version=VERSION,
+                  weights_sha256=sha, dim=net.dim, device=device, extra=extra)  # fmt: skip

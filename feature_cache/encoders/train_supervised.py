@@ -39,11 +39,21 @@ class SupervisedConfig(EncoderTrainConfig):
         label_smoothing: cross-entropy label smoothing.
         ema: decay of an exponential moving average of the weights, updated every step, that is validated
             and kept instead of the raw weights (0: off; 0.999 is usual).
+        tta: validate and test on the mean features of the 8 rotations/flips of each crop (``compact_cnn``);
+            recorded in the weights file, so that extraction averages the same way by default.
     """
 
     balance: str = option("sampler", choices=("sampler", "loss", "none"))
     label_smoothing: float = option(0.0, low=0, high=0.5)
     ema: float = option(0.0, low=0, high=0.9999)
+    tta: bool = False
+
+    def validate(self) -> None:
+        """``tta`` is a ``compact_cnn`` option."""
+        from feature_cache.errors import InvalidArgumentError
+
+        if self.tta and self.backbone != "compact_cnn":
+            raise InvalidArgumentError(f"tta: test-time averaging is a compact_cnn option, not {self.backbone}'s")
 
 
 @dataclass
@@ -160,6 +170,8 @@ def train_supervised(config: SupervisedConfig) -> TrainResult:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     backbone = build_backbone(config.backbone, config.image_size, config.width, config.pretrained)
+    if config.tta:
+        backbone.options["tta"] = True  # in the weights header: extraction averages by default too
     n_classes = len(cells.classes)
     head = torch.nn.Linear(backbone.dim, n_classes)
     prec = precision_for(device, config.amp, config.channels_last)
@@ -212,8 +224,14 @@ def train_supervised(config: SupervisedConfig) -> TrainResult:
         return total / steps
 
     def probabilities(x: torch.Tensor) -> np.ndarray:
-        net = ema.module if ema is not None else torch.nn.Sequential(model, head)
-        net.eval()
+        trained = ema.module if ema is not None else torch.nn.Sequential(model, head)
+        trained.eval()
+        net = trained
+        if config.tta:  # the features averaged, then the (linear) head: as extraction with tta computes them
+            from feature_cache.encoders.compact import DihedralMean
+
+            (norm, features), classifier = trained[0], trained[1]  # ((norm, backbone), head)
+            net = torch.nn.Sequential(norm, DihedralMean(features), classifier)
         out = []
         with torch.inference_mode():  # float32, as the registered encoder extracts
             for s in range(0, len(x), 512):
