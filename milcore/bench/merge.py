@@ -4,7 +4,7 @@ Each part is a folder written by ``milcore bench aggregators``: its ``bench.json
 spec (with ``fold`` when only one outer fold ran, and the ``seeds`` it ran), the fingerprints of the bank
 and labels (``inputs``) and every fold's split assignment. :func:`check_parts` checks, before anything
 is written, that the parts benchmark the same thing (spec apart from :data:`PART_KEYS`;
-the training options apart from where they ran, :data:`~milcore.crossval.resume.RESUMABLE_CHANGES`;
+the training options apart from where they ran, :data:`WHERE_KEYS`;
 bank, labels, classes, precision, torchmil version), with equal splits for a seed they share, and that
 together they hold every (seed, fold) pair of their seeds exactly once. :func:`merge_parts` then orders
 the runs as the single-process benchmark orders them and summarises them with the same code
@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 #: paths of the bank and cohort (compared through their fingerprints, ``inputs``: a job on another machine may
 #: mount them elsewhere; the merged spec keeps the first part's paths).
 PART_KEYS = ("fold", "seeds", "workers", "bank", "cohort")
+#: Training options that say where and how fast a part computed, not what it learnt: they may differ between
+#: parts. The same list as ``milcore.crossval.resume.RESUMABLE_CHANGES`` (bench may not import crossval: sibling
+#: layers; a test keeps the two equal).
+WHERE_KEYS = ("device", "num_workers", "memory_budget_gb", "tensorboard")
 #: Top-level ``bench.json`` entries that must be equal across parts (with ``spec`` and the splits).
 SAME_KEYS = ("benchmark", "inputs", "classes", "bags", "ood_bags", "ood_bag_ids", "encoder", "instance_ground_truth",
              "torchmil", "precision", "class_counts")  # fmt: skip
@@ -72,10 +76,8 @@ def part_pairs(result: dict[str, Any]) -> list[tuple[int, int]]:
 
 
 def _comparable_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    from milcore.crossval.resume import RESUMABLE_CHANGES
-
     out = {k: v for k, v in spec.items() if k not in PART_KEYS}
-    out["train"] = {k: v for k, v in (spec.get("train") or {}).items() if k not in RESUMABLE_CHANGES}
+    out["train"] = {k: v for k, v in (spec.get("train") or {}).items() if k not in WHERE_KEYS}
     return out
 
 

@@ -240,3 +240,10 @@ def test_fold_parts_with_tuning_merge_to_the_tuned_benchmark(bench_bank: dict, t
     merged, whole = _load(out), _load(tmp_path / "whole")
     assert _learnt(merged["runs"]) == _learnt(whole["runs"]) and _learnt(merged["summary"]) == _learnt(whole["summary"])
     assert merged["tuning"] == whole["tuning"]
+
+
+def test_the_options_a_part_may_change_are_those_a_resumed_run_may() -> None:
+    from milcore.bench.merge import WHERE_KEYS
+    from milcore.crossval.resume import RESUMABLE_CHANGES
+
+    assert WHERE_KEYS == RESUMABLE_CHANGES
