@@ -7,6 +7,8 @@ the benchmark's two worker processes is that over 2. In the same run, for the mo
 ``--compare`` it also trains the same fit in float32 (``amp=off``) beside ``amp=native`` (bfloat16
 autocast where the CPU has AVX512-BF16/AMX), and times TransMIL's forward + backward on real bags
 through the packed path (no padding) and the padded path (``forward_padded``), in float32 and bf16.
+``--attention-only`` and ``--conv-only`` time the kernel forms alone (TransMIL's exact attention, its PPEG
+convolution).
 
 On a machine shared with other jobs, wall-clock is inflated by the load; process CPU seconds much
 less so (they still grow somewhat with cache and memory-bandwidth contention). The load average is
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import replace
@@ -72,27 +75,97 @@ def _transmil_paths(ctx: dict[str, Any], reps: int = 3) -> list[dict[str, Any]]:
     return out
 
 
-def attention_forms(lengths: tuple[int, ...] = (200, 600, 1500), reps: int = 5) -> list[dict[str, Any]]:
-    """Forward + backward CPU seconds of exact attention of one 8-head, 64-d bag: plain products vs the fused
-    kernel (``scaled_dot_product_attention``), float32 and bfloat16 (what ``EXPLICIT_MAX_TOKENS`` decides)."""
+def attention_forms(lengths: tuple[int, ...] = (200, 600, 1342, 3000), reps: int = 5) -> list[dict[str, Any]]:
+    """Forward + backward CPU seconds of exact attention of one 8-head, 64-d bag: plain products, plain products
+    in blocks of query rows (TransMIL's ``blocked_attention``) and the fused kernel
+    (``scaled_dot_product_attention``), float32 and bfloat16 (what ``EXPLICIT_MAX_TOKENS`` decides)."""
     import torch.nn.functional as F
 
+    from milcore.models.transmil import blocked_attention
+
+    forms = {
+        "plain": lambda q, k, v: ((q @ k.transpose(-1, -2)) * 0.125).softmax(-1) @ v,
+        "blocked": blocked_attention,
+        "fused": F.scaled_dot_product_attention,
+    }
     out = []
     for dtype in (torch.float32, torch.bfloat16):
         for n in lengths:
             q, k, v = (torch.randn(1, 8, n, 64, dtype=dtype, requires_grad=True) for _ in range(3))
-            for name in ("plain", "fused"):
+            for name, form in forms.items():
                 best = float("inf")
                 for _ in range(reps):
                     t0 = time.process_time()
-                    if name == "plain":
-                        res = ((q @ k.transpose(-1, -2)) * 0.125).softmax(-1) @ v
-                    else:
-                        res = F.scaled_dot_product_attention(q, k, v)
-                    res.float().sum().backward()
+                    form(q, k, v).float().sum().backward()
                     best = min(best, time.process_time() - t0)
                 out.append({"dtype": str(dtype).removeprefix("torch."), "tokens": n, "form": name, "cpu_s": best})
     return out
+
+
+def conv_forms(sizes: list[int], dim: int = 512, batch: int = 8, reps: int = 3) -> list[dict[str, Any]]:
+    """Forward + backward CPU seconds of TransMIL's PPEG convolution (7x7 depthwise, float32) over bags of
+    ``sizes`` cells in batches of ``batch`` bags: torch's ``conv2d`` on one shared canvas of the batch's largest
+    grid (the previous form), torch's ``conv2d`` per bag grid, and :func:`milcore.ops.depthwise.depthwise_conv2d`
+    per bag grid (the current form)."""
+    import torch.nn.functional as F
+
+    from milcore.ops.depthwise import depthwise_conv2d
+
+    sides = [math.isqrt(n - 1) + 1 for n in sizes if n > 0]
+    batches = [sides[i : i + batch] for i in range(0, len(sides), batch)]
+    weight = torch.randn(dim, 1, 7, 7, requires_grad=True)
+    bias = torch.randn(dim, requires_grad=True)
+    forms = {
+        "torch conv2d, shared canvas": (lambda x: F.conv2d(x, weight, bias, padding=3, groups=dim), False),
+        "torch conv2d, per bag": (lambda x: F.conv2d(x, weight, bias, padding=3, groups=dim), True),
+        "depthwise_conv2d, per bag": (lambda x: depthwise_conv2d(x, weight, bias, (3, 3)), True),
+    }
+    out = []
+    for name, (conv, per_bag) in forms.items():
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.process_time()
+            for group in batches:
+                for part in [[s] for s in group] if per_bag else [group]:
+                    side = max(part)
+                    grid = torch.randn(len(part), side, side, dim).permute(0, 3, 1, 2).requires_grad_(True)
+                    conv(grid).sum().backward()  # channels-last memory, as in the model
+            best = min(best, time.process_time() - t0)
+        out.append({"form": name, "cpu_s": best, "bags": len(sides), "batch": batch})
+    return out
+
+
+def _kernels(args: argparse.Namespace) -> int:
+    """``--attention-only`` / ``--conv-only``: the kernel forms, one JSON each, and their tables."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.attention_only:
+        rows = attention_forms()
+        load = list(os.getloadavg())
+        (out / "attention.json").write_text(json.dumps({"rows": rows, "threads": args.threads,
+                                                        "load_average": load}, indent=1))  # fmt: skip
+        lines = ["| dtype | tokens | plain CPU s | blocked CPU s | fused CPU s |", "|---|---|---|---|---|"]
+        for r in rows[::3]:
+            cell = {x["form"]: x["cpu_s"] for x in rows if x["dtype"] == r["dtype"] and x["tokens"] == r["tokens"]}
+            lines.append(f"| {r['dtype']} | {r['tokens']} | {cell['plain']:.4f} | {cell['blocked']:.4f} | "
+                         f"{cell['fused']:.4f} |")  # fmt: skip
+        print("\n".join(lines) + f"\nload average (1 min) {load[0]:.1f}")
+    if args.conv_only:
+        if args.bank:
+            from feature_cache.bank import open_reader
+
+            sizes = [int(n) for n in open_reader(args.bank).bag_sizes()]
+        else:  # log-uniform sizes 60-1,400 cells, as the synthetic cohort's
+            sizes = np.exp(np.random.default_rng(0).uniform(np.log(60), np.log(1400), 60)).astype(int).tolist()
+        rows = conv_forms(sizes)
+        load = list(os.getloadavg())
+        record = {"rows": rows, "bank": args.bank, "sizes": sizes, "threads": args.threads, "load_average": load}
+        (out / "conv.json").write_text(json.dumps(record, indent=1))
+        base = rows[0]["cpu_s"]
+        lines = ["| PPEG 7x7 depthwise, fwd+bwd, all bags | CPU s | speed-up |", "|---|---|---|"]
+        lines += [f"| {r['form']} | {r['cpu_s']:.3f} | {base / r['cpu_s']:.2f}x |" for r in rows]
+        print("\n".join(lines) + f"\nload average (1 min) {load[0]:.1f}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,22 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/bench_speed")
     p.add_argument("--attention-only", action="store_true", help="only the exact-attention forms (seconds)")
+    p.add_argument("--conv-only", action="store_true", help="only the PPEG convolution forms (sizes from --bank)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
-    if args.attention_only:
-        rows = attention_forms()
-        load = list(os.getloadavg())
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "attention.json").write_text(json.dumps({"rows": rows, "threads": args.threads,
-                                                                   "load_average": load}, indent=1))  # fmt: skip
-        lines = ["| dtype | tokens | plain CPU s | fused CPU s |", "|---|---|---|---|"]
-        for r in rows[::2]:
-            fused = next(x for x in rows if x["dtype"] == r["dtype"] and x["tokens"] == r["tokens"]
-                         and x["form"] == "fused")  # fmt: skip
-            lines.append(f"| {r['dtype']} | {r['tokens']} | {r['cpu_s']:.4f} | {fused['cpu_s']:.4f} |")
-        print("\n".join(lines) + f"\nload average (1 min) {load[0]:.1f}")
-        return 0
+    if args.attention_only or args.conv_only:
+        return _kernels(args)
     models = args.models.split(",") if args.models else list_aggregators()
     compare = [m for m in args.compare.split(",") if m]
     spec = BenchSpec(args.bank, args.cohort, args.task, models=tuple(models), peers=(), seeds=(0,), train=BENCH_TRAIN)

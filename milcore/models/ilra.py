@@ -14,9 +14,11 @@ multi-head block is the reference's: ``O = q + Attn(q, K, V)`` with ``q = W_q Q`
 and a linear classifier the logits. The reported attention is the seed's attention to the cells (softmax
 over the bag, averaged over heads), which sums to 1 per bag.
 
-Dense by nature (cross-attention between a bag and a few tokens), so the cells are padded once
-(``to_padded``) and every attention masks the padding; an empty bag attends to its padding row (a zero
-vector), which gives it a finite embedding independent of the other bags. Defaults are the reference's
+The cells stay **packed** (no padding): the token-wise layers run once on the ``(N, .)`` rows of the whole
+batch and each attention runs bag by bag on the bag's own rows (``(H, r, n_b)`` products), which cut an
+epoch on the demo cohort by about half against padding every bag to the batch's largest (``benchmarks/README.md``,
+issue 18 speed). An empty bag is given a single zero row (as the padded form of the reference would see it), which
+gives it a finite embedding independent of the other bags. Defaults are the reference's
 released configuration (2 layers, 256 wide, 8 heads, LayerNorm) except ``rank``: the released
 configuration uses a single latent token (``topk: 1``), here 8 (searchable over 1-64).
 Queries of the attention proper are ``W_q`` applied to ``q`` and its keys and values one linear map of
@@ -26,6 +28,7 @@ input projection: the same function class).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +41,6 @@ from milcore.models.layers import autocast_input, resize_linear
 from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
 from milcore.models.search import SearchDim, declare_space
-from milcore.ops import to_padded
 
 __all__ = ["ILRA", "ILRAConfig"]
 
@@ -77,7 +79,11 @@ class ILRAConfig(AggregatorConfig):
 
 
 class _Block(nn.Module):
-    """The reference's multi-head block: ``q = W_q Q``; ``O = LN(q + MHA(q, K))``; ``LN(O + ReLU(W_o O))``."""
+    """The reference's multi-head block: ``q = W_q Q``; ``O = LN(q + MHA(q, K))``; ``LN(O + ReLU(W_o O))``.
+
+    Two packed forms: :meth:`gather` (a few queries shared by every bag attend to each bag's rows) and
+    :meth:`scatter` (every row attends to a few tokens of its own bag).
+    """
 
     def __init__(self, dim_q: int, dim_k: int, config: ILRAConfig, gated: bool) -> None:
         super().__init__()
@@ -92,30 +98,51 @@ class _Block(nn.Module):
         self.ln1 = nn.LayerNorm(e) if config.layer_norm else nn.Identity()
         self.gate = nn.Sequential(nn.Linear(dim_q, e), nn.SiLU()) if gated else None
 
-    def forward(self, query: Tensor, keys: Tensor, key_mask: Tensor | None, weights: bool = False):
-        """``(B, Q, dq)`` queries, ``(B, L, dk)`` keys, ``(B, L)`` mask -> ``(B, Q, E)`` (and the ``(B, H, Q, L)``
-        attention weights when ``weights``)."""
-        b, nq, nk = query.shape[0], query.shape[1], keys.shape[1]
-        q0 = self.fc_q(query)  # (B, Q, E)
-        q = self.q(q0).view(b, nq, self.heads, -1).transpose(1, 2)  # (B, H, Q, d)
-        k, v = self.kv(keys).view(b, nk, 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, L, d) each
-        mask = None if key_mask is None else key_mask.view(b, 1, 1, nk)
-        p = self.p if self.training else 0.0
-        att = None
-        if weights:
-            with torch.autocast(query.device.type, enabled=False):
-                scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, Q, L)
-                if mask is not None:
-                    scores = scores.masked_fill(~mask, float("-inf"))
-                att = scores.softmax(-1)
-            a = F.dropout(att, p, self.training).to(v.dtype) @ v  # (B, H, Q, d)
-        else:
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, Q, d)
-        o = self.ln0(q0 + self.out(a.transpose(1, 2).reshape(b, nq, -1)))  # (B, Q, E)
+    def _finish(self, query: Tensor, q0: Tensor, attended: Tensor) -> Tensor:
+        """``LN(q0 + W_out a)``, ``LN(o + ReLU(W_o o))`` and the gate, on ``(.., E)`` rows."""
+        o = self.ln0(q0 + self.out(attended))
         o = self.ln1(o + F.relu(self.fc_o(o)))
-        if self.gate is not None:
-            o = o * self.gate(query)
-        return (o, att) if weights else o
+        return o * self.gate(query) if self.gate is not None else o
+
+    def gather(self, query: Tensor, keys: Tensor, ptr: list[int], weights: bool = False):
+        """``(Q, dq)`` queries shared by every bag attend to the packed ``(N, dk)`` rows of each bag ``ptr``
+        -> ``(B, Q, E)`` (and each row's ``(N, H, Q)`` float32 attention weights when ``weights``)."""
+        nq, heads = query.shape[0], self.heads
+        q0 = self.fc_q(query)  # (Q, E)
+        q = self.q(q0).view(nq, heads, -1).transpose(0, 1)  # (H, Q, d)
+        scale = q.shape[-1] ** -0.5
+        k, v = self.kv(keys).view(keys.shape[0], 2, heads, -1).permute(1, 2, 0, 3)  # (H, N, d) each
+        outs, atts = [], []
+        for a, b in itertools.pairwise(ptr):  # every bag has a row (ILRA.pool gives an empty bag a zero row)
+            if weights:  # the reported attention, in float32
+                with torch.autocast(keys.device.type, enabled=False):
+                    att = ((q.float() @ k[:, a:b].float().transpose(-1, -2)) * scale).softmax(-1)  # (H, Q, n)
+                atts.append(att.permute(2, 0, 1))  # (n, H, Q)
+            else:
+                att = ((q @ k[:, a:b].transpose(-1, -2)) * scale).softmax(-1)  # (H, Q, n)
+            outs.append(F.dropout(att, self.p, self.training).to(v.dtype) @ v[:, a:b])  # (H, Q, d)
+        width = q0.shape[1]
+        attended = torch.stack(outs).transpose(1, 2).reshape(-1, nq, width) if outs else q0.new_zeros(0, nq, width)
+        o = self._finish(query, q0, attended)  # (B, Q, E)
+        if not weights:
+            return o
+        return o, (torch.cat(atts) if atts else q0.new_zeros(0, heads, nq, dtype=torch.float32))
+
+    def scatter(self, rows: Tensor, tokens: Tensor, ptr: list[int]) -> Tensor:
+        """Packed ``(N, dq)`` rows each attend to the ``(B, T, dk)`` tokens of their own bag -> ``(N, E)``."""
+        n, heads = rows.shape[0], self.heads
+        q0 = self.fc_q(rows)  # (N, E)
+        q = self.q(q0).view(n, heads, -1).transpose(0, 1)  # (H, N, d)
+        scale = q.shape[-1] ** -0.5
+        num_bags, t = tokens.shape[:2]
+        k, v = self.kv(tokens).view(num_bags, t, 2, heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, T, d) each
+        outs = []
+        for bag, (a, b) in enumerate(itertools.pairwise(ptr)):
+            if b > a:
+                att = ((q[:, a:b] @ k[bag].transpose(-1, -2)) * scale).softmax(-1)  # (H, n, T)
+                outs.append(F.dropout(att, self.p, self.training).to(v.dtype) @ v[bag])  # (H, n, d)
+        attended = torch.cat(outs, dim=1).transpose(0, 1).reshape(n, -1) if outs else q0  # (N, E)
+        return self._finish(rows, q0, attended)
 
 
 class _GAB(nn.Module):
@@ -127,10 +154,10 @@ class _GAB(nn.Module):
         self.forward_block = _Block(config.embed_dim, dim_in, config, gated=True)
         self.backward_block = _Block(dim_in, config.embed_dim, config, gated=True)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        latent = self.latent.expand(x.shape[0], -1, -1).to(x.dtype)  # (B, r, E)
-        h = self.forward_block(latent, x, mask)  # (B, r, E) low-rank projection of the bag
-        return self.backward_block(x, h, None)  # (B, L, E) every cell attends to the r latent tokens
+    def forward(self, x: Tensor, ptr: list[int]) -> Tensor:
+        """Packed ``(N, D)`` rows of the bags ``ptr`` -> ``(N, E)``."""
+        h = self.forward_block.gather(self.latent[0].to(x.dtype), x, ptr)  # (B, r, E) low-rank projection of each bag
+        return self.backward_block.scatter(x, h, ptr)  # (N, E) every cell attends to its bag's r latent tokens
 
 
 @register_aggregator("ilra", config=ILRAConfig)
@@ -153,16 +180,22 @@ class ILRA(MILAggregator):
         self.head = nn.Linear(e, config.num_classes)
 
     def pool(self, x: Tensor, ptr: Tensor, index: Tensor, coords: Tensor | None, labels: Tensor | None) -> MILOutput:
-        tokens, mask = to_padded(autocast_input(x), ptr, index)  # (B, L, D), (B, L)
-        if tokens.shape[1] == 0:  # every bag is empty: one padding row to attend to
-            tokens, mask = F.pad(tokens, (0, 0, 0, 1)), F.pad(mask, (0, 1))
-        keys = mask | ~mask.any(dim=1, keepdim=True)  # an empty bag attends to its (zero) padding
+        tokens = autocast_input(x)  # (N, D)
+        sizes = ptr[1:] - ptr[:-1]
+        real = None
+        empty = sizes == 0
+        if bool(empty.any()):  # an empty bag gets one zero row (dropped from the attention at the end)
+            ptr = F.pad(sizes.clamp(min=1).cumsum(0), (1, 0))
+            real = torch.ones(int(ptr[-1]), dtype=torch.bool, device=x.device)
+            real[ptr[:-1][empty]] = False
+            tokens = tokens.new_zeros(len(real), tokens.shape[1]).index_copy(0, real.nonzero().squeeze(1), tokens)
+        offsets = ptr.tolist()
         for block in self.blocks:
-            tokens = block(tokens, keys)  # (B, L, E)
-        seed = self.seed.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
-        pooled, att = self.pooling(seed, tokens, keys, weights=True)  # (B, 1, E), (B, H, 1, L)
+            tokens = block(tokens, offsets)  # (N, E)
+        pooled, att = self.pooling.gather(self.seed[0].to(tokens.dtype), tokens, offsets, weights=True)  # (B, 1, E)
         embedding = pooled[:, 0]  # (B, E)
-        return MILOutput(self.head(embedding), att[:, :, 0].mean(1)[mask], embedding)
+        att = att[:, :, 0].mean(1)  # (N,) the seed's attention, heads averaged
+        return MILOutput(self.head(embedding), att if real is None else att[real], embedding)
 
     def _resize_head(self, num_classes: int) -> None:
         self.head = resize_linear(self.head, num_classes)

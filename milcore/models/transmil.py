@@ -53,6 +53,7 @@ from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
 from milcore.models.search import SearchDim, declare_space
 from milcore.ops import ptr_to_sizes, segment_mean
+from milcore.ops.depthwise import depthwise_conv2d
 
 __all__ = ["TransMIL", "TransMILConfig"]
 
@@ -153,24 +154,40 @@ class _AttentionLayer(nn.Module):
 
 
 #: Largest bag (tokens) whose exact attention is computed as ``softmax(q k^T) v`` in plain matrix products
-#: rather than by the fused kernel, per compute dtype. Forward + backward of one 8-head, 64-d bag on one
-#: CPU thread (``python benchmarks/bench_speed.py --attention-only``; ``benchmarks/README.md``, issue 18
-#: speed): in bfloat16 the plain products are 2.9x faster at 600 tokens (0.011 vs 0.033 s) and the fused
-#: kernel is ahead again at 1,500 (0.163 vs 0.142 s); in float32 they tie at 200 tokens and the fused
-#: kernel wins above (600: 0.035 vs 0.031 s). The plain form also stores the ``(H, L, L)`` weights for
-#: the backward pass.
-EXPLICIT_MAX_TOKENS = {torch.bfloat16: 1024, torch.float16: 1024, torch.float32: 160}
+#: (in blocks of ``QUERY_BLOCK`` query rows) rather than by the fused kernel, per compute dtype. Forward +
+#: backward of one 8-head, 64-d bag on one CPU thread (``python benchmarks/bench_speed.py --attention-only``;
+#: ``benchmarks/README.md``, issue 18 speed): in bfloat16 the blocked products beat the fused kernel at every
+#: size measured (320 tokens: 0.006 vs 0.009 s; 1,342: 0.052 vs 0.113; 3,000: 0.31 vs 0.58); unblocked, they
+#: fell behind it from about 1,500 tokens (the ``(H, L, L)`` weights no longer fit the cache); the softmax runs
+#: in the products' dtype (2x faster than autocast's float32 softmax plus a cast back). In float32
+#: the fused kernel wins above about 200 tokens, blocked or not. The plain form stores the weights for the
+#: backward pass (``H L^2`` values per bag, 268 MB at 4,096 tokens in bfloat16).
+EXPLICIT_MAX_TOKENS = {torch.bfloat16: 1 << 30, torch.float16: 1 << 30, torch.float32: 160}
+QUERY_BLOCK = 512
 
 
 def _exact_attention(q: Tensor, k: Tensor, v: Tensor, dropout: float) -> Tensor:
     """Exact ``softmax(q k^T / sqrt(d)) v`` of one bag ``(1, H, L, d)``, by the faster of two equal forms."""
-    length = q.shape[2]
-    if length > EXPLICIT_MAX_TOKENS.get(q.dtype, 0):
+    if q.shape[2] > EXPLICIT_MAX_TOKENS.get(q.dtype, 0):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-    weights = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (1, H, L, L)
-    if dropout > 0:
-        weights = F.dropout(weights, dropout)
-    return weights.to(v.dtype) @ v  # (1, H, L, d)
+    return blocked_attention(q, k, v, dropout)
+
+
+def blocked_attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0) -> Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` of one bag ``(1, H, L, d)`` as plain products, ``QUERY_BLOCK`` query rows
+    at a time (the ``(H, block, L)`` weights stay in cache), in the inputs' dtype."""
+    length = q.shape[2]
+    keys = k.transpose(-1, -2) * q.shape[-1] ** -0.5  # (1, H, d, L)
+    out = []
+    # autocast off: the softmax stays in the products' dtype (it accumulates in float32 internally) instead of
+    # being promoted to a float32 (H, l, L) copy and cast back, which took half of the time in bfloat16
+    with torch.autocast(q.device.type, enabled=False):
+        for start in range(0, length, QUERY_BLOCK):
+            weights = (q[:, :, start : start + QUERY_BLOCK] @ keys).softmax(dim=-1)  # (1, H, l, L)
+            if dropout > 0:
+                weights = F.dropout(weights, dropout)
+            out.append(weights @ v)  # (1, H, l, d)
+    return out[0] if len(out) == 1 else torch.cat(out, dim=2)  # (1, H, L, d)
 
 
 def _nystrom(q: Tensor, k: Tensor, v: Tensor, num_landmarks: int, iters: int) -> Tensor:
@@ -217,30 +234,44 @@ class _PPEG(nn.Module):
         return out.gather(1, flat.unsqueeze(-1).expand(b, length, dim)) * mask.unsqueeze(-1)  # (B, L, E)
 
     def forward_packed(self, tokens: Tensor, ptr: Tensor, index: Tensor) -> Tensor:
-        """Packed ``(N, E)`` instance tokens of the bags ``ptr`` (``index``: each row's bag) -> same shape;
-        each bag on its own ``ceil(sqrt(n_b))`` grid in the corner of a shared canvas, as :meth:`forward`."""
-        n, dim = tokens.shape
-        if n == 0:
+        """Packed ``(N, E)`` instance tokens of the bags ``ptr`` (``index``: unused, kept for the call
+        signature) -> same shape; each bag convolved alone on its own ``ceil(sqrt(n_b))`` grid, as :meth:`forward`.
+
+        One convolution per bag instead of one over a shared canvas of the largest bag's grid: the canvas
+        was 2.2x the real grids' area on the demo cohort's batches (log-uniform bag sizes).
+        """
+        if tokens.shape[0] == 0:
             return tokens
-        sizes = ptr[1:] - ptr[:-1]
-        sides = torch.ceil(torch.sqrt(sizes.double())).long().clamp(min=1)  # (B,)
-        side = int(sides.max())
-        j = torch.arange(n, device=tokens.device) - ptr[:-1].index_select(0, index)  # (N,) row within its bag
-        s = sides.index_select(0, index)
-        flat = (j // s) * side + j % s  # (N,) position on the bag's canvas
-        canvas = tokens.new_zeros(len(sizes), side * side, dim).index_put((index, flat), tokens)
-        out = self._convolve(canvas, side)  # (B, S*S, E)
-        return out[index, flat]  # (N, E)
+        weight, bias = self._kernel()
+        bounds = ptr.tolist()
+        out = [self._convolve_bag(tokens[a:b], weight, bias) for a, b in itertools.pairwise(bounds) if b > a]
+        return torch.cat(out)  # (N, E)
+
+    def _kernel(self) -> tuple[Tensor, Tensor]:
+        """The three kernels and the identity merged into one float32 7x7 depthwise kernel and bias."""
+        dim = self.proj7.weight.shape[0]
+        weight = self.proj7.weight + F.pad(self.proj5.weight, (1, 1, 1, 1)) + F.pad(self.proj3.weight, (2,) * 4)
+        weight = weight + F.pad(weight.new_ones(dim, 1, 1, 1), (3,) * 4)  # identity at the centre
+        bias = self.proj7.bias + self.proj5.bias + self.proj3.bias
+        return weight.float(), bias.float()
+
+    @staticmethod
+    def _convolve_bag(rows: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """One bag's ``(n, E)`` tokens laid row-major on a ``ceil(sqrt(n))`` square grid, convolved -> ``(n, E)``."""
+        n, dim = rows.shape
+        side = math.isqrt(n - 1) + 1  # ceil(sqrt(n))
+        grid = F.pad(rows.float(), (0, 0, 0, side * side - n)).view(1, side, side, dim).permute(0, 3, 1, 2)
+        with torch.autocast(rows.device.type, enabled=False):  # bf16 depthwise convolution is slow on CPU
+            out = depthwise_conv2d(grid, weight, bias, (3, 3))  # (1, E, S, S), channels-last memory
+        return out.permute(0, 2, 3, 1).reshape(side * side, dim)[:n].to(rows.dtype)
 
     def _convolve(self, canvas: Tensor, side: int) -> Tensor:
         """The merged 7x7 depthwise kernel (+ identity) over ``(B, S*S, E)`` canvases."""
         b, _, dim = canvas.shape
-        weight = self.proj7.weight + F.pad(self.proj5.weight, (1, 1, 1, 1)) + F.pad(self.proj3.weight, (2,) * 4)
-        weight = weight + F.pad(weight.new_ones(dim, 1, 1, 1), (3,) * 4)  # identity at the centre
-        bias = self.proj7.bias + self.proj5.bias + self.proj3.bias
+        weight, bias = self._kernel()
         grid = canvas.view(b, side, side, dim).permute(0, 3, 1, 2)  # (B, E, S, S), channels-last memory
         with torch.autocast(canvas.device.type, enabled=False):  # bf16 depthwise backward is slow on CPU
-            out = F.conv2d(grid.float(), weight.float(), bias.float(), padding=3, groups=dim)
+            out = F.conv2d(grid.float(), weight, bias, padding=3, groups=dim)
         return out.permute(0, 2, 3, 1).reshape(b, side * side, dim).to(canvas.dtype)
 
 

@@ -1,5 +1,6 @@
-"""Segment operations over ``ptr`` offsets (bags as row ranges of one matrix), in pure torch."""
+"""Segment operations over ``ptr`` offsets (bags as row ranges of one matrix) and a depthwise convolution."""
 
+from milcore.ops.depthwise import depthwise_conv2d
 from milcore.ops.knn import knn_graph
 from milcore.ops.segment import (
     from_padded,
@@ -17,6 +18,7 @@ from milcore.ops.segment import (
 )
 
 __all__ = [
+    "depthwise_conv2d",
     "from_padded",
     "knn_graph",
     "ptr_to_index",
