@@ -1,6 +1,7 @@
 """Benchmark (issue 17): ``milcore bench aggregators`` as a job array (``--fold K``) + ``report merge`` vs one process.
 
-On a synthetic cohort (``milcore synth``, toy-encoder bank) the script runs, each as its own ``milcore``
+On a synthetic cohort (``milcore synth --task all``, a bank of the hand-crafted ``morphology`` encoder,
+on which ABMIL learns; inputs standardised per training fold) the script runs, each as its own ``milcore``
 process the way a scheduler starts jobs:
 
 1. the single-process benchmark (every fold of every seed);
@@ -15,8 +16,9 @@ difference over every metric of every run and every summary mean/sd/CI). Prints 
 ``OUT/bench.json`` with the load average around every step.
 
 Usage:
-    python benchmarks/bench_fold_array.py [--models abmil,mean,dsmil] [--folds 5] [--seeds 0]
-                                          [--epochs 10] [--patients 60] [--out benchmarks/results/bench_fold_array]
+    python benchmarks/bench_fold_array.py [--task all] [--encoder morphology] [--models abmil,mean,dsmil]
+                                          [--folds 5] [--seeds 0,1,2] [--epochs 20] [--patients 60]
+                                          [--out benchmarks/results/bench_fold_array]
 """
 
 from __future__ import annotations
@@ -87,10 +89,12 @@ def max_difference(a: dict, b: dict) -> tuple[float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="all", choices=("aml", "all", "anemia"))
+    ap.add_argument("--encoder", default="morphology")
     ap.add_argument("--models", default="abmil,mean,dsmil")
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--seeds", default="0")
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--patients", type=int, default=60)
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one, deleted)")
     ap.add_argument("--out", default="benchmarks/results/bench_fold_array")
@@ -98,14 +102,14 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="milcore_fold_array_"))
     work.mkdir(parents=True, exist_ok=True)
     steps: dict[str, dict[str, float]] = {}
-    steps["synth"] = milcore("synth", "--task", "aml", "--patients", str(args.patients), "--seed", "1",
+    steps["synth"] = milcore("synth", "--task", args.task, "--patients", str(args.patients), "--seed", "1",
                              "--bag-median", "60", "--bag-max", "300", "--overwrite", str(work / "cohort"))  # fmt: skip
-    steps["extract"] = milcore("extract", "--source", "crops", "--input", str(work / "cohort"), "--encoder", "toy",
-                               "--device", "cpu", "--overwrite", "--out", str(work / "bank.h5"))  # fmt: skip
+    steps["extract"] = milcore("extract", "--source", "crops", "--input", str(work / "cohort"), "--encoder",
+                               args.encoder, "--device", "cpu", "--overwrite", "--out", str(work / "bank.h5"))
     common = ["bench", "aggregators", "--bank", str(work / "bank.h5"), "--cohort", str(work / "cohort" / "cohort.csv"),
-              "--task", "aml", "--models", args.models, "--peers", "none", "--folds", str(args.folds), "--seeds",
+              "--task", args.task, "--models", args.models, "--peers", "none", "--folds", str(args.folds), "--seeds",
               args.seeds, "--epochs", str(args.epochs), "--workers", "1", "--threads", "1", "--device", "cpu",
-              "--overwrite"]  # fmt: skip
+              "--input-norm", "standardize", "--overwrite"]  # fmt: skip
     steps["single"] = milcore(*common, "--out", str(work / "single"))
     parts = []
     for k in range(args.folds):
@@ -119,7 +123,7 @@ def main() -> None:
     sums = {"wall_s": sum(p["wall_s"] for p in part_steps), "cpu_s": sum(p["cpu_s"] for p in part_steps)}
     result = {
         "benchmark": "bench --fold job array vs one process (issue 17)", "argv": sys.argv[1:],
-        "cohort": {"task": "aml", "patients": args.patients, "encoder": "toy", "bags": single["bags"]},
+        "cohort": {"task": args.task, "patients": args.patients, "encoder": args.encoder, "bags": single["bags"]},
         "models": args.models.split(","), "folds": args.folds, "seeds": args.seeds, "epochs": args.epochs,
         "runs": len(single["runs"]), "steps": steps, "parts_sum": sums,
         "array_wall_s_if_parallel": max(p["wall_s"] for p in part_steps) + steps["merge"]["wall_s"],
