@@ -247,3 +247,23 @@ def test_the_options_a_part_may_change_are_those_a_resumed_run_may() -> None:
     from milcore.crossval.resume import RESUMABLE_CHANGES
 
     assert WHERE_KEYS == RESUMABLE_CHANGES
+
+
+def test_fold_parts_with_a_torchmil_peer_merge_to_the_benchmark(bench_bank: dict, tmp_path: Path) -> None:
+    """The peer rows and the ours-vs-torchmil comparison are joined like ours."""
+    pytest.importorskip("torchmil", reason="the peers extra (torchmil) is not installed")
+    base = ["bench", "aggregators", "--bank", str(bench_bank["bank"]), "--cohort", str(bench_bank["cohort"]),
+            "--task", "dx", "--folds", "3", "--epochs", "1", "--threads", "1", "--device", "cpu", "--workers", "1",
+            "--models", "abmil", "--peers", "abmil", "--seeds", "0"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "whole")]) == 0
+    for k in range(3):
+        assert main([*base, "--fold", str(k), "--out", str(tmp_path / f"f{k}")]) == 0
+    out = tmp_path / "merged"
+    assert main(["report", "merge", *(str(tmp_path / f"f{k}") for k in range(3)), "--out", str(out)]) == 0
+    merged, whole = _load(out), _load(tmp_path / "whole")
+    order = [(impl, f) for f in range(3) for impl in ("milcore", "torchmil")]
+    assert [(r["impl"], r["fold"]) for r in merged["runs"]] == order
+    assert _learnt(merged["runs"]) == _learnt(whole["runs"]) and _learnt(merged["summary"]) == _learnt(whole["summary"])
+    keep = ("metric", "pairs", "difference_mean", "difference_ci95", "match")
+    assert {k: merged["peers"]["abmil"][k] for k in keep} == {k: whole["peers"]["abmil"][k] for k in keep}
+    assert merged["torchmil"] == whole["torchmil"]
