@@ -91,8 +91,13 @@ def _differences(first: dict[str, Any], other: dict[str, Any]) -> list[str]:
     return diff
 
 
-def check_parts(paths: Sequence[str | Path]) -> tuple[list[dict[str, Any]], dict[tuple[int, int], Path]]:
+def check_parts(paths: Sequence[str | Path], *, allow_partial: bool = False
+                ) -> tuple[list[dict[str, Any]], dict[tuple[int, int], Path]]:  # fmt: skip
     """Check that ``paths`` are parts of one benchmark holding each (seed, fold) pair once, and no pair missing.
+
+    Args:
+        paths: the parts' folders.
+        allow_partial: accept missing folds (the merge then marks the result as partial everywhere).
 
     Returns:
         The parts' ``bench.json`` payloads (in the order given) and the folder of each (seed, fold) pair.
@@ -100,7 +105,7 @@ def check_parts(paths: Sequence[str | Path]) -> tuple[list[dict[str, Any]], dict
     Raises:
         UserError: no folders, a folder that is not a benchmark part, parts of different specs, inputs or
             splits (naming the entries), a (seed, fold) pair given twice, or folds of a seed missing (naming
-            them and the command that runs them).
+            them and the command that runs them) unless ``allow_partial``.
     """
     if not paths:
         raise UserError("report merge: no benchmark folders given")
@@ -128,13 +133,28 @@ def check_parts(paths: Sequence[str | Path]) -> tuple[list[dict[str, Any]], dict
             raise UserError(f"{folder}/bench.json: runs of seed {stray[0][0]} fold {stray[0][1]}, which its spec does "
                             "not hold (edited or corrupt)")  # fmt: skip
     k = int(first["spec"]["folds"])
-    for seed in sorted({s for s, _ in owner}):
-        missing = [f for f in range(k) if (seed, f) not in owner]
-        if missing:
-            raise UserError(f"report merge: seed {seed}: fold(s) {', '.join(map(str, missing))} of {k} (0 to {k - 1}) "
-                            f"missing; run them with milcore bench aggregators ... --seeds {seed} --fold K (same "
-                            "options) and pass their folders")  # fmt: skip
+    missing = missing_folds(parts)
+    if missing and not allow_partial:
+        seed, folds = next(iter(missing.items()))
+        raise UserError(f"report merge: seed {seed}: fold(s) {', '.join(map(str, folds))} of {k} (0 to {k - 1}) "
+                        f"missing; run them with milcore bench aggregators ... --seeds {seed} --fold K (same "
+                        "options) and pass their folders (or --allow-partial)")  # fmt: skip
     return parts, owner
+
+
+def missing_folds(parts: list[dict[str, Any]]) -> dict[int, list[int]]:
+    """Seed -> the folds no part holds, for every seed some part holds (empty: the benchmark is whole)."""
+    held = {pair for part in parts for pair in part_pairs(part)}
+    k = int(parts[0]["spec"]["folds"])
+    out = {seed: [f for f in range(k) if (seed, f) not in held] for seed in sorted({s for s, _ in held})}
+    return {seed: folds for seed, folds in out.items() if folds}
+
+
+def partial_message(missing: dict[int, list[int]], folds: int) -> str:
+    """The sentence a partial benchmark carries in its warnings, table and report."""
+    where = "; ".join(f"seed {s}: fold(s) {', '.join(map(str, f))}" for s, f in missing.items())
+    return (f"PARTIAL benchmark (merged with --allow-partial): {where} of {folds} missing. Every mean, sd and CI is "
+            "over the folds present only: not comparable with a whole benchmark's, and not a result to publish.")
 
 
 def _merged_seeds(parts: list[dict[str, Any]]) -> list[int]:
@@ -183,6 +203,11 @@ def merge_parts(parts: list[dict[str, Any]], folders: Sequence[str | Path] | Non
     })  # fmt: skip
     if "tuning" in derived:
         result["tuning"] = derived["tuning"]
+    missing = missing_folds(parts)
+    if missing:
+        message = partial_message(missing, spec.folds)
+        result["partial"] = {"missing": [{"seed": s, "folds": f} for s, f in missing.items()], "message": message}
+        result["warnings"] = [{"code": "partial", "severity": "critical", "message": message}, *result["warnings"]]
     if first.get("ood_bag_ids"):
         result["ood_bag_ids"] = first["ood_bag_ids"]
     return result
@@ -193,7 +218,8 @@ def _splits_of(parts: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
     return next(p["splits"][str(seed)] for p in parts if str(seed) in p["splits"])
 
 
-def merge_benches(paths: Sequence[str | Path], out: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
+def merge_benches(paths: Sequence[str | Path], out: str | Path, *, overwrite: bool = False,
+                  allow_partial: bool = False) -> dict[str, Any]:  # fmt: skip
     """Join benchmark parts into the folder ``out`` of the whole benchmark (see the module docstring).
 
     Writes ``bench.json``, ``table.md`` and ``report.html``/``report.md`` as ``milcore bench aggregators``
@@ -203,6 +229,8 @@ def merge_benches(paths: Sequence[str | Path], out: str | Path, *, overwrite: bo
         paths: folders of ``milcore bench aggregators --fold K`` (or ``--seeds S``), any order.
         out: the folder to write (must not exist or be empty, unless ``overwrite``).
         overwrite: replace a non-empty ``out``.
+        allow_partial: merge although folds are missing; the result then says so in ``bench.json``
+            (``partial`` and a critical warning), ``table.md`` and the report.
 
     Returns:
         The merged ``bench.json`` payload.
@@ -213,7 +241,7 @@ def merge_benches(paths: Sequence[str | Path], out: str | Path, *, overwrite: bo
     from milcore.bench.report import write_outputs
 
     out = Path(out)
-    parts, _ = check_parts(paths)
+    parts, _ = check_parts(paths, allow_partial=allow_partial)
     if any(out.resolve() == Path(p).resolve() for p in paths):
         raise UserError(f"{out}: the output is also an input benchmark folder")
     if out.exists() and not out.is_dir():

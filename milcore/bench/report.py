@@ -68,7 +68,8 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def markdown_table(result: dict[str, Any]) -> str:
     """The summary table in Markdown, followed by the peer comparison lines."""
     headers, rows = table_rows(result)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines = [f"**{result['partial']['message']}**", ""] if result.get("partial") else []
+    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     failures = failure_lines(result)
     if failures:
@@ -264,7 +265,7 @@ def build_report(result: dict[str, Any]):
     from milcore.report.plots import scatter_figure
 
     spec = result["spec"]
-    rep = Report(f"Aggregator benchmark: {spec['task']}")
+    rep = Report(f"Aggregator benchmark: {spec['task']}" + (" (PARTIAL)" if result.get("partial") else ""))
     add_warnings(rep, result.get("warnings", []))
     rep.paragraph(f"Bank {spec['bank']} ({result['encoder'].get('name', '?')}, {result['encoder'].get('dim', '?')}-d), "
                   f"cohort {spec['cohort']}: {plural(result['bags'], 'bag')}, classes {', '.join(result['classes'])}. "

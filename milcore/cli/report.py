@@ -35,6 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     p.add_argument("runs", nargs="+", metavar="RUN", help="one-fold run folders (or benchmark parts), any order")
     p.add_argument("--out", required=True, help="the run folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="benchmark folders only: merge although folds are missing; the result is marked PARTIAL in "
+                        "bench.json, table.md and the report")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,10 +56,15 @@ def run(args: argparse.Namespace) -> int:
                                        "training runs and benchmarks separately")  # fmt: skip
         from milcore.bench.merge import merge_benches
 
-        result = merge_benches(args.runs, args.out, overwrite=args.overwrite)
+        result = merge_benches(args.runs, args.out, overwrite=args.overwrite, allow_partial=args.allow_partial)
+        if result.get("partial"):
+            log.warning("warning: %s", result["partial"]["message"])
         log.info("benchmark of %d runs from %d parts: %s/table.md, %s/report.html", len(result["runs"]),
                  len(result["parts"]), args.out, args.out)  # fmt: skip
         return 1 if result["failed"] else 0
+    if args.allow_partial:
+        raise InvalidArgumentError("--allow-partial: only for benchmark folders; a merged training run needs "
+                                   "every fold")  # fmt: skip
     from milcore.crossval.merge import merge_runs
 
     cv = merge_runs(args.runs, args.out, overwrite=args.overwrite)

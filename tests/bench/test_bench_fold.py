@@ -130,7 +130,7 @@ def _refused(args: list[str], capsys, *needles: str) -> str:
 
 def test_a_missing_fold_is_named(benches: dict[str, Path], tmp_path: Path, capsys) -> None:
     _refused([*_parts(benches, "f0", "f2s0", "f2s1"), "--out", str(tmp_path / "m")], capsys,
-             "seed 0: fold(s) 1 of 3 (0 to 2) missing", "--seeds 0 --fold K")  # fmt: skip
+             "seed 0: fold(s) 1 of 3 (0 to 2) missing", "--seeds 0 --fold K", "--allow-partial")  # fmt: skip
     assert not (tmp_path / "m").exists()
 
 
@@ -267,3 +267,25 @@ def test_fold_parts_with_a_torchmil_peer_merge_to_the_benchmark(bench_bank: dict
     keep = ("metric", "pairs", "difference_mean", "difference_ci95", "match")
     assert {k: merged["peers"]["abmil"][k] for k in keep} == {k: whole["peers"]["abmil"][k] for k in keep}
     assert merged["torchmil"] == whole["torchmil"]
+
+
+def test_allow_partial_marks_the_result_partial_everywhere(benches: dict[str, Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "m"
+    assert main(["report", "merge", *_parts(benches, "f0", "f2s0", "f2s1"), "--allow-partial", "--out", str(out)]) == 0
+    merged = _load(out)
+    assert merged["partial"]["missing"] == [{"seed": 0, "folds": [1]}, {"seed": 1, "folds": [1]}]
+    assert merged["warnings"][0]["code"] == "partial" and merged["warnings"][0]["severity"] == "critical"
+    assert {(r["seed"], r["fold"]) for r in merged["runs"]} == {(0, 0), (1, 0), (0, 2), (1, 2)}
+    assert all(s["runs"] == 4 for s in merged["summary"])
+    message = "PARTIAL benchmark (merged with --allow-partial): seed 0: fold(s) 1; seed 1: fold(s) 1 of 3 missing"
+    assert (out / "table.md").read_text().startswith(f"**{message}")
+    assert message in (out / "report.md").read_text() and "(PARTIAL)" in (out / "report.html").read_text()
+    assert message in capsys.readouterr().err
+    whole = tmp_path / "whole"
+    assert main(["report", "merge", *_parts(benches, "f0", "f1", "f2s0", "f2s1"), "--allow-partial", "--out",
+                 str(whole)]) == 0  # fmt: skip
+    assert "partial" not in _load(whole), "a whole benchmark is not marked partial"
+    capsys.readouterr()
+    (tmp_path / "run").mkdir()
+    _refused([str(tmp_path / "run"), "--allow-partial", "--out", str(tmp_path / "r")], capsys,
+             "--allow-partial: only for benchmark folders")  # fmt: skip
