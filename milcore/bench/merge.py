@@ -10,7 +10,10 @@ together they hold every (seed, fold) pair of their seeds exactly once. :func:`m
 the runs as the single-process benchmark orders them and summarises them with the same code
 (:func:`~milcore.bench.aggregators.summarize_runs`): ``runs`` and ``summary`` metrics equal the
 single-process ones. Timing fields (``seconds``, ``cpu_seconds``) are summed over the parts, and each
-part's wall time, CPU time, machine and load are listed under ``parts``: they come from several jobs.
+part's wall time, CPU time, machine and load are listed under ``parts``: they come from several jobs
+(the top-level ``machine``, ``torch_threads`` and ``workers`` are the first part's). With
+``allow_partial``, missing folds are accepted and the result says so everywhere (``partial``, a critical
+warning, the table's first line, the report's title).
 """
 
 from __future__ import annotations
