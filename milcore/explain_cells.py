@@ -38,6 +38,17 @@ def rank_cells(attention: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return order[:k], order[::-1][:k]
 
 
+#: A training run's attribute heads and the attributes of its patients' top cells (``milcore explain --attributes``).
+RUN_CONCEPTS = "concepts.json"
+
+
+def run_attribute_heads(run: str | Path) -> Path | None:
+    """``RUN/concepts.json`` when the run has attribute heads (written by ``milcore explain --attributes``), else
+    ``None``; the training report then shows the attributes of its patients' top cells."""
+    path = Path(run) / RUN_CONCEPTS
+    return path if path.is_file() else None
+
+
 def attribute_section(rep: Any, summary: dict[str, Any], run: Path, sources: dict[str, Any], table: Any,
                       shown: list[str], bank: Any, attention: dict[str, np.ndarray], source: str | Path,
                       top_k: int) -> None:  # fmt: skip
@@ -78,8 +89,9 @@ def attribute_section(rep: Any, summary: dict[str, Any], run: Path, sources: dic
         rep.table(["attribute", "held-out macro-F1"], [[a, f"{v:.3f}"] for a, v in scored])
     payload = concepts_json(heads, described)
     summary["concepts"] = {"macro_f1": f1, "scores": payload["scores"], "source": str(source)}
-    if sources.get("kind") == "run":
-        write_json_atomic(run / "concepts.json", payload)
+    own = run / RUN_CONCEPTS
+    if sources.get("kind") == "run" and not (own.exists() and Path(source).resolve() == own.resolve()):
+        write_json_atomic(own, payload)  # not over the heads file read: its other patients would be lost
 
 
 def pixel_section(rep: Any, summary: dict[str, Any], run: Path, table: Any, shown: list[str], bank: Any,

@@ -72,6 +72,13 @@ def run(args: argparse.Namespace) -> int:
         f1 = summary["concepts"]["macro_f1"]
         log.info("attributes of the top cells for %d patients (heads' held-out macro-F1 %s)",
                  sum("attributes" in p for p in summary["patients"].values()), "n/a" if f1 is None else f"{f1:.3f}")
+        from milcore.data.predictions import prediction_sources
+
+        if prediction_sources(Path(args.run))["kind"] == "run" and (Path(args.run) / "metrics.json").is_file():
+            from milcore.crossval.report import refresh_run_report
+
+            html, _ = refresh_run_report(args.run)  # the training report shows the top cells' attributes too
+            log.info("training report updated with the attributes of the top cells: %s", html)
     if summary.get("pixels"):
         for note in summary["pixels"]["notes"]:
             log.warning("pixels: %s", note)

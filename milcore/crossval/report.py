@@ -114,10 +114,11 @@ def write_run_report(out: Path, metrics: dict[str, Any], table, history_of: dict
         uncertainty_section(rep, metrics["uncertainty"], len(table.bag_ids))
     from feature_cache.errors import UserError
     from milcore import explain
+    from milcore.explain_cells import run_attribute_heads
 
     rep.heading("Cells that drove the decisions")
-    try:
-        ex_rep, _ = explain.build_explanations(out, crops, top_k=8, max_patients=6)
+    try:  # with the attributes of the top cells once the run has attribute heads (milcore explain --attributes)
+        ex_rep, _ = explain.build_explanations(out, crops, top_k=8, max_patients=6, attributes=run_attribute_heads(out))
     except UserError as exc:  # an input the galleries need is missing or unreadable; a drawing bug is raised
         log.warning("cell galleries not drawn: %s", exc)
         rep.paragraph(f"Cell galleries not drawn: {exc}", css="note")
@@ -127,3 +128,14 @@ def write_run_report(out: Path, metrics: dict[str, Any], table, history_of: dict
                        *(UNCERTAINTY_TERMS if metrics.get("uncertainty") else ())])  # fmt: skip
     html, md = rep.write(out, "report")
     return html, md
+
+
+def refresh_run_report(run: str | Path) -> tuple[Path, Path]:
+    """Render a finished run's ``report.html`` / ``report.md`` again from its files (``metrics.json``,
+    ``predictions.csv``, fold histories), e.g. once ``milcore explain --attributes`` gave it attribute heads."""
+    from milcore.data.predictions import read_predictions
+
+    run = Path(run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    folds = {int(p.name.split("_", 1)[1]): p for p in run.glob("fold_*") if p.name.split("_", 1)[1].isdigit()}
+    return write_run_report(run, metrics, read_predictions(run), history_of=folds)

@@ -108,6 +108,7 @@ class PixelExplanations:
     def to_json(self) -> dict[str, Any]:
         """The ``pixels`` section of ``explain.json``."""
         return {"methods": list(self.config.methods), "encoder": self.encoder, "gradcam_layer": self.layer,
+                "target": self.config.target,
                 "tolerance_px": self.config.tolerance, "cells_per_patient": self.config.cells_per_patient,
                 "ig_steps": self.config.ig_steps, "notes": self.notes,
                 "pointing_game": self.pointing_summary()}  # fmt: skip
@@ -291,7 +292,10 @@ def explain_pixels(run: str | Path, bank: Any, table: Any, attention: dict[str, 
         x = torch.from_numpy(np.asarray(bank.read(b), dtype=np.float32))  # (N, D)
         coords = torch.from_numpy(np.asarray(bank.read_coords(b), dtype=np.float32)) if needs_coords else None
         score = px.BagScore(models[b], x.to(config.device), coords)
-        target = int(table.predicted[index[b]])
+        target = int(table.predicted[index[b]] if config.target == "predicted" else table.labels[index[b]])
+        if target < 0:
+            result.notes.append(f"{b}: no label, so its true class cannot be explained; patient skipped")
+            continue
         ids = bank.read_column(b, "cell_id")
         for r in rows:
             cid = str(ids[r])

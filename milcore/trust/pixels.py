@@ -37,6 +37,10 @@ from torch import nn
 from feature_cache.config import Config, option
 
 METHODS = ("gradcam", "integrated_gradients")
+#: Whose logit is explained: the class the model predicted (what a user asks: "why this diagnosis?") or the
+#: patient's true class (the pointing game of Zhang et al. 2018 explains the ground-truth category, so that it
+#: scores the explanation method rather than the classifier's mistakes).
+TARGETS = ("predicted", "true")
 METHOD_LABELS = {"gradcam": "Grad-CAM", "integrated_gradients": "integrated gradients"}
 
 
@@ -54,6 +58,8 @@ class PixelConfig(Config):
         feature_tolerance: least cosine similarity between a crop's re-encoded feature and the bank's row;
             below it the crop is not the one the bank was extracted from, and the cell is not explained.
         device: where the encoder and aggregator run (``cpu``, ``cuda``, ``auto``).
+        target: the class explained, ``predicted`` or ``true`` (the patient's label; for scoring explanations
+            with the pointing game; an unlabelled patient is skipped with a note).
     """
 
     config_key = "pixel explanation option"
@@ -66,6 +72,7 @@ class PixelConfig(Config):
     smooth: float = option(1.0, low=0)
     feature_tolerance: float = option(0.98, low=-1, high=1)
     device: str = option("cpu")
+    target: str = option("predicted", choices=TARGETS)
 
 
 # ------------------------------------------------------------------------------------------- the bag score

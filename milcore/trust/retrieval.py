@@ -45,8 +45,10 @@ INDEX_FORMAT = "milcore-case-index"
 INDEX_VERSION = 1
 #: Characteristic cells kept per training patient.
 TOP_CELLS = 8
-#: Bag embeddings are centred per fold before the cosine (chosen by measurement: benchmarks/README.md, issue 16).
-CENTER = True
+#: Whether bag embeddings are centred per fold before the cosine. Measured on selection seeds 100-102
+#: (benchmarks/README.md, issue 16): centring and similarity-weighted votes did not beat the plain count of
+#: uncentred neighbours (0.927 vs 0.930), so the default stays uncentred; ``build_index(center=True)`` offers it.
+CENTER = False
 #: How the retrieved cases vote: ``count`` (ties: summed similarity) or ``similarity`` (summed similarity).
 VOTE = "count"
 VOTES = ("count", "similarity")

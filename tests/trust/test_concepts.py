@@ -105,9 +105,17 @@ def test_explain_shows_the_attributes_of_the_top_cells(run_copy: Path, planted: 
     assert main(["passport", str(run_copy)]) == 0
     passport = json.loads((run_copy / "passport.json").read_text())
     assert passport["concepts"]["status"] == "available" and "nc_ratio" in passport["concepts"]["attributes"]
-    # the saved heads are reused as they are
+    # the training report (HTML and Markdown) now shows the attributes of its patients' top cells
+    report = (run_copy / "report.md").read_text()
+    assert "Morphological attributes of the top cells" in report and "| attributes of the top-8 cells |" in report
+    assert "| nc_ratio | 1.000 |" in report or "| nc_ratio | 0.9" in report  # the heads' held-out macro-F1
+    assert "Morphological attributes of the top cells" in (run_copy / "report.html").read_text()
+    assert "## Headline" in report and "## Uncertainty and abstention" in report  # the rest of the report kept
+    # the saved heads are reused as they are, and the file they come from keeps its 18 patients
     assert main(["explain", "--run", str(run_copy), "--out", str(tmp_path / "ex2"), "--attributes",
                  str(run_copy / "concepts.json"), "--patients", "2"]) == 0  # fmt: skip
+    assert json.loads((run_copy / "concepts.json").read_text())["patients"] == concepts["patients"]
+    assert len(concepts["patients"]) == 18
 
 
 def test_bad_attribute_inputs_are_one_line_errors(run_copy: Path, planted: dict, planted_factory, tmp_path: Path,

@@ -127,3 +127,33 @@ def test_overlays_and_pointing_game_on_a_synthetic_cohort(toy_run: Path, tmp_pat
     assert {c["feature"] for c in scored} <= {"nucleus", "auer_rod", "granules", "red_cell"}
     html = (out / "explain.html").read_text()
     assert "Pixel explanations of the top cells" in html and "pointing-game accuracy" in html
+
+
+@pytest.mark.slow  # uses the toy_run fixture (synthesis, extraction, training)
+def test_pixel_target_explains_the_predicted_or_the_true_class(toy_run: Path) -> None:
+    """``target=true`` explains the patient's label (the pointing game of Zhang et al. scores the explanation of
+    the ground-truth class); an unlabelled patient cannot be explained that way and is named in a note."""
+    import dataclasses
+
+    from feature_cache.bank import open_reader
+    from feature_cache.errors import UserError
+    from milcore.data.predictions import read_attention, read_predictions
+    from milcore.trust.pixel_run import explain_pixels
+    from milcore.trust.pixels import PixelConfig
+
+    run = toy_run / "run"
+    table, attention = read_predictions(run), read_attention(run)
+    where = {b: i for i, b in enumerate(table.bag_ids)}
+    with open_reader(toy_run / "bank.h5") as reader:
+        for target, want in (("predicted", table.predicted), ("true", table.labels)):
+            config = PixelConfig(target=target, methods=("integrated_gradients",), cells_per_patient=1, ig_steps=2)
+            res = explain_pixels(run, reader, table, attention, table.bag_ids, toy_run / "cohort", config)
+            assert len(res.cells) == len(table.bag_ids)
+            assert [c.target for c in res.cells] == [int(want[where[c.bag_id]]) for c in res.cells]
+            assert res.to_json()["target"] == target
+        unlabelled = dataclasses.replace(table, labels=np.full(len(table.bag_ids), -1))
+        config = PixelConfig(target="true", methods=("integrated_gradients",), cells_per_patient=1, ig_steps=2)
+        res = explain_pixels(run, reader, unlabelled, attention, table.bag_ids[:2], toy_run / "cohort", config)
+        assert not res.cells and sum("no label" in n for n in res.notes) == 2
+    with pytest.raises(UserError, match="target"):
+        PixelConfig.from_dict({"target": "guess"})
