@@ -29,12 +29,13 @@ def _agg(bench_bank: dict, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def benches(bench_bank: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The single-process benchmark (seeds 0,1 x 3 folds) and four parts holding each (seed, fold) once:
-    fold 0 and fold 1 of both seeds, fold 2 of seed 0, fold 2 of seed 1."""
+    fold 0 (in 2 worker processes) and fold 1 of both seeds, fold 2 of seed 0, fold 2 of seed 1."""
     root = tmp_path_factory.mktemp("bench_fold")
     out = {"whole": root / "whole", "f0": root / "f0", "f1": root / "f1", "f2s0": root / "f2s0",
            "f2s1": root / "f2s1"}  # fmt: skip
     assert main(_agg(bench_bank, out["whole"], "--seeds", "0,1")) == 0
-    assert main(_agg(bench_bank, out["f0"], "--seeds", "0,1", "--fold", "0")) == 0
+    # a job may use several cores: fold 0 trains in 2 worker processes (rows do not depend on it)
+    assert main([*_agg(bench_bank, out["f0"], "--seeds", "0,1", "--fold", "0"), "--workers", "2"]) == 0
     assert main(_agg(bench_bank, out["f1"], "--seeds", "0,1", "--fold", "1")) == 0
     assert main(_agg(bench_bank, out["f2s0"], "--seeds", "0", "--fold", "2")) == 0
     assert main(_agg(bench_bank, out["f2s1"], "--seeds", "1", "--fold", "2")) == 0
@@ -81,6 +82,7 @@ def test_parts_merged_equal_the_single_process_benchmark(benches: dict[str, Path
         assert merged[key] == whole[key], key
     parts = merged["parts"]
     assert len(parts) == 4 and "sums over 4 jobs" in merged["timing"]
+    assert [p["workers"] for p in parts] == [1, 2, 1, 1], "fold 0 really trained in 2 worker processes"
     assert merged["seconds"] == pytest.approx(sum(p["seconds"] for p in parts))
     assert merged["cpu_seconds"] == pytest.approx(sum(p["cpu_seconds"] for p in parts))
     for name in ("table.md", "report.html", "report.md"):
