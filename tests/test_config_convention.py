@@ -202,8 +202,8 @@ def test_defaults_did_not_change() -> None:
     assert MemoryConfig().to_dict() == {"budget": 5000, "per_bag": 32}
     audit = AuditConfig()
     assert (audit.attributes, audit.min_group_size, audit.alpha, audit.correction, audit.n_boot, audit.n_perm,
-            audit.n_bins, audit.intersections, audit.per_class) == (("sex", "age", "site"), 10, 0.05, "holm", 1000,
-                                                                    2000, 10, True, True)  # fmt: skip
+            audit.n_bins, audit.intersections, audit.per_class) == (
+        ("sex", "age", "site"), 10, 0.05, "westfall-young", 1000, 2000, 10, True, True)  # fmt: skip
     assert audit.age_bands == ((0, 45), (46, 59), (60, 71), (72, 86), (87, 130))
     spec = ExperimentSpec("b", "c", "t")
     assert (spec.train.model, spec.fractions, spec.seeds, spec.train_size, spec.test_fraction, spec.val_fraction,

@@ -84,12 +84,14 @@ class AuditConfig(Config):
             (``per_class=True``) and every intersection they form the secondary family.
         per_class: also test per-class recall (TPR) and FPR gaps.
         alpha: family-wise significance level of each family.
-        correction: multiple-comparison correction within each family: ``holm``, ``bonferroni``, ``bh``
-            (Benjamini-Hochberg FDR) or ``westfall-young`` (step-down min-P on permutations shared by every test
-            of the primary family, which accounts for their dependence; the secondary family then gets Holm).
-        primary_weights: how the primary family's alpha is shared: ``tests`` equally among its tests,
-            ``attributes`` equally among the audited attributes and then among each attribute's tests (cutting
-            age into more bands then does not dilute the sex tests; weighted Holm / Westfall-Young).
+        correction: multiple-comparison correction within each family: ``westfall-young`` (step-down min-P
+            on permutations shared by every test of the primary family, which accounts for their dependence:
+            never less power than Holm; the secondary family then gets Holm), ``holm``, ``bonferroni`` or ``bh``
+            (Benjamini-Hochberg FDR). Chosen by measured power: benchmarks/README.md, "Bias audits".
+        primary_weights: how the primary family's alpha is shared: ``attributes`` equally among the audited
+            attributes and then among each attribute's tests (each attribute is one question: cutting age into
+            more bands does not dilute the sex tests; a little less power per age band), ``tests`` equally
+            among its tests (weighted Holm / Westfall-Young).
         alternative: ``worse`` tests whether each group is worse than the rest (one-sided; both groups of a
             two-valued attribute are tests of the family), ``two-sided`` whether it differs either way.
         permute_within_class: shuffle group membership within each true class, so every permutation keeps the
@@ -114,8 +116,8 @@ class AuditConfig(Config):
                                             "auroc", "ece"), choices=_metrics)  # fmt: skip
     per_class: bool = True
     alpha: float = option(0.05, low=0, high=1, low_open=True, high_open=True)
-    correction: str = option("holm", choices=CORRECTIONS)
-    primary_weights: str = option("tests", choices=PRIMARY_WEIGHTS)
+    correction: str = option("westfall-young", choices=CORRECTIONS)
+    primary_weights: str = option("attributes", choices=PRIMARY_WEIGHTS)
     alternative: str = option("worse", choices=ALTERNATIVES)
     permute_within_class: bool = True
     mde_power: float = option(0.8, low=0, high=1, low_open=True, high_open=True)

@@ -139,7 +139,7 @@ def test_the_audit_corrects_its_primary_family_by_westfall_young(weights: str) -
 
 def test_weights_by_attribute_under_holm_set_each_tests_share() -> None:
     pred, cols = _cohort(female_margin=0.0)
-    cfg = AuditConfig(attributes=("sex", "age"), primary_weights="attributes", n_boot=30, n_perm=300,
+    cfg = AuditConfig(attributes=("sex", "age"), correction="holm", primary_weights="attributes", n_boot=30, n_perm=300,
                       per_class=False, intersections=False)  # fmt: skip
     audit = audit_predictions(pred, list("abcd"), build_groups(cols, len(pred), cfg), cfg)
     shares = audit["families"]["primary"]["first_step_p"]
