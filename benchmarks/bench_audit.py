@@ -437,6 +437,71 @@ def stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def patient_scores(y: np.ndarray, proba: np.ndarray) -> dict[str, np.ndarray]:
+    """Candidate per-patient scores (larger = worse) for the primary test: (n,) each."""
+    from scipy.stats import rankdata
+
+    n, C = proba.shape
+    true = proba[np.arange(n), y]
+    rank = np.zeros(n)
+    for c in range(C):  # within-class rank of the true-class probability (a stratified Wilcoxon statistic)
+        i = y == c
+        if i.any():
+            rank[i] = (rankdata(-true[i]) - 0.5) / i.sum()
+    odds = np.clip(np.log(np.clip(true, 1e-9, 1)) - np.log(np.clip(1 - true, 1e-9, 1)), -8, 8)
+    return {"Brier score": ((proba - np.eye(C)[y]) ** 2).sum(1) / 2, "log-loss": -np.log(np.clip(true, 1e-12, 1)),
+            "1 - true-class probability": 1 - true, "within-class rank": rank, "minus true-class log-odds": -odds,
+            "error (accuracy)": (proba.argmax(1) != y).astype(float)}  # fmt: skip
+
+
+def _balanced_gaps(score: np.ndarray, y: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """(B,) class-balanced mean score of each row's group minus that of the other patients."""
+    gaps = []
+    for c in np.unique(y):
+        i = y == c
+        g, sc = masks[:, i].astype(float), score[i]
+        gaps.append(g @ sc / np.maximum(g.sum(1), 1) - (1 - g) @ sc / np.maximum((1 - g).sum(1), 1))
+    return np.mean(gaps, axis=0)
+
+
+def scores(args: argparse.Namespace) -> int:
+    """Which per-patient score separates a planted gap best: the standardized gap z of each candidate (within-class
+    permutations) and the share of seeds past the one-sided first-step thresholds of the primary family."""
+    from scipy.stats import norm
+
+    from milcore.audit.statistics import stratified_permutation_masks
+    from milcore.report.bench_io import machine_info, save_bench
+
+    rng = np.random.default_rng(0)
+    thresholds = {"z > z(0.05/7)": float(norm.ppf(1 - 0.05 / 7)), "z > z(0.05/4)": float(norm.ppf(1 - 0.05 / 4))}
+    rows = []
+    for model in args.models:
+        for n in args.patients:
+            z: dict[str, list[float]] = {}
+            for seed in range(args.seeds):
+                y, proba, cols = simulated_predictions(n, seed, args.gap, model)
+                female = cols["sex"] == "F"
+                masks = np.concatenate([female[None], stratified_permutation_masks(
+                    rng, female, np.ones(n, bool), y, args.permutations)])  # fmt: skip
+                for name, score in patient_scores(y, proba).items():
+                    g = _balanced_gaps(score, y, masks)
+                    z.setdefault(name, []).append(float((g[0] - g[1:].mean()) / g[1:].std(ddof=1)))
+            for name, values in z.items():
+                v = np.asarray(values)
+                rows.append({"model": model, "patients": n, "gap": args.gap, "seeds": args.seeds, "score": name,
+                             "mean_z": float(v.mean())} | {k: float(np.mean(v > t)) for k, t in thresholds.items()})
+    lines = [f"per-patient scores: standardized gap z of sex=F (planted gap {args.gap}, {args.seeds} seeds, "
+             f"{args.permutations} within-class permutations)", "",
+             "| model | patients | score | mean z | " + " | ".join(thresholds) + " |",
+             "|---|---:|---|---:|" + "---:|" * len(thresholds)]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['patients']} | {r['score']} | {r['mean_z']:.2f} | "
+                     + " | ".join(f"{r[k]:.0%}" for k in thresholds) + " |")  # fmt: skip
+    save_bench(args.out, {"benchmark": "audit_scores", "machine": machine_info(), "args": vars(args) | {"func": None},
+                          "thresholds": thresholds, "rows": rows}, "\n".join(lines))  # fmt: skip
+    return 0
+
+
 def experiment(args: argparse.Namespace) -> int:
     """Wall time of 'milcore audit experiment' with its defaults on an existing bank and cohort."""
     from milcore.cli import main
@@ -489,6 +554,15 @@ def main(argv: list[str] | None = None) -> int:
                     "such as age=72-86 (the price of sharing alpha by attribute)")
     st.add_argument("--threads", type=int, default=1)
     st.set_defaults(func=stats)
+    sc = sub.add_parser("scores")
+    sc.add_argument("--out", default="runs/bench_audit_scores")
+    sc.add_argument("--patients", type=lambda t: [int(v) for v in t.split(",")], default=[400])
+    sc.add_argument("--gap", type=float, default=0.1)
+    sc.add_argument("--models", type=lambda t: t.split(","), default=["margin", "flip"])
+    sc.add_argument("--seeds", type=int, default=150)
+    sc.add_argument("--permutations", type=int, default=300)
+    sc.add_argument("--threads", type=int, default=1)
+    sc.set_defaults(func=scores)
     e = sub.add_parser("experiment")
     e.add_argument("--bank", default="runs/demo/bank.h5")
     e.add_argument("--cohort", default="runs/demo/cohort/cohort.csv")
