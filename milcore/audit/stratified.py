@@ -45,6 +45,7 @@ from milcore.audit.statistics import (
     minimum_detectable_effect,
     percentile_ci,
     permutation_masks,
+    permutation_pvalues,
     sequential_permutation_test,
     stratified_counts,
     stratified_permutation_masks,
@@ -485,27 +486,27 @@ def _joint_primary(pred: LabelledPredictions, classes: list[str], comparisons: l
     metric = config.primary_metric
     one_sided = config.alternative == "worse"
     sign = 1.0 if not higher_is_better(metric) else -1.0  # sign * gap > 0: the group is worse
-    perms = class_permutations(rng, pred.y_true, config.n_perm)  # (B, n)
-    observed, null = [], []
-    for r in rows.values():
-        c = compares[r["group"]]
-        W = np.concatenate([c.group[perms], c.rest[perms]]).astype(float)  # (2B, n)
-        values = flatten(weighted_metrics(pred, W, metric == "auroc"), classes)[metric]
-        gap = values[: len(perms)] - values[len(perms):]  # (B,)
-        observed.append(sign * r["gap"] if one_sided else r["gap"])
-        null.append(sign * gap if one_sided else gap)
-    obs, nulls = np.asarray(observed, dtype=float), np.stack(null, axis=1)  # (m,), (B, m)
+    tests = list(rows.values())
+    observed = [sign * r["gap"] if one_sided else r["gap"] for r in tests]
+    null = np.zeros((config.n_perm, len(tests)))  # (B, m)
+    for start in range(0, config.n_perm, 250):  # batches keep the (2k, n) weights small on large cohorts
+        perms = class_permutations(rng, pred.y_true, min(250, config.n_perm - start))  # (k, n)
+        for j, r in enumerate(tests):
+            c = compares[r["group"]]
+            W = np.concatenate([c.group[perms], c.rest[perms]]).astype(float)  # (2k, n)
+            values = flatten(weighted_metrics(pred, W, metric == "auroc"), classes)[metric]
+            gap = values[: len(perms)] - values[len(perms):]  # (k,)
+            null[start : start + len(perms), j] = sign * gap if one_sided else gap
+    obs, nulls = np.asarray(observed, dtype=float), null
     weights = family_weights(rows, "primary", config)
     adjusted = westfall_young(obs, nulls, two_sided=not one_sided, weights=weights)
-    from milcore.audit.statistics import permutation_pvalues
-
     raw = permutation_pvalues(obs, nulls, two_sided=not one_sided)
     sd = np.nanstd(nulls, axis=0, ddof=1)
     keys = list(rows)
     return JointFamily(dict(zip(keys, adjusted.tolist(), strict=True)), dict(zip(keys, raw.tolist(), strict=True)),
                        dict(zip(keys, sd.tolist(), strict=True)),
                        dict(zip(keys, westfall_young_threshold(nulls, config.alpha, not one_sided, weights).tolist(),
-                                strict=True)), len(perms))  # fmt: skip
+                                strict=True)), config.n_perm)  # fmt: skip
 
 
 def _correct(comparisons: list[dict[str, Any]], parity: list[dict[str, Any]], config: AuditConfig,
