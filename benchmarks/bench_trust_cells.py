@@ -63,8 +63,78 @@ def concepts(cohort: Path, bank: Path, seeds: int) -> dict:
             "per_attribute": attrs_mean, "rows": rows, "target_met": bool(np.mean(f1) >= 0.85)}  # fmt: skip
 
 
+#: Pixel-explanation settings compared (name -> PixelConfig fields); the first is the library's default
+#: (``gradcam12``: Grad-CAM on the deepest map of at least 12 x 12 positions instead of 6 x 6).
+VARIANTS = {
+    "predicted": {"target": "predicted"},
+    "true": {"target": "true"},
+    "true/gradcam12": {"target": "true", "methods": ("gradcam",), "min_side": 12},
+    "predicted/gradcam12": {"target": "predicted", "methods": ("gradcam",), "min_side": 12},
+    "predicted/smoothgrad8": {"target": "predicted", "methods": ("integrated_gradients",), "ig_noise_samples": 8},
+}
+#: Zhang et al. 2018 count a hit within 15 px of the object at 224 px: 6.4 px at our 96 px crops.
+ZHANG_TOLERANCE = 15 * 96 / 224
+
+
+def diagnostic_regions(folder: Path, bag_ids: list[str]) -> dict:
+    """(bag, cell) -> (union of the masks of every diagnostic feature the cell carries, cell body), re-rendered.
+
+    ``masks.h5`` holds one feature per diagnostic cell, the first of ``DIAGNOSTIC_FEATURES[type]`` the cell
+    carries (the Auer rod of a myeloblast with one); but its other listed features make it diagnostic too (a
+    myeloblast's nucleus), and Zhang et al.'s pointing game counts a hit on any instance of the target.
+    """
+    from feature_cache.sources.synthetic_attributes import DIAGNOSTIC_FEATURES
+    from feature_cache.sources.synthetic_cohort import SyntheticCohort
+    from feature_cache.sources.synthetic_source import load_synth_config
+
+    cohort = SyntheticCohort(load_synth_config(folder))
+    out = {}
+    for bag in bag_ids:
+        patient = cohort.patient(bag)
+        cells = cohort.cells(patient)
+        if not cells.is_diagnostic.any():
+            continue
+        for cid, ctype, diag, (_, truth) in zip(cells.cell_ids(), cells.cell_type, cells.is_diagnostic,
+                                                cohort.iter_truth(patient, cells), strict=True):  # fmt: skip
+            if not diag or truth.diagnostic_feature(str(ctype)) is None:
+                continue
+            names = [n for n in DIAGNOSTIC_FEATURES.get(str(ctype), ("cell",)) if n in truth.masks]
+            region = np.any([np.asarray(truth.masks[n], dtype=bool) for n in names], axis=0)
+            out[(bag, cid)] = (region, np.asarray(truth.masks["cell"], dtype=bool))
+    return out
+
+
+def rescore(cells: list, masks: dict, tolerance: float, regions: dict | None = None) -> dict:
+    """Pointing-game accuracy and chance (random point of the cell) per method at another tolerance (and, with
+    ``regions``, against the union of each cell's diagnostic features instead of its first feature's mask)."""
+    from milcore.trust.pixels import pointing_game
+
+    out: dict = {}
+    for c in cells:
+        truth = masks.get((c.bag_id, c.cell_id))
+        if c.mask is None or truth is None:
+            continue
+        mask, body = (c.mask, truth.cell) if regions is None else regions.get((c.bag_id, c.cell_id), (None, None))
+        if mask is None or mask.shape != c.mask.shape:
+            continue
+        for m, sal in c.maps.items():
+            pt = pointing_game(sal, mask, tolerance, body)
+            e = out.setdefault(m, {"hits": 0, "cells": 0, "chance": 0.0, "by_feature": {}})
+            e["hits"] += int(pt.hit)
+            e["cells"] += 1
+            e["chance"] += pt.chance_cell
+            f = e["by_feature"].setdefault(c.feature, [0, 0])
+            f[0] += int(pt.hit)
+            f[1] += 1
+    for e in out.values():
+        e["accuracy"] = e["hits"] / max(e["cells"], 1)
+        e["chance"] = e["chance"] / max(e["cells"], 1)
+        e["by_feature"] = {f: round(h / n, 3) for f, (h, n) in e["by_feature"].items()}
+    return out
+
+
 def pixels(cohort: Path, bank: Path, run: Path, args: argparse.Namespace) -> dict:
-    """Pointing game of Grad-CAM and integrated gradients on the diagnostic top cells."""
+    """Pointing game of Grad-CAM and integrated gradients on the diagnostic top cells, per setting."""
     from feature_cache.bank import open_reader
     from milcore.crossval import train_run
     from milcore.data.predictions import read_attention, read_predictions
@@ -83,26 +153,52 @@ def pixels(cohort: Path, bank: Path, run: Path, args: argparse.Namespace) -> dic
     table = read_predictions(run)
     attention = read_attention(run)
     sick = [b for b, y in zip(table.bag_ids, table.labels, strict=True) if table.classes[y] != "control"]
-    config = PixelConfig(cells_per_patient=args.cells, ig_steps=args.ig_steps)
-    t1 = time.perf_counter()
-    with open_reader(bank) as reader:
-        result = explain_pixels(run, reader, table, attention, sick, cohort, config)
-    t_explain = time.perf_counter() - t1
-    summary = result.pointing_summary()
-    cells = len(result.cells)
-    print(f"\n{'method':<24}{'cells':>6}{'accuracy':>10}{'chance centre':>15}{'chance random':>15}")
-    for m, s in summary.items():
-        print(f"{m:<24}{s['cells']:>6}{s['accuracy']:>10.3f}{s['chance_centre']:>15.3f}"
-              f"{s['chance_random_point']:>15.3f}")  # fmt: skip
-        for f, fs in s["by_feature"].items():
-            print(f"  {f:<22}{fs['cells']:>6}{fs['accuracy']:>10.3f}")
+    from feature_cache.sources.synthetic_truth import cohort_masks
     from milcore.metrics.classification import balanced_accuracy
 
+    masks = cohort_masks(cohort, sick)
+    built = None  # explain_pixels rebuilds a registered encoder with its packaged weights; trained weights: here
+    if args.weights:
+        from feature_cache.encoders import create_encoder
+
+        options = {k: int(v) if v.isdigit() else v for k, v in (kv.split("=", 1) for kv in args.encoder_arg)}
+        built = create_encoder(args.pixel_encoder, weights=args.weights, device="cpu", **options)
+    regions = diagnostic_regions(cohort, sick)
     ba = float(balanced_accuracy(table.labels, table.predicted, len(table.classes)))
-    return {"pointing_game": summary, "cells_explained": cells, "patients": len(sick), "notes": result.notes[:20],
-            "gradcam_layer": result.layer, "model_balanced_accuracy": ba, "seconds_train": round(t_train, 1),
-            "seconds_explain": round(t_explain, 1), "seconds_per_cell": round(t_explain / max(cells, 1), 2),
+    out: dict = {"model_balanced_accuracy": ba, "patients": len(sick), "seconds_train": round(t_train, 1),
+                 "tolerances": {"default": PixelConfig().tolerance, "zhang": round(ZHANG_TOLERANCE, 2)},
+                 "variants": {}}  # fmt: skip
+    wanted = [v for v in args.variants.split(",") if v] if args.variants else list(VARIANTS)
+    print(f"model balanced accuracy {ba:.3f}")
+    print(f"\n{'setting':<22}{'method':<22}{'cells':>6}{'acc 3px':>9}{'chance':>8}{'acc 6.4px':>11}{'chance':>8}"
+          f"{'union 3px':>11}{'chance':>8}{'union 6.4px':>13}{'chance':>8}")  # fmt: skip
+    for name in wanted:
+        fields = {"cells_per_patient": args.cells, "ig_steps": args.ig_steps, **VARIANTS[name]}
+        config = PixelConfig(**fields)
+        t1 = time.perf_counter()
+        with open_reader(bank) as reader:
+            result = explain_pixels(run, reader, table, attention, sick, cohort, config, encoder=built)
+        t_explain = time.perf_counter() - t1
+        summary = result.pointing_summary()
+        zhang = rescore(result.cells, masks, ZHANG_TOLERANCE)
+        union = rescore(result.cells, masks, PixelConfig().tolerance, regions)
+        union_zhang = rescore(result.cells, masks, ZHANG_TOLERANCE, regions)
+        for m, s in summary.items():
+            print(f"{name:<22}{m:<22}{s['cells']:>6}{s['accuracy']:>9.3f}{s['chance_random_point']:>8.3f}"
+                  f"{zhang[m]['accuracy']:>11.3f}{zhang[m]['chance']:>8.3f}"
+                  f"{union[m]['accuracy']:>11.3f}{union[m]['chance']:>8.3f}"
+                  f"{union_zhang[m]['accuracy']:>13.3f}{union_zhang[m]['chance']:>8.3f}   "
+                  + " ".join(f"{f} {fs['accuracy']:.2f}/{zhang[m]['by_feature'][f]:.2f}"
+                             for f, fs in s["by_feature"].items()), flush=True)  # fmt: skip
+        cells = len(result.cells)
+        out["variants"][name] = {
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
+            "pointing_game": summary, "pointing_game_zhang_tolerance": zhang,
+            "pointing_game_union": union, "pointing_game_union_zhang_tolerance": union_zhang, "cells_explained": cells,
+            "gradcam_layer": result.layer, "notes": result.notes[:10], "seconds_explain": round(t_explain, 1),
+            "seconds_per_cell": round(t_explain / max(cells, 1), 2), "load_after": _load(),
             "target_met": {m: s["accuracy"] >= 0.7 for m, s in summary.items()}}  # fmt: skip
+    return out
 
 
 def main() -> int:
@@ -117,6 +213,11 @@ def main() -> int:
     p.add_argument("--cells", type=int, default=3, help="top cells explained per patient")
     p.add_argument("--ig-steps", type=int, default=16)
     p.add_argument("--parts", default="concepts,pixels")
+    p.add_argument("--variants", default="", help=f"pixel settings compared (default all: {', '.join(VARIANTS)})")
+    p.add_argument("--name", default="trust_cells", help="results file name (without .json)")
+    p.add_argument("--pixel-encoder", default="efficientnet_lite0", help="encoder of the pixel part's bank")
+    p.add_argument("--weights", default=None, help="trained weights of --pixel-encoder (milcore encoder train)")
+    p.add_argument("--encoder-arg", action="append", default=[], metavar="KEY=VALUE", help="encoder option")
     p.add_argument("--results", default=str(HERE / "results" / "trust_cells"))
     args = p.parse_args()
     cohort = Path(args.cohort)
@@ -125,24 +226,29 @@ def main() -> int:
                  str(args.bag_median), "--seed", str(args.seed))  # fmt: skip
     out: dict = {"args": vars(args), "load_before": _load()}
     parts = args.parts.split(",")
-    for encoder, part in (("morphology", "concepts"), ("efficientnet_lite0", "pixels")):
+    for encoder, part in (("morphology", "concepts"), (args.pixel_encoder, "pixels")):
         if part not in parts:
             continue
-        bank = cohort.parent / f"bank_{encoder}.h5"
+        tag = encoder + (f"_{Path(args.weights).parent.name}" if part == "pixels" and args.weights else "")
+        bank = cohort.parent / f"bank_{tag}.h5"
+        extra = ["--weights", args.weights] if part == "pixels" and args.weights else []
+        for kv in args.encoder_arg if part == "pixels" else []:
+            extra += ["--encoder-arg", kv]
         if not bank.exists():
             t0 = time.perf_counter()
             _milcore("extract", "--source", "synthetic", "--input", str(cohort), "--encoder", encoder, "--out",
-                     str(bank), "--workers", "0")  # fmt: skip
-            out[f"seconds_extract_{encoder}"] = round(time.perf_counter() - t0, 1)
+                     str(bank), "--workers", "0", *extra)  # fmt: skip
+            out[f"seconds_extract_{tag}"] = round(time.perf_counter() - t0, 1)
         if part == "concepts":
             out["concepts"] = concepts(cohort, bank, args.seeds)
         else:
-            out["pixels"] = pixels(cohort, bank, cohort.parent / "run_efficientnet", args)
+            run = cohort.parent / (f"run_{tag}_e{args.epochs}" if args.weights else f"run_efficientnet_e{args.epochs}")
+            out["pixels"] = pixels(cohort, bank, run, args)
     out["load_after"] = _load()
     print(f"load average before {out['load_before']} after {out['load_after']}")
     res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
-    (res / "trust_cells.json").write_text(json.dumps(out, indent=1, default=str))
+    (res / f"{args.name}.json").write_text(json.dumps(out, indent=1, default=str))
     return 0
 
 

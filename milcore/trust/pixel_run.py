@@ -320,7 +320,10 @@ def explain_pixels(run: str | Path, bank: Any, table: Any, attention: dict[str, 
                 if m == "gradcam":
                     sal = px.gradcam(module, layer, pixels, score, int(r), target)
                 else:
-                    ig = px.integrated_gradients(module, pixels, score, int(r), target, config.ig_steps)
+                    ig = (px.smoothgrad_ig(module, pixels, score, int(r), target, config.ig_steps,
+                                           config.ig_noise_samples, config.ig_noise_sigma)
+                          if config.ig_noise_samples else
+                          px.integrated_gradients(module, pixels, score, int(r), target, config.ig_steps))  # fmt: skip
                     cell.completeness_error = ig.completeness_error
                     sal = ig.saliency()
                 sal = px.to_crop_grid(sal, crop.shape[:2])

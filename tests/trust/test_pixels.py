@@ -48,6 +48,20 @@ def test_integrated_gradients_are_complete_and_gradcam_is_a_map() -> None:
     assert px.gradcam_layer(nn.Sequential(nn.Flatten(), nn.Linear(768, 4)), 16, 6) is None
 
 
+def test_smoothgrad_averages_integrated_gradients_over_noisy_crops() -> None:
+    enc = _encoder()
+    score = px.BagScore([_Mean(8)], torch.randn(5, 8))
+    crop = torch.randint(0, 255, (3, 16, 16), dtype=torch.uint8)
+    sg = px.smoothgrad_ig(enc, crop, score, row=2, target=1, steps=64, samples=4, sigma=0.1, seed=3)
+    assert sg.attribution.shape == (3, 16, 16) and sg.completeness_error < 0.02  # each run complete, so their mean
+    again = px.smoothgrad_ig(enc, crop, score, row=2, target=1, steps=64, samples=4, sigma=0.1, seed=3)
+    assert np.array_equal(sg.attribution, again.attribution)  # seeded
+    plain = px.integrated_gradients(enc, crop, score, row=2, target=1, steps=64)
+    assert not np.allclose(sg.attribution, plain.attribution)
+    quiet = px.smoothgrad_ig(enc, crop, score, row=2, target=1, steps=64, samples=3, sigma=0.0)
+    assert np.allclose(quiet.attribution, plain.attribution, atol=1e-5)  # no noise: plain IG
+
+
 def test_bag_score_replaces_one_row() -> None:
     model = _Mean(4)
     x = torch.randn(6, 4)
