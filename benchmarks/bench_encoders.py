@@ -45,7 +45,8 @@ MEDMNIST_RESNET18_28 = {"accuracy": 0.958, "auc": 0.998,
                                   "BloodMNIST, ResNet-18 (28)"}  # fmt: skip
 
 #: The recipes the README's numbers come from (``--quick`` shrinks them).
-SUPERVISED = {"backbone": "compact_cnn", "image_size": 28, "width": 32, "epochs": 15, "patience": 5}
+SUPERVISED = {"backbone": "compact_cnn", "image_size": 28, "width": 32, "epochs": 40, "patience": 8, "ema": 0.999,
+              "tta": True}
 SSL = {"backbone": "compact_cnn", "image_size": 28, "width": 32, "epochs": 10, "max_cells": 6000}
 
 
