@@ -110,7 +110,8 @@ class CellPools:
 
 #: The audit before issue 19: balanced accuracy, membership permuted over all patients, two-sided.
 OLD_TEST = {"primary_metric": "balanced_accuracy", "alternative": "two-sided", "permute_within_class": False,
-            "test_metrics": ("balanced_accuracy", "macro_f1", "auroc", "ece")}
+            "test_metrics": ("balanced_accuracy", "macro_f1", "auroc", "ece"), "correction": "holm",
+            "primary_weights": "tests"}
 #: Primary metrics compared (each read from the new audit's p-values as the family it would have made).
 CANDIDATES = ("balanced_accuracy", "balanced_brier", "balanced_log_loss")
 
