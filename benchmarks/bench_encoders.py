@@ -14,6 +14,8 @@ table and writes ``bench.json`` under ``--out`` (default ``benchmarks/results/en
   classifier trained on site 0, balanced accuracy on sites 1-2, without stain handling, with HED stain
   jitter, with per-bag Reinhard normalisation, and both; several seeds, paired differences with a
   t-based 95% CI.
+- ``averaging``: what weight averaging (EMA) and dihedral test-time averaging bought, from a finished
+  supervised run's ``state.pt`` (last-epoch raw weights vs their EMA, each with and without TTA).
 - ``colour``: colour statistics of real BCCD fields vs BloodMNIST cells (RGB, CIELAB, HED, Macenko
   stain vectors), BCCD after Reinhard normalisation to the BloodMNIST target, and the speed of the
   HED jitter in torch vs scikit-image's ``rgb2hed``/``hed2rgb``.
@@ -22,7 +24,7 @@ Training runs are resumable folders under ``--work`` (default ``/tmp/milcore_ben
 rerun reuses finished encoders with the same recipe. Every timing is printed with the load average.
 
 Usage:
-    python benchmarks/bench_encoders.py {supervised,ssl,bags,sites,colour} [--work DIR] [--out DIR] [--quick]
+    python benchmarks/bench_encoders.py {supervised,averaging,ssl,bags,sites,colour} [--work DIR] [--out DIR] [--quick]
 """
 
 from __future__ import annotations
@@ -408,8 +410,55 @@ def bench_colour(args: argparse.Namespace) -> tuple[dict, str]:
     return out, "\n".join(lines)
 
 
-TABLES = {"supervised": bench_supervised, "ssl": bench_ssl, "bags": bench_bags, "sites": bench_sites,
-          "colour": bench_colour}  # fmt: skip
+def bench_averaging(args: argparse.Namespace) -> tuple[dict, str]:
+    """What weight averaging and test-time averaging bought: a finished supervised run's last-epoch raw
+    weights and its EMA (both in ``state.pt``), each with and without dihedral TTA, on val and test."""
+    import torch
+
+    from feature_cache.encoders.backbones import build_backbone
+    from feature_cache.encoders.card import read_card
+    from feature_cache.encoders.compact import DihedralMean
+    from feature_cache.encoders.train_supervised import classify_metrics
+    from feature_cache.sources.bloodmnist import load_split
+
+    run = args.run or args.work / "bm_compact"
+    card = read_card(run / "encoder.safetensors") or {}
+    opts = card.get("options", {})
+    state = torch.load(run / "state.pt", map_location="cpu", weights_only=True)
+    sets = {"raw": (state["modules"]["model"], state["modules"]["head"])}
+    if "ema" in state["modules"]:
+        ema = state["modules"]["ema"]
+        sets["ema"] = tuple({k[len(pre) :]: v for k, v in ema.items() if k.startswith(pre)}
+                            for pre in ("module.0.", "module.1."))  # fmt: skip
+    data = {s: load_split(args.npz, s) for s in ("val", "test")}
+    rows = []
+    for name, (body, head_state) in sets.items():
+        bb = build_backbone("compact_cnn", int(opts.get("image_size", 28)), int(opts.get("width", 32)))
+        model, head = torch.nn.Sequential(bb.norm, bb.net), torch.nn.Linear(bb.dim, len(card["classes"]))
+        model.load_state_dict(body)
+        head.load_state_dict(head_state)
+        for tta in (False, True):
+            net = torch.nn.Sequential(model[0], DihedralMean(model[1]) if tta else model[1], head).eval()
+            row: dict[str, Any] = {"weights": name, "tta": tta}
+            for split, (x, y) in data.items():
+                xt = torch.as_tensor(np.asarray(x)).permute(0, 3, 1, 2).float()  # BloodMNIST: already 28 px
+                with torch.inference_mode():
+                    prob = torch.cat([torch.softmax(net(xt[i : i + 512]), 1) for i in range(0, len(xt), 512)]).numpy()
+                m = classify_metrics(y, prob, len(card["classes"]))
+                row.update({f"{split}_accuracy": m["accuracy"], f"{split}_balanced_accuracy": m["balanced_accuracy"]})
+            rows.append(row)
+    out = {"benchmark": "encoders_averaging", "run": str(run), "epoch": state["loop"]["epoch"],
+           "recipe": card.get("recipe"), "rows": rows}  # fmt: skip
+    lines = ["| weights (last epoch) | dihedral TTA | val accuracy | test accuracy | test balanced accuracy |",
+             "|---|---|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['weights']} | {'yes' if r['tta'] else 'no'} | {r['val_accuracy']:.4f} | "
+                     f"{r['test_accuracy']:.4f} | {r['test_balanced_accuracy']:.4f} |")  # fmt: skip
+    return out, "\n".join(lines)
+
+
+TABLES = {"supervised": bench_supervised, "averaging": bench_averaging, "ssl": bench_ssl, "bags": bench_bags,
+          "sites": bench_sites, "colour": bench_colour}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--run", type=Path, default=None, help="finished supervised run folder (averaging; default "
+                        "WORK/bm_compact)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     args = parser.parse_args(argv)
