@@ -25,6 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     p.add_argument("--audit", default=None, metavar="DIR",
                    help="a subgroup audit of this run ('milcore audit --run RUN --out DIR'; default RUN/audit when "
                    "it exists)")  # fmt: skip
+    p.add_argument("--coverage-target", type=float, action="append", default=[], metavar="X",
+                   help="also give the coverage at which the out-of-fold balanced accuracy reaches X (0 < X <= 1; "
+                   "repeatable; 0.90 and 0.95 are always given), with the --abstain-above U that gets there")
     p.set_defaults(func=run)
 
 
@@ -34,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     from milcore.trust.passport import passport_run
 
-    passport = passport_run(args.run, bank=args.bank, audit=args.audit)
+    passport = passport_run(args.run, bank=args.bank, audit=args.audit, coverage_targets=args.coverage_target)
     log.info("wrote %s and passport.md (subgroups: %s; shortcuts: %s)", Path(args.run) / "passport.json",
              passport["subgroups"]["status"], passport["shortcuts"]["status"])  # fmt: skip
     critical = [x["message"] for x in passport["limitations"] if x["severity"] == "critical"]

@@ -24,7 +24,7 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -343,21 +343,54 @@ def _limitations(passport: dict[str, Any], metrics: dict[str, Any]) -> list[dict
     return out
 
 
-def build_passport(run: str | Path, *, bank: str | Path | None = None,
-                   audit: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
+def _level(target: Any) -> str:
+    """A balanced-accuracy level as written in tables: two decimals (0.90), more only when needed (0.975)."""
+    t = float(target)
+    return f"{t:.2f}" if round(t, 2) == t else f"{t:g}"
+
+
+def _add_coverage_targets(section: dict[str, Any], run: Path, targets: tuple[float, ...]) -> None:
+    """Add "the coverage at which balanced accuracy reaches X" for ``targets`` to every score of the uncertainty
+    section, from the run's out-of-fold ``predictions.csv`` (its ``uncertainty_<score>`` columns, rounded to 1e-6)."""
+    import csv
+
+    from milcore.data.predictions import read_predictions
+    from milcore.trust.uncertainty import risk_coverage
+
+    if section.get("status") != "computed" or not targets:
+        return
+    table = read_predictions(run)
+    with open(run / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for name, entry in section["scores"].items():
+        column = f"uncertainty_{name}"
+        if not rows or column not in rows[0] or any(r[column] == "" for r in rows):
+            continue
+        curve = risk_coverage(table.labels, table.proba, np.asarray([float(r[column]) for r in rows]), name)
+        reach = dict(entry.get("coverage_for_balanced_accuracy") or {})
+        reach.update({f"{t:g}": curve.coverage_for(t) for t in targets})
+        entry["coverage_for_balanced_accuracy"] = dict(sorted(reach.items(), key=lambda kv: float(kv[0])))
+
+
+def build_passport(run: str | Path, *, bank: str | Path | None = None, audit: str | Path | None = None,
+                   coverage_targets: Sequence[float] = ()) -> dict[str, Any]:  # fmt: skip
     """The passport of a finished training run folder (nothing is written).
 
     Args:
         run: the run folder (``config.yaml``, ``metrics.json``, fold checkpoints).
         bank: the bank the run was trained on, when it moved (default: the path in ``config.yaml``).
         audit: a subgroup audit folder or ``audit.json`` of this run (default: ``RUN/audit/audit.json`` if present).
+        coverage_targets: balanced accuracies (each in ``(0, 1]``) whose coverage is added beside 0.90 and 0.95,
+            from the out-of-fold predictions.
 
     Raises:
         UserError: not a finished run; a bank from another encoder (refused) or with other contents; an
             audit of another run.
     """
     from milcore.data.inputs import read_run_config
+    from milcore.trust.uncertainty import TARGETS, check_coverage_targets
 
+    targets = tuple(t for t in check_coverage_targets(coverage_targets) if t not in TARGETS)
     run = Path(run)
     cfg = read_run_config(run, "a passport describes a finished training run folder")
     if cfg is None:
@@ -388,6 +421,7 @@ def build_passport(run: str | Path, *, bank: str | Path | None = None,
         "concepts": _concepts_section(run),
         "software": _software_section(cfg),
     }  # fmt: skip
+    _add_coverage_targets(passport["uncertainty"], run, targets)
     passport["limitations"] = _limitations(passport, metrics)
     from milcore.report.files import clean_json
 
@@ -547,7 +581,7 @@ def render_markdown(passport: Mapping[str, Any]) -> str:
                          _fmt(at.get("0.8", {}).get("balanced_accuracy"))]
                         + [_reach(v["coverage_for_balanced_accuracy"].get(t), v["n"]) for t in targets])  # fmt: skip
         rep.table(["score", "AURC", "random AURC", "BA all", "BA at 80% coverage"]
-                  + [f"keep for BA ≥ {float(t):.2f}" for t in targets], rows)  # fmt: skip
+                  + [f"keep for BA ≥ {_level(t)}" for t in targets], rows)  # fmt: skip
         for name, why in unc["skipped"].items():
             rep.paragraph(f"{name}: not computed ({why}).", css="muted")
     else:
@@ -601,10 +635,10 @@ def write_passport(run: str | Path, passport: Mapping[str, Any]) -> tuple[Path, 
     return run / PASSPORT_JSON, run / PASSPORT_MD
 
 
-def passport_run(run: str | Path, *, bank: str | Path | None = None,
-                 audit: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
+def passport_run(run: str | Path, *, bank: str | Path | None = None, audit: str | Path | None = None,
+                 coverage_targets: Sequence[float] = ()) -> dict[str, Any]:  # fmt: skip
     """Build and write the passport of a run folder (``milcore passport``); returns its content."""
-    passport = build_passport(run, bank=bank, audit=audit)
+    passport = build_passport(run, bank=bank, audit=audit, coverage_targets=coverage_targets)
     json_path, _ = write_passport(run, passport)
     log.info("model passport: %s (and passport.md)", json_path)
     return passport

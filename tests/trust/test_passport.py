@@ -136,3 +136,34 @@ def test_passport_md_says_what_each_referral_target_costs(dropout_run: Path) -> 
         if reach:
             kept = n - reach["referred"]
             assert f"{kept} of {n} (refer {reach['referred']}" in section
+
+
+def test_passport_gives_the_coverage_for_a_requested_balanced_accuracy(run_copy: Path, capsys: pytest.CaptureFixture,
+                                                                       ) -> None:  # fmt: skip
+    import csv
+
+    import numpy as np
+
+    from milcore.data.predictions import read_predictions
+    from milcore.trust.uncertainty import risk_coverage
+
+    assert main(["passport", str(run_copy), "--coverage-target", "0.8", "--coverage-target", "0.975"]) == 0
+    passport = json.loads((run_copy / "passport.json").read_text())
+    table = read_predictions(run_copy)
+    with open(run_copy / "predictions.csv", newline="") as f:
+        entropy = np.asarray([float(r["uncertainty_entropy"]) for r in csv.DictReader(f)])
+    reach = passport["uncertainty"]["scores"]["entropy"]["coverage_for_balanced_accuracy"]
+    assert list(reach) == ["0.8", "0.9", "0.95", "0.975"]
+    want = risk_coverage(table.labels, table.proba, entropy, "entropy").coverage_for(0.975)
+    assert (reach["0.975"] is None) == (want is None)
+    if want is not None:
+        assert reach["0.975"]["coverage"] == pytest.approx(want["coverage"])
+    md = (run_copy / "passport.md").read_text()
+    assert "keep for BA ≥ 0.80" in md and "keep for BA ≥ 0.975" in md
+    capsys.readouterr()
+    for bad in ("0", "1.2", "nan"):
+        before = (run_copy / "passport.json").read_bytes()
+        assert main(["passport", str(run_copy), "--coverage-target", bad]) == 2
+        err = capsys.readouterr().err
+        assert "--coverage-target" in err and "(0, 1]" in err and len(err.strip().splitlines()) == 1
+        assert (run_copy / "passport.json").read_bytes() == before  # refused before anything is written
