@@ -16,6 +16,8 @@ table and writes ``bench.json`` under ``--out`` (default ``benchmarks/results/en
   t-based 95% CI.
 - ``averaging``: what weight averaging (EMA) and dihedral test-time averaging bought, from a finished
   supervised run's ``state.pt`` (last-epoch raw weights vs their EMA, each with and without TTA).
+- ``step``: seconds per ``compact_cnn`` training step in float32 / bfloat16 autocast, contiguous /
+  channels-last, on this CPU (why bf16 + channels-last is the default on CPUs with native bf16).
 - ``colour``: colour statistics of real BCCD fields vs BloodMNIST cells (RGB, CIELAB, HED, Macenko
   stain vectors), BCCD after Reinhard normalisation to the BloodMNIST target, and the speed of the
   HED jitter in torch vs scikit-image's ``rgb2hed``/``hed2rgb``.
@@ -24,7 +26,8 @@ Training runs are resumable folders under ``--work`` (default ``/tmp/milcore_ben
 rerun reuses finished encoders with the same recipe. Every timing is printed with the load average.
 
 Usage:
-    python benchmarks/bench_encoders.py {supervised,averaging,ssl,bags,sites,colour} [--work DIR] [--out DIR] [--quick]
+    python benchmarks/bench_encoders.py {supervised,averaging,step,ssl,bags,sites,colour} [--work DIR] [--out DIR]
+        [--quick]
 """
 
 from __future__ import annotations
@@ -410,6 +413,47 @@ def bench_colour(args: argparse.Namespace) -> tuple[dict, str]:
     return out, "\n".join(lines)
 
 
+def bench_step(args: argparse.Namespace) -> tuple[dict, str]:
+    """Seconds per training step of ``compact_cnn`` (batch 128, 28 px) in float32 and bfloat16 autocast, contiguous
+    and channels-last, on this CPU with ``--threads`` threads (the choice :func:`precision_for` makes)."""
+    import torch
+
+    from feature_cache.encoders.compact import build
+    from feature_cache.encoders.loop import native_bf16_cpu
+
+    torch.set_num_threads(args.threads)
+    width = args.width or SUPERVISED["width"]
+    x, y = torch.rand(128, 3, 28, 28), torch.randint(0, 8, (128,))
+    rows = []
+    for bf16 in (False, True):
+        for channels_last in (False, True):
+            torch.manual_seed(0)
+            net, _ = build(width)
+            head = torch.nn.Linear(net.dim, 8)
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            net, xb = net.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+            opt = torch.optim.AdamW([*net.parameters(), *head.parameters()])
+            times = []
+            for _ in range(2 if args.quick else 8):
+                t0 = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = torch.nn.functional.cross_entropy(head(net(xb)).float(), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                times.append(time.perf_counter() - t0)
+            rows.append({"bf16": bf16, "channels_last": channels_last, "median_step_s": float(np.median(times[1:]))})
+    base = rows[0]["median_step_s"]
+    out = {"benchmark": "encoders_step", "width": width, "batch": 128, "image_size": 28, "threads": args.threads,
+           "native_bf16_cpu": native_bf16_cpu(), "rows": rows, "quick": args.quick}  # fmt: skip
+    lines = ["| autocast | memory format | s / step | speed-up vs float32 |", "|---|---|---:|---:|"]
+    for r in rows:
+        fmt = "channels-last" if r["channels_last"] else "contiguous"
+        lines.append(f"| {'bf16' if r['bf16'] else 'float32'} | {fmt} | {r['median_step_s']:.3f} | "
+                     f"{base / r['median_step_s']:.2f}x |")  # fmt: skip
+    return out, "\n".join(lines)
+
+
 def bench_averaging(args: argparse.Namespace) -> tuple[dict, str]:
     """What weight averaging and test-time averaging bought: a finished supervised run's last-epoch raw
     weights and its EMA (both in ``state.pt``), each with and without dihedral TTA, on val and test."""
@@ -457,8 +501,8 @@ def bench_averaging(args: argparse.Namespace) -> tuple[dict, str]:
     return out, "\n".join(lines)
 
 
-TABLES = {"supervised": bench_supervised, "averaging": bench_averaging, "ssl": bench_ssl, "bags": bench_bags,
-          "sites": bench_sites, "colour": bench_colour}  # fmt: skip
+TABLES = {"supervised": bench_supervised, "averaging": bench_averaging, "step": bench_step, "ssl": bench_ssl,
+          "bags": bench_bags, "sites": bench_sites, "colour": bench_colour}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
