@@ -52,7 +52,7 @@ MEDMNIST_RESNET18_28 = {"accuracy": 0.958, "auc": 0.998,
 #: The recipes the README's numbers come from (``--quick`` shrinks them).
 SUPERVISED = {"backbone": "compact_cnn", "image_size": 28, "width": 32, "epochs": 40, "patience": 8, "ema": 0.999,
               "tta": True}
-SSL = {"backbone": "compact_cnn", "image_size": 28, "width": 32, "epochs": 10, "max_cells": 6000}
+SSL = {"backbone": "compact_cnn", "image_size": 28, "width": 32, "epochs": 30, "max_cells": 0}
 
 
 def _machine() -> dict[str, Any]:
