@@ -42,14 +42,23 @@ BACKGROUND = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
 REFERENCE = "abmil"
 
 
-def check_rare_options(witness: str, witnesses: tuple[int, int], bag_range: tuple[int, int] = (20, 60)) -> None:
-    """Refuse a witness type of the background or witness counts that do not fit the smallest bag.
+def check_rare_options(witness: str, witnesses: tuple[int, int], bag_range: tuple[int, int] = (20, 60),
+                       encoder: str | None = None, weights: str | None = None) -> None:  # fmt: skip
+    """Refuse a witness type of the background, witness counts that do not fit the smallest bag, an unknown
+    encoder or a missing weights file.
 
     Raises:
-        InvalidArgumentError: one line naming ``--witness`` or ``--witnesses``.
+        InvalidArgumentError: one line naming ``--witness``, ``--witnesses``, ``--encoder`` or ``--weights``.
     """
+    from feature_cache.encoders import list_encoders
     from feature_cache.sources.bloodmnist import CELL_TYPES
 
+    if encoder is not None and encoder not in list_encoders():
+        raise InvalidArgumentError(f"--encoder {encoder}: unknown encoder (choose from {', '.join(list_encoders())})")
+    if weights is not None and encoder is None:
+        raise InvalidArgumentError(f"--weights {weights}: give the encoder it belongs to with --encoder")
+    if weights is not None and not Path(weights).is_file():
+        raise InvalidArgumentError(f"--weights {weights}: no such file")
     lo, hi = witnesses
     if witness not in CELL_TYPES or witness in BACKGROUND:
         raise InvalidArgumentError(f"--witness {witness}: choose a cell type outside the background "
@@ -162,9 +171,12 @@ def rare_witness_summary(result: dict[str, Any]) -> dict[str, Any]:
 
 def rare_witness_suite(out: str | Path, template: BenchSpec, size: str = "cpu", npz: str | Path | None = None,
                        witness: str = "immature_granulocyte", witnesses: tuple[int, int] = (1, 3),
-                       bag_range: tuple[int, int] = (20, 60), seed: int = 0,
-                       device: str = "auto") -> dict[str, Any]:  # fmt: skip
+                       bag_range: tuple[int, int] = (20, 60), seed: int = 0, device: str = "auto",
+                       encoder: str | None = None, weights: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Build, extract and benchmark the rare-witness bags; outputs go to ``out``.
+
+    ``encoder`` (and its ``weights``, e.g. one trained by ``milcore encoder train``) replaces the size's
+    extraction encoder, at the encoder's own input size.
 
     Returns ``{"status": "skipped", "reason": ...}`` when BloodMNIST is absent (and no ``npz`` is given);
     otherwise the ``bench.json`` payload with ``rare_witness`` (:func:`rare_witness_summary`) added.
@@ -189,10 +201,12 @@ def rare_witness_suite(out: str | Path, template: BenchSpec, size: str = "cpu", 
     bank = out / "bank.h5"
     from feature_cache.extract import ExtractConfig, extract
 
-    options = {"image_size": cfg["image_size"]} if cfg["image_size"] else {}
+    image_size = cfg["image_size"] if encoder is None else None
+    encoder = encoder or cfg["encoder"]
+    options = {"image_size": image_size} if image_size else {}
     for split in ("train", "test"):  # one bank; a rerun resumes (every stored bag's origin is checked first)
-        extract(ExtractConfig(source="bloodmnist", input=str(parts[split]), encoder=cfg["encoder"], out=str(bank),
-                              device=device, encoder_options=options))  # fmt: skip
+        extract(ExtractConfig(source="bloodmnist", input=str(parts[split]), encoder=encoder, out=str(bank),
+                              device=device, encoder_options=options, weights=weights))  # fmt: skip
     cohort = _concat_csv([parts[s] / "cohort.csv" for s in ("train", "test")], out / "cohort.csv")
     cells = _concat_csv([parts[s] / "cells.csv" for s in ("train", "test")], out / "cells.csv")
     spec = replace(template, bank=str(bank), cohort=str(cohort), task="left_shift", ood_site="test",
@@ -200,8 +214,8 @@ def rare_witness_suite(out: str | Path, template: BenchSpec, size: str = "cpu", 
     result = run_benchmark(spec)
     result["case"] = {"suite": "rare-witness", "witness": witness, "witnesses": list(witnesses),
                       "bag_range": list(bag_range), "train_bags": cfg["train_bags"], "test_bags": cfg["test_bags"],
-                      "train_split": "train", "test_split": "test", "encoder": cfg["encoder"],
-                      "image_size": cfg["image_size"], "seed": seed}  # fmt: skip
+                      "train_split": "train", "test_split": "test", "encoder": encoder, "weights": weights,
+                      "image_size": image_size, "seed": seed}  # fmt: skip
     result["rare_witness"] = rare_witness_summary(result)
     write_outputs(result, out)
     return result

@@ -101,6 +101,10 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
             p.add_argument("--witnesses", type=_count_range, default=None, metavar="LOW-HIGH",
                            help="rare-witness suite instead: bags of 20-60 cells holding LOW-HIGH witnesses, trained "
                                 "on train-split bags and tested on test-split bags (e.g. 1-3)")  # fmt: skip
+            p.add_argument("--encoder", default=None,
+                           help="rare-witness suite: extraction encoder instead of the size's (its own input size)")
+            p.add_argument("--weights", default=None,
+                           help="rare-witness suite: weights of --encoder (e.g. from milcore encoder train)")
         _training_options(p)
         _out_options(p, required=True)
         p.set_defaults(func=run)
@@ -220,7 +224,11 @@ def _run(args: argparse.Namespace) -> int:
         if args.witnesses is not None:
             from milcore.bench.rare_witness import check_rare_options
 
-            check_rare_options(args.witness, args.witnesses)
+            check_rare_options(args.witness, args.witnesses, encoder=args.encoder, weights=args.weights)
+        elif args.encoder is not None or args.weights is not None:
+            from feature_cache.errors import InvalidArgumentError
+
+            raise InvalidArgumentError("--encoder/--weights: only for the rare-witness suite (--witnesses LOW-HIGH)")
     out = Path(args.out) if args.out else Path("benchmarks/results") / time.strftime("%Y-%m-%d")
     _check_out(out, args.overwrite, create=args.suite != "aggregators")
     if args.suite == "aggregators":
@@ -246,7 +254,8 @@ def _run(args: argparse.Namespace) -> int:
             from milcore.bench.rare_witness import rare_witness_suite
 
             result = rare_witness_suite(out, spec, size=args.size, npz=args.npz, witness=args.witness,
-                                        witnesses=args.witnesses, device=args.device)  # fmt: skip
+                                        witnesses=args.witnesses, device=args.device, encoder=args.encoder,
+                                        weights=args.weights)  # fmt: skip
         else:
             result = bloodmnist_suite(out, spec, size=args.size, npz=args.npz, witness=args.witness, rate=args.rate,
                                       device=args.device)  # fmt: skip

@@ -63,6 +63,26 @@ def test_bad_witness_options_are_one_line_errors(tmp_path: Path, capsys) -> None
     assert "--witnesses: expected 1 <= LOW <= HIGH, got '3-1'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--witnesses", "1-3", "--encoder", "no_such_encoder"], "--encoder no_such_encoder: unknown encoder"),
+        (["--witnesses", "1-3", "--weights", "w.safetensors"], "--weights w.safetensors: give the encoder"),
+        (["--witnesses", "1-3", "--encoder", "compact_cnn", "--weights", "missing.safetensors"],
+         "--weights missing.safetensors: no such file"),
+        (["--encoder", "compact_cnn"], "--encoder/--weights: only for the rare-witness suite"),
+    ],
+)  # fmt: skip
+def test_encoder_options_are_checked_before_anything_is_written(tmp_path: Path, capsys, extra, message) -> None:
+    npz = tmp_path / "fake.npz"
+    npz.write_bytes(b"")
+    rc = main(["bench", "bloodmnist-bags", "--npz", str(npz), "--witness", "erythroblast", *extra,
+               "--out", str(tmp_path / "o")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_summary_pairs_with_abmil_and_checks_the_targets() -> None:
     def run(model: str, fold: int, bag: float, inst: float | None) -> dict:
         return {"impl": "milcore", "model": model, "variant": "default", "seed": 0, "fold": fold, "status": "ok",
@@ -96,3 +116,4 @@ def test_tiny_suite_trains_on_train_split_and_scores_the_test_split(tmp_path: Pa
     assert set(models) == {"abmil", "mean"} and models["abmil"]["bag_auroc"]["mean"] is not None
     assert models["abmil"]["instance_auroc"]["ci95"] is not None
     assert "Rare witnesses: test-split bags" in capsys.readouterr().out
+    assert result["case"]["encoder"] == "toy" and result["case"]["weights"] is None  # the size's encoder
