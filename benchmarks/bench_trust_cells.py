@@ -83,25 +83,11 @@ def diagnostic_regions(folder: Path, bag_ids: list[str]) -> dict:
     carries (the Auer rod of a myeloblast with one); but its other listed features make it diagnostic too (a
     myeloblast's nucleus), and Zhang et al.'s pointing game counts a hit on any instance of the target.
     """
-    from feature_cache.sources.synthetic_attributes import DIAGNOSTIC_FEATURES
-    from feature_cache.sources.synthetic_cohort import SyntheticCohort
     from feature_cache.sources.synthetic_source import load_synth_config
+    from feature_cache.sources.synthetic_truth import render_masks
 
-    cohort = SyntheticCohort(load_synth_config(folder))
-    out = {}
-    for bag in bag_ids:
-        patient = cohort.patient(bag)
-        cells = cohort.cells(patient)
-        if not cells.is_diagnostic.any():
-            continue
-        for cid, ctype, diag, (_, truth) in zip(cells.cell_ids(), cells.cell_type, cells.is_diagnostic,
-                                                cohort.iter_truth(patient, cells), strict=True):  # fmt: skip
-            if not diag or truth.diagnostic_feature(str(ctype)) is None:
-                continue
-            names = [n for n in DIAGNOSTIC_FEATURES.get(str(ctype), ("cell",)) if n in truth.masks]
-            region = np.any([np.asarray(truth.masks[n], dtype=bool) for n in names], axis=0)
-            out[(bag, cid)] = (region, np.asarray(truth.masks["cell"], dtype=bool))
-    return out
+    table = render_masks(load_synth_config(folder), bag_ids, union=True)
+    return {key: (np.asarray(m.mask, dtype=bool), np.asarray(m.cell, dtype=bool)) for key, m in table.items()}
 
 
 def rescore(cells: list, masks: dict, tolerance: float, regions: dict | None = None) -> dict:

@@ -99,8 +99,16 @@ def read_masks(path: str | Path, bag_ids: Iterable[str] | None = None) -> MaskTa
             for j, i in enumerate(rows)}  # fmt: skip
 
 
-def render_masks(config, bag_ids: Iterable[str]) -> MaskTable:
-    """The diagnostic-feature masks of some patients, re-rendered from a :class:`SynthConfig`."""
+def render_masks(config, bag_ids: Iterable[str], union: bool = False) -> MaskTable:
+    """The diagnostic-feature masks of some patients, re-rendered from a :class:`SynthConfig`.
+
+    Args:
+        config: the cohort's :class:`SynthConfig`.
+        bag_ids: the patients.
+        union: the mask is the union of every diagnostic feature the cell carries (a myeloblast's Auer rod
+            and its nucleus) instead of the first one's (what ``masks.h5`` stores).
+    """
+    from feature_cache.sources.synthetic_attributes import DIAGNOSTIC_FEATURES
     from feature_cache.sources.synthetic_cohort import SyntheticCohort
 
     cohort = SyntheticCohort(config)
@@ -113,8 +121,13 @@ def render_masks(config, bag_ids: Iterable[str]) -> MaskTable:
         for cid, ctype, diag, (_, truth) in zip(cells.cell_ids(), cells.cell_type, cells.is_diagnostic,
                                                 cohort.iter_truth(patient, cells), strict=True):  # fmt: skip
             feature = truth.diagnostic_feature(str(ctype)) if diag else None
-            if feature is not None:
-                out[(bag, cid)] = FeatureMask(feature, truth.masks[feature], truth.masks["cell"])
+            if feature is None:
+                continue
+            mask = truth.masks[feature]
+            if union:
+                names = [n for n in DIAGNOSTIC_FEATURES.get(str(ctype), ("cell",)) if n in truth.masks]
+                mask = np.any([np.asarray(truth.masks[n], dtype=bool) for n in names], axis=0)
+            out[(bag, cid)] = FeatureMask(feature, mask, truth.masks["cell"])
     return out
 
 

@@ -210,3 +210,20 @@ def test_cli_plants_a_confound(tmp_path: Path) -> None:
     rows = _rows(out / "cohort.csv")
     assert all(r["site"] == ("0" if r["all"] == "control" else "1") for r in rows)
     assert json.loads((out / "synth.json").read_text())["config"]["confounds"] == ["site:1"]
+
+
+def test_union_masks_cover_the_first_feature_and_add_the_cells_other_diagnostic_features(aml: Path) -> None:
+    from feature_cache.sources.synthetic_source import load_synth_config
+    from feature_cache.sources.synthetic_truth import render_masks
+
+    stored = read_masks(aml / "masks.h5")
+    bags = sorted({b for b, _ in stored})[:3]
+    union = render_masks(load_synth_config(aml), bags, union=True)
+    assert set(union) == {k for k in stored if k[0] in bags}
+    grew = 0
+    for k, m in union.items():
+        first = stored[k].mask
+        assert m.feature == stored[k].feature and np.array_equal(m.cell, stored[k].cell)
+        assert np.all(m.mask[first]), "the union holds the first feature's mask"
+        grew += int(m.mask.sum() > first.sum())
+    assert grew > 0, "some cell (a myeloblast with an Auer rod) carries a second diagnostic feature"
