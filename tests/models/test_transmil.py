@@ -105,3 +105,23 @@ def test_packed_path_equals_padded_path_on_mixed_bag_sizes() -> None:
     (g_packed,) = torch.autograd.grad(packed.logits.sum(), x)
     (g_padded,) = torch.autograd.grad(padded.logits.sum(), x)
     torch.testing.assert_close(g_packed, g_padded, atol=1e-5, rtol=1e-4)
+
+
+def test_instance_attention_survives_a_head_that_attends_only_to_the_class_token() -> None:
+    """A head whose class token puts all but e-200 of its weight on itself still gives a distribution over the
+    instances (its float32 weights there underflow to 0, which once left a bag's attention summing to 7/8)."""
+    from milcore.models.transmil import instance_attention
+
+    torch.manual_seed(0)
+    scores = [torch.randn(8, 1 + 30), torch.randn(8, 1 + 30)]  # 2 layers, 8 heads, class token + 30 cells
+    naive = sum(s.softmax(-1) for s in scores)[:, 1:]
+    torch.testing.assert_close(instance_attention(scores), (naive / naive.sum(-1, keepdim=True)).mean(0))
+    for s in scores:
+        s[0, 0] = 200.0  # head 0: the class token attends to itself alone, in both layers
+    att = instance_attention(scores)
+    assert torch.isfinite(att).all() and abs(float(att.sum()) - 1.0) < 1e-5
+    old_way = sum(s.softmax(-1) for s in scores)[:, 1:]  # the weights themselves: head 0 underflows to 0
+    assert float(old_way[0].sum()) == 0.0
+    padded = instance_attention([torch.cat([s, torch.full((8, 5), float("-inf"))], -1) for s in scores])
+    torch.testing.assert_close(padded[:30], att)  # masked keys (-inf) get no weight
+    assert torch.all(padded[30:] == 0)
