@@ -280,7 +280,10 @@ class _PPEG(nn.Module):
         side = math.isqrt(n - 1) + 1  # ceil(sqrt(n))
         grid = F.pad(rows.float(), (0, 0, 0, side * side - n)).view(1, side, side, dim).permute(0, 3, 1, 2)
         with torch.autocast(rows.device.type, enabled=False):  # bf16 depthwise convolution is slow on CPU
-            out = depthwise_conv2d(grid, weight, bias, (3, 3))  # (1, E, S, S), channels-last memory
+            if rows.device.type == "cpu":  # faster backward on CPU (measured); not measured on a GPU
+                out = depthwise_conv2d(grid, weight, bias, (3, 3))  # (1, E, S, S), channels-last memory
+            else:
+                out = F.conv2d(grid, weight, bias, padding=3, groups=dim)
         return out.permute(0, 2, 3, 1).reshape(side * side, dim)[:n].to(rows.dtype)
 
     def _convolve(self, canvas: Tensor, side: int) -> Tensor:

@@ -2,9 +2,9 @@
 
 TransMIL's PPEG (a 7x7 depthwise convolution over the instance grid) and RRT-MIL's EPEG (a ``(k, 1)``
 depthwise convolution over the attention logits) spend most of their convolution time in the backward
-pass on CPU: oneDNN's depthwise **weight** gradient ran at about a fifth of the speed of a forward
-convolution doing the same multiply-adds (``python benchmarks/bench_speed.py --conv-only``; table in
-``benchmarks/README.md``, issue 18 speed). Both gradients are convolutions themselves, so
+pass on CPU: oneDNN's depthwise **weight** gradient took about ten times as long as the forward
+convolution doing the same multiply-adds (measured on the demo cohort's bag grids, 512 channels, one
+thread). Both gradients are convolutions themselves, so
 :func:`depthwise_conv2d` computes them with the forward kernel:
 
 * input gradient: the output gradient convolved with the spatially flipped kernel (padding
@@ -13,9 +13,11 @@ convolution doing the same multiply-adds (``python benchmarks/bench_speed.py --c
   sample the padded input convolved depthwise with that sample's output gradient as the kernel (a large
   kernel and a ``kh x kw`` output), summed over the batch.
 
-It pays for large spatial maps and few samples (TransMIL's PPEG, one bag grid at a time: 3.9x on the
-demo cohort's bags, forward and backward); for many small maps (RRT-MIL's EPEG over 64-cell regions) the
-library's own backward is faster and is kept there.
+It pays on CPU for large spatial maps and few samples (TransMIL's PPEG, one bag grid at a time: 5.3x on the
+demo cohort's bags, forward and backward, against the earlier shared canvas;
+``python benchmarks/bench_speed.py --conv-only``, table in ``benchmarks/README.md``, issue 18 speed); for
+many small maps (RRT-MIL's EPEG over 64-cell regions) the library's own backward is faster and is kept
+there. It has not been measured on a GPU, so the models use it on CPU only.
 
 The result equals ``torch.nn.functional.conv2d(x, weight, bias, padding=padding, groups=C)`` and its
 gradients (checked in float64 by ``torch.autograd.gradcheck`` in the tests). Only stride 1, dilation 1
