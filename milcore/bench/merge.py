@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from feature_cache.errors import OutputExistsError, UserError
+from milcore.training.config import PLACEMENT_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,8 @@ log = logging.getLogger(__name__)
 #: mount them elsewhere; the merged spec keeps the first part's paths).
 PART_KEYS = ("fold", "seeds", "workers", "bank", "cohort")
 #: Training options that say where and how fast a part computed, not what it learnt: they may differ between
-#: parts. The same list as ``milcore.crossval.resume.RESUMABLE_CHANGES`` (bench may not import crossval: sibling
-#: layers; a test keeps the two equal).
-WHERE_KEYS = ("device", "num_workers", "memory_budget_gb", "tensorboard")
+#: parts (the list ``--resume`` accepts too, declared once in ``milcore.training.config``).
+WHERE_KEYS = PLACEMENT_OPTIONS
 #: Top-level ``bench.json`` entries that must be equal across parts (with ``spec`` and the splits).
 SAME_KEYS = ("benchmark", "inputs", "classes", "bags", "ood_bags", "ood_bag_ids", "encoder", "instance_ground_truth",
              "torchmil", "precision", "class_counts")  # fmt: skip

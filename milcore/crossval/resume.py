@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from feature_cache.errors import UserError
-from milcore.training.config import TrainConfig
+from milcore.training.config import PLACEMENT_OPTIONS, TrainConfig
 
 log = logging.getLogger(__name__)
 
 
 #: Training options that may change on ``--resume``: where and how fast a run computes, not what it learns.
-RESUMABLE_CHANGES = ("device", "num_workers", "memory_budget_gb", "tensorboard")
+RESUMABLE_CHANGES = PLACEMENT_OPTIONS
 
 #: ``RunSpec`` fields that decide the folds and the labels (paths are compared through fingerprints).
 RESUME_KEYS = ("task", "folds", "seed", "group_column")

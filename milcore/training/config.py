@@ -26,6 +26,11 @@ AMP_MODES = ("auto", "native", "bf16", "fp16", "off")
 RUN_RECORD_KEYS = ("run", "inputs", "classes", "encoder", "versions", "join")
 
 
+#: ``TrainConfig`` fields that say where and how fast a run computes, not what it learns: they may change on
+#: ``--resume`` and differ between the parts of a job array (``report merge``).
+PLACEMENT_OPTIONS = ("device", "num_workers", "memory_budget_gb", "tensorboard")
+
+
 @dataclass(frozen=True)
 class TrainConfig(Config):
     """How one bag classifier is trained.
