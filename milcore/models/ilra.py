@@ -15,10 +15,10 @@ and a linear classifier the logits. The reported attention is the seed's attenti
 over the bag, averaged over heads), which sums to 1 per bag.
 
 The cells stay **packed** (no padding): the token-wise layers run once on the ``(N, .)`` rows of the whole
-batch and each attention runs bag by bag on the bag's own rows (``(H, r, n_b)`` products): an epoch on the
-demo cohort 1.55x faster than padding every bag to the batch's largest (1.79x the rows there;
-``benchmarks/README.md``, issue 18 speed). An empty bag is given a single zero row (as the padded form
-of the reference would see it), which gives it a finite embedding independent of the other bags.
+batch and each attention runs bag by bag on the bag's own rows (``(H, r, n_b)`` products), instead of padding
+every bag to the batch's largest: 1.70x fewer CPU seconds in the full benchmark (``benchmarks/README.md``,
+issue 18 speed). An empty bag is given a single zero row (as the padded form of the reference would see
+it), which gives it a finite embedding independent of the other bags.
 Defaults are the reference's released configuration (2 layers, 256 wide, 8 heads, LayerNorm) except
 ``rank``: the released configuration uses a single latent token (``topk: 1``), here 8 (searchable over 1-64).
 Queries of the attention proper are ``W_q`` applied to ``q`` and its keys and values one linear map of

@@ -2,9 +2,8 @@
 
 TransMIL's PPEG (a 7x7 depthwise convolution over the instance grid) and RRT-MIL's EPEG (a ``(k, 1)``
 depthwise convolution over the attention logits) spend most of their convolution time in the backward
-pass on CPU: oneDNN's depthwise **weight** gradient took about ten times as long as the forward
-convolution doing the same multiply-adds (measured on the demo cohort's bag grids, 512 channels, one
-thread). Both gradients are convolutions themselves, so
+pass on CPU, most of it in oneDNN's depthwise **weight** gradient (seen in ``torch.profiler`` on the demo
+cohort's bag grids, 512 channels, one thread). Both gradients are convolutions themselves, so
 :func:`depthwise_conv2d` computes them with the forward kernel:
 
 * input gradient: the output gradient convolved with the spatially flipped kernel (padding

@@ -168,8 +168,8 @@ class Trainer:
         if self.config.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.config.lr, momentum=0.9, weight_decay=self.config.weight_decay)
         # the fused kernel (one pass over all parameters) when every parameter is a float tensor on CPU or CUDA:
-        # 5x-8x faster steps than the default per-tensor loop on CPU (ABMIL 1.5 -> 0.18 ms, TransMIL 7.3 -> 1.3 ms),
-        # the same update up to float rounding
+        # faster steps than the default per-tensor loop on CPU (benchmarks/README.md, issue 18 speed), the same
+        # update up to float rounding
         fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
         return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay, fused=fused or None)
 
