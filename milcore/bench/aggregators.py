@@ -424,8 +424,46 @@ def _work(index: int, task: Task) -> tuple[int, dict[str, Any]]:
     return index, run_task(task, _WORKER["ctx"])
 
 
+class LongestFirst:
+    """Which pending training to start next: longest expected first (the LPT rule), so the pool ends on short
+    trainings instead of one worker finishing a long one alone.
+
+    The expected length of a training is the mean CPU seconds of the finished trainings of the same model,
+    implementation and variant; kinds not yet seen go first (in task order), which also measures every kind
+    early. Tuned trainings go before every default one (they are the longest by far).
+    """
+
+    def __init__(self, tasks: list[Task]) -> None:
+        self.tasks = tasks
+        self.pending = list(range(len(tasks)))
+        self.seconds: dict[tuple[str, str, str], list[float]] = {}
+
+    @staticmethod
+    def _kind(task: Task) -> tuple[str, str, str]:
+        return task.model, task.impl, task.variant
+
+    def _expected(self, i: int) -> tuple[bool, float]:
+        task = self.tasks[i]
+        seen = self.seconds.get(self._kind(task))
+        return task.variant == "tuned", math.inf if not seen else sum(seen) / len(seen)
+
+    def next(self) -> int | None:
+        """The index of the task to start now, or ``None`` when none is left."""
+        if not self.pending:
+            return None
+        best = max(self.pending, key=self._expected)  # the first of equals: task order among unseen kinds
+        self.pending.remove(best)
+        return best
+
+    def finished(self, i: int, row: dict[str, Any]) -> None:
+        """Record a finished training's CPU seconds (failed ones carry none)."""
+        if isinstance(row.get("cpu_s"), int | float):
+            self.seconds.setdefault(self._kind(self.tasks[i]), []).append(float(row["cpu_s"]))
+
+
 def execute(tasks: list[Task], ctx: dict[str, Any], workers: int, done: Callable[[], None]) -> list[dict[str, Any]]:
-    """Run ``tasks`` (in ``workers`` forked processes when > 1) and return their rows in task order."""
+    """Run ``tasks`` (in ``workers`` forked processes when > 1, longest expected first: :class:`LongestFirst`)
+    and return their rows in task order."""
     if workers <= 1:
         rows = []
         for task in tasks:
@@ -433,32 +471,49 @@ def execute(tasks: list[Task], ctx: dict[str, Any], workers: int, done: Callable
             done()
         return rows
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     import torch
 
     ctx["store"].gather(np.arange(min(1, len(ctx["store"]))))  # read the bags once, before the fork shares them
     _WORKER.update(ctx=ctx, threads=max(1, torch.get_num_threads() // workers))
-    # tuned tasks first: they are the longest, and the pool's tail is then short
-    order = sorted(range(len(tasks)), key=lambda i: tasks[i].variant != "tuned")
+    schedule = LongestFirst(tasks)
     rows: list[dict[str, Any] | None] = [None] * len(tasks)
     spec: BenchSpec = ctx["spec"]
     try:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                  initializer=_init_worker) as pool:  # fmt: skip
-            futures = {pool.submit(_work, i, tasks[i]): i for i in order}
-            for future in as_completed(futures):
-                i = futures[future]
-                try:
-                    _, rows[i] = future.result()
-                except BrokenProcessPool as exc:  # a worker died (killed, out of memory): its tasks fail
-                    task = tasks[i]
-                    rows[i] = {"model": task.model, "impl": task.impl, "variant": task.variant, "seed": task.seed,
-                               "fold": task.fold, "status": "failed",
-                               "error": f"worker process died ({type(exc).__name__})"}  # fmt: skip
-                    log.error("%s failed: its worker process died", task.label(spec.folds))
+            running: dict[Any, int] = {}
+
+            def died(i: int, exc: BaseException) -> None:  # a worker died (killed, out of memory): its tasks fail
+                task = tasks[i]
+                rows[i] = {"model": task.model, "impl": task.impl, "variant": task.variant, "seed": task.seed,
+                           "fold": task.fold, "status": "failed",
+                           "error": f"worker process died ({type(exc).__name__})"}  # fmt: skip
+                log.error("%s failed: its worker process died", task.label(spec.folds))
                 done()
+
+            def submit() -> None:  # keep one task queued beyond the busy workers, so none waits for the choice
+                while len(running) < workers + 1 and (i := schedule.next()) is not None:
+                    try:
+                        running[pool.submit(_work, i, tasks[i])] = i
+                    except BrokenProcessPool as exc:  # the pool is gone: every task not yet run fails
+                        died(i, exc)
+
+            submit()
+            while running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    i = running.pop(future)
+                    try:
+                        _, rows[i] = future.result()
+                    except BrokenProcessPool as exc:
+                        died(i, exc)
+                        continue
+                    schedule.finished(i, rows[i])
+                    done()
+                submit()
     finally:
         _WORKER.clear()
     return [r for r in rows if r is not None]

@@ -136,20 +136,22 @@ class _AttentionLayer(nn.Module):
         projections run once on all rows.
         """
         total, dim = x.shape
-        qkv = self.qkv(self.norm(x)).view(total, 3, self.heads, dim // self.heads)  # (T, 3, H, d)
+        # one head-major copy of q, k and v for all bags: each bag's (H, L, d) slice then feeds the products
+        # without a copy of its own, and the bags' outputs are put back in row order by one copy at the end
+        qkv = self.qkv(self.norm(x)).view(total, 3, self.heads, dim // self.heads).permute(1, 2, 0, 3).contiguous()
         p = self.dropout if self.training else 0.0
         outs, weights = [], []
         for start, end in itertools.pairwise(sptr):
-            q, k, v = qkv[start:end].permute(1, 2, 0, 3).unsqueeze(1).unbind(0)  # 3 x (1, H, L, d)
+            q, k, v = qkv[:, :, start:end].unsqueeze(1).unbind(0)  # 3 x (1, H, L, d)
             if end - start <= exact_max_tokens:
                 out = _exact_attention(q, k, v, p)  # (1, H, L, d)
             else:
                 out = _nystrom(q, k, v, self.num_landmarks, self.pinv_iterations)
-            outs.append(out[0].transpose(0, 1).reshape(end - start, dim))  # (L, E)
+            outs.append(out[0])  # (H, L, d)
             with torch.autocast(x.device.type, enabled=False):  # attention weights reported in float32
                 scores = (q[0, :, :1].float() @ k[0].float().transpose(-1, -2)).squeeze(1) / math.sqrt(q.shape[-1])
                 weights.append(scores)  # (H, L)
-        out = torch.cat(outs) if outs else x.new_zeros(0, dim)
+        out = torch.cat(outs, dim=1).transpose(0, 1).reshape(total, dim) if outs else x.new_zeros(0, dim)  # (T, E)
         return x + F.dropout(self.proj(out), p, self.training), weights  # (T, E)
 
 
