@@ -15,8 +15,9 @@ cohort's bag grids, 512 channels, one thread). Both gradients are convolutions t
 It pays on CPU for large spatial maps and few samples (TransMIL's PPEG, one bag grid at a time: 5.3x on the
 demo cohort's bags, forward and backward, against the earlier shared canvas;
 ``python benchmarks/bench_speed.py --conv-only``, table in ``benchmarks/README.md``, issue 18 speed); for
-many small maps (RRT-MIL's EPEG over 64-cell regions) the library's own backward is faster and is kept
-there. It has not been measured on a GPU, so the models use it on CPU only.
+many small maps (RRT-MIL's EPEG over 64-cell regions) it is not faster than the library's backward, and
+RRT-MIL computes its EPEG as a banded matrix product instead (``milcore.models.rrt``). It has not
+been measured on a GPU, so the models use it on CPU only.
 
 The result equals ``torch.nn.functional.conv2d(x, weight, bias, padding=padding, groups=C)`` and its
 gradients (checked in float64 by ``torch.autograd.gradcheck`` in the tests). Only stride 1, dilation 1

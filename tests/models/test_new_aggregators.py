@@ -205,6 +205,27 @@ def test_rrt_regions_are_near_equal_runs_along_the_principal_direction() -> None
     assert same == {frozenset(r.tolist()) for r in regions}  # independent of the order of the cells
 
 
+@pytest.mark.parametrize("size", [1, 6, 64])
+def test_rrt_epeg_band_product_equals_the_depthwise_convolution(size: int) -> None:
+    """EPEG runs as a banded matrix product; it must equal the (k, 1) depthwise convolution it replaces,
+    gradients included (float64), at region sizes below, near and at the kernel's reach."""
+    from milcore.models.rrt import _SelfAttention
+
+    torch.manual_seed(0)
+    layer = _SelfAttention(16, 4, 15, 0.0).double()
+    with torch.no_grad():
+        layer.epeg.bias.normal_()
+    x = torch.randn(3, 4, size, size, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 4, size, size, dtype=torch.float64)
+    ref = layer.epeg(x)
+    ref_grads = torch.autograd.grad(ref, [x, layer.epeg.weight, layer.epeg.bias], grad)
+    out = layer._epeg(x)
+    grads = torch.autograd.grad(out, [x, layer.epeg.weight, layer.epeg.bias], grad)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
 def test_rrt_direction_is_the_first_principal_component_when_one_stands_out() -> None:
     g = torch.Generator().manual_seed(0)
     axis = F.normalize(torch.randn(16, generator=g), dim=0)
