@@ -113,14 +113,16 @@ class _Block(nn.Module):
         scale = q.shape[-1] ** -0.5
         k, v = self.kv(keys).view(keys.shape[0], 2, heads, -1).permute(1, 2, 0, 3)  # (H, N, d) each
         outs, atts = [], []
-        for a, b in itertools.pairwise(ptr):  # every bag has a row (ILRA.pool gives an empty bag a zero row)
+        sizes = [b - a for a, b in itertools.pairwise(ptr)]  # every bag has a row (ILRA.pool: zero row if empty)
+        # split, not slices: the backward of B slices would fill B zero tensors of the full size
+        for kb, vb in zip(k.split(sizes, dim=1), v.split(sizes, dim=1), strict=True):  # (H, n, d) each
             if weights:  # the reported attention, in float32
                 with torch.autocast(keys.device.type, enabled=False):
-                    att = ((q.float() @ k[:, a:b].float().transpose(-1, -2)) * scale).softmax(-1)  # (H, Q, n)
+                    att = ((q.float() @ kb.float().transpose(-1, -2)) * scale).softmax(-1)  # (H, Q, n)
                 atts.append(att.permute(2, 0, 1))  # (n, H, Q)
             else:
-                att = ((q @ k[:, a:b].transpose(-1, -2)) * scale).softmax(-1)  # (H, Q, n)
-            outs.append(F.dropout(att, self.p, self.training).to(v.dtype) @ v[:, a:b])  # (H, Q, d)
+                att = ((q @ kb.transpose(-1, -2)) * scale).softmax(-1)  # (H, Q, n)
+            outs.append(F.dropout(att, self.p, self.training).to(v.dtype) @ vb)  # (H, Q, d)
         width = q0.shape[1]
         attended = torch.stack(outs).transpose(1, 2).reshape(-1, nq, width) if outs else q0.new_zeros(0, nq, width)
         o = self._finish(query, q0, attended)  # (B, Q, E)
@@ -137,10 +139,11 @@ class _Block(nn.Module):
         num_bags, t = tokens.shape[:2]
         k, v = self.kv(tokens).view(num_bags, t, 2, heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, T, d) each
         outs = []
-        for bag, (a, b) in enumerate(itertools.pairwise(ptr)):
-            if b > a:
-                att = ((q[:, a:b] @ k[bag].transpose(-1, -2)) * scale).softmax(-1)  # (H, n, T)
-                outs.append(F.dropout(att, self.p, self.training).to(v.dtype) @ v[bag])  # (H, n, d)
+        sizes = [b - a for a, b in itertools.pairwise(ptr)]
+        for qb, kb, vb in zip(q.split(sizes, dim=1), k.unbind(0), v.unbind(0), strict=True):  # split, not slices
+            if qb.shape[1]:
+                att = ((qb @ kb.transpose(-1, -2)) * scale).softmax(-1)  # (H, n, T)
+                outs.append(F.dropout(att, self.p, self.training).to(v.dtype) @ vb)  # (H, n, d)
         attended = torch.cat(outs, dim=1).transpose(0, 1).reshape(n, -1) if outs else q0  # (N, E)
         return self._finish(rows, q0, attended)
 

@@ -141,8 +141,10 @@ class _AttentionLayer(nn.Module):
         qkv = self.qkv(self.norm(x)).view(total, 3, self.heads, dim // self.heads).permute(1, 2, 0, 3).contiguous()
         p = self.dropout if self.training else 0.0
         outs, weights = [], []
-        for start, end in itertools.pairwise(sptr):
-            q, k, v = qkv[:, :, start:end].unsqueeze(1).unbind(0)  # 3 x (1, H, L, d)
+        # split, not slices: the backward of B slices would fill B zero tensors of the full size
+        bags = qkv.split([end - start for start, end in itertools.pairwise(sptr)], dim=2)
+        for (start, end), bag in zip(itertools.pairwise(sptr), bags, strict=True):
+            q, k, v = bag.unsqueeze(1).unbind(0)  # 3 x (1, H, L, d)
             if end - start <= exact_max_tokens:
                 out = _exact_attention(q, k, v, p)  # (1, H, L, d)
             else:
