@@ -71,6 +71,14 @@ VARIANTS = {
     "true/gradcam12": {"target": "true", "methods": ("gradcam",), "min_side": 12},
     "predicted/gradcam12": {"target": "predicted", "methods": ("gradcam",), "min_side": 12},
     "predicted/smoothgrad8": {"target": "predicted", "methods": ("integrated_gradients",), "ig_noise_samples": 8},
+    # round 4: occlusion maps, and the cell's own attention / contribution explained instead of the bag logit
+    "bag/occlusion": {"methods": ("occlusion",)},
+    "attention/ig": {"methods": ("integrated_gradients",), "score": "attention"},
+    "attention/occlusion": {"methods": ("occlusion",), "score": "attention"},
+    "contribution/ig": {"methods": ("integrated_gradients",), "score": "contribution"},
+    "contribution/occlusion": {"methods": ("occlusion",), "score": "contribution"},
+    "attention/occlusion8": {"methods": ("occlusion",), "score": "attention", "occlusion_patch": 8},
+    "bag/occlusion8": {"methods": ("occlusion",), "occlusion_patch": 8},
 }
 #: Zhang et al. 2018 count a hit within 15 px of the object at 224 px: 6.4 px at our 96 px crops.
 ZHANG_TOLERANCE = 15 * 96 / 224
@@ -119,14 +127,10 @@ def rescore(cells: list, masks: dict, tolerance: float, regions: dict | None = N
     return out
 
 
-def pixels(cohort: Path, bank: Path, run: Path, args: argparse.Namespace) -> dict:
-    """Pointing game of Grad-CAM and integrated gradients on the diagnostic top cells, per setting."""
-    from feature_cache.bank import open_reader
+def _trained_run(cohort: Path, bank: Path, run: Path, args: argparse.Namespace) -> float:
+    """Cross-validate ABMIL on the bank unless the run exists; seconds spent."""
     from milcore.crossval import train_run
-    from milcore.data.predictions import read_attention, read_predictions
     from milcore.training.config import RunSpec, TrainConfig
-    from milcore.trust.pixel_run import explain_pixels
-    from milcore.trust.pixels import PixelConfig
 
     t0 = time.perf_counter()
     if not (run / "predictions.csv").exists():
@@ -135,7 +139,124 @@ def pixels(cohort: Path, bank: Path, run: Path, args: argparse.Namespace) -> dic
         cfg = TrainConfig(model="abmil", epochs=args.epochs, patience=6, lr=1e-3, input_norm="standardize",
                           device="cpu", num_workers=0)  # fmt: skip
         train_run(spec, cfg, run, overwrite=True)
-    t_train = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def _pixel_encoder(args: argparse.Namespace, info: object) -> object:
+    """The bank's encoder: rebuilt from the registry, or with ``--weights``."""
+    from feature_cache.encoders import create_encoder
+    from milcore.trust.pixel_run import rebuild_encoder
+
+    if args.weights:
+        options = {k: int(v) if v.isdigit() else v for k, v in (kv.split("=", 1) for kv in args.encoder_arg)}
+        return create_encoder(args.pixel_encoder, weights=args.weights, device="cpu", **options)
+    enc, why = rebuild_encoder(info)
+    if enc is None:
+        raise SystemExit(why)
+    return enc
+
+
+def erasure(cohort: Path, bank: Path, run: Path, args: argparse.Namespace) -> dict:
+    """Can the model depend on the diagnostic feature at all? For each diagnostic top-attention cell: paint its
+    diagnostic feature over with the surrounding cytoplasm's colour, and (control) a region of the same shape
+    moved elsewhere in the same cell; the change of the cell's attention (log weight), of its contribution and
+    of the predicted class's bag logit, feature vs control, paired per cell."""
+    import torch
+
+    from feature_cache.bank import open_reader
+    from feature_cache.sources.synthetic_truth import cohort_masks
+    from milcore.data.predictions import read_attention, read_predictions
+    from milcore.trust import pixels as px
+    from milcore.trust.pixel_run import _models_for, read_crop, top_rows
+
+    t_train = _trained_run(cohort, bank, run, args)
+    table = read_predictions(run)
+    attention = read_attention(run)
+    sick = [b for b, y in zip(table.bag_ids, table.labels, strict=True) if table.classes[y] != "control"]
+    masks = cohort_masks(cohort, sick)
+    index = {b: i for i, b in enumerate(table.bag_ids)}
+    rng = np.random.default_rng(0)
+    kinds = ("attention", "contribution", "bag")
+    cells: list[dict] = []
+    t0 = time.perf_counter()
+    with open_reader(bank) as reader:
+        enc = _pixel_encoder(args, reader.info)
+        module = enc.module.float().eval()
+        models, _ = _models_for(run, "train", table.folds[[index[b] for b in sick]], sick, reader.info, "cpu")
+        for b in sick:
+            if b not in models:
+                continue
+            x = torch.from_numpy(np.asarray(reader.read(b), dtype=np.float32))  # (N, D)
+            ids = reader.read_column(b, "cell_id")
+            target = int(table.predicted[index[b]])
+            scores = {k: px.BagScore(models[b], x, kind=k) for k in kinds}
+            with torch.no_grad():
+                out = models[b][0](x, torch.tensor([0, x.shape[0]]))
+                logw = torch.log(out.attention.float().clamp_min(1e-12))  # (N,)
+            for r in top_rows(attention[b], args.cells):
+                truth = masks.get((b, str(ids[r])))
+                crop = read_crop(cohort, b, str(ids[r]))
+                if truth is None or crop is None or truth.mask.shape != crop.shape[:2]:
+                    continue
+                shifted = (px.shifted_region(truth.mask, truth.cell, rng) for _ in range(3))
+                controls = [c for c in shifted if c is not None]
+                if not controls:
+                    continue
+                erased = [px.erase(crop, region, truth.cell) for region in (truth.mask, *controls)]
+                images = [crop, *erased]
+                batch = torch.stack([px.encode_pixels(enc.transform, im).float() for im in images])  # (k, 3, S, S)
+                with torch.no_grad():
+                    feats = module(batch)  # (k, D)
+                    vals = {k: s.value(feats, int(r), target).numpy() for k, s in scores.items()}  # each (k,)
+                row = {"bag_id": b, "cell_id": str(ids[r]), "feature": truth.feature,
+                       "mask_px": int(truth.mask.sum()), "cell_px": int(truth.cell.sum()),
+                       "attention_logit_sd_in_bag": float(logw.std())}  # fmt: skip
+                for k, v in vals.items():
+                    row[f"{k}_drop_feature"] = float(v[0] - v[1])
+                    row[f"{k}_drop_control"] = float(np.mean(v[0] - v[2:]))
+                cells.append(row)
+    seconds = round(time.perf_counter() - t0, 1)
+    out: dict = {"model_balanced_accuracy": None, "cells": len(cells), "seconds_train": round(t_train, 1),
+                 "seconds": seconds, "load_after": _load(), "rows": cells, "summary": {}}  # fmt: skip
+    from milcore.metrics.classification import balanced_accuracy
+
+    out["model_balanced_accuracy"] = float(balanced_accuracy(table.labels, table.predicted, len(table.classes)))
+    print(f"\nerasure check: {len(cells)} diagnostic top cells, model BA {out['model_balanced_accuracy']:.3f}")
+    print(f"{'score':<14}{'feature':<12}{'cells':>6}{'drop feature':>14}{'drop control':>14}"
+          f"{'paired diff [95% CI]':>28}{'feat > ctrl':>12}")  # fmt: skip
+    boot = np.random.default_rng(1)
+    for k in kinds:
+        for feature in ["all", *sorted({c["feature"] for c in cells})]:
+            sel = [c for c in cells if feature == "all" or c["feature"] == feature]
+            if not sel:
+                continue
+            f = np.array([c[f"{k}_drop_feature"] for c in sel])
+            c_ = np.array([c[f"{k}_drop_control"] for c in sel])
+            d = f - c_
+            means = d[boot.integers(0, len(d), (2000, len(d)))].mean(1)
+            lo, hi = np.percentile(means, [2.5, 97.5])
+            entry = {"cells": len(sel), "drop_feature_mean": float(f.mean()), "drop_control_mean": float(c_.mean()),
+                     "abs_drop_feature_mean": float(np.abs(f).mean()),
+                     "abs_drop_control_mean": float(np.abs(c_).mean()),
+                     "paired_diff_mean": float(d.mean()), "paired_diff_ci95": [float(lo), float(hi)],
+                     "share_feature_above_control": float(np.mean(d > 0))}  # fmt: skip
+            out["summary"].setdefault(k, {})[feature] = entry
+            print(f"{k:<14}{feature:<12}{len(sel):>6}{f.mean():>14.4f}{c_.mean():>14.4f}"
+                  f"{d.mean():>+12.4f} [{lo:+.4f}, {hi:+.4f}]{np.mean(d > 0):>12.2f}", flush=True)  # fmt: skip
+    sd = float(np.mean([c["attention_logit_sd_in_bag"] for c in cells])) if cells else float("nan")
+    out["attention_logit_sd_in_bag_mean"] = sd
+    print(f"(sd of the attention log-weights within a bag, mean over these bags: {sd:.3f})")
+    return out
+
+
+def pixels(cohort: Path, bank: Path, run: Path, args: argparse.Namespace) -> dict:
+    """Pointing game of Grad-CAM and integrated gradients on the diagnostic top cells, per setting."""
+    from feature_cache.bank import open_reader
+    from milcore.data.predictions import read_attention, read_predictions
+    from milcore.trust.pixel_run import explain_pixels
+    from milcore.trust.pixels import PixelConfig
+
+    t_train = _trained_run(cohort, bank, run, args)
     table = read_predictions(run)
     attention = read_attention(run)
     sick = [b for b, y in zip(table.bag_ids, table.labels, strict=True) if table.classes[y] != "control"]
@@ -143,12 +264,8 @@ def pixels(cohort: Path, bank: Path, run: Path, args: argparse.Namespace) -> dic
     from milcore.metrics.classification import balanced_accuracy
 
     masks = cohort_masks(cohort, sick)
-    built = None  # explain_pixels rebuilds a registered encoder with its packaged weights; trained weights: here
-    if args.weights:
-        from feature_cache.encoders import create_encoder
-
-        options = {k: int(v) if v.isdigit() else v for k, v in (kv.split("=", 1) for kv in args.encoder_arg)}
-        built = create_encoder(args.pixel_encoder, weights=args.weights, device="cpu", **options)
+    # explain_pixels rebuilds a registered encoder with its packaged weights; trained weights: built here
+    built = _pixel_encoder(args, None) if args.weights else None
     regions = diagnostic_regions(cohort, sick)
     ba = float(balanced_accuracy(table.labels, table.predicted, len(table.classes)))
     out: dict = {"model_balanced_accuracy": ba, "patients": len(sick), "seconds_train": round(t_train, 1),
@@ -157,7 +274,7 @@ def pixels(cohort: Path, bank: Path, run: Path, args: argparse.Namespace) -> dic
     wanted = [v for v in args.variants.split(",") if v] if args.variants else list(VARIANTS)
     print(f"model balanced accuracy {ba:.3f}")
     print(f"\n{'setting':<22}{'method':<22}{'cells':>6}{'acc 3px':>9}{'chance':>8}{'acc 6.4px':>11}{'chance':>8}"
-          f"{'union 3px':>11}{'chance':>8}{'union 6.4px':>13}{'chance':>8}")  # fmt: skip
+          f"{'union 3px':>11}{'chance':>8}{'union 6.4px':>13}{'chance':>8}{'mass':>7}{'chance':>8}")  # fmt: skip
     for name in wanted:
         fields = {"cells_per_patient": args.cells, "ig_steps": args.ig_steps, **VARIANTS[name]}
         config = PixelConfig(**fields)
@@ -173,7 +290,8 @@ def pixels(cohort: Path, bank: Path, run: Path, args: argparse.Namespace) -> dic
             print(f"{name:<22}{m:<22}{s['cells']:>6}{s['accuracy']:>9.3f}{s['chance_random_point']:>8.3f}"
                   f"{zhang[m]['accuracy']:>11.3f}{zhang[m]['chance']:>8.3f}"
                   f"{union[m]['accuracy']:>11.3f}{union[m]['chance']:>8.3f}"
-                  f"{union_zhang[m]['accuracy']:>13.3f}{union_zhang[m]['chance']:>8.3f}   "
+                  f"{union_zhang[m]['accuracy']:>13.3f}{union_zhang[m]['chance']:>8.3f}"
+                  f"{s['mass']:>7.3f}{s['mass_chance']:>8.3f}   "
                   + " ".join(f"{f} {fs['accuracy']:.2f}/{zhang[m]['by_feature'][f]:.2f}"
                              for f, fs in s["by_feature"].items()), flush=True)  # fmt: skip
         cells = len(result.cells)
@@ -198,7 +316,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--cells", type=int, default=3, help="top cells explained per patient")
     p.add_argument("--ig-steps", type=int, default=16)
-    p.add_argument("--parts", default="concepts,pixels")
+    p.add_argument("--parts", default="concepts,pixels", help="concepts, erasure, pixels")
     p.add_argument("--variants", default="", help=f"pixel settings compared (default all: {', '.join(VARIANTS)})")
     p.add_argument("--name", default="trust_cells", help="results file name (without .json)")
     p.add_argument("--pixel-encoder", default="efficientnet_lite0", help="encoder of the pixel part's bank")
@@ -212,13 +330,13 @@ def main() -> int:
                  str(args.bag_median), "--seed", str(args.seed))  # fmt: skip
     out: dict = {"args": vars(args), "load_before": _load()}
     parts = args.parts.split(",")
-    for encoder, part in (("morphology", "concepts"), (args.pixel_encoder, "pixels")):
+    for encoder, part in (("morphology", "concepts"), (args.pixel_encoder, "erasure"), (args.pixel_encoder, "pixels")):
         if part not in parts:
             continue
-        tag = encoder + (f"_{Path(args.weights).parent.name}" if part == "pixels" and args.weights else "")
+        tag = encoder + (f"_{Path(args.weights).parent.name}" if part != "concepts" and args.weights else "")
         bank = cohort.parent / f"bank_{tag}.h5"
-        extra = ["--weights", args.weights] if part == "pixels" and args.weights else []
-        for kv in args.encoder_arg if part == "pixels" else []:
+        extra = ["--weights", args.weights] if part != "concepts" and args.weights else []
+        for kv in args.encoder_arg if part != "concepts" else []:
             extra += ["--encoder-arg", kv]
         if not bank.exists():
             t0 = time.perf_counter()
@@ -229,7 +347,7 @@ def main() -> int:
             out["concepts"] = concepts(cohort, bank, args.seeds)
         else:
             run = cohort.parent / (f"run_{tag}_e{args.epochs}" if args.weights else f"run_efficientnet_e{args.epochs}")
-            out["pixels"] = pixels(cohort, bank, run, args)
+            out[part] = (erasure if part == "erasure" else pixels)(cohort, bank, run, args)
     out["load_after"] = _load()
     print(f"load average before {out['load_before']} after {out['load_after']}")
     res = Path(args.results)

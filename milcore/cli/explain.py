@@ -38,6 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
                    "needs the crops and the bank's encoder (skipped with a note otherwise)")  # fmt: skip
     p.add_argument("--pixel-cells", type=int_at_least(1), default=3, metavar="K",
                    help="top cells explained per patient with --pixels (default 3)")
+    p.add_argument("--pixel-score", default="bag", metavar="SCORE",
+                   help="what --pixels explains: bag (the predicted class's bag logit, default), attention (the "
+                   "cell's own attention) or contribution (attention x the cell's own logit)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="device of the pixel explanations (cpu, cuda, auto)")
     p.set_defaults(func=run)
 
@@ -52,10 +55,14 @@ def run(args: argparse.Namespace) -> int:
     pixels = None
     if args.pixels is not None:
         from feature_cache.devices import resolve_device
-        from milcore.trust.pixels import PixelConfig
+        from feature_cache.errors import InvalidArgumentError
+        from milcore.trust.pixels import SCORES, PixelConfig
 
+        if args.pixel_score not in SCORES:
+            raise InvalidArgumentError(f"--pixel-score {args.pixel_score!r}: not one of {', '.join(SCORES)}")
         methods = tuple(m.strip() for m in args.pixels.split(",") if m.strip())
         pixels = PixelConfig.from_dict({"methods": methods, "cells_per_patient": args.pixel_cells,
+                                        "score": args.pixel_score,
                                         "device": str(resolve_device(args.device))})  # fmt: skip
     summary = explain_run(args.run, args.crops, out, top_k=args.top, max_patients=args.patients,
                           similar=args.similar, similar_crops=args.similar_crops, attributes=args.attributes,

@@ -102,13 +102,14 @@ class PixelExplanations:
         return out
 
     def pointing_summary(self) -> dict[str, Any]:
-        """Per method: hits / scored cells (overall and per feature) and the two chance levels."""
+        """Per method: hits / scored cells (overall and per feature), the two chance levels, the relevance mass and
+        its chance level."""
         return pointing_summary(self.cells, self.config.methods)
 
     def to_json(self) -> dict[str, Any]:
         """The ``pixels`` section of ``explain.json``."""
         return {"methods": list(self.config.methods), "encoder": self.encoder, "gradcam_layer": self.layer,
-                "target": self.config.target,
+                "target": self.config.target, "score": self.config.score,
                 "tolerance_px": self.config.tolerance, "cells_per_patient": self.config.cells_per_patient,
                 "ig_steps": self.config.ig_steps, "notes": self.notes,
                 "pointing_game": self.pointing_summary()}  # fmt: skip
@@ -130,7 +131,9 @@ def pointing_summary(cells: list[CellPixels], methods: tuple[str, ...]) -> dict[
                     "accuracy": float(np.mean([p.hit for p in points])),
                     "empty_maps": int(sum(p.empty for p in points)),
                     "chance_centre": float(np.mean([p.chance_centre for p in points])),
-                    "chance_random_point": float(np.mean([p.chance_cell for p in points]))}  # fmt: skip
+                    "chance_random_point": float(np.mean([p.chance_cell for p in points])),
+                    "mass": float(np.mean([p.mass for p in points])),
+                    "mass_chance": float(np.mean([p.mass_chance for p in points]))}  # fmt: skip
 
         out[m] = {**stats([c.pointing[m] for c in scored]), "by_feature": {f: stats(p) for f, p in sorted(per.items())}}
     return out
@@ -291,7 +294,7 @@ def explain_pixels(run: str | Path, bank: Any, table: Any, attention: dict[str, 
         rows = top_rows(attention[b], config.cells_per_patient)
         x = torch.from_numpy(np.asarray(bank.read(b), dtype=np.float32))  # (N, D)
         coords = torch.from_numpy(np.asarray(bank.read_coords(b), dtype=np.float32)) if needs_coords else None
-        score = px.BagScore(models[b], x.to(config.device), coords)
+        score = px.BagScore(models[b], x.to(config.device), coords, kind=config.score)
         target = int(table.predicted[index[b]] if config.target == "predicted" else table.labels[index[b]])
         if target < 0:
             result.notes.append(f"{b}: no label, so its true class cannot be explained; patient skipped")
@@ -319,6 +322,9 @@ def explain_pixels(run: str | Path, bank: Any, table: Any, attention: dict[str, 
             for m in methods:
                 if m == "gradcam":
                     sal = px.gradcam(module, layer, pixels, score, int(r), target)
+                elif m == "occlusion":
+                    sal = np.maximum(px.occlusion(module, pixels, score, int(r), target, config.occlusion_patch,
+                                                  config.occlusion_stride), 0.0)  # fmt: skip
                 else:
                     ig = (px.smoothgrad_ig(module, pixels, score, int(r), target, config.ig_steps,
                                            config.ig_noise_samples, config.ig_noise_sigma)

@@ -21,14 +21,22 @@ Maps live on the encoder's input grid and are mapped back onto the crop's pixel 
 :func:`pointing_game` scores a map against a ground-truth mask: a hit when the map's maximum lies
 within ``tolerance`` pixels of the mask (Zhang et al. 2018 use 15 px at 224 px; 3 px at 96 px, about
 1.2 µm, is our default), with two chance levels: the crop's centre and a uniformly random point of
-the cell. Written by hand (captum is not a dependency; each method is a dozen lines once the bag
-score is a function of one cell's pixels).
+the cell; beside it the relevance mass (share of the positive map inside the mask, Arras et al. 2022) and its
+chance level (the mask's share of the cell).
+
+:func:`occlusion` slides a patch of plain plasma over the crop and maps the drop of the explained score; the
+score explained (:class:`BagScore`, ``PixelConfig.score``) is the bag logit, the cell's attention or its
+contribution. :func:`erase` / :func:`shifted_region` support the erasure check of ``bench_trust_cells.py``
+(does the model's score move when a cell's diagnostic feature is painted over, more than when a region of
+the same shape elsewhere in the cell is?). Written by hand (captum is not a dependency; each method is a dozen
+lines once the bag score is a function of one cell's pixels).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,12 +44,18 @@ from torch import nn
 
 from feature_cache.config import Config, option
 
-METHODS = ("gradcam", "integrated_gradients")
+METHODS = ("gradcam", "integrated_gradients", "occlusion")
+#: The methods ``PixelConfig`` and ``milcore explain --pixels`` use unless told otherwise.
+DEFAULT_METHODS = ("gradcam", "integrated_gradients")
+#: What is explained: the bag logit of the target class; the cell's own attention (log attention weight: what
+#: ranked it among the top cells); or its contribution to the target logit (attention x the logit of the cell
+#: alone as a bag, ABMIL's instance contribution).
+SCORES = ("bag", "attention", "contribution")
 #: Whose logit is explained: the class the model predicted (what a user asks: "why this diagnosis?") or the
 #: patient's true class (the pointing game of Zhang et al. 2018 explains the ground-truth category, so that it
 #: scores the explanation method rather than the classifier's mistakes).
 TARGETS = ("predicted", "true")
-METHOD_LABELS = {"gradcam": "Grad-CAM", "integrated_gradients": "integrated gradients"}
+METHOD_LABELS = {"gradcam": "Grad-CAM", "integrated_gradients": "integrated gradients", "occlusion": "occlusion"}
 
 
 @dataclass(frozen=True)
@@ -49,7 +63,8 @@ class PixelConfig(Config):
     """How pixel explanations are computed and scored.
 
     Attributes:
-        methods: attribution methods, from ``gradcam`` and ``integrated_gradients``.
+        methods: attribution methods, from ``gradcam``, ``integrated_gradients`` and ``occlusion`` (a patch of
+            background colour slid over the crop; the map is the mean drop of the explained score).
         cells_per_patient: top-attention cells explained per patient.
         ig_steps: integration points of integrated gradients.
         min_side: Grad-CAM uses the deepest convolutional map with at least this many positions per side.
@@ -63,11 +78,15 @@ class PixelConfig(Config):
         device: where the encoder and aggregator run (``cpu``, ``cuda``, ``auto``).
         target: the class explained, ``predicted`` or ``true`` (the patient's label; for scoring explanations
             with the pointing game; an unlabelled patient is skipped with a note).
+        score: the score explained (:data:`SCORES`): ``bag`` (the target class's bag logit), ``attention`` (the
+            cell's log attention weight) or ``contribution`` (attention x the target logit of the cell alone).
+        occlusion_patch: side of the occluding patch (encoder input pixels).
+        occlusion_stride: step between patches.
     """
 
     config_key = "pixel explanation option"
 
-    methods: tuple[str, ...] = option(METHODS, choices=METHODS, min_items=1)
+    methods: tuple[str, ...] = option(DEFAULT_METHODS, choices=METHODS, min_items=1)
     cells_per_patient: int = option(3, low=1, high=64)
     ig_steps: int = option(16, low=2, high=512)
     min_side: int = option(6, low=1)
@@ -78,6 +97,9 @@ class PixelConfig(Config):
     feature_tolerance: float = option(0.98, low=-1, high=1)
     device: str = option("cpu")
     target: str = option("predicted", choices=TARGETS)
+    score: str = option("bag", choices=SCORES)
+    occlusion_patch: int = option(12, low=1, high=512)
+    occlusion_stride: int = option(4, low=1, high=512)
 
 
 # ------------------------------------------------------------------------------------------- the bag score
@@ -92,25 +114,56 @@ class BagScore:
         coords: (N, 2) coordinates for models that use them, or ``None``.
     """
 
-    def __init__(self, models: Sequence[nn.Module], x: torch.Tensor, coords: torch.Tensor | None = None) -> None:
+    def __init__(self, models: Sequence[nn.Module], x: torch.Tensor, coords: torch.Tensor | None = None,
+                 kind: str = "bag") -> None:  # fmt: skip
+        if kind not in SCORES:
+            raise ValueError(f"score {kind!r} is not one of {', '.join(SCORES)}")
         self.models = [m.eval() for m in models]
         self.x = x.float()  # (N, D)
         self.coords = coords
+        self.kind = kind
 
     @property
     def size(self) -> int:
         """N, the bag's cell count."""
         return int(self.x.shape[0])
 
-    def __call__(self, feats: torch.Tensor, row: int) -> torch.Tensor:
-        """(m, D) features for row ``row`` -> (m, C) logits of m copies of the bag, each with that row replaced."""
+    def _outputs(self, feats: torch.Tensor, row: int) -> tuple[list[Any], torch.Tensor]:
+        """The models' outputs on m copies of the bag, each with row ``row`` replaced; the replaced rows (m,)."""
         m, n = feats.shape[0], self.size
         rows = row + torch.arange(m, device=feats.device) * n  # (m,)
         x = self.x.to(feats.device).repeat(m, 1).index_put((rows,), feats.float())  # (m*N, D)
         ptr = torch.arange(m + 1, device=feats.device, dtype=torch.long) * n  # (m+1,)
         coords = self.coords.to(feats.device).repeat(m, 1) if self.coords is not None else None
-        logits = [model(x, ptr, coords).logits for model in self.models]  # each (m, C)
-        return torch.stack(logits).mean(0)
+        return [model(x, ptr, coords) for model in self.models], rows
+
+    def __call__(self, feats: torch.Tensor, row: int) -> torch.Tensor:
+        """(m, D) features for row ``row`` -> (m, C) logits of m copies of the bag, each with that row replaced."""
+        outs, _ = self._outputs(feats, row)
+        return torch.stack([o.logits for o in outs]).mean(0)  # (m, C)
+
+    def value(self, feats: torch.Tensor, row: int, target: int) -> torch.Tensor:
+        """(m, D) features for row ``row`` -> (m,) the explained score (:attr:`kind`) of each copy of the bag.
+
+        Raises:
+            ValueError: an attention score for a model that returns no attention.
+        """
+        if self.kind == "bag":
+            return self(feats, row)[:, target]
+        outs, rows = self._outputs(feats, row)
+        weights = []
+        for o in outs:
+            a = getattr(o, "attention", None)
+            if a is None:
+                raise ValueError(f"score {self.kind!r} needs the model's attention; it returns none")
+            weights.append((a if a.dim() == 1 else a.mean(-1))[rows].float())  # (m,)
+        if self.kind == "attention":
+            return torch.stack([torch.log(w.clamp_min(1e-12)) for w in weights]).mean(0)
+        m = feats.shape[0]
+        ptr = torch.arange(m + 1, device=feats.device, dtype=torch.long)  # m bags of one cell
+        coords = self.coords[row].to(feats.device).expand(m, -1) if self.coords is not None else None
+        alone = [model(feats.float(), ptr, coords).logits[:, target] for model in self.models]  # each (m,)
+        return torch.stack([w * s for w, s in zip(weights, alone, strict=True)]).mean(0)
 
 
 # ------------------------------------------------------------------------------------------- Grad-CAM
@@ -173,7 +226,7 @@ def gradcam(encoder: nn.Module, layer: nn.Module, pixels: torch.Tensor, score: B
     handle = layer.register_forward_hook(keep)
     try:
         x = pixels.float().unsqueeze(0).to(score.x.device).requires_grad_(True)  # (1, 3, S, S)
-        logit = score(encoder(x), row)[0, target]
+        logit = score.value(encoder(x), row, target)[0]
         logit.backward()
     finally:
         handle.remove()
@@ -257,15 +310,119 @@ def integrated_gradients(encoder: nn.Module, pixels: torch.Tensor, score: BagSco
     for start in range(0, steps, chunk):
         a = alphas[start : start + chunk].view(-1, 1, 1, 1)
         path = (base + a * (x - base)).requires_grad_(True)  # (m, 3, S, S)
-        logits = score(encoder(path), row)[:, target]  # (m,)
+        logits = score.value(encoder(path), row, target)  # (m,)
         (g,) = torch.autograd.grad(logits.sum(), path)
         grads += g.sum(0)
     attribution = ((x - base) * grads / steps).detach()  # (3, S, S)
     with torch.no_grad():
-        ends = score(encoder(torch.stack([x, base])), row)[:, target]  # (2,)
+        ends = score.value(encoder(torch.stack([x, base])), row, target)  # (2,)
     delta = float(ends[0] - ends[1])
     error = abs(float(attribution.sum()) - delta) / max(abs(delta), 1e-6)
     return IGResult(attribution.cpu().numpy().astype(np.float32), delta, error)
+
+
+# ------------------------------------------------------------------------------------------- occlusion
+
+
+def occlusion(encoder: nn.Module, pixels: torch.Tensor, score: BagScore, row: int, target: int, patch: int = 12,
+              stride: int = 4, baseline: torch.Tensor | None = None, max_rows: int = 65536) -> np.ndarray:  # fmt: skip
+    """Occlusion map (Zeiler & Fergus 2014): a ``patch`` x ``patch`` square of the baseline (plain plasma) slid over
+    the crop by ``stride``; each pixel gets the mean drop of the explained score over the patches covering it.
+
+    Needs no gradient, so it also explains encoders whose gradients are noisy or flat.
+
+    Args:
+        encoder: (m, 3, S, S) float pixels (0..255) -> (m, D).
+        pixels: (3, S, S) the transformed crop.
+        score: the bag score (its :attr:`BagScore.kind` is explained).
+        row: the cell's row in the bag.
+        target: the class.
+        patch: side of the square (pixels of the encoder's input grid).
+        stride: step between squares (the last square always touches the far edge).
+        baseline: (3, S, S) the fill; default :func:`background_baseline`.
+        max_rows: bag rows scored per forward pass.
+
+    Returns:
+        (S, S) signed map (positive: occluding there lowers the score).
+    """
+    device = score.x.device
+    x = pixels.float().to(device)  # (3, S, S)
+    base = (baseline if baseline is not None else background_baseline(pixels)).float().to(device)
+    h, w = x.shape[-2:]
+    ph, pw = min(patch, h), min(patch, w)
+    ys = sorted({*range(0, h - ph + 1, stride), h - ph})
+    xs = sorted({*range(0, w - pw + 1, stride), w - pw})
+    windows = [(i, j) for i in ys for j in xs]
+    total = torch.zeros(h, w, device=device)
+    count = torch.zeros(h, w, device=device)
+    chunk = max(1, min(64, max_rows // max(score.size, 1)))
+    with torch.no_grad():
+        ref = score.value(encoder(x.unsqueeze(0)), row, target)[0]
+        for start in range(0, len(windows), chunk):
+            part = windows[start : start + chunk]
+            imgs = x.unsqueeze(0).repeat(len(part), 1, 1, 1)  # (k, 3, S, S)
+            for t, (i, j) in enumerate(part):
+                imgs[t, :, i : i + ph, j : j + pw] = base[:, i : i + ph, j : j + pw]
+            drops = ref - score.value(encoder(imgs), row, target)  # (k,)
+            for t, (i, j) in enumerate(part):
+                total[i : i + ph, j : j + pw] += drops[t]
+                count[i : i + ph, j : j + pw] += 1
+    return (total / count.clamp_min(1)).cpu().numpy().astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------- erasure check
+
+
+def ring_colour(crop: np.ndarray, region: np.ndarray, cell: np.ndarray | None = None, width: int = 2) -> np.ndarray:
+    """(3,) median colour of the pixels within ``width`` px around ``region`` (inside ``cell`` when given): the
+    surrounding cytoplasm of a feature inside a cell."""
+    from scipy.ndimage import binary_dilation
+
+    region = np.asarray(region, dtype=bool)
+    ring = binary_dilation(region, iterations=width) & ~region
+    if cell is not None and (ring & cell).any():
+        ring &= np.asarray(cell, dtype=bool)
+    if not ring.any():
+        ring = ~region
+    return np.median(np.asarray(crop, dtype=np.float32)[ring], axis=0)
+
+
+def erase(crop: np.ndarray, region: np.ndarray, cell: np.ndarray | None = None) -> np.ndarray:
+    """The crop with ``region`` filled with its surrounding colour (:func:`ring_colour`); (h, w, 3) uint8."""
+    out = np.asarray(crop, dtype=np.uint8).copy()
+    region = np.asarray(region, dtype=bool)
+    if region.any():
+        out[region] = np.clip(np.round(ring_colour(crop, region, cell)), 0, 255).astype(np.uint8)
+    return out
+
+
+def shifted_region(mask: np.ndarray, cell: np.ndarray, rng: np.random.Generator, tries: int = 200) -> np.ndarray | None:
+    """The mask moved to a random place where it lies inside the cell and overlaps the original least (a control
+    region of the same shape and area); ``None`` when no shift keeps it inside the cell."""
+    mask, cell = np.asarray(mask, dtype=bool), np.asarray(cell, dtype=bool)
+    ys, xs = np.nonzero(mask)
+    cy, cx = np.nonzero(cell)
+    if not len(ys) or not len(cy):
+        return None
+    h, w = mask.shape
+    lo_y, hi_y = cy.min() - ys.min(), cy.max() - ys.max()  # shifts that keep the mask's box in the cell's
+    lo_x, hi_x = cx.min() - xs.min(), cx.max() - xs.max()
+    if hi_y < lo_y or hi_x < lo_x:
+        return None
+    best, best_overlap = None, None
+    for _ in range(tries):
+        dy, dx = int(rng.integers(lo_y, hi_y + 1)), int(rng.integers(lo_x, hi_x + 1))
+        ny, nx = ys + dy, xs + dx
+        if ny.min() < 0 or nx.min() < 0 or ny.max() >= h or nx.max() >= w or not cell[ny, nx].all():
+            continue
+        overlap = int(mask[ny, nx].sum())
+        if best_overlap is None or overlap < best_overlap:
+            best = np.zeros_like(mask)
+            best[ny, nx] = True
+            best_overlap = overlap
+            if overlap == 0:
+                break
+    return best
 
 
 # ------------------------------------------------------------------------------------------- maps and scoring
@@ -313,6 +470,9 @@ class Pointing:
         distance: pixels from the maximum to the mask (0 inside).
         chance_centre: whether the crop's centre would hit.
         chance_cell: share of the cell's pixels that would hit (a uniformly random point of the cell).
+        empty: the map has no positive value.
+        mass: share of the map's positive mass inside the mask (relevance mass, Arras et al. 2022).
+        mass_chance: the mask's share of the cell (the mass of a map spread evenly over the cell).
     """
 
     hit: bool
@@ -321,6 +481,8 @@ class Pointing:
     chance_centre: bool
     chance_cell: float
     empty: bool = False
+    mass: float = 0.0
+    mass_chance: float = 0.0
 
 
 def pointing_game(saliency: np.ndarray, mask: np.ndarray, tolerance: float = 3.0,
@@ -343,8 +505,12 @@ def pointing_game(saliency: np.ndarray, mask: np.ndarray, tolerance: float = 3.0
     h, w = mask.shape
     body = np.asarray(cell, dtype=bool) if cell is not None and np.any(cell) else np.ones_like(mask)
     empty = not float(saliency.max()) > 0  # no positive evidence anywhere: no point to score
+    positive = np.maximum(saliency, 0.0)
+    total = float(positive.sum())
+    mass = float(positive[mask].sum()) / total if total > 0 else 0.0
+    mass_chance = float((mask & body).sum()) / float((mask | body).sum())
     return Pointing(bool(near[y, x]) and not empty, (y, x), float(dist[y, x]), bool(near[h // 2, w // 2]),
-                    float(near[body].mean()), empty)  # fmt: skip
+                    float(near[body].mean()), empty, mass, mass_chance)  # fmt: skip
 
 
 def overlay(crop: np.ndarray, saliency: np.ndarray, mask: np.ndarray | None = None, alpha: float = 0.55,

@@ -171,3 +171,131 @@ def test_pixel_target_explains_the_predicted_or_the_true_class(toy_run: Path) ->
         assert not res.cells and sum("no label" in n for n in res.notes) == 2
     with pytest.raises(UserError, match="target"):
         PixelConfig.from_dict({"target": "guess"})
+
+
+# ------------------------------------------------------------------------------------------- round 4: occlusion,
+# the cell's own attention / contribution explained, the erasure check, the relevance mass
+
+
+class _Attn(nn.Module):
+    """A bag model with attention: softmax over a linear score of each row; logits = head(attention-pooled rows)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.a = nn.Linear(dim, 1)
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, x: torch.Tensor, ptr: torch.Tensor, coords: torch.Tensor | None = None) -> SimpleNamespace:
+        sizes = (ptr[1:] - ptr[:-1]).tolist()
+        att = torch.cat([torch.softmax(self.a(chunk)[:, 0], 0) for chunk in torch.split(x, sizes)])  # (N,)
+        parts = zip(torch.split(att, sizes), torch.split(x, sizes), strict=True)
+        pooled = torch.stack([(w[:, None] * c).sum(0) for w, c in parts])  # (B, D)
+        return SimpleNamespace(logits=self.head(pooled), attention=att)
+
+
+class _Window(nn.Module):
+    """An 'encoder' that reads only the pixels [4:8, 10:14] of the crop: their mean darkness, per channel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 255.0 - x[:, :, 4:8, 10:14].mean(dim=(2, 3))  # (m, 3)
+
+
+def test_occlusion_maps_exactly_the_pixels_the_score_reads() -> None:
+    x = torch.zeros(4, 3)
+    head = _Mean(3)
+    with torch.no_grad():
+        head.w.weight.fill_(1.0)  # target logit grows with the window's darkness
+    score = px.BagScore([head], x)
+    crop = torch.full((3, 20, 20), 220, dtype=torch.uint8)
+    crop[:, 4:8, 10:14] = 30  # a dark feature where the encoder looks; plain plasma elsewhere
+    crop[:, 14:18, 2:6] = 30  # a dark decoy the encoder never reads
+    sal = px.occlusion(_Window(), crop, score, row=1, target=0, patch=4, stride=2)
+    assert sal.shape == (20, 20)
+    y, x_ = px.peak(sal)
+    assert 4 <= y < 8 and 10 <= x_ < 14  # the maximum on the feature
+    assert np.all(sal[12:, :8] == 0)  # covering the decoy changes nothing
+    assert sal.min() >= 0  # filling with plasma only lightens the feature here: every drop >= 0
+
+
+def test_bag_score_kinds_explain_the_cell_attention_or_contribution() -> None:
+    model = _Attn(4)
+    x = torch.randn(6, 4)
+    feats = torch.stack([x[2], x[2] * 3])  # row 2 unchanged, then scaled
+    ptr = torch.tensor([0, 6])
+    x3 = x.clone()
+    x3[2] = x[2] * 3
+    for i, bag in enumerate((x, x3)):
+        out = model(bag, ptr)
+        att = px.BagScore([model], x, kind="attention").value(feats, 2, 1)
+        assert torch.allclose(att[i], torch.log(out.attention[2]), atol=1e-5)
+        alone = model(bag[2:3], torch.tensor([0, 1])).logits[0, 1]
+        con = px.BagScore([model], x, kind="contribution").value(feats, 2, 1)
+        assert torch.allclose(con[i], out.attention[2] * alone, atol=1e-5)
+        assert torch.allclose(px.BagScore([model], x).value(feats, 2, 1)[i], out.logits[0, 1], atol=1e-5)
+    with pytest.raises(ValueError, match="attention"):
+        px.BagScore([_Mean(4)], x, kind="attention").value(feats, 2, 1)  # a model without attention
+    with pytest.raises(ValueError, match="score"):
+        px.BagScore([model], x, kind="saliency")
+    ig = px.integrated_gradients(_encoder(), torch.randint(0, 255, (3, 16, 16), dtype=torch.uint8),
+                                 px.BagScore([_Attn(8)], torch.randn(5, 8), kind="attention"), 2, 0, steps=128)
+    assert abs(float(ig.attribution.sum()) - ig.delta) < 2e-4  # IG of the attention score is complete too
+
+
+def test_erase_paints_a_region_with_its_surroundings_and_the_control_region_lies_elsewhere_in_the_cell() -> None:
+    crop = np.full((30, 30, 3), 240, dtype=np.uint8)
+    cell = np.zeros((30, 30), dtype=bool)
+    cell[5:25, 5:25] = True
+    crop[cell] = (200, 150, 180)  # cytoplasm
+    mask = np.zeros_like(cell)
+    mask[10:13, 8:16] = True
+    crop[mask] = (90, 20, 60)  # an Auer-rod-like streak
+    out = px.erase(crop, mask, cell)
+    assert (out[mask] == (200, 150, 180)).all() and (out[~mask] == crop[~mask]).all()
+    rng = np.random.default_rng(0)
+    other = px.shifted_region(mask, cell, rng)
+    assert other is not None and other.sum() == mask.sum() and not (other & mask).any() and cell[other].all()
+    assert (px.shifted_region(cell, cell, rng) == cell).all()  # as large as the cell: only itself fits
+    small = np.zeros_like(cell)
+    small[14:16, 14:16] = True
+    assert px.shifted_region(mask, small, rng) is None  # the mask does not fit in that 'cell'
+
+
+def test_relevance_mass_beside_the_pointing_game() -> None:
+    cell = np.zeros((20, 20), dtype=bool)
+    cell[2:18, 2:18] = True
+    mask = np.zeros_like(cell)
+    mask[4:8, 4:8] = True
+    even = cell.astype(np.float32)  # a map spread evenly over the cell scores its chance level
+    pt = px.pointing_game(even, mask, cell=cell)
+    assert pt.mass == pytest.approx(16 / 256) and pt.mass_chance == pytest.approx(16 / 256)
+    inside = mask.astype(np.float32) - 0.5 * (~mask)  # negative evidence outside does not count
+    assert px.pointing_game(inside, mask, cell=cell).mass == pytest.approx(1.0)
+    assert px.pointing_game(np.zeros_like(even), mask, cell=cell).mass == 0.0
+
+
+@pytest.mark.slow  # uses the toy_run fixture (synthesis, extraction, training)
+def test_explain_pixels_by_occlusion_of_the_cell_attention(toy_run: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    from feature_cache.bank import open_reader
+    from milcore.data.predictions import read_attention, read_predictions
+    from milcore.trust.pixel_run import explain_pixels
+    from milcore.trust.pixels import PixelConfig
+
+    run = toy_run / "run"
+    table, attention = read_predictions(run), read_attention(run)
+    config = PixelConfig(methods=("occlusion",), score="attention", cells_per_patient=2, occlusion_patch=8)
+    with open_reader(toy_run / "bank.h5") as reader:
+        res = explain_pixels(run, reader, table, attention, table.bag_ids, toy_run / "cohort", config)
+    assert len(res.cells) == 2 * len(table.bag_ids)
+    assert all(c.maps["occlusion"].shape == c.crop.shape[:2] and c.maps["occlusion"].min() >= 0 for c in res.cells)
+    game = res.to_json()["pointing_game"]["occlusion"]
+    assert game["cells"] > 0 and 0 <= game["mass"] <= 1 and 0 < game["mass_chance"] < 1
+    assert res.to_json()["score"] == "attention"
+    rc = main(["explain", "--run", str(run), "--out", str(tmp_path / "ex"), "--pixels", "occlusion",
+               "--pixel-score", "attention", "--patients", "2", "--pixel-cells", "1"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    pix = json.loads((tmp_path / "ex" / "explain.json").read_text())["pixels"]
+    assert pix["methods"] == ["occlusion"] and pix["score"] == "attention"
+    assert main(["explain", "--run", str(run), "--out", str(tmp_path / "bad"), "--pixels", "--pixel-score", "x"]) == 2
+    assert "pixel-score" in capsys.readouterr().err and not (tmp_path / "bad").exists()
