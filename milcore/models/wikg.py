@@ -109,12 +109,14 @@ class WiKG(MILAggregator):
         scale = e_h.shape[1] ** -0.5
         rows, valid = top_affinities(e_h, e_t, ptr, self.config.topk)  # (N, k), (N, k)
         nb = e_t.index_select(0, rows.flatten()).view(rows.shape[0], rows.shape[1], e_t.shape[1])  # (N, k, E) tails
-        affinity = (nb @ e_h.unsqueeze(-1)).squeeze(-1).float() * scale  # (N, k), with gradient
+        # products and sums over the embedding rather than N batched (k, E) @ (E, 1) products (~7 % faster per
+        # epoch on CPU: tiny matrices make a slow batched matrix product)
+        affinity = (nb * e_h.unsqueeze(1)).sum(-1).float() * scale  # (N, k), with gradient
         p = affinity.masked_fill(~valid, float("-inf")).softmax(dim=1).unsqueeze(-1).to(nb.dtype)  # (N, k, 1)
         # gate = tanh(e_h + r) with the relation r = p e_t + (1 - p) e_h, in the tails' dtype (bf16 under autocast)
         gate = torch.tanh(torch.addcmul((2 - p) * e_h.unsqueeze(1), p, nb))  # (N, k, E)
         weight = (nb * gate).sum(-1).float().masked_fill(~valid, float("-inf")).softmax(dim=1)  # (N, k)
-        message = (weight.unsqueeze(1).to(nb.dtype) @ nb).squeeze(1)  # (N, E)
+        message = (weight.unsqueeze(-1).to(nb.dtype) * nb).sum(1)  # (N, E)
         node = self._aggregate(e_h, message)  # (N, E)
         node = self.dropout(node)
         att = segment_softmax(self.readout(node), ptr, index)  # (N, 1) readout attention
