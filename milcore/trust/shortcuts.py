@@ -535,9 +535,10 @@ def write_shortcuts(result: ShortcutResult, folder: Path) -> Path:
         rep.paragraph(result.headline())
     rep.paragraph(f"Aggregator: out-of-fold balanced accuracy {result.model_balanced_accuracy:.3f} on "
                   f"{result.patients} patients (chance {result.chance:.3f}). Each signal below is fitted alone with "
-                  "the run's patient-level folds (class-balanced logistic regression); flagged when p < "
-                  f"{result.config.alpha} and it reaches {result.config.min_share:.0%} of the model's gain over "
-                  "chance.")  # fmt: skip
+                  "the run's patient-level folds (class-balanced logistic regression); flagged when its association "
+                  "with the label is significant (permutation test of Pillai's trace, p below, Holm-corrected < "
+                  f"{result.config.alpha}) and its balanced accuracy reaches {result.config.min_share:.0%} of the "
+                  "model's gain over chance.")  # fmt: skip
     rep.table(["check", "columns", "balanced accuracy", "p", "share of model", "flagged"],
               [[c["name"], ", ".join(c["columns"]), f"{c['balanced_accuracy']:.3f}", f"{c['p_value']:.4f}",
                 "-" if c["share_of_model"] is None else f"{c['share_of_model']:.2f}", "YES" if c["flagged"] else "no"]
