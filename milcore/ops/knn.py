@@ -2,6 +2,11 @@
 
 Memory stays linear in the bag size: distances are computed for blocks of at most ``block_rows`` query
 rows at a time (compute is quadratic in the bag size, as for any exact kNN).
+
+Neighbours are ranked by ``2 <q, p> - |p|^2`` (the squared distance ``|q - p|^2`` minus the query's own
+``|q|^2``, which does not change a query's ranking): one matrix product per block, without the square
+root, the norms' concatenation and the padding of :func:`torch.cdist` on a padded batch, which took three
+quarters of a GraphMIL training step on the demo cohort's 1,280-d features (``torch.profiler``, one thread).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from milcore.ops.segment import ptr_to_sizes, to_padded
 __all__ = ["knn_graph"]
 
 _DENSE_BUDGET = 1 << 22  # elements of the (B, N_max, N_max) distance tensor handled in one go
+_PADDING_SLACK = 1 << 16  # padded elements always accepted (tiny bags: one product beats a Python loop)
 
 
 def knn_graph(pos: Tensor, ptr: Tensor, k: int, block_rows: int = 1024) -> Tensor:
@@ -37,7 +43,9 @@ def knn_graph(pos: Tensor, ptr: Tensor, k: int, block_rows: int = 1024) -> Tenso
     if num_bags == 0 or pos.shape[0] == 0:
         return torch.empty(2, 0, dtype=torch.long, device=pos.device)
     max_size = int(sizes.max())
-    if num_bags * max_size * max_size <= _DENSE_BUDGET:
+    padded = num_bags * max_size * max_size
+    # all bags in one padded product when it is small and mostly real rows (many small bags), else bag by bag
+    if padded <= _DENSE_BUDGET and padded <= 2 * int((sizes * sizes).sum()) + _PADDING_SLACK:
         return _knn_dense(pos, ptr, k, max_size)
     ptr_cpu = ptr.tolist()
     edges = []
@@ -56,10 +64,11 @@ def _knn_dense(pos: Tensor, ptr: Tensor, k: int, max_size: int) -> Tensor:
     kk = min(k, max_size - 1)
     if kk < 1:
         return torch.empty(2, 0, dtype=torch.long, device=pos.device)
-    dist = torch.cdist(dense, dense)  # (B, M, M)
+    norms = dense.square().sum(-1).unsqueeze(1)  # (B, 1, M)
+    score = torch.baddbmm(norms, dense, dense.transpose(1, 2), beta=-1, alpha=2)  # (B, M, M) 2<q, p> - |p|^2
     eye = torch.eye(max_size, dtype=torch.bool, device=pos.device)
-    dist = dist.masked_fill(~mask.unsqueeze(1) | eye, float("inf"))
-    val, nbr = dist.topk(kk, dim=2, largest=False)  # (B, M, kk)
+    score = score.masked_fill(~mask.unsqueeze(1) | eye, float("-inf"))
+    val, nbr = score.topk(kk, dim=2)  # (B, M, kk) nearest first
     keep = torch.isfinite(val) & mask.unsqueeze(2)  # (B, M, kk)
     offset = ptr[:-1].view(-1, 1, 1)
     target = (torch.arange(max_size, device=pos.device).view(1, -1, 1) + offset).expand_as(nbr)
@@ -72,12 +81,13 @@ def _knn_single(pos: Tensor, k: int, block_rows: int) -> Tensor:
     n = pos.shape[0]
     kk = min(k, n - 1)
     sources, targets = [], []
+    norms = pos.square().sum(-1)  # (n,)
     for start in range(0, n, block_rows):
         query = pos[start : start + block_rows]  # (R, F)
-        dist = torch.cdist(query, pos)  # (R, n)
+        score = torch.addmm(norms, query, pos.T, beta=-1, alpha=2)  # (R, n) 2<q, p> - |p|^2
         rows = torch.arange(query.shape[0], device=pos.device)
-        dist[rows, rows + start] = float("inf")
-        nbr = dist.topk(kk, dim=1, largest=False).indices  # (R, kk)
+        score[rows, rows + start] = float("-inf")
+        nbr = score.topk(kk, dim=1).indices  # (R, kk) nearest first
         sources.append(nbr.reshape(-1))
         targets.append((rows + start).repeat_interleave(kk))
     return torch.stack([torch.cat(sources), torch.cat(targets)])

@@ -112,12 +112,15 @@ def _brute_knn(pos: torch.Tensor, ptr: torch.Tensor, k: int) -> set[tuple[int, i
     return edges
 
 
-@pytest.mark.parametrize(("sizes", "block_rows"), [([5, 1, 0, 12, 3], 1024), ([2100, 4], 256)])
-def test_knn_graph_matches_brute_force(sizes: list[int], block_rows: int) -> None:
-    """Small batches go through the dense path, a bag of 2,100 through the blockwise path."""
+@pytest.mark.parametrize(
+    ("sizes", "block_rows", "dim"), [([5, 1, 0, 12, 3], 1024, 3), ([2100, 4], 256, 3), ([600, 20, 30], 128, 64)]
+)
+def test_knn_graph_matches_brute_force(sizes: list[int], block_rows: int, dim: int) -> None:
+    """Small batches go through the dense path, a bag of 2,100 through the blockwise path, and a batch whose
+    padding would be mostly waste (one bag of 600 beside small ones) bag by bag."""
     torch.manual_seed(0)
     ptr = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
-    pos = torch.randn(int(ptr[-1]), 3)
+    pos = torch.randn(int(ptr[-1]), dim) * 3 + 5  # away from the origin: norms matter in the ranking
     edge_index = knn_graph(pos, ptr, k=4, block_rows=block_rows)
     assert edge_index.shape[1] == sum(min(4, max(n - 1, 0)) * n for n in sizes)
     assert set(map(tuple, edge_index.T.tolist())) == _brute_knn(pos, ptr, 4)
