@@ -34,6 +34,11 @@ def _p(x: Any) -> str:
     return f"{x:.2g}" if x >= 0.001 else "<0.001"
 
 
+def primary_metrics(config: dict[str, Any]) -> list[str]:
+    """The primary family's metrics of an audit's config (``primary_metric`` in audits written before round 3)."""
+    return list(config.get("primary_metrics") or [config["primary_metric"]])
+
+
 def add_audit_sections(rep: Report, audit: dict[str, Any]) -> None:
     """Append the stratified audit's sections (warnings, summary, tables, figures, terms) to ``rep``."""
     summary, config = audit["summary"], audit["config"]
@@ -52,7 +57,7 @@ def add_audit_sections(rep: Report, audit: dict[str, Any]) -> None:
            if within else "") + "; "
         + ("one-sided: is the group worse than the rest?" if one_sided else "two-sided") + ") and corrected "
         + _how_corrected(config) + f" within two families at alpha {config['alpha']}: the primary family "
-        f"({label(config['primary_metric'])} of single-attribute groups"
+        f"({' and '.join(label(m) for m in primary_metrics(config))} of single-attribute groups"
         + (f" of {', '.join(config['primary_attributes'])}" if config.get("primary_attributes") else "") + ", "
         f"{plural(fam['primary']['tests'], 'test')}) and the secondary family (other metrics, per-class recall and "
         f"FPR, intersections, parity differences: {plural(fam['secondary']['tests'], 'test')}). Intervals are 95% "
@@ -73,7 +78,7 @@ def add_audit_sections(rep: Report, audit: dict[str, Any]) -> None:
                   f"{inp['cohort']}" + (f"; {plural(inp['not_in_cohort'], 'predicted bag')} missing from the cohort "
                                         "table left out"
                      if inp["not_in_cohort"] else "") + ".")  # fmt: skip
-    metrics = [m for m in dict.fromkeys([config["primary_metric"], *config["test_metrics"]])]
+    metrics = list(dict.fromkeys([*primary_metrics(config), *config["test_metrics"]]))
     rep.heading("Per group")
     overall = audit["overall"]
     rows = [["overall", overall["n"], "", *[_cell(overall["metrics"].get(m)) for m in metrics]]]
@@ -182,7 +187,7 @@ def _how_corrected(config: dict[str, Any]) -> str:
         text = f"with {name}"
     if config.get("primary_weights") == "attributes":
         text += ("; the primary family's alpha is shared equally among the audited attributes, then among each "
-                 "attribute's groups")  # fmt: skip
+                 "attribute's tests")  # fmt: skip
     return text
 
 
@@ -192,6 +197,6 @@ def write_audit_report(out: Path, audit: dict[str, Any]) -> tuple[Path, Path]:
 
     rep = Report(f"Bias audit of {audit['input']['run']}")
     add_audit_sections(rep, audit)
-    add_glossary(rep, [*AUDIT_TERMS, "log-loss", "Brier score", "minimum detectable effect",
+    add_glossary(rep, [*AUDIT_TERMS, "log-odds", "log-loss", "Brier score", "minimum detectable effect",
                        _CORRECTIONS.get(audit["config"]["correction"], "Holm"), "Holm"])  # fmt: skip
     return write_report_atomic(Path(out), rep, "audit")

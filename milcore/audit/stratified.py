@@ -7,7 +7,8 @@ without ``min_group_size`` other patients to compare with (the only site) has st
 class is missing from the group or from the rest, the group's comparisons use the classes both sides have
 (``classes_compared``) and the tests that cannot be run are listed with their reason (``skipped_tests`` of the
 group). Two families of tests are corrected separately, each at ``alpha``: the *primary* family
-(``primary_metric`` on single-attribute groups of the ``primary_attributes``, the pre-specified question) and
+(each of the ``primary_metrics`` on single-attribute groups of the ``primary_attributes``, the pre-specified
+question) and
 the *secondary* family (the other metrics, per-class recall and FPR, intersections, the other attributes and
 the parity differences). With ``correction="westfall-young"`` the primary family is tested again on joint
 permutations (every patient's attributes moved together to another patient of the same class, so every group of
@@ -76,7 +77,7 @@ def _ratio(a: float, b: float) -> float:
 
 def tested_metrics(config: AuditConfig, classes: list[str]) -> list[str]:
     """Names of the metrics whose gaps are tested (scalar metrics, then per-class recall and FPR)."""
-    names = list(dict.fromkeys([config.primary_metric, *config.test_metrics]))
+    names = list(dict.fromkeys([*config.primary_metrics, *config.test_metrics]))
     if config.per_class:
         names += [f"recall[{c}]" for c in classes] + [f"fpr[{c}]" for c in classes]
     return names
@@ -335,7 +336,7 @@ def _why_untestable(metric: str, value: float, rest: float) -> str:
 def _primary(g: Subgroup, metric: str, config: AuditConfig) -> bool:
     """Whether a comparison belongs to the primary family: the primary metric on a single-attribute group of a
     primary attribute (every audited attribute when none is named)."""
-    return (metric == config.primary_metric and g.level == "attribute"
+    return (metric in config.primary_metrics and g.level == "attribute"
             and (not config.primary_attributes or g.attribute in config.primary_attributes))  # fmt: skip
 
 
@@ -483,20 +484,25 @@ def _joint_primary(pred: LabelledPredictions, classes: list[str], comparisons: l
             rows.setdefault(r["test_key"], r)
     if not rows:
         return None
-    metric = config.primary_metric
     one_sided = config.alternative == "worse"
-    sign = 1.0 if not higher_is_better(metric) else -1.0  # sign * gap > 0: the group is worse
     tests = list(rows.values())
-    observed = [sign * r["gap"] if one_sided else r["gap"] for r in tests]
+    sign = np.asarray([-1.0 if higher_is_better(r["metric"]) else 1.0 for r in tests])  # sign * gap > 0: worse
+    observed = [s * r["gap"] if one_sided else r["gap"] for s, r in zip(sign, tests, strict=True)]
+    by_group: dict[str, list[int]] = {}  # a group's tests (one per primary metric) share its weighted counts
+    for j, r in enumerate(tests):
+        by_group.setdefault(r["group"], []).append(j)
     null = np.zeros((config.n_perm, len(tests)))  # (B, m)
     for start in range(0, config.n_perm, 250):  # batches keep the (2k, n) weights small on large cohorts
         perms = class_permutations(rng, pred.y_true, min(250, config.n_perm - start))  # (k, n)
-        for j, r in enumerate(tests):
-            c = compares[r["group"]]
+        k = len(perms)
+        for group, columns in by_group.items():
+            c = compares[group]
             W = np.concatenate([c.group[perms], c.rest[perms]]).astype(float)  # (2k, n)
-            values = flatten(weighted_metrics(pred, W, metric == "auroc"), classes)[metric]
-            gap = values[: len(perms)] - values[len(perms):]  # (k,)
-            null[start : start + len(perms), j] = sign * gap if one_sided else gap
+            auroc = any(tests[j]["metric"] == "auroc" for j in columns)
+            values = flatten(weighted_metrics(pred, W, auroc), classes)
+            for j in columns:
+                gap = values[tests[j]["metric"]][:k] - values[tests[j]["metric"]][k:]  # (k,)
+                null[start : start + k, j] = sign[j] * gap if one_sided else gap
     obs, nulls = np.asarray(observed, dtype=float), null
     weights = family_weights(rows, "primary", config)
     adjusted = westfall_young(obs, nulls, two_sided=not one_sided, weights=weights)
@@ -558,16 +564,18 @@ def _correct(comparisons: list[dict[str, Any]], parity: list[dict[str, Any]], co
     return families
 
 
+#: Group metrics that are class-balanced means of a per-patient score of the true class's probability.
+SCORE_METRICS = ("balanced_brier", "balanced_log_loss", "balanced_log_odds")
+
+
 def _translate_mde(pred: LabelledPredictions, comparisons: list[dict[str, Any]], compares: dict[str, Compared],
                    config: AuditConfig) -> None:  # fmt: skip
     """Primary rows on a per-patient score get ``mde_balanced_accuracy``: the balanced accuracy the group would
     lose if its score worsened by the MDE through lost confidence in the true class (:mod:`.detectable`)."""
     from milcore.audit.detectable import equivalent_gap
 
-    if config.primary_metric not in ("balanced_brier", "balanced_log_loss"):
-        return
     for r in comparisons:
-        if r["family"] == "primary" and r.get("mde") is not None:
+        if r["family"] == "primary" and r.get("mde") is not None and r["metric"] in SCORE_METRICS:
             mask = compares[r["group"]].group
             r["mde_balanced_accuracy"] = _num(equivalent_gap(pred.y_true[mask], pred.proba[mask], r["metric"],
                                                              r["mde"]))  # fmt: skip
@@ -698,17 +706,20 @@ def _mde_range(quiet: list[dict[str, Any]], config: AuditConfig) -> str:
     sized = [c for c in quiet if c.get("mde") is not None]
     unsized = sorted({c["group"] for c in quiet if c.get("mde") is None})
     parts = []
-    if sized:
-        lo, hi = min(sized, key=lambda c: c["mde"]), max(sized, key=lambda c: c["mde"])
-        worse = "lower" if higher_is_better(config.primary_metric) else "higher"
-        span = (f"{format_gap(lo['metric'], lo['mde'])} ({lo['group']})" if lo["mde"] == hi["mde"] else
-                f"{format_gap(lo['metric'], lo['mde'])} ({lo['group']}) to {format_gap(hi['metric'], hi['mde'])} "
-                f"({hi['group']})")  # fmt: skip
-        ba = [c["mde_balanced_accuracy"] for c in sized if c.get("mde_balanced_accuracy") is not None]
+    spans = []
+    for metric in dict.fromkeys(c["metric"] for c in sized):  # one span per primary metric, in its own units
+        mine = [c for c in sized if c["metric"] == metric]
+        lo, hi = min(mine, key=lambda c: c["mde"]), max(mine, key=lambda c: c["mde"])
+        worse = "lower" if higher_is_better(metric) else "higher"
+        span = (f"{format_gap(metric, lo['mde'])} ({lo['group']})" if lo["mde"] == hi["mde"] else
+                f"{format_gap(metric, lo['mde'])} ({lo['group']}) to {format_gap(metric, hi['mde'])} ({hi['group']})")
+        ba = [c["mde_balanced_accuracy"] for c in mine if c.get("mde_balanced_accuracy") is not None]
         in_ba = (f" (about {100 * min(ba):.1f} to {100 * max(ba):.1f} points of balanced accuracy, if the model's "
                  "confidence in the true class fell evenly)") if ba else ""  # fmt: skip
-        parts.append(f"with {config.mde_power:.0%} power the primary tests find a {label(config.primary_metric)} "
-                     f"{worse} by {span}{in_ba}, and smaller gaps could go unseen")  # fmt: skip
+        spans.append(f"a {label(metric)} {worse} by {span}{in_ba}")
+    if spans:
+        parts.append(f"with {config.mde_power:.0%} power the primary tests find {' or '.join(spans)}, and smaller "
+                     "gaps could go unseen")  # fmt: skip
     if unsized:
         parts.append(f"for {', '.join(unsized)} no gap within the metric's range is found with "
                      f"{config.mde_power:.0%} power")  # fmt: skip

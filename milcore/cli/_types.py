@@ -230,7 +230,7 @@ def add_config_options(
                 flag = option_strings[0].lstrip("-").replace("-", "_").upper()
                 kwargs["metavar"] = (metavars or {}).get(name) or flag
                 kwargs["help"] += " (one of: %(choices)s)"
-            elif (choices := spec.allowed()) is not None and typing.get_origin(hint) is not tuple:
+            elif typing.get_origin(hint) is not tuple and (choices := spec.allowed()) is not None:  # tuples: lazy
                 kwargs["choices"] = choices
             elif (metavars or {}).get(name):
                 kwargs["metavar"] = metavars[name]

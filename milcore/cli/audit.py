@@ -19,7 +19,7 @@ log = logging.getLogger("milcore")
 
 #: ``AuditConfig`` fields given as flags by ``audit`` and ``audit experiment`` (the rest: ``audit`` alone).
 SHARED_AUDIT_OPTIONS = ("age_bands", "min_group_size", "alpha", "n_boot", "seed")
-RUN_AUDIT_OPTIONS = ("attributes", "intersections", "n_perm", "correction", "primary_weights", "primary_metric",
+RUN_AUDIT_OPTIONS = ("attributes", "intersections", "n_perm", "correction", "primary_weights", "primary_metrics",
                      "primary_attributes", "alternative", "permute_within_class", "mde_power")
 #: Flags named before the config convention (``milcore run`` experiments use them).
 AUDIT_FLAGS = {"min_group_size": "--min-group", "n_boot": "--boot", "n_perm": "--permutations"}
@@ -50,7 +50,8 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     add_config_options(p, AuditConfig, RUN_AUDIT_OPTIONS, flags=AUDIT_FLAGS,
                        helps={"intersections": "also audit pairs such as sex x age",
                               "n_perm": "permutations per test",
-                              "primary_metric": "metric of the primary family (single-attribute groups)",
+                              "primary_metrics": "metrics of the primary family (single-attribute groups; a group "
+                                                 "is flagged when any of its tests is)",
                               "alternative": "worse: is each group worse than the rest (one-sided); two-sided: "
                                              "does it differ either way",
                               "permute_within_class": "shuffle group membership within each true class",

@@ -140,6 +140,20 @@ def brier_per_patient(y_true: np.ndarray, proba: np.ndarray) -> np.ndarray:
     return ((p - np.eye(p.shape[1])[y_true]) ** 2).sum(axis=1) / 2.0
 
 
+#: The true-class log-odds is clipped at plus or minus this (probabilities 0.00034 and 0.99966): one patient
+#: scored with certainty cannot outweigh a group.
+LOG_ODDS_CLIP = 8.0
+
+
+def log_odds_per_patient(y_true: np.ndarray, proba: np.ndarray) -> np.ndarray:
+    """(n,) ``log(p / (1 - p))`` of the true class's probability p, clipped at :data:`LOG_ODDS_CLIP` (higher: surer)."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(proba, dtype=float)[np.arange(len(y_true)), y_true]
+    with np.errstate(divide="ignore"):
+        odds = np.log(p) - np.log1p(-p)
+    return np.clip(odds, -LOG_ODDS_CLIP, LOG_ODDS_CLIP)
+
+
 def class_balanced_mean(values: np.ndarray, y_true: np.ndarray, num_classes: int) -> float:
     """Mean over the classes present in ``y_true`` of the class means of ``values`` (NaN for no patient).
 
@@ -160,6 +174,11 @@ def balanced_log_loss(y_true: np.ndarray, proba: np.ndarray) -> float:
 def balanced_brier(y_true: np.ndarray, proba: np.ndarray) -> float:
     """Class-balanced mean of the per-patient Brier score (:func:`brier_per_patient`)."""
     return class_balanced_mean(brier_per_patient(y_true, proba), y_true, np.asarray(proba).shape[1])
+
+
+def balanced_log_odds(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """Class-balanced mean of the per-patient true-class log-odds (:func:`log_odds_per_patient`)."""
+    return class_balanced_mean(log_odds_per_patient(y_true, proba), y_true, np.asarray(proba).shape[1])
 
 
 def instance_auroc(attention: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict[str, float]:

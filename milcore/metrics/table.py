@@ -75,6 +75,8 @@ _ROWS = (
            lambda y, p, bins: cl.balanced_log_loss(y, p), wt.weighted_balanced_log_loss, worst=math.inf),
     Metric("balanced_brier", False, "class-balanced Brier score", "bal. Brier",
            lambda y, p, bins: cl.balanced_brier(y, p), wt.weighted_balanced_brier),
+    Metric("balanced_log_odds", True, "class-balanced true-class log-odds", "bal. log-odds",
+           lambda y, p, bins: cl.balanced_log_odds(y, p), wt.weighted_balanced_log_odds, worst=-cl.LOG_ODDS_CLIP),
     Metric("ece_uncalibrated", False, "ECE before temperature scaling", "raw ECE"),
     Metric("instance_auroc", True, "attention instance-AUROC", "inst. AUROC"),
     Metric("recall", True, "recall", "recall", weighted=wt.weighted_recall, per_class=True),

@@ -8,8 +8,8 @@ a few matrix products:
   give per-class support, predictions and true positives, hence recall (TPR), FPR, selection rate,
   balanced accuracy and macro-F1 exactly as :mod:`milcore.metrics.classification` defines them;
 - ECE: ``W @ (bin one-hot * (correct - confidence))`` per equal-width confidence bin;
-- per-patient scores (log-loss, Brier score): ``W @ (onehot(y) * score)`` per class, whose means over the
-  classes present are the class-balanced log-loss and Brier score;
+- per-patient scores (log-loss, Brier score, true-class log-odds): ``W @ (onehot(y) * score)`` per class, whose
+  means over the classes present are the class-balanced log-loss, Brier score and log-odds;
 - AUROC: the weighted Mann-Whitney statistic: in score order, each positive's weight times the cumulative
   weight of the negatives below it (plus half the tied ones), per class (one vs rest, macro over the
   classes present), O(R n) after one sort per class.
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from milcore.metrics.classification import brier_per_patient, log_loss_per_patient
+from milcore.metrics.classification import brier_per_patient, log_loss_per_patient, log_odds_per_patient
 
 
 def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -68,6 +68,7 @@ class LabelledPredictions:
         self.calib = np.eye(self.n_bins)[bins] * (self.correct - conf)[:, None]  # (n, bins)
         self.log_loss = log_loss_per_patient(self.y_true, self.proba)  # (n,)
         self.brier = brier_per_patient(self.y_true, self.proba)  # (n,)
+        self.log_odds = log_odds_per_patient(self.y_true, self.proba)  # (n,)
         self.ranks = []  # per class: score order, and each position's tie-group start and end (exclusive)
         for k in range(c):
             order = np.argsort(self.proba[:, k], kind="mergesort")
@@ -166,6 +167,11 @@ def weighted_balanced_log_loss(pred: LabelledPredictions, c: WeightedCounts) -> 
 def weighted_balanced_brier(pred: LabelledPredictions, c: WeightedCounts) -> np.ndarray:
     """(R,) class-balanced mean Brier score."""
     return weighted_class_balanced_mean(pred, c, pred.brier)
+
+
+def weighted_balanced_log_odds(pred: LabelledPredictions, c: WeightedCounts) -> np.ndarray:
+    """(R,) class-balanced mean true-class log-odds."""
+    return weighted_class_balanced_mean(pred, c, pred.log_odds)
 
 
 def weighted_auroc(pred: LabelledPredictions, c: WeightedCounts) -> np.ndarray:

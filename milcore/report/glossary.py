@@ -32,6 +32,8 @@ GLOSSARY: dict[str, str] = {
     "minimum detectable effect": "MDE: the smallest gap a test finds 80% of the time at its family's alpha, at "
     "this cohort's group sizes and class mix (from the spread of the test's own permutations). A group that is "
     "not flagged may still be worse by less than its MDE: 'not flagged' is not 'fair'.",
+    "log-odds": "the log of p / (1 - p), p the probability the model gave the patient's true class (0: even odds, "
+    "higher: surer and right; clipped at +-8); class-balanced like balanced accuracy.",
     "log-loss": "minus the log of the probability the model gave the patient's true class (0: certain and right); "
     "class-balanced: averaged within each class, then over classes, like balanced accuracy.",
     "Brier score": "the squared distance between the predicted probabilities and the true class, halved so it "

@@ -43,13 +43,17 @@ def test_audit_files_and_schema(biased) -> None:
 
 def test_planted_female_effect_is_flagged(biased) -> None:
     _, _, _, audit = biased
-    f = next(c for c in audit["comparisons"] if c["group"] == "sex=F" and c["family"] == "primary")
-    m = next(c for c in audit["comparisons"] if c["group"] == "sex=M" and c["family"] == "primary")
-    assert f["metric"] == audit["config"]["primary_metric"]
-    assert f["flagged"] and f["worse"] and f["p_corrected"] < 0.05 and f["gap_ci95"][0] > 0  # a higher Brier score
-    assert not m["flagged"] and not m["worse"]  # the better side is not flagged
-    ba = next(c for c in audit["comparisons"] if c["group"] == "sex=F" and c["metric"] == "balanced_accuracy")
-    assert ba["family"] == "secondary" and ba["worse"] and ba["gap"] < -0.1 and ba["gap_ci95"][1] < 0
+    primary = {(c["group"], c["metric"]): c for c in audit["comparisons"] if c["family"] == "primary"
+               and c["attribute"] == "sex"}  # fmt: skip
+    # each sex is tested on both primary statistics (the true-class log-odds and balanced accuracy)
+    assert set(primary) == {(g, m) for g in ("sex=F", "sex=M") for m in audit["config"]["primary_metrics"]}
+    assert audit["config"]["primary_metrics"] == ["balanced_log_odds", "balanced_accuracy"]
+    ba = primary["sex=F", "balanced_accuracy"]
+    assert ba["flagged"] and ba["worse"] and ba["gap"] < -0.1 and ba["gap_ci95"][1] < 0 and ba["p_corrected"] < 0.05
+    assert not any(primary["sex=M", m]["flagged"] or primary["sex=M", m]["worse"]  # the better side is not flagged
+                   for m in audit["config"]["primary_metrics"])  # fmt: skip
+    brier = next(c for c in audit["comparisons"] if c["group"] == "sex=F" and c["metric"] == "balanced_brier")
+    assert brier["family"] == "secondary" and brier["worse"] and brier["gap_ci95"][0] > 0  # a higher Brier score
     assert "sex=F" in audit["summary"]["primary_flagged"]
     assert "sex=F" in audit["summary"]["headline"]
 
@@ -136,13 +140,14 @@ def test_false_alarm_rate_over_seeds(tmp_path: Path, audit_case) -> None:
 
 
 def test_issue19_flags_reach_the_audit(biased, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """--primary-metric, --alternative, --no-permute-within-class and --mde-power are recorded and used."""
+    """--primary-metrics, --alternative, --no-permute-within-class and --mde-power are recorded and used."""
     run, cohort, _, default = biased
-    assert default["config"]["primary_metric"] == "balanced_brier" and default["config"]["alternative"] == "worse"
+    assert default["config"]["primary_metrics"] == ["balanced_log_odds", "balanced_accuracy"]
+    assert default["config"]["alternative"] == "worse"
     assert default["config"]["permute_within_class"] is True
     out = tmp_path / "old"
     assert main(["-q", "audit", "--run", str(run), "--cohort", str(cohort), "--out", str(out), "--permutations",
-                 "200", "--boot", "20", "--no-intersections", "--attributes", "sex", "--primary-metric",
+                 "200", "--boot", "20", "--no-intersections", "--attributes", "sex", "--primary-metrics",
                  "balanced_accuracy", "--alternative", "two-sided", "--no-permute-within-class",
                  "--mde-power", "0.9", "--primary-attributes", "sex"]) == 0  # fmt: skip
     audit = json.loads((out / "audit.json").read_text())

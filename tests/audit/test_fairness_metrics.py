@@ -156,10 +156,10 @@ def test_gaps_and_ratios_by_hand() -> None:
     m = next(c for c in audit["comparisons"] if c["group"] == "sex=M" and c["metric"] == "balanced_accuracy")
     # one-sided (the default): "F worse" and "M worse" are two tests of the family, from one set of permutations
     assert m["test_key"] != f["test_key"] and m["null_sd"] == f["null_sd"]
-    assert audit["families"]["primary"]["tests"] == 2
+    assert audit["families"]["primary"]["tests"] == 4  # two sexes x two primary metrics (log-odds, balanced accuracy)
     two = audit_predictions(LabelledPredictions(Y, PROBA), ["a", "b", "c"], groups,
                             config.replace(alternative="two-sided"))  # fmt: skip
     f, m = (next(c for c in two["comparisons"] if c["group"] == g and c["metric"] == "balanced_accuracy")
             for g in ("sex=F", "sex=M"))  # fmt: skip
     assert m["p_value"] == f["p_value"] and m["test_key"] == f["test_key"]  # one test, seen from both sides
-    assert two["families"]["primary"]["tests"] == 1
+    assert two["families"]["primary"]["tests"] == 2  # one two-sided test per primary metric

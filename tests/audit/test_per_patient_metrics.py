@@ -64,3 +64,26 @@ def test_table_rows() -> None:
     assert metrics.get_metric("balanced_log_loss").worst == np.inf
     assert metrics.get_metric("balanced_brier").worst == 1.0 and metrics.get_metric("auroc").worst == 0.0
     assert metrics.label("balanced_brier", short=True) == "bal. Brier"
+
+
+def test_class_balanced_log_odds_by_hand_and_against_scipy() -> None:
+    """The true-class log-odds (issue 19, round 3): scipy's logit of the true class's probability, clipped at
+    +-8, class-balanced; its group-weighted form equals the point form; higher is better."""
+    from scipy.special import logit
+
+    y = np.array([0, 1, 1])
+    proba = np.array([[0.8, 0.2], [0.5, 0.5], [1.0, 0.0]])
+    lo = cl.log_odds_per_patient(y, proba)
+    assert lo.tolist() == pytest.approx([np.log(4), 0.0, -cl.LOG_ODDS_CLIP])  # p = 0: clipped, not -infinity
+    assert cl.balanced_log_odds(y, proba) == pytest.approx((np.log(4) + (0.0 - 8.0) / 2) / 2)
+    y, proba = _case(120, 5, 3)
+    true = proba[np.arange(120), y]
+    weight = 1.0 / np.bincount(y, minlength=5)[y]
+    assert cl.balanced_log_odds(y, proba) == pytest.approx(np.average(np.clip(logit(true), -8, 8), weights=weight))
+    pred = LabelledPredictions(y, proba)
+    masks = (np.random.default_rng(1).random((3, 120)) < 0.5).astype(float)
+    got = weighted_metrics(pred, masks, with_auroc=False)["balanced_log_odds"]
+    for r, w in enumerate(masks):
+        assert got[r] == pytest.approx(cl.balanced_log_odds(y[w > 0], proba[w > 0]), abs=1e-12)
+    m = metrics.get_metric("balanced_log_odds")
+    assert m.higher_is_better and m.worst == -cl.LOG_ODDS_CLIP and "balanced_log_odds" in metrics.GROUP_METRICS

@@ -83,7 +83,7 @@ def test_a_class_absent_from_a_group_is_not_a_gap() -> None:
     before issue 19 flagged it). Compared on the classes both sexes have, there is no gap and no flag; the audit
     says which test it skipped and why."""
     y, proba, sex = _missing_easy_class()
-    audit = _audit(y, proba, sex, primary_metric="balanced_accuracy")
+    audit = _audit(y, proba, sex, primary_metrics=("balanced_accuracy",))
     f = _row(audit, "sex=F", "balanced_accuracy")
     assert f["classes_compared"] == ["b", "c", "d"]
     assert abs(f["gap"]) < 0.02 and not f["flagged"]
@@ -106,13 +106,13 @@ def test_one_sided_tests_count_both_sides_of_a_two_valued_attribute() -> None:
     proba = rng.dirichlet(np.ones(4), n)
     proba[np.arange(n), y] += np.where(sex == "F", 0.3, 1.0)
     proba /= proba.sum(1, keepdims=True)
-    audit = _audit(y, proba, sex, per_class=False)
+    audit = _audit(y, proba, sex, per_class=False, primary_metrics=("balanced_brier",))
     f, m = _row(audit, "sex=F", "balanced_brier"), _row(audit, "sex=M", "balanced_brier")
     assert f["family"] == "primary" and audit["families"]["primary"]["tests"] == 2
     assert f["test_key"] != m["test_key"] and f["alternative"] == "worse"
     assert f["flagged"] and f["p_value"] < 0.01 and m["p_value"] > 0.9 and not m["flagged"]
     assert f["null_sd"] == m["null_sd"]  # one set of permutations for both sides
-    two = _audit(y, proba, sex, per_class=False, alternative="two-sided")
+    two = _audit(y, proba, sex, per_class=False, alternative="two-sided", primary_metrics=("balanced_brier",))
     assert two["families"]["primary"]["tests"] == 1
     assert _row(two, "sex=F", "balanced_brier")["test_key"] == _row(two, "sex=M", "balanced_brier")["test_key"]
 
@@ -155,7 +155,7 @@ def test_mde_is_capped_by_the_metric_range() -> None:
     y = rng.integers(0, 4, n)
     proba = rng.dirichlet(np.ones(4), n)  # a weak model: BA near chance, so little room to fall
     sex = np.where(np.arange(n) < 10, "F", "M")
-    audit = _audit(y, proba, sex, per_class=False, primary_metric="balanced_accuracy")
+    audit = _audit(y, proba, sex, per_class=False, primary_metrics=("balanced_accuracy",))
     f = _row(audit, "sex=F", "balanced_accuracy")
     assert f["mde"] is None and "no gap within the metric's range" in f["mde_note"]
     line = next(q["text"] for q in audit["summary"]["not_flagged"] if q["group"] == "sex=F")
@@ -180,11 +180,40 @@ def test_a_pre_specified_primary_attribute_makes_a_smaller_family() -> None:
         cfg = AuditConfig(attributes=("sex", "age"), primary_attributes=primary, **(FAST | {"per_class": False}))
         runs[primary] = audit_predictions(LabelledPredictions(y, proba), CLASSES, build_groups(cols, n, cfg), cfg)
     every, sex = runs[()], runs[("sex",)]
-    assert every["families"]["primary"]["tests"] == 6  # 2 sexes + 4 testable age bands
-    assert sex["families"]["primary"]["tests"] == 2
+    assert every["families"]["primary"]["tests"] == 12  # (2 sexes + 4 testable age bands) x 2 primary metrics
+    assert sex["families"]["primary"]["tests"] == 4
     assert {c["attribute"] for c in sex["comparisons"] if c["family"] == "primary"} == {"sex"}
-    f_all, f_sex = _row(every, "sex=F", "balanced_brier"), _row(sex, "sex=F", "balanced_brier")
+    f_all, f_sex = _row(every, "sex=F", "balanced_log_odds"), _row(sex, "sex=F", "balanced_log_odds")
     assert f_sex["mde"] < f_all["mde"]  # a smaller family detects smaller gaps
     assert all(q["group"].startswith("sex=") for q in sex["summary"]["not_flagged"])
     with pytest.raises(InvalidArgumentError, match="primary_attributes"):
         AuditConfig(attributes=("sex",), primary_attributes=("age",))
+
+
+def test_the_default_pair_flags_lost_confidence_and_flipped_answers() -> None:
+    """Two ways a model can be worse for women, each seen best by one statistic of the default primary pair:
+    ``margin`` (the model is less sure of their true class: the log-odds sees it before balanced accuracy does)
+    and ``flip`` (their answers are wrong more often, confidence says nothing: only correctness carries it). The
+    default family (log-odds and balanced accuracy, Westfall-Young) flags sex=F in both cohorts; each statistic
+    alone misses one of them."""
+    rng = np.random.default_rng(13)
+    n = 400
+    y = rng.integers(0, 4, n)
+    sex = rng.choice(["F", "M"], n)
+    logits = rng.normal(0, 1, (n, 4))
+    logits[np.arange(n), y] += np.where(sex == "F", 2.1, 2.6)  # margin: less sure about women
+    margin = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    correct = rng.random(n) < np.where(sex == "F", 0.79, 0.88)  # flip: women's answers wrong more often
+    pred = np.where(correct, y, (y + rng.integers(1, 4, n)) % 4)
+    logits = rng.normal(0, 0.6, (n, 4))
+    logits[np.arange(n), pred] += 2.0
+    flip = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    flagged = {}
+    for name, proba in (("margin", margin), ("flip", flip)):
+        for metrics in (("balanced_log_odds", "balanced_accuracy"), ("balanced_log_odds",), ("balanced_accuracy",)):
+            audit = _audit(y, proba, sex, per_class=False, primary_metrics=metrics, n_perm=1000)
+            flagged[name, metrics] = "sex=F" in audit["summary"]["primary_flagged"]
+    pair = ("balanced_log_odds", "balanced_accuracy")
+    assert flagged["margin", pair] and flagged["flip", pair]
+    # corrected p of sex=F: margin 0.005 (pair), 0.46 (balanced accuracy alone); flip 0.024 (pair), 0.059 (log-odds)
+    assert not flagged["margin", ("balanced_accuracy",)] and not flagged["flip", ("balanced_log_odds",)]
