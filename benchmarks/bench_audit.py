@@ -1,11 +1,11 @@
 """Power and false-alarm rate of ``milcore audit`` on planted biases, old vs new tests, and the experiment's wall time.
 
-Tests compared (issue 19), on the same predictions: ``old`` is the audit before issue 19 (balanced accuracy as
-the primary metric, group membership permuted over all patients, two-sided); ``new`` is the audit's
-defaults (class-stratified permutations, one-sided "worse than the rest" tests), read with each candidate
-primary metric (balanced accuracy, class-balanced Brier score, class-balanced log-loss: the primary family
-each would have made, Holm over the single-attribute groups); the audit's default primary metric is the one
-these tables measure as the most powerful.
+Tests compared (issue 19), on the same predictions (:data:`VARIANTS`): ``old`` is the audit before issue 19
+(balanced accuracy, group membership permuted over all patients, two-sided, Holm); the others are one-sided
+class-stratified tests corrected by Westfall-Young step-down min-P on joint permutations with alpha shared by
+attribute, with the class-balanced Brier score (round 2's default), the true-class log-odds alone, balanced accuracy
+alone, and both of the last two per group in one family (round 3's default). ``ceiling`` prints the most any test
+can flag where a bias shows only in which answers are right (the ``flip`` planting model).
 
 Power / false alarms. Rendering and encoding a fresh 400-patient cohort per seed costs minutes on CPU, so
 the cohorts are re-drawn at the feature level from one extracted synthetic bank (``morphology`` encoder):
@@ -22,6 +22,7 @@ is.
     python benchmarks/bench_audit.py power --out runs/bench_audit            # train (resumable), audit old and new
     python benchmarks/bench_audit.py stats --out runs/bench_audit_stats      # the statistics alone, by cohort size
                                                                              # (--primary-attributes sex: sex primary)
+    python benchmarks/bench_audit.py ceiling --out runs/bench_audit_ceiling  # the flip model's power ceiling
     python benchmarks/bench_audit.py experiment --out runs/bench_audit_exp   # time 'milcore audit experiment'
 """
 
@@ -109,11 +110,9 @@ class CellPools:
 
 
 #: The audit before issue 19: balanced accuracy, membership permuted over all patients, two-sided.
-OLD_TEST = {"primary_metric": "balanced_accuracy", "alternative": "two-sided", "permute_within_class": False,
+OLD_TEST = {"primary_metrics": ("balanced_accuracy",), "alternative": "two-sided", "permute_within_class": False,
             "test_metrics": ("balanced_accuracy", "macro_f1", "auroc", "ece"), "correction": "holm",
-            "primary_weights": "tests"}
-#: Primary metrics compared (each read from the new audit's p-values as the family it would have made).
-CANDIDATES = ("balanced_accuracy", "balanced_brier", "balanced_log_loss")
+            "primary_weights": "tests"}  # fmt: skip
 
 
 def one_seed(pools: CellPools, root: Path, patients: int, seed: int, factor: float, epochs: int) -> dict:
@@ -136,71 +135,46 @@ def one_seed(pools: CellPools, root: Path, patients: int, seed: int, factor: flo
     return row
 
 
-def candidate_family(audit: dict, metric: str, group: str = "sex=F", correction: str | None = None) -> dict:
-    """The primary family the audit would have had with ``metric`` as its primary metric, read from its p-values
-    (corrected by ``correction``, default the audit's).
-
-    Returns:
-        ``flagged`` (``group`` flagged), ``any`` (any group flagged), ``tests``, and ``group``'s ``p``,
-        ``gap`` and ``mde`` (its minimum detectable effect in that family).
-    """
-    from milcore.audit.statistics import adjust_pvalues, minimum_detectable_effect
-
-    config = audit["config"]
-    primary = config.get("primary_attributes") or config["attributes"]
-    rows = [c for c in audit["comparisons"] if c["metric"] == metric and c["level"] == "attribute"
-            and c["attribute"] in primary and c["p_value"] is not None]  # fmt: skip
-    keys: dict[str, float] = {}
-    for r in rows:
-        keys.setdefault(r["test_key"], r["p_value"])
-    adjusted = dict(zip(keys, adjust_pvalues(list(keys.values()), correction or config["correction"]), strict=True))
-    flagged = {r["group"] for r in rows if adjusted[r["test_key"]] < config["alpha"] and r["worse"]}
-    mine = next(r for r in rows if r["group"] == group)
-    mde = minimum_detectable_effect(mine["null_sd"] if mine.get("null_sd") is not None else float("nan"),
-                                    config["alpha"], len(keys), config["mde_power"],
-                                    config["alternative"] == "two-sided")  # fmt: skip
-    return {"flagged": group in flagged, "any": bool(flagged), "tests": len(keys), "p": adjusted[mine["test_key"]],
-            "gap": mine["gap"], "mde": mde}  # fmt: skip
-
-
-#: The audits compared on the same predictions (issue 19): the test before issue 19, then the class-stratified
-#: one-sided Brier tests corrected by Westfall-Young step-down min-P on joint permutations, with the primary
-#: family's alpha shared equally by test or by attribute. Holm on the same tests is read from the ``wy`` audit.
+#: The audits compared on the same predictions (issue 19): the test before issue 19; round 2's default (one-sided
+#: class-stratified Brier tests, Westfall-Young step-down min-P on joint permutations, alpha shared by attribute);
+#: the same procedure with the true-class log-odds alone and balanced accuracy alone; and round 3's default, both
+#: statistics per group in one Westfall-Young family.
 VARIANTS = {"old": OLD_TEST,
-            "wy": {"primary_metric": "balanced_brier", "correction": "westfall-young", "primary_weights": "tests"},
-            "wy_attr": {"primary_metric": "balanced_brier", "correction": "westfall-young",
-                        "primary_weights": "attributes"}}  # fmt: skip
+            "brier": {"primary_metrics": ("balanced_brier",)},
+            "log_odds": {"primary_metrics": ("balanced_log_odds",)},
+            "accuracy": {"primary_metrics": ("balanced_accuracy",)},
+            "pair": {"primary_metrics": ("balanced_log_odds", "balanced_accuracy")}}  # fmt: skip
+#: What every variant but ``old`` shares (the audit's defaults, written out so a change of default shows here).
+WESTFALL_YOUNG = {"correction": "westfall-young", "primary_weights": "attributes", "alternative": "worse",
+                  "permute_within_class": True}  # fmt: skip
 
 
 def audit_both(pred, classes: list[str], groups, seed: int, target: str = "sex=F", **overrides) -> dict:
     """Audit the same predictions with every test of :data:`VARIANTS`; the flags each would raise.
 
     ``female_flagged`` (the key of the stored results) says whether ``target`` (``sex=F`` unless another planted
-    group is named) was flagged.
-
-    ``candidates`` holds the Holm primary family of each candidate metric read from the ``wy`` audit's p-values
-    (for the Brier score: Holm on the very permutations Westfall-Young used).
+    group is named) was flagged by any of its primary tests; ``mde`` and ``first_step_p`` give each primary
+    metric's minimum detectable effect and the raw p-value its test must pass at the first step.
     """
     from milcore.audit.config import AuditConfig
     from milcore.audit.stratified import audit_predictions
 
     out: dict = {}
     for name, changes in VARIANTS.items():
-        config = AuditConfig(**{**overrides, **changes, "seed": seed})
+        config = AuditConfig(**{**overrides, **(WESTFALL_YOUNG if name != "old" else {}), **changes, "seed": seed})
         t0 = time.perf_counter()
         audit = audit_predictions(pred, classes, groups, config) | {"config": config.to_dict()}
         seconds = time.perf_counter() - t0
-        f = next(c for c in audit["comparisons"] if c["group"] == target and c["family"] == "primary")
+        mine = [c for c in audit["comparisons"] if c["group"] == target and c["family"] == "primary"]
+        first = audit["families"]["primary"]["first_step_p"]
         secondary = any(c["flagged"] for c in audit["comparisons"] + audit["parity"] if c["family"] == "secondary")
-        out[name] = {"primary_metric": config.primary_metric, "female_flagged": f["flagged"],
+        out[name] = {"primary_metrics": list(config.primary_metrics), "female_flagged": any(c["flagged"] for c in mine),
                      "any_primary_flag": bool(audit["summary"]["primary_flagged"]),
                      "any_flag": bool(audit["summary"]["flagged_groups"]) or secondary,
-                     "p_corrected": f["p_corrected"], "mde": f.get("mde"), "seconds": seconds}  # fmt: skip
-        if name == "wy":
-            out["candidates"] = {m: candidate_family(audit, m, target, correction="holm") for m in CANDIDATES}
-            out["holm"] = {"female_flagged": out["candidates"]["balanced_brier"]["flagged"],
-                           "any_flag": out["candidates"]["balanced_brier"]["any"] or secondary,
-                           "mde": out["candidates"]["balanced_brier"]["mde"]}  # fmt: skip
+                     "p_corrected": min(c["p_corrected"] for c in mine),
+                     "mde": {c["metric"]: c.get("mde") for c in mine},
+                     "first_step_p": {c["metric"]: first.get(c["test_key"]) for c in mine},
+                     "seconds": seconds}  # fmt: skip
     return out
 
 
@@ -285,41 +259,101 @@ def power(args: argparse.Namespace) -> int:
         lines.append(f"| {e['factor']:g} | {e['seeds']} | {e['mean_ba']:.3f} | {e['mean_gap_F']:+.3f} ± "
                      f"{e['sd_gap_F']:.3f} | " + " | ".join(_cell(e, k) for k in _COLUMNS) + " |")  # fmt: skip
     result = {"benchmark": "audit_power", "machine": machine_info(), "args": vars(args) | {"func": None},
-              "old_test": OLD_TEST, "candidates": CANDIDATES, "summary": summary, "rows": rows}  # fmt: skip
+              "old_test": OLD_TEST, "variants": VARIANTS, "summary": summary, "rows": rows}  # fmt: skip
     save_bench(root, result, "\n".join(lines))
     return 0
 
 
-#: Columns of the power tables: F flagged by each test (Holm families of the candidate metrics read from the
-#: Westfall-Young audit's p-values), and any flag of either family (the false-alarm rate on unbiased cohorts).
+#: Columns of the power tables: name -> (variant, key): ``target`` flagged by each audit, and any flag of either
+#: family (on unbiased cohorts: the false-alarm rate).
 _COLUMNS = {"old: F flagged": ("old", "female_flagged"),
-            **{f"Holm {m.replace('balanced_', 'bal. ')}: F flagged": ("candidates", m) for m in CANDIDATES},
-            "WY Brier: F flagged": ("wy", "female_flagged"), "WY Brier by attribute: F flagged": ("wy_attr",
-                                                                                                  "female_flagged"),
-            "old: any flag": ("old", "any_flag"), "Holm Brier: any flag": ("holm", "any_flag"),
-            "WY Brier: any flag": ("wy", "any_flag"), "WY by attribute: any flag": ("wy_attr", "any_flag")}  # fmt: skip
-#: MDE columns (sex=F, 80% power): name -> (side, metric).
-_MDES = {"MDE bal. acc. (Holm)": ("candidates", "balanced_accuracy"), "MDE Brier (Holm)": ("holm", None),
-         "MDE Brier (WY)": ("wy", None), "MDE Brier (WY by attribute)": ("wy_attr", None)}  # fmt: skip
+            "WY Brier (round 2): F flagged": ("brier", "female_flagged"),
+            "WY log-odds: F flagged": ("log_odds", "female_flagged"),
+            "WY bal. acc.: F flagged": ("accuracy", "female_flagged"),
+            "WY log-odds + bal. acc. (new): F flagged": ("pair", "female_flagged"),
+            "old: any flag": ("old", "any_flag"), "round 2: any flag": ("brier", "any_flag"),
+            "new: any flag": ("pair", "any_flag")}  # fmt: skip
+#: MDE columns (target group, 80% power): name -> (variant, metric).
+_MDES = {"MDE Brier (round 2)": ("brier", "balanced_brier"), "MDE log-odds (new)": ("pair", "balanced_log_odds"),
+         "MDE bal. acc. (new)": ("pair", "balanced_accuracy")}  # fmt: skip
 
 
 def _rates(rs: list[dict]) -> dict:
-    out = {}
-    for name, (side, key) in _COLUMNS.items():
-        if side == "candidates":
-            out[name] = float(np.mean([r["candidates"][key]["flagged"] for r in rs]))
-        else:
-            out[name] = float(np.mean([r[side][key] for r in rs]))
-    for name, (side, key) in _MDES.items():
-        mdes = np.asarray([np.nan if (v := (r[side][key] if key else r[side])["mde"]) is None else v for r in rs])
+    out = {name: float(np.mean([r[side][key] for r in rs])) for name, (side, key) in _COLUMNS.items()}
+    for name, (side, metric) in _MDES.items():
+        mdes = np.asarray([np.nan if (v := r[side]["mde"].get(metric)) is None else v for r in rs])
         out[name] = float(np.nanmean(mdes)) if np.isfinite(mdes).any() else None
+    thresholds = [r["pair"]["first_step_p"].get("balanced_accuracy") for r in rs]
+    out["pair_first_step_p_accuracy"] = float(np.mean([t for t in thresholds if t is not None] or [np.nan]))
     for side in VARIANTS:
         out[f"seconds_audit_{side}"] = float(np.mean([r[side]["seconds"] for r in rs]))
     return out
 
 
 def _cell(entry: dict, key: str) -> str:
-    return f"{entry[key]:.0%}"
+    return "–" if entry.get(key) is None or not np.isfinite(entry[key]) else f"{entry[key]:.0%}"
+
+
+def error_rate_ceiling(n_group: float, n_rest: float, correct_group: float, correct_rest: float,
+                       alpha: float) -> float:  # fmt: skip
+    """Power of the one-sided two-sample test of proportions (pooled variance under the null, normal approximation)
+    that the group's share of correct answers is below the rest's, at level ``alpha``.
+
+    Where a bias shows only in which answers are right (``flip``: the probabilities say nothing else about the
+    group), this is the most a test can do (the large-sample form of the uniformly most powerful unbiased test of
+    two binomials, Fisher-Tocher's), so no per-patient score or family can flag the gap more often at that level.
+    """
+    from scipy.stats import norm
+
+    if not np.isfinite(alpha) or alpha <= 0:
+        return float("nan")
+    pooled = (n_group * correct_group + n_rest * correct_rest) / (n_group + n_rest)
+    sd0 = np.sqrt(pooled * (1 - pooled) * (1 / n_group + 1 / n_rest))
+    sd1 = np.sqrt(correct_group * (1 - correct_group) / n_group + correct_rest * (1 - correct_rest) / n_rest)
+    return float(norm.cdf((correct_rest - correct_group - norm.ppf(1 - alpha) * sd0) / sd1))
+
+
+def simulated_ceiling(n: int, correct_group: float, correct_rest: float, alpha: float, reps: int,
+                      rng: np.random.Generator) -> float:  # fmt: skip
+    """:func:`error_rate_ceiling` by simulation: cohorts of ``n`` with the group drawn at random (half), the same
+    one-sided pooled z-test; the share of cohorts where it rejects at ``alpha``."""
+    from scipy.stats import norm
+
+    n_group = rng.binomial(n, 0.5, reps)
+    n_rest = n - n_group
+    right_group, right_rest = rng.binomial(n_group, correct_group), rng.binomial(n_rest, correct_rest)
+    pooled = (right_group + right_rest) / n
+    sd0 = np.sqrt(pooled * (1 - pooled) * (1 / n_group + 1 / n_rest))
+    z = (right_rest / n_rest - right_group / n_group) / np.where(sd0 > 0, sd0, np.inf)
+    return float(np.mean(z > norm.ppf(1 - alpha)))
+
+
+def ceiling(args: argparse.Namespace) -> int:
+    """The power ceiling under ``flip``: the best test of an error-rate gap between two halves of a cohort, at the
+    p-values each family asks of the sex=F test, analytic and by simulation."""
+    from milcore.report.bench_io import machine_info, save_bench
+
+    rng = np.random.default_rng(0)
+    levels = {"pair, all attributes (measured)": args.pair_alpha, "one statistic, all attributes": 0.05 / 4,
+              "one statistic, sex only": 0.05 / 2, "one pre-specified test": 0.05}  # fmt: skip
+    rows = []
+    for n in args.patients:
+        for gap in args.gaps:
+            for name, alpha in levels.items():
+                rows.append({"patients": n, "gap": gap, "level": name, "alpha": alpha,
+                             "analytic": error_rate_ceiling(n / 2, n / 2, BASE_ACCURACY - gap, BASE_ACCURACY, alpha),
+                             "simulated": simulated_ceiling(n, BASE_ACCURACY - gap, BASE_ACCURACY, alpha, args.reps,
+                                                            rng)})  # fmt: skip
+    lines = [f"flip ceiling: one-sided pooled z-test of the error-rate gap, {BASE_ACCURACY:.0%} correct outside the "
+             f"group, half the cohort in it ({args.reps} simulated cohorts per cell)", "",
+             "| patients | planted gap | family | p-value asked of sex=F | power (analytic) | power (simulated) |",
+             "|---:|---:|---|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['patients']} | {r['gap']:.2f} | {r['level']} | {r['alpha']:.4f} | {r['analytic']:.0%} | "
+                     f"{r['simulated']:.0%} |")  # fmt: skip
+    save_bench(args.out, {"benchmark": "audit_ceiling", "machine": machine_info(), "args": vars(args) | {"func": None},
+                          "rows": rows}, "\n".join(lines))  # fmt: skip
+    return 0
 
 
 #: Men's share of correct predictions in the simulations; women get this minus the planted gap.
@@ -422,19 +456,25 @@ def stats(args: argparse.Namespace) -> int:
                        "attributes": args.attributes,
                        "mean_observed_ba_gap": float(np.mean([r["gap_F_minus_M"] for r in per_seed])),
                        "seconds": time.perf_counter() - t0} | _rates(per_seed)  # fmt: skip
+                # flip: correctness is all the data say, so no test beats the best test of an error-rate gap at the
+                # p-value the family asks of the balanced-accuracy test (the target's share: half the patients)
+                row["ceiling"] = (error_rate_ceiling(n / 2, n / 2, BASE_ACCURACY - gap, BASE_ACCURACY,
+                                                     row["pair_first_step_p_accuracy"])
+                                  if model == "flip" and args.target.startswith("sex=") else None)  # fmt: skip
                 rows.append(row)
                 log.info("%s", row)
     lines = [f"audit statistics alone (simulated predictions, 5 classes, {BASE_ACCURACY:.0%} correct outside the "
              f"planted group {args.target} ('F' in the columns); audited by {args.attributes}, primary "
              f"{args.primary_attributes or 'all'}; {args.seeds} seeds per row)", "",
-             "| model | patients | planted gap | observed BA gap | " + " | ".join(_COLUMNS) + " | "
-             + " | ".join(_MDES) + " |", "|---|---:|---:|---:|" + "---:|" * (len(_COLUMNS) + len(_MDES))]  # fmt: skip
+             "| model | patients | planted gap | observed BA gap | " + " | ".join(_COLUMNS) + " | ceiling (flip) | "
+             + " | ".join(_MDES) + " |",
+             "|---|---:|---:|---:|" + "---:|" * (len(_COLUMNS) + 1 + len(_MDES))]  # fmt: skip
     for r in rows:
         mdes = " | ".join("–" if r[k] is None else f"{r[k]:.3f}" for k in _MDES)
         lines.append(f"| {r['model']} | {r['patients']} | {r['planted_gap']:.2f} | {r['mean_observed_ba_gap']:+.3f} | "
-                     + " | ".join(_cell(r, k) for k in _COLUMNS) + f" | {mdes} |")  # fmt: skip
+                     + " | ".join(_cell(r, k) for k in _COLUMNS) + f" | {_cell(r, 'ceiling')} | {mdes} |")  # fmt: skip
     save_bench(args.out, {"benchmark": "audit_stats", "machine": machine_info(), "args": vars(args) | {"func": None},
-                          "variants": VARIANTS, "candidates": CANDIDATES, "rows": rows}, "\n".join(lines))  # fmt: skip
+                          "variants": VARIANTS, "rows": rows}, "\n".join(lines))  # fmt: skip
     return 0
 
 
@@ -564,6 +604,16 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--permutations", type=int, default=300)
     sc.add_argument("--threads", type=int, default=1)
     sc.set_defaults(func=scores)
+    ce = sub.add_parser("ceiling")
+    ce.add_argument("--out", default="runs/bench_audit_ceiling")
+    ce.add_argument("--patients", type=lambda t: [int(v) for v in t.split(",")], default=[200, 400, 800])
+    ce.add_argument("--gaps", type=lambda t: [float(v) for v in t.split(",")], default=[0.05, 0.1, 0.15])
+    ce.add_argument("--pair-alpha", type=float, default=0.05 / 8,
+                    help="the p-value the default family asks of sex=F's balanced-accuracy test (the stats run's "
+                         "pair_first_step_p_accuracy)")
+    ce.add_argument("--reps", type=int, default=200_000)
+    ce.add_argument("--threads", type=int, default=1)
+    ce.set_defaults(func=ceiling)
     e = sub.add_parser("experiment")
     e.add_argument("--bank", default="runs/demo/bank.h5")
     e.add_argument("--cohort", default="runs/demo/cohort/cohort.csv")
