@@ -418,8 +418,8 @@ def bench_step(args: argparse.Namespace) -> tuple[dict, str]:
     and channels-last, on this CPU with ``--threads`` threads (the choice :func:`precision_for` makes)."""
     import torch
 
+    from feature_cache.devices import native_bf16
     from feature_cache.encoders.compact import build
-    from feature_cache.encoders.loop import native_bf16_cpu
 
     torch.set_num_threads(args.threads)
     width = args.width or SUPERVISED["width"]
@@ -445,7 +445,7 @@ def bench_step(args: argparse.Namespace) -> tuple[dict, str]:
             rows.append({"bf16": bf16, "channels_last": channels_last, "median_step_s": float(np.median(times[1:]))})
     base = rows[0]["median_step_s"]
     out = {"benchmark": "encoders_step", "width": width, "batch": 128, "image_size": 28, "threads": args.threads,
-           "native_bf16_cpu": native_bf16_cpu(), "rows": rows, "quick": args.quick}  # fmt: skip
+           "native_bf16_cpu": native_bf16("cpu"), "rows": rows, "quick": args.quick}  # fmt: skip
     lines = ["| autocast | memory format | s / step | speed-up vs float32 |", "|---|---|---:|---:|"]
     for r in rows:
         fmt = "channels-last" if r["channels_last"] else "contiguous"

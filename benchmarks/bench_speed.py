@@ -169,10 +169,11 @@ def _kernels(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from feature_cache.devices import cpu_flags
     from milcore.bench.aggregators import _load
     from milcore.bench.config import BENCH_TRAIN, BenchSpec
     from milcore.models import list_aggregators
-    from milcore.training.loop import autocast_dtype, cpu_flags
+    from milcore.training.loop import autocast_dtype
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bank")

@@ -3,10 +3,14 @@
 Every command that takes ``--device`` resolves it here *before* creating any output, so a machine
 without CUDA gets a one-line :class:`~feature_cache.errors.InvalidArgumentError` naming the option
 instead of an internal error half-way through a run.
+
+:func:`native_bf16` says whether a device computes bfloat16 products natively (so bf16 autocast pays): the
+one rule behind ``amp: native`` in training and the encoders' precision choice.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from feature_cache.errors import InvalidArgumentError
@@ -55,3 +59,48 @@ def resolve_device(name: str | torch.device | None = "auto", *, option: str = "-
     elif device.type != "cpu":
         raise InvalidArgumentError(f"{option} {name!r}: unsupported device type (use auto, cpu, cuda or cuda:N)")
     return device
+
+
+#: CPU features that make bfloat16 matrix products faster than float32 (AVX512-BF16 dot products, AMX
+#: tiles). Without them bf16 autocast is emulated: an ABMIL training step was ~10x slower than float32
+#: on an AVX2-only CPU, while with AVX512-BF16 it is ~3x faster (``benchmarks/README.md``, bench speed).
+NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags() -> frozenset[str]:
+    """Instruction-set features of this CPU (lower case, as ``/proc/cpuinfo`` spells them).
+
+    Read from torch's own CPU detection where it offers one, else from ``/proc/cpuinfo``; empty when
+    neither is available (then no CPU counts as having native bf16).
+    """
+    import torch
+
+    try:
+        caps = torch._C._cpu._get_cpu_capability()  # a dict of feature -> bool in torch >= 2.3
+        return frozenset(k.lower() for k, v in caps.items() if v is True)
+    except (AttributeError, RuntimeError, TypeError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.cache
+def native_bf16(device_type: str) -> bool:
+    """Whether ``device_type`` computes bfloat16 matrix products natively (so bf16 autocast pays).
+
+    CUDA: ``torch.cuda.is_bf16_supported()``; CPU: one of :data:`NATIVE_BF16_CPU_FLAGS` (decided from the
+    CPU's features, never by timing, so the same machine always trains the same way).
+    """
+    import torch
+
+    if device_type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device_type == "cpu":
+        return any(flag in cpu_flags() for flag in NATIVE_BF16_CPU_FLAGS)
+    return False

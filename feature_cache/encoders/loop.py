@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from feature_cache.devices import native_bf16
 from feature_cache.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -135,28 +136,12 @@ class Precision:
         return torch.autocast(device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None)
 
 
-#: CPU features that compute bfloat16 products natively (elsewhere bf16 autocast is emulated and slower).
-NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-def native_bf16_cpu() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), read from ``/proc/cpuinfo``.
-
-    The same rule as ``milcore.training.loop.native_bf16`` (which the feature side may not import).
-    """
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return any(flag in flags for flag in NATIVE_BF16_CPU_FLAGS)
-
-
 def precision_for(device: torch.device, amp: bool = True, channels_last: bool | None = None) -> Precision:
     """AMP and memory format for a device.
 
     CUDA: bfloat16 autocast where supported, else float16 with a gradient scaler; channels-last (tensor
-    cores). CPU with native bfloat16 (:func:`native_bf16_cpu`): bfloat16 autocast and channels-last (a
+    cores). CPU with native bfloat16 (:func:`~feature_cache.devices.native_bf16`): bfloat16 autocast and
+    channels-last (a
     ``compact_cnn`` training step at 28 px ran 2.5x faster than float32 on an AVX512-BF16 CPU); other
     CPUs: float32, contiguous (emulated bfloat16 is slower). ``channels_last`` overrides the format.
     """
@@ -165,7 +150,7 @@ def precision_for(device: torch.device, amp: bool = True, channels_last: bool | 
     if amp and device.type == "cuda":
         bf16 = torch.cuda.is_bf16_supported()
         dtype, scaler = (torch.bfloat16 if bf16 else torch.float16), not bf16
-    elif amp and device.type == "cpu" and native_bf16_cpu():
+    elif amp and device.type == "cpu" and native_bf16("cpu"):
         dtype = torch.bfloat16
     return Precision(dtype, scaler, dtype is not None if channels_last is None else bool(channels_last))
 

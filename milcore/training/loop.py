@@ -17,15 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from feature_cache.devices import native_bf16
+
 #: ``TrainConfig.amp`` values and the autocast dtype they select (``auto``: bfloat16 on CUDA, off elsewhere;
-#: ``native``: bfloat16 wherever the device computes it natively, see :func:`native_bf16`).
+#: ``native``: bfloat16 wherever the device computes it natively, see :func:`feature_cache.devices.native_bf16`).
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
-
-#: CPU features that make bfloat16 matrix products faster than float32 (AVX512-BF16 dot products, AMX
-#: tiles). Without them bf16 autocast is emulated: an ABMIL training step was ~10x slower than float32
-#: on an AVX2-only CPU, while with AVX512-BF16 it is ~3x faster (``benchmarks/README.md``, bench speed).
-NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-
 
 def epoch_order(labels: np.ndarray, num_classes: int, balanced: bool, rng: np.random.Generator) -> np.ndarray:
     """Bag order of one epoch: a permutation, or (``balanced``) bags drawn with replacement so that every
@@ -35,41 +31,6 @@ def epoch_order(labels: np.ndarray, num_classes: int, balanced: bool, rng: np.ra
     counts = np.bincount(labels, minlength=num_classes).astype(float)
     p = 1.0 / counts[labels]
     return rng.choice(len(labels), size=len(labels), replace=True, p=p / p.sum())
-
-
-def cpu_flags() -> frozenset[str]:
-    """Instruction-set features of this CPU (lower case, as ``/proc/cpuinfo`` spells them).
-
-    Read from torch's own CPU detection where it offers one, else from ``/proc/cpuinfo``; empty when
-    neither is available (then no CPU counts as having native bf16).
-    """
-    try:
-        caps = torch._C._cpu._get_cpu_capability()  # a dict of feature -> bool in torch >= 2.3
-        return frozenset(k.lower() for k, v in caps.items() if v is True)
-    except (AttributeError, RuntimeError, TypeError):
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-@functools.cache
-def native_bf16(device_type: str) -> bool:
-    """Whether ``device_type`` computes bfloat16 matrix products natively (so bf16 autocast pays).
-
-    CUDA: ``torch.cuda.is_bf16_supported()``; CPU: one of :data:`NATIVE_BF16_CPU_FLAGS` (decided from the
-    CPU's features, never by timing, so the same machine always trains the same way).
-    """
-    if device_type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    if device_type == "cpu":
-        return any(flag in cpu_flags() for flag in NATIVE_BF16_CPU_FLAGS)
-    return False
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:

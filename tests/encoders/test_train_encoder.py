@@ -203,10 +203,10 @@ def test_precision_on_cpu_is_bf16_only_where_native(monkeypatch) -> None:
     without native bf16 it is emulated (slower), so float32 stays."""
     from feature_cache.encoders import loop
 
-    monkeypatch.setattr(loop, "native_bf16_cpu", lambda: False)
+    monkeypatch.setattr(loop, "native_bf16", lambda device_type: False)
     cpu = loop.precision_for(torch.device("cpu"))
     assert cpu.autocast is None and not cpu.channels_last and not cpu.scaler
-    monkeypatch.setattr(loop, "native_bf16_cpu", lambda: True)
+    monkeypatch.setattr(loop, "native_bf16", lambda device_type: device_type == "cpu")
     cpu = loop.precision_for(torch.device("cpu"))
     assert cpu.autocast is torch.bfloat16 and cpu.channels_last and not cpu.scaler
     assert loop.precision_for(torch.device("cpu"), amp=False).autocast is None

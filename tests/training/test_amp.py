@@ -103,20 +103,20 @@ def test_fp16_training_scales_the_loss(data_and_fold, monkeypatch: pytest.Monkey
 
 def test_native_amp_is_bf16_only_where_the_cpu_computes_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """``amp: native``: bfloat16 on a CPU with AVX512-BF16 / AMX, full precision on an AVX2-only CPU."""
-    from milcore.training import loop
+    from feature_cache import devices
 
     cpu = torch.device("cpu")
     for flags, expected in [({"avx2", "fma"}, None), ({"avx2", "avx512_bf16"}, torch.bfloat16),
                             ({"amx_bf16"}, torch.bfloat16), (set(), None)]:  # fmt: skip
-        monkeypatch.setattr(loop, "cpu_flags", lambda flags=flags: frozenset(flags))
-        loop.native_bf16.cache_clear()
+        monkeypatch.setattr(devices, "cpu_flags", lambda flags=flags: frozenset(flags))
+        devices.native_bf16.cache_clear()
         assert autocast_dtype("native", cpu) is expected, flags
-    loop.native_bf16.cache_clear()
+    devices.native_bf16.cache_clear()
     assert TrainConfig(**{**FAST, "amp": "native"}).amp == "native"
 
 
 def test_cpu_flags_are_lower_case_feature_names() -> None:
-    from milcore.training.loop import cpu_flags
+    from feature_cache.devices import cpu_flags
 
     flags = cpu_flags()
     assert all(isinstance(f, str) and f == f.lower() for f in flags)
