@@ -1,8 +1,9 @@
 """What a minimum detectable effect means in balanced-accuracy points, from the cohort's own predictions.
 
-The primary test may run on a per-patient score (Brier score, log-loss) whose units mean little to a
-reader. To translate, the group's predictions are degraded the way a model that is less sure about a group
-would degrade them: the logit of each patient's true class is lowered by the same amount ``tau``
+The primary tests may run on a per-patient score (true-class log-odds, Brier score, log-loss) whose units mean
+little to a reader (balanced accuracy, the default family's other statistic, has its MDE in points directly).
+To translate, the group's predictions are degraded the way a model that is less sure about a group would
+degrade them: the logit of each patient's true class is lowered by the same amount ``tau``
 (:func:`degrade_true_class`), which raises the score and turns some right answers wrong. The ``tau`` at
 which the group's score worsens by the minimum detectable effect gives the balanced accuracy the group
 would lose with it (:func:`equivalent_gap`). A bias that flips confident answers instead (rather than

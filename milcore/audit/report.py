@@ -157,7 +157,10 @@ def _detectable_gaps(rep: Report, audit: dict[str, Any]) -> None:
         rep.paragraph("Each primary comparison that was not flagged, with the smallest gap its test finds "
                       f"{audit['config'].get('mde_power', 0.8):.0%} of the time at alpha "
                       f"{audit['config']['alpha']} over the family's tests (its minimum detectable effect); "
-                      "groups below the minimum size were not tested and have none.")  # fmt: skip
+                      "groups below the minimum size were not tested and have none."
+                      + (" Each group is tested on every primary metric and flagged when any of its tests is; each "
+                         "MDE is that statistic's alone, so a gap that shows in both is found at least as often."
+                         if len(primary_metrics(audit["config"])) > 1 else ""))  # fmt: skip
         rep.bullets([q["text"] for q in quiet])
     lines = [f"{g['name']}: {n}." for g in audit["groups"] for n in g.get("notes", [])]
     listed = {(g["name"], s["metric"]) for g in audit["groups"] for s in g.get("skipped_tests", [])}

@@ -74,6 +74,11 @@ def test_no_effect_no_primary_flag(tmp_path: Path, audit_case) -> None:
     assert "## Detectable gaps" in md and all(q["text"] in md for q in quiet)
     sexes = [q for q in quiet if q["group"].startswith("sex")]
     assert sexes and all(q["mde"] is not None and "could go unseen here" in q["text"] for q in sexes)
+    # one verdict per group and primary metric, each with its own MDE (balanced accuracy's in points)
+    assert {(q["group"], q["metric"]) for q in sexes} == {(g, m) for g in ("sex=F", "sex=M")
+                                                          for m in ("balanced_log_odds", "balanced_accuracy")}
+    assert all(" points could go unseen" in q["text"] for q in sexes if q["metric"] == "balanced_accuracy")
+    assert "flagged when any of its tests is" in md
     shown = [c for c in audit["comparisons"] if c["metric"] == "balanced_accuracy" and c["level"] == "attribute"
              and c["p_value"] is not None and c["mde"] is not None]  # fmt: skip
     assert shown and md.count("no (MDE ") >= len(shown)  # the comparison table's verdict column
