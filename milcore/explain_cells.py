@@ -100,7 +100,7 @@ def pixel_section(rep: Any, summary: dict[str, Any], run: Path, table: Any, show
     """Grad-CAM / integrated-gradient overlays of each shown patient's top cells (``summary["pixels"]``), with the
     pointing game where the ground-truth masks exist; without crops or a rebuildable encoder: a note."""
     from milcore.trust.pixel_run import explain_pixels
-    from milcore.trust.pixels import METHOD_LABELS, overlay
+    from milcore.trust.pixels import METHOD_LABELS, SCORE_LABELS, overlay
 
     result = explain_pixels(run, bank, table, attention, shown, crops_root, config)
     summary["pixels"] = result.to_json()
@@ -112,14 +112,17 @@ def pixel_section(rep: Any, summary: dict[str, Any], run: Path, table: Any, show
     if not result.cells:
         return result
     methods = [m for m in config.methods if any(m in c.maps for c in result.cells)]
-    rep.paragraph("Per cell: the crop, then " + ", ".join(METHOD_LABELS[m] for m in methods) + " of the predicted "
-                  "class's bag logit through encoder and aggregator (bright = pixels that raised the diagnosis; cyan "
-                  "cross: the maximum; green outline: the ground-truth diagnostic feature where known).")  # fmt: skip
+    explained = SCORE_LABELS[config.score].format(target=config.target)
+    rep.paragraph("Per cell: the crop, then " + ", ".join(METHOD_LABELS[m] for m in methods) + f" of {explained}, "
+                  "through encoder and aggregator (cyan cross: the maximum; green outline: the ground-truth diagnostic "
+                  "feature where known).")  # fmt: skip
     pg = result.pointing_summary()
     if pg:
-        rep.table(["method", "cells", "pointing-game accuracy", "chance (centre)", "chance (random point)"],
+        rep.table(["method", "cells", "pointing-game accuracy", "chance (centre)", "chance (random point)",
+                   "relevance mass in the feature", "chance (its share of the cell)"],
                   [[METHOD_LABELS[m], s["cells"], f"{s['accuracy']:.2f}", f"{s['chance_centre']:.2f}",
-                    f"{s['chance_random_point']:.2f}"] for m, s in pg.items()])  # fmt: skip
+                    f"{s['chance_random_point']:.2f}", f"{s['mass']:.2f}", f"{s['mass_chance']:.2f}"]
+                   for m, s in pg.items()])  # fmt: skip
     for b, cells in result.by_bag().items():
         tiles = []
         for c in cells:

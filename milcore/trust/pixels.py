@@ -56,6 +56,11 @@ SCORES = ("bag", "attention", "contribution")
 #: scores the explanation method rather than the classifier's mistakes).
 TARGETS = ("predicted", "true")
 METHOD_LABELS = {"gradcam": "Grad-CAM", "integrated_gradients": "integrated gradients", "occlusion": "occlusion"}
+#: What a map of each score shows, for the explanation page ({target}: the class explained).
+SCORE_LABELS = {"bag": "the {target} class's bag logit (bright = pixels that raised the diagnosis)",
+                "attention": "the cell's own attention (bright = pixels that made the model pick this cell)",
+                "contribution": "the cell's contribution to the {target} class's logit (attention x the cell's own "
+                                "logit; bright = pixels that raised it)"}  # fmt: skip
 
 
 @dataclass(frozen=True)

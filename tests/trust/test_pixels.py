@@ -297,5 +297,8 @@ def test_explain_pixels_by_occlusion_of_the_cell_attention(toy_run: Path, tmp_pa
     assert rc == 0, capsys.readouterr().err
     pix = json.loads((tmp_path / "ex" / "explain.json").read_text())["pixels"]
     assert pix["methods"] == ["occlusion"] and pix["score"] == "attention"
+    html = (tmp_path / "ex" / "explain.html").read_text()
+    assert "own attention (bright = pixels that made the model pick this cell)" in html
+    assert "relevance mass in the feature" in html
     assert main(["explain", "--run", str(run), "--out", str(tmp_path / "bad"), "--pixels", "--pixel-score", "x"]) == 2
     assert "pixel-score" in capsys.readouterr().err and not (tmp_path / "bad").exists()
