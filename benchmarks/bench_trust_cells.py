@@ -63,8 +63,11 @@ def concepts(cohort: Path, bank: Path, seeds: int) -> dict:
             "per_attribute": attrs_mean, "rows": rows, "target_met": bool(np.mean(f1) >= 0.85)}  # fmt: skip
 
 
-#: Pixel-explanation settings compared (name -> PixelConfig fields); the first is the library's default
-#: (``gradcam12``: Grad-CAM on the deepest map of at least 12 x 12 positions instead of 6 x 6).
+#: What every variant starts from (the library's defaults before round 4): Grad-CAM and IG of the bag logit.
+BASE = {"methods": ("gradcam", "integrated_gradients"), "score": "bag"}
+#: Pixel-explanation settings compared (name -> PixelConfig fields over :data:`BASE`; ``gradcam12``: Grad-CAM on
+#: the deepest map of at least 12 x 12 positions instead of 6 x 6). Round 4 chose ``attention/occlusion`` on the
+#: choosing cohort: the library's default since.
 VARIANTS = {
     "predicted": {"target": "predicted"},
     "true": {"target": "true"},
@@ -276,7 +279,7 @@ def pixels(cohort: Path, bank: Path, run: Path, args: argparse.Namespace) -> dic
     print(f"\n{'setting':<22}{'method':<22}{'cells':>6}{'acc 3px':>9}{'chance':>8}{'acc 6.4px':>11}{'chance':>8}"
           f"{'union 3px':>11}{'chance':>8}{'union 6.4px':>13}{'chance':>8}{'mass':>7}{'chance':>8}")  # fmt: skip
     for name in wanted:
-        fields = {"cells_per_patient": args.cells, "ig_steps": args.ig_steps, **VARIANTS[name]}
+        fields = {"cells_per_patient": args.cells, "ig_steps": args.ig_steps, **BASE, **VARIANTS[name]}
         config = PixelConfig(**fields)
         t1 = time.perf_counter()
         with open_reader(bank) as reader:

@@ -32,15 +32,16 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
                    help="morphological attributes of each patient's top cells: a cell table with WBCAtt-style "
                    "attribute columns (a synthetic cohort's cells.csv; heads trained on the run's bank, held-out "
                    "macro-F1 reported, RUN/concepts.json written for the passport) or saved heads (.json)")  # fmt: skip
-    p.add_argument("--pixels", nargs="?", const="gradcam,integrated_gradients", default=None, metavar="METHODS",
-                   help="pixel explanations of the top cells (gradcam, integrated_gradients; default both) through "
+    p.add_argument("--pixels", nargs="?", const="", default=None, metavar="METHODS",
+                   help="pixel explanations of the top cells (occlusion, gradcam, integrated_gradients; default "
+                   "occlusion) through "
                    "encoder and aggregator, as overlays, scored by the pointing game where the synthetic masks exist; "
                    "needs the crops and the bank's encoder (skipped with a note otherwise)")  # fmt: skip
     p.add_argument("--pixel-cells", type=int_at_least(1), default=3, metavar="K",
                    help="top cells explained per patient with --pixels (default 3)")
-    p.add_argument("--pixel-score", default="bag", metavar="SCORE",
-                   help="what --pixels explains: bag (the predicted class's bag logit, default), attention (the "
-                   "cell's own attention) or contribution (attention x the cell's own logit)")  # fmt: skip
+    p.add_argument("--pixel-score", default=None, metavar="SCORE",
+                   help="what --pixels explains: attention (the cell's own attention, default), bag (the predicted "
+                   "class's bag logit) or contribution (attention x the cell's own logit)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="device of the pixel explanations (cpu, cuda, auto)")
     p.set_defaults(func=run)
 
@@ -58,11 +59,11 @@ def run(args: argparse.Namespace) -> int:
         from feature_cache.errors import InvalidArgumentError
         from milcore.trust.pixels import SCORES, PixelConfig
 
-        if args.pixel_score not in SCORES:
+        if args.pixel_score is not None and args.pixel_score not in SCORES:
             raise InvalidArgumentError(f"--pixel-score {args.pixel_score!r}: not one of {', '.join(SCORES)}")
         methods = tuple(m.strip() for m in args.pixels.split(",") if m.strip())
-        pixels = PixelConfig.from_dict({"methods": methods, "cells_per_patient": args.pixel_cells,
-                                        "score": args.pixel_score,
+        chosen = {"methods": methods, "score": args.pixel_score}
+        pixels = PixelConfig.from_dict({**{k: v for k, v in chosen.items() if v}, "cells_per_patient": args.pixel_cells,
                                         "device": str(resolve_device(args.device))})  # fmt: skip
     summary = explain_run(args.run, args.crops, out, top_k=args.top, max_patients=args.patients,
                           similar=args.similar, similar_crops=args.similar_crops, attributes=args.attributes,

@@ -126,8 +126,8 @@ def toy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_overlays_and_pointing_game_on_a_synthetic_cohort(toy_run: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     out = tmp_path / "ex"
-    rc = main(["explain", "--run", str(toy_run / "run"), "--out", str(out), "--pixels", "--pixel-cells", "6",
-               "--patients", "12"])  # fmt: skip
+    rc = main(["explain", "--run", str(toy_run / "run"), "--out", str(out), "--pixels", "gradcam,integrated_gradients",
+               "--pixel-score", "bag", "--pixel-cells", "6", "--patients", "12"])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     pix = json.loads((out / "explain.json").read_text())["pixels"]
     assert any("no convolutional feature map: Grad-CAM skipped" in n for n in pix["notes"])  # toy: no conv map
@@ -284,6 +284,7 @@ def test_explain_pixels_by_occlusion_of_the_cell_attention(toy_run: Path, tmp_pa
 
     run = toy_run / "run"
     table, attention = read_predictions(run), read_attention(run)
+    assert (PixelConfig().methods, PixelConfig().score) == (("occlusion",), "attention")  # chosen by measurement
     config = PixelConfig(methods=("occlusion",), score="attention", cells_per_patient=2, occlusion_patch=8)
     with open_reader(toy_run / "bank.h5") as reader:
         res = explain_pixels(run, reader, table, attention, table.bag_ids, toy_run / "cohort", config)
@@ -292,8 +293,8 @@ def test_explain_pixels_by_occlusion_of_the_cell_attention(toy_run: Path, tmp_pa
     game = res.to_json()["pointing_game"]["occlusion"]
     assert game["cells"] > 0 and 0 <= game["mass"] <= 1 and 0 < game["mass_chance"] < 1
     assert res.to_json()["score"] == "attention"
-    rc = main(["explain", "--run", str(run), "--out", str(tmp_path / "ex"), "--pixels", "occlusion",
-               "--pixel-score", "attention", "--patients", "2", "--pixel-cells", "1"])  # fmt: skip
+    rc = main(["explain", "--run", str(run), "--out", str(tmp_path / "ex"), "--pixels", "--patients", "2",
+               "--pixel-cells", "1"])  # fmt: skip  (the defaults: occlusion of the cell's attention)
     assert rc == 0, capsys.readouterr().err
     pix = json.loads((tmp_path / "ex" / "explain.json").read_text())["pixels"]
     assert pix["methods"] == ["occlusion"] and pix["score"] == "attention"
