@@ -108,8 +108,8 @@ def explain_run(run: str | Path, crops: str | Path | None = None, out: str | Pat
         similar_crops: crop root of the training patients (default: the run's cohort folder when it holds them).
         attributes: a cell table with WBCAtt-style attribute columns (``cells.csv``) or attribute heads
             (``.json``): per patient shown, the attributes its top cells carry (:mod:`milcore.trust.concepts`).
-        pixels: a :class:`~milcore.trust.pixels.PixelConfig`: Grad-CAM / integrated-gradient overlays of the top
-            cells, scored by the pointing game on a synthetic cohort's masks; ``None``: none.
+        pixels: a :class:`~milcore.trust.pixels.PixelConfig`: occlusion / Grad-CAM / integrated-gradient overlays of
+            the top cells, scored by the pointing game on a synthetic cohort's masks; ``None``: none.
 
     Returns:
         The content of ``explain.json`` (also written, with ``explain.html`` and ``explain.md``).

@@ -97,8 +97,8 @@ def attribute_section(rep: Any, summary: dict[str, Any], run: Path, sources: dic
 def pixel_section(rep: Any, summary: dict[str, Any], run: Path, table: Any, shown: list[str], bank: Any,
                   attention: dict[str, np.ndarray], crops_root: Path | None, config: Any,
                   out: Path | None = None) -> Any:  # fmt: skip
-    """Grad-CAM / integrated-gradient overlays of each shown patient's top cells (``summary["pixels"]``), with the
-    pointing game where the ground-truth masks exist; without crops or a rebuildable encoder: a note."""
+    """Occlusion / Grad-CAM / integrated-gradient overlays of each shown patient's top cells (``summary["pixels"]``),
+    with the pointing game where the ground-truth masks exist; without crops or a rebuildable encoder: a note."""
     from milcore.trust.pixel_run import explain_pixels
     from milcore.trust.pixels import METHOD_LABELS, SCORE_LABELS, overlay
 

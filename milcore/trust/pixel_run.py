@@ -233,7 +233,7 @@ def top_rows(attention: np.ndarray, k: int) -> np.ndarray:
 def explain_pixels(run: str | Path, bank: Any, table: Any, attention: dict[str, np.ndarray], bags: list[str],
                    crops_root: str | Path | None, config: PixelConfig | None = None,
                    encoder: Any = None) -> PixelExplanations:  # fmt: skip
-    """Grad-CAM / integrated-gradient maps of each listed patient's top-attention cells.
+    """Occlusion / Grad-CAM / integrated-gradient maps of each listed patient's top-attention cells.
 
     Args:
         run: the training run or prediction folder (its checkpoints are loaded).
