@@ -135,6 +135,18 @@ def _ms(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
+def paired_difference(a: list[float], b: list[float]) -> dict:
+    """Mean of the per-seed differences ``a - b`` with its 95 % t interval over seeds (the seeds are the units)."""
+    from scipy import stats
+
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    mean = float(d.mean())
+    if len(d) < 2:
+        return {"mean": mean, "sd": 0.0, "ci95": [mean, mean], "seeds": len(d)}
+    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    return {"mean": mean, "sd": float(d.std(ddof=1)), "ci95": [mean - half, mean + half], "seeds": len(d)}
+
+
 def summarize(rows: list[dict]) -> dict:
     """Per score: AURC vs random, the balanced-accuracy gain at 80% coverage; retrieval vs classifier; targets."""
     scores = [s for s in ("entropy", "least_confidence", "disagreement", "mc_dropout") if all(s in r["heldout"]
@@ -161,7 +173,8 @@ def summarize(rows: list[dict]) -> dict:
         "retrieval_at_least_classifier": bool(np.mean(maj) >= np.mean(clf)),
     }
     retrieval = {"majority_accuracy": _ms(maj), "classifier_accuracy": _ms(clf),
-                 "seeds_majority_at_least_classifier": int(sum(m >= c for m, c in zip(maj, clf, strict=True)))}
+                 "seeds_majority_at_least_classifier": int(sum(m >= c for m, c in zip(maj, clf, strict=True))),
+                 "paired_difference": paired_difference(maj, clf)}  # fmt: skip
     names = [v for v in rows[0]["retrieval"].get("variants", {}) if all(v in r["retrieval"].get("variants", {})
                                                                        for r in rows)]  # fmt: skip
     retrieval["variants"] = {v: {"accuracy": _ms([r["retrieval"]["variants"][v] for r in rows]),
@@ -215,6 +228,9 @@ def targets(args: argparse.Namespace) -> int:
                  f"{r['majority_accuracy'][1]:.3f}, classifier {r['classifier_accuracy'][0]:.3f} ± "
                  f"{r['classifier_accuracy'][1]:.3f} (majority >= classifier in "
                  f"{r['seeds_majority_at_least_classifier']}/{len(rows)} seeds)")  # fmt: skip
+    pd_ = r["paired_difference"]
+    lines.append(f"retrieval minus classifier, paired by seed: {100 * pd_['mean']:+.2f} points, 95% CI "
+                 f"[{100 * pd_['ci95'][0]:+.2f}, {100 * pd_['ci95'][1]:+.2f}] over {pd_['seeds']} seeds")  # fmt: skip
     for v, x in r["variants"].items():
         lines.append(f"  retrieval {v}: {x['accuracy'][0]:.3f} ± {x['accuracy'][1]:.3f}, minus classifier "
                      f"{100 * x['minus_classifier'][0]:+.1f} ± {100 * x['minus_classifier'][1]:.1f} points, >= "
