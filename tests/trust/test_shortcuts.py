@@ -148,3 +148,32 @@ def test_significance_test_holds_its_level_on_signals_unrelated_to_the_label() -
         result = run_checks(signals, y, folds, rng.integers(0, 5, 60), list("abcde"), config)
         rejected += [c["p_value"] < 0.05 for c in result.checks]
     assert np.mean(rejected) < 0.075  # nominal 0.05; 200 tests: sd 0.015 (0.05 measured; the old test 0.10)
+
+
+def test_colour_is_measured_on_the_background_not_on_the_cells(dropout_run: Path, planted: dict,
+                                                                tmp_path: Path) -> None:  # fmt: skip
+    """The colour of the CELLS is morphology (blasts are bluer): it may follow the diagnosis without any shortcut.
+    The colour check reads the background around the cells (plasma, glass: the stain and the scanner), so cells
+    whose colour follows the label on one shared background are not a colour shortcut; a background that does is."""
+    from PIL import Image
+
+    rows = list(csv.DictReader(Path(planted["cohort"]).read_text().splitlines()))
+    yy, xx = np.mgrid[:32, :32]
+    disc = (yy - 15.5) ** 2 + (xx - 15.5) ** 2 < 11**2  # a cell in the middle of a 32 x 32 crop
+    rng = np.random.default_rng(0)
+    for shift in ("cells", "background"):
+        for r in rows:
+            folder = tmp_path / shift / r["patient_id"]
+            folder.mkdir(parents=True)
+            sick = r["dx"] == "sick"
+            for j in range(3):
+                crop = np.empty((32, 32, 3), dtype=np.uint8)
+                crop[:] = (235, 225, 230) if shift == "cells" or not sick else (225, 225, 240)
+                crop[disc] = ((110, 80, 200) if sick else (200, 110, 150)) if shift == "cells" else (170, 100, 170)
+                noisy = crop.astype(int) + rng.integers(-3, 4, crop.shape)
+                Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(folder / f"{j}.png")
+    cells = check_shortcuts(dropout_run, planted["cohort"], tmp_path / "cells", FAST, out=tmp_path / "o1")
+    colour = next(c for c in cells.checks if c["name"] == "colour")
+    assert "colour" not in cells.flagged and colour["p_holm"] > 0.05, colour
+    background = check_shortcuts(dropout_run, planted["cohort"], tmp_path / "background", FAST, out=tmp_path / "o2")
+    assert "colour" in background.flagged, background.checks
