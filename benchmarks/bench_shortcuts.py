@@ -43,10 +43,11 @@ def one(root: Path, seed: int, strength: float, args: argparse.Namespace) -> dic
     """Synthesize, extract, train, check; the row of one seed and condition."""
     from milcore.crossval import train_run
     from milcore.training.config import RunSpec, TrainConfig
-    from milcore.trust.shortcuts import ShortcutConfig, check_shortcuts
 
     t0 = time.perf_counter()
     folder = root / f"{'conf' if strength else 'clean'}_s{seed}"
+    if args.reuse_runs and (folder / "run" / "predictions.csv").is_file():
+        return {**_check(folder, seed, strength, t0), "run_reused": True}
     synth = ["synth", str(folder / "cohort"), "--task", "aml", "--patients", str(args.patients), "--sites", "5",
              "--bag-median", str(args.bag_median), "--seed", str(seed), "--overwrite"]  # fmt: skip
     if strength:
@@ -60,6 +61,13 @@ def one(root: Path, seed: int, strength: float, args: argparse.Namespace) -> dic
     cfg = TrainConfig(model="abmil", epochs=args.epochs, patience=4, lr=1e-3, input_norm="standardize",
                       device="cpu", seed=seed, num_workers=0)  # fmt: skip
     train_run(spec, cfg, folder / "run", overwrite=True)
+    return _check(folder, seed, strength, t0)
+
+
+def _check(folder: Path, seed: int, strength: float, t0: float) -> dict:
+    """``check_shortcuts`` on a finished run; the row."""
+    from milcore.trust.shortcuts import ShortcutConfig, check_shortcuts
+
     t1 = time.perf_counter()
     result = check_shortcuts(folder / "run", config=ShortcutConfig(ignore=GROUND_TRUTH, seed=seed))
     checks = {c["name"]: c for c in result.checks}
@@ -73,8 +81,11 @@ def one(root: Path, seed: int, strength: float, args: argparse.Namespace) -> dic
             "seconds_pipeline": round(t1 - t0, 1), "seconds_check": round(time.perf_counter() - t1, 1)}  # fmt: skip
 
 
-SETTINGS = ("strength", "patients", "bag_median", "folds", "epochs", "encoder")
-DEFAULTS = {"encoder": "toy"}  # settings older results were written with before the option existed
+SETTINGS = ("strength", "patients", "bag_median", "folds", "epochs", "encoder", "test")
+#: Settings older results were written with before the option existed (``test``: the significance test of the
+#: checks; ``fixed_predictions``, labels shuffled against fixed out-of-fold predictions, was anti-conservative).
+DEFAULTS = {"encoder": "toy", "test": "fixed_predictions"}
+TEST = "pillai-background"  # milcore.trust.shortcuts.association_p, colour of the background around the cells
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -113,7 +124,11 @@ def main() -> int:
     p.add_argument("--name", default="shortcuts", help="results file name (without .json)")
     p.add_argument("--results", default=str(HERE / "results" / "shortcuts"))
     p.add_argument("--reuse-json", default=None, help="an earlier results JSON whose rows (same settings) are reused")
+    p.add_argument("--reuse-runs", action="store_true",
+                   help="recheck the trained runs already under --out (e.g. after a change of the check) instead of "
+                   "synthesizing, extracting and training again")  # fmt: skip
     args = p.parse_args()
+    args.test = TEST
     logging.basicConfig(level=logging.WARNING)
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
