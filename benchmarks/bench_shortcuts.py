@@ -110,6 +110,51 @@ def _finished(path: Path, args: argparse.Namespace) -> dict[tuple[int, float], d
     return found
 
 
+def null_simulation(sims: int, permutations: int, seed: int = 123) -> dict:
+    """How often the checks flag signals unrelated to the label: ``sims`` cohorts of 60 patients (5 classes of 12,
+    3 folds) with a random site, date, bag size, colour, age and sex; each check's p-value by the current test
+    (:func:`~milcore.trust.shortcuts.association_p`) and by the old one (labels shuffled against the fixed
+    out-of-fold predictions of the fitted signal), and the share of cohorts with any Holm-corrected p < 0.05."""
+    from milcore.trust.shortcut_config import ShortcutConfig
+    from milcore.trust.shortcuts import Signal, association_p, fit_signal, holm, permutation_p
+
+    rng = np.random.default_rng(seed)
+    config = ShortcutConfig(permutations=permutations)
+    p = {"current": [], "fixed_predictions": []}
+    names: list[str] = []
+    t0 = time.perf_counter()
+    n = 60
+
+    def col(values: np.ndarray) -> np.ndarray:
+        return values.astype(object).reshape(n, -1)
+
+    for s in range(sims):
+        y = rng.permutation(np.repeat(np.arange(5), 12))
+        folds = rng.permutation(np.tile(np.arange(3), 20))
+        signals = [Signal("site", col(rng.integers(0, 5, n).astype(str)), ("cat",), ("site",)),
+                   Signal("date", col(rng.integers(0, 700, n).astype(float)), ("num",), ("date",)),
+                   Signal("bag_size", col(rng.poisson(20, n).astype(float)), ("num",), ("n",)),
+                   Signal("colour", col(rng.normal(size=(n, 6))), ("num",) * 6, tuple("abcdef")),
+                   Signal("age", col(np.round(rng.normal(58, 16, n))), ("num",), ("age",)),
+                   Signal("sex", col(rng.choice(["F", "M"], n)), ("cat",), ("sex",))]  # fmt: skip
+        names = [g.name for g in signals]
+        p["current"].append([association_p(g, y, 5, permutations, s * 10 + i) for i, g in enumerate(signals)])
+        p["fixed_predictions"].append([permutation_p(y, fit_signal(g, y, folds, config), 5, permutations, s * 10 + i)
+                                       for i, g in enumerate(signals)])  # fmt: skip
+    load = [round(x, 2) for x in os.getloadavg()]
+    out: dict = {"sims": sims, "permutations": permutations, "patients": 60, "classes": 5,
+                 "seconds": round(time.perf_counter() - t0, 1), "load_after": load}  # fmt: skip
+    for test, rows in p.items():
+        arr = np.asarray(rows)  # (sims, checks)
+        out[test] = {"any_flagged_holm": float(np.mean([min(holm(r)) < 0.05 for r in rows])),
+                     "per_check_p_below_0.05": dict(zip(names, np.mean(arr < 0.05, axis=0).round(4).tolist(),
+                                                        strict=True))}  # fmt: skip
+        per = ", ".join(f"{k} {v:.3f}" for k, v in out[test]["per_check_p_below_0.05"].items())
+        print(f"{test:<20} cohorts flagged (any check, Holm p < 0.05): {out[test]['any_flagged_holm']:.3f}; "
+              f"per check {per}", flush=True)  # fmt: skip
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/bench_shortcuts")
@@ -127,8 +172,15 @@ def main() -> int:
     p.add_argument("--reuse-runs", action="store_true",
                    help="recheck the trained runs already under --out (e.g. after a change of the check) instead of "
                    "synthesizing, extracting and training again")  # fmt: skip
+    p.add_argument("--null", type=int, default=0, metavar="N",
+                   help="instead: N null cohorts (signals unrelated to the label), current vs old significance test")
     args = p.parse_args()
     args.test = TEST
+    if args.null:
+        out = null_simulation(args.null, 1000)
+        Path(args.results).mkdir(parents=True, exist_ok=True)
+        (Path(args.results) / "shortcuts_null.json").write_text(json.dumps(out, indent=1))
+        return 0
     logging.basicConfig(level=logging.WARNING)
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
