@@ -140,9 +140,9 @@ class _SelfAttention(nn.Module):
     def _epeg(self, logits: Tensor) -> Tensor:
         """``self.epeg(logits)`` (the depthwise ``(k, 1)`` convolution along the query axis, zero padding) as
         a product with each head's ``(S, S)`` banded Toeplitz matrix of the kernel: equal up to float32
-        rounding, and about 10 % faster per RRT-MIL training epoch on CPU than oneDNN's depthwise
-        convolution, whose backward pass dominated it on the demo cohort's ``(G, 8, 64, 64)`` logits (the
-        full benchmark's per-model CPU seconds: ``benchmarks/README.md``, issue 18 speed)."""
+        rounding, and cheaper on CPU than oneDNN's depthwise convolution, whose backward pass dominated it
+        on the demo cohort's ``(G, 8, 64, 64)`` logits (RRT-MIL's CPU seconds per epoch in the full
+        benchmark, same machine state: 0.87 before, 0.82 after; ``benchmarks/README.md``, issue 18 speed)."""
         s, k = logits.shape[-2], self.epeg.kernel_size[0]
         offset = torch.arange(s, device=logits.device)
         tap = offset.unsqueeze(0) - offset.unsqueeze(1) + k // 2  # (S, S): kernel tap of row j for output row i

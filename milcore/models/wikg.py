@@ -110,8 +110,9 @@ class WiKG(MILAggregator):
         scale = e_h.shape[1] ** -0.5
         rows, valid = top_affinities(e_h, e_t, ptr, self.config.topk)  # (N, k), (N, k)
         nb = e_t.index_select(0, rows.flatten()).view(rows.shape[0], rows.shape[1], e_t.shape[1])  # (N, k, E) tails
-        # products and sums over the embedding rather than N batched (k, E) @ (E, 1) products (~7 % faster per
-        # epoch on CPU: tiny matrices make a slow batched matrix product)
+        # products and sums over the embedding rather than N batched (k, E) @ (E, 1) products: tiny matrices make
+        # a slow batched matrix product on CPU (with the per-bag neighbour search below, WiKG's CPU s per epoch
+        # in the full benchmark went 0.80 -> 0.71, same machine state; benchmarks/README.md, issue 18 speed)
         affinity = (nb * e_h.unsqueeze(1)).sum(-1).float() * scale  # (N, k), with gradient
         p = affinity.masked_fill(~valid, float("-inf")).softmax(dim=1).unsqueeze(-1).to(nb.dtype)  # (N, k, 1)
         # gate = tanh(e_h + r) with the relation r = p e_t + (1 - p) e_h, in the tails' dtype (bf16 under autocast)
