@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,3 +126,24 @@ def test_knn_graph_matches_brute_force(sizes: list[int], block_rows: int, dim: i
     assert edge_index.shape[1] == sum(min(4, max(n - 1, 0)) * n for n in sizes)
     assert set(map(tuple, edge_index.T.tolist())) == _brute_knn(pos, ptr, 4)
     assert knn_graph(pos[:0], torch.tensor([0]), k=3).shape == (2, 0)
+
+
+def test_knn_graph_is_exact_on_slide_coordinates() -> None:
+    """Integer slide coordinates near 20,000 px: the ranking subtracts squared norms (~8e8), where float32
+    rounds by ~64 px^2, so every edge must still be among the exact k nearest (float64 reference, ties
+    allowed)."""
+    rng = np.random.default_rng(0)
+    sizes = [300, 250]
+    ptr = torch.tensor([0, *np.cumsum(sizes).tolist()])
+    coords = rng.integers(19_000, 20_000, size=(sum(sizes), 2))
+    edge_index = knn_graph(torch.from_numpy(coords.astype(np.float32)), ptr, k=8)
+    src, tgt = edge_index.numpy()
+    for b in range(len(sizes)):
+        lo, hi = int(ptr[b]), int(ptr[b + 1])
+        p = coords[lo:hi].astype(np.float64)
+        d = ((p[:, None] - p[None]) ** 2).sum(-1)
+        np.fill_diagonal(d, np.inf)
+        kth = np.sort(d, axis=1)[:, 7]
+        mine = (tgt >= lo) & (tgt < hi)
+        assert mine.sum() == 8 * (hi - lo)
+        assert (d[tgt[mine] - lo, src[mine] - lo] <= kth[tgt[mine] - lo]).all()
