@@ -6,7 +6,8 @@ rows at a time (compute is quadratic in the bag size, as for any exact kNN).
 Neighbours are ranked by ``2 <q, p> - |p|^2`` (the squared distance ``|q - p|^2`` minus the query's own
 ``|q|^2``, which does not change a query's ranking): one matrix product per block, without the square
 root, the norms' concatenation and the padding of :func:`torch.cdist` on a padded batch, which took three
-quarters of a GraphMIL training step on the demo cohort's 1,280-d features (``torch.profiler``, one thread).
+quarters of a GraphMIL training step with its graph in feature space (``graph_space="features"``, or a bank
+without coordinates) on the demo bank's 1,280-d features (``torch.profiler``, one thread).
 """
 
 from __future__ import annotations
