@@ -175,16 +175,6 @@ def association_p(signal: Signal, y: np.ndarray, n_classes: int, permutations: i
     return float((1 + above) / (1 + permutations))
 
 
-def permutation_p(y: np.ndarray, pred: np.ndarray, n_classes: int, permutations: int, seed: int) -> float:
-    """One-sided p-value that predictions beat chance: labels shuffled, predictions kept (valid for predictions
-    made without the labels; NOT for out-of-fold predictions fitted on them: :func:`association_p`)."""
-    rng = np.random.default_rng(seed)
-    observed = balanced_accuracy(y, pred, n_classes)
-    shuffled = np.stack([rng.permutation(y) for _ in range(permutations)])  # (P, n)
-    null = balanced_accuracy(shuffled, pred, n_classes)
-    return float((1 + np.sum(null >= observed - 1e-12)) / (1 + permutations))
-
-
 def holm(p: Sequence[float]) -> list[float]:
     """Holm-adjusted p-values (step-down, monotone, capped at 1).
 
