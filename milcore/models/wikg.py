@@ -46,12 +46,18 @@ from milcore.models.layers import autocast_input, resize_linear
 from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
 from milcore.models.search import SearchDim, declare_space
-from milcore.ops import ptr_to_sizes, segment_mean, segment_softmax, to_padded, weighted_segment_sum
+from milcore.ops import (
+    pairwise_padding_pays,
+    ptr_to_sizes,
+    segment_mean,
+    segment_softmax,
+    to_padded,
+    weighted_segment_sum,
+)
 
 __all__ = ["WiKG", "WiKGConfig"]
 
 _DENSE_BUDGET = 1 << 22  # elements of a (B, L, L) affinity tensor searched in one go
-_PADDING_SLACK = 1 << 16  # padded elements always accepted (tiny bags: one product beats a Python loop)
 
 
 @dataclass(frozen=True)
@@ -154,9 +160,7 @@ def top_affinities(query: Tensor, key: Tensor, ptr: Tensor, k: int, block_rows: 
     if n == 0:
         return torch.zeros(0, kk, dtype=torch.long, device=query.device), torch.zeros(0, kk, dtype=torch.bool)
     q, t = query.float(), key.float()
-    padded = sizes.numel() * largest * largest
-    # all bags in one padded product when it is small and mostly real rows, else bag by bag
-    if padded <= _DENSE_BUDGET and padded <= 2 * int((sizes * sizes).sum()) + _PADDING_SLACK:
+    if pairwise_padding_pays(sizes, _DENSE_BUDGET):  # all bags in one padded product, else bag by bag
         dq, mask = to_padded(q, ptr, max_size=largest)  # (B, L, E)
         dt, _ = to_padded(t, ptr, max_size=largest)
         scores = (dq @ dt.transpose(1, 2)).masked_fill(~mask.unsqueeze(1), float("-inf"))  # (B, L, L)

@@ -4,6 +4,7 @@ from milcore.ops.depthwise import depthwise_conv2d
 from milcore.ops.knn import knn_graph
 from milcore.ops.segment import (
     from_padded,
+    pairwise_padding_pays,
     ptr_to_index,
     ptr_to_sizes,
     segment_argmax,
@@ -21,6 +22,7 @@ __all__ = [
     "depthwise_conv2d",
     "from_padded",
     "knn_graph",
+    "pairwise_padding_pays",
     "ptr_to_index",
     "ptr_to_sizes",
     "segment_argmax",

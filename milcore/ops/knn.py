@@ -15,13 +15,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from milcore.ops.segment import ptr_to_index, ptr_to_sizes, segment_mean, to_padded
+from milcore.ops.segment import pairwise_padding_pays, ptr_to_index, ptr_to_sizes, segment_mean, to_padded
 
 __all__ = ["knn_graph"]
 
 _DENSE_BUDGET = 1 << 22  # elements of the (B, N_max, N_max) distance tensor handled in one go
 _FLOAT64_MAX_DIM = 16  # points of at most this many dimensions are ranked in float64
-_PADDING_SLACK = 1 << 16  # padded elements always accepted (tiny bags: one product beats a Python loop)
 
 
 def knn_graph(pos: Tensor, ptr: Tensor, k: int, block_rows: int = 1024) -> Tensor:
@@ -50,9 +49,7 @@ def knn_graph(pos: Tensor, ptr: Tensor, k: int, block_rows: int = 1024) -> Tenso
     if num_bags == 0 or pos.shape[0] == 0:
         return torch.empty(2, 0, dtype=torch.long, device=pos.device)
     max_size = int(sizes.max())
-    padded = num_bags * max_size * max_size
-    # all bags in one padded product when it is small and mostly real rows (many small bags), else bag by bag
-    if padded <= _DENSE_BUDGET and padded <= 2 * int((sizes * sizes).sum()) + _PADDING_SLACK:
+    if pairwise_padding_pays(sizes, _DENSE_BUDGET):  # all bags in one padded product, else bag by bag
         return _knn_dense(pos, ptr, k, max_size)
     ptr_cpu = ptr.tolist()
     edges = []

@@ -147,3 +147,15 @@ def test_knn_graph_is_exact_on_slide_coordinates() -> None:
         mine = (tgt >= lo) & (tgt < hi)
         assert mine.sum() == 8 * (hi - lo)
         assert (d[tgt[mine] - lo, src[mine] - lo] <= kth[tgt[mine] - lo]).all()
+
+
+def test_pairwise_padding_pays_only_when_padding_is_small_and_mostly_real() -> None:
+    """One padded (B, N_max, N_max) product for many small or similar bags; bag by bag when one large bag would
+    make the padding most of the work, or when the padded tensor exceeds the budget."""
+    from milcore.ops import pairwise_padding_pays
+
+    assert pairwise_padding_pays(torch.tensor([5, 1, 0, 12, 3]), 1 << 22)  # tiny bags: within the slack
+    assert pairwise_padding_pays(torch.tensor([400, 380, 390]), 1 << 22)  # similar sizes: mostly real pairs
+    assert not pairwise_padding_pays(torch.tensor([600, 20, 30]), 1 << 22)  # 3 x 600^2 vs ~361k real pairs
+    assert not pairwise_padding_pays(torch.tensor([2100, 2000]), 1 << 22)  # over the budget
+    assert pairwise_padding_pays(torch.tensor([], dtype=torch.long), 1 << 22)
