@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +71,8 @@ class _Resident:
     coords: torch.Tensor | None = None  # (N, 2) float32
     loaded: bool = False
     announced: bool = False  # streaming: said once
+    spare: int = 0  # bytes of the memory budget left beside x, for copies in a compute dtype
+    cast: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)  # dtype -> (N, D) copy of x in it
 
 
 class FeatureStore:
@@ -115,7 +117,7 @@ class FeatureStore:
         itemsize = np.dtype(bank.dtype).itemsize
         self._need = int(self.sizes.sum()) * self.dim * itemsize
         self.in_memory = self._need <= memory_budget_bytes
-        self._resident = _Resident(list(self.bag_ids))
+        self._resident = _Resident(list(self.bag_ids), spare=memory_budget_bytes - self._need)
         self._starts = np.concatenate(([0], np.cumsum(self.sizes)[:-1])).astype(np.int64)  # (B,) rows in x
 
     @property
@@ -152,6 +154,22 @@ class FeatureStore:
         res.loaded = True  # only once everything was read
         log.debug("holding %d bags (%.1f MB) in memory", len(res.ids), self._need / 1e6)
 
+    def _resident_in(self, dtype: torch.dtype) -> torch.Tensor:
+        """The in-memory features to gather ``dtype`` batches from: a copy in ``dtype`` made once, for a
+        compute dtype other than the bank's and float32, when it fits the memory budget beside the bank's
+        copy (converting every batch cost more than the training step of a small model: ``benchmarks/README.md``,
+        issue 18 speed); otherwise the bank's copy, converted batch by batch."""
+        res = self._resident
+        if dtype in (res.x.dtype, torch.float32):
+            return res.x
+        if dtype not in res.cast:
+            size = res.x.numel() * dtype.itemsize
+            if size > res.spare:
+                return res.x
+            res.cast[dtype] = res.x.to(dtype)  # the same rounding as converting each batch
+            res.spare -= size
+        return res.cast[dtype]
+
     def __len__(self) -> int:
         return len(self.bag_ids)
 
@@ -179,7 +197,8 @@ class FeatureStore:
         other = object.__new__(FeatureStore)
         other.__dict__.update(self.__dict__)
         other.with_coords = True
-        other._resident = _Resident(list(self._resident.ids))
+        other._resident = _Resident(list(self._resident.ids), spare=self._resident.spare + sum(
+            t.numel() * t.element_size() for t in self._resident.cast.values()))  # fmt: skip
         return other
 
     def moments(self, budget: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
@@ -205,8 +224,9 @@ class FeatureStore:
         return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
 
     def gather(
-        self, positions: np.ndarray, cap: int = 0, rng: np.random.Generator | None = None, keep: float = 1.0
-    ) -> BagBatch:
+        self, positions: np.ndarray, cap: int = 0, rng: np.random.Generator | None = None, keep: float = 1.0,
+        dtype: torch.dtype = torch.float32,
+    ) -> BagBatch:  # fmt: skip
         """Collate the bags at ``positions``, optionally with random rows left out of each.
 
         Args:
@@ -215,9 +235,11 @@ class FeatureStore:
             rng: generator for the random rows (no sub-sampling without one).
             keep: keep this fraction of each bag's rows, at least one (instance dropout, a training
                 augmentation); applied before ``cap``.
+            dtype: the floating dtype of ``x``: float32, or the compute dtype of a model that casts its
+                input first (the bank's values rounded once, as that cast would round them).
 
         Returns:
-            A :class:`BagBatch` (float32 ``x``, ``ptr``, ``coords`` when kept, ``bag_ids``) whose
+            A :class:`BagBatch` (``x`` in ``dtype``, ``ptr``, ``coords`` when kept, ``bag_ids``) whose
             per-bag ``metadata`` holds the bag's ``position`` in this store.
         """
         rows_per_bag = []
@@ -236,14 +258,14 @@ class FeatureStore:
         if res.x is not None:
             starts = np.repeat(self._starts[positions], counts)
             index = torch.from_numpy(starts + local)
-            x = res.x.index_select(0, index).float()
+            x = self._resident_in(dtype).index_select(0, index).to(dtype)
             coords = None if res.coords is None else res.coords.index_select(0, index)
         else:
             ids = [self.bag_ids[p] for p in positions]
             full, _ = self.bank.read_packed(ids)
             starts = np.repeat(np.concatenate(([0], np.cumsum(self.sizes[positions])))[:-1], counts)
             sel = starts + local
-            x = torch.from_numpy(np.ascontiguousarray(full[sel], dtype=np.float32))
+            x = torch.from_numpy(np.ascontiguousarray(full[sel])).to(dtype)
             coords = None
             if self.with_coords:
                 c, _ = self.bank.read_packed_coords(ids)
@@ -260,10 +282,12 @@ class FeatureStore:
         num_workers: int = 0,
         pin_memory: bool = False,
         keep: float = 1.0,
+        dtype: torch.dtype = torch.float32,
     ) -> Iterator[BagBatch]:
         """Yield packed batches over the bags in ``order`` within an instance ``budget``.
 
-        ``cap`` and ``keep`` sub-sample each bag as in :meth:`gather` (the budget counts the kept rows).
+        ``cap`` and ``keep`` sub-sample each bag as in :meth:`gather` (the budget counts the kept rows);
+        ``x`` comes in ``dtype`` as there.
         In memory, batches are sliced in-process; when streaming and ``num_workers > 0``, a DataLoader
         whose items are *whole batches* reads and collates them in worker processes.
         """
@@ -279,12 +303,12 @@ class FeatureStore:
         if self._resident.x is not None or num_workers == 0:
             for i, g in enumerate(groups):  # one generator per batch, as in the workers: same sub-samples
                 rng = np.random.default_rng(None if seed is None else [seed, i]) if sample else None
-                batch = self.gather(g, cap, rng, keep)
+                batch = self.gather(g, cap, rng, keep, dtype)
                 yield batch.pin_memory() if pin_memory else batch
             return
         from torch.utils.data import DataLoader
 
-        loader = DataLoader(_BatchDataset(self, groups, cap, seed, keep), batch_size=None, shuffle=False,
+        loader = DataLoader(_BatchDataset(self, groups, cap, seed, keep, dtype), batch_size=None, shuffle=False,
                             num_workers=num_workers, pin_memory=pin_memory, collate_fn=_identity)  # fmt: skip
         yield from loader
 
@@ -293,9 +317,10 @@ class _BatchDataset(torch.utils.data.Dataset):
     """Items are whole packed batches, read and collated in the worker processes (picklable)."""
 
     def __init__(
-        self, store: FeatureStore, groups: list[np.ndarray], cap: int, seed: int | None, keep: float = 1.0
-    ) -> None:
-        self.store, self.groups, self.cap, self.seed, self.keep = store, groups, cap, seed, keep
+        self, store: FeatureStore, groups: list[np.ndarray], cap: int, seed: int | None, keep: float = 1.0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:  # fmt: skip
+        self.store, self.groups, self.cap, self.seed, self.keep, self.dtype = store, groups, cap, seed, keep, dtype
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -303,7 +328,7 @@ class _BatchDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> BagBatch:
         sample = bool(self.cap) or self.keep < 1
         rng = np.random.default_rng(None if self.seed is None else [self.seed, i]) if sample else None
-        return self.store.gather(self.groups[i], self.cap, rng, self.keep)
+        return self.store.gather(self.groups[i], self.cap, rng, self.keep, self.dtype)
 
 
 def _kept(n: int, cap: int, keep: float) -> int:

@@ -60,6 +60,7 @@ class ABMILConfig(AggregatorConfig):
 class ABMIL(MILAggregator):
     """Gated attention MIL (Ilse et al. 2018), optional per-class attention branches (SCEMILA)."""
 
+    casts_input_first = True  # x is read only through autocast_input(x)
     search_space = declare_space(
         embed_dim=SearchDim(64, 512, log=True),
         attention_dim=SearchDim(32, 256, log=True),

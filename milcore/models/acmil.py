@@ -83,6 +83,7 @@ class ACMILConfig(AggregatorConfig):
 class ACMIL(MILAggregator):
     """ACMIL (Zhang et al. 2023): multi-branch attention with diversity loss and stochastic top-k masking."""
 
+    casts_input_first = True  # x is read only through autocast_input(x)
     search_space = declare_space(
         embed_dim=SearchDim(64, 512, log=True),
         attention_dim=SearchDim(32, 256, log=True),

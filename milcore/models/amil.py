@@ -91,6 +91,7 @@ class AMiLConfig(AggregatorConfig):
 class AMiL(MILAggregator):
     """Anomaly-aware MIL (Kazeminia, Sadafi et al. 2022): Mahalanobis anomaly to control cells + attention."""
 
+    casts_input_first = True  # x is read only through autocast_input(x)
     hook_requirements = frozenset({"control_instances"})
     control_class_field = "normal_class"
     search_space = declare_space(

@@ -29,8 +29,9 @@ entry's metadata (:func:`~milcore.models.registry.aggregator_needs`), so callers
 ``uses_coords`` (pass ``(N, 2)`` cell coordinates when the bank has them: graph MIL),
 ``control_class_field`` (the config field holding the label of control bags: AMiL's ``normal_class``),
 ``hook_requirements`` (:class:`EpochContext` fields the trainer must fill, lazily: AMiL's
-``{"control_instances"}``), ``permutation_invariant``; ``has_padded_path`` is derived (whether
-``pool_padded`` is implemented). Before every epoch the trainer calls
+``{"control_instances"}``), ``permutation_invariant``, ``casts_input_first`` (the features are read only
+through one cast to the compute dtype, ``autocast_input(x)``, so the trainer may hand them over in that
+dtype); ``has_padded_path`` is derived (whether ``pool_padded`` is implemented). Before every epoch the trainer calls
 ``model.on_epoch_start(EpochContext(...))`` on any model.
 """
 
@@ -106,6 +107,10 @@ class MILAggregator(nn.Module, metaclass=ABCMeta):
             for models that learn from control cells (AMiL: ``"normal_class"``); ``None`` otherwise.
         hook_requirements: :class:`EpochContext` fields the model needs from the trainer.
         permutation_invariant: whether outputs are invariant to the order of rows within a bag.
+        casts_input_first: ``x`` is read only through :func:`~milcore.models.layers.autocast_input` at the
+            start of :meth:`pool` (and :meth:`pool_padded`), so features already in the autocast dtype give
+            the same outputs; the trainer then gathers them in that dtype (half the copying, no cast). A
+            contract test checks every aggregator that declares it.
         has_padded_path: whether :meth:`pool_padded` is implemented (derived, not declared).
         search_space: the model's own hyper-parameters a tuner may vary, config field -> ``SearchDim``
             (:mod:`milcore.models.search`; shared training settings are not declared here).
@@ -117,6 +122,7 @@ class MILAggregator(nn.Module, metaclass=ABCMeta):
     control_class_field: ClassVar[str | None] = None
     hook_requirements: ClassVar[frozenset[str]] = frozenset()
     permutation_invariant: ClassVar[bool] = True
+    casts_input_first: ClassVar[bool] = False
     has_padded_path: ClassVar[bool] = False
     search_space: ClassVar[Mapping[str, SearchDim]] = MappingProxyType({})
 

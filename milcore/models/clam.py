@@ -76,6 +76,7 @@ class CLAMConfig(AggregatorConfig):
 class _CLAM(MILAggregator):
     """What both variants share: embedding, gated attention, instance classifiers and the clustering loss."""
 
+    casts_input_first = True  # x is read only through autocast_input(x)
     search_space = declare_space(
         embed_dim=SearchDim(64, 512, log=True),
         attention_dim=SearchDim(32, 256, log=True),

@@ -74,6 +74,7 @@ class DSMILConfig(AggregatorConfig):
 class DSMIL(MILAggregator):
     """Dual-stream MIL (Li et al. 2021): critical-instance max stream + per-class attention stream."""
 
+    casts_input_first = True  # x is read only through autocast_input(x)
     search_space = declare_space(
         embed_dim=SearchDim(64, 512, log=True),
         query_dim=SearchDim(32, 256, log=True),

@@ -86,6 +86,7 @@ class DTFDMILConfig(AggregatorConfig):
 class DTFDMIL(MILAggregator):
     """DTFD-MIL (Zhang et al. 2022): pseudo-bags, tier-1 pseudo-bag classifier, tier-2 distilled bag classifier."""
 
+    casts_input_first = True  # x is read only through autocast_input(x)
     search_space = declare_space(
         embed_dim=SearchDim(64, 512, log=True),
         attention_dim=SearchDim(32, 256, log=True),

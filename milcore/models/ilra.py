@@ -167,6 +167,7 @@ class _GAB(nn.Module):
 class ILRA(MILAggregator):
     """ILRA-MIL (Xiang et al. 2023): stacked low-rank latent attention blocks, non-local seed pooling."""
 
+    casts_input_first = True  # x is read only through autocast_input(x)
     search_space = declare_space(
         embed_dim=SearchDim(choices=(64, 128, 256, 512)),
         num_layers=SearchDim(1, 3),

@@ -47,6 +47,7 @@ class MeanPoolConfig(AggregatorConfig):
 class MeanPool(MILAggregator):
     """Mean pooling of instance embeddings (baseline)."""
 
+    casts_input_first = True  # x is read only through autocast_input(x)
     search_space = declare_space(embed_dim=SearchDim(64, 512, log=True))  # max pooling inherits it
 
     def __init__(self, config: MeanPoolConfig) -> None:

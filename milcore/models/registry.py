@@ -57,6 +57,8 @@ class AggregatorNeeds:
         hooks: :class:`~milcore.models.base.EpochContext` fields the trainer fills before each epoch.
         padded: has a dense ``forward_padded`` path.
         permutation_invariant: outputs do not depend on the order of a bag's rows.
+        casts_input_first: reads the features only through one cast to the autocast dtype, so they may be
+            handed over in that dtype.
     """
 
     coords: bool = False
@@ -64,6 +66,7 @@ class AggregatorNeeds:
     hooks: frozenset[str] = frozenset()
     padded: bool = False
     permutation_invariant: bool = True
+    casts_input_first: bool = False
 
     @classmethod
     def of(cls, model_class: type) -> AggregatorNeeds:
@@ -74,6 +77,7 @@ class AggregatorNeeds:
             hooks=frozenset(getattr(model_class, "hook_requirements", frozenset())),
             padded=bool(getattr(model_class, "has_padded_path", False)),
             permutation_invariant=bool(getattr(model_class, "permutation_invariant", True)),
+            casts_input_first=bool(getattr(model_class, "casts_input_first", False)),
         )
 
 

@@ -199,6 +199,7 @@ def principal_direction(h: Tensor, ptr: Tensor, index: Tensor) -> tuple[Tensor, 
 class RRTMIL(MILAggregator):
     """RRT-MIL (Tang et al. 2024): region re-embedding (R-MSA + EPEG, CR-MSA), feature-space regions, ABMIL."""
 
+    casts_input_first = True  # x is read only through autocast_input(x)
     search_space = declare_space(
         embed_dim=SearchDim(choices=(128, 256, 512)),
         region_size=SearchDim(16, 256, log=True),

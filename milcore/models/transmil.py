@@ -304,6 +304,7 @@ class _PPEG(nn.Module):
 class TransMIL(MILAggregator):
     """TransMIL (Shao et al. 2021) with exact fused attention up to ``exact_max_tokens``, Nystrom beyond."""
 
+    casts_input_first = True  # x is read only through autocast_input(x)
     permutation_invariant = False
     search_space = declare_space(
         dim=SearchDim(choices=(128, 256, 512)),

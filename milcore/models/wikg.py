@@ -88,6 +88,7 @@ class WiKGConfig(AggregatorConfig):
 class WiKG(MILAggregator):
     """WiKG (Li et al. 2024): top-k head/tail graph in embedding space, knowledge-aware edge attention."""
 
+    casts_input_first = True  # x is read only through autocast_input(x)
     search_space = declare_space(
         embed_dim=SearchDim(64, 512, log=True),
         topk=SearchDim(2, 16),

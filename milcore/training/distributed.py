@@ -38,7 +38,7 @@ from milcore.metrics.calibration import fit_temperature, softmax
 from milcore.metrics.classification import balanced_accuracy
 from milcore.models.input_norm import attach_input_norm
 from milcore.training.config import TrainConfig
-from milcore.training.loop import OptimizerStep, autocast, autocast_dtype, epoch_order
+from milcore.training.loop import OptimizerStep, autocast, autocast_dtype, epoch_order, input_dtype
 from milcore.training.trainer import STD_FLOOR, ModelOutputs, Trainer, positions
 
 if TYPE_CHECKING:
@@ -169,7 +169,8 @@ def fit_ddp(config: TrainConfig, train: FeatureStore, val: FeatureStore, *, rank
             if len(share):
                 rng = np.random.default_rng([config.seed * 100_003 + epoch, i, rank.rank])
                 batch = train.gather(share, config.max_bag_instances, rng if config.max_bag_instances or
-                                     config.instance_dropout else None, 1.0 - config.instance_dropout)  # fmt: skip
+                                     config.instance_dropout else None, 1.0 - config.instance_dropout,
+                                     input_dtype(model, amp))  # fmt: skip
                 b = batch.to(device)
                 y = y_all[positions(batch)].to(device)
                 with autocast(device, amp):

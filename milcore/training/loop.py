@@ -2,6 +2,7 @@
 
 - :func:`epoch_order`: the bags of one epoch (a permutation, or classes drawn equally often);
 - :func:`autocast_dtype` / :func:`autocast`: mixed precision (``amp``) on any device, CPU included;
+- :func:`input_dtype`: the dtype to gather a model's features in (its compute dtype where it only casts them);
 - :class:`OptimizerStep`: one optimisation step (backward, fp16 loss scaling, gradient clipping, step);
 - :func:`forward`: call any ``nn.Module`` with the arguments its ``forward`` accepts (``coords`` and
   ``labels`` only where declared), so a user's ``forward(x, ptr)`` trains as well as an aggregator.
@@ -18,6 +19,8 @@ import torch
 from torch import nn
 
 from feature_cache.devices import native_bf16
+from milcore.models.input_norm import has_input_norm
+from milcore.models.registry import aggregator_needs
 
 #: ``TrainConfig.amp`` values and the autocast dtype they select (``auto``: bfloat16 on CUDA, off elsewhere;
 #: ``native``: bfloat16 wherever the device computes it natively, see :func:`feature_cache.devices.native_bf16`).
@@ -47,6 +50,16 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
     """``torch.autocast`` on ``device`` with ``dtype``, disabled when ``dtype`` is None."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def input_dtype(model: nn.Module, amp: torch.dtype | None) -> torch.dtype:
+    """The dtype to gather ``model``'s features in: the autocast dtype ``amp`` when the model declares
+    ``casts_input_first`` (its first step would cast them to it anyway) and carries no input norm (which
+    standardises float32 features first); float32 otherwise. The outputs are the same either way; the batch
+    is half the size and the per-step cast is gone."""
+    if amp is None or has_input_norm(model) or not aggregator_needs(model).casts_input_first:
+        return torch.float32
+    return amp
 
 
 class OptimizerStep:

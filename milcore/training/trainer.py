@@ -34,7 +34,7 @@ from milcore.metrics.classification import balanced_accuracy
 from milcore.models.input_norm import attach_input_norm, normalize_input
 from milcore.models.output import check_output_contract
 from milcore.training.config import TrainConfig
-from milcore.training.loop import OptimizerStep, autocast, autocast_dtype, epoch_order, forward
+from milcore.training.loop import OptimizerStep, autocast, autocast_dtype, epoch_order, forward, input_dtype
 
 #: input standardisation never divides by less than this fraction of the median feature std
 STD_FLOOR = 0.1
@@ -248,6 +248,7 @@ class Trainer:
         if state_path is not None and Path(state_path).exists():
             start_epoch, bad_epochs, history, best = self._resume(Path(state_path), model, optimizer, bel, step)
         needs = aggregator_needs(model).hooks  # declared by the model (any nn.Module: none)
+        x_dtype = input_dtype(model, amp)
         normal_class = control_class_of(model)
         board = _tensorboard(log_dir) if cfg.tensorboard else None
         bar = progress(total=cfg.epochs, desc=desc, unit="epoch", initial=start_epoch)
@@ -266,7 +267,7 @@ class Trainer:
             for batch in train.batches(order, cfg.batch_instances, cfg.max_bag_instances,
                                        seed=cfg.seed * 100_003 + epoch, num_workers=0 if train.in_memory
                                        else cfg.num_workers, pin_memory=self.device.type == "cuda",
-                                       keep=1.0 - cfg.instance_dropout):  # fmt: skip
+                                       keep=1.0 - cfg.instance_dropout, dtype=x_dtype):  # fmt: skip
                 b = batch.to(self.device, non_blocking=True)
                 y = y_train_t[positions(batch)].to(self.device)
                 with autocast(self.device, amp):
@@ -378,7 +379,7 @@ class Trainer:
         scores: dict[str, list[np.ndarray]] = {}
         order, checked = np.arange(n), False
         for batch in store.batches(order, self.config.batch_instances, 0, num_workers=0 if store.in_memory
-                                   else self.config.num_workers):  # fmt: skip
+                                   else self.config.num_workers, dtype=input_dtype(model, amp)):  # fmt: skip
             b = batch.to(self.device, non_blocking=True)
             with autocast(self.device, amp):
                 out = forward(model, b.x, b.ptr, b.coords)

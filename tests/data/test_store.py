@@ -40,3 +40,23 @@ def test_failed_first_read_is_retried(planted_factory, tmp_path: Path) -> None:
         np.testing.assert_array_equal(batch.x.numpy(), expected)
         store.gather(np.arange(3))
         assert bank.reads == 2, "after the retry the bags are held in memory, not read from the bank per batch"
+
+
+def test_batches_in_the_compute_dtype_round_the_bank_values_once(planted_factory, tmp_path: Path) -> None:
+    """``dtype=bfloat16`` gives exactly the float32 batch cast to bfloat16: in memory from a bfloat16 copy
+    (room for it in the budget), in memory converting each batch (no room), and streaming."""
+    import torch
+
+    paths = planted_factory(tmp_path / "b", n_bags=6)
+    with open_reader(paths["bank"]) as reader:
+        order = np.arange(6)[::-1].copy()
+        need = FeatureStore(reader, reader.bag_ids())._need
+        for budget, copies in ((1 << 30, 1), (need, 0), (0, 0)):
+            store = FeatureStore(reader, reader.bag_ids(), memory_budget_bytes=budget)
+            ref = list(store.batches(order, 12, cap=5, seed=1))
+            got = list(store.batches(order, 12, cap=5, seed=1, dtype=torch.bfloat16))
+            assert len(ref) == len(got) > 1
+            for a, b in zip(ref, got, strict=True):
+                assert a.x.dtype == torch.float32 and b.x.dtype == torch.bfloat16
+                assert torch.equal(a.x.to(torch.bfloat16), b.x) and torch.equal(a.ptr, b.ptr)
+            assert len(store._resident.cast) == copies, budget

@@ -11,6 +11,8 @@ aggregator on CPU (the source of :data:`BF16_ATOL`).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -225,6 +227,39 @@ def check_bf16_autocast_keeps_the_contract(name: str) -> None:
         assert (broken - ref.logits).abs().max() > atol, f"{name}: atol {atol} would pass a broken model"
 
 
+def cast_first_mismatches(model: MILAggregator, x: torch.Tensor, ptr: torch.Tensor) -> list[str]:
+    """Output fields that differ between float32 features and the same features already in bfloat16, under
+    bfloat16 autocast, in eval mode and in training mode with labels (same random draws and the same starting
+    state for both: a training forward may update buffers, as AMiL's control statistics)."""
+    labels = torch.arange(len(ptr) - 1) % C
+    differ = []
+    for training in (False, True):
+        outs = []
+        for features in (x, x.to(torch.bfloat16)):
+            torch.manual_seed(3)
+            twin = copy.deepcopy(model).train(training)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outs.append(twin(features, ptr, labels=labels if training else None))
+        a, b = outs
+        pairs = {"logits": (a.logits, b.logits), "attention": (a.attention, b.attention),
+                 "embedding": (a.embedding, b.embedding)}  # fmt: skip
+        pairs.update({f"aux {k}": (v, b.aux_losses[k]) for k, v in a.aux_losses.items()})
+        pairs.update({f"scores {k}": (v, b.instance_scores[k]) for k, v in a.instance_scores.items()})
+        differ += [f"{key} ({'train' if training else 'eval'})" for key, (u, v) in pairs.items()
+                   if u.dtype != v.dtype or not torch.equal(u, v)]  # fmt: skip
+    return differ
+
+
+def check_casts_input_first_where_declared(name: str) -> None:
+    """A model declaring ``casts_input_first`` gives bit-identical outputs from features already in the
+    autocast dtype (the trainer gathers them so); the others get float32 features and are not checked."""
+    model = build(name)
+    if not model.casts_input_first:
+        return
+    x, ptr = make_batch(SIZES)
+    assert cast_first_mismatches(fitted(model, x), x, ptr) == []
+
+
 CHECKS = (
     check_output_shapes_and_attention_sums_to_one,
     check_batch_invariance,
@@ -237,6 +272,7 @@ CHECKS = (
     check_bad_inputs_raise_clear_errors,
     check_state_dict_round_trip,
     check_bf16_autocast_keeps_the_contract,
+    check_casts_input_first_where_declared,
 )
 
 
@@ -289,3 +325,27 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     for name, error in bf16_errors().items():
         print(f"{name:10s} max |bf16 - fp32| logits: {error:.4f}  (tolerance {BF16_ATOL.get(name, BF16_ATOL_DEFAULT)})")
+
+
+def test_a_false_casts_input_first_declaration_is_caught() -> None:
+    """The check fails a model that declares ``casts_input_first`` but computes on float32 features first."""
+    from milcore.models import AggregatorConfig
+    from milcore.models.layers import autocast_input
+    from milcore.ops import segment_mean
+
+    class FloatFirst(MILAggregator):  # not registered: built directly
+        casts_input_first = True
+
+        def __init__(self, config: AggregatorConfig) -> None:
+            super().__init__(config)
+            self.head = torch.nn.Linear(config.in_dim, config.num_classes)
+
+        def pool(self, x, ptr, index, coords, labels) -> MILOutput:
+            h = autocast_input(x.float() / 3.0)  # (N, D) float32 work before the cast: not cast-first
+            z = segment_mean(h, ptr, index)  # (B, D)
+            return MILOutput(self.head(z), torch.ones(len(x)) / segment_sum(torch.ones(len(x)), ptr, index)[index], z)
+
+    torch.manual_seed(0)
+    model = FloatFirst(AggregatorConfig(in_dim=D, num_classes=C))
+    x, ptr = make_batch(SIZES)
+    assert "logits (eval)" in cast_first_mismatches(model, x, ptr)

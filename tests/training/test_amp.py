@@ -120,3 +120,44 @@ def test_cpu_flags_are_lower_case_feature_names() -> None:
 
     flags = cpu_flags()
     assert all(isinstance(f, str) and f == f.lower() for f in flags)
+
+
+@pytest.mark.parametrize("model", ["abmil", "transmil"])
+def test_cast_first_features_train_the_same_model(data_and_fold, monkeypatch: pytest.MonkeyPatch, model: str) -> None:
+    """Under bf16 the trainer gathers a cast-first model's features in bfloat16: the same fit, to the bit, as
+    gathering float32 features and casting them in the model."""
+    from milcore.training import trainer
+
+    data, fold = data_and_fold
+    config = TrainConfig(**{**FAST, "epochs": 2, "amp": "bf16", "model": model,
+                            "batch_instances": 64})  # fmt: skip
+    seen = []
+    real = trainer.input_dtype
+
+    def recording(module, amp):
+        seen.append(real(module, amp))
+        return seen[-1]
+
+    monkeypatch.setattr(trainer, "input_dtype", recording)
+    fast = fit_fold(config, data, fold)
+    assert set(seen) == {torch.bfloat16}
+    monkeypatch.setattr(trainer, "input_dtype", lambda module, amp: torch.float32)
+    slow = fit_fold(config, data, fold)
+    assert [h["train_loss"] for h in fast.history] == [h["train_loss"] for h in slow.history]
+    np.testing.assert_array_equal(fast.test.logits, slow.test.logits)
+    for a, b in zip(fast.test.attention, slow.test.attention, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_input_dtype_is_float32_unless_the_model_casts_first() -> None:
+    from milcore.models import create_aggregator
+    from milcore.models.input_norm import attach_input_norm
+    from milcore.training.loop import input_dtype
+
+    bf16 = torch.bfloat16
+    assert input_dtype(create_aggregator("abmil", in_dim=4, num_classes=2), bf16) is bf16
+    assert input_dtype(create_aggregator("abmil", in_dim=4, num_classes=2), None) is torch.float32
+    assert input_dtype(create_aggregator("graphmil", in_dim=4, num_classes=2), bf16) is torch.float32  # kNN on x
+    assert input_dtype(Recorder(4, 2), bf16) is torch.float32  # a user's module declares nothing
+    normed = attach_input_norm(create_aggregator("abmil", in_dim=4, num_classes=2))
+    assert input_dtype(normed, bf16) is torch.float32  # standardised in float32 first
