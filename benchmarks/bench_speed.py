@@ -8,7 +8,9 @@ the benchmark's two worker processes is that over 2. In the same run, for the mo
 autocast where the CPU has AVX512-BF16/AMX), and times TransMIL's forward + backward on real bags
 through the packed path (no padding) and the padded path (``forward_padded``), in float32 and bf16.
 ``--attention-only`` and ``--conv-only`` time the kernel forms alone (TransMIL's exact attention, its PPEG
-convolution).
+convolution). ``--input-dtype-ab`` trains each model's fit twice over in the order A B B A: A gathers
+float32 features (the model casts them), B gathers them in the compute dtype (what the trainer does for a
+model declaring ``casts_input_first``); the outputs must be identical, the CPU seconds are compared.
 
 On a machine shared with other jobs, wall-clock is inflated by the load; process CPU seconds much
 less so (they still grow somewhat with cache and memory-bandwidth contention). The load average is
@@ -168,6 +170,48 @@ def _kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def input_dtype_ab(models: list[str], ctx: dict[str, Any], out: Path) -> int:
+    """``--input-dtype-ab``: CPU seconds of each model's fit (seed 0, outer fold 1) with float32 features (A)
+    and features in the compute dtype (B), in the order A B B A; the two must give identical results."""
+    from milcore.models.registry import aggregator_needs
+    from milcore.training import trainer
+
+    real = trainer.input_dtype
+    rows = []
+    _fit("mean", "native", ctx)  # warm-up: first touch of the bags and of the kernels, not counted
+    for model in models:
+        if not aggregator_needs(model).casts_input_first:
+            continue
+        fits = {"A": [], "B": []}
+        for arm in "ABBA":
+            trainer.input_dtype = real if arm == "B" else (lambda module, amp: torch.float32)
+            try:
+                fits[arm].append(_fit(model, "native", ctx))
+            finally:
+                trainer.input_dtype = real
+        a, b = fits["A"], fits["B"]
+        keys = ("epochs_run", "best_epoch", "balanced_accuracy", "auroc")
+        same = all(x[k] == y[k] for x in a for y in b for k in keys)
+        cpu_a, cpu_b = sum(f["cpu_s"] for f in a) / 2, sum(f["cpu_s"] for f in b) / 2
+        epochs = a[0]["epochs_run"]
+        rows.append({"model": model, "epochs": epochs, "cpu_s_float32": cpu_a, "cpu_s_compute_dtype": cpu_b,
+                     "cpu_s_per_epoch_saved": (cpu_a - cpu_b) / epochs, "ratio": cpu_a / cpu_b,
+                     "identical_results": same, "fits": fits})  # fmt: skip
+        log.info("%s: %.2f -> %.2f CPU s (%.3fx), identical %s", model, cpu_a, cpu_b, cpu_a / cpu_b, same)
+        (out / "input_dtype.partial.json").write_text(json.dumps(rows, indent=1, default=float))
+    load = list(os.getloadavg())
+    (out / "input_dtype.json").write_text(json.dumps({"rows": rows, "load_average_after": load}, indent=1,
+                                                     default=float))  # fmt: skip
+    lines = ["| model | epochs | CPU s per fit, float32 features | in the compute dtype | ratio "
+             "| CPU s saved per epoch | identical results |", "|---|---:|---:|---:|---:|---:|---|"]
+    lines += [f"| {r['model']} | {r['epochs']} | {r['cpu_s_float32']:.2f} | {r['cpu_s_compute_dtype']:.2f} | "
+              f"{r['ratio']:.3f}x | {r['cpu_s_per_epoch_saved']:.3f} | {'yes' if r['identical_results'] else 'NO'} |"
+              for r in rows]  # fmt: skip
+    print("\n".join(lines) + f"\nload average (1 min) {load[0]:.1f}")
+    (out / "input_dtype.md").write_text("\n".join(lines) + "\n")
+    return 0 if all(r["identical_results"] for r in rows) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     from feature_cache.devices import cpu_flags
     from milcore.bench.aggregators import _load
@@ -185,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results/bench_speed")
     p.add_argument("--attention-only", action="store_true", help="only the exact-attention forms (seconds)")
     p.add_argument("--conv-only", action="store_true", help="only the PPEG convolution forms (sizes from --bank)")
+    p.add_argument("--input-dtype-ab", action="store_true",
+                   help="each model's fit with float32 features vs features in the compute dtype (A B B A)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -194,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     compare = [m for m in args.compare.split(",") if m]
     spec = BenchSpec(args.bank, args.cohort, args.task, models=tuple(models), peers=(), seeds=(0,), train=BENCH_TRAIN)
     ctx = {"spec": spec, "tm": None, **_load(spec)}
+    if args.input_dtype_ab:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        return input_dtype_ab(models, ctx, out)
     load_before = list(os.getloadavg())
     t0, cpu0 = time.perf_counter(), time.process_time()
     native = "bf16" if autocast_dtype("native", torch.device("cpu")) is not None else "fp32"
