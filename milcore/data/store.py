@@ -82,7 +82,8 @@ class FeatureStore:
         bank: a :class:`feature_cache.bank.BankReader` (or anything with ``read_packed``,
             ``read_packed_coords``, ``bag_sizes``, ``index_of``, ``dim``).
         bag_ids: the bags this store serves, in order.
-        memory_budget_bytes: hold everything in memory when the features fit (float16 kept as is).
+        memory_budget_bytes: hold everything in memory when the features fit (float16 kept as is); a copy
+            in a model's compute dtype (:meth:`gather` ``dtype``) is kept too when it fits beside them.
         with_coords: also provide coordinates (aggregators that declare they need them).
         labels: (B,) int labels aligned with ``bag_ids`` (-1: unknown); ``None`` for unlabelled bags.
         groups: (B,) patient of each bag (bags of one patient stay in one fold); ``None``: the bag itself.

@@ -136,6 +136,7 @@ def test_needs_are_declared_by_the_models_not_chosen_by_name() -> None:
     assert aggregator_needs("amil").hooks == {"control_instances"}
     assert {n for n in list_aggregators() if aggregator_needs(n).padded} == {"abmil", "max", "mean", "transmil"}
     assert [n for n in list_aggregators() if not aggregator_needs(n).permutation_invariant] == ["transmil"]
+    assert [n for n in list_aggregators() if not aggregator_needs(n).casts_input_first] == ["graphmil"]  # kNN on x
     amil = create_aggregator("amil", in_dim=4, num_classes=3, normal_class=2)
     assert control_class_of(amil) == 2 and control_class_of(create_aggregator("abmil", in_dim=4, num_classes=2)) == 0
     assert aggregator_needs(torch.nn.Linear(2, 2)) == aggregator_needs(torch.nn.Module)  # a plain module needs nothing
