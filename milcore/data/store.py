@@ -158,7 +158,7 @@ class FeatureStore:
     def _resident_in(self, dtype: torch.dtype) -> torch.Tensor:
         """The in-memory features to gather ``dtype`` batches from: a copy in ``dtype`` made once, for a
         compute dtype other than the bank's and float32, when it fits the memory budget beside the bank's
-        copy (converting every batch cost more than the training step of a small model: ``benchmarks/README.md``,
+        copy (converting every batch cost a quarter of a mean-pooling fit on the demo bank: ``benchmarks/README.md``,
         issue 18 speed); otherwise the bank's copy, converted batch by batch."""
         res = self._resident
         if dtype in (res.x.dtype, torch.float32):
