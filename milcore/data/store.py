@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from feature_cache.errors import UserError
+from feature_cache.errors import InvalidArgumentError, UserError
 from milcore.data.bag import BagBatch
 
 if TYPE_CHECKING:
@@ -118,7 +118,8 @@ class FeatureStore:
         itemsize = np.dtype(bank.dtype).itemsize
         self._need = int(self.sizes.sum()) * self.dim * itemsize
         self.in_memory = self._need <= memory_budget_bytes
-        self._resident = _Resident(list(self.bag_ids), spare=memory_budget_bytes - self._need)
+        self._copy_budget = memory_budget_bytes - self._need  # bytes left for copies in a compute dtype
+        self._resident = _Resident(list(self.bag_ids), spare=self._copy_budget)
         self._starts = np.concatenate(([0], np.cumsum(self.sizes)[:-1])).astype(np.int64)  # (B,) rows in x
 
     @property
@@ -198,8 +199,7 @@ class FeatureStore:
         other = object.__new__(FeatureStore)
         other.__dict__.update(self.__dict__)
         other.with_coords = True
-        other._resident = _Resident(list(self._resident.ids), spare=self._resident.spare + sum(
-            t.numel() * t.element_size() for t in self._resident.cast.values()))  # fmt: skip
+        other._resident = _Resident(list(self._resident.ids), spare=self._copy_budget)
         return other
 
     def moments(self, budget: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
@@ -242,7 +242,12 @@ class FeatureStore:
         Returns:
             A :class:`BagBatch` (``x`` in ``dtype``, ``ptr``, ``coords`` when kept, ``bag_ids``) whose
             per-bag ``metadata`` holds the bag's ``position`` in this store.
+
+        Raises:
+            InvalidArgumentError: ``dtype`` is not a floating dtype (integer features would be truncated).
         """
+        if not dtype.is_floating_point:
+            raise InvalidArgumentError(f"features are gathered in a floating dtype, got {dtype}")
         rows_per_bag = []
         for pos in positions:
             n = int(self.sizes[pos])

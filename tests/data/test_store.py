@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from feature_cache.bank import open_reader
+from feature_cache.errors import InvalidArgumentError
 from milcore.data.store import FeatureStore
 
 
@@ -60,3 +61,5 @@ def test_batches_in_the_compute_dtype_round_the_bank_values_once(planted_factory
                 assert a.x.dtype == torch.float32 and b.x.dtype == torch.bfloat16
                 assert torch.equal(a.x.to(torch.bfloat16), b.x) and torch.equal(a.ptr, b.ptr)
             assert len(store._resident.cast) == copies, budget
+        with pytest.raises(InvalidArgumentError, match="floating dtype"):
+            store.gather(np.arange(2), dtype=torch.int64)  # integer features would be truncated
