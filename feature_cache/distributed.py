@@ -26,7 +26,8 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -199,16 +200,31 @@ def merge_shards(shards: Sequence[str | Path], out: str | Path, order: Sequence[
     return {"bags": n, "shards": [str(p) for p in shards], "output": str(out)}
 
 
-def _group(backend: str, local_rank: int = 0) -> Any:
-    """Join the default process group (once per process); NCCL ranks first take their machine's GPU."""
+@contextmanager
+def process_group(backend: str, local_rank: int = 0) -> Iterator[Any]:
+    """The default process group for the ``with`` block (NCCL ranks first take their machine's GPU).
+
+    Joined unless the process is already in one, and then destroyed when the block ends (also on an
+    error): a gloo or NCCL group left to interpreter shutdown can abort the process after its work is
+    done ("terminate called without an active exception", exit -6) when its threads are torn down in the
+    wrong order. A group joined by the caller is left to the caller.
+
+    Yields:
+        ``torch.distributed``.
+    """
     import torch
     import torch.distributed as dist
 
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
+    joined = not dist.is_initialized()
+    if joined:
         dist.init_process_group(backend=backend)
-    return dist
+    try:
+        yield dist
+    finally:
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def extract_distributed(config: Any, rank: RankInfo | None = None) -> Any:
@@ -252,42 +268,42 @@ def extract_distributed(config: Any, rank: RankInfo | None = None) -> Any:
                         f"finish it with 'milcore bank verify --recover {out}', or resume it with a "
                         "single-process 'milcore extract'")  # fmt: skip
     # every check that needs no other rank is done: join the others
-    dist = _group("nccl" if device.type == "cuda" else "gloo", rank.local_rank)
-    if interrupted and rank.main:  # a merge interrupted on rank 0: the shards are intact (deleted after a merge)
-        log.warning("%s: an interrupted merge found; it is redone from the shards", out)
-        shutil.rmtree(journal_dir(out))
-    if config.overwrite:  # re-extract everything: earlier shards are not reused
+    with process_group("nccl" if device.type == "cuda" else "gloo", rank.local_rank) as dist:
+        if interrupted and rank.main:  # a merge interrupted on rank 0: the shards are intact (deleted after a merge)
+            log.warning("%s: an interrupted merge found; it is redone from the shards", out)
+            shutil.rmtree(journal_dir(out))
+        if config.overwrite:  # re-extract everything: earlier shards are not reused
+            if rank.main:
+                for path in (p for paths in found.values() for p in paths):
+                    _remove_bank(path)
+            found = {}
+        elif rank.main:
+            _finish_earlier_shards(found, rank.world_size, source, set(all_bags), config.accept_unrecorded)
+        dist.barrier()  # every earlier shard is finished, checked against the input and readable from here on
+        done: set[str] = set()
+        for paths in found.values():
+            for path in paths:
+                with open_reader(path) as shard:
+                    done.update(shard.bag_ids())
+        todo = [b for b in all_bags if b not in done]
+        mine = balanced_assignment(bag_weights(source, todo), rank.world_size)[rank.rank]
+        log.info("rank %d/%d: %d of %d bags (balanced by cell count)", rank.rank, rank.world_size, len(mine), len(todo))
+        summary = extract(replace(config, shard=(rank.rank, rank.world_size)), bags=mine) if mine else None
+        dist.barrier()  # every shard finished
         if rank.main:
-            for path in (p for paths in found.values() for p in paths):
+            shards = sorted({p for paths in existing_shards(out).values() for p in paths})
+            target = out
+            if config.overwrite and out.exists():
+                target = out.with_name(f"{out.stem}.merging{out.suffix}")
+                _remove_bank(target)  # left by an interrupted merge
+            result = merge_shards(shards, target, all_bags)
+            if target != out:
+                _replace_bank(target, out)
+            for path in shards:
                 _remove_bank(path)
-        found = {}
-    elif rank.main:
-        _finish_earlier_shards(found, rank.world_size, source, set(all_bags), config.accept_unrecorded)
-    dist.barrier()  # every earlier shard is finished, checked against the input and readable from here on
-    done: set[str] = set()
-    for paths in found.values():
-        for path in paths:
-            with open_reader(path) as shard:
-                done.update(shard.bag_ids())
-    todo = [b for b in all_bags if b not in done]
-    mine = balanced_assignment(bag_weights(source, todo), rank.world_size)[rank.rank]
-    log.info("rank %d/%d: %d of %d bags (balanced by cell count)", rank.rank, rank.world_size, len(mine), len(todo))
-    summary = extract(replace(config, shard=(rank.rank, rank.world_size)), bags=mine) if mine else None
-    dist.barrier()  # every shard finished
-    if rank.main:
-        shards = sorted({p for paths in existing_shards(out).values() for p in paths})
-        target = out
-        if config.overwrite and out.exists():
-            target = out.with_name(f"{out.stem}.merging{out.suffix}")
-            _remove_bank(target)  # left by an interrupted merge
-        result = merge_shards(shards, target, all_bags)
-        if target != out:
-            _replace_bank(target, out)
-        for path in shards:
-            _remove_bank(path)
-        log.info("rank 0: merged %d shard(s) into %s (%d bags); shard banks removed", len(shards), out,
-                 result["bags"])  # fmt: skip
-    dist.barrier()
+            log.info("rank 0: merged %d shard(s) into %s (%d bags); shard banks removed", len(shards), out,
+                     result["bags"])  # fmt: skip
+        dist.barrier()
     return summary
 
 

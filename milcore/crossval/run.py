@@ -288,27 +288,29 @@ def _train_fold_ddp(spec: RunSpec, config: TrainConfig, out: Path, fold: int, ra
     """One fold trained by every torchrun rank with DDP (:func:`milcore.training.distributed.fit_fold_ddp`);
     rank 0 writes the one-fold run folder. Every rank checks the inputs before any writes."""
     from feature_cache.devices import resolve_device
-    from milcore.training.distributed import fit_fold_ddp, init_group
+    from feature_cache.distributed import process_group
+    from milcore.training.distributed import fit_fold_ddp
 
-    dist = init_group(resolve_device(config.device))
-    plan = _plan(spec, config, out, overwrite=overwrite)
-    assert plan.resolved is not None
-    plan.resolved["fold"] = fold
-    plan.resolved["world_size"] = rank.world_size
-    dist.barrier()  # every rank has checked --out before rank 0 writes into it
-    if rank.main:
-        if overwrite and out.is_dir():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        _start_folder(spec, out, plan)
-    result = fit_fold_ddp(config, plan.data, plan.folds[fold], rank=rank,
-                          desc=f"fold {fold + 1}/{len(plan.folds)}")  # fmt: skip
-    if rank.main:
-        fdir = out / f"fold_{fold}"
-        fdir.mkdir(exist_ok=True)
-        _save_fold(fdir, result, spec, config, plan.data)
-        (fdir / "metrics.json").write_text(json.dumps(result.row(), indent=2, default=float))
-    dist.barrier()
+    backend = "nccl" if resolve_device(config.device).type == "cuda" else "gloo"
+    with process_group(backend, rank.local_rank) as dist:  # left before exit: see process_group
+        plan = _plan(spec, config, out, overwrite=overwrite)
+        assert plan.resolved is not None
+        plan.resolved["fold"] = fold
+        plan.resolved["world_size"] = rank.world_size
+        dist.barrier()  # every rank has checked --out before rank 0 writes into it
+        if rank.main:
+            if overwrite and out.is_dir():
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+            _start_folder(spec, out, plan)
+        result = fit_fold_ddp(config, plan.data, plan.folds[fold], rank=rank,
+                              desc=f"fold {fold + 1}/{len(plan.folds)}")  # fmt: skip
+        if rank.main:
+            fdir = out / f"fold_{fold}"
+            fdir.mkdir(exist_ok=True)
+            _save_fold(fdir, result, spec, config, plan.data)
+            (fdir / "metrics.json").write_text(json.dumps(result.row(), indent=2, default=float))
+        dist.barrier()
     return result
 
 

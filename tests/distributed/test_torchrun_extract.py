@@ -143,3 +143,39 @@ def test_unfinished_bank_without_shards_is_refused(cohort: Path, single: Path, t
     cfg = ExtractConfig(source="crops", input=str(cohort), encoder="toy", out=str(out), num_workers=0, device="cpu")
     with pytest.raises(UserError, match="no shard beside it"):
         extract_distributed(cfg, RankInfo(0, 2))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_process_group_is_left_by_the_block_that_joined_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group left to interpreter shutdown aborted a torchrun worker in CI (exit -6 after its work was done):
+    the block that joins the group destroys it, also on an error; a group the caller joined stays."""
+    import torch.distributed as dist
+
+    from feature_cache.distributed import process_group
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert not dist.is_initialized()
+    with process_group("gloo") as group:
+        assert group.is_initialized() and group.get_world_size() == 1
+        group.barrier()
+    assert not dist.is_initialized(), "destroyed at the end of the block"
+    with pytest.raises(RuntimeError, match="inside"), process_group("gloo"):
+        raise RuntimeError("inside")
+    assert not dist.is_initialized(), "destroyed on an error too"
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    dist.init_process_group(backend="gloo")
+    try:
+        with process_group("gloo"):
+            pass
+        assert dist.is_initialized(), "the caller's group is the caller's to leave"
+    finally:
+        dist.destroy_process_group()
