@@ -16,7 +16,9 @@ attention times the bag size in disease bags and uniformly in control bags (``au
 The Gaussian is **refreshed during training** because ``h`` changes as ``W`` learns:
 
 * online, like BatchNorm statistics: in ``train()`` mode, a ``forward`` given ``labels`` updates running
-  mean and second moment from the control bags of the batch (``momentum``) and re-derives the whitening;
+  mean and covariance from the control bags of the batch (``momentum``; the covariances are mixed with
+  their means' spread, which equals a running second moment minus the running mean's square without its
+  float32 cancellation) and re-derives the whitening;
 * by the trainer, via the generic hook ``model.on_epoch_start(EpochContext(epoch, control_instances=fn))``
   (``"control_instances"`` is in :attr:`AMiL.hook_requirements`), which refits on those cells every
   ``refit_every`` epochs; or directly with ``model.fit_normal(x_control)``.
@@ -46,6 +48,16 @@ from milcore.ops import ptr_to_sizes, segment_softmax, weighted_segment_sum
 __all__ = ["AMiL", "AMiLConfig"]
 
 logger = logging.getLogger(__name__)
+#: Ridges tried in turn (times the mean variance) when the shrunk control covariance is not numerically
+#: positive definite.
+JITTERS = (0.0, 1e-6, 1e-4, 1e-2)
+
+
+def _moments(h: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean ``(E,)`` and covariance ``(E, E)`` of ``(M, E)`` embedded cells, centred before the product."""
+    mean = h.mean(0)
+    centred = h - mean
+    return mean, centred.T @ centred / h.shape[0]
 
 
 @dataclass(frozen=True)
@@ -113,9 +125,10 @@ class AMiL(MILAggregator):
         self.instance_head = nn.Linear(e, config.num_classes)
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("normal_mean", torch.zeros(e))
-        self.register_buffer("normal_second", torch.eye(e))
+        self.register_buffer("normal_cov", torch.eye(e))  # central: see _set_stats
         self.register_buffer("whitening", torch.eye(e))
         self.register_buffer("score_stats", torch.tensor([0.0, 1.0]))  # mean, std of control log-scores
+        self._warned = False
 
     # -- the Gaussian of control cells ----------------------------------------------------------------
     @torch.no_grad()
@@ -132,31 +145,51 @@ class AMiL(MILAggregator):
         x_control = x_control.to(self.normal_mean.device)
         h = torch.cat([self.embed(x_control[i : i + batch_rows].float()) for i in range(0, len(x_control), batch_rows)])
         self.train(was_training)
-        self._set_stats(h.mean(0), h.T @ h / h.shape[0], h, momentum=0.0)
+        self._set_stats(*_moments(h), h, momentum=0.0)
         logger.debug("amil: refitted the control Gaussian on %d cells", h.shape[0])
 
     @torch.no_grad()
-    def _set_stats(self, mean: Tensor, second: Tensor, h: Tensor, momentum: float) -> None:
-        if momentum > 0 and bool(self.fitted):
+    def _set_stats(self, mean: Tensor, cov: Tensor, h: Tensor, momentum: float) -> None:
+        if momentum > 0 and bool(self.fitted):  # mixture of the old and the new Gaussian's first two moments
+            shift = self.normal_mean - mean
+            spread = momentum * (1 - momentum) * torch.outer(shift, shift)
+            cov = momentum * self.normal_cov + (1 - momentum) * cov + spread
             mean = momentum * self.normal_mean + (1 - momentum) * mean
-            second = momentum * self.normal_second + (1 - momentum) * second
         e = mean.numel()
-        cov = second - torch.outer(mean, mean)
+        stored = cov
+        cov = cov.double()
         lam = self.config.shrinkage
-        cov = (1 - lam) * cov + (lam * cov.diagonal().mean().clamp_min(1e-6) + 1e-5) * torch.eye(e, device=cov.device)
-        chol, info = torch.linalg.cholesky_ex(cov.double())
-        if int(info) != 0:  # not positive definite even after shrinkage: keep the previous fit
-            logger.warning("amil: control covariance is not positive definite; keeping the previous fit")
-            return
+        scale = cov.diagonal().mean().clamp_min(1e-6)
         eye = torch.eye(e, dtype=torch.float64, device=cov.device)
+        cov = (1 - lam) * cov + (lam * scale + 1e-5) * eye
+        for jitter in JITTERS:  # float32 rounding of the stored covariance can leave it barely indefinite
+            chol, info = torch.linalg.cholesky_ex(cov + jitter * scale * eye)
+            if int(info) == 0:
+                break
+        else:  # not positive definite even with the largest ridge: keep the previous fit
+            if not self._warned:
+                logger.warning("amil: control covariance is not positive definite even with a ridge of %g x its "
+                               "mean variance; keeping the previous fit (warned once per model)", JITTERS[-1])
+                self._warned = True
+            return
+        if jitter:
+            logger.debug("amil: control covariance needed a ridge of %g x its mean variance", jitter)
         whitening = torch.linalg.solve_triangular(chol, eye, upper=False).float()
         self.normal_mean.copy_(mean)
-        self.normal_second.copy_(second)
+        self.normal_cov.copy_(stored)
         self.whitening.copy_(whitening)
         self.fitted.fill_(True)
         raw = self._log_score(h)
         stats = torch.stack([raw.mean(), raw.std().clamp_min(1e-3) if raw.numel() > 1 else raw.new_tensor(1.0)])
         self.score_stats.copy_(momentum * self.score_stats + (1 - momentum) * stats if momentum > 0 else stats)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # type: ignore[override]
+        """Checkpoints written before the statistics were kept central hold ``normal_second`` (E[hh^T])."""
+        old = state_dict.pop(prefix + "normal_second", None)
+        if old is not None and prefix + "normal_cov" not in state_dict:
+            mean = state_dict[prefix + "normal_mean"].double()
+            state_dict[prefix + "normal_cov"] = (old.double() - torch.outer(mean, mean)).to(old.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _log_score(self, h: Tensor) -> Tensor:
         z = (h.float() - self.normal_mean) @ self.whitening.T  # (N, E) whitened
@@ -203,7 +236,7 @@ class AMiL(MILAggregator):
         hc = h.detach()[control].float()  # (M, E)
         if not bool(torch.isfinite(hc).all()):  # NaN features: leave the statistics alone, forward reports it
             return
-        self._set_stats(hc.mean(0), hc.T @ hc / hc.shape[0], hc, momentum=self.config.momentum)
+        self._set_stats(*_moments(hc), hc, momentum=self.config.momentum)
 
     def _instance_loss(self, logits: Tensor, att: Tensor, ptr: Tensor, index: Tensor, labels: Tensor) -> Tensor:
         """Single-instance CE with the bag label; attention-weighted in disease bags, uniform in control."""

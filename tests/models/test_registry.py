@@ -231,3 +231,43 @@ def test_amil_refreshes_its_gaussian_online_from_control_bags() -> None:
     assert torch.equal(model.normal_mean, frozen)  # eval mode never updates statistics
     with pytest.raises(InvalidArgumentError, match=r"expected \(M, 8\)"):
         model.fit_normal(torch.randn(5, 7))
+
+
+def test_amil_fits_control_cells_whose_spread_is_small_beside_their_mean(caplog: pytest.LogCaptureFixture) -> None:
+    """E[hh^T] - mu mu^T in float32 lost such cells' covariance (Cholesky failed, every refit was skipped with a
+    warning, so the anomaly scores stayed 0); the statistics are now central and the whitening is right."""
+    torch.manual_seed(0)
+    model = create_aggregator("amil", in_dim=16, num_classes=2, embed_dim=32, shrinkage=0.01)
+    with torch.no_grad():
+        model.embed[0].weight.copy_(torch.eye(32, 16))  # embed = the features themselves (and 16 dead units)
+        model.embed[0].bias.zero_()
+    x = 100.0 + 0.03 * torch.randn(4000, 16)
+    with caplog.at_level("WARNING", logger="milcore.models.amil"):
+        model.fit_normal(x)
+    assert bool(model.fitted) and not caplog.records
+    h = model.embed(x)[:, :16]
+    z = (h - model.normal_mean[:16]) @ model.whitening[:16, :16].T
+    cov = z.T @ z / len(z)  # whitened control cells: unit covariance (up to the shrinkage of 1 %)
+    assert torch.allclose(cov, torch.eye(16), atol=0.05)
+    anomaly = model.anomaly_scores(model.embed(x + 0.3))  # 10 standard deviations off in every feature
+    assert float(anomaly.mean()) > 10
+
+
+def test_amil_online_statistics_equal_the_running_second_moment_and_old_checkpoints_load() -> None:
+    torch.manual_seed(1)
+    model = create_aggregator("amil", in_dim=8, num_classes=2, embed_dim=16, momentum=0.7).train()
+    x, ptr, labels = torch.randn(30, 8), torch.tensor([0, 10, 20, 30]), torch.tensor([0, 0, 1])
+    h = [model.embed(x)[:20].detach().double()]
+    model(x, ptr, labels=labels)
+    h.append(model.embed(x + 1.0)[:20].detach().double())
+    model(x + 1.0, ptr, labels=labels)
+    mean = 0.7 * h[0].mean(0) + 0.3 * h[1].mean(0)
+    second = 0.7 * (h[0].T @ h[0]) / 20 + 0.3 * (h[1].T @ h[1]) / 20
+    assert torch.allclose(model.normal_mean.double(), mean, atol=1e-5)
+    assert torch.allclose(model.normal_cov.double(), second - torch.outer(mean, mean), atol=1e-4)
+    state = model.state_dict()  # as written before the statistics were kept central
+    del state["normal_cov"]
+    state["normal_second"] = second.float()
+    fresh = create_aggregator("amil", in_dim=8, num_classes=2, embed_dim=16, momentum=0.7)
+    fresh.load_state_dict(state)
+    assert torch.allclose(fresh.normal_cov, model.normal_cov, atol=1e-4)
