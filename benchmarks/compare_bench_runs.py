@@ -2,7 +2,7 @@
 
 Each fit is keyed by (model, implementation, variant, seed, fold); only the fits present and finished in
 both runs are paired. For every model and metric: the mean in A and in B, the mean paired difference
-B - A with a 95 % bootstrap CI (``scipy.stats.bootstrap``, percentile, 4,000 resamples, seeded), and the
+B - A with a 95 % bootstrap CI (:func:`milcore.metrics.mean_ci`: percentile, 4,000 resamples, seeded), and the
 number of fits whose value is identical; then the same over all the paired fits. Also the epochs run
 and the process CPU seconds of each side. Writes ``compare.json`` and ``compare.md`` into ``--out``.
 
@@ -34,15 +34,13 @@ def _finite(value: Any) -> bool:
 
 
 def paired(diffs: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """Mean of ``diffs`` with its 95 % percentile bootstrap CI (a single value: the CI is that value)."""
-    from scipy.stats import bootstrap
+    """Mean of ``diffs`` with its 95 % percentile bootstrap CI (:func:`milcore.metrics.mean_ci`); one value:
+    the CI is that value."""
+    from milcore.metrics import mean_ci
 
-    mean = float(diffs.mean())
-    if len(diffs) < 2 or np.all(diffs == diffs[0]):
-        return {"mean": mean, "low": mean, "high": mean, "n": len(diffs)}
-    res = bootstrap((diffs,), np.mean, n_resamples=4000, method="percentile", random_state=seed)
-    return {"mean": mean, "low": float(res.confidence_interval.low), "high": float(res.confidence_interval.high),
-            "n": len(diffs)}  # fmt: skip
+    ci = mean_ci(diffs, method="bootstrap", n_boot=4000, seed=seed)
+    low, high = ci["ci95"] if len(diffs) > 1 else (ci["mean"], ci["mean"])
+    return {"mean": ci["mean"], "low": low, "high": high, "n": ci["n"]}
 
 
 def compare(a: dict[str, Any], b: dict[str, Any], metrics: tuple[str, ...] = METRICS) -> dict[str, Any]:
