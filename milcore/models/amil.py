@@ -183,13 +183,13 @@ class AMiL(MILAggregator):
         stats = torch.stack([raw.mean(), raw.std().clamp_min(1e-3) if raw.numel() > 1 else raw.new_tensor(1.0)])
         self.score_stats.copy_(momentum * self.score_stats + (1 - momentum) * stats if momentum > 0 else stats)
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # type: ignore[override]
+    def upgrade_state(self, state: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
         """Checkpoints written before the statistics were kept central hold ``normal_second`` (E[hh^T])."""
-        old = state_dict.pop(prefix + "normal_second", None)
-        if old is not None and prefix + "normal_cov" not in state_dict:
-            mean = state_dict[prefix + "normal_mean"].double()
-            state_dict[prefix + "normal_cov"] = (old.double() - torch.outer(mean, mean)).to(old.dtype)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        old = state.pop(prefix + "normal_second", None)
+        if old is not None and prefix + "normal_cov" not in state:
+            mean = state[prefix + "normal_mean"].double()
+            state[prefix + "normal_cov"] = (old.double() - torch.outer(mean, mean)).to(old.dtype)
+        return state
 
     def _log_score(self, h: Tensor) -> Tensor:
         z = (h.float() - self.normal_mean) @ self.whitening.T  # (N, E) whitened

@@ -213,6 +213,18 @@ class MILAggregator(nn.Module, metaclass=ABCMeta):
     def _resize_head(self, num_classes: int) -> None:
         raise NotImplementedError
 
+    def upgrade_state(self, state: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+        """Tensors saved by an earlier version of this model, renamed or converted to the current ones.
+
+        Called on a checkpoint's tensors before they are checked against the model (and by
+        ``load_state_dict``); the default changes nothing. ``prefix``: where the model's keys start.
+        """
+        return state
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        self.upgrade_state(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def on_epoch_start(self, context: EpochContext) -> None:
         """Optional trainer hook called before each epoch; a no-op unless a model overrides it."""
         return None

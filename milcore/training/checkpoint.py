@@ -278,7 +278,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
     Checks, in order: the card (JSON, format, its own SHA-256, keys and types), the weights' SHA-256
     recorded in the card, the safetensors file (readable, finite values), and that tensor names and
-    shapes are exactly those of the model the card describes.
+    shapes are exactly those of the model the card describes (after the model's ``upgrade_state`` has
+    renamed the tensors of an earlier version of it).
 
     Returns:
         ``(model in eval mode, card)``.
@@ -291,6 +292,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     check_weights_file(folder, card)
     state = _read_weights(weights)
     skeleton = _build_model(card, card_path, on_meta=True)
+    if hasattr(skeleton, "upgrade_state"):  # tensors of an earlier version of the model
+        state = skeleton.upgrade_state(dict(state))
     _check_tensors(skeleton.state_dict(), state, weights, card["model"])
     model = _build_model(card, card_path, on_meta=False)
     try:

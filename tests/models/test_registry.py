@@ -271,3 +271,29 @@ def test_amil_online_statistics_equal_the_running_second_moment_and_old_checkpoi
     fresh = create_aggregator("amil", in_dim=8, num_classes=2, embed_dim=16, momentum=0.7)
     fresh.load_state_dict(state)
     assert torch.allclose(fresh.normal_cov, model.normal_cov, atol=1e-4)
+
+
+def test_an_amil_checkpoint_of_the_earlier_version_loads(tmp_path) -> None:
+    """A saved checkpoint with the old buffer passes the exact tensor check through ``upgrade_state``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from milcore.training.checkpoint import CARD, WEIGHTS, card_sha256, file_sha256, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(2)
+    model = create_aggregator("amil", in_dim=8, num_classes=2, embed_dim=16).train()
+    model(torch.randn(30, 8), torch.tensor([0, 10, 20, 30]), labels=torch.tensor([0, 0, 1]))
+    folder = save_checkpoint(tmp_path / "fold", model.eval(), classes=["a", "b"], encoder=None)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    mean = state["normal_mean"].double()
+    state["normal_second"] = (state.pop("normal_cov").double() + torch.outer(mean, mean)).float()
+    save_file(state, str(folder / WEIGHTS))
+    card = json.loads((folder / CARD).read_text())
+    card["weights_sha256"] = file_sha256(folder / WEIGHTS)
+    card["card_sha256"] = card_sha256(card)
+    (folder / CARD).write_text(json.dumps(card))
+    loaded, _ = load_checkpoint(folder)
+    assert torch.allclose(loaded.normal_cov, model.normal_cov, atol=1e-4)
+    x, ptr = torch.randn(12, 8), torch.tensor([0, 5, 12])
+    assert torch.allclose(loaded(x, ptr).logits, model(x, ptr).logits, atol=1e-4)
