@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,26 @@ def shared_path(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data '{name}' not found at {path} (../shared/data is absent on this machine)")
     return path
+
+
+@pytest.fixture(scope="module")
+def load_benchmark():
+    """Import ``benchmarks/<name>.py`` as module ``name`` (registered in ``sys.modules`` while the test module
+    runs: dataclasses and patches look it up there); ``load_benchmark(name)`` returns the module."""
+    loaded: list[str] = []
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+        assert spec is not None and spec.loader is not None, name
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        loaded.append(name)
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)
 
 
 @pytest.fixture(scope="session")

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("torch")
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_bank_io.py"
 
 
-def test_quick_benchmark_writes_table_and_json(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_bank_io", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_quick_benchmark_writes_table_and_json(tmp_path, capsys, load_benchmark):
+    module = load_benchmark("bench_bank_io")
     assert module.main(["--quick", "--out", str(tmp_path), "--layouts", "memmap,hdf5,hdf5-mmap,zarr,clam-h5"]) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["layout"]: r for r in result["rows"]}

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "compare_bench_runs.py"
-
 
 @pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("compare_bench_runs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compare_bench_runs"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("compare_bench_runs", None)
+def script(load_benchmark):
+    return load_benchmark("compare_bench_runs")
 
 
 def _run(model: str, seed: int, fold: int, ba: float, auroc: float, **extra) -> dict:

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2] / "benchmarks"
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_extract_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert _load("bench_extract").main(["--quick", "--workers", "0", "--out", str(tmp_path)]) == 0
+def test_bench_extract_quick(load_benchmark, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert load_benchmark("bench_extract").main(["--quick", "--workers", "0", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     row = result["rows"][0]
     assert row["encoder"] == "toy" and row["cells"] > 0 and row["ratio"] > 0
@@ -30,15 +19,15 @@ def test_bench_extract_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "end-to-end / bare" in capsys.readouterr().out
 
 
-def test_bench_synthetic_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert _load("bench_synthetic").main(["--quick", "--workers", "1", "--out", str(tmp_path)]) == 0
+def test_bench_synthetic_quick(load_benchmark, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert load_benchmark("bench_synthetic").main(["--quick", "--workers", "1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     assert {r["stage"] for r in result["rows"]} >= {"render", "write_cohort, 1 worker"}
     assert "crops/s" in capsys.readouterr().out
 
 
-def test_bench_train_memory_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert _load("bench_train_memory").main(["--quick", "--out", str(tmp_path)]) == 0
+def test_bench_train_memory_quick(load_benchmark, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert load_benchmark("bench_train_memory").main(["--quick", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     modes = {(r["bags"], r["mode"]): r["in_memory"] for r in result["rows"]}
     assert modes[(6, "streaming")] is False and modes[(6, "in memory")] is True

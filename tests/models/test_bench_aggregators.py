@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from milcore.models import list_aggregators
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_aggregators.py"
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_aggregators", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_aggregators"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_aggregators", None)
+def bench(load_benchmark):
+    return load_benchmark("bench_aggregators")
 
 
 def test_quick_run_without_torchmil_prints_not_installed_rows(bench, tmp_path, monkeypatch, capsys) -> None:

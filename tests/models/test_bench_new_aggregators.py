@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import types
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_new_aggregators.py"
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_new_aggregators", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_new_aggregators"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_new_aggregators", None)
+def bench(load_benchmark):
+    return load_benchmark("bench_new_aggregators")
 
 
 def test_learning_part_writes_rows_per_model_and_seed(bench, tmp_path, monkeypatch) -> None:

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_detect.py"
-
 
 def test_bench_detect_main_on_a_few_fields(
-    bccd_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    bccd_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], load_benchmark
 ) -> None:
-    spec = importlib.util.spec_from_file_location("bench_detect", BENCH)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_detect")
     assert bench.main(["--data", str(bccd_dir), "--limit", "6", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["fields"] == 6
