@@ -1,10 +1,11 @@
 """Two ``milcore bench aggregators`` runs of the same folds compared fit by fit (paired), with bootstrap CIs.
 
 Each fit is keyed by (model, implementation, variant, seed, fold); only the fits present and finished in
-both runs are paired. For every model and metric: the mean in A and in B, the mean paired difference
-B - A with a 95 % bootstrap CI (:func:`milcore.metrics.mean_ci`: percentile, 4,000 resamples, seeded), and the
-number of fits whose value is identical; then the same over all the paired fits. Also the epochs run
-and the process CPU seconds of each side. Writes ``compare.json`` and ``compare.md`` into ``--out``.
+both runs are paired, and two runs whose recorded splits of a shared seed differ are refused. For every
+model and metric: the mean in A and in B, the mean paired difference B - A with a 95 % bootstrap CI
+(:func:`milcore.metrics.mean_ci`: percentile, 4,000 resamples, seeded), and the number of fits whose value
+is identical; then the same over all the paired fits. Also the epochs run and the process CPU seconds of
+each side. Writes ``compare.json`` and ``compare.md`` into ``--out``.
 
 Usage: ``python benchmarks/compare_bench_runs.py A/bench.json B/bench.json --out DIR [--metrics m1,m2]``.
 """
@@ -48,6 +49,11 @@ def compare(a: dict[str, Any], b: dict[str, Any], metrics: tuple[str, ...] = MET
     runs_a = {_key(r): r for r in a["runs"] if r.get("status") == "ok"}
     runs_b = {_key(r): r for r in b["runs"] if r.get("status") == "ok"}
     keys = sorted(set(runs_a) & set(runs_b))
+    splits_a, splits_b = a.get("splits") or {}, b.get("splits") or {}
+    differ = sorted({str(k[3]) for k in keys if str(k[3]) in splits_a and str(k[3]) in splits_b
+                     and splits_a[str(k[3])] != splits_b[str(k[3])]})  # fmt: skip
+    if differ:  # fold k of one run is not fold k of the other: pairing them would compare other patients
+        raise ValueError(f"the two runs split the patients differently (seed {', '.join(differ)}): not the same folds")
     groups: dict[str, list[tuple]] = {}
     for k in keys:
         label = k[0] if k[1] == "milcore" else f"{k[1]} {k[0]}"
@@ -124,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{path}: not a readable bench.json ({err})")
         if "runs" not in runs[-1]:
             p.error(f"{path}: no 'runs' (not the bench.json of 'milcore bench aggregators')")
-    result = compare(runs[0], runs[1], tuple(m for m in args.metrics.split(",") if m))
+    try:
+        result = compare(runs[0], runs[1], tuple(m for m in args.metrics.split(",") if m))
+    except ValueError as err:
+        p.error(f"{args.a} vs {args.b}: {err}")
     if not result["paired_fits"]:
         p.error(f"{args.a} and {args.b} share no finished fit (same models, seeds and folds?)")
     result["inputs"] = {"a": args.a, "b": args.b, "names": list(names)}

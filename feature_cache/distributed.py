@@ -200,6 +200,11 @@ def merge_shards(shards: Sequence[str | Path], out: str | Path, order: Sequence[
     return {"bags": n, "shards": [str(p) for p in shards], "output": str(out)}
 
 
+def backend_for(device: Any) -> str:
+    """The process-group backend for ranks computing on ``device``: NCCL for CUDA, gloo otherwise."""
+    return "nccl" if str(device).startswith("cuda") else "gloo"
+
+
 @contextmanager
 def process_group(backend: str, local_rank: int = 0) -> Iterator[Any]:
     """The default process group for the ``with`` block (NCCL ranks first take their machine's GPU).
@@ -268,7 +273,7 @@ def extract_distributed(config: Any, rank: RankInfo | None = None) -> Any:
                         f"finish it with 'milcore bank verify --recover {out}', or resume it with a "
                         "single-process 'milcore extract'")  # fmt: skip
     # every check that needs no other rank is done: join the others
-    with process_group("nccl" if device.type == "cuda" else "gloo", rank.local_rank) as dist:
+    with process_group(backend_for(device), rank.local_rank) as dist:
         if interrupted and rank.main:  # a merge interrupted on rank 0: the shards are intact (deleted after a merge)
             log.warning("%s: an interrupted merge found; it is redone from the shards", out)
             shutil.rmtree(journal_dir(out))

@@ -288,11 +288,10 @@ def _train_fold_ddp(spec: RunSpec, config: TrainConfig, out: Path, fold: int, ra
     """One fold trained by every torchrun rank with DDP (:func:`milcore.training.distributed.fit_fold_ddp`);
     rank 0 writes the one-fold run folder. Every rank checks the inputs before any writes."""
     from feature_cache.devices import resolve_device
-    from feature_cache.distributed import process_group
+    from feature_cache.distributed import backend_for, process_group
     from milcore.training.distributed import fit_fold_ddp
 
-    backend = "nccl" if resolve_device(config.device).type == "cuda" else "gloo"
-    with process_group(backend, rank.local_rank) as dist:  # left before exit: see process_group
+    with process_group(backend_for(resolve_device(config.device)), rank.local_rank) as dist:  # left before exit
         plan = _plan(spec, config, out, overwrite=overwrite)
         assert plan.resolved is not None
         plan.resolved["fold"] = fold

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from feature_cache.distributed import RankInfo, balanced_assignment, detect_rank
+from feature_cache.devices import resolve_device
+from feature_cache.distributed import RankInfo, backend_for, balanced_assignment, detect_rank, process_group
 from feature_cache.errors import InvalidArgumentError
 from milcore.data.store import budget_batches
 from milcore.losses import class_weights
@@ -47,15 +48,6 @@ if TYPE_CHECKING:
     from milcore.training.fold import FoldResult
 
 log = logging.getLogger(__name__)
-
-
-def init_group(device: torch.device) -> Any:
-    """Join the default process group (NCCL for CUDA, gloo otherwise) once; returns ``torch.distributed``."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return dist
 
 
 class DistributedBagSampler:
@@ -127,18 +119,27 @@ def fit_ddp(config: TrainConfig, train: FeatureStore, val: FeatureStore, *, rank
             desc: str = "train") -> tuple[torch.nn.Module, dict[str, Any]]:  # fmt: skip
     """Train ``config.model`` with DDP (see the module docstring); every rank returns the same best model.
 
+    Joins the default process group unless the caller has (and then leaves it on return:
+    :func:`~feature_cache.distributed.process_group`).
+
     Returns:
         The model (unwrapped, best validation epoch loaded) and ``best_epoch``, ``history``,
         ``stopped_early``, ``validate_seconds``.
     """
     rank = rank or detect_rank()
+    with process_group(backend_for(resolve_device(config.device)), rank.local_rank):
+        return _fit_ddp(config, train, val, rank, desc)
+
+
+def _fit_ddp(config: TrainConfig, train: FeatureStore, val: FeatureStore, rank: RankInfo,
+             desc: str) -> tuple[torch.nn.Module, dict[str, Any]]:  # fmt: skip
+    dist = torch.distributed
     trainer = Trainer(config, train.dim, train.num_classes)
     device = trainer.device
     if device.type == "cuda":
         device = torch.device(f"cuda:{rank.local_rank}")
         trainer.device = device
         torch.cuda.set_device(device)
-    dist = init_group(device)
     y_train, y_val = train.require_labels("training"), val.require_labels("validation")
     model = trainer.build_model(None)
     _check_supported(config, model, device)
@@ -211,10 +212,17 @@ def fit_ddp(config: TrainConfig, train: FeatureStore, val: FeatureStore, *, rank
 def fit_fold_ddp(config: TrainConfig, data: FeatureStore, fold: Fold, *, rank: RankInfo | None = None,
                  desc: str | None = None) -> FoldResult:  # fmt: skip
     """:func:`~milcore.training.fold.fit_fold` across torchrun processes: the same :class:`FoldResult` on every
-    rank (test outputs gathered), equal to the single-process one up to floating-point reduction order."""
+    rank (test outputs gathered), equal to the single-process one up to floating-point reduction order.
+    Joins the default process group unless the caller has (and then leaves it on return)."""
+    rank = rank or detect_rank()
+    with process_group(backend_for(resolve_device(config.device)), rank.local_rank):
+        return _fit_fold_ddp(config, data, fold, rank, desc)
+
+
+def _fit_fold_ddp(config: TrainConfig, data: FeatureStore, fold: Fold, rank: RankInfo,
+                  desc: str | None) -> FoldResult:  # fmt: skip
     from milcore.training.fold import FoldResult
 
-    rank = rank or detect_rank()
     if data.labels is None:
         data.require_labels("fit_fold")
     from milcore.models import aggregator_needs

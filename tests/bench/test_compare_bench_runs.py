@@ -52,4 +52,11 @@ def test_runs_that_share_no_fit_are_refused(script, tmp_path: Path, capsys: pyte
     with pytest.raises(SystemExit) as err:
         script.main([str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(tmp_path / "o")])
     assert err.value.code == 2 and "c.json: not a readable bench.json" in capsys.readouterr().err
+    (tmp_path / "d.json").write_text(json.dumps({"runs": [_run("abmil", 0, 0, 0.5, 0.5)],
+                                                 "splits": {"0": [{"index": 0, "test": ["p1"]}]}}))  # fmt: skip
+    (tmp_path / "e.json").write_text(json.dumps({"runs": [_run("abmil", 0, 0, 0.6, 0.5)],
+                                                 "splits": {"0": [{"index": 0, "test": ["p2"]}]}}))  # fmt: skip
+    with pytest.raises(SystemExit) as err:  # fold 0 of one run is not fold 0 of the other
+        script.main([str(tmp_path / "d.json"), str(tmp_path / "e.json"), "--out", str(tmp_path / "o")])
+    assert err.value.code == 2 and "split the patients differently (seed 0)" in capsys.readouterr().err
     assert not (tmp_path / "o").exists(), "nothing written for refused inputs"

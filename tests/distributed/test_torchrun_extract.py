@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from feature_cache.bank import open_reader, open_writer
 from feature_cache.bank.merge import copy_bags
@@ -158,7 +159,9 @@ def test_process_group_is_left_by_the_block_that_joined_it(monkeypatch: pytest.M
     the block that joins the group destroys it, also on an error; a group the caller joined stays."""
     import torch.distributed as dist
 
-    from feature_cache.distributed import process_group
+    from feature_cache.distributed import backend_for, process_group
+
+    assert [backend_for(d) for d in ("cpu", torch.device("cuda:1"), "cuda")] == ["gloo", "nccl", "nccl"]
 
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1"}
     for key, value in env.items():
