@@ -3,7 +3,9 @@
 - **Folder**: ``ROOT/<class>/<crop>.png`` (labelled); for self-supervised training any folder of crops
   (searched recursively) will do.
 - **CSV**: columns ``path`` and ``label`` (optional ``split``: ``train``/``val``/``test``; ``label`` optional
-  for self-supervised training); paths relative to the CSV's folder.
+  for self-supervised training); paths relative to the CSV's folder. Further columns may be read as
+  categorical cell attributes (``attributes=``: e.g. the WBCAtt-style ``nc_ratio`` or ``auer_rods`` of a
+  synthetic cohort's ``cells.csv``), an empty value meaning unknown.
 - **``.npz``**: MedMNIST layout (``train_images``, ``train_labels``, ``val_*``, ``test_*``); 8-class files are
   named with BloodMNIST's cell types. The official split of every cell is kept.
 
@@ -46,7 +48,9 @@ class CellSet:
         names: where each crop comes from (a file path, or ``FILE:split:i``).
         split: (n,) official split of each crop (``""`` when none).
         source: the folder or file read.
-        fingerprint: SHA-256 of the pixels, labels and splits (what a trained encoder saw).
+        fingerprint: SHA-256 of the pixels, labels, splits and attributes (what a trained encoder saw).
+        attributes: attribute name -> (n,) value index per crop, ``UNLABELLED`` (-1) when unknown.
+        attribute_values: attribute name -> its values (index -> text).
     """
 
     images: list[np.ndarray] | np.ndarray
@@ -56,6 +60,8 @@ class CellSet:
     split: np.ndarray
     source: str
     fingerprint: str = field(default="")
+    attributes: dict[str, np.ndarray] = field(default_factory=dict)
+    attribute_values: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -65,7 +71,8 @@ class CellSet:
         idx = np.asarray(idx, dtype=np.int64)
         images = self.images[idx] if isinstance(self.images, np.ndarray) else [self.images[i] for i in idx]
         out = replace(self, images=images, labels=self.labels[idx], names=[self.names[i] for i in idx],
-                      split=self.split[idx], fingerprint="")  # fmt: skip
+                      split=self.split[idx], fingerprint="",
+                      attributes={a: v[idx] for a, v in self.attributes.items()})  # fmt: skip
         out.fingerprint = fingerprint(out)
         return out
 
@@ -84,6 +91,9 @@ def fingerprint(cells: CellSet) -> str:
     h.update(repr(cells.classes).encode())
     h.update(np.ascontiguousarray(cells.labels, dtype=np.int64).tobytes())
     h.update("\0".join(map(str, cells.split)).encode())
+    for name, codes in sorted(cells.attributes.items()):  # none: the same fingerprint as before attributes existed
+        h.update(repr((name, cells.attribute_values[name])).encode())
+        h.update(np.ascontiguousarray(codes, dtype=np.int64).tobytes())
     if isinstance(cells.images, np.ndarray):
         h.update(repr(cells.images.shape).encode())
         h.update(np.ascontiguousarray(cells.images).tobytes())
@@ -160,8 +170,9 @@ def read_folder(root: Path, labelled: bool = True) -> CellSet:
                    labelled, str(root))  # fmt: skip
 
 
-def read_csv_table(path: Path, labelled: bool = True) -> CellSet:
-    """Crops listed in a CSV (``path``, ``label``, optional ``split``)."""
+def read_csv_table(path: Path, labelled: bool = True, attributes: Sequence[str] = ()) -> CellSet:
+    """Crops listed in a CSV (``path``, ``label``, optional ``split``; ``attributes``: further columns read as
+    categorical cell attributes, an empty value meaning unknown)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
@@ -171,6 +182,13 @@ def read_csv_table(path: Path, labelled: bool = True) -> CellSet:
     need = {"path", "label"} if labelled else {"path"}
     if not rows or not need <= cols:
         raise UserError(f"{path}: needs columns {', '.join(sorted(need))} (found: {', '.join(sorted(cols)) or 'none'})")
+    absent = [a for a in attributes if a not in cols]
+    if absent:
+        raise UserError(f"{path}: no attribute column {', '.join(absent)} (columns: {', '.join(sorted(cols))})")
+    clash = [a for a in attributes if a in ("path", "label", "split")]
+    if clash:
+        raise UserError(f"{path}: {', '.join(clash)} is not an attribute column (path, label and split are read "
+                        "as such)")  # fmt: skip
     base = path.parent
     files = [(base / r["path"]).resolve() if not Path(r["path"]).is_absolute() else Path(r["path"]) for r in rows]
     missing = [(i + 2, r["path"]) for i, (r, f) in enumerate(zip(rows, files, strict=True)) if not f.is_file()]
@@ -187,8 +205,14 @@ def read_csv_table(path: Path, labelled: bool = True) -> CellSet:
     odd = sorted({s for s in split if s and s not in SPLITS})
     if odd:
         raise UserError(f"{path}: unknown split value(s) {', '.join(odd)} (use {', '.join(SPLITS)})")
+    codes, values = {}, {}
+    for a in attributes:
+        text = [str(r.get(a) or "").strip() for r in rows]
+        values[a] = tuple(sorted({v for v in text if v}))
+        codes[a] = np.array([values[a].index(v) if v else UNLABELLED for v in text], dtype=np.int64)
     images = [read_image(f) for f in files]
-    return _finish(CellSet(images, labels, classes, [str(f) for f in files], split, str(path)), labelled, str(path))
+    return _finish(CellSet(images, labels, classes, [str(f) for f in files], split, str(path), attributes=codes,
+                           attribute_values=values), labelled, str(path))  # fmt: skip
 
 
 def read_npz(path: Path, labelled: bool = True) -> CellSet:
@@ -218,23 +242,27 @@ def read_npz(path: Path, labelled: bool = True) -> CellSet:
     return _finish(CellSet(images, labels, classes, names, split, str(path)), labelled, str(path))
 
 
-def read_cells(path: str | Path, labelled: bool = True) -> CellSet:
+def read_cells(path: str | Path, labelled: bool = True, attributes: Sequence[str] = ()) -> CellSet:
     """Read crops from a folder, a CSV or an ``.npz`` (see the module docstring).
 
     Args:
         path: the input.
         labelled: labels are required (supervised training, probes); ``False`` reads crops only.
+        attributes: CSV columns read as categorical cell attributes (a CSV input only).
 
     Raises:
         UserError: any problem with the input, naming the file.
     """
     path = Path(path)
+    if attributes and (path.is_dir() or path.suffix.lower() != ".csv"):
+        raise UserError(f"{path}: cell attributes ({', '.join(attributes)}) are read from a CSV's columns; "
+                        "give a CSV (path,label,<attribute columns>)")  # fmt: skip
     if path.is_dir():
         return read_folder(path, labelled)
     if not path.exists():
         raise UserError(f"{path}: not found")
     if path.suffix.lower() == ".csv":
-        return read_csv_table(path, labelled)
+        return read_csv_table(path, labelled, attributes)
     if path.suffix.lower() == ".npz":
         return read_npz(path, labelled)
     raise UserError(f"{path}: expected a class-per-folder crop tree, a .csv (path,label) or a MedMNIST .npz")

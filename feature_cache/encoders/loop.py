@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 RECIPE = "recipe.json"
 STATE = "state.pt"
 WEIGHTS = "encoder.safetensors"
-OWN_FILES = (RECIPE, STATE, WEIGHTS, "encoder.json")
+OWN_FILES = (RECIPE, STATE, WEIGHTS, "encoder.json", "head.safetensors", "attributes.safetensors")
 
 
 def load_average() -> list[float]:

@@ -8,9 +8,18 @@ stopping on validation balanced accuracy and the best epoch's weights kept. The 
 when there is one, is never used for training or selection; the final model's accuracy on it is
 reported in the card.
 
+With ``attributes`` (columns of a CSV, e.g. the WBCAtt-style attributes a hematologist uses to describe a
+cell: ``nc_ratio``, ``chromatin``, ``granule_type``, ``auer_rods``; Tsutsui et al., WBCAtt), every attribute
+gets a linear head of its own on the same features and its cross-entropy joins the class loss
+(``attribute_weight`` times their mean; each balanced over the values the loss sees), so the features must
+carry what a cell-type label alone does not ask for: a cell type told apart by its cytoplasm need not
+encode its Auer rods. Selection then maximises the mean of the class balanced accuracy and the
+attributes' mean balanced accuracy.
+
 Writes ``encoder.safetensors`` (the backbone, for ``milcore extract --encoder BACKBONE --weights``),
-``head.safetensors`` (the classifier) and ``encoder.json`` (recipe, data fingerprint, classes,
-metrics, history, training time with the load average). Resumable (:mod:`.loop`).
+``head.safetensors`` (the classifier), ``attributes.safetensors`` (the attribute heads, when trained) and
+``encoder.json`` (recipe, data fingerprint, classes, attribute values, metrics, history, training time with
+the load average). Resumable (:mod:`.loop`).
 """
 
 from __future__ import annotations
@@ -41,19 +50,27 @@ class SupervisedConfig(EncoderTrainConfig):
             and kept instead of the raw weights (0: off; 0.999 is usual).
         tta: validate and test on the mean features of the 8 rotations/flips of each crop (``compact_cnn``);
             recorded in the weights file, so that extraction averages the same way by default.
+        attributes: CSV columns trained as categorical cell attributes beside the label (one linear head
+            each; an empty value is unknown and not trained on), e.g. nc_ratio,chromatin,auer_rods.
+        attribute_weight: weight of the attributes' mean cross-entropy beside the class loss.
     """
 
     balance: str = option("sampler", choices=("sampler", "loss", "none"))
     label_smoothing: float = option(0.0, low=0, high=0.5)
     ema: float = option(0.0, low=0, high=0.9999)
     tta: bool = False
+    attributes: tuple[str, ...] = ()
+    attribute_weight: float = option(1.0, low=0, low_open=True)
 
     def validate(self) -> None:
-        """``tta`` is a ``compact_cnn`` option."""
+        """``tta`` is a ``compact_cnn`` option; attributes are named once each."""
         from feature_cache.errors import InvalidArgumentError
 
         if self.tta and self.backbone != "compact_cnn":
             raise InvalidArgumentError(f"tta: test-time averaging is a compact_cnn option, not {self.backbone}'s")
+        twice = sorted({a for a in self.attributes if self.attributes.count(a) > 1})
+        if twice:
+            raise InvalidArgumentError(f"attributes: {', '.join(twice)} named more than once")
 
 
 @dataclass
@@ -96,6 +113,25 @@ def to_tensor(cells: Any, size: int, resample: str = "bilinear"):
                                                                                                      dtype=torch.uint8)
 
 
+def attribute_weights(codes: np.ndarray, n_values: int, draw: np.ndarray | None) -> np.ndarray:
+    """Balanced cross-entropy weights of one attribute's values: (n_values,).
+
+    Balanced over what the loss sees: each value's share of the known training crops, each crop counted by
+    its sampling probability (``draw``: the class-balancing sampler's weights; ``None``: every crop alike),
+    so that a rare value (an Auer rod in 1.5 % of the cells) weighs as much as a common one. A value absent
+    from the training crops gets weight 1 (it is never a target).
+    """
+    import numpy as np
+
+    p = np.ones(len(codes)) if draw is None else np.asarray(draw, dtype=np.float64)
+    known = codes >= 0
+    mass = np.bincount(codes[known], weights=p[known], minlength=n_values)  # (n_values,)
+    present = mass > 0
+    out = np.ones(n_values)
+    out[present] = mass[present].sum() / (present.sum() * mass[present])
+    return out
+
+
 def classify_metrics(y: np.ndarray, prob: np.ndarray, n_classes: int) -> dict[str, float]:
     """Accuracy, balanced accuracy, macro-F1 and cross-entropy of predicted probabilities."""
     import numpy as np
@@ -117,7 +153,7 @@ def _prepare(config: SupervisedConfig):
     from feature_cache.encoders.celldata import check_sizes, read_cells
     from feature_cache.errors import UserError
 
-    cells = read_cells(config.data, labelled=True)
+    cells = read_cells(config.data, labelled=True, attributes=config.attributes)
     has_split = (cells.split != "").any()
     if has_split:
         train, val = cells.of_split("train"), cells.of_split("val")
@@ -133,6 +169,12 @@ def _prepare(config: SupervisedConfig):
     present = np.unique(train.labels)
     if len(present) < 2:
         raise UserError(f"{config.data}: the training part holds a single class ({cells.classes[present[0]]})")
+    for a, codes in train.attributes.items():
+        seen = np.unique(codes[codes >= 0])
+        if len(seen) < 2:
+            what = f"only {cells.attribute_values[a][seen[0]]!r}" if len(seen) else "no value"
+            raise UserError(f"{config.data}: attribute {a} has {what} in the training part; an attribute head needs "
+                            "at least two values")  # fmt: skip
     check_sizes(cells, config.image_size, config.max_upscale, MIN_INPUT[config.backbone])
     test = cells.of_split("test") if has_split and (cells.split == "test").any() else None
     return cells, train, val, test
@@ -159,6 +201,10 @@ def train_supervised(config: SupervisedConfig) -> TrainResult:
     cells, train, val, test = _prepare(config)
     recipe = {k: v for k, v in config.to_dict().items() if k not in NOT_RECIPE}
     recipe.update(mode="supervised", data_fingerprint=cells.fingerprint, classes=list(cells.classes))
+    if config.attributes:
+        recipe["attribute_values"] = {a: list(v) for a, v in cells.attribute_values.items()}
+    else:  # the recipe of a run without attributes is the one written before they existed (it resumes)
+        recipe.pop("attributes"), recipe.pop("attribute_weight")
     run = RunFolder(config.out, recipe, config.overwrite)
     saved = run.check()
     if saved is not None and saved["loop"]["finished"] and run.weights.exists():
@@ -174,33 +220,49 @@ def train_supervised(config: SupervisedConfig) -> TrainResult:
         backbone.options["tta"] = True  # in the weights header: extraction averages by default too
     n_classes = len(cells.classes)
     head = torch.nn.Linear(backbone.dim, n_classes)
+    values = cells.attribute_values
+    attr_heads = torch.nn.ModuleDict({a: torch.nn.Linear(backbone.dim, len(v)) for a, v in values.items()})
     prec = precision_for(device, config.amp, config.channels_last)
     memory = torch.channels_last if prec.channels_last else torch.contiguous_format
     model = torch.nn.Sequential(backbone.norm, backbone.net).to(device, memory_format=memory)
-    head = head.to(device)
+    head, attr_heads = head.to(device), attr_heads.to(device)
     augment = Augment(config.augment)
     x_train, y_train = to_tensor(train, config.image_size), torch.as_tensor(train.labels)
-    x_val, y_val = to_tensor(val, config.image_size), val.labels
+    x_val = to_tensor(val, config.image_size)
     counts = np.bincount(train.labels, minlength=n_classes).astype(np.float64)
     weight = None
     if config.balance == "loss":
         weight = torch.as_tensor(counts.sum() / np.maximum(counts, 1) / n_classes, dtype=torch.float32).to(device)
     draw = torch.as_tensor(1.0 / np.maximum(counts, 1))[y_train] if config.balance == "sampler" else None
-    params = [*model.parameters(), *head.parameters()]
+    a_train = {a: torch.as_tensor(c) for a, c in train.attributes.items()}
+    a_weight = {a: torch.as_tensor(attribute_weights(c, len(values[a]), None if draw is None else draw.numpy()),
+                                   dtype=torch.float32).to(device) if config.balance != "none" else None
+                for a, c in train.attributes.items()}  # fmt: skip
+    params = [*model.parameters(), *head.parameters(), *attr_heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps = max(1, len(x_train) // config.batch_size)
     scheduler = warmup_cosine(optimizer, steps * config.epochs, steps * config.warmup_epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=prec.scaler)
     gen = torch.Generator().manual_seed(config.seed)
-    # the averaged copy is validated and kept (backbone and head together; batch-norm statistics averaged too)
-    ema = (torch.optim.swa_utils.AveragedModel(torch.nn.Sequential(model, head), use_buffers=True,
+    # backbone, class head, attribute heads (none: no state, so a run without attributes saves what it did before)
+    parts = torch.nn.ModuleList([model, head, attr_heads])
+    # the averaged copy is validated and kept (all parts together; batch-norm statistics averaged too)
+    ema = (torch.optim.swa_utils.AveragedModel(parts, use_buffers=True,
                                                multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema))
            if config.ema else None)  # fmt: skip
     run.start()
 
+    def attribute_loss(feats: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The attributes' mean cross-entropy over the crops of the batch whose value is known."""
+        losses = []
+        for a, layer in attr_heads.items():
+            yb = a_train[a][idx].to(device)  # (B,)
+            if (yb >= 0).any():
+                losses.append(F.cross_entropy(layer(feats).float(), yb, weight=a_weight[a], ignore_index=-1))
+        return torch.stack(losses).mean() if losses else feats.new_zeros((), dtype=torch.float32)
+
     def train_one(epoch: int) -> float:
-        model.train()
-        head.train()
+        parts.train()
         if draw is not None:
             order = torch.multinomial(draw, steps * config.batch_size, replacement=True, generator=gen)
         else:
@@ -211,61 +273,90 @@ def train_supervised(config: SupervisedConfig) -> TrainResult:
             xb = augment(x_train[idx].to(device), gen).contiguous(memory_format=memory)  # (B, 3, S, S)
             yb = y_train[idx].to(device)
             with prec.context(device):
-                loss = F.cross_entropy(head(model(xb)).float(), yb, weight=weight,
-                                       label_smoothing=config.label_smoothing)  # fmt: skip
+                feats = model(xb)  # (B, D)
+                loss = F.cross_entropy(head(feats).float(), yb, weight=weight, label_smoothing=config.label_smoothing)
+                if len(attr_heads):
+                    loss = loss + config.attribute_weight * attribute_loss(feats, idx)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             if ema is not None:
-                ema.update_parameters(torch.nn.Sequential(model, head))
+                ema.update_parameters(parts)
             total += float(loss.detach())
         return total / steps
 
-    def probabilities(x: torch.Tensor) -> np.ndarray:
-        trained = ema.module if ema is not None else torch.nn.Sequential(model, head)
+    def probabilities(x: torch.Tensor) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Class probabilities (n, C) and each attribute's value probabilities (n, V)."""
+        trained = ema.module if ema is not None else parts
         trained.eval()
-        net = trained
-        if config.tta:  # the features averaged, then the (linear) head: as extraction with tta computes them
+        body, classifier, attr = trained[0], trained[1], trained[2]
+        if config.tta:  # the features averaged, then the (linear) heads: as extraction with tta computes them
             from feature_cache.encoders.compact import DihedralMean
 
-            (norm, features), classifier = trained[0], trained[1]  # ((norm, backbone), head)
-            net = torch.nn.Sequential(norm, DihedralMean(features), classifier)
-        out = []
+            norm, features = body  # (norm, backbone)
+            body = torch.nn.Sequential(norm, DihedralMean(features))
+        out: list[torch.Tensor] = []
+        attr_out: dict[str, list[torch.Tensor]] = {a: [] for a in attr}
         with torch.inference_mode():  # float32, as the registered encoder extracts
             for s in range(0, len(x), 512):
                 xb = x[s : s + 512].to(device).float().contiguous(memory_format=memory)
-                out.append(torch.softmax(net(xb).float(), 1).cpu())
-        return torch.cat(out).numpy()
+                feats = body(xb).float()  # (b, D)
+                out.append(torch.softmax(classifier(feats).float(), 1).cpu())
+                for a, layer in attr.items():
+                    attr_out[a].append(torch.softmax(layer(feats).float(), 1).cpu())
+        return torch.cat(out).numpy(), {a: torch.cat(v).numpy() for a, v in attr_out.items()}
+
+    def evaluate(part: Any, x: torch.Tensor, prefix: str) -> dict[str, float]:
+        """Class metrics, and per attribute (on the crops whose value is known) with their mean balanced
+        accuracy and macro-F1."""
+        prob, attr_prob = probabilities(x)
+        m = {f"{prefix}_{k}": v for k, v in classify_metrics(part.labels, prob, n_classes).items()}
+        if attr_prob:
+            per = {}
+            for a, p in attr_prob.items():
+                known = part.attributes[a] >= 0
+                per[a] = classify_metrics(part.attributes[a][known], p[known], len(values[a])) if known.any() else {}
+                m.update({f"{prefix}_attr_{a}_{k}": v for k, v in per[a].items() if k != "loss"})
+            scored = [v for v in per.values() if v]
+            m[f"{prefix}_attribute_balanced_accuracy"] = float(np.mean([v["balanced_accuracy"] for v in scored]))
+            m[f"{prefix}_attribute_macro_f1"] = float(np.mean([v["macro_f1"] for v in scored]))
+        return m
 
     def validate() -> dict[str, float]:
-        m = classify_metrics(y_val, probabilities(x_val), n_classes)
-        return {f"val_{k}": v for k, v in m.items()}
+        return evaluate(val, x_val, "val")
 
     t0 = time.perf_counter()
     log.info("training %s on %d crops (%d classes), validating on %d; %d steps per epoch on %s",
              config.backbone, len(train), n_classes, len(val), steps, device)  # fmt: skip
-    def score(m: dict[str, float]) -> float:  # balanced accuracy; the loss only breaks ties
-        return m["val_balanced_accuracy"] - 1e-6 * m["val_loss"]
+    def score(m: dict[str, float]) -> float:  # balanced accuracy (with attributes: the mean of class and attributes)
+        ba = m["val_balanced_accuracy"]
+        if "val_attribute_balanced_accuracy" in m:
+            ba = (ba + m["val_attribute_balanced_accuracy"]) / 2
+        return ba - 1e-6 * m["val_loss"]  # the loss only breaks ties
 
-    modules = {"model": model, "head": head, **({"ema": ema} if ema is not None else {})}
+    modules = {"model": model, "head": head, **({"attributes": attr_heads} if len(attr_heads) else {}),
+               **({"ema": ema} if ema is not None else {})}  # fmt: skip
     state = fit(run, saved, modules, optimizer, scheduler, gen, config.epochs, config.patience, train_one, validate,
                 score, min_epochs=config.stop_from)  # fmt: skip
     if ema is not None:  # the averaged weights are the ones validated, kept and written
         averaged = ema.module
         model.load_state_dict(averaged[0].state_dict())
         head.load_state_dict(averaged[1].state_dict())
+        attr_heads.load_state_dict(averaged[2].state_dict())
     metrics = {"best_epoch": state.best_epoch, **state.history[state.best_epoch - 1]} if state.history else {}
     if test is not None:
-        metrics.update({f"test_{k}": v for k, v in
-                        classify_metrics(test.labels, probabilities(to_tensor(test, config.image_size)),
-                                         n_classes).items()})  # fmt: skip
+        metrics.update(evaluate(test, to_tensor(test, config.image_size), "test"))
     sha = save_weights(run.weights, backbone.weights_state(), config.backbone, backbone.options)
     save_weights(run.out / "head.safetensors", head.state_dict(), f"{config.backbone}:head", {"classes": n_classes})
+    if len(attr_heads):
+        save_weights(run.out / "attributes.safetensors", attr_heads.state_dict(), f"{config.backbone}:attributes",
+                     {"attributes": {a: list(v) for a, v in values.items()}})  # fmt: skip
     card = {
         "mode": "supervised", "encoder": config.backbone, "weights": run.weights.name, "weights_sha256": sha,
         "options": backbone.options, "dim": backbone.dim, "classes": list(cells.classes), "recipe": recipe,
+        "attributes": {a: list(v) for a, v in values.items()},
         "data": {"source": cells.source, "fingerprint": cells.fingerprint, "train": len(train), "val": len(val),
                  "test": 0 if test is None else len(test), "train_counts": train.counts()},
         "metrics": metrics, "history": state.history,

@@ -29,7 +29,7 @@ log = logging.getLogger("milcore")
 SHARED = ("backbone", "image_size", "width", "pretrained", "epochs", "batch_size", "lr", "weight_decay",
           "warmup_epochs", "val_fraction", "patience", "min_epochs", "max_upscale", "max_cells", "seed", "device",
           "amp", "threads", "overwrite")  # fmt: skip
-SUPERVISED_ONLY = ("balance", "label_smoothing", "ema", "tta")
+SUPERVISED_ONLY = ("balance", "label_smoothing", "ema", "tta", "attributes", "attribute_weight")
 SSL_ONLY = ("temperature", "proj_dim")
 PROBE = ("protocol", "folds", "knn_k", "c", "max_iter", "n_boot", "max_cells", "batch_size", "device", "seed")
 

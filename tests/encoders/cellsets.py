@@ -63,3 +63,24 @@ def write_patients(root: Path, n: int = 12, cells: int = 8, size: int = 20) -> P
     with open(root / "cohort.csv", "w", newline="") as f:
         csv.writer(f).writerows([["patient_id", "dx"], *rows])
     return root
+
+
+def write_attribute_csv(root: Path, n_per_class: int = 32, size: int = 20) -> Path:
+    """Crops listed in ``root/cells.csv`` (path, label, dot, shade): ``dot`` (``yes``/``no``, every other crop of
+    each class) is a small dark spot the class does not depend on; ``shade`` is empty (unknown) for some crops."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, label in enumerate(("a", "b")):
+        for i in range(n_per_class):
+            img = drawn_cell(k, size, i)
+            dot = i % 2 == 0
+            if dot:
+                rng = np.random.default_rng([7, k, i])
+                y, x = rng.integers(size // 4, 3 * size // 4 - 3, 2)
+                img[y : y + 4, x : x + 4] = (30, 20, 40)
+            name = f"img/{label}{i}.png"
+            Image.fromarray(img).save(root / name)
+            rows.append([name, label, "yes" if dot else "no", "" if i % 5 == 0 else ("pale", "dark")[i % 3 == 0]])
+    with open(root / "cells.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "label", "dot", "shade"], *rows])
+    return root / "cells.csv"
