@@ -250,8 +250,9 @@ def fit(
             state.best = _clone(modules)
         else:
             state.bad_epochs += 1
-        log.info("epoch %d/%d: train loss %.4f, %s (%.1f s)", state.epoch, epochs, loss,
-                 ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), time.perf_counter() - t0)  # fmt: skip
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "_attr_" not in k)  # per attribute: history
+        log.info("epoch %d/%d: train loss %.4f, %s (%.1f s)", state.epoch, epochs, loss, shown,
+                 time.perf_counter() - t0)  # fmt: skip
         if patience and state.bad_epochs >= patience and state.epoch >= min_epochs:
             log.info("early stop: no better validation score for %d epochs (best at epoch %d)", patience,
                      state.best_epoch)  # fmt: skip
