@@ -11,6 +11,10 @@ gradients of the predicted class's bag logit through encoder and aggregator for 
 cells' diagnostic features (Auer rod, granules, nucleus). Target: pointing-game accuracy >= 0.7 on
 diagnostic cells; the chance levels (crop centre, a random point of the cell) are printed beside it.
 
+``attributes`` (an encoder trained with ``milcore encoder train --attributes``, given by ``--weights``): the
+occlusion maps of the encoder's own attribute heads on every diagnostic cell, and an erasure check of its
+``auer_rods`` head: do the features look at the feature the attribute names?
+
     python benchmarks/bench_trust_cells.py --cohort runs/trust_cells/cohort --patients 60 --bag-median 30
 """
 
@@ -252,6 +256,103 @@ def erasure(cohort: Path, bank: Path, run: Path, args: argparse.Namespace) -> di
     return out
 
 
+#: The attribute value whose head is explained for each diagnostic feature (``attributes`` part): the WBCAtt-style
+#: attribute a hematologist would name for it.
+FEATURE_ATTRIBUTES = {"auer_rod": (("auer_rods", "yes"),),
+                      "granules": (("granularity", "yes"), ("granule_type", "coarse")),
+                      "nucleus": (("chromatin", "fine"), ("nucleoli", "visible"), ("nc_ratio", "high"))}  # fmt: skip
+
+
+class AttributeScore:
+    """The log-odds of one value of one attribute head (``encoder train --attributes``) from a cell's features,
+    in the interface :func:`milcore.trust.pixels.occlusion` scores (one cell, no bag)."""
+
+    def __init__(self, heads: dict, values: dict, attribute: str, value: str) -> None:
+        import torch
+
+        self.weight, self.bias = heads[f"{attribute}.weight"], heads[f"{attribute}.bias"]  # (V, D), (V,)
+        self.index = values[attribute].index(value)
+        self.x = torch.zeros(1, 1)  # the device and bag size occlusion reads
+        self.size = 1
+
+    def value(self, feats, row: int, target: int):
+        """(m, D) features -> (m,) log-odds of the value against the attribute's others."""
+        import torch
+
+        logits = feats.float() @ self.weight.T + self.bias  # (m, V)
+        others = torch.cat([logits[:, : self.index], logits[:, self.index + 1 :]], 1)
+        return logits[:, self.index] - torch.logsumexp(others, 1)
+
+
+def attributes(cohort: Path, args: argparse.Namespace) -> dict:
+    """Do the encoder's own attribute heads look at the diagnostic features? For every diagnostic cell of the
+    cohort: the occlusion map of the head of its feature's attribute (:data:`FEATURE_ATTRIBUTES`), scored by the
+    pointing game; and for the Auer-rod cells, the erasure check of the ``auer_rods: yes`` log-odds (rod painted
+    over vs a region of the same shape elsewhere in the cell)."""
+    import csv
+
+    import torch
+
+    from feature_cache.encoders.weights import load_state_dict_file
+    from feature_cache.sources.synthetic_truth import cohort_masks
+    from milcore.trust import pixels as px
+    from milcore.trust.pixel_run import read_crop
+
+    folder = Path(args.weights).parent
+    if not (folder / "attributes.safetensors").is_file():
+        raise SystemExit(f"{folder}: no attributes.safetensors (train the encoder with --attributes)")
+    card = json.loads((folder / "encoder.json").read_text())
+    values, heads = card["attributes"], load_state_dict_file(folder / "attributes.safetensors")
+    enc = _pixel_encoder(args, None)
+    module = enc.module.float().eval()
+    with open(cohort / "cells.csv", newline="") as f:
+        types = {(r["patient_id"], r["cell_id"]): r["cell_type"] for r in csv.DictReader(f)}
+    masks = cohort_masks(cohort, sorted({b for b, _ in types}))
+    rng = np.random.default_rng(0)
+    maps: dict = {}
+    erased: dict = {}
+    t0 = time.perf_counter()
+    for key, m in sorted(masks.items()):
+        pairs = [(a, v) for a, v in FEATURE_ATTRIBUTES.get(m.feature, ()) if a in values and v in values[a]]
+        crop = read_crop(cohort, *key)
+        if not pairs or crop is None:
+            continue
+        pix = px.encode_pixels(enc.transform, crop)
+        for a, v in pairs:
+            sal = px.to_crop_grid(px.occlusion(module, pix, AttributeScore(heads, values, a, v), 0, 0), crop.shape[:2])
+            pt = px.pointing_game(sal, m.mask, 3.0, m.cell)
+            e = maps.setdefault(f"{m.feature} / {a}={v}", {"hits": 0, "cells": 0, "chance": 0.0})
+            e["hits"] += int(pt.hit)
+            e["cells"] += 1
+            e["chance"] += pt.chance_cell
+        if m.feature == "auer_rod":
+            controls = [c for c in (px.shifted_region(m.mask, m.cell, rng) for _ in range(3)) if c is not None]
+            images = [crop, px.erase(crop, m.mask, m.cell), *(px.erase(crop, c, m.cell) for c in controls)]
+            with torch.no_grad():
+                feats = module(torch.stack([px.encode_pixels(enc.transform, im).float() for im in images]))
+                lo = AttributeScore(heads, values, "auer_rods", "yes").value(feats, 0, 0).numpy()
+            erased.setdefault(types[key], []).append([float(lo[0]), float(lo[0] - lo[1]), float(lo[0] - lo[2:].mean())])
+    out: dict = {"encoder": str(args.weights), "seconds": round(time.perf_counter() - t0, 1), "pointing": {},
+                 "auer_rod_erasure": {}}  # fmt: skip
+    print(f"\nattribute heads' occlusion maps, all diagnostic cells (pointing game, 3 px)\n{'feature / head':<40}"
+          f"{'cells':>6}{'acc':>8}{'chance':>8}")  # fmt: skip
+    for k, e in maps.items():
+        e["accuracy"], e["chance"] = e["hits"] / e["cells"], e["chance"] / e["cells"]
+        out["pointing"][k] = e
+        print(f"{k:<40}{e['cells']:>6}{e['accuracy']:>8.3f}{e['chance']:>8.3f}")
+    print(f"\nerasure of the Auer rod: auer_rods=yes log-odds\n{'cell type':<24}{'cells':>6}{'log-odds':>10}"
+          f"{'drop, rod':>11}{'drop, control':>15}{'rod > control':>15}")  # fmt: skip
+    for t, v in erased.items():
+        a = np.array(v)  # (cells, 3)
+        out["auer_rod_erasure"][t] = {"cells": len(a), "log_odds_mean": float(a[:, 0].mean()),
+                                      "drop_rod_mean": float(a[:, 1].mean()),
+                                      "drop_control_mean": float(a[:, 2].mean()),
+                                      "share_rod_above_control": float(np.mean(a[:, 1] > a[:, 2]))}  # fmt: skip
+        print(f"{t:<24}{len(a):>6}{a[:, 0].mean():>10.2f}{a[:, 1].mean():>11.3f}{a[:, 2].mean():>15.3f}"
+              f"{np.mean(a[:, 1] > a[:, 2]):>15.2f}")  # fmt: skip
+    return out
+
+
 def pixels(cohort: Path, bank: Path, run: Path, args: argparse.Namespace) -> dict:
     """Pointing game of Grad-CAM and integrated gradients on the diagnostic top cells, per setting."""
     from feature_cache.bank import open_reader
@@ -319,7 +420,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--cells", type=int, default=3, help="top cells explained per patient")
     p.add_argument("--ig-steps", type=int, default=16)
-    p.add_argument("--parts", default="concepts,pixels", help="concepts, erasure, pixels")
+    p.add_argument("--parts", default="concepts,pixels", help="concepts, erasure, pixels, attributes")
     p.add_argument("--variants", default="", help=f"pixel settings compared (default all: {', '.join(VARIANTS)})")
     p.add_argument("--name", default="trust_cells", help="results file name (without .json)")
     p.add_argument("--pixel-encoder", default="efficientnet_lite0", help="encoder of the pixel part's bank")
@@ -333,6 +434,8 @@ def main() -> int:
                  str(args.bag_median), "--seed", str(args.seed))  # fmt: skip
     out: dict = {"args": vars(args), "load_before": _load()}
     parts = args.parts.split(",")
+    if "attributes" in parts:
+        out["attributes"] = attributes(cohort, args)
     for encoder, part in (("morphology", "concepts"), (args.pixel_encoder, "erasure"), (args.pixel_encoder, "pixels")):
         if part not in parts:
             continue
