@@ -319,8 +319,10 @@ def attributes(cohort: Path, args: argparse.Namespace) -> dict:
         if not pairs or crop is None:
             continue
         pix = px.encode_pixels(enc.transform, crop)
+        patch, stride = px.occlusion_window(12, 4, min(crop.shape[:2]), int(pix.shape[-1]))  # PixelConfig's defaults
         for a, v in pairs:
-            sal = px.to_crop_grid(px.occlusion(module, pix, AttributeScore(heads, values, a, v), 0, 0), crop.shape[:2])
+            score = AttributeScore(heads, values, a, v)
+            sal = px.to_crop_grid(px.occlusion(module, pix, score, 0, 0, patch, stride), crop.shape[:2])
             pt = px.pointing_game(sal, m.mask, 3.0, m.cell)
             e = maps.setdefault(f"{m.feature} / {a}={v}", {"hits": 0, "cells": 0, "chance": 0.0})
             e["hits"] += int(pt.hit)

@@ -323,8 +323,9 @@ def explain_pixels(run: str | Path, bank: Any, table: Any, attention: dict[str, 
                 if m == "gradcam":
                     sal = px.gradcam(module, layer, pixels, score, int(r), target)
                 elif m == "occlusion":
-                    sal = np.maximum(px.occlusion(module, pixels, score, int(r), target, config.occlusion_patch,
-                                                  config.occlusion_stride), 0.0)  # fmt: skip
+                    patch, stride = px.occlusion_window(config.occlusion_patch, config.occlusion_stride,
+                                                        min(crop.shape[:2]), int(pixels.shape[-1]))  # fmt: skip
+                    sal = np.maximum(px.occlusion(module, pixels, score, int(r), target, patch, stride), 0.0)
                 else:
                     ig = (px.smoothgrad_ig(module, pixels, score, int(r), target, config.ig_steps,
                                            config.ig_noise_samples, config.ig_noise_sigma)

@@ -87,8 +87,9 @@ class PixelConfig(Config):
             with the pointing game; an unlabelled patient is skipped with a note).
         score: the score explained (:data:`SCORES`): ``bag`` (the target class's bag logit), ``attention`` (the
             cell's log attention weight) or ``contribution`` (attention x the target logit of the cell alone).
-        occlusion_patch: side of the occluding patch (encoder input pixels).
-        occlusion_stride: step between patches.
+        occlusion_patch: side of the occluding patch, in pixels of the crop (scaled to the encoder's input
+            grid, so a map means the same at every input size: 12 px of a 96 px crop is 28 px at 224).
+        occlusion_stride: step between patches, in pixels of the crop (scaled likewise).
     """
 
     config_key = "pixel explanation option"
@@ -329,6 +330,13 @@ def integrated_gradients(encoder: nn.Module, pixels: torch.Tensor, score: BagSco
 
 
 # ------------------------------------------------------------------------------------------- occlusion
+
+
+def occlusion_window(patch: int, stride: int, crop_side: int, input_side: int) -> tuple[int, int]:
+    """A patch and stride given in crop pixels -> the same on the encoder's input grid (the transform resizes the
+    crop's shorter side, ``crop_side``, to ``input_side``); each at least 1 pixel."""
+    scale = input_side / max(crop_side, 1)
+    return max(1, round(patch * scale)), max(1, round(stride * scale))
 
 
 def occlusion(encoder: nn.Module, pixels: torch.Tensor, score: BagScore, row: int, target: int, patch: int = 12,

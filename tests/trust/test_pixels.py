@@ -201,6 +201,15 @@ class _Window(nn.Module):
         return 255.0 - x[:, :, 4:8, 10:14].mean(dim=(2, 3))  # (m, 3)
 
 
+def test_occlusion_window_is_given_in_crop_pixels() -> None:
+    """The same 12 px patch of a 96 px crop at every encoder input size (efficientnet_lite0 reads 224 px: there
+    a 12 px patch of the input grid was 5 px of the crop, and 2,916 windows a cell instead of 484)."""
+    assert px.occlusion_window(12, 4, crop_side=96, input_side=96) == (12, 4)
+    assert px.occlusion_window(12, 4, crop_side=96, input_side=224) == (28, 9)
+    assert px.occlusion_window(12, 4, crop_side=96, input_side=28) == (4, 1)
+    assert px.occlusion_window(1, 1, crop_side=96, input_side=16) == (1, 1)
+
+
 def test_occlusion_maps_exactly_the_pixels_the_score_reads() -> None:
     x = torch.zeros(4, 3)
     head = _Mean(3)
@@ -275,8 +284,8 @@ def test_relevance_mass_beside_the_pointing_game() -> None:
 
 
 @pytest.mark.slow  # uses the toy_run fixture (synthesis, extraction, training)
-def test_explain_pixels_by_occlusion_of_the_cell_attention(toy_run: Path, tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+def test_explain_pixels_by_occlusion_of_the_cell_attention(toy_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     from feature_cache.bank import open_reader
     from milcore.data.predictions import read_attention, read_predictions
     from milcore.trust.pixel_run import explain_pixels
@@ -286,9 +295,19 @@ def test_explain_pixels_by_occlusion_of_the_cell_attention(toy_run: Path, tmp_pa
     table, attention = read_predictions(run), read_attention(run)
     assert (PixelConfig().methods, PixelConfig().score) == (("occlusion",), "attention")  # chosen by measurement
     config = PixelConfig(methods=("occlusion",), score="attention", cells_per_patient=2, occlusion_patch=8)
+    windows = []
+    real = px.occlusion
+
+    def spy(encoder, pixels, score, row, target, patch=12, stride=4, **kw):
+        windows.append((int(pixels.shape[-1]), patch, stride))
+        return real(encoder, pixels, score, row, target, patch, stride, **kw)
+
+    monkeypatch.setattr(px, "occlusion", spy)
     with open_reader(toy_run / "bank.h5") as reader:
         res = explain_pixels(run, reader, table, attention, table.bag_ids, toy_run / "cohort", config)
     assert len(res.cells) == 2 * len(table.bag_ids)
+    side = min(res.cells[0].crop.shape[:2])  # the patch and stride were given in crop pixels
+    assert windows and set(windows) == {(s, *px.occlusion_window(8, 4, side, s)) for s, _, _ in windows}
     assert all(c.maps["occlusion"].shape == c.crop.shape[:2] and c.maps["occlusion"].min() >= 0 for c in res.cells)
     game = res.to_json()["pointing_game"]["occlusion"]
     assert game["cells"] > 0 and 0 <= game["mass"] <= 1 and 0 < game["mass_chance"] < 1
