@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -140,8 +141,10 @@ def classify_metrics(y: np.ndarray, prob: np.ndarray, n_classes: int) -> dict[st
     pred = prob.argmax(1)
     loss = float(-np.log(np.clip(prob[np.arange(len(y)), y], 1e-12, 1)).mean())
     labels = list(range(n_classes))
-    return {"loss": loss, "accuracy": float(accuracy_score(y, pred)),
-            "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+    with warnings.catch_warnings():  # a class predicted but absent from y (a rare attribute value): defined as usual
+        warnings.filterwarnings("ignore", "y_pred contains classes not in y_true")
+        balanced = float(balanced_accuracy_score(y, pred))
+    return {"loss": loss, "accuracy": float(accuracy_score(y, pred)), "balanced_accuracy": balanced,
             "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0))}  # fmt: skip
 
 
@@ -320,8 +323,9 @@ def train_supervised(config: SupervisedConfig) -> TrainResult:
                 per[a] = classify_metrics(part.attributes[a][known], p[known], len(values[a])) if known.any() else {}
                 m.update({f"{prefix}_attr_{a}_{k}": v for k, v in per[a].items() if k != "loss"})
             scored = [v for v in per.values() if v]
-            m[f"{prefix}_attribute_balanced_accuracy"] = float(np.mean([v["balanced_accuracy"] for v in scored]))
-            m[f"{prefix}_attribute_macro_f1"] = float(np.mean([v["macro_f1"] for v in scored]))
+            if scored:  # none: no crop of this part has a known attribute value; selection uses the class alone
+                m[f"{prefix}_attribute_balanced_accuracy"] = float(np.mean([v["balanced_accuracy"] for v in scored]))
+                m[f"{prefix}_attribute_macro_f1"] = float(np.mean([v["macro_f1"] for v in scored]))
         return m
 
     def validate() -> dict[str, float]:

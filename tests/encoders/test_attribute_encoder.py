@@ -162,3 +162,23 @@ def test_attributes_need_a_csv(tmp_path: Path, capsys) -> None:
     assert _train(tree, tmp_path / "out", "--attributes", "dot") == 2
     _one_line(capsys, str(tree), "read from a CSV")
     assert not (tmp_path / "out").exists()
+
+
+def test_validation_without_known_attribute_values_selects_on_the_class(table: Path, tmp_path: Path) -> None:
+    import csv
+
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for i, r in enumerate(rows):  # every 4th crop validates, with its shade unknown
+        r["split"] = "val" if i % 4 == 0 else "train"
+        r["path"] = str(table.parent / r["path"])
+        if r["split"] == "val":
+            r["shade"] = ""
+    split = tmp_path / "split.csv"
+    with open(split, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    result = train_supervised(SupervisedConfig(data=str(split), out=str(tmp_path / "o"), epochs=2, patience=0,
+                                               attributes=("shade",), **TINY))  # fmt: skip
+    assert result.card["metrics"]["best_epoch"] >= 1 and "val_attribute_balanced_accuracy" not in result.card["metrics"]
