@@ -1,4 +1,5 @@
-"""Tiny labelled cell sets written to disk for the encoder-training tests (drawn cells, two or three types)."""
+"""Tiny labelled cell sets written to disk for the encoder-training tests (drawn cells, two or three types), and the
+in-process ``milcore encoder train`` call their bad-input tests share."""
 
 from __future__ import annotations
 
@@ -84,3 +85,20 @@ def write_attribute_csv(root: Path, n_per_class: int = 32, size: int = 20) -> Pa
     with open(root / "cells.csv", "w", newline="") as f:
         csv.writer(f).writerows([["path", "label", "dot", "shade"], *rows])
     return root / "cells.csv"
+
+
+def train_cli(data: Path, out: Path, *extra: str) -> int:
+    """``milcore encoder train`` in-process with a tiny recipe (16 px, width 4, one epoch on the CPU)."""
+    from milcore.cli import main
+
+    return main(["encoder", "train", "--data", str(data), "--out", str(out), "--image-size", "16", "--width", "4",
+                 "--epochs", "1", "--batch-size", "8", "--device", "cpu", *extra])  # fmt: skip
+
+
+def one_line(capsys, *needles: str) -> str:
+    """The captured stderr is one line holding every needle; returns it."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    for n in needles:
+        assert n in err[0], err[0]
+    return err[0]

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from feature_cache.encoders.train_supervised import SupervisedConfig, attribute_weights, train_supervised
-from milcore.cli import main
-from tests.encoders.cellsets import write_attribute_csv, write_class_tree
+from tests.encoders.cellsets import one_line, train_cli, write_attribute_csv, write_class_tree
 
 TINY = {"image_size": 16, "width": 4, "batch_size": 8, "device": "cpu", "threads": 1}
 
@@ -118,20 +117,10 @@ def test_attribute_weights_balance_what_the_loss_sees() -> None:
     np.testing.assert_allclose(attribute_weights(codes, 3, draw), [1.0, 1.0, 1.0])
 
 
-def _train(data: Path, out: Path, *extra: str) -> int:
-    return main(["encoder", "train", "--data", str(data), "--out", str(out), "--image-size", "16", "--width", "4",
-                 "--epochs", "1", "--batch-size", "8", "--device", "cpu", *extra])  # fmt: skip
-
-
-def _one_line(capsys, *needles: str) -> None:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    for n in needles:
-        assert n in err[0], err[0]
 
 
 def test_cli_trains_attributes(table: Path, tmp_path: Path) -> None:
-    assert _train(table, tmp_path / "out", "--attributes", "dot,shade", "--attribute-weight", "0.5", "-q") == 0
+    assert train_cli(table, tmp_path / "out", "--attributes", "dot,shade", "--attribute-weight", "0.5", "-q") == 0
     card = json.loads((tmp_path / "out" / "encoder.json").read_text())
     assert list(card["attributes"]) == ["dot", "shade"] and card["recipe"]["attribute_weight"] == 0.5
 
@@ -143,8 +132,8 @@ def test_cli_trains_attributes(table: Path, tmp_path: Path) -> None:
     (["--attributes", "dot", "--mode", "ssl"], ["--attributes", "--mode supervised"]),
 ])  # fmt: skip
 def test_bad_attribute_options(table: Path, tmp_path: Path, capsys, extra: list[str], needles: list[str]) -> None:
-    assert _train(table, tmp_path / "out", *extra) == 2
-    _one_line(capsys, *needles)
+    assert train_cli(table, tmp_path / "out", *extra) == 2
+    one_line(capsys, *needles)
     assert not (tmp_path / "out").exists()
 
 
@@ -152,15 +141,15 @@ def test_attribute_of_a_single_value_is_refused(tmp_path: Path, capsys) -> None:
     table = write_attribute_csv(tmp_path / "d", n_per_class=6)
     text = table.read_text().replace(",yes,", ",no,")
     table.write_text(text)
-    assert _train(table, tmp_path / "out", "--attributes", "dot") == 2
-    _one_line(capsys, str(table), "attribute dot has only 'no'", "at least two values")
+    assert train_cli(table, tmp_path / "out", "--attributes", "dot") == 2
+    one_line(capsys, str(table), "attribute dot has only 'no'", "at least two values")
     assert not (tmp_path / "out").exists()
 
 
 def test_attributes_need_a_csv(tmp_path: Path, capsys) -> None:
     tree = write_class_tree(tmp_path / "t", n_per_class=4, size=20)
-    assert _train(tree, tmp_path / "out", "--attributes", "dot") == 2
-    _one_line(capsys, str(tree), "read from a CSV")
+    assert train_cli(tree, tmp_path / "out", "--attributes", "dot") == 2
+    one_line(capsys, str(tree), "read from a CSV")
     assert not (tmp_path / "out").exists()
 
 

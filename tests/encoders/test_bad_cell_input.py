@@ -9,36 +9,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from milcore.cli import main
-from tests.encoders.cellsets import write_class_tree, write_csv
-
-
-def _train(data: Path, out: Path, *extra: str) -> int:
-    return main(["encoder", "train", "--data", str(data), "--out", str(out), "--image-size", "16", "--width", "4",
-                 "--epochs", "1", "--batch-size", "8", "--device", "cpu", *extra])  # fmt: skip
-
-
-def _one_line(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    for n in needles:
-        assert n in err[0], err[0]
-    return err[0]
+from tests.encoders.cellsets import one_line, train_cli, write_class_tree, write_csv
 
 
 def test_csv_naming_missing_images(tmp_path: Path, capsys) -> None:
     table = write_csv(tmp_path / "d", n_per_class=4)
     (tmp_path / "d" / "img" / "a2.png").unlink()
     (tmp_path / "d" / "img" / "b3.png").unlink()
-    assert _train(table, tmp_path / "out") == 2
-    _one_line(capsys, str(table), "2 missing image(s)", "a2.png")
+    assert train_cli(table, tmp_path / "out") == 2
+    one_line(capsys, str(table), "2 missing image(s)", "a2.png")
     assert not (tmp_path / "out").exists()
 
 
 def test_single_class(tmp_path: Path, capsys) -> None:
     tree = write_class_tree(tmp_path / "t", n_per_class=6, size=20, kinds=1)
-    assert _train(tree, tmp_path / "out") == 2
-    _one_line(capsys, str(tree), "single class", "small_nucleus")
+    assert train_cli(tree, tmp_path / "out") == 2
+    one_line(capsys, str(tree), "single class", "small_nucleus")
     assert not (tmp_path / "out").exists()
 
 
@@ -46,8 +32,8 @@ def test_corrupt_image(tmp_path: Path, capsys) -> None:
     tree = write_class_tree(tmp_path / "t", n_per_class=4, size=20)
     bad = tree / "small_nucleus" / "c001.png"
     bad.write_bytes(bad.read_bytes()[:40])
-    assert _train(tree, tmp_path / "out") == 2
-    _one_line(capsys, str(bad), "corrupt")
+    assert train_cli(tree, tmp_path / "out") == 2
+    one_line(capsys, str(bad), "corrupt")
     assert not (tmp_path / "out").exists()
 
 
@@ -56,26 +42,27 @@ def test_sixteen_bit_image(tmp_path: Path, capsys) -> None:
     wide = tree / "large_nucleus" / "c002.png"
     Image.fromarray(np.full((20, 20), 40000, np.uint16)).save(wide)
     assert Image.open(wide).mode.startswith("I")
-    assert _train(tree, tmp_path / "out") == 2
-    _one_line(capsys, str(wide), "16-bit")
+    assert train_cli(tree, tmp_path / "out") == 2
+    one_line(capsys, str(wide), "16-bit")
 
 
 def test_crops_smaller_than_the_network_input(tmp_path: Path, capsys) -> None:
     tree = write_class_tree(tmp_path / "t", n_per_class=4, size=20)
     tiny = tree / "large_nucleus" / "tiny.png"
     Image.fromarray(np.full((3, 3, 3), 200, np.uint8)).save(tiny)
-    assert _train(tree, tmp_path / "out") == 2
-    _one_line(capsys, str(tiny), "smaller than the network's input")
+    assert train_cli(tree, tmp_path / "out") == 2
+    one_line(capsys, str(tiny), "smaller than the network's input")
     assert not (tmp_path / "out").exists()
-    assert _train(tree, tmp_path / "out2", "--image-size", "64", "--max-upscale", "2") == 2  # 20 px crops, 64 px input
-    _one_line(capsys, "smaller than the network's input", "64 px input")
+    # 20 px crops, 64 px input
+    assert train_cli(tree, tmp_path / "out2", "--image-size", "64", "--max-upscale", "2") == 2
+    one_line(capsys, "smaller than the network's input", "64 px input")
 
 
 def test_npz_of_16_bit_images(tmp_path: Path, capsys) -> None:
     npz = tmp_path / "wide.npz"
     np.savez(npz, train_images=np.zeros((4, 20, 20, 3), np.uint16), train_labels=np.array([[0], [1], [0], [1]]))
-    assert _train(npz, tmp_path / "out") == 2
-    _one_line(capsys, str(npz), "uint16")
+    assert train_cli(npz, tmp_path / "out") == 2
+    one_line(capsys, str(npz), "uint16")
 
 
 def test_csv_without_label_column_and_unknown_split(tmp_path: Path, capsys) -> None:
@@ -83,19 +70,19 @@ def test_csv_without_label_column_and_unknown_split(tmp_path: Path, capsys) -> N
     rows = list(csv.reader(table.read_text().splitlines()))
     with open(table, "w", newline="") as f:
         csv.writer(f).writerows([["path", "cls"], *rows[1:]])
-    assert _train(table, tmp_path / "out") == 2
-    _one_line(capsys, str(table), "label")
+    assert train_cli(table, tmp_path / "out") == 2
+    one_line(capsys, str(table), "label")
     with open(table, "w", newline="") as f:
         csv.writer(f).writerows([["path", "label", "split"], *[[*r, "tr"] for r in rows[1:]]])
-    assert _train(table, tmp_path / "out") == 2
-    _one_line(capsys, str(table), "unknown split")
+    assert train_cli(table, tmp_path / "out") == 2
+    one_line(capsys, str(table), "unknown split")
 
 
 @pytest.mark.parametrize("flag", [["--temperature", "0.1"]])
 def test_option_of_the_other_mode_is_refused(tmp_path: Path, capsys, flag: list[str]) -> None:
     tree = write_class_tree(tmp_path / "t", n_per_class=4, size=20)
-    assert _train(tree, tmp_path / "out", *flag) == 2
-    _one_line(capsys, "--temperature", "ssl")
+    assert train_cli(tree, tmp_path / "out", *flag) == 2
+    one_line(capsys, "--temperature", "ssl")
 
 
 def test_weights_and_card_get_the_usual_file_mode(tmp_path) -> None:
