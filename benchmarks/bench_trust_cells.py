@@ -338,8 +338,9 @@ def attributes(cohort: Path, args: argparse.Namespace) -> dict:
     # the one cell type showing its rods only sometimes (abnormal promyelocytes, 60 %): does the head tell them apart?
     from sklearn.metrics import roc_auc_score
 
-    mixed = [r for r in table if r["cell_type"] == "abnormal_promyelocyte"]
-    crops = [read_crop(cohort, r["patient_id"], r["cell_id"]) for r in mixed]
+    found = [(r, read_crop(cohort, r["patient_id"], r["cell_id"])) for r in table
+             if r["cell_type"] == "abnormal_promyelocyte"]  # fmt: skip
+    mixed, crops = [r for r, c in found if c is not None], [c for _, c in found if c is not None]
     with torch.no_grad():
         feats = torch.cat([module(torch.stack([px.encode_pixels(enc.transform, c).float() for c in crops[i : i + 64]]))
                            for i in range(0, len(crops), 64)]) if crops else torch.zeros(0, 1)  # fmt: skip
