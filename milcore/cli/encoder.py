@@ -4,6 +4,7 @@ Forms::
 
     milcore encoder train --data CELLS --out DIR [--mode supervised|ssl] [--backbone compact_cnn|efficientnet_lite0]
                           [--image-size S] [--epochs E] ... [--augment KEY=VALUE] [--no-augment] [--overwrite]
+                          [--attributes COL,COL] [--attribute-weight W]   (supervised, CSV data)
     milcore encoder probe --data CELLS --encoder NAME [--weights FILE] [--encoder-arg KEY=VALUE]
                           [--protocol auto|split|cv] [--folds K] [--knn-k K] [--out DIR]
 
