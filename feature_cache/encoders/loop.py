@@ -202,6 +202,7 @@ def fit(
     validate: Callable[[], dict[str, float]],
     score: Callable[[dict[str, float]], float],
     min_epochs: int = 0,
+    logged: Callable[[str], bool] | None = None,
 ) -> LoopState:
     """Train epoch by epoch, validating, keeping the best weights, saving state, stopping early.
 
@@ -219,6 +220,7 @@ def fit(
         train_one: trains one epoch, returns the mean training loss.
         validate: validation metrics of the current weights.
         score: the number to maximise from the metrics.
+        logged: which metric keys the epoch's log line shows (default all; every metric goes to the history).
 
     Returns:
         The loop state; the modules hold the best weights.
@@ -250,7 +252,7 @@ def fit(
             state.best = _clone(modules)
         else:
             state.bad_epochs += 1
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "_attr_" not in k)  # per attribute: history
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if logged is None or logged(k))
         log.info("epoch %d/%d: train loss %.4f, %s (%.1f s)", state.epoch, epochs, loss, shown,
                  time.perf_counter() - t0)  # fmt: skip
         if patience and state.bad_epochs >= patience and state.epoch >= min_epochs:

@@ -173,7 +173,10 @@ def _prepare(config: SupervisedConfig):
     if len(present) < 2:
         raise UserError(f"{config.data}: the training part holds a single class ({cells.classes[present[0]]})")
     for a, codes in train.attributes.items():
-        seen = np.unique(codes[codes >= 0])
+        seen, times = np.unique(codes[codes >= 0], return_counts=True)
+        if len(seen) > 2 and len(seen) > (times.sum() + 1) // 2:  # most values seen once: an id or a measurement
+            raise UserError(f"{config.data}: attribute {a} has {len(seen)} distinct values in {times.sum()} training "
+                            "crops; an attribute head needs a categorical column (values shared by cells)")  # fmt: skip
         if len(seen) < 2:
             what = f"only {cells.attribute_values[a][seen[0]]!r}" if len(seen) else "no value"
             raise UserError(f"{config.data}: attribute {a} has {what} in the training part; an attribute head needs "
@@ -342,8 +345,9 @@ def train_supervised(config: SupervisedConfig) -> TrainResult:
 
     modules = {"model": model, "head": head, **({"attributes": attr_heads} if len(attr_heads) else {}),
                **({"ema": ema} if ema is not None else {})}  # fmt: skip
+    # the log line leaves the per-attribute metrics to the history
     state = fit(run, saved, modules, optimizer, scheduler, gen, config.epochs, config.patience, train_one, validate,
-                score, min_epochs=config.stop_from)  # fmt: skip
+                score, min_epochs=config.stop_from, logged=lambda k: "_attr_" not in k)  # fmt: skip
     if ema is not None:  # the averaged weights are the ones validated, kept and written
         averaged = ema.module
         model.load_state_dict(averaged[0].state_dict())

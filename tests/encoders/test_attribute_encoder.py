@@ -171,3 +171,13 @@ def test_validation_without_known_attribute_values_selects_on_the_class(table: P
     result = train_supervised(SupervisedConfig(data=str(split), out=str(tmp_path / "o"), epochs=2, patience=0,
                                                attributes=("shade",), **TINY))  # fmt: skip
     assert result.card["metrics"]["best_epoch"] >= 1 and "val_attribute_balanced_accuracy" not in result.card["metrics"]
+
+
+def test_an_id_column_is_not_an_attribute(tmp_path: Path, capsys) -> None:
+    table = write_attribute_csv(tmp_path / "d", n_per_class=6)
+    lines = table.read_text().splitlines()  # every crop's dot value made its own (an id column, not a category)
+    rows = [line.replace(",yes,", f",yes{i},").replace(",no,", f",no{i},") for i, line in enumerate(lines[1:])]
+    table.write_text("\n".join([lines[0], *rows]) + "\n")
+    assert train_cli(table, tmp_path / "out", "--attributes", "dot") == 2
+    one_line(capsys, str(table), "attribute dot has", "distinct values", "categorical column")
+    assert not (tmp_path / "out").exists()
