@@ -1,5 +1,8 @@
 """Cell-level trust targets on a synthetic AML cohort (issue 16): attribute heads and pixel explanations.
 
+Any synthetic task's cohort can be given (``--cohort``; its task is read from ``synth.json``); ``--task auer``
+writes one where the Auer rod is the only thing that tells a diagnostic cell from a plain myeloblast.
+
 ``concepts``: attribute heads (``milcore.trust.concepts``: one logistic regression per WBCAtt-style attribute)
 trained on the cells of 75 % of the patients of a ``morphology``-encoder bank and scored on the other 25 %
 (macro-F1 per attribute, mean over attributes), for several patient splits. Target: macro-F1 >= 0.85.
@@ -134,6 +137,21 @@ def rescore(cells: list, masks: dict, tolerance: float, regions: dict | None = N
     return out
 
 
+def _task(cohort: Path) -> tuple[str, str]:
+    """The cohort's task and its control class (``synth.json``)."""
+    from feature_cache.sources.synthetic_source import load_synth_config
+    from feature_cache.sources.synthetic_vocab import TASKS
+
+    task = load_synth_config(cohort).task
+    return task, TASKS[task].control
+
+
+def _sick(cohort: Path, table: object) -> list[str]:
+    """The patients of a prediction table that are not controls."""
+    control = _task(cohort)[1]
+    return [b for b, y in zip(table.bag_ids, table.labels, strict=True) if table.classes[y] != control]
+
+
 def _trained_run(cohort: Path, bank: Path, run: Path, args: argparse.Namespace) -> float:
     """Cross-validate ABMIL on the bank unless the run exists; seconds spent."""
     from milcore.crossval import train_run
@@ -141,8 +159,8 @@ def _trained_run(cohort: Path, bank: Path, run: Path, args: argparse.Namespace) 
 
     t0 = time.perf_counter()
     if not (run / "predictions.csv").exists():
-        spec = RunSpec(bank=str(bank), cohort=str(cohort / "cohort.csv"), task="aml", folds=args.folds, seed=0,
-                       n_boot=50)  # fmt: skip
+        spec = RunSpec(bank=str(bank), cohort=str(cohort / "cohort.csv"), task=_task(cohort)[0], folds=args.folds,
+                       seed=0, n_boot=50)  # fmt: skip
         cfg = TrainConfig(model="abmil", epochs=args.epochs, patience=6, lr=1e-3, input_norm="standardize",
                           device="cpu", num_workers=0)  # fmt: skip
         train_run(spec, cfg, run, overwrite=True)
@@ -179,7 +197,7 @@ def erasure(cohort: Path, bank: Path, run: Path, args: argparse.Namespace) -> di
     t_train = _trained_run(cohort, bank, run, args)
     table = read_predictions(run)
     attention = read_attention(run)
-    sick = [b for b, y in zip(table.bag_ids, table.labels, strict=True) if table.classes[y] != "control"]
+    sick = _sick(cohort, table)
     masks = cohort_masks(cohort, sick)
     index = {b: i for i, b in enumerate(table.bag_ids)}
     rng = np.random.default_rng(0)
@@ -382,7 +400,7 @@ def pixels(cohort: Path, bank: Path, run: Path, args: argparse.Namespace) -> dic
     t_train = _trained_run(cohort, bank, run, args)
     table = read_predictions(run)
     attention = read_attention(run)
-    sick = [b for b, y in zip(table.bag_ids, table.labels, strict=True) if table.classes[y] != "control"]
+    sick = _sick(cohort, table)
     from feature_cache.sources.synthetic_truth import cohort_masks
     from milcore.metrics.classification import balanced_accuracy
 
@@ -429,8 +447,16 @@ def pixels(cohort: Path, bank: Path, run: Path, args: argparse.Namespace) -> dic
 
 
 def main() -> int:
+    from feature_cache.sources.synthetic_vocab import list_tasks
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cohort", default="runs/trust_cells/cohort", help="synthetic cohort (written when absent)")
+    p.add_argument(
+        "--task",
+        default="aml",
+        choices=list_tasks(),
+        help="task of a cohort written here (auer: the Auer rod alone diagnoses)",
+    )
     p.add_argument("--patients", type=int, default=60)
     p.add_argument("--bag-median", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
@@ -449,7 +475,7 @@ def main() -> int:
     args = p.parse_args()
     cohort = Path(args.cohort)
     if not (cohort / "cohort.csv").exists():
-        _milcore("synth", str(cohort), "--task", "aml", "--patients", str(args.patients), "--bag-median",
+        _milcore("synth", str(cohort), "--task", args.task, "--patients", str(args.patients), "--bag-median",
                  str(args.bag_median), "--seed", str(args.seed))  # fmt: skip
     out: dict = {"args": vars(args), "load_before": _load()}
     parts = args.parts.split(",")

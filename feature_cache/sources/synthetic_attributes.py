@@ -14,7 +14,8 @@ attribute value has a phrase for reports (``("nc_ratio", "high") -> "high N:C ra
 A diagnostic cell's *diagnostic feature* (the mask a pixel explanation should point into) is the
 first drawn feature in :data:`DIAGNOSTIC_FEATURES` for its type: the Auer rod of an Auer-rod
 myeloblast, the rods (else the heavy granules) of an abnormal promyelocyte, the dark granules of an
-abnormal eosinophil, the nucleus of a blast, the whole cell of an abnormal red cell.
+abnormal eosinophil, the nucleus of a blast, the rod alone of the ``auer`` task's myeloblast (its nucleus is
+that of the myeloblasts every patient of that task carries), the whole cell of an abnormal red cell.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ DIAGNOSTIC_FEATURES: dict[str, tuple[str, ...]] = {
     "abnormal_promyelocyte": ("auer_rod", "granules"),
     "abnormal_eosinophil": ("granules", "nucleus"),
     "myeloblast": ("nucleus",),
+    "myeloblast_rod": ("auer_rod",),
     "monoblast": ("nucleus",),
     "lymphoblast": ("nucleus",),
 }

@@ -8,12 +8,18 @@ pixels of a 96 x 96 crop (about 0.4 µm per pixel).
 
 Tasks map patient classes to mixtures of *diagnostic* cell types, loosely following the Munich
 AML cohort (control, PML::RARA, NPM1, CBFB::MYH11, RUNX1::RUNX1T1), ALL vs control, and
-hereditary / acquired anemias seen on red cells.
+hereditary / acquired anemias seen on red cells. One more task, ``auer``, exists to test pixel
+explanations: every patient carries myeloblasts, and some of the positive class's carry an Auer rod, the only
+thing that tells them apart (its diagnostic cell, ``myeloblast_rod``, is the ``myeloblast`` spec with one rod),
+so a faithful explanation of its decision has to point at the rod. In the AML task the rod comes with its
+cell type (an Auer-rod myeloblast also differs from a myeloblast in its cytoplasm), and a model need not look
+at it. Clinically it is the question WHO 2016 asks of MDS with excess blasts, where Auer rods alone make
+MDS-EB-2.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 Range = tuple[float, float]
 RGB = tuple[float, float, float]
@@ -171,6 +177,10 @@ WHITE_CELLS: dict[str, WhiteCellSpec] = {
     ),
 }
 
+#: A myeloblast with one Auer rod and nothing else changed (the ``auer`` task's diagnostic cell; with
+#: ``subtlety`` the rod fades toward the plain myeloblast it mimics).
+WHITE_CELLS["myeloblast_rod"] = replace(WHITE_CELLS["myeloblast"], auer_rods=(1.0, 1.0), mimic="myeloblast")
+
 RED_CELLS: dict[str, RedCellSpec] = {
     "discocyte": RedCellSpec("disc", radius=(15, 17)),
     "spherocyte": RedCellSpec("disc", radius=(11.5, 13), pallor=(0.0, 0.0), rgb=(205.0, 105.0, 115.0),
@@ -261,6 +271,15 @@ TASKS: dict[str, TaskSpec] = {
         },
         background=_RBC_BACKGROUND,
         confounders=_RBC_POIKILOCYTES,
+        confounder_rate=0.03,
+    ),
+    "auer": TaskSpec(
+        name="auer",
+        lineage="wbc",
+        control="no_auer_rods",
+        mixtures={"auer_rods": {"myeloblast_rod": 1.0}},
+        background={**_WBC_BACKGROUND, "myeloblast": 0.08},
+        confounders={"atypical_lymphocyte": 1.0},
         confounder_rate=0.03,
     ),
 }

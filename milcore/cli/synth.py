@@ -6,7 +6,6 @@ import argparse
 import logging
 
 HELP = "synthesize a blood-smear cohort: single-cell crops, cohort.csv and cells.csv ground truth"
-TASKS = ("aml", "all", "anemia")
 
 log = logging.getLogger("milcore")
 
@@ -22,6 +21,7 @@ def _rate(text: str) -> float:
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     """Register the ``synth`` subcommand."""
+    from feature_cache.sources.synthetic import list_tasks
     from milcore.cli._types import fraction, int_at_least, non_negative
 
     p = subparsers.add_parser(
@@ -31,7 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
         parents=parents,
     )
     p.add_argument("out", metavar="OUT", help="output folder (must be absent or empty unless --overwrite)")
-    p.add_argument("--task", required=True, choices=TASKS, help="diagnostic task")
+    p.add_argument("--task", required=True, choices=list_tasks(), help="diagnostic task")
     p.add_argument("--patients", type=int_at_least(1), default=60, help="number of patients (default 60)")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (default 0)")
     p.add_argument(

@@ -45,3 +45,23 @@ def test_attribute_score_is_the_log_odds_of_the_value(load_benchmark) -> None:
     feats = torch.randn(4, 5)
     p = torch.softmax(feats @ heads["nc_ratio.weight"].T + heads["nc_ratio.bias"], 1)[:, 1]
     torch.testing.assert_close(score.value(feats, 0, 0), torch.log(p / (1 - p)))
+
+
+@pytest.mark.parametrize("task", ["aml", "auer"])
+def test_trust_cells_benchmark_reads_the_task_and_its_control_from_the_cohort(task: str, tmp_path: Path,
+                                                                              load_benchmark) -> None:  # fmt: skip
+    from types import SimpleNamespace
+
+    from feature_cache.sources.synthetic_vocab import TASKS
+
+    bench = load_benchmark("bench_trust_cells")
+    out = tmp_path / "cohort"
+    write_cohort(SynthConfig(task=task, patients=6, seed=1, bag_median=10, bag_range=(10, 12)), out)
+    with open(out / "cohort.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    classes = list(TASKS[task].classes)
+    table = SimpleNamespace(bag_ids=[r["patient_id"] for r in rows], classes=classes,
+                            labels=[classes.index(r[task]) for r in rows])  # fmt: skip
+    assert bench._task(out) == (task, TASKS[task].control)
+    sick = bench._sick(out, table)
+    assert sick == [r["patient_id"] for r in rows if r[task] != TASKS[task].control] and 0 < len(sick) < len(rows)
