@@ -42,6 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     p.add_argument("--pixel-score", default=None, metavar="SCORE",
                    help="what --pixels explains: attention (the cell's own attention, default), bag (the predicted "
                    "class's bag logit) or contribution (attention x the cell's own logit)")  # fmt: skip
+    p.add_argument("--encoder-weights", default=None, metavar="FILE",
+                   help="with --pixels: the weights file the bank was extracted with, for an encoder trained with "
+                   "'milcore encoder train' (checked against the bank's encoder fingerprint)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="device of the pixel explanations (cpu, cuda, auto)")
     p.set_defaults(func=run)
 
@@ -54,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path(args.run) / "explain"
     pixels = None
+    if args.encoder_weights is not None and args.pixels is None:
+        from feature_cache.errors import InvalidArgumentError
+
+        raise InvalidArgumentError("--encoder-weights is only used by --pixels")
     if args.pixels is not None:
         from feature_cache.devices import resolve_device
         from feature_cache.errors import InvalidArgumentError
@@ -62,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         if args.pixel_score is not None and args.pixel_score not in SCORES:
             raise InvalidArgumentError(f"--pixel-score {args.pixel_score!r}: not one of {', '.join(SCORES)}")
         methods = tuple(m.strip() for m in args.pixels.split(",") if m.strip())
-        chosen = {"methods": methods, "score": args.pixel_score}
+        chosen = {"methods": methods, "score": args.pixel_score, "encoder_weights": args.encoder_weights}
         pixels = PixelConfig.from_dict({**{k: v for k, v in chosen.items() if v}, "cells_per_patient": args.pixel_cells,
                                         "device": str(resolve_device(args.device))})  # fmt: skip
     summary = explain_run(args.run, args.crops, out, top_k=args.top, max_patients=args.patients,

@@ -139,11 +139,21 @@ def pointing_summary(cells: list[CellPixels], methods: tuple[str, ...]) -> dict[
     return out
 
 
-def rebuild_encoder(info: Any, device: str = "cpu") -> tuple[Any, str | None]:
+def rebuild_encoder(info: Any, device: str = "cpu", weights: str | Path | None = None) -> tuple[Any, str | None]:
     """The bank's encoder rebuilt on this machine, or ``(None, why not)``.
 
     Tries the encoder's defaults, then the ``image_size`` its transform records; the rebuilt encoder's
     fingerprint (name, version, weights SHA-256, transform, dimension) must equal the bank's.
+
+    Args:
+        info: the bank's encoder info.
+        device: where the encoder runs.
+        weights: the weights file of an encoder that is not packaged (one from ``milcore encoder train``): the file
+            the bank was extracted with.
+
+    Raises:
+        UserError: ``weights`` was given and is unreadable, or is not the file the bank was extracted with (a map
+            of another encoder would explain features the model never saw).
     """
     import re
 
@@ -152,22 +162,29 @@ def rebuild_encoder(info: Any, device: str = "cpu") -> tuple[Any, str | None]:
 
     if info.name not in list_encoders():
         return None, f"encoder {info.name!r} is not registered here"
-    attempts: list[dict[str, Any]] = [{}]
+    base: dict[str, Any] = {} if weights is None else {"weights": str(weights)}
+    attempts: list[dict[str, Any]] = [base]
     size = re.search(r"resize_shorter=(\d+)", info.transform or "")
     if size and "image_size" in encoder_spec(info.name).options:
-        attempts.insert(0, {"image_size": int(size.group(1))})
-    last = ""
+        attempts.insert(0, {**base, "image_size": int(size.group(1))})
+    last, built = "", False
     for options in attempts:
         try:
             enc = create_encoder(info.name, device=device, **options)
         except (UserError, ValueError, TypeError) as exc:
             last = str(exc)
             continue
+        built = True
         diff = [k for k in FINGERPRINT if str(getattr(enc.info, k)) != str(getattr(info, k))]
         if not diff:
             return enc, None
         last = "fingerprint differs in " + ", ".join(diff)
-    return None, f"the bank's encoder {info.name!r} could not be rebuilt with its weights here ({last})"
+    if weights is not None and built:
+        raise UserError(f"{weights}: not the weights the bank's encoder {info.name!r} was extracted with ({last})")
+    if weights is not None:
+        raise UserError(last if str(weights) in last else f"{weights}: {last}")
+    return None, (f"the bank's encoder {info.name!r} could not be rebuilt with its weights here ({last}); an encoder "
+                  f"trained with 'milcore encoder train' needs its weights file (--encoder-weights FILE)")  # fmt: skip
 
 
 def _models_for(run: Path, kind: str | None, folds: np.ndarray, bags: list[str], bank_info: Any,
@@ -263,7 +280,7 @@ def explain_pixels(run: str | Path, bank: Any, table: Any, attention: dict[str, 
         result.notes.append(f"{bank.path}: the bank stores no cell ids, so no crop can be found; skipped")
         return result
     if encoder is None:
-        encoder, why = rebuild_encoder(bank.info, config.device)
+        encoder, why = rebuild_encoder(bank.info, config.device, config.encoder_weights)
         if encoder is None:
             result.notes.append(f"{why}; pixel explanations skipped")
             return result

@@ -90,6 +90,9 @@ class PixelConfig(Config):
         occlusion_patch: side of the occluding patch, in pixels of the crop (scaled to the encoder's input
             grid, so a map means the same at every input size: 12 px of a 96 px crop is 28 px at 224).
         occlusion_stride: step between patches, in pixels of the crop (scaled likewise).
+        encoder_weights: the weights file of the bank's encoder when the engine does not package it (an encoder
+            trained with ``milcore encoder train``); it must be the file the bank was extracted with (its SHA-256
+            is checked against the bank's encoder fingerprint). ``None``: the registered encoder's own weights.
     """
 
     config_key = "pixel explanation option"
@@ -108,6 +111,7 @@ class PixelConfig(Config):
     score: str = option("attention", choices=SCORES)
     occlusion_patch: int = option(12, low=1, high=512)
     occlusion_stride: int = option(4, low=1, high=512)
+    encoder_weights: str | None = option(None)
 
 
 # ------------------------------------------------------------------------------------------- the bag score

@@ -109,6 +109,45 @@ def test_explain_pixels_without_crops_is_a_note(run_copy: Path, tmp_path: Path, 
     assert "no crops" in (tmp_path / "ex" / "explain.html").read_text()
 
 
+def _compact_weights(path: Path, seed: int) -> Path:
+    """A random ``compact_cnn`` weights file (width 8, 28 px), as ``milcore encoder train`` writes it."""
+    from feature_cache.encoders.card import save_weights
+    from feature_cache.encoders.compact import build
+
+    torch.manual_seed(seed)
+    net, _ = build(8)
+    save_weights(path, net.state_dict(), "compact_cnn", {"image_size": 28, "width": 8})
+    return path
+
+
+def test_a_trained_encoder_is_rebuilt_from_its_weights_file_and_no_other(tmp_path: Path) -> None:
+    """An encoder from ``milcore encoder train`` is not packaged: its maps need the file the bank was extracted
+    with, checked by the fingerprint; another file would explain features the model never saw."""
+    from feature_cache.encoders import create_encoder
+    from feature_cache.errors import UserError
+    from milcore.trust.pixel_run import rebuild_encoder
+
+    good = _compact_weights(tmp_path / "trained.safetensors", 0)
+    other = _compact_weights(tmp_path / "other.safetensors", 1)
+    info = create_encoder("compact_cnn", weights=good, device="cpu").info
+    enc, why = rebuild_encoder(info)
+    assert enc is None and "--encoder-weights FILE" in why
+    enc, why = rebuild_encoder(info, weights=good)
+    assert why is None and enc.info.weights_sha256 == info.weights_sha256
+    with pytest.raises(UserError, match=r"other\.safetensors: not the weights .*weights_sha256"):
+        rebuild_encoder(info, weights=other)
+    with pytest.raises(UserError, match=r"missing\.safetensors"):
+        rebuild_encoder(info, weights=tmp_path / "missing.safetensors")
+
+
+def test_encoder_weights_without_pixels_is_refused(run_copy: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    rc = main(["explain", "--run", str(run_copy), "--out", str(tmp_path / "ex"), "--encoder-weights", "w.safetensors"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--encoder-weights is only used by --pixels" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "ex").exists()
+
+
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic ALL cohort (crops and masks), a toy-encoder bank and a 3-fold ABMIL run on it."""
