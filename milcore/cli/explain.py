@@ -33,8 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
                    "attribute columns (a synthetic cohort's cells.csv; heads trained on the run's bank, held-out "
                    "macro-F1 reported, RUN/concepts.json written for the passport) or saved heads (.json)")  # fmt: skip
     p.add_argument("--pixels", nargs="?", const="", default=None, metavar="METHODS",
-                   help="pixel explanations of the top cells (occlusion, gradcam, integrated_gradients; default "
-                   "occlusion) through "
+                   help="pixel explanations of the top cells (integrated_gradients, occlusion, gradcam; default "
+                   "integrated_gradients) through "
                    "encoder and aggregator, as overlays, scored by the pointing game where the synthetic masks exist; "
                    "needs the crops and the bank's encoder (skipped with a note otherwise)")  # fmt: skip
     p.add_argument("--pixel-cells", type=int_at_least(1), default=3, metavar="K",

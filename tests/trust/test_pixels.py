@@ -332,7 +332,7 @@ def test_explain_pixels_by_occlusion_of_the_cell_attention(toy_run: Path, tmp_pa
 
     run = toy_run / "run"
     table, attention = read_predictions(run), read_attention(run)
-    assert (PixelConfig().methods, PixelConfig().score) == (("occlusion",), "attention")  # chosen by measurement
+    assert (PixelConfig().methods, PixelConfig().score) == (("integrated_gradients",), "attention")  # measured
     config = PixelConfig(methods=("occlusion",), score="attention", cells_per_patient=2, occlusion_patch=8)
     windows = []
     real = px.occlusion
@@ -352,10 +352,10 @@ def test_explain_pixels_by_occlusion_of_the_cell_attention(toy_run: Path, tmp_pa
     assert game["cells"] > 0 and 0 <= game["mass"] <= 1 and 0 < game["mass_chance"] < 1
     assert res.to_json()["score"] == "attention"
     rc = main(["explain", "--run", str(run), "--out", str(tmp_path / "ex"), "--pixels", "--patients", "2",
-               "--pixel-cells", "1"])  # fmt: skip  (the defaults: occlusion of the cell's attention)
+               "--pixel-cells", "1"])  # fmt: skip  (the defaults: integrated gradients of the cell's attention)
     assert rc == 0, capsys.readouterr().err
     pix = json.loads((tmp_path / "ex" / "explain.json").read_text())["pixels"]
-    assert pix["methods"] == ["occlusion"] and pix["score"] == "attention"
+    assert pix["methods"] == ["integrated_gradients"] and pix["score"] == "attention"
     html = (tmp_path / "ex" / "explain.html").read_text()
     assert "own attention (bright = pixels that made the model pick this cell)" in html
     assert "relevance mass in the feature" in html
