@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from feature_cache.sources.synthetic import list_tasks
 from milcore.cli import main
 
 TINY = ["--bag-median", "15", "--bag-min", "10", "--bag-max", "30"]
@@ -25,6 +26,14 @@ def test_synth_writes_the_documented_layout(tmp_path: Path, caplog: pytest.LogCa
     assert len(rows) == 6 and {r["site"] for r in rows} <= {"0", "1"}
     assert all((out / r["patient_id"]).is_dir() for r in rows)
     assert str(out) in caplog.text
+
+
+@pytest.mark.parametrize("task", list_tasks())
+def test_synth_offers_every_registered_task(tmp_path: Path, task: str) -> None:
+    out = tmp_path / "cohort"
+    assert main(["synth", "--task", task, "--patients", "2", "-q", *TINY, str(out)]) == 0
+    with open(out / "cohort.csv", newline="") as f:
+        assert task in next(csv.reader(f)), "the label column is named after the task"
 
 
 @pytest.mark.parametrize(
