@@ -19,10 +19,16 @@ def _rate(text: str) -> float:
     return value
 
 
+def _tasks() -> list[str]:
+    """The synthetic tasks (read when the command line is checked or help is shown, not when the parser is built)."""
+    from feature_cache.sources.synthetic_vocab import list_tasks
+
+    return list_tasks()
+
+
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     """Register the ``synth`` subcommand."""
-    from feature_cache.sources.synthetic import list_tasks
-    from milcore.cli._types import fraction, int_at_least, non_negative
+    from milcore.cli._types import _LazyChoices, fraction, int_at_least, non_negative
 
     p = subparsers.add_parser(
         "synth",
@@ -31,7 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
         parents=parents,
     )
     p.add_argument("out", metavar="OUT", help="output folder (must be absent or empty unless --overwrite)")
-    p.add_argument("--task", required=True, choices=list_tasks(), help="diagnostic task")
+    p.add_argument("--task", required=True, choices=_LazyChoices(_tasks), metavar="TASK",
+                   help="diagnostic task: %(choices)s")
     p.add_argument("--patients", type=int_at_least(1), default=60, help="number of patients (default 60)")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (default 0)")
     p.add_argument(
