@@ -48,8 +48,8 @@ METHODS = ("gradcam", "integrated_gradients", "occlusion")
 #: The methods ``PixelConfig`` and ``milcore explain --pixels`` use unless told otherwise: integrated gradients of
 #: the cell's attention (``score``). Chosen on the choosing cohorts of ``benchmarks/bench_trust_cells.py`` with
 #: encoders that see the features (``milcore encoder train`` on 4,000+ crops, 16 epochs): 0.741 vs occlusion's
-#: 0.444 on AML (chance 0.507) and 1.000 vs 0.838 on the ``auer`` task (chance 0.057), at a twentieth of the
-#: cost. (With a weaker encoder, trained on 2,000 crops for 8 epochs, occlusion had been ahead: 0.642 vs 0.346.)
+#: 0.444 on AML (chance 0.507) and 1.000 vs 0.838 on the ``auer`` task (chance 0.057), at 15-40 times less cost
+#: per cell. (With a weaker encoder, trained on 2,000 crops for 8 epochs, occlusion had been ahead: 0.642 vs 0.346.)
 DEFAULT_METHODS = ("integrated_gradients",)
 #: What is explained: the bag logit of the target class; the cell's own attention (log attention weight: what
 #: ranked it among the top cells); or its contribution to the target logit (attention x the logit of the cell
