@@ -183,8 +183,9 @@ def rebuild_encoder(info: Any, device: str = "cpu", weights: str | Path | None =
         raise UserError(f"{weights}: not the weights the bank's encoder {info.name!r} was extracted with ({last})")
     if weights is not None:
         raise UserError(last if str(weights) in last else f"{weights}: {last}")
-    return None, (f"the bank's encoder {info.name!r} could not be rebuilt with its weights here ({last}); an encoder "
-                  f"trained with 'milcore encoder train' needs its weights file (--encoder-weights FILE)")  # fmt: skip
+    return None, (f"the bank's encoder {info.name!r} could not be rebuilt with its weights here ({last}); for an "
+                  f"encoder trained with 'milcore encoder train', pass the weights file the bank was extracted with "
+                  f"(--encoder-weights FILE)")  # fmt: skip
 
 
 def _models_for(run: Path, kind: str | None, folds: np.ndarray, bags: list[str], bank_info: Any,

@@ -161,6 +161,37 @@ def toy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow  # synthesis, extraction with a trained-format encoder, a training run: about 20 s
+def test_explain_pixels_of_a_bank_from_a_trained_encoder_with_its_weights_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    weights = _compact_weights(tmp_path / "enc.safetensors", 0)
+    cohort, bank, run = tmp_path / "cohort", tmp_path / "bank.h5", tmp_path / "run"
+    tiny = ["--patients", "9", "--seed", "0", "--bag-median", "10", "--bag-min", "8", "--bag-max", "12",
+            "--crop-size", "48", "--witness-median", "0.3"]  # fmt: skip
+    assert main(["synth", "--task", "auer", *tiny, "-q", str(cohort)]) == 0
+    assert main(["extract", "--source", "synthetic", "--input", str(cohort), "--encoder", "compact_cnn", "--weights",
+                 str(weights), "--out", str(bank), "--workers", "0", "-q"]) == 0  # fmt: skip
+    assert main(["train", "--bank", str(bank), "--cohort", str(cohort / "cohort.csv"), "--task", "auer", "--folds",
+                 "3", "--model", "abmil", "--epochs", "2", "--out", str(run), "-q"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["explain", "--run", str(run), "--out", str(tmp_path / "none"), "--pixels", "-q"]) == 0
+    pix = json.loads((tmp_path / "none" / "explain.json").read_text())["pixels"]
+    assert pix["cells"] == {} and any("--encoder-weights FILE" in n for n in pix["notes"])
+    assert main(["explain", "--run", str(run), "--out", str(tmp_path / "ex"), "--pixels", "--encoder-weights",
+                 str(weights), "--patients", "9", "-q"]) == 0  # fmt: skip
+    pix = json.loads((tmp_path / "ex" / "explain.json").read_text())["pixels"]
+    cells = [c for cs in pix["cells"].values() for c in cs]
+    assert cells and all("integrated_gradients" in c["methods"] for c in cells) and pix["notes"] == []
+    other = _compact_weights(tmp_path / "other.safetensors", 1)
+    capsys.readouterr()
+    assert main(["explain", "--run", str(run), "--out", str(tmp_path / "bad"), "--pixels", "--encoder-weights",
+                 str(other)]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert "other.safetensors: not the weights" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.slow  # synthesis, extraction and a training run: about 30 s on an idle 2-core machine
 def test_overlays_and_pointing_game_on_a_synthetic_cohort(toy_run: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture) -> None:  # fmt: skip
