@@ -1,5 +1,5 @@
-"""Tiny labelled cell sets written to disk for the encoder-training tests (drawn cells, two or three types), and the
-in-process ``milcore encoder train`` call their bad-input tests share."""
+"""Tiny labelled cell sets written to disk for the encoder-training tests (drawn cells, two or three types), the
+in-process ``milcore encoder train`` call their bad-input tests share, and a random trained-format weights file."""
 
 from __future__ import annotations
 
@@ -102,3 +102,16 @@ def one_line(capsys, *needles: str) -> str:
     for n in needles:
         assert n in err[0], err[0]
     return err[0]
+
+
+def compact_weights(path: Path, seed: int = 0) -> Path:
+    """A random ``compact_cnn`` weights file (width 8, 28 px), as ``milcore encoder train`` writes it."""
+    import torch
+
+    from feature_cache.encoders.card import save_weights
+    from feature_cache.encoders.compact import build
+
+    torch.manual_seed(seed)
+    net, _ = build(8)
+    save_weights(path, net.state_dict(), "compact_cnn", {"image_size": 28, "width": 8})
+    return path

@@ -11,6 +11,7 @@ import pytest
 from feature_cache.bank import EncoderInfo
 from feature_cache.encoders import create_encoder, encoder_spec, list_encoders
 from feature_cache.encoders.base import Encoder
+from tests.encoders.cellsets import compact_weights
 
 SLOW = {"vit_base_patch14_dinov2", "vit_large_patch14_dinov2"}
 
@@ -20,18 +21,9 @@ def _params() -> list:
 
 
 def _compact_checkpoint(root: Path) -> Path:
-    """A random ``compact_cnn`` weights file (width 8, 28 px), as ``milcore encoder train`` writes it."""
-    import torch
-
-    from feature_cache.encoders.card import save_weights
-    from feature_cache.encoders.compact import build
-
+    """A random ``compact_cnn`` weights file, written once per session root."""
     path = root / "compact_cnn.safetensors"
-    if not path.exists():
-        torch.manual_seed(0)
-        net, _ = build(8)
-        save_weights(path, net.state_dict(), "compact_cnn", {"image_size": 28, "width": 8})
-    return path
+    return path if path.exists() else compact_weights(path)
 
 
 def _build(name: str, vit_checkpoint: Callable[..., Path]):

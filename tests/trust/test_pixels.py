@@ -14,6 +14,7 @@ from torch import nn
 
 from milcore.cli import main
 from milcore.trust import pixels as px
+from tests.encoders.cellsets import compact_weights
 
 
 class _Mean(nn.Module):
@@ -109,17 +110,6 @@ def test_explain_pixels_without_crops_is_a_note(run_copy: Path, tmp_path: Path, 
     assert "no crops" in (tmp_path / "ex" / "explain.html").read_text()
 
 
-def _compact_weights(path: Path, seed: int) -> Path:
-    """A random ``compact_cnn`` weights file (width 8, 28 px), as ``milcore encoder train`` writes it."""
-    from feature_cache.encoders.card import save_weights
-    from feature_cache.encoders.compact import build
-
-    torch.manual_seed(seed)
-    net, _ = build(8)
-    save_weights(path, net.state_dict(), "compact_cnn", {"image_size": 28, "width": 8})
-    return path
-
-
 def test_a_trained_encoder_is_rebuilt_from_its_weights_file_and_no_other(tmp_path: Path) -> None:
     """An encoder from ``milcore encoder train`` is not packaged: its maps need the file the bank was extracted
     with, checked by the fingerprint; another file would explain features the model never saw."""
@@ -127,8 +117,8 @@ def test_a_trained_encoder_is_rebuilt_from_its_weights_file_and_no_other(tmp_pat
     from feature_cache.errors import UserError
     from milcore.trust.pixel_run import rebuild_encoder
 
-    good = _compact_weights(tmp_path / "trained.safetensors", 0)
-    other = _compact_weights(tmp_path / "other.safetensors", 1)
+    good = compact_weights(tmp_path / "trained.safetensors", 0)
+    other = compact_weights(tmp_path / "other.safetensors", 1)
     info = create_encoder("compact_cnn", weights=good, device="cpu").info
     enc, why = rebuild_encoder(info)
     assert enc is None and "--encoder-weights FILE" in why
@@ -165,7 +155,7 @@ def toy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_explain_pixels_of_a_bank_from_a_trained_encoder_with_its_weights_file(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    weights = _compact_weights(tmp_path / "enc.safetensors", 0)
+    weights = compact_weights(tmp_path / "enc.safetensors", 0)
     cohort, bank, run = tmp_path / "cohort", tmp_path / "bank.h5", tmp_path / "run"
     tiny = ["--patients", "9", "--seed", "0", "--bag-median", "10", "--bag-min", "8", "--bag-max", "12",
             "--crop-size", "48", "--witness-median", "0.3"]  # fmt: skip
@@ -183,7 +173,7 @@ def test_explain_pixels_of_a_bank_from_a_trained_encoder_with_its_weights_file(
     pix = json.loads((tmp_path / "ex" / "explain.json").read_text())["pixels"]
     cells = [c for cs in pix["cells"].values() for c in cs]
     assert cells and all("integrated_gradients" in c["methods"] for c in cells) and pix["notes"] == []
-    other = _compact_weights(tmp_path / "other.safetensors", 1)
+    other = compact_weights(tmp_path / "other.safetensors", 1)
     capsys.readouterr()
     assert main(["explain", "--run", str(run), "--out", str(tmp_path / "bad"), "--pixels", "--encoder-weights",
                  str(other)]) == 2  # fmt: skip
