@@ -125,3 +125,28 @@ def test_instance_attention_survives_a_head_that_attends_only_to_the_class_token
     padded = instance_attention([torch.cat([s, torch.full((8, 5), float("-inf"))], -1) for s in scores])
     torch.testing.assert_close(padded[:30], att)  # masked keys (-inf) get no weight
     assert torch.all(padded[30:] == 0)
+
+
+def test_last_layer_of_class_tokens_only_equals_the_full_layer() -> None:
+    """The last layer forms only the class tokens' queries: its class rows, logits and gradients equal the full
+    layer's (exact bags and a Nystrom bag, packed and padded), in float64."""
+    torch.manual_seed(0)
+    model = create_aggregator("transmil", in_dim=6, num_classes=3, dim=16, num_heads=2, exact_max_tokens=40,
+                              num_landmarks=8).double().train()  # fmt: skip
+    layer = model.layers[-1]
+    sizes = [1, 17, 60, 5]  # 61 tokens: Nystrom
+    sptr = F.pad(torch.tensor(sizes).cumsum(0) + torch.arange(1, 5), (1, 0)).tolist()
+    x = torch.randn(sptr[-1], 16, dtype=torch.float64, requires_grad=True)
+    full, full_scores = layer.forward_packed(x, sptr, 40)
+    cls, scores = layer.forward_class_packed(x, sptr, 40)
+    torch.testing.assert_close(cls, full[sptr[:-1]], atol=1e-12, rtol=1e-10)
+    for a, b in zip(scores, full_scores, strict=True):
+        torch.testing.assert_close(a, b)
+    probe = torch.randn_like(cls)
+    grads = [torch.autograd.grad((out * probe).sum(), [x, *layer.parameters()]) for out in (cls, full[sptr[:-1]])]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    small = x.detach()[sptr[1] : sptr[2]].unsqueeze(0)  # the 17-cell bag with its class token, padded form
+    padded_full, _ = layer(small, None)
+    padded_cls, _ = layer.forward_class(small, None)
+    torch.testing.assert_close(padded_cls, padded_full[:, 0], atol=1e-12, rtol=1e-10)
