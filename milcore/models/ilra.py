@@ -15,10 +15,13 @@ and a linear classifier the logits. The reported attention is the seed's attenti
 over the bag, averaged over heads), which sums to 1 per bag.
 
 The cells stay **packed** (no padding): the token-wise layers run once on the ``(N, .)`` rows of the whole
-batch and each attention runs bag by bag on the bag's own rows (``(H, r, n_b)`` products), instead of padding
-every bag to the batch's largest: 1.70x fewer CPU seconds in the full benchmark (``benchmarks/README.md``,
-issue 18 speed). An empty bag is given a single zero row (as the padded form of the reference would see
-it), which gives it a finite embedding independent of the other bags.
+batch and each attention runs on the bag's own rows (segment softmax and sums over ``ptr`` where the latent
+tokens or the seed read the cells, ``(H, n_b, r)`` products bag by bag where the cells read their bag's latent
+tokens), instead of padding every bag to the batch's largest: 1.70x fewer CPU seconds in the full benchmark
+(``benchmarks/README.md``, issue 18 speed). Where a few shared queries read the cells, the key and value
+projection is folded into the queries (:meth:`_Block.gather`): the same function with a quarter of the products
+on the 1,280-d cells of the first block. An empty bag is given a single zero row (as the padded form of the
+reference would see it), which gives it a finite embedding independent of the other bags.
 Defaults are the reference's released configuration (2 layers, 256 wide, 8 heads, LayerNorm) except
 ``rank``: the released configuration uses a single latent token (``topk: 1``), here 8 (searchable over 1-64).
 Queries of the attention proper are ``W_q`` applied to ``q`` and its keys and values one linear map of
@@ -41,6 +44,7 @@ from milcore.models.layers import autocast_input, resize_linear
 from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
 from milcore.models.search import SearchDim, declare_space
+from milcore.ops import segment_softmax, segment_sum
 
 __all__ = ["ILRA", "ILRAConfig"]
 
@@ -106,29 +110,42 @@ class _Block(nn.Module):
 
     def gather(self, query: Tensor, keys: Tensor, ptr: list[int], weights: bool = False):
         """``(Q, dq)`` queries shared by every bag attend to the packed ``(N, dk)`` rows of each bag ``ptr``
-        -> ``(B, Q, E)`` (and each row's ``(N, H, Q)`` float32 attention weights when ``weights``)."""
+        -> ``(B, Q, E)`` (and each row's ``(N, H, Q)`` float32 attention weights when ``weights``).
+
+        The key and value projection is folded into the ``H Q`` shared queries instead of being applied to every
+        row: the logits are ``<W_k^h^T q_h, k_i>`` (the key bias moves all of a query's logits by one constant,
+        which the softmax ignores) and the output ``W_v^h sum_i a_i k_i + b_v^h sum_i a_i``, so each row meets
+        ``H Q`` vectors (64 by default) instead of a ``(dk, 2E)`` projection: on the 1,280-d cells of the first
+        block a quarter of the products, the same function.
+        """
         nq, heads = query.shape[0], self.heads
         q0 = self.fc_q(query)  # (Q, E)
-        q = self.q(q0).view(nq, heads, -1).transpose(0, 1)  # (H, Q, d)
-        scale = q.shape[-1] ** -0.5
-        k, v = self.kv(keys).view(keys.shape[0], 2, heads, -1).permute(1, 2, 0, 3)  # (H, N, d) each
-        outs, atts = [], []
-        sizes = [b - a for a, b in itertools.pairwise(ptr)]  # every bag has a row (ILRA.pool: zero row if empty)
-        # split, not slices: the backward of B slices would fill B zero tensors of the full size
-        for kb, vb in zip(k.split(sizes, dim=1), v.split(sizes, dim=1), strict=True):  # (H, n, d) each
-            if weights:  # the reported attention, in float32
-                with torch.autocast(keys.device.type, enabled=False):
-                    att = ((q.float() @ kb.float().transpose(-1, -2)) * scale).softmax(-1)  # (H, Q, n)
-                atts.append(att.permute(2, 0, 1))  # (n, H, Q)
-            else:
-                att = ((q @ kb.transpose(-1, -2)) * scale).softmax(-1)  # (H, Q, n)
-            outs.append(F.dropout(att, self.p, self.training).to(v.dtype) @ vb)  # (H, Q, d)
         width = q0.shape[1]
-        attended = torch.stack(outs).transpose(1, 2).reshape(-1, nq, width) if outs else q0.new_zeros(0, nq, width)
-        o = self._finish(query, q0, attended)  # (B, Q, E)
+        d = width // heads
+        q = self.q(q0).view(nq, heads, d)  # (Q, H, d)
+        w_k, w_v = self.kv.weight.split(width)  # (E, dk) each; rows h*d .. h*d + d - 1 belong to head h
+        probe = torch.einsum("qhd,hdk->hqk", q, w_k.view(heads, d, -1)).reshape(heads * nq, -1) * d**-0.5  # (HQ, dk)
+        offsets = torch.tensor(ptr, device=keys.device)
+        if weights:  # the reported attention: logits in float32 (or wider)
+            acc = torch.promote_types(keys.dtype, torch.float32)
+            with torch.autocast(keys.device.type, enabled=False):
+                logits = keys.to(acc) @ probe.to(acc).T  # (N, H*Q)
+        else:
+            logits = F.linear(keys, probe)  # (N, H*Q)
+        att = segment_softmax(logits, offsets)  # (N, H*Q), at least float32; sums to 1 per bag and column
+        dropped = F.dropout(att, self.p, self.training)
+        sizes = [b - a for a, b in itertools.pairwise(ptr)]
+        # one (H*Q, n_b) @ (n_b, dk) product per bag (a block-diagonal product over the batch wastes B x the work)
+        per_bag = [a.T.to(k.dtype) @ k for a, k in zip(dropped.split(sizes), keys.split(sizes), strict=True)]
+        pooled = torch.stack(per_bag) if per_bag else keys.new_zeros(0, heads * nq, keys.shape[1])
+        pooled = pooled.view(-1, heads, nq, keys.shape[1])  # (B, H, Q, dk)
+        out = torch.einsum("bhqk,hdk->bqhd", pooled, w_v.view(heads, d, -1))  # (B, Q, H, d)
+        mass = segment_sum(dropped, offsets).view(-1, heads, nq).transpose(1, 2).unsqueeze(-1)  # (B, Q, H, 1)
+        out = out + mass.to(out.dtype) * self.kv.bias[width:].view(heads, d).to(out.dtype)  # the value bias
+        o = self._finish(query, q0, out.reshape(-1, nq, width))  # (B, Q, E)
         if not weights:
             return o
-        return o, (torch.cat(atts) if atts else q0.new_zeros(0, heads, nq, dtype=torch.float32))
+        return o, att.view(-1, heads, nq).float()  # (N, H, Q)
 
     def scatter(self, rows: Tensor, tokens: Tensor, ptr: list[int]) -> Tensor:
         """Packed ``(N, dq)`` rows each attend to the ``(B, T, dk)`` tokens of their own bag -> ``(N, E)``."""

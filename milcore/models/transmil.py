@@ -56,7 +56,7 @@ from milcore.models.layers import autocast_input, resize_linear
 from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
 from milcore.models.search import SearchDim, declare_space
-from milcore.ops import ptr_to_sizes, segment_mean
+from milcore.ops import ptr_to_sizes, segment_inner, segment_mean, segment_softmax, weighted_segment_sum
 from milcore.ops.depthwise import depthwise_conv2d
 
 __all__ = ["TransMIL", "TransMILConfig"]
@@ -183,34 +183,38 @@ class _AttentionLayer(nn.Module):
 
         Packed ``(T, E)`` tokens as :meth:`forward_packed` -> the ``(B, E)`` new class tokens (the rows
         :meth:`forward_packed` would return at ``sptr[:-1]``) and the same per-bag ``(H, L_b)`` float32 logits.
-        Keys and values are projected for every token, the query for the class tokens only, and the class token's
-        attention is the softmax of its float32 logits (exact; Nystrom as in :meth:`forward_packed` for a bag
-        beyond ``exact_max_tokens``, whose landmarks need every token's query). The instance tokens' outputs,
-        which nothing reads, are not computed: a third of the layer's projections and the ``L x L`` attention.
+
+        With one query per bag and head, the key and value projections are folded into it instead of being
+        applied to every token: the logits are ``<W_k^h^T q_h, x_i>`` (the layer has no bias) and the output
+        ``W_v^h sum_i a_i x_i``, so the ``L`` normalised tokens meet ``H`` vectors per bag instead of a ``(E, 2E)``
+        projection, in float32 (or wider). A bag beyond ``exact_max_tokens`` gets Nystrom attention as in
+        :meth:`forward_packed`, whose landmarks need every token's query, key and value.
         """
-        total, dim = x.shape
+        dim = x.shape[1]
         heads, d = self.heads, dim // self.heads
         p = self.dropout if self.training else 0.0
-        normed = self.norm(x)
-        w_q, w_kv = self.qkv.weight.split([dim, 2 * dim])
+        acc = torch.promote_types(x.dtype, torch.float32)
+        normed = self.norm(x)  # (T, E)
+        w_q, w_k, w_v = self.qkv.weight.split(dim)  # (E, E) each; rows h*d .. h*d + d - 1 belong to head h
         cls = torch.tensor(sptr[:-1], device=x.device)
-        q = F.linear(normed.index_select(0, cls), w_q).view(-1, heads, d)  # (B, H, d)
-        kv = F.linear(normed, w_kv).view(total, 2, heads, d).permute(1, 2, 0, 3)  # (2, H, T, d)
-        sizes = [end - start for start, end in itertools.pairwise(sptr)]
-        outs, weights = [], []
-        acc = torch.promote_types(x.dtype, torch.float32)  # the class row's softmax and product: float32 or wider
-        for b, (start, k, v) in enumerate(zip(sptr[:-1], kv[0].split(sizes, 1), kv[1].split(sizes, 1), strict=True)):
-            with torch.autocast(x.device.type, enabled=False):
-                scores = (q[b].to(acc).unsqueeze(1) @ k.to(acc).transpose(-1, -2)).squeeze(1) / math.sqrt(d)  # (H, L)
-                weights.append(scores.float())  # attention weights reported in float32
-                if k.shape[1] <= exact_max_tokens:
-                    att = F.dropout(scores.softmax(-1), p, self.training)  # (H, L)
-                    outs.append((att.unsqueeze(1) @ v.to(acc)).squeeze(1))  # (H, d)
-                    continue
-            q_all = F.linear(normed[start : start + k.shape[1]], w_q).view(-1, heads, d).transpose(0, 1)  # (H, L, d)
-            out = _nystrom(q_all.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), self.num_landmarks, self.pinv_iterations)
-            outs.append(out[0, :, 0].to(acc))  # (H, d)
-        out = torch.stack(outs).reshape(-1, dim) if outs else x.new_zeros(0, dim, dtype=acc)  # (B, E)
+        ptr = torch.tensor(sptr, device=x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            tokens = normed.to(acc)
+            q = F.linear(tokens.index_select(0, cls), w_q.to(acc)).view(-1, heads, d)  # (B, H, d)
+            probe = torch.einsum("bhd,hde->bhe", q, w_k.to(acc).view(heads, d, dim)) / math.sqrt(d)  # (B, H, E)
+            scores = segment_inner(tokens, probe, ptr)  # (T, H) every token's logit for its own class token
+            att = F.dropout(segment_softmax(scores, ptr), p, self.training)  # (T, H)
+            pooled = weighted_segment_sum(tokens, att, ptr)  # (B, H, E)
+            out = torch.einsum("bhe,hde->bhd", pooled, w_v.to(acc).view(heads, d, dim))  # (B, H, d)
+        weights = [part.T.float() for part in scores.split([b - a for a, b in itertools.pairwise(sptr)])]  # (H, L_b)
+        big = [b for b, (start, end) in enumerate(itertools.pairwise(sptr)) if end - start > exact_max_tokens]
+        if big:
+            out = out.clone()
+            for b in big:
+                rows = normed[sptr[b] : sptr[b + 1]]
+                q_all, k, v = (F.linear(rows, w).view(-1, heads, d).transpose(0, 1)[None] for w in (w_q, w_k, w_v))
+                out[b] = _nystrom(q_all, k, v, self.num_landmarks, self.pinv_iterations)[0, :, 0].to(acc)  # (H, d)
+        out = out.reshape(-1, dim)  # (B, E)
         return x.index_select(0, cls) + F.dropout(self.proj(out.to(x.dtype)), p, self.training), weights  # (B, E)
 
 

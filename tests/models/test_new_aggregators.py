@@ -6,6 +6,8 @@ registry; these tests check the model-specific parts against direct, loop-per-ba
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -287,6 +289,41 @@ def test_ilra_rank_sets_the_latent_tokens() -> None:
     assert [tuple(b.latent.shape) for b in model.blocks] == [(1, 5, 32)] * 3
     with pytest.raises(InvalidArgumentError, match=r"embed_dim \(30\) must be divisible by num_heads \(8\)"):
         create_aggregator("ilra", in_dim=D, num_classes=2, embed_dim=30)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_ilra_gather_with_folded_projections_equals_multi_head_attention_per_bag(dropout: float) -> None:
+    """The shared queries absorb the key and value projection: outputs, weights and gradients equal the
+    per-bag ``softmax(q (W_k k + b_k)^T) (W_v k + b_v)``, float64 (with attention dropout: the same mask)."""
+    torch.manual_seed(0)
+    model = create_aggregator("ilra", in_dim=D, num_classes=2, rank=3, embed_dim=16, num_heads=4, dropout=dropout)
+    block = model.pooling.double().train()
+    query = torch.randn(3, 16, dtype=torch.float64)
+    sizes = [4, 1, 9]
+    ptr = F.pad(torch.tensor(sizes).cumsum(0), (1, 0)).tolist()
+    keys = torch.randn(ptr[-1], 16, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(1)
+    out, weights = block.gather(query, keys, ptr, weights=True)  # (B, Q, E), (N, H, Q)
+    torch.manual_seed(1)
+    mask = F.dropout(torch.ones(ptr[-1], 4 * 3, dtype=torch.float64), dropout, True).view(-1, 4, 3)  # same draw
+
+    q0 = block.fc_q(query)
+    q = block.q(q0).view(3, 4, 4)  # (Q, H, d)
+    k, v = block.kv(keys).view(-1, 2, 4, 4).unbind(1)  # (N, H, d) each
+    ref, ref_w = [], []
+    for a, b in itertools.pairwise(ptr):
+        att = (torch.einsum("qhd,nhd->nhq", q, k[a:b]) / 2).softmax(0)  # (n, H, Q), d = 4
+        ref_w.append(att)
+        ref.append(torch.einsum("nhq,nhd->qhd", att * mask[a:b], v[a:b]).reshape(3, 16))
+    ref_out = block._finish(query, q0, torch.stack(ref))
+    torch.testing.assert_close(weights, torch.cat(ref_w).float())
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=1e-10)
+    probe = torch.randn_like(out)
+    params = [keys, *block.parameters()]
+    for a, b in zip(torch.autograd.grad((out * probe).sum(), params, allow_unused=True),
+                    torch.autograd.grad((ref_out * probe).sum(), params, allow_unused=True), strict=True):  # fmt: skip
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
