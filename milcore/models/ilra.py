@@ -15,13 +15,13 @@ and a linear classifier the logits. The reported attention is the seed's attenti
 over the bag, averaged over heads), which sums to 1 per bag.
 
 The cells stay **packed** (no padding): the token-wise layers run once on the ``(N, .)`` rows of the whole
-batch and each attention runs on the bag's own rows (segment softmax and sums over ``ptr`` where the latent
-tokens or the seed read the cells, ``(H, n_b, r)`` products bag by bag where the cells read their bag's latent
-tokens), instead of padding every bag to the batch's largest: 1.70x fewer CPU seconds in the full benchmark
-(``benchmarks/README.md``, issue 18 speed). Where a few shared queries read the cells, the key and value
-projection is folded into the queries (:meth:`_Block.gather`): the same function with a quarter of the products
-on the 1,280-d cells of the first block. An empty bag is given a single zero row (as the padded form of the
-reference would see it), which gives it a finite embedding independent of the other bags.
+batch and each attention runs on the bag's own rows (a segment softmax over ``ptr`` and one product per bag
+where the latent tokens or the seed read the cells, ``(H, n_b, r)`` products bag by bag where the cells read
+their bag's latent tokens), instead of padding every bag to the batch's largest: 1.70x fewer CPU seconds in
+the full benchmark (``benchmarks/README.md``, issue 18 speed). Where a few shared queries read the cells, the
+key and value projection is folded into the queries (:meth:`_Block.gather`): the same function with a quarter
+of the products on the 1,280-d cells of the first block. An empty bag is given a single zero row (as the padded
+form of the reference would see it), which gives it a finite embedding independent of the other bags.
 Defaults are the reference's released configuration (2 layers, 256 wide, 8 heads, LayerNorm) except
 ``rank``: the released configuration uses a single latent token (``topk: 1``), here 8 (searchable over 1-64).
 Queries of the attention proper are ``W_q`` applied to ``q`` and its keys and values one linear map of

@@ -32,7 +32,7 @@ Differences from the reference code, all on purpose:
   classifier reads the class token, the reported attention the class token's logits), so it projects
   queries for the class tokens alone and attends with one query row per bag instead of ``L``, with the
   key and value projections folded into that query (the same function and gradients, tested in float64;
-  in the full benchmark on the demo cohort 2.07 -> 1.67 CPU s per TransMIL epoch, ``benchmarks/README.md``).
+  in the full benchmark on the demo cohort 2.07 -> 1.48 CPU s per TransMIL epoch, ``benchmarks/README.md``).
 
 TransMIL is **not permutation invariant**: PPEG depends on the order of the instances.
 ``attention`` is the class token's attention to the instances (softmax over the real instances; the
