@@ -44,7 +44,7 @@ from milcore.models.layers import autocast_input, resize_linear
 from milcore.models.output import MILOutput
 from milcore.models.registry import register_aggregator
 from milcore.models.search import SearchDim, declare_space
-from milcore.ops import segment_softmax, segment_sum
+from milcore.ops import segment_softmax, segment_sum, weighted_segment_sum
 
 __all__ = ["ILRA", "ILRAConfig"]
 
@@ -134,11 +134,7 @@ class _Block(nn.Module):
             logits = F.linear(keys, probe)  # (N, H*Q)
         att = segment_softmax(logits, offsets)  # (N, H*Q), at least float32; sums to 1 per bag and column
         dropped = F.dropout(att, self.p, self.training)
-        sizes = [b - a for a, b in itertools.pairwise(ptr)]
-        # one (H*Q, n_b) @ (n_b, dk) product per bag (a block-diagonal product over the batch wastes B x the work)
-        per_bag = [a.T.to(k.dtype) @ k for a, k in zip(dropped.split(sizes), keys.split(sizes), strict=True)]
-        pooled = torch.stack(per_bag) if per_bag else keys.new_zeros(0, heads * nq, keys.shape[1])
-        pooled = pooled.view(-1, heads, nq, keys.shape[1])  # (B, H, Q, dk)
+        pooled = weighted_segment_sum(keys, dropped, offsets).view(-1, heads, nq, keys.shape[1])  # (B, H, Q, dk)
         out = torch.einsum("bhqk,hdk->bqhd", pooled, w_v.view(heads, d, -1))  # (B, Q, H, d)
         mass = segment_sum(dropped, offsets).view(-1, heads, nq).transpose(1, 2).unsqueeze(-1)  # (B, Q, H, 1)
         out = out + mass.to(out.dtype) * self.kv.bias[width:].view(heads, d).to(out.dtype)  # the value bias

@@ -10,6 +10,8 @@ The derived ``index`` (``(N,)``, bag id of every row) can be passed to skip reco
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -108,23 +110,35 @@ def _bag_groups(offsets: list[int], num_rows: int) -> list[tuple[int, int, int, 
     ]
 
 
+#: Weight columns from which :func:`weighted_segment_sum` takes one product per bag: the block-structured product
+#: multiplies ``g`` times the useful work, which stops being small beside the model once ``K`` is wide (ILRA-MIL's
+#: 64 latent-token x head columns and its seed's 8 heads: 2.1 of a fit's 8.0 s of forward time;
+#: ``benchmarks/README.md``, issue 18 speed).
+PER_BAG_MIN_COLUMNS = 8
+
+
 def weighted_segment_sum(src: Tensor, weight: Tensor, ptr: Tensor, index: Tensor | None = None) -> Tensor:
     """Attention pooling: ``(N, D)`` rows and ``(N, K)`` weights -> ``(B, K, D)`` weighted sums per bag.
 
     Equal to ``segment_sum(weight[:, :, None] * src[:, None, :], ptr)``, computed as one small dense
     GEMM per group of consecutive bags (``(g*K, n_rows) @ (n_rows, D)`` with a block-structured left
-    matrix), which keeps the work on BLAS (and bf16 under autocast) and never materialises ``(N, K, D)``.
-    An empty bag pools to zeros. Needs ``ptr`` on the host (one sync).
+    matrix), which keeps the work on BLAS (and bf16 under autocast) and never materialises ``(N, K, D)``;
+    from ``PER_BAG_MIN_COLUMNS`` columns on, one ``(K, n_b) @ (n_b, D)`` product per bag instead (the block
+    costs ``g`` times the useful work). An empty bag pools to zeros. Needs ``ptr`` on the host (one sync).
     """
     if weight.dim() == 1:
         weight = weight.unsqueeze(-1)
     num_rows, k = weight.shape
-    index = _index(src, ptr, index)
     offsets = ptr.tolist()
     if len(offsets) == 1:
         return src.new_zeros((0, k, src.shape[1]))
     if weight.dtype != src.dtype and not torch.is_autocast_enabled(src.device.type):
         weight = weight.to(src.dtype)
+    if k >= PER_BAG_MIN_COLUMNS:
+        sizes = [b - a for a, b in itertools.pairwise(offsets)]
+        pairs = zip(weight.split(sizes), src.split(sizes), strict=True)
+        return torch.stack([w.T.to(rows.dtype) @ rows for w, rows in pairs])  # (B, K, D)
+    index = _index(src, ptr, index)
     branches = torch.arange(k, device=src.device).unsqueeze(0)  # (1, K)
     outs = []
     for g0, g1, r0, r1 in _bag_groups(offsets, num_rows):

@@ -61,6 +61,20 @@ def test_weighted_segment_sum_matches_the_naive_product_in_groups() -> None:
     assert weighted_segment_sum(src[:0], weight[:0], torch.tensor([0])).shape == (0, 3, 5)
 
 
+def test_weighted_segment_sum_of_wide_weights_takes_one_product_per_bag() -> None:
+    """From PER_BAG_MIN_COLUMNS columns on (ILRA-MIL's latent tokens x heads), the per-bag path: same sums,
+    empty bags included, gradients by finite differences."""
+    from milcore.ops.segment import PER_BAG_MIN_COLUMNS
+
+    torch.manual_seed(0)
+    k = PER_BAG_MIN_COLUMNS + 3
+    src, weight = torch.randn(13, 5, dtype=torch.float64), torch.rand(13, k, dtype=torch.float64)
+    ref = segment_sum(weight.unsqueeze(-1) * src.unsqueeze(1), PTR)  # (B, K, D), bags 1 and 4 empty
+    torch.testing.assert_close(weighted_segment_sum(src, weight, PTR), ref)
+    src.requires_grad_(True), weight.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda s, w: weighted_segment_sum(s, w, PTR), (src, weight))
+
+
 def test_segment_inner_dots_rows_with_their_own_bag() -> None:
     torch.manual_seed(0)
     sizes = torch.randint(0, 6, (90,))
