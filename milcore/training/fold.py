@@ -138,6 +138,7 @@ def fit_fold(config: TrainConfig, data: FeatureStore, fold: Fold, *,
             data = data.with_coordinates()
     trainer = Trainer(config, data.dim, data.num_classes)
     train, val = data.view(fold.train), data.view(fold.val)
+    trainer.use_deterministic_algorithms()  # a one-off import per process, not part of the fit's time
     t0 = time.perf_counter()
     trained, fit = trainer.fit(train, val, model=model, state_path=state_path, log_dir=log_dir,
                                desc=desc or f"fold {fold.index}")  # fmt: skip

@@ -127,3 +127,20 @@ def test_an_aggregator_that_uses_coordinates_gets_them(data_and_fold, monkeypatc
     monkeypatch.setattr(GraphMIL, "pool", spy)
     fit_fold(TrainConfig(**{**FAST, "epochs": 1, "model": "graphmil"}), data, fold)
     assert seen and all(seen)
+
+
+def test_fit_fold_sets_deterministic_algorithms_before_its_clock_starts(data_and_fold, monkeypatch) -> None:
+    """The first ``torch.use_deterministic_algorithms`` of a process imports torch._dynamo (about a second):
+    ``fit_fold`` makes that call before timing the fit, so training bags/s measures training."""
+    import time
+
+    from milcore.training import fold as fold_module
+    from milcore.training.trainer import Trainer
+
+    data, fold = data_and_fold
+    events: list[str] = []
+    clock = time.perf_counter
+    monkeypatch.setattr(Trainer, "use_deterministic_algorithms", lambda self: events.append("deterministic"))
+    monkeypatch.setattr(fold_module.time, "perf_counter", lambda: events.append("clock") or clock())
+    fit_fold(TrainConfig(**{**FAST, "epochs": 1}), data, fold, model=TinyPool)
+    assert events[:2] == ["deterministic", "clock"], events
