@@ -144,3 +144,12 @@ def test_fit_fold_sets_deterministic_algorithms_before_its_clock_starts(data_and
     monkeypatch.setattr(fold_module.time, "perf_counter", lambda: events.append("clock") or clock())
     fit_fold(TrainConfig(**{**FAST, "epochs": 1}), data, fold, model=TinyPool)
     assert events[:2] == ["deterministic", "clock"], events
+
+
+def test_deterministic_training_does_not_fill_uninitialised_memory() -> None:
+    """Deterministic algorithms on CPU, without torch's NaN fill of every new tensor (9 % of a DTFD-MIL fit)."""
+    from milcore.training.trainer import Trainer
+
+    Trainer(TrainConfig(**FAST), 8, 2).use_deterministic_algorithms()
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.utils.deterministic.fill_uninitialized_memory is False
