@@ -152,7 +152,9 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             # ... without its default of filling every uninitialised tensor with NaN (a guard against kernels
             # that read memory they did not write, which no result of ours depends on: the reproducibility
-            # tests compare fits bit for bit): those fills cost 9 % of a DTFD-MIL fit's CPU time
+            # tests compare fits bit for bit): in a DTFD-MIL fit's profile they were 9 % of the operator time, and
+            # dropping them saved 0-10 % (median 7 %) of the CPU seconds of mean, ABMIL, DTFD-MIL and RRT-MIL fits
+            # in two A/B pairs (benchmarks/README.md, issue 18 speed)
             torch.utils.deterministic.fill_uninitialized_memory = False
 
     # ------------------------------------------------------------------ model
