@@ -112,7 +112,7 @@ def _bag_groups(offsets: list[int], num_rows: int) -> list[tuple[int, int, int, 
 
 #: Weight columns from which :func:`weighted_segment_sum` takes one product per bag: the block-structured product
 #: multiplies ``g`` times the useful work, which stops being small beside the model once ``K`` is wide (ILRA-MIL's
-#: 64 latent-token x head columns and its seed's 8 heads: 2.1 of a fit's 8.0 s of forward time;
+#: 64 latent-token x head columns and its seed's 8 heads; ILRA-MIL's CPU s per epoch in the full benchmark,
 #: ``benchmarks/README.md``, issue 18 speed).
 PER_BAG_MIN_COLUMNS = 8
 

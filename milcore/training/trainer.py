@@ -144,7 +144,7 @@ class Trainer:
     def use_deterministic_algorithms(self) -> None:
         """Ask torch for deterministic algorithms when the config does, on CPU (process-wide; :meth:`fit` calls it).
 
-        The first call in a process imports ``torch._dynamo`` (about 1.3 s on the 2-core machine), so callers
+        The first call in a process imports ``torch._dynamo`` (over a second on the 2-core machine), so callers
         that time a fit (:func:`~milcore.training.fold.fit_fold`, whose time the benchmarks divide into
         training bags/s) call it before starting their clock; later calls cost nothing.
         """
