@@ -1,7 +1,8 @@
 """Resampling statistics of the audit: stratified bootstrap, permutation tests, multiplicity corrections, trends.
 
 - Bootstrap: patients are resampled with replacement *within* strata (the groups of one attribute, with
-  unknown values as a stratum of their own), so every resample keeps the group sizes; CIs are percentiles.
+  unknown values as a stratum of their own; :func:`milcore.metrics.intervals.stratified_counts`), so every
+  resample keeps the group sizes; CIs are percentiles.
 - Permutation test of a gap ``metric(group) - metric(rest)``: group membership is shuffled among the
   patients whose attribute is known, within each true class (:func:`stratified_permutation_masks`: every
   permutation keeps the group's class mix, so a group is never flagged for holding harder classes) or,
@@ -29,22 +30,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-
-def stratified_counts(rng: np.random.Generator, strata: np.ndarray, n_boot: int) -> np.ndarray:
-    """(B, n) bootstrap multiplicities: each stratum's patients resampled with replacement within it.
-
-    Args:
-        rng: random generator.
-        strata: (n,) stratum label per patient (any hashable values).
-        n_boot: resamples B.
-    """
-    strata = np.asarray(strata, dtype=object).astype(str)
-    counts = np.zeros((n_boot, len(strata)))
-    for value in np.unique(strata):
-        idx = np.flatnonzero(strata == value)
-        counts[:, idx] = rng.multinomial(len(idx), np.full(len(idx), 1.0 / len(idx)), size=n_boot)
-    return counts
 
 
 def percentile_ci(samples: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:

@@ -48,12 +48,12 @@ from milcore.audit.statistics import (
     permutation_masks,
     permutation_pvalues,
     sequential_permutation_test,
-    stratified_counts,
     stratified_permutation_masks,
     westfall_young,
     westfall_young_threshold,
 )
 from milcore.metrics import GROUP_METRICS, get_metric, higher_is_better, label
+from milcore.metrics.intervals import stratified_counts
 from milcore.metrics.weighted import LabelledPredictions, flatten, parity_differences, weighted_metrics
 from milcore.report.caveats import chance_classes, headline_warnings, is_at_chance
 from milcore.report.document import plural

@@ -44,6 +44,11 @@ class TuneSpec(Config):
             earlier trials at that fold (Optuna's ``MedianPruner``, after the first 5 trials).
         min_gain: a trial replaces the defaults only when its inner-CV score beats theirs by at least this
             much (0: any better score; a small margin keeps selection noise from replacing the defaults).
+        min_gain_se: ... and by at least this many standard errors of that gain (a paired bootstrap of the
+            pooled inner out-of-fold predictions, patients resampled within each class:
+            :func:`milcore.metrics.intervals.bootstrap_gain`); 1 is the one-standard-error rule, 0 turns
+            the check off. The best of N trials beats the defaults by chance alone more often the larger N
+            and the noisier the inner CV; this keeps such a win from replacing them.
         search: restrictions of the search space, ``{"[model.]key": "value" | "low:high" | "a,b,c"}``;
             every value must lie inside the model's declared space (or the shared one).
     """
@@ -55,6 +60,7 @@ class TuneSpec(Config):
     metric: str = option("auroc", choices=_scalar_metrics)
     prune: bool = True
     min_gain: float = option(0.01, low=0)
+    min_gain_se: float = option(1.0, low=0)
     search: dict[str, str] = field(default_factory=dict)
 
 

@@ -148,6 +148,13 @@ def failure_lines(result: dict[str, Any]) -> list[str]:
             for s in result["summary"] if s.get("status") == "failed" for f in s["failures"]]  # fmt: skip
 
 
+def _se_rule(budget: dict[str, Any]) -> str:
+    """The standard-error part of the rule for replacing the defaults ('' where off or not recorded)."""
+    k = budget.get("min_gain_se", 0)
+    return (f" and by at least {k:g} standard error{'s' if k != 1 else ''} of that gain, paired bootstrap of the "
+            f"inner patients") if k else ""  # fmt: skip
+
+
 def tuning_budget_line(result: dict[str, Any]) -> str:
     """The tuning budget every model got, in one sentence."""
     b = result["tuning"]["budget"]
@@ -156,7 +163,8 @@ def tuning_budget_line(result: dict[str, Any]) -> str:
             f"pruner: {b['pruner']}), each trial a {b['inner_folds']}-fold patient-level CV inside the outer fold's "
             f"training + validation bags (its test bags never seen), maximising the pooled inner out-of-fold "
             f"{label(b['metric'])} (a trial replaces the defaults only when it beats them by at least "
-            f"{b.get('min_gain', 0):g}); at most {b['max_fits_per_model_and_fold']} fits per model and outer fold. "
+            f"{b.get('min_gain', 0):g}{_se_rule(b)}); at most {b['max_fits_per_model_and_fold']} fits per model "
+            f"and outer fold. "
             f"Shared dimensions: {shared} (dropout where the model has one); each aggregator adds its declared "
             f"space (bench.json tuning.budget.spaces).")  # fmt: skip
 

@@ -9,10 +9,17 @@ For every model (ours and the torchmil peers alike), seed and *outer* fold of th
    defaults; each trial trains every inner fold through :func:`~milcore.training.fold.fit_fold` (early
    stopping and temperature on the inner validation part) and scores the inner test parts' pooled
    out-of-fold predictions with ``metric``. A median pruner may stop a trial after an inner fold;
-4. the best trial's settings -- the defaults unless a trial beat them by at least ``min_gain`` in the
-   inner CV, so that selection noise alone does not replace them -- train the *tuned* model on the outer
-   fold exactly as the default one is trained, and it is scored on the outer test bags, beside the
-   default row.
+4. the best trial's settings -- the defaults unless a trial beat them in the inner CV by at least
+   ``min_gain`` and by at least ``min_gain_se`` standard errors of that gain (a paired bootstrap of the two
+   trials' pooled out-of-fold predictions, :func:`~milcore.metrics.intervals.bootstrap_gain`), so that
+   selection noise alone does not replace them -- train the *tuned* model on the outer fold exactly as the
+   default one is trained, and it is scored on the outer test bags, beside the default row.
+
+Why the standard-error rule: the best of 20 trials beats the defaults by chance alone whenever the inner CV
+is noisy (a few dozen patients), and such a win is as likely to lose outside as to hold. A fixed margin
+cannot tell a cohort where the models learn from one where they are at chance; the bootstrap standard
+error of the gain measures the noise of this very inner CV (the one-standard-error rule of Breiman et al.,
+"Classification and Regression Trees", 1984, applied to the choice between the defaults and the winner).
 
 Every model gets the same number of trials over the shared dimensions (:data:`SHARED_SPACE`: learning
 rate, weight decay, dropout where the model has it, instance dropout) plus its own declared space
@@ -245,6 +252,7 @@ def tune_task(task: Task, fold: Any, ctx: dict[str, Any]) -> tuple[dict[str, Any
     study.enqueue_trial({k: v for k, v in defaults.items() if k in space and space[k].contains(v)},
                         user_attrs={"default": True})  # fmt: skip
     fits = [0]
+    oof: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # trial number -> pooled inner (labels, probabilities)
     label = task.label(spec.folds)
 
     def objective(trial: Any) -> float:
@@ -263,6 +271,7 @@ def tune_task(task: Task, fold: Any, ctx: dict[str, Any]) -> tuple[dict[str, Any
                 trial.report(value, step)
                 if trial.should_prune():
                     raise optuna.TrialPruned()
+        oof[trial.number] = (np.concatenate(labels), np.concatenate(probs))
         return value
 
     study.optimize(objective, n_trials=tune.trials, catch=(Exception,))
@@ -272,12 +281,14 @@ def tune_task(task: Task, fold: Any, ctx: dict[str, Any]) -> tuple[dict[str, Any
                 and math.isfinite(t.value)]  # fmt: skip
     default_trial = study.trials[0]
     default_value = default_trial.value if default_trial.state == optuna.trial.TrialState.COMPLETE else None
+    gain = gain_se = threshold = None
     if complete:  # the best score; among equal scores the earliest trial (the defaults first)
         best = max(complete, key=lambda t: (t.value if maximise else -t.value, -t.number))
         default_ok = default_trial in complete and in_space
-        gain = (best.value - default_trial.value) * (1 if maximise else -1) if default_ok else math.inf
-        if best is not default_trial and gain < tune.min_gain:  # not clearly better than the defaults
-            best = default_trial
+        if best.number != default_trial.number and default_ok:  # replace the defaults only when clearly better
+            gain, gain_se, threshold = _gain_over_defaults(oof[default_trial.number], oof[best.number], tune, seed)
+            if not gain >= threshold:
+                best = default_trial
         chosen = dict(best.params)
     else:  # every trial failed: keep the defaults (their failure will show in the outer fit)
         best, chosen = default_trial, {k: defaults[k] for k in space}
@@ -287,14 +298,40 @@ def tune_task(task: Task, fold: Any, ctx: dict[str, Any]) -> tuple[dict[str, Any
         "failed": sum(s == optuna.trial.TrialState.FAIL for s in states), "best_trial": best.number,
         "best_value": best.value, "default_value": default_value if in_space else None,
         "chose_default": best.number == 0 and in_space, "defaults_in_space": in_space,
-        "inner_folds": len(folds), "metric": tune.metric, "fits": fits[0],
+        "inner_folds": len(folds), "metric": tune.metric, "fits": fits[0], "best_gain": gain, "best_gain_se": gain_se,
+        "gain_needed": threshold,
         "space": {k: d.describe() for k, d in space.items()},
     }  # fmt: skip
-    log.info("%s: tuned over %d trials (%d pruned): %s %.3f (defaults %s), %s", label, record["trials"],
+    log.info("%s: tuned over %d trials (%d pruned): %s %.3f (defaults %s), %s%s", label, record["trials"],
              record["pruned"], tune.metric, best.value if best.value is not None else math.nan,
              "n/a" if default_value is None else f"{default_value:.3f}",
-             "kept the defaults" if record["chose_default"] else f"trial {best.number + 1}")  # fmt: skip
+             "kept the defaults" if record["chose_default"] else f"trial {best.number + 1}",
+             "" if gain is None else f" (best trial's gain {gain:+.3f} ± {gain_se:.3f} s.e., {threshold:.3f} "
+                                     "needed)")  # fmt: skip
     return chosen, record
+
+
+def _gain_over_defaults(default: tuple[np.ndarray, np.ndarray], best: tuple[np.ndarray, np.ndarray],
+                        tune: Any, seed: int) -> tuple[float, float, float]:  # fmt: skip
+    """The best trial's inner-CV gain over the defaults, its bootstrap standard error and the gain it needed.
+
+    ``default`` and ``best`` are the two trials' pooled inner out-of-fold ``(labels (n,), proba (n, C))``
+    of the same inner folds. The gain needed is ``max(min_gain, min_gain_se * se)``; an undefined standard
+    error (the metric undefined in most resamples) makes it infinite: a gain that cannot be measured does not
+    replace the defaults.
+    """
+    from milcore.metrics.intervals import bootstrap_gain
+
+    (y_default, p_default), (y_best, p_best) = default, best
+    if not np.array_equal(y_default, y_best):  # the same inner folds in the same order: cannot differ
+        raise RuntimeError("tuning: two trials scored different inner patients")
+    boot = bootstrap_gain(tune.metric, y_default, p_default, p_best, n_boot=1000, seed=seed)
+    se = boot["se"]
+    if tune.min_gain_se <= 0:
+        needed = tune.min_gain
+    else:
+        needed = max(tune.min_gain, tune.min_gain_se * se) if math.isfinite(se) else math.inf
+    return boot["gain"], se, needed
 
 
 def tuning_budget(spec: BenchSpec) -> dict[str, Any]:
@@ -310,6 +347,7 @@ def tuning_budget(spec: BenchSpec) -> dict[str, Any]:
             "sampler": "TPE, seeded per seed and outer fold; trial 1 = the model's defaults",
             "pruner": "median after each inner fold (from trial 6)" if tune.prune else "none",
             "max_fits_per_model_and_fold": tune.trials * tune.inner_folds + 1, "min_gain": tune.min_gain,
+            "min_gain_se": tune.min_gain_se,
             "outer_folds": spec.folds, "seeds": list(spec.seeds), "shared": {k: d.describe() for k, d in
                                                                             SHARED_SPACE.items()},
             "spaces": spaces, "search": dict(tune.search)}  # fmt: skip

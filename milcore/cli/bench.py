@@ -27,7 +27,7 @@ log = logging.getLogger("milcore")
 BENCH_OPTIONS = ("models", "peers", "folds", "seeds", "workers")
 BENCH_TRAIN_OPTIONS = ("epochs", "patience", "lr", "batch_instances", "instance_dropout", "input_norm", "amp",
                        "device")  # fmt: skip
-TUNE_OPTIONS = ("trials", "inner_folds", "metric", "prune", "min_gain")
+TUNE_OPTIONS = ("trials", "inner_folds", "metric", "prune", "min_gain", "min_gain_se")
 
 
 def _training_options(p: argparse.ArgumentParser) -> None:
@@ -51,7 +51,8 @@ def _training_options(p: argparse.ArgumentParser) -> None:
     from milcore.bench.config import TuneSpec
 
     add_config_options(p, TuneSpec, TUNE_OPTIONS, flags={"trials": "--tune", "metric": "--tune-metric",
-                                                         "prune": "--tune-prune", "min_gain": "--tune-min-gain"},
+                                                         "prune": "--tune-prune", "min_gain": "--tune-min-gain",
+                                                         "min_gain_se": "--tune-min-gain-se"},
                        metavars={"trials": "N"},
                        helps={"trials": "also tune every model with N Optuna trials per outer fold (nested "
                                         "patient-level CV; the same budget for every model; 0: no tuning)",
@@ -59,7 +60,10 @@ def _training_options(p: argparse.ArgumentParser) -> None:
                               "metric": "what the tuning optimises (pooled inner out-of-fold predictions)",
                               "prune": "median pruning of unpromising trials after each inner fold",
                               "min_gain": "a trial replaces the defaults only when it beats them by this much in "
-                                          "the inner CV"})  # fmt: skip
+                                          "the inner CV",
+                              "min_gain_se": "... and by this many standard errors of its gain (paired "
+                                             "bootstrap of the inner patients; 1: the one-standard-error rule, "
+                                             "0: off)"})  # fmt: skip
     p.add_argument("--search", action="append", default=None, metavar="[MODEL.]KEY=SPEC",
                    help="restrict the tuning's search space: VALUE fixes, LOW:HIGH narrows, A,B,C picks choices; "
                         "KEY is a shared dimension (lr, weight_decay, dropout, instance_dropout) or, after MODEL., "

@@ -1,4 +1,5 @@
-"""Uncertainty of metrics: bootstrap CIs over patients, mean ± sd over folds, the CI of a mean."""
+"""Uncertainty of metrics: bootstrap CIs over patients, the paired bootstrap of a gain, mean ± sd over folds, the CI
+of a mean."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from milcore.metrics.table import scalar_metrics
+from milcore.metrics.table import get_metric, scalar_metrics
+from milcore.metrics.weighted import LabelledPredictions, weighted_counts
 
 #: How :func:`mean_ci` builds its interval.
 MEAN_CI_METHODS = ("t", "bootstrap")
@@ -56,6 +58,68 @@ def bootstrap_ci(
         else:
             out[k] = (float(np.quantile(arr, alpha / 2)), float(np.quantile(arr, 1 - alpha / 2)))
     return out
+
+
+def stratified_counts(rng: np.random.Generator, strata: np.ndarray, n_boot: int) -> np.ndarray:
+    """(B, n) bootstrap multiplicities: each stratum's patients resampled with replacement within it.
+
+    Args:
+        rng: random generator.
+        strata: (n,) stratum label per patient (any hashable values).
+        n_boot: resamples B.
+    """
+    strata = np.asarray(strata, dtype=object).astype(str)
+    counts = np.zeros((n_boot, len(strata)))
+    for value in np.unique(strata):
+        idx = np.flatnonzero(strata == value)
+        counts[:, idx] = rng.multinomial(len(idx), np.full(len(idx), 1.0 / len(idx)), size=n_boot)
+    return counts
+
+
+def bootstrap_gain(name: str, y_true: np.ndarray, proba_ref: np.ndarray, proba_new: np.ndarray, n_boot: int = 1000,
+                   seed: int = 0, n_bins: int = 10) -> dict[str, Any]:  # fmt: skip
+    """How much better metric ``name`` is for ``proba_new`` than for ``proba_ref`` on the same patients, and the
+    standard error of that gain: a paired bootstrap, the patients resampled with replacement within each
+    true class (every resample scores both sets of predictions on the same patients and keeps every class).
+
+    Args:
+        name: a scalar metric of :data:`milcore.metrics.TABLE` (``auroc``, ``balanced_accuracy``, ...).
+        y_true: (n,) labels.
+        proba_ref: (n, C) the reference predictions (a model's defaults, say).
+        proba_new: (n, C) the candidate's predictions of the same patients.
+        n_boot: resamples.
+        seed: random seed.
+        n_bins: confidence bins of the ECE.
+
+    Returns:
+        ``{"gain", "se", "ci95": [low, high], "n_boot"}``: the gain in the metric's better direction
+        (positive: ``proba_new`` is better), its bootstrap standard deviation and percentile interval; NaN
+        ``se`` and bounds where the metric is undefined in more than half the resamples.
+    """
+    metric = get_metric(name)
+    if metric.fn is None:
+        raise ValueError(f"bootstrap_gain: {name!r} is not a metric of one set of predictions")
+    y = np.asarray(y_true, dtype=np.int64)
+    ref, new = np.asarray(proba_ref, dtype=float), np.asarray(proba_new, dtype=float)
+    if ref.shape != new.shape or ref.shape[0] != len(y):
+        raise ValueError(f"bootstrap_gain: predictions of shapes {ref.shape} and {new.shape} for {len(y)} labels")
+    sign = 1.0 if metric.higher_is_better else -1.0
+    gain = sign * (metric.fn(y, new, n_bins) - metric.fn(y, ref, n_bins))
+    W = stratified_counts(np.random.default_rng(seed), y, n_boot)  # (B, n)
+    if metric.weighted is not None:  # every resample at once
+        values = []
+        for p in (ref, new):
+            pred = LabelledPredictions(y, p, n_bins)
+            values.append(np.asarray(metric.weighted(pred, weighted_counts(pred, W)), dtype=float))
+        diffs = sign * (values[1] - values[0])  # (B,)
+    else:
+        idx = [np.repeat(np.arange(len(y)), w.astype(np.int64)) for w in W]
+        diffs = np.asarray([sign * (metric.fn(y[i], new[i], n_bins) - metric.fn(y[i], ref[i], n_bins)) for i in idx])
+    finite = diffs[np.isfinite(diffs)]
+    if len(finite) < max(2, n_boot / 2):
+        return {"gain": float(gain), "se": math.nan, "ci95": [math.nan, math.nan], "n_boot": n_boot}
+    low, high = (float(np.quantile(finite, q)) for q in (0.025, 0.975))
+    return {"gain": float(gain), "se": float(finite.std(ddof=1)), "ci95": [low, high], "n_boot": n_boot}
 
 
 def aggregate_folds(fold_metrics: Sequence[dict[str, float]]) -> dict[str, dict[str, float | list[float]]]:

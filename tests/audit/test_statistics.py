@@ -12,9 +12,9 @@ from milcore.audit.statistics import (
     percentile_ci,
     permutation_masks,
     sequential_permutation_p,
-    stratified_counts,
 )
 from milcore.metrics import mean_ci
+from milcore.metrics.intervals import stratified_counts
 from milcore.metrics.weighted import LabelledPredictions, weighted_metrics
 
 

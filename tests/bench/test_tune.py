@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -170,3 +171,49 @@ def test_a_search_that_keeps_the_defaults_reproduces_the_default_row(bench_bank:
             assert tuned[m] == default[m], (fold, m)
     comp = result["tuning"]["comparison"]["milcore:abmil"]
     assert comp["kept_defaults"] == 3 and not comp["auroc"]["below"]
+
+
+def test_a_trial_replaces_the_defaults_only_when_it_beats_them_by_its_standard_errors() -> None:
+    """The gain a trial needs is ``max(min_gain, min_gain_se * se)`` with ``se`` the paired bootstrap standard
+    error of its inner-CV gain: a clear win passes, the same win on half the patients (a noisier inner CV)
+    needs more, and ``min_gain_se=0`` falls back to the fixed margin."""
+    from milcore.bench.tune import _gain_over_defaults
+    from milcore.metrics.intervals import bootstrap_gain
+
+    rng = np.random.default_rng(0)
+    y = np.arange(80) % 2
+    p_default = rng.random(80)
+    p_best = np.clip(p_default + 0.35 * (y - 0.5) + 0.1 * rng.normal(size=80), 0, 1)
+    default = (y, np.stack([1 - p_default, p_default], 1))
+    best = (y, np.stack([1 - p_best, p_best], 1))
+    gain, se, needed = _gain_over_defaults(default, best, TuneSpec(trials=2), seed=1)
+    boot = bootstrap_gain("auroc", *default, best[1], n_boot=1000, seed=1)
+    assert (gain, se) == (boot["gain"], boot["se"]) and se > 0.01
+    assert needed == pytest.approx(max(0.01, se)) and gain > needed
+    assert _gain_over_defaults(default, best, TuneSpec(trials=2, min_gain_se=0), seed=1)[2] == 0.01
+    assert _gain_over_defaults(default, best, TuneSpec(trials=2, min_gain_se=3), seed=1)[2] == pytest.approx(3 * se)
+    half = (y[:20], default[1][:20]), (y[:20], best[1][:20])
+    assert _gain_over_defaults(*half, TuneSpec(trials=2), seed=1)[1] > se, "fewer patients, a noisier gain"
+    with pytest.raises(RuntimeError, match="different inner patients"):
+        _gain_over_defaults(default, (y[::-1], best[1]), TuneSpec(trials=2), seed=1)
+
+
+def test_the_tuning_record_says_what_gain_a_replacing_trial_had_and_needed(bench_bank: dict) -> None:
+    """With no margin at all, a trial that scores better than the defaults replaces them, and its record holds
+    the gain, its standard error and the gain it needed (also where it did not replace them)."""
+    from milcore.bench.aggregators import run_benchmark
+
+    spec = BenchSpec(str(bench_bank["bank"]), str(bench_bank["cohort"]), "dx", models=("abmil",), peers=(),
+                     folds=3, seeds=(0,), train=FAST, tune=TuneSpec(trials=4, min_gain=0, min_gain_se=0, prune=False),
+                     workers=1)  # fmt: skip
+    result = run_benchmark(spec)
+    records = [r["tuning"] for r in result["runs"] if r["variant"] == "tuned"]
+    assert len(records) == 3
+    for rec in records:
+        if rec["best_gain"] is None:  # the defaults scored best: nothing to weigh
+            assert rec["chose_default"]
+            continue
+        assert rec["gain_needed"] == 0 and rec["best_gain_se"] >= 0
+        assert rec["chose_default"] == (not rec["best_gain"] >= 0), json.dumps(rec)
+    assert any(rec["best_gain"] is not None for rec in records), "no trial scored above the defaults: no check"
+    assert result["tuning"]["budget"]["min_gain_se"] == 0
