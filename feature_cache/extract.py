@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import traceback
@@ -298,7 +299,7 @@ class _FreeMemory:
     """
 
     def __init__(self, period: float = 1.0) -> None:
-        self.period, self.last = period, 0.0
+        self.period, self.last = period, -math.inf  # the first call trims (monotonic time may start near 0)
         self._trim: Any = ...  # looked up on the first call
 
     def __call__(self) -> None:

@@ -90,6 +90,18 @@ def test_freed_heap_memory_is_handed_back_at_most_once_per_period() -> None:
     assert calls == [0, 0, 0]
 
 
+def test_the_first_release_trims_even_soon_after_boot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``time.monotonic`` may count from boot: on a machine up for 20 minutes the first call of an hour-period
+    release still trims (it did not, when the last trim was taken to be at time 0)."""
+    calls: list[int] = []
+    monkeypatch.setattr(fx.time, "monotonic", lambda: 1200.0)
+    release = fx._FreeMemory(period=3600.0)
+    release._trim = calls.append
+    release()
+    release()
+    assert calls == [0]
+
+
 def test_extraction_offers_freed_memory_back_after_each_bag(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls = [0]
     monkeypatch.setattr(fx, "release_free_memory", lambda: calls.__setitem__(0, calls[0] + 1))
