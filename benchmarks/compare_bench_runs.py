@@ -7,7 +7,8 @@ model and metric: the mean in A and in B, the mean paired difference B - A with 
 is identical; then the same over all the paired fits. Also the epochs run and the process CPU seconds of
 each side. Writes ``compare.json`` and ``compare.md`` into ``--out``.
 
-Usage: ``python benchmarks/compare_bench_runs.py A/bench.json B/bench.json --out DIR [--metrics m1,m2]``.
+Usage: ``python benchmarks/compare_bench_runs.py A/bench.json B/bench.json --out DIR [--metrics m1,m2]
+[--variants tuned]``.
 """
 
 from __future__ import annotations
@@ -44,10 +45,16 @@ def paired(diffs: np.ndarray, seed: int = 0) -> dict[str, float]:
     return {"mean": ci["mean"], "low": low, "high": high, "n": ci["n"]}
 
 
-def compare(a: dict[str, Any], b: dict[str, Any], metrics: tuple[str, ...] = METRICS) -> dict[str, Any]:
-    """Paired comparison of two bench results (see the module docstring)."""
-    runs_a = {_key(r): r for r in a["runs"] if r.get("status") == "ok"}
-    runs_b = {_key(r): r for r in b["runs"] if r.get("status") == "ok"}
+def compare(a: dict[str, Any], b: dict[str, Any], metrics: tuple[str, ...] = METRICS,
+            variants: tuple[str, ...] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Paired comparison of two bench results (see the module docstring); ``variants`` (``default``,
+    ``tuned``) keeps only those fits."""
+
+    def keep(r: dict[str, Any]) -> bool:
+        return r.get("status") == "ok" and (variants is None or r.get("variant", "default") in variants)
+
+    runs_a = {_key(r): r for r in a["runs"] if keep(r)}
+    runs_b = {_key(r): r for r in b["runs"] if keep(r)}
     keys = sorted(set(runs_a) & set(runs_b))
     splits_a, splits_b = a.get("splits") or {}, b.get("splits") or {}
     differ = sorted({str(k[3]) for k in keys if str(k[3]) in splits_a and str(k[3]) in splits_b
@@ -116,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("b", help="bench.json of run B")
     p.add_argument("--names", default="A,B", help="two short names for the columns (default A,B)")
     p.add_argument("--metrics", default=",".join(METRICS))
+    p.add_argument("--variants", default=None, help="only these fits, e.g. tuned (default: all)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -131,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         if "runs" not in runs[-1]:
             p.error(f"{path}: no 'runs' (not the bench.json of 'milcore bench aggregators')")
     try:
-        result = compare(runs[0], runs[1], tuple(m for m in args.metrics.split(",") if m))
+        variants = tuple(v for v in args.variants.split(",") if v) if args.variants else None
+        result = compare(runs[0], runs[1], tuple(m for m in args.metrics.split(",") if m), variants)
     except ValueError as err:
         p.error(f"{args.a} vs {args.b}: {err}")
     if not result["paired_fits"]:

@@ -60,3 +60,17 @@ def test_runs_that_share_no_fit_are_refused(script, tmp_path: Path, capsys: pyte
         script.main([str(tmp_path / "d.json"), str(tmp_path / "e.json"), "--out", str(tmp_path / "o")])
     assert err.value.code == 2 and "split the patients differently (seed 0)" in capsys.readouterr().err
     assert not (tmp_path / "o").exists(), "nothing written for refused inputs"
+
+
+def test_variants_keep_only_those_fits(script, tmp_path: Path) -> None:
+    a = {"runs": [_run("abmil", 0, f, 0.5, 0.7) for f in range(2)]
+         + [_run("abmil", 0, f, 0.5, 0.7, variant="tuned") for f in range(2)]}  # fmt: skip
+    b = {"runs": [_run("abmil", 0, f, 0.5, 0.7) for f in range(2)]
+         + [_run("abmil", 0, f, 0.6, 0.7, variant="tuned") for f in range(2)]}  # fmt: skip
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, data in zip(paths, (a, b), strict=True):
+        path.write_text(json.dumps(data))
+    assert script.main([str(paths[0]), str(paths[1]), "--variants", "tuned", "--out", str(tmp_path / "o")]) == 0
+    result = json.loads((tmp_path / "o" / "compare.json").read_text())
+    assert result["paired_fits"] == 2 and [r["model"] for r in result["models"]] == ["abmil (tuned)"]
+    assert result["overall"]["balanced_accuracy"]["mean"] == pytest.approx(0.1)
