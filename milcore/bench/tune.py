@@ -16,7 +16,8 @@ For every model (ours and the torchmil peers alike), seed and *outer* fold of th
    default one is trained, and it is scored on the outer test bags, beside the default row.
 
 Why the standard-error rule: the best of 20 trials beats the defaults by chance alone whenever the inner CV
-is noisy (a few dozen patients), and such a win is as likely to lose outside as to hold. A fixed margin
+is noisy (a few dozen patients), and such a win often does not hold outside (the benchmarks README's tuning
+section counts, per outer fold, how often it did). A fixed margin
 cannot tell a cohort where the models learn from one where they are at chance; the bootstrap standard
 error of the gain measures the noise of this very inner CV (the one-standard-error rule of Breiman et al.,
 "Classification and Regression Trees", 1984, applied to the choice between the defaults and the winner).
@@ -41,7 +42,7 @@ from milcore.models.search import SearchDim, check_search_value, search_space
 
 if TYPE_CHECKING:
     from milcore.bench.aggregators import Task
-    from milcore.bench.config import BenchSpec
+    from milcore.bench.config import BenchSpec, TuneSpec
     from milcore.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -312,7 +313,7 @@ def tune_task(task: Task, fold: Any, ctx: dict[str, Any]) -> tuple[dict[str, Any
 
 
 def _gain_over_defaults(default: tuple[np.ndarray, np.ndarray], best: tuple[np.ndarray, np.ndarray],
-                        tune: Any, seed: int) -> tuple[float, float, float]:  # fmt: skip
+                        tune: TuneSpec, seed: int) -> tuple[float, float, float]:  # fmt: skip
     """The best trial's inner-CV gain over the defaults, its bootstrap standard error and the gain it needed.
 
     ``default`` and ``best`` are the two trials' pooled inner out-of-fold ``(labels (n,), proba (n, C))``
