@@ -28,6 +28,9 @@ BENCH_OPTIONS = ("models", "peers", "folds", "seeds", "workers")
 BENCH_TRAIN_OPTIONS = ("epochs", "patience", "lr", "batch_instances", "instance_dropout", "input_norm", "amp",
                        "device")  # fmt: skip
 TUNE_OPTIONS = ("trials", "inner_folds", "metric", "prune", "min_gain", "min_gain_se")
+#: Option strings of the tuning options whose field name is not the flag (the others: ``--inner-folds``).
+TUNE_FLAGS = {"trials": "--tune", "metric": "--tune-metric", "prune": "--tune-prune", "min_gain": "--tune-min-gain",
+              "min_gain_se": "--tune-min-gain-se"}  # fmt: skip
 
 
 def _training_options(p: argparse.ArgumentParser) -> None:
@@ -50,9 +53,8 @@ def _training_options(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads, shared by the worker processes (default: torch's)")  # fmt: skip
     from milcore.bench.config import TuneSpec
 
-    add_config_options(p, TuneSpec, TUNE_OPTIONS, flags={"trials": "--tune", "metric": "--tune-metric",
-                                                         "prune": "--tune-prune", "min_gain": "--tune-min-gain",
-                                                         "min_gain_se": "--tune-min-gain-se"},
+    # keep_unset: an option left unset is None, so that a tuning option given without --tune can be refused
+    add_config_options(p, TuneSpec, TUNE_OPTIONS, flags=TUNE_FLAGS, keep_unset=True,
                        metavars={"trials": "N"},
                        helps={"trials": "also tune every model with N Optuna trials per outer fold (nested "
                                         "patient-level CV; the same budget for every model; 0: no tuning)",
@@ -174,8 +176,12 @@ def _template(args: argparse.Namespace, bank: str = "", cohort: str = "", task: 
                      site_column=getattr(args, "site_column", "site"), cells=getattr(args, "cells", None),
                      fold=getattr(args, "fold", None))  # fmt: skip
     check_fold(spec)  # before any output exists
-    if tune.search and not tune.trials:
-        raise InvalidArgumentError("--search restricts the tuning's search space: pass --tune N as well")
+    given = [TUNE_FLAGS.get(n, "--" + n.replace("_", "-")) for n in config_values(args, TUNE_OPTIONS) if n != "trials"]
+    if tune.search:
+        given.append("--search")
+    if given and not tune.trials:  # a tuning option alone would be ignored: the user expects tuned rows
+        raise InvalidArgumentError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} how the models are "
+                                   "tuned: pass --tune N as well")  # fmt: skip
     if tune.trials:
         from milcore.bench.tune import check_tune_spec
 

@@ -41,6 +41,8 @@ def _agg(bench_bank: dict, out: Path, *extra: str) -> list[str]:
     (("--tune", "2", "--search", "transmil.dim=64"), "'transmil' is not benchmarked"),
     (("--tune", "2", "--search", "embed_dim=64"), "not a shared dimension"),
     (("--search", "lr=1e-3"), "pass --tune N as well"),
+    (("--tune-min-gain-se", "2"), "--tune-min-gain-se sets how the models are tuned: pass --tune N as well"),
+    (("--inner-folds", "5", "--no-tune-prune"), "--inner-folds, --tune-prune set how the models are tuned"),
     (("--tune", "2", "--search", "lr"), "expected [MODEL.]KEY=SPEC"),
 ])  # fmt: skip
 def test_search_options_outside_the_declared_space_are_one_line_errors(
