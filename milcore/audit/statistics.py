@@ -32,15 +32,6 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def percentile_ci(samples: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile interval of finite samples; NaN when fewer than half the samples are finite."""
-    s = np.asarray(samples, dtype=float)
-    finite = s[np.isfinite(s)]
-    if len(finite) < max(1, len(s) / 2):
-        return (math.nan, math.nan)
-    return (float(np.quantile(finite, alpha / 2)), float(np.quantile(finite, 1 - alpha / 2)))
-
-
 def permutation_masks(rng: np.random.Generator, mask: np.ndarray, scope: np.ndarray, n: int) -> np.ndarray:
     """(n, N) bool: ``mask.sum()`` patients drawn at random from ``scope``, once per row."""
     pool = np.flatnonzero(scope)

@@ -44,7 +44,6 @@ from milcore.audit.statistics import (
     adjust_pvalues,
     class_permutations,
     minimum_detectable_effect,
-    percentile_ci,
     permutation_masks,
     permutation_pvalues,
     sequential_permutation_test,
@@ -53,7 +52,7 @@ from milcore.audit.statistics import (
     westfall_young_threshold,
 )
 from milcore.metrics import GROUP_METRICS, get_metric, higher_is_better, label
-from milcore.metrics.intervals import stratified_counts
+from milcore.metrics.intervals import percentile_ci, stratified_counts
 from milcore.metrics.weighted import LabelledPredictions, flatten, parity_differences, weighted_metrics
 from milcore.report.caveats import chance_classes, headline_warnings, is_at_chance
 from milcore.report.document import plural

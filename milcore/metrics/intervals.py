@@ -49,15 +49,16 @@ def bootstrap_ci(
         idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
         for k, v in fn(y_true[idx], proba[idx]).items():
             samples.setdefault(k, []).append(v)
-    out = {}
-    for k, values in samples.items():
-        arr = np.asarray(values, dtype=float)
-        arr = arr[np.isfinite(arr)]
-        if len(arr) < n_boot / 2:
-            out[k] = (float("nan"), float("nan"))
-        else:
-            out[k] = (float(np.quantile(arr, alpha / 2)), float(np.quantile(arr, 1 - alpha / 2)))
-    return out
+    return {k: percentile_ci(np.asarray(values, dtype=float), alpha) for k, values in samples.items()}
+
+
+def percentile_ci(samples: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile interval of finite samples; NaN when fewer than half the samples are finite."""
+    s = np.asarray(samples, dtype=float)
+    finite = s[np.isfinite(s)]
+    if len(finite) < max(1, len(s) / 2):
+        return (math.nan, math.nan)
+    return (float(np.quantile(finite, alpha / 2)), float(np.quantile(finite, 1 - alpha / 2)))
 
 
 def stratified_counts(rng: np.random.Generator, strata: np.ndarray, n_boot: int) -> np.ndarray:
@@ -115,11 +116,10 @@ def bootstrap_gain(name: str, y_true: np.ndarray, proba_ref: np.ndarray, proba_n
     else:
         idx = [np.repeat(np.arange(len(y)), w.astype(np.int64)) for w in W]
         diffs = np.asarray([sign * (metric.fn(y[i], new[i], n_bins) - metric.fn(y[i], ref[i], n_bins)) for i in idx])
+    low, high = percentile_ci(diffs)  # NaN where fewer than half the resamples are finite
     finite = diffs[np.isfinite(diffs)]
-    if len(finite) < max(2, n_boot / 2):
-        return {"gain": float(gain), "se": math.nan, "ci95": [math.nan, math.nan], "n_boot": n_boot}
-    low, high = (float(np.quantile(finite, q)) for q in (0.025, 0.975))
-    return {"gain": float(gain), "se": float(finite.std(ddof=1)), "ci95": [low, high], "n_boot": n_boot}
+    se = float(finite.std(ddof=1)) if math.isfinite(low) and len(finite) > 1 else math.nan
+    return {"gain": float(gain), "se": se, "ci95": [low, high], "n_boot": n_boot}
 
 
 def aggregate_folds(fold_metrics: Sequence[dict[str, float]]) -> dict[str, dict[str, float | list[float]]]:

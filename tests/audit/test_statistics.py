@@ -9,12 +9,11 @@ from milcore.audit.statistics import (
     adjust_pvalues,
     linear_trend,
     paired_effect,
-    percentile_ci,
     permutation_masks,
     sequential_permutation_p,
 )
 from milcore.metrics import mean_ci
-from milcore.metrics.intervals import stratified_counts
+from milcore.metrics.intervals import percentile_ci, stratified_counts
 from milcore.metrics.weighted import LabelledPredictions, weighted_metrics
 
 
