@@ -2,7 +2,9 @@
 
 For every tuned fit of ``bench.json``: whether the search kept the model's defaults, the inner-CV score of
 the defaults, the best trial's inner-CV gain over them with its paired-bootstrap standard error and the gain
-it needed (recorded since the tuning's standard-error rule; ``null`` in older runs), and the outer test
+it needed (recorded since the tuning's standard-error rule; ``null`` in older runs), the gain again on fresh
+inner folds where the winner was confirmed (since the confirmation step; ``null`` where it did not run), and
+the outer test
 metrics of the default and of the tuned fit of the same fold. The summary counts, over all models, the folds
 where a trial replaced the defaults and how often the outer metric then rose or fell, and the mean outer
 change over the replaced folds, so the cost of a noisy inner choice is visible beside its gains.
@@ -52,13 +54,17 @@ def decisions(result: dict[str, Any], metrics: tuple[str, ...] = METRICS) -> dic
         row = {"model": r["model"] if key[1] == "milcore" else f"{key[1]} {r['model']}", "seed": r["seed"],
                "fold": r["fold"], "kept_defaults": bool(t.get("chose_default")),
                "inner_default": t.get("default_value"), "best_gain": t.get("best_gain"),
-               "best_gain_se": t.get("best_gain_se"), "gain_needed": t.get("gain_needed")}  # fmt: skip
+               "best_gain_se": t.get("best_gain_se"), "gain_needed": t.get("gain_needed"),
+               "confirmed": t.get("confirmed"), "confirm_gain": t.get("confirm_gain"),
+               "confirm_gain_se": t.get("confirm_gain_se")}  # fmt: skip
         for m in metrics:
             row[f"{m}_default"], row[f"{m}_tuned"] = default[key].get(m), r.get(m)
         rows.append(row)
     if not rows:
         raise ValueError("no tuned fit in this run (was it run with --tune N?)")
-    summary: dict[str, Any] = {"fits": len(rows), "replaced": sum(not r["kept_defaults"] for r in rows)}
+    summary: dict[str, Any] = {"fits": len(rows), "replaced": sum(not r["kept_defaults"] for r in rows),
+                               "confirmations": sum(r["confirmed"] is not None for r in rows),
+                               "confirmed": sum(r["confirmed"] is True for r in rows)}  # fmt: skip
     for m in metrics:
         changes = [r[f"{m}_tuned"] - r[f"{m}_default"] for r in rows if not r["kept_defaults"]
                    and all(isinstance(r[f"{m}_{v}"], int | float) for v in ("default", "tuned"))]  # fmt: skip
@@ -72,19 +78,25 @@ def decisions(result: dict[str, Any], metrics: tuple[str, ...] = METRICS) -> dic
 def to_markdown(out: dict[str, Any]) -> str:
     """The decisions as a Markdown table and a summary line per metric."""
     metrics = out["metrics"]
-    head = ["model", "seed", "fold", "kept defaults", "inner default", "best gain ± s.e.", "needed"]
+    head = ["model", "seed", "fold", "kept defaults", "inner default", "best gain ± s.e.", "needed",
+            "fresh-fold gain ± s.e."]
     for m in metrics:
         head += [f"{m} default", f"{m} tuned"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in out["rows"]:
         gain = "–" if r["best_gain"] is None else f"{_f(r['best_gain'], sign=True)} ± {_f(r['best_gain_se'])}"
+        fresh = ("–" if r.get("confirm_gain") is None
+                 else f"{_f(r['confirm_gain'], sign=True)} ± {_f(r['confirm_gain_se'])}")  # fmt: skip
         cells = [r["model"], str(r["seed"]), str(r["fold"]), "yes" if r["kept_defaults"] else "no",
-                 _f(r["inner_default"]), gain, _f(r["gain_needed"])]  # fmt: skip
+                 _f(r["inner_default"]), gain, _f(r["gain_needed"]), fresh]  # fmt: skip
         for m in metrics:
             cells += [_f(r[f"{m}_default"]), _f(r[f"{m}_tuned"])]
         lines.append("| " + " | ".join(cells) + " |")
     s = out["summary"]
     lines += ["", f"{s['replaced']} of {s['fits']} tuned fits replaced the defaults."]
+    if s.get("confirmations"):
+        lines.append(f"- {s['confirmations']} winners were retrained on fresh inner folds; "
+                     f"{s['confirmed']} held there.")
     for m in metrics:
         e = s[m]
         lines.append(f"- {m} in the replaced folds: up in {e['replaced_up']}, down in {e['replaced_down']}, equal in "

@@ -49,6 +49,10 @@ class TuneSpec(Config):
             :func:`milcore.metrics.intervals.bootstrap_gain`); 1 is the one-standard-error rule, 0 turns
             the check off. The best of N trials beats the defaults by chance alone more often the larger N
             and the noisier the inner CV; this keeps such a win from replacing them.
+        confirm: a trial that passes both checks is confirmed before it replaces the defaults: it and the
+            defaults are trained again on fresh inner folds (another patient split and training seed) and it
+            must pass the same two checks there. Its first gain is the largest of ``trials`` noisy scores (the
+            winner's curse); the second is measured on draws it was not selected on.
         search: restrictions of the search space, ``{"[model.]key": "value" | "low:high" | "a,b,c"}``;
             every value must lie inside the model's declared space (or the shared one).
     """
@@ -61,6 +65,7 @@ class TuneSpec(Config):
     prune: bool = True
     min_gain: float = option(0.01, low=0)
     min_gain_se: float = option(1.0, low=0)
+    confirm: bool = True
     search: dict[str, str] = field(default_factory=dict)
 
 

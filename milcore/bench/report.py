@@ -155,6 +155,12 @@ def _se_rule(budget: dict[str, Any]) -> str:
             f"inner patients") if k else ""  # fmt: skip
 
 
+def _confirm_rule(budget: dict[str, Any]) -> str:
+    """The confirmation part of the rule for replacing the defaults ('' where off or not recorded)."""
+    return (", and again when it and the defaults are retrained on fresh inner folds (another split and seed)"
+            if budget.get("confirm") else "")  # fmt: skip
+
+
 def tuning_budget_line(result: dict[str, Any]) -> str:
     """The tuning budget every model got, in one sentence."""
     b = result["tuning"]["budget"]
@@ -163,8 +169,8 @@ def tuning_budget_line(result: dict[str, Any]) -> str:
             f"pruner: {b['pruner']}), each trial a {b['inner_folds']}-fold patient-level CV inside the outer fold's "
             f"training + validation bags (its test bags never seen), maximising the pooled inner out-of-fold "
             f"{label(b['metric'])} (a trial replaces the defaults only when it beats them by at least "
-            f"{b.get('min_gain', 0):g}{_se_rule(b)}); at most {b['max_fits_per_model_and_fold']} fits per model "
-            f"and outer fold. "
+            f"{b.get('min_gain', 0):g}{_se_rule(b)}{_confirm_rule(b)}); at most "
+            f"{b['max_fits_per_model_and_fold']} fits per model and outer fold. "
             f"Shared dimensions: {shared} (dropout where the model has one); each aggregator adds its declared "
             f"space (bench.json tuning.budget.spaces).")  # fmt: skip
 

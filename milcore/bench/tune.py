@@ -12,8 +12,9 @@ For every model (ours and the torchmil peers alike), seed and *outer* fold of th
 4. the best trial's settings -- the defaults unless a trial beat them in the inner CV by at least
    ``min_gain`` and by at least ``min_gain_se`` standard errors of that gain (a paired bootstrap of the two
    trials' pooled out-of-fold predictions, :func:`~milcore.metrics.intervals.bootstrap_gain`), so that
-   selection noise alone does not replace them -- train the *tuned* model on the outer fold exactly as the
-   default one is trained, and it is scored on the outer test bags, beside the default row.
+   selection noise alone does not replace them, and (``confirm``) by as much again when it and the defaults are
+   trained once more on fresh inner folds (:func:`_confirm`) -- train the *tuned* model on the outer fold
+   exactly as the default one is trained, and it is scored on the outer test bags, beside the default row.
 
 Why the standard-error rule: the best of 20 trials beats the defaults by chance alone whenever the inner CV
 is noisy (a few dozen patients), and such a win often does not hold outside (the benchmarks README's tuning
@@ -21,6 +22,11 @@ section counts, per outer fold, how often it did). A fixed margin
 cannot tell a cohort where the models learn from one where they are at chance; the bootstrap standard
 error of the gain measures the noise of this very inner CV (the one-standard-error rule of Breiman et al.,
 "Classification and Regression Trees", 1984, applied to the choice between the defaults and the winner).
+Why the confirmation: the winner's gain is the largest of ``trials`` noisy gains, biased upwards by the
+selection itself (the winner's curse; Cawley & Talbot, "On Over-fitting in Model Selection and Subsequent
+Selection Bias in Performance Evaluation", JMLR 2010), so the rule is applied once more to a gain measured on
+draws -- another patient split of the same tuning bags and another training seed -- that played no part in
+choosing it. It costs ``2 x inner_folds`` fits, only where a trial passed the first check.
 
 Every model gets the same number of trials over the shared dimensions (:data:`SHARED_SPACE`: learning
 rate, weight decay, dropout where the model has it, instance dropout) plus its own declared space
@@ -54,6 +60,9 @@ SHARED_SPACE: dict[str, SearchDim] = {
     "dropout": SearchDim(0.0, 0.5),
     "instance_dropout": SearchDim(0.0, 0.6),
 }
+#: Added to the inner split's seed and to the training seed for the confirmation of a winning trial
+#: (:func:`_confirm`): any fixed offset gives draws the winner was not selected on.
+CONFIRM_SEED = 7919
 #: Shared dimensions that are training options (:class:`~milcore.training.config.TrainConfig` fields); the
 #: others are aggregator config fields (``model_args``).
 TRAIN_FIELDS = ("lr", "weight_decay", "instance_dropout")
@@ -208,15 +217,17 @@ def _draw(trial: Any, space: dict[str, SearchDim]) -> dict[str, Any]:
     return {k: d.suggest(trial, k) for k, d in space.items()}
 
 
-def inner_folds(task: Task, fold: Any, ctx: dict[str, Any]) -> list[Any]:
-    """Patient-level folds of the outer fold's training + validation bags (never its test bags)."""
+def inner_folds(task: Task, fold: Any, ctx: dict[str, Any], salt: int = 0) -> list[Any]:
+    """Patient-level folds of the outer fold's training + validation bags (never its test bags); ``salt``
+    (added to the split's seed) gives another split of the same bags."""
     from milcore.data.splits import make_folds
 
     pool = list(fold.train) + list(fold.val)
     labels = np.asarray([ctx["label_of"][b] for b in pool])
     groups = np.asarray([ctx["group_of"][b] for b in pool], dtype=object)
     k = ctx["spec"].tune.inner_folds
-    folds = make_folds(pool, labels, k=k, seed=1000 * task.seed + fold.index, groups=groups, classes=ctx["classes"])
+    seed = 1000 * task.seed + fold.index + salt
+    folds = make_folds(pool, labels, k=k, seed=seed, groups=groups, classes=ctx["classes"])
     seen = {b for f in folds for part in (f.train, f.val, f.test) for b in part}
     leaked = seen & set(fold.test)
     if leaked:  # make_folds only sees the pool, so this cannot happen; tuning must never see a test bag
@@ -283,12 +294,16 @@ def tune_task(task: Task, fold: Any, ctx: dict[str, Any]) -> tuple[dict[str, Any
     default_trial = study.trials[0]
     default_value = default_trial.value if default_trial.state == optuna.trial.TrialState.COMPLETE else None
     gain = gain_se = threshold = None
+    confirmation: dict[str, Any] = {"confirmed": None, "confirm_gain": None, "confirm_gain_se": None,
+                                    "confirm_gain_needed": None, "confirm_error": None}  # fmt: skip
     if complete:  # the best score; among equal scores the earliest trial (the defaults first)
         best = max(complete, key=lambda t: (t.value if maximise else -t.value, -t.number))
         default_ok = default_trial in complete and in_space
         if best.number != default_trial.number and default_ok:  # replace the defaults only when clearly better
             gain, gain_se, threshold = _gain_over_defaults(oof[default_trial.number], oof[best.number], tune, seed)
-            if not gain >= threshold:
+            if gain >= threshold and tune.confirm:
+                confirmation.update(_confirm(task, fold, ctx, (default_trial.params, best.params), seed, fits))
+            if not gain >= threshold or confirmation["confirmed"] is False:
                 best = default_trial
         chosen = dict(best.params)
     else:  # every trial failed: keep the defaults (their failure will show in the outer fit)
@@ -300,16 +315,59 @@ def tune_task(task: Task, fold: Any, ctx: dict[str, Any]) -> tuple[dict[str, Any
         "best_value": best.value, "default_value": default_value if in_space else None,
         "chose_default": best.number == 0 and in_space, "defaults_in_space": in_space,
         "inner_folds": len(folds), "metric": tune.metric, "fits": fits[0], "best_gain": gain, "best_gain_se": gain_se,
-        "gain_needed": threshold,
+        "gain_needed": threshold, **confirmation,
         "space": {k: d.describe() for k, d in space.items()},
     }  # fmt: skip
-    log.info("%s: tuned over %d trials (%d pruned): %s %.3f (defaults %s), %s%s", label, record["trials"],
+    log.info("%s: tuned over %d trials (%d pruned): %s %.3f (defaults %s), %s%s%s", label, record["trials"],
              record["pruned"], tune.metric, best.value if best.value is not None else math.nan,
              "n/a" if default_value is None else f"{default_value:.3f}",
              "kept the defaults" if record["chose_default"] else f"trial {best.number + 1}",
              "" if gain is None else f" (best trial's gain {gain:+.3f} ± {gain_se:.3f} s.e., {threshold:.3f} "
-                                     "needed)")  # fmt: skip
+                                     "needed)",
+             "" if confirmation["confirm_gain"] is None else
+             f"; on fresh inner folds {confirmation['confirm_gain']:+.3f} ± {confirmation['confirm_gain_se']:.3f}, "
+             f"{confirmation['confirm_gain_needed']:.3f} needed")  # fmt: skip
     return chosen, record
+
+
+def _confirm(task: Task, fold: Any, ctx: dict[str, Any], params: tuple[dict[str, Any], dict[str, Any]], seed: int,
+             fits: list[int]) -> dict[str, Any]:  # fmt: skip
+    """Train the defaults and the winning trial (``params``) again on fresh inner folds and weigh the gain.
+
+    The folds are another patient-level split of the same tuning bags (:func:`inner_folds` salted with
+    :data:`CONFIRM_SEED`) and both fits use the training seed plus :data:`CONFIRM_SEED`, the same for the two,
+    so the gain is paired and measured on draws the winner was not selected on. ``fits`` is incremented per fit.
+
+    Returns:
+        ``{"confirmed", "confirm_gain", "confirm_gain_se", "confirm_gain_needed", "confirm_error"}``:
+        ``confirmed`` is whether the fresh gain reaches the gain needed (:func:`_gain_over_defaults`); a fit
+        that fails leaves the defaults in place, with the error recorded.
+    """
+    from milcore.bench.aggregators import task_setup
+    from milcore.training.fold import fit_fold
+
+    spec: BenchSpec = ctx["spec"]
+    folds = inner_folds(task, fold, ctx, salt=CONFIRM_SEED)
+    label = task.label(spec.folds)
+    pooled = []
+    try:
+        for name, values in zip(("defaults", "best trial"), params, strict=True):
+            config, model = task_setup(task, ctx, values)
+            config = replace(config, seed=config.seed + CONFIRM_SEED)
+            labels, probs = [], []
+            for step, inner in enumerate(folds):
+                desc = f"{label} confirming the {name} inner {step + 1}/{len(folds)}"
+                result = fit_fold(config, ctx["store"], inner, model=model, desc=desc, attention=False)
+                fits[0] += 1
+                labels.append(result.labels)
+                probs.append(result.proba)
+            pooled.append((np.concatenate(labels), np.concatenate(probs)))
+    except Exception as exc:  # as a failed trial: the defaults stay, the error is recorded
+        log.warning("%s: the confirmation of the best trial failed (%s): kept the defaults", label, exc)
+        return {"confirmed": False, "confirm_error": f"{type(exc).__name__}: {exc}"}
+    gain, se, needed = _gain_over_defaults(pooled[0], pooled[1], spec.tune, seed + CONFIRM_SEED)
+    return {"confirmed": bool(gain >= needed), "confirm_gain": gain, "confirm_gain_se": se,
+            "confirm_gain_needed": needed}  # fmt: skip
 
 
 def _gain_over_defaults(default: tuple[np.ndarray, np.ndarray], best: tuple[np.ndarray, np.ndarray],
@@ -347,8 +405,8 @@ def tuning_budget(spec: BenchSpec) -> dict[str, Any]:
     return {"trials": tune.trials, "inner_folds": tune.inner_folds, "metric": tune.metric,
             "sampler": "TPE, seeded per seed and outer fold; trial 1 = the model's defaults",
             "pruner": "median after each inner fold (from trial 6)" if tune.prune else "none",
-            "max_fits_per_model_and_fold": tune.trials * tune.inner_folds + 1, "min_gain": tune.min_gain,
-            "min_gain_se": tune.min_gain_se,
+            "max_fits_per_model_and_fold": (tune.trials + 2 * tune.confirm) * tune.inner_folds + 1,
+            "min_gain": tune.min_gain, "min_gain_se": tune.min_gain_se, "confirm": tune.confirm,
             "outer_folds": spec.folds, "seeds": list(spec.seeds), "shared": {k: d.describe() for k, d in
                                                                             SHARED_SPACE.items()},
             "spaces": spaces, "search": dict(tune.search)}  # fmt: skip

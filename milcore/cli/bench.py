@@ -27,10 +27,10 @@ log = logging.getLogger("milcore")
 BENCH_OPTIONS = ("models", "peers", "folds", "seeds", "workers")
 BENCH_TRAIN_OPTIONS = ("epochs", "patience", "lr", "batch_instances", "instance_dropout", "input_norm", "amp",
                        "device")  # fmt: skip
-TUNE_OPTIONS = ("trials", "inner_folds", "metric", "prune", "min_gain", "min_gain_se")
+TUNE_OPTIONS = ("trials", "inner_folds", "metric", "prune", "min_gain", "min_gain_se", "confirm")
 #: Option strings of the tuning options whose field name is not the flag (the others: ``--inner-folds``).
 TUNE_FLAGS = {"trials": "--tune", "metric": "--tune-metric", "prune": "--tune-prune", "min_gain": "--tune-min-gain",
-              "min_gain_se": "--tune-min-gain-se"}  # fmt: skip
+              "min_gain_se": "--tune-min-gain-se", "confirm": "--tune-confirm"}  # fmt: skip
 
 
 def _training_options(p: argparse.ArgumentParser) -> None:
@@ -65,7 +65,9 @@ def _training_options(p: argparse.ArgumentParser) -> None:
                                           "the inner CV",
                               "min_gain_se": "... and by this many standard errors of its gain (paired "
                                              "bootstrap of the inner patients; 1: the one-standard-error rule, "
-                                             "0: off)"})  # fmt: skip
+                                             "0: off)",
+                              "confirm": "... and again on fresh inner folds (another patient split and seed), "
+                                         "where it was not selected"})  # fmt: skip
     p.add_argument("--search", action="append", default=None, metavar="[MODEL.]KEY=SPEC",
                    help="restrict the tuning's search space: VALUE fixes, LOW:HIGH narrows, A,B,C picks choices; "
                         "KEY is a shared dimension (lr, weight_decay, dropout, instance_dropout) or, after MODEL., "

@@ -43,6 +43,7 @@ def _agg(bench_bank: dict, out: Path, *extra: str) -> list[str]:
     (("--search", "lr=1e-3"), "pass --tune N as well"),
     (("--tune-min-gain-se", "2"), "--tune-min-gain-se sets how the models are tuned: pass --tune N as well"),
     (("--inner-folds", "5", "--no-tune-prune"), "--inner-folds, --tune-prune set how the models are tuned"),
+    (("--no-tune-confirm",), "--tune-confirm sets how the models are tuned: pass --tune N as well"),
     (("--tune", "2", "--search", "lr"), "expected [MODEL.]KEY=SPEC"),
 ])  # fmt: skip
 def test_search_options_outside_the_declared_space_are_one_line_errors(
@@ -213,9 +214,56 @@ def test_the_tuning_record_says_what_gain_a_replacing_trial_had_and_needed(bench
     assert len(records) == 3
     for rec in records:
         if rec["best_gain"] is None:  # the defaults scored best: nothing to weigh
-            assert rec["chose_default"]
+            assert rec["chose_default"] and rec["confirmed"] is None
             continue
         assert rec["gain_needed"] == 0 and rec["best_gain_se"] >= 0
-        assert rec["chose_default"] == (not rec["best_gain"] >= 0), json.dumps(rec)
-    assert any(rec["best_gain"] is not None for rec in records), "no trial scored above the defaults: no check"
+        if not rec["best_gain"] >= 0:  # failed the first check: no confirmation
+            assert rec["chose_default"] and rec["confirmed"] is None and rec["fits"] <= 4 * 3
+            continue
+        # passed it: confirmed on fresh inner folds (two times three more fits), replacing the defaults only then
+        assert rec["confirm_gain_needed"] == 0 and rec["confirm_gain_se"] >= 0, json.dumps(rec)
+        assert rec["confirmed"] == (rec["confirm_gain"] >= 0) and rec["chose_default"] == (not rec["confirmed"])
+        assert rec["fits"] == 4 * 3 + 2 * 3
+    assert any(rec["confirmed"] is not None for rec in records), "no trial passed the first check: no confirmation"
     assert result["tuning"]["budget"]["min_gain_se"] == 0
+    assert result["tuning"]["budget"]["max_fits_per_model_and_fold"] == (4 + 2) * 3 + 1
+
+
+def test_the_confirmation_uses_another_split_of_the_same_tuning_bags(bench_bank: dict, monkeypatch) -> None:
+    """Fresh inner folds: the same pool of training + validation bags (never a test bag), split otherwise; a
+    confirmation whose fit fails keeps the defaults and records why."""
+    from milcore.bench import tune as tune_module
+    from milcore.bench.aggregators import Task, run_benchmark
+    from milcore.data.splits import make_folds
+
+    bags = [f"b{i}" for i in range(32)]
+    outer = make_folds(bags, np.arange(32) % 2, k=3, seed=0)[0]
+    ctx = {"label_of": {b: i % 2 for i, b in enumerate(bags)}, "group_of": {b: b for b in bags}, "classes": [0, 1],
+           "spec": BenchSpec("x.h5", "x.csv", "dx", tune=TuneSpec(trials=2))}  # fmt: skip
+    task = Task(model="abmil", peer=False, seed=0, fold=0, variant="tuned")
+    search = tune_module.inner_folds(task, outer, ctx)
+    fresh = tune_module.inner_folds(task, outer, ctx, salt=tune_module.CONFIRM_SEED)
+    assert [sorted(f.test) for f in search] != [sorted(f.test) for f in fresh], "the same split again"
+    for folds in (search, fresh):
+        bags = {b for f in folds for b in f.test}
+        assert bags == set(outer.train) | set(outer.val) and not bags & set(outer.test)
+
+    import milcore.training.fold as fold_module
+
+    original = fold_module.fit_fold
+
+    def failing(config, store, fold, **kwargs):
+        if "confirming" in kwargs.get("desc", ""):
+            raise FloatingPointError("the loss is NaN")
+        return original(config, store, fold, **kwargs)
+
+    monkeypatch.setattr(fold_module, "fit_fold", failing)
+    spec = BenchSpec(str(bench_bank["bank"]), str(bench_bank["cohort"]), "dx", models=("abmil",), peers=(),
+                     folds=3, seeds=(0,), train=FAST, tune=TuneSpec(trials=4, min_gain=0, min_gain_se=0, prune=False),
+                     workers=1)  # fmt: skip
+    records = [r["tuning"] for r in run_benchmark(spec)["runs"] if r["variant"] == "tuned"]
+    failed = [rec for rec in records if rec["confirm_error"] is not None]
+    assert failed, "no confirmation ran"
+    for rec in failed:
+        assert rec["confirmed"] is False and rec["chose_default"]
+        assert rec["confirm_error"] == "FloatingPointError: the loss is NaN"

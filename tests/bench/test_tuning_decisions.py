@@ -42,6 +42,24 @@ def test_counts_replaced_folds_and_what_they_did_outside(script, tmp_path: Path)
     assert out["rows"][1]["best_gain_se"] == 0.05 and out["tuning"] == {"trials": 20}
     md = (tmp_path / "out" / "decisions.md").read_text()
     assert "+0.100 ± 0.030" in md and "2 of 4 tuned fits replaced the defaults" in md
+    assert out["summary"]["confirmations"] == 0 and "fresh inner folds" not in md, "a run before the confirmation"
+
+
+def test_shows_the_confirmation_on_fresh_inner_folds(script, tmp_path: Path) -> None:
+    confirmed = {"confirmed": True, "confirm_gain": 0.06, "confirm_gain_se": 0.02}
+    rejected = {"confirmed": False, "confirm_gain": -0.01, "confirm_gain_se": 0.03}
+    runs = [_run("default", f, 0.8) for f in range(2)] + [
+        _run("tuned", 0, 0.9, tuning={**_tuning(False, 0.10, 0.03)["tuning"], **confirmed}),
+        _run("tuned", 1, 0.8, tuning={**_tuning(True, 0.09, 0.03)["tuning"], **rejected}),
+    ]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"runs": runs}))
+    assert script.main([str(path), "--out", str(tmp_path / "out")]) == 0
+    out = json.loads((tmp_path / "out" / "decisions.json").read_text())
+    assert (out["summary"]["confirmations"], out["summary"]["confirmed"], out["summary"]["replaced"]) == (2, 1, 1)
+    md = (tmp_path / "out" / "decisions.md").read_text()
+    assert "+0.060 ± 0.020" in md and "-0.010 ± 0.030" in md
+    assert "2 winners were retrained on fresh inner folds; 1 held there." in md
 
 
 def test_a_run_without_tuning_is_refused(script, tmp_path: Path, caplog) -> None:
