@@ -66,8 +66,8 @@ def _training_options(p: argparse.ArgumentParser) -> None:
                               "min_gain_se": "... and by this many standard errors of its gain (paired "
                                              "bootstrap of the inner patients; 1: the one-standard-error rule, "
                                              "0: off)",
-                              "confirm": "... and again on fresh inner folds (another patient split and seed), "
-                                         "where it was not selected"})  # fmt: skip
+                              "confirm": "... and again when it and the defaults are retrained on fresh inner "
+                                         "folds (another patient split and seed)"})  # fmt: skip
     p.add_argument("--search", action="append", default=None, metavar="[MODEL.]KEY=SPEC",
                    help="restrict the tuning's search space: VALUE fixes, LOW:HIGH narrows, A,B,C picks choices; "
                         "KEY is a shared dimension (lr, weight_decay, dropout, instance_dropout) or, after MODEL., "

@@ -43,7 +43,7 @@ def _agg(bench_bank: dict, out: Path, *extra: str) -> list[str]:
     (("--search", "lr=1e-3"), "pass --tune N as well"),
     (("--tune-min-gain-se", "2"), "--tune-min-gain-se sets how the models are tuned: pass --tune N as well"),
     (("--inner-folds", "5", "--no-tune-prune"), "--inner-folds, --tune-prune set how the models are tuned"),
-    (("--no-tune-confirm",), "--tune-confirm sets how the models are tuned: pass --tune N as well"),
+    (("--tune-confirm",), "--tune-confirm sets how the models are tuned: pass --tune N as well"),
     (("--tune", "2", "--search", "lr"), "expected [MODEL.]KEY=SPEC"),
 ])  # fmt: skip
 def test_search_options_outside_the_declared_space_are_one_line_errors(
@@ -87,6 +87,7 @@ def test_tuned_rows_stand_beside_the_default_ones_with_the_budget(tuned: tuple[i
     assert sorted(keys) == [("abmil", "default"), ("abmil", "tuned"), ("mean", "default"), ("mean", "tuned")]
     budget = result["tuning"]["budget"]
     assert budget["trials"] == 2 and budget["inner_folds"] == 3
+    assert budget["confirm"] is False and budget["min_gain_se"] == 1, "the defaults of the CLI"
     assert budget["spaces"]["abmil"]["embed_dim"] == "[64, 96] (log scale)"
     tuned_runs = [r for r in result["runs"] if r["variant"] == "tuned"]
     assert len(tuned_runs) == 2 * 3
@@ -95,6 +96,7 @@ def test_tuned_rows_stand_beside_the_default_ones_with_the_budget(tuned: tuple[i
         assert 64 <= r["settings"]["embed_dim"] <= 96 and 1e-4 <= r["settings"]["lr"] <= 3e-3
     assert set(result["tuning"]["comparison"]) == {"milcore:abmil", "milcore:mean"}
     assert "Tuning budget, the same for every model: 2 Optuna trials" in table and "abmil (tuned)" in table
+    assert "retrained on fresh inner folds" not in table
 
 
 def test_inner_folds_never_see_an_outer_test_bag(bench_bank: dict) -> None:
@@ -201,14 +203,16 @@ def test_a_trial_replaces_the_defaults_only_when_it_beats_them_by_its_standard_e
         _gain_over_defaults(default, (y[::-1], best[1]), TuneSpec(trials=2), seed=1)
 
 
-def test_the_tuning_record_says_what_gain_a_replacing_trial_had_and_needed(bench_bank: dict) -> None:
-    """With no margin at all, a trial that scores better than the defaults replaces them, and its record holds
-    the gain, its standard error and the gain it needed (also where it did not replace them)."""
+@pytest.mark.parametrize("confirm", [False, True])
+def test_the_tuning_record_says_what_gain_a_replacing_trial_had_and_needed(bench_bank: dict, confirm: bool) -> None:
+    """With no margin at all, a trial that scores better than the defaults replaces them (with ``confirm``: only
+    if it scores better again on fresh inner folds), and its record holds the gain, its standard error and the
+    gain it needed (also where it did not replace them)."""
     from milcore.bench.aggregators import run_benchmark
 
+    tune = TuneSpec(trials=4, min_gain=0, min_gain_se=0, prune=False, confirm=confirm)
     spec = BenchSpec(str(bench_bank["bank"]), str(bench_bank["cohort"]), "dx", models=("abmil",), peers=(),
-                     folds=3, seeds=(0,), train=FAST, tune=TuneSpec(trials=4, min_gain=0, min_gain_se=0, prune=False),
-                     workers=1)  # fmt: skip
+                     folds=3, seeds=(0,), train=FAST, tune=tune, workers=1)  # fmt: skip
     result = run_benchmark(spec)
     records = [r["tuning"] for r in result["runs"] if r["variant"] == "tuned"]
     assert len(records) == 3
@@ -217,16 +221,20 @@ def test_the_tuning_record_says_what_gain_a_replacing_trial_had_and_needed(bench
             assert rec["chose_default"] and rec["confirmed"] is None
             continue
         assert rec["gain_needed"] == 0 and rec["best_gain_se"] >= 0
-        if not rec["best_gain"] >= 0:  # failed the first check: no confirmation
-            assert rec["chose_default"] and rec["confirmed"] is None and rec["fits"] <= 4 * 3
+        if not rec["best_gain"] >= 0 or not confirm:  # failed the first check, or no confirmation asked
+            assert rec["chose_default"] == (not rec["best_gain"] >= 0), json.dumps(rec)
+            assert rec["confirmed"] is None and rec["fits"] <= 4 * 3
             continue
         # passed it: confirmed on fresh inner folds (two times three more fits), replacing the defaults only then
         assert rec["confirm_gain_needed"] == 0 and rec["confirm_gain_se"] >= 0, json.dumps(rec)
         assert rec["confirmed"] == (rec["confirm_gain"] >= 0) and rec["chose_default"] == (not rec["confirmed"])
         assert rec["fits"] == 4 * 3 + 2 * 3
-    assert any(rec["confirmed"] is not None for rec in records), "no trial passed the first check: no confirmation"
-    assert result["tuning"]["budget"]["min_gain_se"] == 0
-    assert result["tuning"]["budget"]["max_fits_per_model_and_fold"] == (4 + 2) * 3 + 1
+    assert any(rec["best_gain"] is not None for rec in records), "no trial scored above the defaults: no check"
+    if confirm:
+        assert any(rec["confirmed"] is not None for rec in records), "no trial passed the first check"
+    budget = result["tuning"]["budget"]
+    assert budget["min_gain_se"] == 0 and budget["confirm"] is confirm
+    assert budget["max_fits_per_model_and_fold"] == (4 + 2 * confirm) * 3 + 1
 
 
 def test_the_confirmation_uses_another_split_of_the_same_tuning_bags(bench_bank: dict, monkeypatch) -> None:
@@ -259,7 +267,8 @@ def test_the_confirmation_uses_another_split_of_the_same_tuning_bags(bench_bank:
 
     monkeypatch.setattr(fold_module, "fit_fold", failing)
     spec = BenchSpec(str(bench_bank["bank"]), str(bench_bank["cohort"]), "dx", models=("abmil",), peers=(),
-                     folds=3, seeds=(0,), train=FAST, tune=TuneSpec(trials=4, min_gain=0, min_gain_se=0, prune=False),
+                     folds=3, seeds=(0,), train=FAST, tune=TuneSpec(trials=4, min_gain=0, min_gain_se=0, prune=False,
+                                                                              confirm=True),
                      workers=1)  # fmt: skip
     records = [r["tuning"] for r in run_benchmark(spec)["runs"] if r["variant"] == "tuned"]
     failed = [rec for rec in records if rec["confirm_error"] is not None]
