@@ -52,6 +52,8 @@ from feature_cache.errors import InvalidArgumentError
 from milcore.models.search import SearchDim, check_search_value, search_space
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from milcore.bench.aggregators import Task
     from milcore.bench.config import BenchSpec, TuneSpec
     from milcore.training.config import TrainConfig
@@ -251,7 +253,6 @@ def tune_task(task: Task, fold: Any, ctx: dict[str, Any]) -> tuple[dict[str, Any
 
     from milcore.bench.aggregators import task_setup
     from milcore.metrics import get_metric, higher_is_better
-    from milcore.training.fold import fit_fold
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec: BenchSpec = ctx["spec"]
@@ -275,20 +276,15 @@ def tune_task(task: Task, fold: Any, ctx: dict[str, Any]) -> tuple[dict[str, Any
     def objective(trial: Any) -> float:
         params = _draw(trial, space)
         config, model = task_setup(task, ctx, params)
-        probs, labels = [], []
         value = math.nan
-        for step, inner in enumerate(folds):
-            desc = f"{label} trial {trial.number + 1}/{tune.trials} inner {step + 1}/{len(folds)}"
-            result = fit_fold(config, ctx["store"], inner, model=model, desc=desc, attention=False)
-            fits[0] += 1
-            probs.append(result.proba)
-            labels.append(result.labels)
-            value = float(metric.fn(np.concatenate(labels), np.concatenate(probs), 10))
+        desc = f"{label} trial {trial.number + 1}/{tune.trials}"
+        for step, pooled in enumerate(_fit_inner(config, model, folds, ctx, desc, fits)):
+            value = float(metric.fn(*pooled, 10))
             if math.isfinite(value):
                 trial.report(value, step)
                 if trial.should_prune():
                     raise optuna.TrialPruned()
-        oof[trial.number] = (np.concatenate(labels), np.concatenate(probs))
+        oof[trial.number] = pooled
         return value
 
     study.optimize(objective, n_trials=tune.trials, catch=(Exception,))
@@ -349,7 +345,6 @@ def _confirm(task: Task, fold: Any, ctx: dict[str, Any], params: tuple[dict[str,
         that fails leaves the defaults in place, with the error recorded.
     """
     from milcore.bench.aggregators import task_setup
-    from milcore.training.fold import fit_fold
 
     spec: BenchSpec = ctx["spec"]
     folds = inner_folds(task, fold, ctx, salt=CONFIRM_SEED)
@@ -359,20 +354,30 @@ def _confirm(task: Task, fold: Any, ctx: dict[str, Any], params: tuple[dict[str,
         for name, values in zip(("defaults", "best trial"), params, strict=True):
             config, model = task_setup(task, ctx, values)
             config = replace(config, seed=config.seed + CONFIRM_SEED)
-            labels, probs = [], []
-            for step, inner in enumerate(folds):
-                desc = f"{label} confirming the {name} inner {step + 1}/{len(folds)}"
-                result = fit_fold(config, ctx["store"], inner, model=model, desc=desc, attention=False)
-                fits[0] += 1
-                labels.append(result.labels)
-                probs.append(result.proba)
-            pooled.append((np.concatenate(labels), np.concatenate(probs)))
+            *_, every_fold = _fit_inner(config, model, folds, ctx, f"{label} confirming the {name}", fits)
+            pooled.append(every_fold)  # the pooled predictions of all inner folds
     except Exception as exc:  # as a failed trial: the defaults stay, the error is recorded
         log.warning("%s: the confirmation of the best trial failed (%s): kept the defaults", label, exc)
         return {"confirmed": False, "confirm_error": f"{type(exc).__name__}: {exc}"}
     gain, se, needed = _gain_over_defaults(pooled[0], pooled[1], spec.tune, seed + CONFIRM_SEED)
     return {"confirmed": bool(gain >= needed), "confirm_gain": gain, "confirm_gain_se": se,
             "confirm_gain_needed": needed}  # fmt: skip
+
+
+def _fit_inner(config: TrainConfig, model: Any, folds: list[Any], ctx: dict[str, Any], desc: str, fits: list[int]
+               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    """Train ``config`` on each inner fold in turn (``fits`` incremented per fit); after each, yield the pooled
+    out-of-fold ``(labels (n,), proba (n, C))`` of the folds trained so far."""
+    from milcore.training.fold import fit_fold
+
+    labels, probs = [], []
+    for step, inner in enumerate(folds):
+        result = fit_fold(config, ctx["store"], inner, model=model, desc=f"{desc} inner {step + 1}/{len(folds)}",
+                          attention=False)  # fmt: skip
+        fits[0] += 1
+        labels.append(result.labels)
+        probs.append(result.proba)
+        yield np.concatenate(labels), np.concatenate(probs)
 
 
 def _gain_over_defaults(default: tuple[np.ndarray, np.ndarray], best: tuple[np.ndarray, np.ndarray],
