@@ -3,9 +3,8 @@
 For every tuned fit of ``bench.json``: whether the search kept the model's defaults, the inner-CV score of
 the defaults, the best trial's inner-CV gain over them with its paired-bootstrap standard error and the gain
 it needed (recorded since the tuning's standard-error rule; ``null`` in older runs), the gain again on fresh
-inner folds where the winner was confirmed (since the confirmation step; ``null`` where it did not run), and
-the outer test
-metrics of the default and of the tuned fit of the same fold. The summary counts, over all models, the folds
+inner folds where the winner was confirmed (``--tune-confirm``; ``null`` where it did not run), and the outer
+test metrics of the default and of the tuned fit of the same fold. The summary counts, over all models, the folds
 where a trial replaced the defaults and how often the outer metric then rose or fell, and the mean outer
 change over the replaced folds, so the cost of a noisy inner choice is visible beside its gains.
 

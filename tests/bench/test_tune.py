@@ -253,8 +253,8 @@ def test_the_confirmation_uses_another_split_of_the_same_tuning_bags(bench_bank:
     fresh = tune_module.inner_folds(task, outer, ctx, salt=tune_module.CONFIRM_SEED)
     assert [sorted(f.test) for f in search] != [sorted(f.test) for f in fresh], "the same split again"
     for folds in (search, fresh):
-        bags = {b for f in folds for b in f.test}
-        assert bags == set(outer.train) | set(outer.val) and not bags & set(outer.test)
+        tested = {b for f in folds for b in f.test}
+        assert tested == set(outer.train) | set(outer.val) and not tested & set(outer.test)
 
     import milcore.training.fold as fold_module
 
@@ -266,10 +266,9 @@ def test_the_confirmation_uses_another_split_of_the_same_tuning_bags(bench_bank:
         return original(config, store, fold, **kwargs)
 
     monkeypatch.setattr(fold_module, "fit_fold", failing)
+    tune = TuneSpec(trials=4, min_gain=0, min_gain_se=0, prune=False, confirm=True)
     spec = BenchSpec(str(bench_bank["bank"]), str(bench_bank["cohort"]), "dx", models=("abmil",), peers=(),
-                     folds=3, seeds=(0,), train=FAST, tune=TuneSpec(trials=4, min_gain=0, min_gain_se=0, prune=False,
-                                                                              confirm=True),
-                     workers=1)  # fmt: skip
+                     folds=3, seeds=(0,), train=FAST, tune=tune, workers=1)  # fmt: skip
     records = [r["tuning"] for r in run_benchmark(spec)["runs"] if r["variant"] == "tuned"]
     failed = [rec for rec in records if rec["confirm_error"] is not None]
     assert failed, "no confirmation ran"
